@@ -1,0 +1,26 @@
+# The README's two commands: `make demo` (the main job on the bundled sample) and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.venv/torch_extensions
+export RAY_DISABLE_USAGE_STATS := 1
+export PREFECT_HOME := $(CURDIR)/.venv/prefect_home
+
+.PHONY: setup demo demo-s3 test bench server worker deploy run-deployment clean
+
+setup:
+	@bash infra/setup.sh
+
+demo: setup
+	$(VENV)/bin/witflow demo
+
+demo-s3: setup
+	$(VENV)/bin/witflow demo --s3
+
+test: setup
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	@for b in bench/*.py; do echo "== $$b"; $(VENV)/bin/python $$b || exit 1; done
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,439 @@
+"""The one typed config of witflow.
+
+Frozen dataclasses loaded from YAML. Unknown keys and wrong types are rejected with the dotted
+key path in the message; cross-field checks run at load time (``__post_init__``); the resolved
+config is written beside every output as ``config.resolved.yaml``. Only entrypoints (the CLI,
+flows) read config; library code takes explicit arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+RESOLVED_CONFIG_NAME = "config.resolved.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the offending key."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections. Each stage owns one section; defaults are the documented recipe values.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Object storage. Credentials default to the standard AWS environment/profile chain."""
+
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:8333 for an S3-compatible server
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    retries: int = 5
+    backoff_s: float = 0.5  # first retry waits this long; doubles each time (with jitter)
+    multipart_threshold_mb: int = 64
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise ConfigError("storage.retries must be >= 0")
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ConfigError("storage.access_key_id and storage.secret_access_key go together")
+
+    def __repr__(self) -> str:  # never print secrets
+        return (f"StorageConfig(endpoint_url={self.endpoint_url!r}, region={self.region!r}, "
+                f"access_key_id={'***' if self.access_key_id else None}, retries={self.retries})")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None: $RAY_ADDRESS if set, else a local ray.init()
+    num_cpus: int | None = None  # local only; None lets Ray count the cores
+    include_dashboard: bool = False  # the dashboard costs ~1 GiB on a small machine
+    object_store_memory_mb: int | None = None
+
+
+@dataclass(frozen=True)
+class PrefectConfig:
+    task_runner: Literal["ray", "thread"] = "thread"
+    build_cron: str | None = "0 3 * * *"
+    work_pool: str = "witflow-process"
+
+
+@dataclass(frozen=True)
+class QueriesConfig:
+    output: str = "queries"  # relative to Config.output unless it is a full URI
+    unigram_counts: str | None = "pywordfreq"  # a `word count` file, or the packaged counts
+    wikipedia_dumps: tuple[str, ...] = ()  # enwiki-*-pages-articles*.xml.bz2
+    bigram_counts: str | None = None  # `w1 w2 count` file
+    min_unigram_count: int = 100
+    bigram_min_count: int = 5
+    bigram_min_pmi: float = 30.0
+    pageviews: tuple[str, ...] = ()  # pageviews-YYYYMMDD-HH0000.gz files
+    min_title_views: int = 70
+    wordnet_dir: str | None = "auto"  # WordNet 3.0 database files; "auto" finds a packaged copy
+    max_queries: int = 500_000
+
+    def __post_init__(self) -> None:
+        if self.max_queries <= 0:
+            raise ConfigError("queries.max_queries must be > 0")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One input of (image, caption) pairs."""
+
+    kind: Literal["parquet", "csv", "tsv", "jsonl", "webdataset", "directory", "openclipart"]
+    path: str
+    url_column: str = "url"
+    caption_column: str = "caption"
+    image_column: str | None = None  # inline image bytes
+    path_column: str | None = None  # local image path
+    id_column: str | None = None
+    rows_per_input_shard: int = 2_000
+
+
+@dataclass(frozen=True)
+class GatherConfig:
+    concurrency: int = 64
+    per_host_concurrency: int = 16
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 10.0
+    total_timeout_s: float = 30.0
+    max_bytes: int = 20_000_000
+    retries: int = 2
+    max_redirects: int = 5
+    allow_private_addresses: bool = False
+    honour_noai: bool = True
+    user_agent: str = "witflow/0.1 (+https://github.com/witflow/witflow)"
+
+
+@dataclass(frozen=True)
+class TextFilterConfig:
+    min_chars: int = 3
+    max_chars: int = 1_000
+    min_words: int = 1
+    english: bool = True
+    language_backend: Literal["langdetect", "langdetect-rs"] = "langdetect-rs"
+    language_seed: int = 0
+    drop_machine_made: bool = True
+
+
+@dataclass(frozen=True)
+class BalanceConfig:
+    max_per_query: int = 20_000
+    mode: Literal["probability", "exact"] = "probability"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_per_query <= 0:
+            raise ConfigError("balance.max_per_query must be > 0")
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    min_side: int = 16
+    max_aspect_ratio: float = 5.0
+    max_pixels: int = 89_478_485  # Pillow's decompression-bomb limit
+    resize_longest_side: int | None = 256
+    encode_format: Literal["JPEG", "PNG", "WEBP", "keep"] = "JPEG"
+    encode_quality: int = 90
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.encode_quality <= 100:
+            raise ConfigError("images.encode_quality must be in 1..100")
+        if self.max_aspect_ratio < 1:
+            raise ConfigError("images.max_aspect_ratio must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalSetConfig:
+    """One evaluation set; the same registry feeds decontamination and evaluation."""
+
+    name: str
+    kind: Literal["imagefolder", "parquet", "fashion-mnist", "mnist", "animal-mnist", "openclipart-heldout"]
+    path: str | None = None
+    split: str = "test"
+    classes: tuple[str, ...] = ()  # empty: taken from the source
+    templates: tuple[str, ...] = ()  # empty: CLIP's default template family
+    max_images: int | None = None
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    hash_kind: Literal["phash", "dhash", "ahash", "whash"] = "phash"
+    eval_radius: int = 4
+    within_radius: int = 4
+    within_dataset: bool = True
+    against_eval: bool = True
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    output: str = "dataset"  # relative to Config.output unless it is a full URI
+    rows_per_shard: int = 10_000
+    max_bytes_per_shard: int = 512_000_000
+    row_group_rows: int = 1_000
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output: str = "train"  # relative to Config.output unless it is a full URI
+    model: str = "tiny"  # a named model config (trainer/model_configs)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    micro_batch: int = 32
+    grad_accum: int = 1
+    world_size: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_checkpointing: bool = False
+    num_workers: int = 0
+    shuffle_buffer: int = 1_000
+    seed: int = 0
+    save_every_steps: int = 100
+    log_every_steps: int = 10
+
+    def __post_init__(self) -> None:
+        if self.micro_batch <= 0 or self.grad_accum <= 0 or self.world_size <= 0:
+            raise ConfigError("train.micro_batch, train.grad_accum and train.world_size must be > 0")
+
+    @property
+    def train_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    output: str = "eval"  # relative to Config.output unless it is a full URI
+    batch_size: int = 256
+    retrieval_holdout: int = 200
+    linear_probe: bool = True
+    ensembles: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole of witflow's configuration."""
+
+    name: str = "witflow"
+    output: str = "runs/witflow"  # root URI (path, file://, s3://bucket/prefix) of every output
+    seed: int = 0
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    prefect: PrefectConfig = field(default_factory=PrefectConfig)
+    queries: QueriesConfig = field(default_factory=QueriesConfig)
+    sources: tuple[SourceConfig, ...] = ()
+    gather: GatherConfig = field(default_factory=GatherConfig)
+    text_filter: TextFilterConfig = field(default_factory=TextFilterConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    images: ImageConfig = field(default_factory=ImageConfig)
+    eval_sets: tuple[EvalSetConfig, ...] = ()
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        names = [e.name for e in self.eval_sets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"eval_sets: duplicate names {dupes}")
+
+    def uri(self, sub: str) -> str:
+        """Resolve a section's output (relative to ``output`` unless already absolute)."""
+        if "://" in sub or sub.startswith("/"):
+            return sub
+        return self.output.rstrip("/") + "/" + sub
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: dict -> dataclass with key paths in every error.
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1] if len(errors) == 1 else
+                          f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: expected one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
+            return tuple(_convert(v, a, f"{path}.{i}") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_convert(v, item, f"{path}.{i}") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return {k: _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    where = path or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        keys = ", ".join(f"{path}.{k}" if path else str(k) for k in unknown)
+        raise ConfigError(f"unknown key(s): {keys} (known under {where}: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{path}.{name}" if path else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """A config (or part of one) as plain YAML-able data."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node: Any = data
+    for i, key in enumerate(keys[:-1]):
+        nxt = keys[i + 1]
+        if isinstance(node, list):
+            idx = int(key)
+            node = node[idx]
+            continue
+        if key not in node or node[key] is None:
+            node[key] = [] if nxt.isdigit() else {}
+        node = node[key]
+    last = keys[-1]
+    if isinstance(node, list):
+        idx = int(last)
+        if idx == len(node):
+            node.append(value)
+        else:
+            node[idx] = value
+    else:
+        node[last] = value
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``key.path=value`` overrides; values are parsed as YAML (``3``, ``true``, ``[a, b]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r}: empty key")
+        try:
+            _set_path(data, key, yaml.safe_load(raw) if raw != "" else "")
+        except (IndexError, ValueError, TypeError, AttributeError) as e:
+            raise ConfigError(f"override {key}: cannot set ({e})") from None
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+        data = loaded or {}
+    data = apply_overrides(data, overrides)
+    return _build(Config, data, "")
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build a Config from plain data (e.g. the ``config`` saved in a manifest or checkpoint)."""
+    return _build(Config, data, "")
+
+
+def dump_config(cfg: Any) -> str:
+    """The resolved config as YAML text (secrets redacted)."""
+    data = to_dict(cfg)
+    storage = data.get("storage") if isinstance(data, dict) else None
+    if isinstance(storage, dict):
+        for k in ("access_key_id", "secret_access_key"):
+            if storage.get(k):
+                storage[k] = "***"
+    return yaml.safe_dump(data, sort_keys=False)
