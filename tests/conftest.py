@@ -1,0 +1,39 @@
+"""Shared test fixtures. Area-specific fixtures live beside their tests (tests/*_fixtures.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".venv" / "torch_extensions"))
+os.environ.setdefault("WITFLOW_PROGRESS", "0")
+
+SAMPLE_PARQUET = REPO_ROOT / "infra" / "data" / "openclipart_sample.parquet"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def sample_parquet() -> Path:
+    if not SAMPLE_PARQUET.exists():
+        pytest.fail(f"bundled sample missing: {SAMPLE_PARQUET} (regenerate with python -m infra.openclipart)")
+    return SAMPLE_PARQUET
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (2 CPUs, no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, runtime_env={"env_vars": {"RAY_DISABLE_USAGE_STATS": "1"}})
+    yield ray
+    ray.shutdown()
