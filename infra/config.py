@@ -103,17 +103,34 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class GatherConfig:
-    concurrency: int = 64
+    """HTTP fetching (tasks/gather.py). Timeouts apply per attempt; retries only on 429/5xx/connection errors."""
+
+    concurrency: int = 64  # requests in flight per gather call
     per_host_concurrency: int = 16
     connect_timeout_s: float = 5.0
-    read_timeout_s: float = 10.0
-    total_timeout_s: float = 30.0
-    max_bytes: int = 20_000_000
-    retries: int = 2
+    read_timeout_s: float = 10.0  # longest silence between received chunks
+    total_timeout_s: float = 30.0  # budget for one attempt: every redirect hop, headers and body
+    max_bytes: int = 20_000_000  # enforced while streaming, not only from Content-Length
+    retries: int = 2  # extra attempts after the first
+    backoff_s: float = 0.5  # first retry waits this long; doubles each time (with jitter)
+    max_backoff_s: float = 10.0  # also caps a server's Retry-After
     max_redirects: int = 5
-    allow_private_addresses: bool = False
+    allow_private_addresses: bool = False  # private/reserved/link-local/loopback after DNS resolution
+    allow_loopback: bool = False  # loopback only (tests and the demo's local server)
     honour_noai: bool = True
+    noai_directives: tuple[str, ...] = ("noai", "noimageai")  # X-Robots-Tag opt-outs
+    dedupe_urls: bool = True
     user_agent: str = "witflow/0.1 (+https://github.com/witflow/witflow)"
+
+    def __post_init__(self) -> None:
+        if self.concurrency <= 0 or self.per_host_concurrency <= 0:
+            raise ConfigError("gather.concurrency and gather.per_host_concurrency must be > 0")
+        if min(self.connect_timeout_s, self.read_timeout_s, self.total_timeout_s) <= 0:
+            raise ConfigError("gather timeouts must be > 0")
+        if self.max_bytes <= 0:
+            raise ConfigError("gather.max_bytes must be > 0")
+        if self.retries < 0 or self.max_redirects < 0 or self.backoff_s < 0 or self.max_backoff_s < 0:
+            raise ConfigError("gather.retries, max_redirects, backoff_s and max_backoff_s must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -143,15 +160,23 @@ class ImageConfig:
     min_side: int = 16
     max_aspect_ratio: float = 5.0
     max_pixels: int = 89_478_485  # Pillow's decompression-bomb limit
-    resize_longest_side: int | None = 256
-    encode_format: Literal["JPEG", "PNG", "WEBP", "keep"] = "JPEG"
+    resize_longest_side: int | None = 256  # downscale only; None keeps the size
+    encode_format: Literal["JPEG", "PNG", "WEBP", "keep"] = "JPEG"  # keep: original bytes if unchanged
     encode_quality: int = 90
+    # Decoders Pillow may use; others (EPS runs Ghostscript, PSD, ICO, ...) are refused as not_image.
+    allowed_formats: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
     def __post_init__(self) -> None:
         if not 1 <= self.encode_quality <= 100:
             raise ConfigError("images.encode_quality must be in 1..100")
         if self.max_aspect_ratio < 1:
             raise ConfigError("images.max_aspect_ratio must be >= 1")
+        if self.min_side < 1 or self.max_pixels < 1:
+            raise ConfigError("images.min_side and images.max_pixels must be >= 1")
+        if self.resize_longest_side is not None and self.resize_longest_side < 1:
+            raise ConfigError("images.resize_longest_side must be >= 1 (or null)")
+        if not self.allowed_formats:
+            raise ConfigError("images.allowed_formats must not be empty")
 
 
 @dataclass(frozen=True)
