@@ -1,0 +1,277 @@
+"""The dataset build as a Prefect flow: one task per stage, per-shard work fanned out to Ray.
+
+read -> gather -> text filters -> query match -> [count] -> balance -> images -> eval dedup
+-> [dataset dedup] -> shards -> manifest
+
+Each stage is a Prefect task, so the UI draws the stages and their dependencies; inside a stage the
+input shards run on Ray (see infra/ray_utils.map_shards). Every per-shard result is persisted with a
+completion record, so a rerun (after a crash, a kill or a failed shard) redoes only what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from infra.config import RESOLVED_CONFIG_NAME, Config, dump_config, to_dict
+from infra.log import get_logger
+from infra.prefect_utils import ShardProgress, publish_image, publish_markdown, publish_table
+from infra.ray_utils import ShardResult, init_ray, map_shards
+from tasks.funnel import Funnel
+
+log = get_logger(__name__)
+
+
+class ShardFailures(RuntimeError):
+    """Some input shards failed; everything else is kept and a rerun retries only those."""
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _raise_on_failures(stage: str, results: list[ShardResult]) -> list[Any]:
+    failed = [r for r in results if not r.ok]
+    if failed:
+        lines = "\n".join(f"  {r.key}: {r.error.splitlines()[0] if r.error else '?'}" for r in failed[:20])
+        raise ShardFailures(f"{stage}: {len(failed)} of {len(results)} shards failed (the rest are kept; "
+                            f"rerun the same build to retry only these):\n{lines}")
+    return [r.value for r in results]
+
+
+def _is_transient(task, task_run, state) -> bool:  # Prefect retry condition: I/O errors only
+    try:
+        state.result()
+    except (OSError, TimeoutError, ConnectionError):
+        return True
+    except Exception:  # noqa: BLE001 - anything else is a bug or bad input: do not retry
+        return False
+    return False
+
+
+@task(name="plan-inputs")
+def plan_inputs(config: Config, base_dir: str) -> list[Any]:
+    from tasks.readers import plan_input_shards
+
+    shards = plan_input_shards(config.sources, base_dir)
+    get_run_logger().info("%d input shards from %d sources", len(shards), len(config.sources))
+    return shards
+
+
+@task(name="queries", retries=2, retry_delay_seconds=2, retry_condition_fn=_is_transient)
+def locate_queries(config: Config) -> dict:
+    """The query list this build matches against (built first if it does not exist)."""
+    from infra.storage import ObjectStore
+
+    root = config.uri(config.queries.output)
+    store = ObjectStore(root, config.storage)
+    if not store.exists("queries.parquet"):
+        from flows.queries import build_queries
+
+        build_queries(config)
+    data = store.read_bytes("queries.parquet")
+    return {"uri": store.uri("queries.parquet"), "sha256": hashlib.sha256(data).hexdigest(),
+            "rows": store.read_parquet("queries.parquet").num_rows}
+
+
+@task(name="read-gather-filter-match")
+def filter_stage(config: Config, shards: list[Any], queries: dict, work_root: str) -> list[dict]:
+    from tasks.stages import filter_shard
+
+    items = [(s.shard_id, (s, work_root, config.storage, queries["uri"], queries["sha256"],
+                           config.gather, config.text_filter)) for s in shards]
+    results = map_shards(filter_shard, items, desc="read/gather/filter/match",
+                         on_done=ShardProgress("read → gather → text filters → query match"))
+    return _raise_on_failures("read-gather-filter-match", results)
+
+
+@task(name="count-queries")
+def count_stage(config: Config, records: list[dict], queries: dict, work_root: str) -> dict:
+    from tasks.stages import write_query_counts
+
+    counts = write_query_counts(work_root, config.storage, records, queries["rows"])
+    return {"matched_queries": int((counts > 0).sum()), "pairs": int(counts.sum()),
+            "over_cap": int((counts > config.balance.max_per_query).sum())}
+
+
+@task(name="eval-index", retries=2, retry_delay_seconds=2, retry_condition_fn=_is_transient)
+def eval_index_stage(config: Config) -> dict | None:
+    """Build (or reuse) the versioned perceptual-hash index of every eval set."""
+    if not config.dedup.against_eval or not config.eval_sets:
+        return None
+    from infra.eval_sets import load_eval_set
+    from infra.storage import ObjectStore
+    from tasks.dedup import EvalIndex
+
+    root = config.uri("eval_index")
+    store = ObjectStore(root, config.storage)
+    sets = [load_eval_set(e, max_images=e.max_images) for e in config.eval_sets]
+    index = EvalIndex.build(sets, config.dedup.hash_kind)
+    version = index.version
+    if not store.exists(f"{version}/index.json") and not store.list(version + "/"):
+        index.save(store, version)
+    return {"root": root, "version": version, "sets": {s.name: len(s.ids) for s in sets}}
+
+
+@task(name="balance-images-eval-dedup")
+def clean_stage(config: Config, records: list[dict], counts: dict, index: dict | None, filter_root: str,
+                work_root: str) -> list[dict]:
+    from tasks.stages import clean_shard
+
+    items = [(r["shard_id"], (r["shard_id"], filter_root, work_root, config.storage, config.balance, config.images,
+                              config.dedup, index["root"] if index else None, index["version"] if index else None))
+             for r in records]
+    results = map_shards(clean_shard, items, desc="balance/images/eval-dedup",
+                         on_done=ShardProgress("balance → images → eval-set dedup"))
+    return _raise_on_failures("balance-images-eval-dedup", results)
+
+
+@task(name="dedup-within-dataset")
+def within_stage(config: Config, records: list[dict], work_root: str) -> dict:
+    """Exact and near duplicates across all shards; one deterministic representative is kept."""
+    import pyarrow as pa
+
+    from infra.storage import ObjectStore
+    from tasks.dedup import near_duplicate_drops
+    from tasks.stages import dedup_columns
+
+    tables = [dedup_columns(r["shard_id"], work_root, config.storage).append_column(
+        "part", pa.array([r["shard_id"]] * r["rows"], pa.string())) for r in records]
+    table = pa.concat_tables(tables) if tables else None
+    drops: list[str] = []
+    if config.dedup.within_dataset and table is not None and table.num_rows:
+        drops = sorted(near_duplicate_drops(table.column("sample_id").to_pylist(), table.column("phash").to_numpy(),
+                                            config.dedup.within_radius, sha256=table.column("sha256").to_pylist()))
+    ObjectStore(work_root, config.storage).write_json("within_drops.json", drops)
+    dropped = set(drops)
+    kept = {r["shard_id"]: r["rows"] for r in records}
+    if table is not None:
+        for sid, part in zip(table.column("sample_id").to_pylist(), table.column("part").to_pylist()):
+            if sid in dropped:
+                kept[part] -= 1
+    return {"drops": len(drops), "kept_rows": kept}
+
+
+@task(name="write-shards")
+def shard_stage(config: Config, records: list[dict], within: dict, work_root: str, dataset_root: str) -> list[dict]:
+    from infra.storage import ObjectStore
+    from tasks.shards import plan_output_shards
+    from tasks.stages import write_output_shard
+
+    drops = frozenset(ObjectStore(work_root, config.storage).read_json("within_drops.json"))
+    # Rows per clean part after the within-dataset drops: the plan is a pure function of the data.
+    parts = [(r["shard_id"], within["kept_rows"][r["shard_id"]],
+              int(r["bytes"] * within["kept_rows"][r["shard_id"]] / max(r["rows"], 1))) for r in records]
+    plan = plan_output_shards(parts, config.shards.rows_per_shard, config.shards.max_bytes_per_shard)
+    items = [(f"part-{i:05d}", (i, slices, work_root, dataset_root, config.storage, drops,
+                                config.shards.row_group_rows, config.shards.compression))
+             for i, slices in enumerate(plan)]
+    results = map_shards(write_output_shard, items, desc="write shards", on_done=ShardProgress("write shards"))
+    return _raise_on_failures("write-shards", results)
+
+
+@task(name="manifest", retries=2, retry_delay_seconds=2, retry_condition_fn=_is_transient)
+def manifest_stage(config: Config, dataset_root: str, shards: list[dict], filtered: list[dict], clean: list[dict],
+                   counts: dict, within: dict, queries: dict, index: dict | None, work_root: str) -> dict:
+    from infra.storage import ObjectStore
+    from tasks.shards import MANIFEST_NAME, build_manifest
+
+    store = ObjectStore(dataset_root, config.storage)
+    funnel = Funnel()
+    for r in filtered:
+        funnel.merge(Funnel.from_dict(r["funnel"]))
+    for r in clean:
+        funnel.merge(Funnel.from_dict(r["funnel"]))
+    kept_before_within = sum(r["rows"] for r in clean)
+    funnel.record("dedup_within", kept_before_within, kept_before_within - within["drops"],
+                  ["near_duplicate"] * within["drops"])
+    manifest = build_manifest(config=to_dict(config), shards=shards, funnel=funnel.to_dict(), queries=queries,
+                              eval_index=index, extra={"work": work_root, "query_counts": counts})
+    store.write_json("reports/funnel.json", funnel.to_dict())
+    store.write_json(MANIFEST_NAME, manifest)
+    publish_markdown("dataset-funnel", "## Dataset funnel\n\n" + funnel.to_markdown(),
+                     f"{manifest['num_rows']} rows in {manifest['num_shards']} shards")
+    publish_table("dataset-shards", [{k: s[k] for k in ("path", "rows", "bytes")} for s in shards])
+    return manifest
+
+
+@task(name="reports")
+def report_stage(config: Config, dataset_root: str, filter_root: str, work_root: str, clean: list[dict],
+                 index: dict | None) -> dict:
+    """Per-query counts before/after balancing (with the log-log plot) and the eval overlap report."""
+    import numpy as np
+    import pyarrow as pa
+
+    from infra.storage import ObjectStore
+    from tasks.balance import plot_query_counts
+    from tasks.stages import _query_counts
+
+    store = ObjectStore(dataset_root, config.storage)
+    before = _query_counts(filter_root, config.storage)
+    after = np.zeros_like(before)
+    for r in clean:
+        np.add.at(after, np.asarray(r["query_ids"], dtype=np.int64), np.asarray(r["query_counts"], dtype=np.int64))
+    nz = np.flatnonzero(before)
+    store.write_parquet("reports/query_counts.parquet",
+                        pa.table({"query_id": pa.array(nz, pa.int32()), "before": before[nz], "after": after[nz]}))
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "query_counts.png"
+        plot_query_counts(before[nz], after[nz], png)
+        store.write_bytes("reports/query_counts.png", png.read_bytes())
+        publish_image("query-counts", png, "pairs per query before and after balancing (log-log)")
+    overlap = None
+    if index:
+        overlap = _overlap_report(config, work_root, clean, index)
+        store.write_json("reports/eval_overlap.json", overlap)
+        publish_table("eval-overlap", overlap["rows"], "eval images with a near-duplicate among the candidates")
+    return {"overlap": overlap}
+
+
+def _overlap_report(config: Config, work_root: str, clean: list[dict], index: dict) -> dict:
+    import pyarrow as pa
+
+    from infra.storage import ObjectStore
+    from tasks.dedup import overlap_report
+
+    work = ObjectStore(work_root, config.storage)
+    tables = [work.read_parquet(f"eval_matches/{r['shard_id']}.parquet") for r in clean if r.get("eval_matches")]
+    matches = pa.concat_tables(tables) if tables else None
+    return overlap_report(matches, index["sets"])
+
+
+@flow(name="build_dataset", log_prints=True)
+def build_dataset(config: Config, base_dir: str = ".") -> dict:
+    """Build the dataset described by ``config``; returns the manifest."""
+    from infra.storage import ObjectStore
+
+    init_ray(config.ray.address, config.ray.num_cpus, config.ray.include_dashboard, config.ray.object_store_memory_mb)
+    dataset_root = config.uri(config.shards.output)
+    store = ObjectStore(dataset_root, config.storage)
+    store.write_text(RESOLVED_CONFIG_NAME, dump_config(config))
+
+    queries = locate_queries(config)
+    index = eval_index_stage.submit(config)  # independent of the filter stage: runs beside it
+    shards = plan_inputs(config, base_dir)
+    filter_fp = _fingerprint(to_dict(config.sources), to_dict(config.gather), to_dict(config.text_filter),
+                             queries["sha256"])
+    filter_root = f"{dataset_root}/work/f-{filter_fp}"
+    filtered = filter_stage(config, shards, queries, filter_root)
+    counts = count_stage(config, filtered, queries, filter_root)
+    index_result = index.result()
+    clean_fp = _fingerprint(filter_fp, to_dict(config.balance), to_dict(config.images), to_dict(config.dedup),
+                            index_result["version"] if index_result else None)
+    work_root = f"{filter_root}/c-{clean_fp}"
+    clean = clean_stage(config, filtered, counts, index_result, filter_root, work_root)
+    within = within_stage(config, clean, work_root)
+    written = shard_stage(config, clean, within, work_root, dataset_root)
+    manifest = manifest_stage(config, dataset_root, written, filtered, clean, counts, within, queries,
+                              index_result, work_root)
+    report_stage(config, dataset_root, filter_root, work_root, clean, index_result)
+    print(f"dataset: {manifest['num_rows']} rows in {manifest['num_shards']} shards at {dataset_root}")
+    return manifest
+

@@ -1,0 +1,67 @@
+"""Prefect plumbing: artifacts (visible in the UI) and per-shard progress, safe outside a flow run."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+from infra.log import get_logger
+
+log = get_logger(__name__)
+
+
+def in_prefect_run() -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def _key(key: str) -> str:
+    # Artifact keys: lower-case letters, numbers and dashes only.
+    return "".join(c if c.isalnum() else "-" for c in key.lower()).strip("-")
+
+
+def publish_markdown(key: str, markdown: str, description: str | None = None) -> None:
+    if not in_prefect_run():
+        return
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown=markdown, key=_key(key), description=description)
+
+
+def publish_table(key: str, rows: list[dict[str, Any]], description: str | None = None) -> None:
+    if not in_prefect_run() or not rows:
+        return
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(table=rows, key=_key(key), description=description)
+
+
+def publish_image(key: str, png_path: str | Path, description: str | None = None) -> None:
+    """A PNG plot as a markdown artifact (inline, so it shows without a public image URL)."""
+    if not in_prefect_run():
+        return
+    data = base64.b64encode(Path(png_path).read_bytes()).decode()
+    publish_markdown(key, f"![{key}](data:image/png;base64,{data})", description)
+
+
+class ShardProgress:
+    """A progress artifact in the Prefect UI, updated as shards finish (no-op outside a run)."""
+
+    def __init__(self, description: str) -> None:
+        self.artifact_id = None
+        if in_prefect_run():
+            from prefect.artifacts import create_progress_artifact
+
+            self.artifact_id = create_progress_artifact(progress=0.0, description=description)
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.artifact_id is None or total == 0:
+            return
+        from prefect.artifacts import update_progress_artifact
+
+        try:
+            update_progress_artifact(artifact_id=self.artifact_id, progress=100.0 * done / total)
+        except Exception as e:  # noqa: BLE001 - progress is cosmetic; never fail a build over it
+            log.debug("progress artifact update failed: %s", e)

@@ -1,0 +1,155 @@
+"""Parquet shards and the dataset manifest.
+
+Layout under a dataset root (any ObjectStore root: path, file://, s3://):
+
+    shards/part-00000.parquet        the rows (infra.schema.SHARD_SCHEMA)
+    shards/part-00000_stats.json     rows, bytes, sha256, columns' byte sizes
+    shards/part-00000.done           completion marker, written last
+    manifest.json                    schema version, config, inputs' versions, funnel, every shard
+
+Each shard is written atomically, then its stats, then its marker; a rerun skips shards whose marker
+exists. Shard contents are a deterministic function of the build's inputs, so a shard rewritten
+after a crash is byte-for-byte the one an uninterrupted build writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from infra.schema import SCHEMA_VERSION, SHARD_SCHEMA, conform
+
+MANIFEST_NAME = "manifest.json"
+
+
+def shard_key(index: int) -> str:
+    return f"shards/part-{index:05d}.parquet"
+
+
+def stats_key(index: int) -> str:
+    return f"shards/part-{index:05d}_stats.json"
+
+
+def marker_key(index: int) -> str:
+    return f"shards/part-{index:05d}.done"
+
+
+@dataclass(frozen=True)
+class ShardSlice:
+    """Rows ``[start, stop)`` of one input part, destined for one output shard."""
+
+    part: str
+    start: int
+    stop: int
+
+
+def plan_output_shards(parts: Iterable[tuple[str, int, int]], rows_per_shard: int,
+                       max_bytes_per_shard: int) -> list[list[ShardSlice]]:
+    """Cut parts ``(name, rows, bytes)`` (in the given order) into output shards.
+
+    A shard closes when it reaches ``rows_per_shard`` rows or would pass ``max_bytes_per_shard``
+    (estimated from the part's mean row size). Deterministic in its inputs.
+    """
+    if rows_per_shard <= 0 or max_bytes_per_shard <= 0:
+        raise ValueError("rows_per_shard and max_bytes_per_shard must be > 0")
+    plan: list[list[ShardSlice]] = []
+    current: list[ShardSlice] = []
+    cur_rows = 0
+    cur_bytes = 0.0
+    for name, rows, nbytes in parts:
+        row_bytes = nbytes / rows if rows else 0.0
+        start = 0
+        while start < rows:
+            room_rows = rows_per_shard - cur_rows
+            room_bytes = (max_bytes_per_shard - cur_bytes) / row_bytes if row_bytes else float("inf")
+            take = int(min(rows - start, room_rows, max(room_bytes, 1 if cur_rows == 0 else 0)))
+            if take <= 0:
+                plan.append(current)
+                current, cur_rows, cur_bytes = [], 0, 0.0
+                continue
+            current.append(ShardSlice(name, start, start + take))
+            cur_rows += take
+            cur_bytes += take * row_bytes
+            start += take
+            if cur_rows >= rows_per_shard or cur_bytes >= max_bytes_per_shard:
+                plan.append(current)
+                current, cur_rows, cur_bytes = [], 0, 0.0
+    if current:
+        plan.append(current)
+    return plan
+
+
+def encode_shard(table: pa.Table, row_group_rows: int, compression: str) -> bytes:
+    """The Parquet bytes of one shard (row groups sized for streaming reads)."""
+    table = conform(table, SHARD_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=max(1, row_group_rows),
+                   compression=None if compression == "none" else compression,
+                   write_statistics=["sample_id", "source", "width", "height"])
+    return buf.getvalue()
+
+
+def write_shard(store: Any, index: int, table: pa.Table, row_group_rows: int = 1_000,
+                compression: str = "zstd") -> dict:
+    """Write shard ``index`` (atomic), then its stats, then its marker. Skips a completed shard."""
+    if store.exists(marker_key(index)):
+        return store.read_json(stats_key(index))
+    data = encode_shard(table, row_group_rows, compression)
+    store.write_bytes(shard_key(index), data)
+    stats = {
+        "path": shard_key(index),
+        "rows": table.num_rows,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "image_bytes": int(pa.compute.sum(table.column("image_bytes")).as_py() or 0)
+        if "image_bytes" in table.column_names else None,
+    }
+    store.write_json(stats_key(index), stats)
+    store.write_text(marker_key(index), stats["sha256"] + "\n")
+    return stats
+
+
+def completed_shards(store: Any) -> set[int]:
+    """Indexes of the shards whose completion marker exists."""
+    out = set()
+    for key in store.list("shards/"):
+        name = key.rsplit("/", 1)[-1]
+        if name.startswith("part-") and name.endswith(".done"):
+            out.add(int(name[len("part-"):-len(".done")]))
+    return out
+
+
+def build_manifest(*, config: dict, shards: list[dict], funnel: dict, queries: dict | None,
+                   eval_index: dict | None, extra: dict | None = None) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "shard_schema": SHARD_SCHEMA.to_string(show_schema_metadata=False).splitlines(),
+        "num_rows": sum(s["rows"] for s in shards),
+        "num_shards": len(shards),
+        "queries": queries,
+        "eval_index": eval_index,
+        "funnel": funnel,
+        "shards": shards,
+        "config": config,
+        **(extra or {}),
+    }
+
+
+def read_manifest(store: Any) -> dict:
+    manifest = store.read_json(MANIFEST_NAME)
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"{store.uri(MANIFEST_NAME)}: schema version {version}, this witflow reads {SCHEMA_VERSION}")
+    return manifest
+
+
+def iter_shard_tables(store: Any, manifest: dict, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """Every shard of a manifest as a table, in manifest order."""
+    for entry in manifest["shards"]:
+        table = store.read_parquet(entry["path"])
+        yield table.select(columns) if columns else table

@@ -1,0 +1,174 @@
+"""Per-input-shard stage runners for the dataset build.
+
+Each runner composes the pure stage functions of the other `tasks/` modules for one input shard,
+persists its output under the build's work directory, and writes a completion record last; a rerun
+returns the record instead of redoing the work. They run on Ray workers: stateful helpers (the
+language detector, the query automaton, the eval-set index) are built once per worker process and
+cached, not rebuilt per shard.
+
+Work layout (fingerprints cover every input that changes a result, so a changed config never reuses
+stale parts):
+
+    <dataset>/work/f-<fp>/filtered/<shard_id>.parquet|.json       read -> gather -> text -> query match
+    <dataset>/work/f-<fp>/query_counts.parquet                    global per-query counts (balancing)
+    <dataset>/work/f-<fp>/failed/<shard_id>.parquet               transient fetch failures (retryable)
+    <dataset>/work/f-<fp>/c-<fp2>/clean/<shard_id>.parquet|.json  balance -> images -> hash -> eval dedup
+    <dataset>/work/f-<fp>/c-<fp2>/eval_matches/<shard_id>.parquet what each eval-dedup drop matched
+    <dataset>/work/f-<fp>/c-<fp2>/within_drops.json               global within-dataset duplicates
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from infra.config import BalanceConfig, DedupConfig, GatherConfig, ImageConfig, StorageConfig, TextFilterConfig
+from tasks.funnel import Funnel
+
+
+def _store(root: str, storage: StorageConfig) -> Any:
+    from infra.storage import ObjectStore
+
+    return ObjectStore(root, storage)
+
+
+@functools.lru_cache(maxsize=4)
+def _text_filter(cfg: TextFilterConfig) -> Any:
+    from tasks.text_filter import TextFilter
+
+    return TextFilter(cfg)
+
+
+@functools.lru_cache(maxsize=2)
+def _query_matcher(queries_uri: str, checksum: str, storage: StorageConfig) -> Any:
+    from tasks.query_match import QueryMatcher
+
+    root, key = queries_uri.rsplit("/", 1)
+    return QueryMatcher(_store(root, storage).read_parquet(key))
+
+
+@functools.lru_cache(maxsize=2)
+def _query_counts(work_root: str, storage: StorageConfig) -> np.ndarray:
+    table = _store(work_root, storage).read_parquet("query_counts.parquet")
+    counts = np.zeros(int(table.schema.metadata[b"num_queries"]), dtype=np.int64)
+    counts[table.column("query_id").to_numpy()] = table.column("count_before").to_numpy()
+    return counts
+
+
+@functools.lru_cache(maxsize=2)
+def _eval_index(index_root: str, version: str, storage: StorageConfig) -> Any:
+    from tasks.dedup import EvalIndex
+
+    return EvalIndex.load(_store(index_root, storage), version)
+
+
+def filter_shard(shard: Any, work_root: str, storage: StorageConfig, queries_uri: str, queries_checksum: str,
+                 gather: GatherConfig, text: TextFilterConfig) -> dict:
+    """read -> gather -> text filters -> query match, for one input shard."""
+    from tasks.balance import count_queries
+    from tasks.gather import gather_table
+    from tasks.readers import read_input_shard
+
+    work = _store(work_root, storage)
+    record_key = f"filtered/{shard.shard_id}.json"
+    if work.exists(record_key):
+        return work.read_json(record_key)
+    funnel = Funnel()
+    table = read_input_shard(shard)
+    funnel.record("read", table.num_rows, table.num_rows)
+    table, f = gather_table(table, gather)
+    funnel.merge(f)
+    failed = getattr(f, "failed", None)  # the transient failures, kept for `retry` reruns
+    if isinstance(failed, pa.Table) and failed.num_rows:
+        work.write_parquet(f"failed/{shard.shard_id}.parquet", failed)
+    table, f = _text_filter(text)(table)
+    funnel.merge(f)
+    matcher = _query_matcher(queries_uri, queries_checksum, storage)
+    table, f = matcher(table)
+    funnel.merge(f)
+    work.write_parquet(f"filtered/{shard.shard_id}.parquet", table)
+    counts = count_queries(table.column("query_ids"), matcher.num_queries)
+    nz = np.flatnonzero(counts)
+    record = {"shard_id": shard.shard_id, "rows": table.num_rows, "funnel": funnel.to_dict(),
+              "query_ids": nz.tolist(), "query_counts": counts[nz].tolist()}
+    work.write_json(record_key, record)
+    return record
+
+
+def write_query_counts(work_root: str, storage: StorageConfig, records: list[dict], num_queries: int) -> np.ndarray:
+    """Reduce the per-shard match counts into the global per-query counts (the balancing input)."""
+    counts = np.zeros(num_queries, dtype=np.int64)
+    for r in records:
+        np.add.at(counts, np.asarray(r["query_ids"], dtype=np.int64), np.asarray(r["query_counts"], dtype=np.int64))
+    nz = np.flatnonzero(counts)
+    table = pa.table({"query_id": pa.array(nz, pa.int32()), "count_before": pa.array(counts[nz], pa.int64())})
+    table = table.replace_schema_metadata({"num_queries": str(num_queries)})
+    _store(work_root, storage).write_parquet("query_counts.parquet", table)
+    return counts
+
+
+def clean_shard(shard_id: str, filter_root: str, work_root: str, storage: StorageConfig, balance: BalanceConfig, images: ImageConfig,
+                dedup: DedupConfig, index_root: str | None, index_version: str | None) -> dict:
+    """balance -> decode/validate/resize -> hash -> eval-set dedup, for one filtered shard."""
+    from tasks.balance import balance_table
+    from tasks.dedup import filter_eval_overlap, hash_table
+    from tasks.images import process_images
+
+    work = _store(work_root, storage)
+    record_key = f"clean/{shard_id}.json"
+    if work.exists(record_key):
+        return work.read_json(record_key)
+    funnel = Funnel()
+    table = _store(filter_root, storage).read_parquet(f"filtered/{shard_id}.parquet")
+    table, f = balance_table(table, _query_counts(filter_root, storage), balance)
+    funnel.merge(f)
+    table, f = process_images(table, images)
+    funnel.merge(f)
+    table = hash_table(table, dedup.hash_kind)
+    matches_rows = 0
+    if dedup.against_eval and index_root and index_version:
+        table, f, matches = filter_eval_overlap(table, _eval_index(index_root, index_version, storage), dedup.eval_radius)
+        funnel.merge(f)
+        matches_rows = matches.num_rows
+        if matches.num_rows:
+            work.write_parquet(f"eval_matches/{shard_id}.parquet", matches)
+    work.write_parquet(f"clean/{shard_id}.parquet", table)
+    kept_ids = np.unique(np.concatenate([np.asarray(q, dtype=np.int64) for q in table.column("query_ids").to_pylist()]
+                                        or [np.zeros(0, np.int64)]), return_counts=True)
+    record = {"shard_id": shard_id, "rows": table.num_rows, "bytes": int(table.nbytes), "funnel": funnel.to_dict(),
+              "eval_matches": matches_rows, "query_ids": kept_ids[0].tolist(), "query_counts": kept_ids[1].tolist()}
+    work.write_json(record_key, record)
+    return record
+
+
+def dedup_columns(shard_id: str, work_root: str, storage: StorageConfig) -> pa.Table:
+    """The small columns the global within-dataset dedup needs from one clean shard."""
+    table = _store(work_root, storage).read_parquet(f"clean/{shard_id}.parquet")
+    return table.select(["sample_id", "sha256", "phash"])
+
+
+def write_output_shard(index: int, slices: list[Any], work_root: str, dataset_root: str, storage: StorageConfig,
+                       drop_ids: frozenset[str], row_group_rows: int, compression: str) -> dict:
+    """Assemble output shard ``index`` from slices of clean parts and write it (skips if complete)."""
+    import pyarrow.compute as pc
+
+    from tasks.shards import marker_key, write_shard
+
+    out = _store(dataset_root, storage)
+    if out.exists(marker_key(index)):
+        return out.read_json(f"shards/part-{index:05d}_stats.json")
+    work = _store(work_root, storage)
+    pieces = []
+    for s in slices:
+        table = work.read_parquet(f"clean/{s.part}.parquet")
+        if drop_ids:
+            table = table.filter(pc.invert(pc.is_in(table.column("sample_id"), pa.array(sorted(drop_ids)))))
+        pieces.append(table.slice(s.start, s.stop - s.start))
+    table = pa.concat_tables(pieces, promote_options="default") if pieces else None
+    status = pa.array(["ok"] * table.num_rows, pa.string())
+    if "status" not in table.column_names:
+        table = table.append_column("status", status)
+    return write_shard(out, index, table, row_group_rows, compression)

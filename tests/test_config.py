@@ -1,0 +1,113 @@
+"""The typed config: loading, rejection of bad keys/types with the key path, overrides, dumping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra.config import Config, ConfigError, config_from_dict, dump_config, load_config, to_dict
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_are_the_recipe_values():
+    cfg = load_config(None)
+    assert cfg.balance.max_per_query == 20_000
+    assert cfg.queries.max_queries == 500_000
+    assert cfg.queries.min_unigram_count == 100
+    assert cfg.train.train_batch == cfg.train.micro_batch * cfg.train.grad_accum * cfg.train.world_size
+
+
+def test_demo_config_loads(repo_root: Path):
+    cfg = load_config(repo_root / "configs" / "demo.yaml")
+    assert cfg.name == "demo"
+    assert cfg.sources and cfg.sources[0].kind == "openclipart"
+    assert {e.name for e in cfg.eval_sets} >= {"openclipart-heldout"}
+
+
+def test_unknown_key_is_rejected_with_its_path(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"train\.zero_stgae"):
+        load_config(write(tmp_path, "train:\n  zero_stgae: 2\n"))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\): bogus"):
+        load_config(write(tmp_path, "bogus: 1\n"))
+    with pytest.raises(ConfigError, match=r"sources\.0\.colour"):
+        load_config(write(tmp_path, "sources:\n  - kind: parquet\n    path: x\n    colour: red\n"))
+
+
+@pytest.mark.parametrize("text, key", [
+    ("train:\n  micro_batch: many\n", "train.micro_batch"),
+    ("train:\n  lr: fast\n", "train.lr"),
+    ("dedup:\n  within_dataset: 1\n", "dedup.within_dataset"),
+    ("train:\n  zero_stage: 4\n", "train.zero_stage"),
+    ("train:\n  betas: [0.9]\n", "train.betas"),
+    ("sources:\n  - kind: ftp\n    path: x\n", "sources.0.kind"),
+    ("sources:\n  - path: x\n", "sources.0.kind"),
+    ("eval_sets: {a: 1}\n", "eval_sets"),
+])
+def test_wrong_types_name_the_key(tmp_path: Path, text: str, key: str):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert key in str(e.value)
+
+
+def test_cross_field_checks_run_at_load(tmp_path: Path):
+    with pytest.raises(ConfigError, match="access_key_id and storage.secret_access_key"):
+        load_config(write(tmp_path, "storage:\n  access_key_id: AKIA\n"))
+    with pytest.raises(ConfigError, match="duplicate names"):
+        load_config(write(tmp_path, "eval_sets:\n  - {name: a, kind: fashion-mnist}\n  - {name: a, kind: mnist}\n"))
+    with pytest.raises(ConfigError, match="balance.max_per_query"):
+        load_config(None, ["balance.max_per_query=0"])
+
+
+def test_overrides_parse_yaml_values_and_reach_nested_lists(tmp_path: Path):
+    p = write(tmp_path, "sources:\n  - kind: parquet\n    path: a.parquet\n")
+    cfg = load_config(p, ["train.zero_stage=3", "train.lr=1e-3", "sources.0.path=b.parquet",
+                          "text_filter.english=false", "queries.pageviews=[x.gz, y.gz]"])
+    assert cfg.train.zero_stage == 3 and cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.sources[0].path == "b.parquet"
+    assert cfg.text_filter.english is False
+    assert cfg.queries.pageviews == ("x.gz", "y.gz")
+    with pytest.raises(ConfigError, match="train.nope"):
+        load_config(p, ["train.nope=1"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(p, ["train.lr"])
+
+
+def test_configs_are_frozen():
+    cfg = load_config(None)
+    with pytest.raises(Exception):
+        cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_dump_round_trips_and_redacts_secrets():
+    cfg = load_config(None, ["storage.access_key_id=AKIAEXAMPLE", "storage.secret_access_key=s3cr3t",
+                             "train.zero_stage=3"])
+    text = dump_config(cfg)
+    assert "s3cr3t" not in text and "AKIAEXAMPLE" not in text and "s3cr3t" not in repr(cfg.storage)
+    data = yaml.safe_load(text)
+    data["storage"]["access_key_id"] = data["storage"]["secret_access_key"] = None
+    again = config_from_dict(data)
+    assert again.train == cfg.train and again.sources == cfg.sources
+    assert to_dict(again)["train"]["betas"] == [0.9, 0.98]
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [\n"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_uri_resolution():
+    cfg = Config(output="s3://bucket/run")
+    assert cfg.uri("dataset") == "s3://bucket/run/dataset"
+    assert cfg.uri("/abs/path") == "/abs/path"
+    assert cfg.uri("file:///x") == "file:///x"
