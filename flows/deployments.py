@@ -1,0 +1,49 @@
+"""Deployment entrypoints (prefect.yaml): each loads a config file and runs one flow.
+
+Deployed runs get their parameters from the Prefect API as JSON, so they take a config *path*
+and ``--set``-style overrides; the flows they call take the typed Config.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from infra.config import load_config
+
+
+@flow(name="deploy-build-queries")
+def deploy_build_queries(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None) -> str:
+    from flows.queries import build_queries
+
+    return build_queries(load_config(config_path, overrides or []))
+
+
+@flow(name="deploy-build-dataset")
+def deploy_build_dataset(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None) -> dict:
+    from flows.dataset import build_dataset
+
+    manifest = build_dataset(load_config(config_path, overrides or []))
+    return {k: manifest[k] for k in ("num_rows", "num_shards")}
+
+
+@flow(name="deploy-train")
+def deploy_train(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None,
+                 manifest: str | None = None) -> str:
+    from flows.train import train
+
+    return train(load_config(config_path, overrides or []), manifest=manifest)
+
+
+@flow(name="deploy-evaluate")
+def deploy_evaluate(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None,
+                    checkpoint: str | None = None) -> dict:
+    from flows.evaluate import evaluate
+
+    return evaluate(load_config(config_path, overrides or []), checkpoint=checkpoint)
+
+
+@flow(name="deploy-pipeline")
+def deploy_pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None) -> dict:
+    from flows.pipeline import run_pipeline
+
+    return run_pipeline(load_config(config_path, overrides or []))
