@@ -1,0 +1,384 @@
+"""Object storage: one small layer over local paths and S3 (pyarrow.fs for streaming, boto3 for I/O).
+
+``ObjectStore(root)`` takes a plain path, ``file:///path`` or ``s3://bucket/prefix``; keys are
+``/``-separated paths relative to the root. Every write is atomic: locally a temp file in the same
+directory is fsynced and renamed over the key; on S3 an object is either one PUT or a completed
+multipart upload (aborted on failure), so a reader never sees a partial object. S3 calls are
+retried with exponential backoff and jitter on throttling, 5xx and connection errors — never on
+other 4xx — and fail with a :class:`StorageError` that names the URI. Credentials are never logged
+or shown in errors and reprs. Stores pickle without their clients (rebuilt lazily), for Ray workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from infra.config import StorageConfig
+from infra.log import get_logger, log_event
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+# S3 error codes that mean "try again later" even when the HTTP status is not 5xx/429.
+_RETRYABLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                              "TooManyRequests", "RequestTimeout", "InternalError", "ServiceUnavailable"})
+_MIN_PART_BYTES = 5 * 1024 * 1024  # S3's minimum size of every multipart part but the last
+_TMP_MARK = ".tmp-"  # local temp files are ".<name>.tmp-<random>", hidden from list()
+
+
+class StorageError(OSError):
+    """An object-store operation failed (after retries where the failure was transient)."""
+
+
+def _is_temp_name(name: str) -> bool:
+    return name.startswith(".") and _TMP_MARK in name
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in key.split("/")):
+        raise ValueError(f"invalid storage key {key!r}: expected a relative 'a/b/c' path without '.', '..' or '//'")
+    return key
+
+
+class ObjectStore:
+    """Files under one root URI (plain path, ``file:///path`` or ``s3://bucket/prefix``)."""
+
+    def __init__(self, root: str, config: StorageConfig | None = None) -> None:
+        self.config = config or StorageConfig()
+        root = str(root)
+        parsed = urllib.parse.urlparse(root)
+        if parsed.scheme == "s3":
+            if not parsed.netloc:
+                raise ValueError(f"storage root {root!r}: expected s3://bucket[/prefix]")
+            self.is_s3 = True
+            self.bucket = parsed.netloc
+            self.prefix = parsed.path.strip("/")
+            self.root = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        elif parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt"):
+            path = urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else root
+            if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+                raise ValueError(f"storage root {root!r}: file:// URIs must be local (file:///path)")
+            self.is_s3 = False
+            self.bucket = None
+            self.prefix = os.path.abspath(os.path.expanduser(path))
+            self.root = self.prefix
+        else:
+            raise ValueError(f"storage root {root!r}: unsupported scheme {parsed.scheme!r} (use a path, file:// or s3://)")
+        self._lock = threading.Lock()
+        self._client: Any = None
+        self._fs: pafs.FileSystem | None = None
+
+    # ---- identity, pickling ------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({self.root!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjectStore) and (self.root, self.config) == (other.root, other.config)
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+    def __getstate__(self) -> dict:
+        # Clients hold sockets and locks; workers rebuild them on first use.
+        return {"root": self.root, "config": self.config}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["root"], state["config"])
+
+    def uri(self, key: str) -> str:
+        """The full URI (or absolute path, for local roots) of ``key``."""
+        return f"{self.root}/{_check_key(key)}"
+
+    def child(self, prefix: str) -> ObjectStore:
+        """A store rooted at ``prefix`` under this one, with the same config."""
+        return ObjectStore(self.uri(prefix.strip("/")), self.config)
+
+    def fs_path(self, key: str) -> str:
+        """``key``'s path on :attr:`filesystem` (``bucket/prefix/key`` on S3)."""
+        _check_key(key)
+        if self.is_s3:
+            return "/".join(p for p in (self.bucket, self.prefix, key) if p)
+        return os.path.join(self.prefix, *key.split("/"))
+
+    def _s3_key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    # ---- clients -----------------------------------------------------------------------------
+
+    @property
+    def filesystem(self) -> pafs.FileSystem:
+        """A pyarrow filesystem for streaming reads/writes (``pyarrow.dataset``, ``open_input_stream``)."""
+        if self._fs is None:
+            with self._lock:
+                if self._fs is None:
+                    self._fs = self._make_arrow_fs()
+        return self._fs
+
+    @property
+    def s3_client(self) -> Any:
+        """The boto3 S3 client (S3 roots only)."""
+        if not self.is_s3:
+            raise TypeError(f"{self!r} is not an S3 store")
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._make_boto3_client()
+        return self._client
+
+    def _make_boto3_client(self) -> Any:
+        from botocore.config import Config as BotoConfig
+
+        session = self._boto3_session()
+        return session.client(
+            "s3", endpoint_url=self.config.endpoint_url, region_name=session.region_name or "us-east-1",
+            config=BotoConfig(
+                s3={"addressing_style": "path"},
+                # Newer botocore adds CRC checksums by default, which many S3-compatible servers reject.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                retries={"total_max_attempts": 1},  # we retry ourselves, with our policy and logging
+                connect_timeout=10, read_timeout=60, max_pool_connections=16))
+
+    def _boto3_session(self) -> Any:
+        import boto3
+
+        cfg = self.config
+        return boto3.session.Session(aws_access_key_id=cfg.access_key_id,
+                                     aws_secret_access_key=cfg.secret_access_key, region_name=cfg.region)
+
+    def _make_arrow_fs(self) -> pafs.FileSystem:
+        if not self.is_s3:
+            return pafs.LocalFileSystem()
+        client = self.s3_client
+        # Credentials and endpoint resolved as boto3 does (config, then env/profile chain), so both agree.
+        creds = self._boto3_session().get_credentials()
+        frozen = creds.get_frozen_credentials() if creds is not None else None
+        endpoint = urllib.parse.urlparse(client.meta.endpoint_url)
+        kwargs: dict[str, Any] = dict(region=client.meta.region_name, scheme=endpoint.scheme,
+                                      endpoint_override=endpoint.netloc, force_virtual_addressing=False,
+                                      retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=self.config.retries + 1))
+        if frozen is None:
+            kwargs["anonymous"] = True
+        else:
+            kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token)
+        return pafs.S3FileSystem(**kwargs)
+
+    # ---- retries -----------------------------------------------------------------------------
+
+    def _retry(self, op: str, uri: str, call: Callable[[], T]) -> T:
+        """Run ``call``; retry transient S3 failures with exponential backoff and full jitter."""
+        from botocore.exceptions import ClientError
+
+        attempts = self.config.retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return call()
+            except ClientError as e:
+                code, status = _client_error_code(e)
+                if code in ("NoSuchKey", "NotFound") or status == 404:
+                    raise FileNotFoundError(f"{op} {uri}: no such object") from None
+                transient = status in (429,) or status >= 500 or code in _RETRYABLE_CODES
+                reason = f"{code or 'HTTP'} (HTTP {status})"
+                if not transient:
+                    raise StorageError(f"{op} {uri} failed: {reason}") from None
+            except _transient_errors() as e:
+                reason = f"{type(e).__name__}: {e}"
+            if attempt == attempts:
+                raise StorageError(f"{op} {uri} failed after {attempts} attempt(s): {reason}") from None
+            delay = self.config.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
+            log_event(log, "storage retry", logging.WARNING, op=op, uri=uri, attempt=attempt,
+                      of=attempts, reason=reason, sleep_s=round(delay, 3))
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    # ---- bytes -------------------------------------------------------------------------------
+
+    def read_bytes(self, key: str) -> bytes:
+        """The whole object; :class:`FileNotFoundError` if it does not exist."""
+        uri = self.uri(key)
+        if not self.is_s3:
+            try:
+                return Path(self.fs_path(key)).read_bytes()
+            except FileNotFoundError:
+                raise FileNotFoundError(f"read {uri}: no such object") from None
+        bucket, s3_key = self.bucket, self._s3_key(key)
+        # The body is read inside the retried call: a connection dropped mid-body is retried too.
+        return self._retry("read", uri, lambda: self.s3_client.get_object(Bucket=bucket, Key=s3_key)["Body"].read())
+
+    def write_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` to ``key`` atomically (readers see the old object or the whole new one)."""
+        uri = self.uri(key)
+        data = bytes(data) if not isinstance(data, bytes) else data
+        if not self.is_s3:
+            _atomic_local_write(self.fs_path(key), data)
+            return
+        part_bytes = max(self.config.multipart_threshold_mb * 1024 * 1024, _MIN_PART_BYTES)
+        if len(data) <= part_bytes:
+            bucket, s3_key = self.bucket, self._s3_key(key)
+            self._retry("write", uri, lambda: self.s3_client.put_object(Bucket=bucket, Key=s3_key, Body=data))
+        else:
+            self._multipart_write(key, data, part_bytes)
+
+    def _multipart_write(self, key: str, data: bytes, part_bytes: int) -> None:
+        uri, client, bucket, s3_key = self.uri(key), self.s3_client, self.bucket, self._s3_key(key)
+        upload_id = self._retry("write (create multipart upload)", uri, lambda: client.create_multipart_upload(
+            Bucket=bucket, Key=s3_key)["UploadId"])
+        try:
+            parts = []
+            view = memoryview(data)
+            for number, start in enumerate(range(0, len(data), part_bytes), start=1):
+                body = view[start:start + part_bytes].tobytes()
+                etag = self._retry(f"write (part {number})", uri, lambda: client.upload_part(
+                    Bucket=bucket, Key=s3_key, UploadId=upload_id, PartNumber=number, Body=body)["ETag"])
+                parts.append({"PartNumber": number, "ETag": etag})
+            self._retry("write (complete multipart upload)", uri, lambda: client.complete_multipart_upload(
+                Bucket=bucket, Key=s3_key, UploadId=upload_id, MultipartUpload={"Parts": parts}))
+        except BaseException:
+            try:
+                self._retry("abort multipart upload", uri, lambda: client.abort_multipart_upload(
+                    Bucket=bucket, Key=s3_key, UploadId=upload_id))
+            except (StorageError, FileNotFoundError) as e:
+                # Never completed, so never visible; a bucket lifecycle rule reclaims the parts.
+                log_event(log, "could not abort multipart upload", logging.WARNING, uri=uri, error=str(e))
+            raise
+
+    # ---- listing, existence, deletion --------------------------------------------------------
+
+    def exists(self, key: str) -> bool:
+        """Whether an object exists at ``key``."""
+        if not self.is_s3:
+            return os.path.isfile(self.fs_path(key))
+        bucket, s3_key = self.bucket, self._s3_key(key)
+        try:
+            self._retry("exists", self.uri(key), lambda: self.s3_client.head_object(Bucket=bucket, Key=s3_key))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys (relative to the root, sorted) of every object whose key starts with ``prefix``."""
+        if prefix and ".." in prefix.split("/"):
+            raise ValueError(f"invalid storage prefix {prefix!r}")
+        if self.is_s3:
+            return self._list_s3(prefix)
+        keys = []
+        start = os.path.join(self.prefix, *prefix.split("/")[:-1])
+        for dirpath, _, filenames in os.walk(start):
+            rel_dir = os.path.relpath(dirpath, self.prefix).replace(os.sep, "/")
+            for name in filenames:
+                key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if key.startswith(prefix) and not _is_temp_name(name):
+                    keys.append(key)
+        return sorted(keys)
+
+    def _list_s3(self, prefix: str) -> list[str]:
+        full_prefix = self._s3_key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+        strip = len(f"{self.prefix}/") if self.prefix else 0
+
+        def list_all() -> list[str]:
+            pages = self.s3_client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full_prefix)
+            return [obj["Key"][strip:] for page in pages for obj in page.get("Contents", [])
+                    if not obj["Key"].endswith("/")]
+        return sorted(self._retry("list", f"{self.root}/{prefix}", list_all))
+
+    def delete(self, key: str) -> None:
+        """Delete ``key``; deleting a missing key is not an error."""
+        if not self.is_s3:
+            try:
+                os.remove(self.fs_path(key))
+            except FileNotFoundError:
+                pass
+            return
+        bucket, s3_key = self.bucket, self._s3_key(key)
+        try:
+            self._retry("delete", self.uri(key), lambda: self.s3_client.delete_object(Bucket=bucket, Key=s3_key))
+        except FileNotFoundError:
+            pass
+
+    # ---- text, JSON, Parquet -----------------------------------------------------------------
+
+    def read_text(self, key: str) -> str:
+        return self.read_bytes(key).decode("utf-8")
+
+    def write_text(self, key: str, text: str) -> None:
+        """Write UTF-8 ``text`` atomically."""
+        self.write_bytes(key, text.encode("utf-8"))
+
+    def read_json(self, key: str) -> Any:
+        try:
+            return json.loads(self.read_bytes(key))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.uri(key)}: not valid JSON: {e}") from None
+
+    def write_json(self, key: str, obj: Any) -> None:
+        """Write ``obj`` as indented JSON, atomically."""
+        self.write_text(key, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+    def read_parquet(self, key: str, **read_kwargs: Any) -> pa.Table:
+        """A whole Parquet object as a table (use :attr:`filesystem` to stream large ones)."""
+        if not self.is_s3:
+            if not os.path.isfile(self.fs_path(key)):
+                raise FileNotFoundError(f"read {self.uri(key)}: no such object")
+            return pq.read_table(self.fs_path(key), **read_kwargs)
+        return pq.read_table(pa.BufferReader(self.read_bytes(key)), **read_kwargs)
+
+    def write_parquet(self, key: str, table: pa.Table, **pq_kwargs: Any) -> None:
+        """Write ``table`` as one Parquet object, atomically (``pq_kwargs`` go to ``pq.write_table``)."""
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, **pq_kwargs)
+        self.write_bytes(key, sink.getvalue().to_pybytes())
+
+
+def _client_error_code(e: Any) -> tuple[str, int]:
+    err = e.response.get("Error", {}) or {}
+    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    code = str(err.get("Code", "") or "")
+    if not status and code.isdigit():  # HEAD responses carry no body, only the status as the code
+        status = int(code)
+    return code, int(status)
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError, IncompleteReadError
+
+    return (BotoConnectionError, HTTPClientError, IncompleteReadError)
+
+
+def _atomic_local_write(path: str, data: bytes) -> None:
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}{_TMP_MARK}", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; objects should read like any written file
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    # The rename is durable only once the directory entry is on disk.
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
