@@ -1,0 +1,276 @@
+"""Evaluation: the maths on features built so the right answer is known, then the runner end to end."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from trainer.eval import (
+    ClassifierCache,
+    build_zeroshot_classifier,
+    classification_metrics,
+    confusion_matrix,
+    ensemble_classifier,
+    l2_normalize,
+    linear_probe,
+    per_class_accuracy,
+    retrieval_recall,
+    stratified_split,
+    topk_accuracy,
+    zeroshot_logits,
+    zeroshot_report,
+    _fit_logistic,
+)
+from trainer.templates import format_prompts
+
+DIM = 48
+
+
+def _prototypes(num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    return l2_normalize(rng.normal(size=(num_classes, DIM)))
+
+
+def _fake_text_encoder(class_names, templates, prototypes, noise, rng):
+    """A text 'model' whose prompt embeddings are the class prototype plus per-prompt noise."""
+    table = {}
+    for c, name in enumerate(class_names):
+        for prompt in format_prompts(templates, name):
+            table[prompt] = prototypes[c] + noise * rng.normal(size=DIM)
+    calls = []
+
+    def encode(texts: list[str]) -> np.ndarray:
+        calls.append(len(texts))
+        return np.stack([table[t] for t in texts]) * 3.0  # unnormalised on purpose
+
+    return encode, calls
+
+
+def _binomial_band(p: float, n: int, sigmas: float = 4.0) -> float:
+    return sigmas * math.sqrt(p * (1 - p) / n)
+
+
+# ------------------------------------------------------------------------------------------------
+# Zero-shot on separable-by-construction features
+# ------------------------------------------------------------------------------------------------
+
+
+def test_zeroshot_separable_is_high_and_shuffled_labels_at_chance():
+    rng = np.random.default_rng(0)
+    names = [f"class_{i}" for i in range(10)]
+    templates = ("a photo of a {}.", "a drawing of a {}.", "{}")
+    protos = _prototypes(10, rng)
+    encode, _ = _fake_text_encoder(names, templates, protos, noise=0.05, rng=rng)
+    classifier = build_zeroshot_classifier(encode, names, templates, batch_size=7)
+    n = 2000
+    labels = rng.integers(0, 10, n)
+    images = protos[labels] + 0.08 * rng.normal(size=(n, DIM))
+
+    m = classification_metrics(zeroshot_logits(images, classifier), labels, names)
+    assert m["top1"] > 0.95
+    assert m["top5"] >= m["top1"]
+    assert m["chance_top1"] == pytest.approx(0.1)
+    assert m["chance_top5"] == pytest.approx(0.5)
+    assert sum(m["support"].values()) == n
+
+    shuffled = rng.permutation(labels)
+    control = classification_metrics(zeroshot_logits(images, classifier), shuffled, names)
+    assert abs(control["top1"] - 0.1) <= _binomial_band(0.1, n)
+    assert abs(control["top5"] - 0.5) <= _binomial_band(0.5, n)
+
+
+def test_ensembling_beats_a_single_noisy_template():
+    rng = np.random.default_rng(1)
+    names = [f"c{i}" for i in range(20)]
+    templates = tuple(f"template {i} of a {{}}." for i in range(40))
+    protos = _prototypes(20, rng)
+    # Each prompt is very noisy; averaging 40 of them cancels most of the noise.
+    encode, _ = _fake_text_encoder(names, templates, protos, noise=0.35, rng=rng)
+    n = 3000
+    labels = rng.integers(0, 20, n)
+    images = protos[labels] + 0.15 * rng.normal(size=(n, DIM))
+    report = zeroshot_report(images, labels, {
+        "single": build_zeroshot_classifier(encode, names, templates[:1]),
+        "ensemble": build_zeroshot_classifier(encode, names, templates),
+    }, names)
+    assert report["ensemble"]["top1"] > report["single"]["top1"] + 0.05
+    assert report["ensemble"]["top1"] > 0.9
+
+
+def test_ensemble_is_mean_of_normalised_embeddings_renormalised():
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(4, 5, 8))
+    got = ensemble_classifier(feats)
+    for c in range(4):
+        units = [v / np.linalg.norm(v) for v in feats[c]]
+        mean = np.mean(units, axis=0)
+        np.testing.assert_allclose(got[c], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+    # Normalising before averaging: one template with a huge norm must not dominate its class.
+    scaled = feats.copy()
+    scaled[:, 0] *= 1000.0
+    np.testing.assert_allclose(ensemble_classifier(scaled), got, rtol=1e-4, atol=1e-5)
+    naive = l2_normalize(scaled.mean(axis=1))
+    assert not np.allclose(naive, got, atol=1e-2)
+    with pytest.raises(ValueError, match="classes, templates, dim"):
+        ensemble_classifier(feats[0])
+
+
+def test_classifier_cache_builds_once_per_key(tmp_path):
+    rng = np.random.default_rng(3)
+    names = ["cat", "dog"]
+    protos = _prototypes(2, rng)
+    encode, calls = _fake_text_encoder(names, ("a {}.", "the {}."), protos, 0.0, rng)
+    cache = ClassifierCache(tmp_path / "cache")
+
+    def build(templates):
+        return lambda: build_zeroshot_classifier(encode, names, templates)
+
+    a = cache.get_or_build("model-a", "pets", names, ("a {}.", "the {}."), build(("a {}.", "the {}.")))
+    b = cache.get_or_build("model-a", "pets", names, ("a {}.", "the {}."), build(("a {}.", "the {}.")))
+    assert a is b and len(calls) == 1 and (cache.hits, cache.misses) == (1, 1)
+    cache.get_or_build("model-a", "pets", names, ("a {}.",), build(("a {}.",)))  # other templates
+    cache.get_or_build("model-b", "pets", names, ("a {}.",), build(("a {}.",)))  # other model
+    assert len(calls) == 3 and cache.misses == 3
+    # A fresh cache over the same directory reads from disk instead of encoding.
+    again = ClassifierCache(tmp_path / "cache")
+    c = again.get_or_build("model-a", "pets", names, ("a {}.", "the {}."), build(("a {}.", "the {}.")))
+    np.testing.assert_array_equal(c, a)
+    assert len(calls) == 3 and again.hits == 1
+    with pytest.raises(ValueError, match="expected \\[2, D\\]"):
+        cache.get_or_build("m", "x", names, ("{}",), lambda: np.zeros((3, 4)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics against a direct numpy computation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_topk_and_confusion_agree_with_direct_numpy():
+    rng = np.random.default_rng(4)
+    n, c = 500, 12
+    logits = rng.normal(size=(n, c))
+    labels = rng.integers(0, c, n)
+    order = np.argsort(-logits, axis=1)
+    for k in (1, 3, 5, 12, 20):
+        direct = np.mean([labels[i] in order[i, :k] for i in range(n)])
+        assert topk_accuracy(logits, labels, (k,))[k] == pytest.approx(direct)
+    preds = logits.argmax(1)
+    cm = confusion_matrix(labels, preds, c)
+    direct_cm = np.zeros((c, c), np.int64)
+    for t, p in zip(labels, preds):
+        direct_cm[t, p] += 1
+    np.testing.assert_array_equal(cm, direct_cm)
+    pca = per_class_accuracy(cm)
+    for k in range(c):
+        assert pca[k] == pytest.approx(np.mean(preds[labels == k] == k))
+    m = classification_metrics(logits, labels, [str(i) for i in range(c)])
+    assert m["top1"] == pytest.approx(np.mean(preds == labels))
+    assert m["confusion"] == direct_cm.tolist()
+    assert m["mean_per_class"] == pytest.approx(np.mean(pca))
+
+
+def test_absent_class_and_bad_labels():
+    cm = confusion_matrix(np.array([0, 0, 1]), np.array([0, 1, 1]), 3)
+    pca = per_class_accuracy(cm)
+    assert pca[0] == 0.5 and pca[1] == 1.0 and np.isnan(pca[2])
+    m = classification_metrics(np.array([[1.0, 0, 0], [0, 1.0, 0]]), np.array([0, 1]), ["a", "b", "c"])
+    assert m["per_class"]["c"] is None and m["support"]["c"] == 0
+    with pytest.raises(ValueError, match="outside"):
+        confusion_matrix(np.array([0, 3]), np.array([0, 0]), 3)
+    with pytest.raises(ValueError, match="do not match"):
+        topk_accuracy(np.zeros((3, 2)), np.zeros(4, np.int64))
+
+
+def test_retrieval_recall_agrees_with_direct_numpy_with_multiple_captions():
+    rng = np.random.default_rng(5)
+    n_img = 60
+    owner = np.concatenate([np.arange(n_img), rng.integers(0, n_img, 90)])  # 1..n captions per image
+    img = rng.normal(size=(n_img, DIM))
+    txt = img[owner] + 4.0 * rng.normal(size=(len(owner), DIM))
+    got = retrieval_recall(img, txt, owner, ks=(1, 5, 10))
+    sim = l2_normalize(img) @ l2_normalize(txt).T
+    for k in (1, 5, 10):
+        i2t = np.mean([np.isin(np.argsort(-sim[i])[:k], np.flatnonzero(owner == i)).any() for i in range(n_img)])
+        t2i = np.mean([owner[j] in np.argsort(-sim[:, j])[:k] for j in range(len(owner))])
+        assert got[f"image_to_text_R@{k}"] == pytest.approx(i2t)
+        assert got[f"text_to_image_R@{k}"] == pytest.approx(t2i)
+    assert got["images"] == n_img and got["texts"] == len(owner)
+    assert got["image_to_text_R@1"] < got["image_to_text_R@10"] <= 1.0
+    assert got["chance_text_to_image_R@5"] == pytest.approx(5 / n_img)
+
+
+def test_retrieval_random_features_at_chance_and_matched_features_perfect():
+    rng = np.random.default_rng(6)
+    n = 400
+    owner = np.arange(n)
+    img = rng.normal(size=(n, DIM))
+    perfect = retrieval_recall(img, img * 2.0, owner)
+    assert perfect["image_to_text_R@1"] == 1.0 and perfect["text_to_image_R@1"] == 1.0
+    rnd = retrieval_recall(img, rng.normal(size=(n, DIM)), owner)
+    p = rnd["chance_text_to_image_R@10"]
+    assert p == pytest.approx(10 / n)
+    assert abs(rnd["text_to_image_R@10"] - p) <= _binomial_band(p, n)
+    assert abs(rnd["image_to_text_R@10"] - rnd["chance_image_to_text_R@10"]) <= _binomial_band(p, n)
+    with pytest.raises(ValueError, match="indices outside"):
+        retrieval_recall(img, img, owner + 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear probe
+# ------------------------------------------------------------------------------------------------
+
+
+def _gaussian_problem(n, d, sep, flip, seed, num_classes=2, n_test=2000):
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(num_classes, d))
+    means *= sep / np.linalg.norm(means, axis=1, keepdims=True)
+
+    def draw(m, flip_rate):
+        y = rng.integers(0, num_classes, m)
+        x = means[y] + rng.normal(size=(m, d))
+        flipped = rng.random(m) < flip_rate
+        return x, np.where(flipped, rng.integers(0, num_classes, m), y)
+
+    return (*draw(n, flip), *draw(n_test, 0.0))
+
+
+def test_linear_probe_picks_strong_regularisation_where_labels_are_noisy():
+    # Few samples, many dimensions, 30% label noise: weak regularisation fits the noise, so the
+    # right C sits well inside the sweep, far from the unregularised end.
+    cs = np.logspace(-4, 4, 9)
+    x, y, xt, yt = _gaussian_problem(300, 100, 1.5, 0.3, seed=0)
+    result = linear_probe(x, y, xt, yt, cs=cs, val_fraction=0.3)
+    oracle = {c: float((_fit_logistic(x, y, c, 1000, 0).predict(xt) == yt).mean()) for c in cs}
+    assert 1e-4 < result["best_C"] < 1e-1
+    assert result["top1"] >= max(oracle.values()) - 0.04
+    assert result["top1"] > oracle[1e4] + 0.02  # it beat the barely regularised fit
+    assert result["n_train"] + result["n_val"] == 300 and result["n_test"] == 2000
+    assert len(result["val_accuracy"]) == 9 + 4  # the sweep plus two bisection rounds
+
+
+def test_linear_probe_avoids_underfitting_on_a_clean_problem():
+    cs = np.logspace(-4, 4, 9)
+    x, y, xt, yt = _gaussian_problem(200, 10, 5.0, 0.0, seed=1, num_classes=3)
+    result = linear_probe(x, y, xt, yt, cs=cs)
+    assert result["best_C"] >= 1e-2  # tiny C predicts the intercept only
+    assert result["top1"] > 0.95
+    assert result["chance_top1"] == pytest.approx(1 / 3)
+
+
+def test_linear_probe_rejects_degenerate_inputs():
+    x = np.zeros((10, 3))
+    with pytest.raises(ValueError, match="two classes"):
+        linear_probe(x, np.zeros(10, np.int64), x, np.zeros(10, np.int64))
+    with pytest.raises(ValueError, match="positive"):
+        linear_probe(x, np.arange(10) % 2, x, np.arange(10) % 2, cs=(0.0, 1.0))
+
+
+def test_stratified_split_keeps_every_class_on_both_sides():
+    labels = np.array([0] * 10 + [1] * 4 + [2] * 1)
+    rest, part = stratified_split(labels, 0.25, seed=0)
+    assert sorted(np.concatenate([rest, part]).tolist()) == list(range(15))
+    assert set(labels[part]) == {0, 1} and set(labels[rest]) == {0, 1, 2}
+    again = stratified_split(labels, 0.25, seed=0)
+    np.testing.assert_array_equal(again[1], part)
