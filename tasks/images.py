@@ -1,0 +1,252 @@
+"""Images: decode, validate, convert to RGB, resize and re-encode; one row at a time, never fatal.
+
+Drop reasons (funnel stage ``images``): ``no_image`` (null), ``empty_image`` (zero bytes),
+``not_image`` (unidentifiable or a format outside ``allowed_formats``, e.g. HTML served as an image),
+``decompression_bomb`` (declared pixels above ``max_pixels`` — checked from the header, before any
+pixel is decoded), ``truncated_image``, ``corrupt_image``, ``too_small`` (shorter side below
+``min_side``), ``bad_aspect_ratio``, ``unsupported_mode``, ``image_error`` (anything else).
+
+Kept rows get ``image`` (final bytes), ``image_format``, ``width``, ``height`` (after EXIF
+orientation and resizing), ``image_bytes`` and ``sha256`` (hex, of the final bytes). Re-encoded
+images carry no metadata (EXIF, incl. GPS, is dropped once its orientation has been applied).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from infra.config import ImageConfig
+from infra.log import get_logger, log_event, progress
+from tasks.funnel import Funnel
+
+STAGE = "images"
+_ORIENTATION_TAG = 0x0112
+_SWAPS_AXES = frozenset({5, 6, 7, 8})  # EXIF orientations that transpose width and height
+_KEEPABLE_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
+_log = get_logger(__name__)
+
+
+class ImageRejected(Exception):
+    """Why one image was dropped: ``reason`` is the funnel key."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    data: bytes
+    image_format: str
+    width: int
+    height: int
+    sha256: str
+
+
+def _describe_payload(data: bytes) -> str:
+    head = data[:512].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in head:
+        return "HTML, not an image"
+    if head.startswith((b"{", b"[")):
+        return "JSON, not an image"
+    return f"unidentifiable payload starting {data[:8]!r}"
+
+
+def _target_size(width: int, height: int, longest: int | None) -> tuple[int, int] | None:
+    """Size after downscaling so the longest side is ``longest``; None if no resize is needed."""
+    if longest is None or max(width, height) <= longest:
+        return None
+    scale = longest / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB, with alpha composited on white and 16-bit greys scaled (not clipped) to 8 bits."""
+    if im.mode == "RGB":
+        return im
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        arr = np.asarray(im)
+        if arr.size and arr.max() > 255:
+            arr = arr >> 8
+        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    try:
+        return im.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise ImageRejected("unsupported_mode", f"cannot convert mode {im.mode} to RGB: {e}") from None
+
+
+def _decoders(allowed: tuple[str, ...]) -> list[str]:
+    Image.init()  # registers every plugin once; an explicit formats= list skips Pillow's lazy init
+    return [f for f in (a.upper() for a in allowed) if f in Image.OPEN]
+
+
+def _open(data: bytes, cfg: ImageConfig) -> Image.Image:
+    try:
+        im = Image.open(io.BytesIO(data), formats=_decoders(cfg.allowed_formats))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageRejected("decompression_bomb", str(e)) from None
+    except UnidentifiedImageError:
+        raise ImageRejected("not_image", _describe_payload(data)) from None
+    except Exception as e:  # noqa: BLE001 - header parsers raise many kinds (SyntaxError, struct.error, ...)
+        raise ImageRejected("corrupt_image", f"bad header: {type(e).__name__}: {e}") from None
+    width, height = im.size
+    if width <= 0 or height <= 0:
+        raise ImageRejected("corrupt_image", f"declared size {width}x{height}")
+    if width * height > cfg.max_pixels:
+        raise ImageRejected("decompression_bomb", f"{width}x{height} = {width * height} pixels > {cfg.max_pixels}")
+    return im
+
+
+def _encode(im: Image.Image, image_format: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    if image_format == "JPEG":
+        im.save(buf, "JPEG", quality=quality)
+    elif image_format == "WEBP":
+        im.save(buf, "WEBP", quality=quality)
+    else:
+        im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def process_image(data: bytes | None, cfg: ImageConfig) -> ProcessedImage:
+    """Validate and normalise one encoded image; raises ImageRejected with the drop reason."""
+    if data is None:
+        raise ImageRejected("no_image", "the row has no image bytes")
+    if len(data) == 0:
+        raise ImageRejected("empty_image", "zero bytes")
+    with warnings.catch_warnings():
+        # Pillow warns (not raises) between MAX_IMAGE_PIXELS and twice that: make it an error.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        im = _open(data, cfg)
+        source_format = im.format or "unknown"
+        width, height = im.size
+        if min(width, height) < cfg.min_side:
+            raise ImageRejected("too_small", f"{width}x{height}, shorter side < {cfg.min_side}")
+        if max(width, height) / min(width, height) > cfg.max_aspect_ratio:
+            raise ImageRejected("bad_aspect_ratio", f"{width}x{height} exceeds {cfg.max_aspect_ratio}:1")
+        try:
+            orientation = int(im.getexif().get(_ORIENTATION_TAG, 1) or 1)
+        except Exception:  # noqa: BLE001 - a broken EXIF block only loses the orientation
+            orientation = 1
+        oriented = (height, width) if orientation in _SWAPS_AXES else (width, height)
+        target = _target_size(*oriented, cfg.resize_longest_side)
+        unchanged = target is None and orientation == 1 and im.mode in ("RGB", "L")
+        if cfg.encode_format == "keep" and unchanged and source_format in _KEEPABLE_FORMATS:
+            _load(im)  # still decode in full: a truncated file must not pass as kept bytes
+            return ProcessedImage(data, source_format, width, height, hashlib.sha256(data).hexdigest())
+        if target is not None and source_format in ("JPEG", "MPO"):
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the target size.
+            im.draft(None, (target[1], target[0]) if orientation in _SWAPS_AXES else target)
+        _load(im)
+        if orientation != 1:
+            im = ImageOps.exif_transpose(im)
+        im = _to_rgb(im)
+        if target is not None:
+            im = im.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if cfg.encode_format == "keep":
+        out_format = "JPEG" if source_format in ("JPEG", "MPO") else "WEBP" if source_format == "WEBP" else "PNG"
+    else:
+        out_format = cfg.encode_format
+    encoded = _encode(im, out_format, cfg.encode_quality)
+    return ProcessedImage(encoded, out_format, im.width, im.height, hashlib.sha256(encoded).hexdigest())
+
+
+def _load(im: Image.Image) -> None:
+    try:
+        im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageRejected("decompression_bomb", str(e)) from None
+    except OSError as e:
+        reason = "truncated_image" if "truncated" in str(e).lower() else "corrupt_image"
+        raise ImageRejected(reason, f"{type(e).__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - decoders raise ValueError, SyntaxError, struct.error, ...
+        raise ImageRejected("corrupt_image", f"{type(e).__name__}: {e}") from None
+
+
+def _process_safely(data: bytes | None, cfg: ImageConfig) -> tuple[ProcessedImage | None, ImageRejected | None]:
+    try:
+        return process_image(data, cfg), None
+    except ImageRejected as e:
+        return None, e
+    except Exception as e:  # noqa: BLE001 - one bad image costs one row, never the batch
+        return None, ImageRejected("image_error", f"{type(e).__name__}: {e}")
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageResult:
+    table: pa.Table  # kept rows with normalised images and their measurements
+    funnel: Funnel
+    rejects: pa.Table  # dropped rows (image bytes removed) + status, reason, error
+
+
+def _with_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, values)
+    return table.append_column(name, values)
+
+
+def process_images_with_rejects(table: pa.Table, cfg: ImageConfig) -> ImageResult:
+    """Process every row's ``image``; keep the good ones, return the dropped ones with reasons."""
+    images = table.column("image").to_pylist() if "image" in table.column_names else [None] * table.num_rows
+    results: list[ProcessedImage | None] = []
+    rejections: list[ImageRejected | None] = []
+    for data in progress(images, desc="images", total=len(images), unit="img"):
+        result, rejection = _process_safely(data, cfg)
+        results.append(result)
+        rejections.append(rejection)
+
+    keep = pa.array([r is not None for r in results], pa.bool_())
+    kept_results = [r for r in results if r is not None]
+    kept = table.filter(keep)
+    kept = _with_column(kept, "image", pa.array([r.data for r in kept_results], pa.binary()))
+    kept = _with_column(kept, "image_format", pa.array([r.image_format for r in kept_results], pa.string()))
+    kept = _with_column(kept, "width", pa.array([r.width for r in kept_results], pa.int32()))
+    kept = _with_column(kept, "height", pa.array([r.height for r in kept_results], pa.int32()))
+    kept = _with_column(kept, "image_bytes", pa.array([len(r.data) for r in kept_results], pa.int64()))
+    kept = _with_column(kept, "sha256", pa.array([r.sha256 for r in kept_results], pa.string()))
+
+    dropped = [e for e in rejections if e is not None]
+    rejects = table.filter(pc.invert(keep))
+    if "image" in rejects.column_names:
+        rejects = rejects.drop_columns(["image"])
+    rejects = _with_column(rejects, "status", pa.array(["failed_permanent"] * len(dropped), pa.string()))
+    rejects = _with_column(rejects, "reason", pa.array([e.reason for e in dropped], pa.string()))
+    rejects = _with_column(rejects, "error", pa.array([str(e)[:500] for e in dropped], pa.string()))
+
+    funnel = Funnel()
+    funnel.record(STAGE, table.num_rows, kept.num_rows, (e.reason for e in dropped))
+    log_event(_log, "images processed", rows=table.num_rows, kept=kept.num_rows, dropped=len(dropped))
+    return ImageResult(kept, funnel, rejects)
+
+
+def process_images(table: pa.Table, cfg: ImageConfig) -> tuple[pa.Table, Funnel]:
+    """Decode/validate/resize/re-encode ``image``; adds image_format, width, height, image_bytes, sha256."""
+    result = process_images_with_rejects(table, cfg)
+    return result.table, result.funnel
+
+
+def process_images_shard(table: pa.Table, cfg: ImageConfig) -> tuple[pa.Table, pa.Table, dict]:
+    """Ray-friendly wrapper for one shard: ``(kept, rejects, funnel dict)``, all picklable."""
+    result = process_images_with_rejects(table, cfg)
+    return result.table, result.rejects, result.funnel.to_dict()
