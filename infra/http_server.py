@@ -105,7 +105,8 @@ def _free_socket(host: str = HOST, port: int = 0) -> socket.socket:
 @contextlib.contextmanager
 def _serve_in_thread(app: web.Application, server: LocalServer, sock: socket.socket) -> Iterator[LocalServer]:
     loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app, access_log=None)
+    # Short shutdown and cancelled handlers: a test's deliberately slow route must not hold up teardown.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0, handler_cancellation=True)
     ready = threading.Event()
 
     def run() -> None:
