@@ -37,3 +37,6 @@ def ray_local():
                  configure_logging=False, runtime_env={"env_vars": {"RAY_DISABLE_USAGE_STATS": "1"}})
     yield ray
     ray.shutdown()
+
+
+pytest_plugins = ["tests.s3_fixtures"]
