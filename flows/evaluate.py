@@ -1,0 +1,95 @@
+"""Evaluation as a Prefect flow: evaluate a checkpoint, then publish the results as artifacts.
+
+The work is in tasks/evaluate.py (runner) and trainer/eval.py (maths); this module only resolves
+the inputs from the config and orchestrates.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from infra.config import Config
+from infra.prefect_utils import publish_markdown, publish_table
+
+
+def default_checkpoint(config: Config) -> str:
+    """The trainer's export dir for this run: ``<train output>/export``."""
+    return config.uri(config.train.output).rstrip("/") + "/export"
+
+
+def _is_transient(task, task_run, state) -> bool:  # Prefect retry condition: storage I/O only
+    try:
+        state.result()
+    except (TimeoutError, ConnectionError):
+        return True
+    except Exception:  # noqa: BLE001 - a missing checkpoint or bad weights will not fix itself
+        return False
+    return False
+
+
+@task(name="evaluate-checkpoint", retries=1, retry_delay_seconds=5, retry_condition_fn=_is_transient)
+def evaluate_checkpoint_task(config: Config, checkpoint: str) -> dict:
+    from infra.storage import ObjectStore
+    from tasks.evaluate import evaluate_checkpoint
+
+    dataset_uri = config.uri(config.shards.output)
+    if not ObjectStore(dataset_uri, config.storage).exists("manifest.json"):
+        get_run_logger().warning("no dataset manifest at %s: retrieval is skipped", dataset_uri)
+        dataset_uri = None
+    return evaluate_checkpoint(checkpoint, config.eval_sets, config.evaluate, dataset_uri=dataset_uri,
+                               storage=config.storage, seed=config.seed)
+
+
+def summary_rows(results: dict) -> list[dict[str, Any]]:
+    """One table row per eval set: accuracies with their chance level beside them."""
+    def pct(x: Any) -> str:
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    rows = []
+    for name, r in results.get("eval_sets", {}).items():
+        zs = r.get("zeroshot", {})
+        probe = r.get("linear_probe") or {}
+        rows.append({
+            "eval set": name,
+            "images": r["images"],
+            "classes": r["num_classes"],
+            "chance top-1": pct(zs.get("ensemble", {}).get("chance_top1")),
+            "bare name top-1": pct(zs["bare"]["top1"]) if "bare" in zs else "-",
+            "one template top-1": pct(zs["single"]["top1"]) if "single" in zs else "-",
+            "ensemble top-1": pct(zs.get("ensemble", {}).get("top1")),
+            "ensemble top-5": pct(zs.get("ensemble", {}).get("top5")),
+            "linear probe top-1": pct(probe["top1"]) if "top1" in probe else probe.get("skipped", "-"),
+        })
+    return rows
+
+
+@task(name="publish-eval-artifacts")
+def publish_artifacts(config: Config, results: dict) -> None:
+    from infra.storage import ObjectStore
+    from tasks.evaluate import markdown_table
+
+    publish_table("eval-summary", summary_rows(results), "Zero-shot and linear-probe accuracy per eval set")
+    publish_markdown("eval-results", markdown_table(results), f"Evaluation of {results.get('checkpoint')}")
+    for name, uri in results.get("outputs", {}).get("plots", {}).items():
+        parent, _, key = uri.rpartition("/")
+        png = ObjectStore(parent, config.storage).read_bytes(key)
+        # Inline, so the plot shows in the UI without a public image URL.
+        publish_markdown(f"eval-plot-{name}", f"![{name}](data:image/png;base64,{base64.b64encode(png).decode()})",
+                         f"Per-class zero-shot accuracy on {name}")
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(config: Config, checkpoint: str | None = None) -> dict:
+    """Zero-shot classification, retrieval and linear probe for ``checkpoint`` (default: this run's
+    trained export); results JSON, markdown and plots go to ``eval/`` beside the checkpoint."""
+    checkpoint = checkpoint or default_checkpoint(config)
+    results = evaluate_checkpoint_task(config, checkpoint)
+    publish_artifacts(config, results)
+    from tasks.evaluate import markdown_table
+
+    print(markdown_table(results))
+    print(f"eval results: {results['outputs']['json']}")
+    return results

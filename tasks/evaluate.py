@@ -1,0 +1,528 @@
+"""Evaluate a CLIP checkpoint: zero-shot classification, retrieval and a linear probe.
+
+The runner around ``trainer.eval``'s maths: load a checkpoint (the trainer's export dir, or a plain
+OpenAI-layout state dict with its config), encode each eval set's images and class prompts once,
+score them, and write ``results.json``, ``results.md`` and one per-class bar plot per eval set into
+``eval/`` beside the checkpoint's weights. Images that cannot be decoded cost one sample each,
+counted with a reason; a whole eval set that cannot be loaded is recorded as an error, not fatal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from infra.config import EvalConfig, EvalSetConfig, StorageConfig
+from infra.log import get_logger, log_event, progress
+from infra.storage import ObjectStore
+from tasks.funnel import Funnel
+from trainer.eval import (
+    ClassifierCache,
+    build_zeroshot_classifier,
+    l2_normalize,
+    linear_probe,
+    retrieval_recall,
+    stratified_split,
+    zeroshot_report,
+)
+from trainer.templates import BARE_TEMPLATE, SINGLE_TEMPLATE, templates_for
+
+log = get_logger("witflow.evaluate")
+
+RESULTS_NAME = "results.json"
+MARKDOWN_NAME = "results.md"
+PLOTS_DIR = "plots"
+CACHE_DIR = "classifier_cache"
+# Linear probe on an eval set with one split: half of each class trains (20% of that validates C),
+# the other half tests. Below this many images per class the probe is skipped, with the reason.
+PROBE_TEST_FRACTION = 0.5
+PROBE_MIN_PER_CLASS = 4
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: torch.nn.Module
+    model_config: Any  # trainer.model.ModelConfig
+    model_id: str  # sha256 of the weights file: the classifier cache key
+    weights_uri: str
+    results_uri: str  # where eval outputs go (``eval/`` beside the weights unless configured)
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _split_weights(checkpoint: str) -> tuple[str, str]:
+    """(directory URI, weights file name) for an export dir or a ``.pt``/``.bin`` file."""
+    from trainer.model import EXPORT_WEIGHTS_NAME
+
+    stripped = checkpoint.rstrip("/")
+    if stripped.endswith((".pt", ".pth", ".bin")):
+        parent, _, name = stripped.rpartition("/")
+        return parent or ".", name
+    return stripped, EXPORT_WEIGHTS_NAME
+
+
+def results_uri_for(checkpoint: str, output: str = "eval") -> str:
+    """Where a checkpoint's results go: ``output`` as is when it is absolute, else beside the weights."""
+    if _is_uri(output) or output.startswith("/"):
+        return output.rstrip("/")
+    directory, _ = _split_weights(checkpoint)
+    return directory.rstrip("/") + "/" + output.strip("/")
+
+
+def load_checkpoint(checkpoint: str, *, model_config: str | None = None, output: str = "eval",
+                    storage: StorageConfig | None = None, device: str = "cpu") -> LoadedCheckpoint:
+    """Load an export dir (``model.pt`` + ``model_config.json``) or a plain OpenAI-layout state dict.
+
+    ``checkpoint`` may be a local path, ``file://`` or ``s3://`` URI. For a bare state dict the
+    architecture comes from ``model_config`` (a named config or JSON path) when given, else from the
+    ``model_config.json`` beside it, else it is inferred from the tensor shapes.
+    """
+    from trainer.model import CLIP, EXPORT_CONFIG_NAME, load_exported, load_model_config, load_openai_state_dict
+
+    directory, weights_name = _split_weights(checkpoint)
+    store = ObjectStore(directory, storage)
+    if not store.exists(weights_name):
+        raise FileNotFoundError(f"no checkpoint weights at {store.uri(weights_name)} "
+                                f"(expected the trainer's export dir or an OpenAI-layout .pt file)")
+    weights = store.read_bytes(weights_name)
+    model_id = hashlib.sha256(weights).hexdigest()
+    with tempfile.TemporaryDirectory(prefix="witflow-eval-") as tmp:
+        # A local copy lets one loader serve paths and s3:// alike.
+        local = Path(tmp) / "model.pt"
+        local.write_bytes(weights)
+        del weights
+        if model_config is not None:
+            config = load_model_config(model_config)
+            state_dict = torch.load(local, map_location="cpu", weights_only=True)
+            if isinstance(state_dict, dict) and "state_dict" in state_dict:
+                state_dict = state_dict["state_dict"]
+            model = CLIP(config)
+            try:
+                load_openai_state_dict(model, state_dict)
+            except RuntimeError as e:
+                raise ValueError(f"{checkpoint}: weights do not fit model config {model_config!r}: "
+                                 f"{str(e).splitlines()[0]}") from None
+            model.eval()
+        else:
+            if store.exists(EXPORT_CONFIG_NAME):
+                (Path(tmp) / EXPORT_CONFIG_NAME).write_bytes(store.read_bytes(EXPORT_CONFIG_NAME))
+            model, config = load_exported(local)
+    model.to(device)
+    return LoadedCheckpoint(model=model, model_config=config, model_id=model_id,
+                            weights_uri=store.uri(weights_name), results_uri=results_uri_for(checkpoint, output))
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoding
+# ------------------------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes | None):
+    """Encoded bytes -> RGB PIL image, decoded as in training (transparency on white);
+    raises ValueError whose text starts with the drop reason."""
+    from PIL import Image, UnidentifiedImageError
+
+    from trainer.data import decode_image as decode_like_training
+
+    if not data:
+        raise ValueError("empty_image")
+    try:
+        return decode_like_training(data)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"undecodable_image: {e}") from None
+
+
+class ClipEncoder:
+    """L2-normalised image and text features from a CLIP model, batched and without gradients."""
+
+    def __init__(self, model: torch.nn.Module, image_size: int, batch_size: int = 256, device: str = "cpu",
+                 image_transform: Callable | None = None) -> None:
+        if image_transform is None:
+            from trainer.data import image_transform as make_transform
+
+            image_transform = make_transform(image_size, train=False)
+        self.model = model.eval()
+        self.transform = image_transform
+        self.batch_size = batch_size
+        self.device = device
+        self.context_length = getattr(getattr(model, "config", None), "context_length", 77)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        from trainer.tokenizer import tokenize
+
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            tokens = tokenize(list(texts[i:i + self.batch_size]), context_length=self.context_length)
+            out.append(self.model.encode_text(tokens.to(self.device)).float().cpu().numpy())
+        dim = getattr(getattr(self.model, "config", None), "embed_dim", 0)
+        return l2_normalize(np.concatenate(out)) if out else np.zeros((0, dim), np.float32)
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[bytes], funnel: Funnel | None = None, stage: str = "images",
+                      desc: str = "encode images") -> tuple[np.ndarray, np.ndarray]:
+        """Features of the decodable images and a boolean mask of which inputs they are."""
+        keep = np.zeros(len(images), dtype=bool)
+        reasons: list[str] = []
+        feats: list[np.ndarray] = []
+        batches = range(0, len(images), self.batch_size)
+        for start in progress(batches, desc=desc, total=len(batches), unit="batch"):
+            tensors = []
+            for j, data in enumerate(images[start:start + self.batch_size]):
+                try:
+                    tensors.append(self.transform(decode_image(data)))
+                    keep[start + j] = True
+                except ValueError as e:
+                    reasons.append(str(e).split(":", 1)[0])
+                    log_event(log, "image skipped", index=start + j, reason=str(e)[:200])
+            if tensors:
+                batch = torch.stack(tensors).to(self.device)
+                feats.append(self.model.encode_image(batch).float().cpu().numpy())
+        if funnel is not None:
+            funnel.record(stage, len(images), int(keep.sum()), reasons)
+        dim = getattr(getattr(self.model, "config", None), "embed_dim", 0)
+        return (l2_normalize(np.concatenate(feats)) if feats else np.zeros((0, dim), np.float32)), keep
+
+
+# ------------------------------------------------------------------------------------------------
+# Classification eval sets
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClassificationSet:
+    """What the runner needs of an eval set (``infra.eval_sets.EvalSet`` has these fields)."""
+
+    name: str
+    classes: list[str]
+    images: list[bytes]
+    labels: np.ndarray
+    templates: tuple[str, ...] = ()
+    ids: list[str] = field(default_factory=list)
+
+
+def evaluate_classification(encoder: ClipEncoder, eval_set: Any, *, kind: str | None = None,
+                            templates: Sequence[str] = (), cache: ClassifierCache | None = None,
+                            model_id: str = "", ensembles: bool = True, probe: bool = True,
+                            seed: int = 0) -> dict:
+    """Zero-shot (bare name, one template, the full ensemble) and linear-probe results for one set."""
+    started = time.perf_counter()
+    classes = list(eval_set.classes)
+    family = templates_for(eval_set.name, kind, templates or tuple(getattr(eval_set, "templates", ()) or ()))
+    funnel = Funnel()
+    feats, keep = encoder.encode_images(eval_set.images, funnel, stage=f"eval:{eval_set.name}",
+                                        desc=f"encode {eval_set.name}")
+    labels = np.asarray(eval_set.labels, dtype=np.int64)[keep]
+    cache = cache if cache is not None else ClassifierCache()
+
+    variants: dict[str, tuple[str, ...]] = {"ensemble": family}
+    if ensembles:
+        variants = {"bare": BARE_TEMPLATE, "single": SINGLE_TEMPLATE, "ensemble": family}
+    classifiers = {
+        variant: cache.get_or_build(model_id, eval_set.name, classes, tmpl,
+                                    lambda tmpl=tmpl: build_zeroshot_classifier(encoder.encode_texts, classes, tmpl,
+                                                                                encoder.batch_size))
+        for variant, tmpl in variants.items()
+    }
+    result: dict = {
+        "name": eval_set.name,
+        "kind": kind,
+        "classes": classes,
+        "num_classes": len(classes),
+        "images": int(keep.sum()),
+        "funnel": funnel.to_dict(),
+        "templates": {"count": len(family), "examples": list(family[:3])},
+        "zeroshot": zeroshot_report(feats, labels, classifiers, classes) if len(labels) else {},
+    }
+    if probe:
+        result["linear_probe"] = _probe_on_one_split(feats, labels, seed)
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def _probe_on_one_split(feats: np.ndarray, labels: np.ndarray, seed: int) -> dict:
+    counts = np.bincount(labels) if len(labels) else np.zeros(0, np.int64)
+    present = counts[counts > 0]
+    if len(present) < 2:
+        return {"skipped": "fewer than two classes with images"}
+    if present.min() < PROBE_MIN_PER_CLASS:
+        return {"skipped": f"a class has fewer than {PROBE_MIN_PER_CLASS} images (train/val/test split impossible)"}
+    train_idx, test_idx = stratified_split(labels, PROBE_TEST_FRACTION, seed)
+    try:
+        out = linear_probe(feats[train_idx], labels[train_idx], feats[test_idx], labels[test_idx], seed=seed)
+    except ValueError as e:
+        return {"skipped": str(e)}
+    out["protocol"] = (f"one split: {PROBE_TEST_FRACTION:.0%} of each class tests; the rest trains, "
+                       "20% of it validates C")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Retrieval on held-out pairs of a build
+# ------------------------------------------------------------------------------------------------
+
+
+def load_heldout_pairs(dataset_uri: str, rows: int, storage: StorageConfig | None = None) -> tuple[pa.Table, dict]:
+    """(image, caption) pairs held out of a build, from the shards its ``manifest.json`` lists.
+
+    A manifest with ``"holdout": {"shards": [...]}`` names its held-out shards; otherwise the last
+    ``rows`` rows of the listed shards (in manifest order) are used, and the info says so.
+    """
+    from tasks.shards import MANIFEST_NAME
+
+    store = ObjectStore(dataset_uri, storage)
+    if not store.exists(MANIFEST_NAME):
+        raise FileNotFoundError(f"no dataset manifest at {store.uri(MANIFEST_NAME)}")
+    manifest = store.read_json(MANIFEST_NAME)
+    columns = ["sample_id", "caption", "image", "sha256"]
+    holdout = manifest.get("holdout") or {}
+    tables: list[pa.Table] = []
+    if holdout.get("shards"):
+        for entry in holdout["shards"]:
+            path = entry["path"] if isinstance(entry, dict) else entry
+            tables.append(_select(store.read_parquet(path), columns))
+        table = pa.concat_tables(tables) if tables else pa.table({})
+        info = {"source": "manifest holdout", "excluded_from_training": True}
+        if rows:
+            table = table.slice(0, rows)
+    else:
+        need = rows
+        for entry in reversed(manifest.get("shards", [])):
+            if need <= 0:
+                break
+            t = _select(store.read_parquet(entry["path"]), columns)
+            tables.insert(0, t.slice(max(0, t.num_rows - need)))
+            need -= min(need, t.num_rows)
+        table = pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in columns})
+        info = {"source": f"last {rows} rows of the manifest's shards",
+                "excluded_from_training": bool(manifest.get("train_excludes_tail", False))}
+    info.update({"dataset": store.root, "rows": table.num_rows})
+    return table, info
+
+
+def _select(table: pa.Table, columns: list[str]) -> pa.Table:
+    missing = [c for c in ("caption", "image") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"shard lacks column(s) {missing}")
+    return table.select([c for c in columns if c in table.column_names])
+
+
+def evaluate_retrieval(encoder: ClipEncoder, pairs: pa.Table) -> dict:
+    """Image->text and text->image recall@1/5/10. Rows sharing an image (same sha256, else same
+    bytes) count as several captions of one image."""
+    funnel = Funnel()
+    images = pairs.column("image").to_pylist()
+    captions = pairs.column("caption").to_pylist()
+    if "sha256" in pairs.column_names:
+        keys = [k or hashlib.sha256(b or b"").hexdigest() for k, b in zip(pairs.column("sha256").to_pylist(), images)]
+    else:
+        keys = [hashlib.sha256(b or b"").hexdigest() for b in images]
+    first_row: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        first_row.setdefault(k, i)
+    unique_rows = sorted(first_row.values())
+    img_feats, keep = encoder.encode_images([images[i] for i in unique_rows], funnel, stage="retrieval:images",
+                                            desc="encode retrieval images")
+    image_index = {keys[r]: j for j, r in enumerate(np.asarray(unique_rows)[keep])}
+    text_rows = [i for i, k in enumerate(keys) if k in image_index and captions[i]]
+    funnel.record("retrieval:captions", len(captions), len(text_rows),
+                  ["no_image" if k not in image_index else "empty_caption"
+                   for i, k in enumerate(keys) if not (k in image_index and captions[i])])
+    if not text_rows:
+        return {"skipped": "no usable (image, caption) pairs", "funnel": funnel.to_dict()}
+    txt_feats = encoder.encode_texts([captions[i] for i in text_rows])
+    owner = np.array([image_index[keys[i]] for i in text_rows], dtype=np.int64)
+    out = retrieval_recall(img_feats, txt_feats, owner)
+    out["funnel"] = funnel.to_dict()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole evaluation, and its outputs
+# ------------------------------------------------------------------------------------------------
+
+
+def _load_registry_set(cfg: EvalSetConfig):
+    from infra.eval_sets import load_eval_set
+
+    return load_eval_set(cfg, max_images=cfg.max_images)
+
+
+def evaluate_checkpoint(checkpoint: str, eval_sets: Sequence[EvalSetConfig], cfg: EvalConfig, *,
+                        dataset_uri: str | None = None, storage: StorageConfig | None = None,
+                        model_config: str | None = None, seed: int = 0,
+                        load_set: Callable[[EvalSetConfig], Any] = _load_registry_set) -> dict:
+    """Evaluate ``checkpoint`` on every eval set (and on held-out pairs of ``dataset_uri`` when
+    given); write ``results.json``, ``results.md`` and plots; return the results."""
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    loaded = load_checkpoint(checkpoint, model_config=model_config, output=cfg.output, storage=storage)
+    out_store = ObjectStore(loaded.results_uri, storage)
+    encoder = ClipEncoder(loaded.model, loaded.model_config.image_size, batch_size=cfg.batch_size)
+    cache_dir = None if out_store.is_s3 else Path(out_store.root) / CACHE_DIR
+    cache = ClassifierCache(cache_dir)
+    results: dict = {
+        "checkpoint": loaded.weights_uri,
+        "model_id": loaded.model_id,
+        "model_config": loaded.model_config.to_dict(),
+        "eval_config": {"batch_size": cfg.batch_size, "retrieval_holdout": cfg.retrieval_holdout,
+                        "linear_probe": cfg.linear_probe, "ensembles": cfg.ensembles},
+        "eval_sets": {},
+        "errors": {},
+    }
+    for set_cfg in eval_sets:
+        try:
+            eval_set = load_set(set_cfg)
+        except (OSError, ValueError, KeyError) as e:
+            # One unreadable eval set is recorded and reported; the others still run.
+            results["errors"][set_cfg.name] = f"{type(e).__name__}: {e}"
+            log_event(log, "eval set failed to load", name=set_cfg.name, error=str(e)[:300])
+            continue
+        r = evaluate_classification(encoder, eval_set, kind=set_cfg.kind, templates=set_cfg.templates,
+                                    cache=cache, model_id=loaded.model_id, ensembles=cfg.ensembles,
+                                    probe=cfg.linear_probe, seed=seed)
+        results["eval_sets"][set_cfg.name] = r
+        _log_set(r)
+    if dataset_uri is not None and cfg.retrieval_holdout > 0:
+        try:
+            pairs, info = load_heldout_pairs(dataset_uri, cfg.retrieval_holdout, storage)
+            results["retrieval"] = {**info, **evaluate_retrieval(encoder, pairs)}
+            _log_retrieval(results["retrieval"])
+        except (OSError, ValueError, KeyError) as e:
+            results["errors"]["retrieval"] = f"{type(e).__name__}: {e}"
+            log_event(log, "retrieval skipped", error=str(e)[:300])
+    results["classifier_cache"] = {"hits": cache.hits, "misses": cache.misses}
+    results["seconds"] = round(time.perf_counter() - started, 3)
+    results["outputs"] = write_outputs(out_store, results)
+    return results
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def _log_set(r: dict) -> None:
+    for variant, m in r["zeroshot"].items():
+        log_event(log, f"zero-shot {r['name']} [{variant}]", top1=_pct(m["top1"]), chance=_pct(m["chance_top1"]),
+                  top5=_pct(m.get("top5")), chance_top5=_pct(m.get("chance_top5")), n=m["n"])
+    probe = r.get("linear_probe") or {}
+    if "top1" in probe:
+        log_event(log, f"linear probe {r['name']}", top1=_pct(probe["top1"]), chance=_pct(probe["chance_top1"]),
+                  C=f"{probe['best_C']:.3g}")
+
+
+def _log_retrieval(r: dict) -> None:
+    if "skipped" in r:
+        log_event(log, "retrieval skipped", reason=r["skipped"])
+        return
+    log_event(log, "retrieval", pairs=r["texts"], **{
+        k: _pct(r[k]) for k in ("image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@5")})
+
+
+def markdown_table(results: dict) -> str:
+    """The results as markdown tables: zero-shot (with chance) per eval set, then retrieval."""
+    lines = [f"### Evaluation of `{results.get('checkpoint', '?')}`", "",
+             "| eval set | classes | images | chance | bare name | \"a photo of a {}.\" | ensemble (templates) "
+             "| ensemble top-5 (chance) | linear probe |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.get("eval_sets", {}).items():
+        zs = r.get("zeroshot", {})
+        ens = zs.get("ensemble", {})
+        probe = r.get("linear_probe") or {}
+        probe_cell = _pct(probe["top1"]) if "top1" in probe else ("skipped" if probe else "-")
+        lines.append(
+            f"| {name} | {r['num_classes']} | {r['images']} | {_pct(ens.get('chance_top1'))} "
+            f"| {_pct(zs.get('bare', {}).get('top1')) if 'bare' in zs else '-'} "
+            f"| {_pct(zs.get('single', {}).get('top1')) if 'single' in zs else '-'} "
+            f"| {_pct(ens.get('top1'))} ({r['templates']['count']}) "
+            f"| {_pct(ens.get('top5'))} ({_pct(ens.get('chance_top5'))}) | {probe_cell} |")
+    errors = results.get("errors", {})
+    if errors:
+        lines += [""] + [f"- **{name}** not evaluated: {err.splitlines()[0][:200]}" for name, err in errors.items()]
+    ret = results.get("retrieval")
+    if ret and "skipped" not in ret:
+        lines += ["", f"Retrieval on {ret['texts']} held-out pairs ({ret.get('source', '')}; "
+                      f"excluded from training: {ret.get('excluded_from_training')}):", "",
+                  "| direction | R@1 | R@5 | R@10 | chance R@1 / R@10 |", "|---|---:|---:|---:|---:|"]
+        for d, label in (("image_to_text", "image → text"), ("text_to_image", "text → image")):
+            lines.append(f"| {label} | {_pct(ret[f'{d}_R@1'])} | {_pct(ret[f'{d}_R@5'])} | {_pct(ret[f'{d}_R@10'])} "
+                         f"| {_pct(ret[f'chance_{d}_R@1'])} / {_pct(ret[f'chance_{d}_R@10'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def per_class_plot(r: dict) -> bytes:
+    """A PNG bar chart of per-class zero-shot accuracy (each variant) with the chance line."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; safe in workers
+    import matplotlib.pyplot as plt
+
+    classes = r["classes"]
+    variants = [v for v in ("bare", "single", "ensemble") if v in r["zeroshot"]]
+    width = 0.8 / max(1, len(variants))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(classes) + 2), 4.0), dpi=100)
+    xs = np.arange(len(classes))
+    for i, v in enumerate(variants):
+        per_class = r["zeroshot"][v]["per_class"]
+        vals = [per_class[c] if per_class[c] is not None else 0.0 for c in classes]
+        ax.bar(xs + (i - (len(variants) - 1) / 2) * width, vals, width, label=v)
+    chance = r["zeroshot"][variants[-1]]["chance_top1"] if variants else 0.0
+    ax.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"chance {chance:.1%}")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(classes, rotation=60, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("zero-shot accuracy")
+    ax.set_title(f"{r['name']}: per-class zero-shot accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _json_safe(obj.item())
+    return obj
+
+
+def write_outputs(store: ObjectStore, results: dict) -> dict:
+    """Write ``results.json``, ``results.md`` and ``plots/<set>.png`` (atomically); return their URIs."""
+    outputs = {"json": store.uri(RESULTS_NAME), "markdown": store.uri(MARKDOWN_NAME), "plots": {}}
+    for name, r in results.get("eval_sets", {}).items():
+        if r.get("zeroshot"):
+            key = f"{PLOTS_DIR}/{_safe_name(name)}.png"
+            store.write_bytes(key, per_class_plot(r))
+            outputs["plots"][name] = store.uri(key)
+    store.write_text(MARKDOWN_NAME, markdown_table(results))
+    store.write_text(RESULTS_NAME, json.dumps(_json_safe({**results, "outputs": outputs}), indent=2) + "\n")
+    return outputs
+
+
+def _safe_name(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "eval_set"
