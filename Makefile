@@ -4,6 +4,7 @@ VENV := .venv
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.venv/torch_extensions
 export RAY_DISABLE_USAGE_STATS := 1
 export PREFECT_HOME := $(CURDIR)/.venv/prefect_home
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: setup demo demo-s3 test bench server worker deploy run-deployment clean
 

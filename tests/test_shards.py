@@ -1,0 +1,103 @@
+"""Shard planning, atomic shard writes with stats and markers, and the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from infra.schema import SCHEMA_VERSION, SHARD_SCHEMA
+from infra.storage import ObjectStore
+from tasks.shards import (MANIFEST_NAME, build_manifest, completed_shards, marker_key, plan_output_shards,
+                          read_manifest, shard_key, stats_key, write_shard)
+
+
+def rows(n: int, start: int = 0) -> pa.Table:
+    return pa.table({
+        "sample_id": [f"s{i:04d}" for i in range(start, start + n)],
+        "source": ["test"] * n,
+        "caption": [f"a photo of thing {i}" for i in range(start, start + n)],
+        "image": [bytes([i % 256]) * 10 for i in range(start, start + n)],
+        "image_bytes": [10] * n,
+        "query_ids": [[i % 7] for i in range(n)],
+    })
+
+
+def flatten(plan):
+    return [(s.part, s.start, s.stop) for shard in plan for s in shard]
+
+
+def test_plan_cuts_by_rows_covers_every_row_once_in_order():
+    parts = [("a", 7, 700), ("b", 0, 0), ("c", 12, 1200), ("d", 3, 300)]
+    plan = plan_output_shards(parts, rows_per_shard=5, max_bytes_per_shard=10**9)
+    assert [sum(s.stop - s.start for s in shard) for shard in plan] == [5, 5, 5, 5, 2]
+    covered = {p: [] for p, _, _ in parts}
+    for part, start, stop in flatten(plan):
+        covered[part].extend(range(start, stop))
+    for part, n, _ in parts:
+        assert covered[part] == list(range(n))
+    assert plan == plan_output_shards(parts, 5, 10**9)
+
+
+def test_plan_cuts_by_bytes():
+    plan = plan_output_shards([("a", 10, 1000), ("b", 10, 5000)], rows_per_shard=100, max_bytes_per_shard=1000)
+    sizes = []
+    for shard in plan:
+        nbytes = sum((s.stop - s.start) * (100 if s.part == "a" else 500) for s in shard)
+        sizes.append(nbytes)
+    assert all(b <= 1000 for b in sizes)
+    assert sum(s.stop - s.start for shard in plan for s in shard) == 20
+
+
+def test_plan_rejects_nonsense_sizes():
+    with pytest.raises(ValueError):
+        plan_output_shards([("a", 1, 1)], 0, 10)
+
+
+def test_write_shard_is_complete_and_skipped_on_rerun(tmp_path):
+    store = ObjectStore(str(tmp_path))
+    stats = write_shard(store, 3, rows(25), row_group_rows=10, compression="zstd")
+    data = store.read_bytes(shard_key(3))
+    assert stats["rows"] == 25 and stats["bytes"] == len(data)
+    assert stats["sha256"] == hashlib.sha256(data).hexdigest()
+    assert store.read_json(stats_key(3)) == stats
+    assert store.exists(marker_key(3)) and completed_shards(store) == {3}
+    meta = pq.ParquetFile(tmp_path / "shards" / "part-00003.parquet").metadata
+    assert meta.num_row_groups == 3  # row groups sized for streaming reads
+    table = store.read_parquet(shard_key(3))
+    assert table.schema.equals(SHARD_SCHEMA, check_metadata=False)
+    assert table.column("sample_id").to_pylist()[0] == "s0000"
+    # A rerun with a marker present does not rewrite (even if handed different rows).
+    again = write_shard(store, 3, rows(5, start=100))
+    assert again == stats and store.read_bytes(shard_key(3)) == data
+
+
+def test_a_shard_without_marker_is_rewritten_identically(tmp_path):
+    store = ObjectStore(str(tmp_path))
+    first = write_shard(store, 0, rows(8))
+    store.delete(marker_key(0))  # as if the build died between the stats and the marker
+    assert completed_shards(store) == set()
+    second = write_shard(store, 0, rows(8))
+    assert second["sha256"] == first["sha256"]
+
+
+def test_missing_required_column_is_a_clear_error(tmp_path):
+    store = ObjectStore(str(tmp_path))
+    with pytest.raises(ValueError, match="caption"):
+        write_shard(store, 0, rows(3).drop(["caption"]))
+    assert not store.exists(shard_key(0))
+
+
+def test_manifest_round_trip_and_version_check(tmp_path):
+    store = ObjectStore(str(tmp_path))
+    shards = [write_shard(store, i, rows(4, start=4 * i)) for i in range(2)]
+    manifest = build_manifest(config={"name": "t"}, shards=shards, funnel={"stages": []}, queries=None, eval_index=None)
+    store.write_json(MANIFEST_NAME, manifest)
+    got = read_manifest(store)
+    assert got["num_rows"] == 8 and got["num_shards"] == 2 and got["schema_version"] == SCHEMA_VERSION
+    manifest["schema_version"] = SCHEMA_VERSION + 1
+    store.write_json(MANIFEST_NAME, manifest)
+    with pytest.raises(ValueError, match="schema version"):
+        read_manifest(store)
