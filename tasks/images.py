@@ -1,10 +1,11 @@
 """Images: decode, validate, convert to RGB, resize and re-encode; one row at a time, never fatal.
 
 Drop reasons (funnel stage ``images``): ``no_image`` (null), ``empty_image`` (zero bytes),
-``not_image`` (unidentifiable or a format outside ``allowed_formats``, e.g. HTML served as an image),
-``decompression_bomb`` (declared pixels above ``max_pixels`` — checked from the header, before any
-pixel is decoded), ``truncated_image``, ``corrupt_image``, ``too_small`` (shorter side below
-``min_side``), ``bad_aspect_ratio``, ``unsupported_mode``, ``image_error`` (anything else).
+``not_image`` (unidentifiable, e.g. HTML served as an image), ``disallowed_format`` (an image format
+outside ``allowed_formats``), ``decompression_bomb`` (declared pixels above ``max_pixels``, checked
+from the header before any pixel is decoded), ``truncated_image``, ``corrupt_image``, ``too_small``
+(shorter side below ``min_side``), ``bad_aspect_ratio``, ``unsupported_mode``, ``image_error``
+(anything else). The rejected rows come back too (``process_images_with_rejects``).
 
 Kept rows get ``image`` (final bytes), ``image_format``, ``width``, ``height`` (after EXIF
 orientation and resizing), ``image_bytes`` and ``sha256`` (hex, of the final bytes). Re-encoded
@@ -31,6 +32,9 @@ STAGE = "images"
 _ORIENTATION_TAG = 0x0112
 _SWAPS_AXES = frozenset({5, 6, 7, 8})  # EXIF orientations that transpose width and height
 _KEEPABLE_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
+# Magic numbers: a payload that starts like an image but will not parse is corrupt, not "not an image".
+_IMAGE_SIGNATURES = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF", b"BM": "BMP",
+                     b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"RIFF": "WEBP"}
 _log = get_logger(__name__)
 
 
@@ -102,6 +106,11 @@ def _open(data: bytes, cfg: ImageConfig) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageRejected("decompression_bomb", str(e)) from None
     except UnidentifiedImageError:
+        claimed = next((f for sig, f in _IMAGE_SIGNATURES.items() if data.startswith(sig)), None)
+        if claimed and claimed not in {a.upper() for a in cfg.allowed_formats}:
+            raise ImageRejected("disallowed_format", f"{claimed} is not in allowed_formats") from None
+        if claimed:
+            raise ImageRejected("corrupt_image", f"{claimed} signature but no decodable header") from None
         raise ImageRejected("not_image", _describe_payload(data)) from None
     except Exception as e:  # noqa: BLE001 - header parsers raise many kinds (SyntaxError, struct.error, ...)
         raise ImageRejected("corrupt_image", f"bad header: {type(e).__name__}: {e}") from None
