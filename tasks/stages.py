@@ -69,7 +69,7 @@ def filter_shard(shard: Any, work_root: str, storage: StorageConfig, queries_uri
                  gather: GatherConfig, text: TextFilterConfig) -> dict:
     """read -> gather -> text filters -> query match, for one input shard."""
     from tasks.balance import count_queries
-    from tasks.gather import gather_table
+    from tasks.gather import gather_with_failures
     from tasks.readers import read_input_shard
 
     work = _store(work_root, storage)
@@ -79,11 +79,11 @@ def filter_shard(shard: Any, work_root: str, storage: StorageConfig, queries_uri
     funnel = Funnel()
     table = read_input_shard(shard)
     funnel.record("read", table.num_rows, table.num_rows)
-    table, f = gather_table(table, gather)
-    funnel.merge(f)
-    failed = getattr(f, "failed", None)  # the transient failures, kept for `retry` reruns
-    if isinstance(failed, pa.Table) and failed.num_rows:
-        work.write_parquet(f"failed/{shard.shard_id}.parquet", failed)
+    gathered = gather_with_failures(table, gather)
+    table = gathered.table
+    funnel.merge(gathered.funnel)
+    if gathered.failures.num_rows:  # kept aside with their reasons, for inspection and retries
+        work.write_parquet(f"failed/{shard.shard_id}.parquet", gathered.failures)
     table, f = _text_filter(text)(table)
     funnel.merge(f)
     matcher = _query_matcher(queries_uri, queries_checksum, storage)
