@@ -449,6 +449,24 @@ def test_credentials_never_appear_in_logs_errors_or_reprs(s3_store: ObjectStore,
         assert s3_server.access_key not in text
 
 
+def test_credentials_and_endpoint_from_the_aws_environment(s3_store: ObjectStore, s3_server: S3ServerInfo,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint_url)
+    from_env = ObjectStore(s3_store.root)  # no StorageConfig: the standard chain decides
+    from_env.write_text("env.txt", "via env")
+    assert s3_store.read_text("env.txt") == "via env"
+    with from_env.filesystem.open_input_stream(from_env.fs_path("env.txt")) as f:  # pyarrow agrees with boto3
+        assert f.read() == b"via env"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(StorageError, match="SignatureDoesNotMatch"):
+        ObjectStore(s3_store.root, StorageConfig(retries=0)).read_text("env.txt")
+
+
 # --------------------------------------------------------------------------------------------
 # Pickling (Ray workers) and the server helper
 # --------------------------------------------------------------------------------------------
