@@ -1,0 +1,266 @@
+"""Balancing: at most about ``t`` pairs per query, decided globally across shards.
+
+Two passes, as in MetaCLIP: first ``count_queries`` per shard, summed over all shards (a reduce),
+then ``balance_table`` per shard with the global counts.
+
+* ``probability`` mode (MetaCLIP): an entry matched by ``c`` pairs keeps each of them with
+  probability ``min(1, t / c)``; a pair is kept if any of its entries keeps it. The coin for
+  (pair, entry) is a hash of (seed, sample_id, query_id), not an RNG stream, so the outcome does not
+  depend on how the pool is split into shards or in which order they run.
+* ``exact`` mode: each entry over the cap keeps the ``t`` pairs with the smallest hash of
+  (seed, sample_id, query_id) — a deterministic random sample. A pair is kept only if it is inside
+  the cap of *every* over-cap entry it matches, so no entry ever has more than ``t`` kept pairs,
+  counting a kept pair for all its entries. The price: an entry whose top-``t`` pairs are vetoed by
+  another heavy entry ends below ``t``, and a pair that also matches a rare entry is not rescued by
+  it (probability mode is the one that protects the tail). The per-entry cut-off hashes need a
+  second reduce over the shards: ``CapHashes.from_table`` per shard, ``merge``, ``thresholds``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from infra.config import BalanceConfig
+from tasks.funnel import Funnel
+
+STAGE = "balance"
+BALANCED_OUT = "balanced_out"
+NO_QUERY_IDS = "no_query_ids"
+_U64_MAX = np.uint64(2**64 - 1)
+
+
+def _flat_query_ids(query_ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(flattened ids as int64, per-row lengths) of a list<int> column."""
+    if isinstance(query_ids, pa.ChunkedArray):
+        query_ids = query_ids.combine_chunks() if query_ids.num_chunks else pa.array([], pa.list_(pa.int32()))
+    lengths = pc.fill_null(pc.list_value_length(query_ids), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.list_flatten(query_ids).to_numpy(zero_copy_only=False).astype(np.int64)
+    return flat, lengths
+
+
+def count_queries(query_ids: pa.Array | pa.ChunkedArray, num_queries: int) -> np.ndarray:
+    """Pairs matched per query (int64, length ``num_queries``); shards' counts merge by summing."""
+    flat, _ = _flat_query_ids(query_ids)
+    if flat.size and (flat.min() < 0 or flat.max() >= num_queries):
+        raise ValueError(f"query_ids out of range [0, {num_queries}): min {flat.min()}, max {flat.max()}")
+    return np.bincount(flat, minlength=num_queries).astype(np.int64)
+
+
+def sample_hashes(sample_ids: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A stable 64-bit hash per sample id (BLAKE2b), the same on every machine and Python."""
+    if isinstance(sample_ids, (pa.Array, pa.ChunkedArray)):
+        sample_ids = sample_ids.to_pylist()
+    return np.fromiter((int.from_bytes(hashlib.blake2b(s.encode("utf-8"), digest_size=8).digest(), "little")
+                        for s in sample_ids), dtype=np.uint64, count=len(sample_ids))
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective avalanche on uint64."""
+    with np.errstate(over="ignore"):
+        x = x.astype(np.uint64, copy=True)
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def pair_hashes(sample_hash: np.ndarray, query_ids: np.ndarray, seed: int) -> np.ndarray:
+    """Hash of (seed, sample, query) per pair: the coin of probability mode, the rank of exact mode."""
+    with np.errstate(over="ignore"):
+        key = _mix64(query_ids.astype(np.uint64) + _mix64(np.full(1, seed % 2**64, np.uint64)))
+        return _mix64(sample_hash.astype(np.uint64) ^ key)
+
+
+def _pairs(table: pa.Table, id_column: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query id, pair hash, row index) per (row, matched query) pair."""
+    flat, lengths = _flat_query_ids(table.column("query_ids"))
+    rows = np.repeat(np.arange(table.num_rows), lengths)
+    hashes = pair_hashes(sample_hashes(table.column(id_column))[rows], flat, seed)
+    return flat, hashes, rows
+
+
+class CapHashes:
+    """Per over-cap query, the ``t + 1`` smallest pair hashes seen so far (exact mode's reduce)."""
+
+    def __init__(self, max_per_query: int, query_ids: np.ndarray | None = None, hashes: np.ndarray | None = None) -> None:
+        self.max_per_query = max_per_query
+        q = np.zeros(0, np.int64) if query_ids is None else np.asarray(query_ids, np.int64)
+        h = np.zeros(0, np.uint64) if hashes is None else np.asarray(hashes, np.uint64)
+        self.query_ids, self.hashes = self._truncate(q, h)
+
+    def _truncate(self, q: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        order = np.lexsort((h, q))
+        q, h = q[order], h[order]
+        starts = np.flatnonzero(np.r_[True, q[1:] != q[:-1]]) if q.size else np.zeros(0, np.int64)
+        rank = np.arange(q.size) - np.repeat(starts, np.diff(np.r_[starts, q.size]))
+        keep = rank <= self.max_per_query  # t + 1 values: the last one detects a tie at the cut
+        return q[keep], h[keep]
+
+    @classmethod
+    def from_table(cls, table: pa.Table, counts: np.ndarray, cfg: BalanceConfig, id_column: str = "sample_id") -> "CapHashes":
+        """This shard's contribution: hashes of the pairs of queries whose global count exceeds t."""
+        q, h, _ = _pairs(table, id_column, cfg.seed)
+        heavy = counts[q] > cfg.max_per_query
+        return cls(cfg.max_per_query, q[heavy], h[heavy])
+
+    def merge(self, other: "CapHashes") -> "CapHashes":
+        if other.max_per_query != self.max_per_query:
+            raise ValueError("cannot merge CapHashes of different caps")
+        self.query_ids, self.hashes = self._truncate(np.r_[self.query_ids, other.query_ids],
+                                                      np.r_[self.hashes, other.hashes])
+        return self
+
+    def thresholds(self, num_queries: int) -> np.ndarray:
+        """Per query, the largest pair hash that stays (uint64; max for queries under the cap)."""
+        t = self.max_per_query
+        out = np.full(num_queries, _U64_MAX, np.uint64)
+        q, h = self.query_ids, self.hashes
+        if not q.size:
+            return out
+        starts = np.flatnonzero(np.r_[True, q[1:] != q[:-1]])
+        sizes = np.diff(np.r_[starts, q.size])
+        over = sizes > t
+        cut = h[starts[over] + t - 1]
+        nxt = h[starts[over] + t]
+        # a hash tie at the cut would let t + 1 through: cut below it (keeps fewer than t)
+        out[q[starts[over]]] = np.where(nxt == cut, cut - np.uint64(1), cut)
+        return out
+
+
+def balance_table(table: pa.Table, counts: np.ndarray, cfg: BalanceConfig, *, thresholds: np.ndarray | None = None,
+                  id_column: str = "sample_id") -> tuple[pa.Table, Funnel]:
+    """Keep or drop each row by the global per-query ``counts`` (see the module docstring).
+
+    ``thresholds`` (exact mode only, required there): ``CapHashes(...).thresholds(num_queries)``
+    merged over all shards. Rows without query ids are dropped (``no_query_ids``).
+    """
+    funnel = Funnel()
+    counts = np.asarray(counts, np.int64)
+    q, h, rows = _pairs(table, id_column, cfg.seed)
+    if q.size and q.max() >= counts.size:
+        raise ValueError(f"query id {q.max()} is beyond the counts ({counts.size} queries)")
+    c = counts[q]
+    if cfg.mode == "probability":
+        # c == 0 cannot happen for a pair that was counted; guard the division anyway
+        prob = np.minimum(1.0, cfg.max_per_query / np.maximum(c, 1))
+        uniform = (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        pair_keep = uniform < prob
+        row_keep = np.zeros(table.num_rows, bool)
+        np.logical_or.at(row_keep, rows, pair_keep)
+    elif cfg.mode == "exact":
+        if thresholds is None:
+            raise ValueError("exact balancing needs thresholds: merge CapHashes.from_table over all shards "
+                             "and pass .thresholds(num_queries)")
+        heavy = c > cfg.max_per_query
+        pair_veto = heavy & (h > np.asarray(thresholds, np.uint64)[q])
+        vetoed = np.zeros(table.num_rows, bool)
+        np.logical_or.at(vetoed, rows, pair_veto)
+        row_keep = ~vetoed
+    else:
+        raise ValueError(f"unknown balance mode {cfg.mode!r}")
+    has_ids = np.zeros(table.num_rows, bool)
+    has_ids[rows] = True
+    reasons = np.where(~has_ids, NO_QUERY_IDS, np.where(row_keep, "", BALANCED_OUT))
+    keep = has_ids & row_keep
+    out = table.filter(pa.array(keep))
+    funnel.record(STAGE, table.num_rows, out.num_rows, (r for r in reasons.tolist() if r))
+    return out, funnel
+
+
+# ------------------------------------------------------------------------------------------------
+# Reporting: per-query counts and their distribution
+# ------------------------------------------------------------------------------------------------
+
+
+def query_counts_table(before: np.ndarray, after: np.ndarray, queries: pa.Table | None = None) -> pa.Table:
+    """Per query with any match: query_id, (query), count_before, count_after."""
+    before, after = np.asarray(before, np.int64), np.asarray(after, np.int64)
+    if before.shape != after.shape:
+        raise ValueError("before and after counts differ in length")
+    nz = np.flatnonzero(before)
+    columns = {"query_id": pa.array(nz.astype(np.int32), pa.int32())}
+    if queries is not None:
+        text = dict(zip(queries.column("query_id").to_pylist(), queries.column("query").to_pylist()))
+        columns["query"] = pa.array([text.get(int(i)) for i in nz], pa.string())
+    columns["count_before"] = pa.array(before[nz], pa.int64())
+    columns["count_after"] = pa.array(after[nz], pa.int64())
+    return pa.table(columns)
+
+
+def plot_query_counts(before: np.ndarray, after: np.ndarray, path: str | os.PathLike,
+                      max_per_query: int | None = None) -> Path:
+    """Log-log rank/count curves of matches per query, before and after balancing (PNG, atomic)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global figure state
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for counts, label in ((before, "before balancing"), (after, "after balancing")):
+        c = np.sort(np.asarray(counts, np.int64))[::-1]
+        c = c[c > 0]
+        if c.size:
+            ax.loglog(np.arange(1, c.size + 1), c, label=f"{label} ({int(c.sum()):,} matches, {c.size:,} queries)")
+    if max_per_query:
+        ax.axhline(max_per_query, color="grey", linestyle="--", linewidth=1, label=f"t = {max_per_query:,}")
+    ax.set_xlabel("query rank (by matches)")
+    ax.set_ylabel("pairs matched")
+    ax.set_title("Matches per query")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray wrapper: the two passes over a list of shard tables (ObjectRefs)
+# ------------------------------------------------------------------------------------------------
+
+
+def _balance_and_count(table: pa.Table, counts: np.ndarray, cfg: BalanceConfig, thresholds: np.ndarray | None,
+                       id_column: str) -> tuple[pa.Table, Funnel, np.ndarray]:
+    out, funnel = balance_table(table, counts, cfg, thresholds=thresholds, id_column=id_column)
+    return out, funnel, count_queries(out.column("query_ids"), counts.size)
+
+
+def balance_with_ray(table_refs: Iterable[Any], num_queries: int, cfg: BalanceConfig,
+                     id_column: str = "sample_id") -> tuple[list[Any], np.ndarray, np.ndarray, Funnel]:
+    """Count -> sum (-> cap hashes -> merge) -> balance, one Ray task per shard table.
+
+    Returns (refs of the balanced tables, counts before, counts after, funnel). Ray must be running.
+    """
+    import ray
+
+    refs = list(table_refs)
+    count_remote = ray.remote(lambda t: count_queries(t.column("query_ids"), num_queries))
+    counts = np.zeros(num_queries, np.int64)
+    for part in ray.get([count_remote.remote(r) for r in refs]):
+        counts += part
+    counts_ref = ray.put(counts)
+    thresholds = None
+    if cfg.mode == "exact":
+        cap_remote = ray.remote(CapHashes.from_table)
+        caps = CapHashes(cfg.max_per_query)
+        for part in ray.get([cap_remote.remote(r, counts_ref, cfg, id_column) for r in refs]):
+            caps.merge(part)
+        thresholds = caps.thresholds(num_queries)
+    balance_remote = ray.remote(num_returns=3)(_balance_and_count)
+    results = [balance_remote.remote(r, counts_ref, cfg, thresholds, id_column) for r in refs]
+    funnel, after = Funnel(), np.zeros(num_queries, np.int64)
+    for f, a in zip(ray.get([r[1] for r in results]), ray.get([r[2] for r in results])):
+        funnel.merge(f)
+        after += a
+    return [r[0] for r in results], counts, after, funnel

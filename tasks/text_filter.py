@@ -1,0 +1,487 @@
+"""Text filters: keep natural-language English captions, drop the rest with a reason.
+
+Each filter is a function ``caption -> None | reason`` (datatrove style). ``TextFilter`` composes
+them cheapest first — emptiness, UTF-8 validity, control characters, length, machine-made
+captions, word count — and runs the English check last, because it is the only expensive one.
+
+The English policy (measured on hand-labelled Openclipart titles, tests/data/openclipart_lang_labels.tsv):
+
+* Words are the letter runs of the caption (camelCase split, URLs and e-mail addresses removed).
+  A word is *English-known* when it is a WordNet lemma or a regular inflection of one, or has at
+  least ``vocab_min_count`` occurrences in English Wikipedia (pywordfreq's counts), or is a
+  compound of two WordNet words ("meatgrinder") — and is not one of a short list of Romance,
+  Germanic and Portuguese function words (``FOREIGN_FUNCTION_WORDS``: "di", "della", "et",
+  "und", "het" ...) that English Wikipedia is full of through names. Single letters other than
+  those function words do not count either way.
+* Short captions (at most ``short_caption_words`` words) are decided by the vocabulary alone:
+  English when at least ``english_min_coverage`` of their words are English-known. langdetect
+  is not consulted: on one- to four-word titles it is close to a coin toss ("card" -> ro,
+  "Cactus" -> ca, "Bunny" -> cy).
+* Longer captions are English outright when at least ``english_confident_coverage`` of their
+  words are English-known (no detector call); otherwise the seeded detector decides: English
+  when its probability of ``en`` is at least ``english_min_prob``.
+* Mixed captions follow the same arithmetic: "kubek herbaty - mug of tea" has 3 of 5 words
+  English-known, so as a long caption it goes to the detector; "Aquila frontale" (1 of 2) is a
+  short caption at coverage 0.5 and is kept. A foreign word that is also an English word
+  ("sole", Italian for sun) cannot be told apart from text alone and is kept.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import pyarrow as pa
+
+from infra.config import TextFilterConfig
+from tasks.funnel import Funnel
+
+STAGE = "text_filter"
+
+# Drop reasons, in the order the filters run.
+EMPTY = "empty"
+BAD_UTF8 = "bad_utf8"
+CONTROL_CHARS = "control_chars"
+TOO_LONG = "too_long"
+TOO_SHORT = "too_short"
+MACHINE_MADE = "machine_made"
+TOO_FEW_WORDS = "too_few_words"
+NOT_ENGLISH = "not_english"
+REASONS = (EMPTY, BAD_UTF8, CONTROL_CHARS, TOO_LONG, TOO_SHORT, MACHINE_MADE, TOO_FEW_WORDS, NOT_ENGLISH)
+
+# ------------------------------------------------------------------------------------------------
+# Cheap exact filters
+# ------------------------------------------------------------------------------------------------
+
+# C0/C1 controls except tab/newline/CR, U+FFFD (the text was mis-decoded upstream) and
+# non-characters. Lone surrogates cannot reach here: strict UTF-8 decoding rejects them.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd\ufffe\uffff]")
+
+
+def decode_caption(raw: bytes | str | None) -> tuple[str | None, str | None]:
+    """``(text, None)`` or ``(None, reason)``: strict UTF-8, then control characters."""
+    if raw is None:
+        return None, EMPTY
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, BAD_UTF8
+    else:
+        text = raw
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a Python str with lone surrogates
+            return None, BAD_UTF8
+    if _CONTROL.search(text):
+        return None, CONTROL_CHARS
+    return text, None
+
+
+def clean_caption(text: str, unescape_html: bool = True) -> str:
+    """NFC, HTML entities decoded once, whitespace runs collapsed to single spaces."""
+    if unescape_html and "&" in text:
+        text = html.unescape(text)
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def empty_caption(caption: str) -> str | None:
+    return EMPTY if not caption.strip() else None
+
+
+def caption_length(caption: str, min_chars: int, max_chars: int) -> str | None:
+    if len(caption) > max_chars:
+        return TOO_LONG
+    if len(caption) < min_chars:
+        return TOO_SHORT
+    return None
+
+
+# --- machine-made captions --------------------------------------------------------------------
+
+_EXT = (r"(?:jpe?g|jpe|jfif|png|gif|bmp|tiff?|webp|heic|heif|avif|svg|raw|cr2|cr3|nef|arw|dng|orf|rw2|"
+        r"psd|xcf|eps|ai|pdf|mp4|mov|avi|mkv|webm|3gp|mp|thm)")
+# A file name or path: no more than three spaces, ending in a media extension.
+_FILE_NAME = re.compile(rf"^\S+(?: \S+){{0,3}}\.{_EXT}$", re.IGNORECASE)
+_EXT_SUFFIX = re.compile(rf"\.{_EXT}$", re.IGNORECASE)
+_URL = re.compile(r"^(?:(?:https?|ftp)://|www\.)\S+$|^[\w.-]+\.(?:com|org|net|io|edu|gov|co|info|biz|[a-z]{2})/\S*$"
+                  r"|^[\w.+-]+@[\w-]+\.[\w.-]+$", re.IGNORECASE)
+# Tokens a camera, phone or OS puts into automatic names.
+_NAME_WORDS = frozenset(
+    "img image images dsc dscn dscf mg pxl mvimg vid video gopr dji sam cimg pict pic pics picture imag wp "
+    "pano dcim screenshot screen shot snapshot scan scanned untitled file photo whatsapp signal telegram "
+    "copy edited edit at hdr burst cover portrait raw final new am pm utc".split())
+_CAMERA_TOKEN = re.compile(r"^(?:img|dsc[nf]?|pxl|gopr|gp|dji|sam|cimg|pict|imag|p|wp|mvimg|vid|mg|dcim)\d{3,}[a-z]?$")
+_HEX_TOKEN = re.compile(r"^(?=[0-9a-f]*\d)[0-9a-f]{4,}$")  # with a digit: "cafe" is a word
+_LONG_HEX_TOKEN = re.compile(r"^(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{8,}$")
+_NUM_TOKEN = re.compile(r"^\d+[a-z]?$")
+_NAME_SPLIT = re.compile(r"[\s_\-.,:;~()\[\]#+=]+")
+# Camera settings: aperture, shutter speed, ISO, focal length, exposure compensation.
+_CAMERA_SETTING = re.compile(
+    r"\bf/\s?\d+(?:\.\d+)?|\bf\d\.\d\b|\b1/\d{1,5}\s?(?:s|sec)?\b|\b\d+(?:\.\d+)?\s?sec\b"
+    r"|\biso\s?\d{2,6}\b|\b\d{1,4}(?:-\d{1,4})?\s?mm\b|\b[+-]?\d(?:\.\d)?\s?ev\b", re.IGNORECASE)
+_CAMERA_BRAND = re.compile(
+    r"\b(?:canon|nikon|sony|fujifilm|fuji|olympus|panasonic|lumix|pentax|leica|hasselblad|sigma|tamron|"
+    r"gopro|dji|iphone|samsung|kodak|ricoh|minolta|eos|coolpix|cyber-?shot)\b", re.IGNORECASE)
+_CAMERA_WORDS = re.compile(
+    r"\b(?:canon|nikon|sony|fujifilm|fuji|olympus|panasonic|lumix|pentax|leica|hasselblad|sigma|tamron|"
+    r"gopro|dji|iphone|samsung|kodak|ricoh|minolta|eos|coolpix|cyber-?shot|alpha|mark|ii|iii|iv|"
+    r"lens|ef|ef-s|af|af-s|vr|is|usm|dg|di|exposure|aperture|shutter|iso|focal|length|sec|flash|"
+    r"[a-z]{0,3}\d+[a-z]{0,3})\b", re.IGNORECASE)
+
+
+def machine_made(caption: str) -> str | None:
+    """Automatic captions: camera/file names, hex/UUID names, camera metadata, bare URLs."""
+    if _URL.match(caption) or _FILE_NAME.match(caption):
+        return MACHINE_MADE
+    stem = _EXT_SUFFIX.sub("", caption).lower()
+    tokens = [t for t in _NAME_SPLIT.split(stem) if t]
+    if tokens and all(_NUM_TOKEN.match(t) or _HEX_TOKEN.match(t) or _CAMERA_TOKEN.match(t) or t in _NAME_WORDS
+                      for t in tokens):
+        # ...and at least one token an automatic name is made of (a long number, hex, IMG1234)
+        if any(_LONG_HEX_TOKEN.match(t) or _CAMERA_TOKEN.match(t) or (t[0].isdigit() and sum(c.isdigit() for c in t) >= 3)
+               for t in tokens):
+            return MACHINE_MADE
+    settings = _CAMERA_SETTING.findall(caption)
+    if len(settings) >= 2 or (settings and _CAMERA_BRAND.search(caption)):
+        rest = _CAMERA_WORDS.sub(" ", _CAMERA_SETTING.sub(" ", caption))
+        if sum(len(w) >= 3 for w in _WORD.findall(rest)) < 3:  # little left but the metadata
+            return MACHINE_MADE
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Words and the English vocabulary
+# ------------------------------------------------------------------------------------------------
+
+_WORD = re.compile(r"[^\W\d_]+")
+_CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])")
+_URL_OR_MAIL = re.compile(r"\S+@\S+|(?:https?|ftp)://\S+|www\.\S+")
+
+# Function words of Italian, French, Spanish, Portuguese, German and Dutch that are not English
+# words but are frequent in English Wikipedia through names ("Leonardo da Vinci", "Della Robbia").
+# Only words that are not English themselves: "die", "van", "de", "la", "o" are left out.
+FOREIGN_FUNCTION_WORDS = frozenset("""
+di da del della delle dello dei degli il lo gli e ed per con una uno un nel nella nei sul sulla sui che non
+les des du et au aux avec pour sur dans une est ou qui
+el los las y por para al en es
+der das den dem des ein eine einer einem und mit von zu im auf für ist nicht
+het een voor met op niet
+os um uma não do dos na ao
+""".split())
+
+_SUFFIXES = (("ies", "y"), ("es", ""), ("s", ""), ("ing", ""), ("ing", "e"), ("ed", ""), ("ed", "e"),
+             ("er", ""), ("er", "e"), ("est", ""), ("men", "man"), ("ves", "f"), ("ves", "fe"))
+
+
+def caption_words(caption: str) -> list[str]:
+    """Lower-cased letter runs, camelCase split, URLs and e-mail addresses removed."""
+    caption = _URL_OR_MAIL.sub(" ", caption)
+    caption = _CAMEL.sub(" ", caption)
+    return [w.lower() for w in _WORD.findall(caption)]
+
+
+def find_wordnet_dir(wordnet_dir: str | None = "auto") -> Path | None:
+    """The WordNet 3.0 database directory (``index.noun`` ...), or None. "auto": known places."""
+    if wordnet_dir is None:
+        return None
+    candidates = [Path(wordnet_dir)] if wordnet_dir != "auto" else [
+        Path("/usr/share/wordnet"), Path("/usr/local/share/wordnet"), Path("/usr/share/wordnet/dict")]
+    for c in candidates:
+        if (c / "index.noun").is_file():
+            return c
+    if wordnet_dir != "auto":
+        raise FileNotFoundError(f"no WordNet database (index.noun) in {wordnet_dir}")
+    return None
+
+
+def load_wordnet_words(wordnet_dir: Path) -> frozenset[str]:
+    """Single-word lemmas and irregular inflections of WordNet, lower-cased.
+
+    Multi-word lemmas are not split: their parts are often foreign ("al dente", "aqua regia").
+    """
+    words: set[str] = set()
+    for pos in ("noun", "verb", "adj", "adv"):
+        with open(wordnet_dir / f"index.{pos}", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(" "):  # the licence header
+                    continue
+                lemma = line.split(" ", 1)[0]
+                if lemma.isalpha():
+                    words.add(lemma.lower())
+        exc = wordnet_dir / f"{pos}.exc"
+        if exc.is_file():
+            with open(exc, encoding="utf-8") as f:
+                for line in f:
+                    form = line.split(" ", 1)[0]
+                    if form.isalpha():
+                        words.add(form.lower())
+    return frozenset(words)
+
+
+def _pywordfreq_count(word: str) -> int:
+    import pywordfreq  # loads its Rust dictionary on the first call, once per process
+
+    return pywordfreq.full_frequency(word)
+
+
+class EnglishVocab:
+    """Which words are English: a dictionary lexicon plus English-Wikipedia word counts.
+
+    ``lexicon``: dictionary words (WordNet lemmas); ``word_counts``: a word -> count mapping, or
+    None for pywordfreq's English-Wikipedia counts. Verdicts are cached per instance (captions
+    repeat words), so build one per worker and reuse it. Picklable (the cache is dropped).
+    """
+
+    def __init__(self, lexicon: Iterable[str] = (), min_wiki_count: int = 10_000,
+                 word_counts: Mapping[str, int] | None = None) -> None:
+        self.lexicon = frozenset(lexicon)
+        self.min_wiki_count = min_wiki_count
+        self.word_counts = word_counts
+        self._cache: dict[str, bool] = {}
+
+    @classmethod
+    def load(cls, wordnet_dir: str | None = "auto", min_wiki_count: int = 10_000) -> "EnglishVocab":
+        """WordNet (when found; "auto" looks in the Debian locations) and pywordfreq's counts."""
+        found = find_wordnet_dir(wordnet_dir)
+        return cls(load_wordnet_words(found) if found else (), min_wiki_count)
+
+    @classmethod
+    def from_queries(cls, queries: pa.Table, wordnet_dir: str | None = "auto",
+                     min_wiki_count: int = 10_000) -> "EnglishVocab":
+        """Counts from the query list's unigram rows (QUERY_SCHEMA) instead of pywordfreq."""
+        import pyarrow.compute as pc
+
+        unigrams = queries.filter(pc.equal(queries.column("source"), "unigram"))
+        counts = dict(zip(unigrams.column("query").to_pylist(), unigrams.column("count").fill_null(0).to_pylist()))
+        found = find_wordnet_dir(wordnet_dir)
+        return cls(load_wordnet_words(found) if found else (), min_wiki_count, counts)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cache"] = {}
+        return state
+
+    def _count(self, word: str) -> int:
+        if self.word_counts is not None:
+            return self.word_counts.get(word, 0)
+        return _pywordfreq_count(word)
+
+    def _in_lexicon(self, word: str) -> bool:
+        if word in self.lexicon:
+            return True
+        for suffix, repl in _SUFFIXES:
+            if word.endswith(suffix) and len(word) > len(suffix) + 2 and word[: -len(suffix)] + repl in self.lexicon:
+                return True
+        return False
+
+    def _known(self, word: str) -> bool:
+        return self._in_lexicon(word) or self._count(word) >= self.min_wiki_count
+
+    def is_english_word(self, word: str) -> bool:
+        """``word`` is lower-case letters (as ``caption_words`` gives)."""
+        hit = self._cache.get(word)
+        if hit is None:
+            if word in FOREIGN_FUNCTION_WORDS:
+                hit = False
+            else:
+                hit = self._known(word) or (len(word) >= 7 and any(
+                    self._in_lexicon(word[:i]) and self._in_lexicon(word[i:]) for i in range(3, len(word) - 2)))
+            if len(self._cache) > 1_000_000:  # bound the memory of a long-lived worker
+                self._cache.clear()
+            self._cache[word] = hit
+        return hit
+
+    def coverage(self, words: Sequence[str]) -> tuple[int, int]:
+        """(English-known, counted) words; single letters count only if foreign function words."""
+        known = counted = 0
+        for w in words:
+            if len(w) == 1 and w not in FOREIGN_FUNCTION_WORDS:
+                continue
+            counted += 1
+            known += self.is_english_word(w)
+        return known, counted
+
+
+# ------------------------------------------------------------------------------------------------
+# The detector
+# ------------------------------------------------------------------------------------------------
+
+
+class LanguageDetector:
+    """langdetect or langdetect-rs with its own seeded factory (no global state is touched).
+
+    Both re-seed per text, so an answer depends on the text and the seed only, not on order.
+    """
+
+    def __init__(self, backend: str = "langdetect-rs", seed: int = 0) -> None:
+        if backend == "langdetect":
+            from langdetect.detector_factory import PROFILES_DIRECTORY, DetectorFactory
+            from langdetect.lang_detect_exception import LangDetectException
+        elif backend == "langdetect-rs":
+            from langdetect_rs import PROFILES_DIRECTORY, DetectorFactory, LangDetectException
+        else:
+            raise ValueError(f"unknown language backend {backend!r} (langdetect, langdetect-rs)")
+        self.backend, self.seed = backend, seed
+        self._error = LangDetectException
+        self._factory = DetectorFactory()
+        self._factory.load_profile(PROFILES_DIRECTORY)
+        self._factory.set_seed(seed)
+
+    def __reduce__(self) -> tuple:
+        return (LanguageDetector, (self.backend, self.seed))
+
+    def detect_langs(self, text: str) -> list[tuple[str, float]]:
+        """[(lang, probability)], most likely first; [] when the text has no features."""
+        detector = self._factory.create()
+        detector.append(text)
+        try:
+            return [(lang.lang, lang.prob) for lang in detector.get_probabilities()]
+        except self._error:
+            return []
+
+    def english_probability(self, text: str) -> float:
+        return next((p for lang, p in self.detect_langs(text) if lang == "en"), 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The composed filter
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnglishVerdict:
+    english: bool
+    decided_by: str  # "vocab" | "detector"
+    known: int
+    counted: int
+    p_english: float | None  # None when the detector was not asked
+
+
+def english_verdict(caption: str, vocab: EnglishVocab, detector: LanguageDetector | None,
+                    cfg: TextFilterConfig) -> EnglishVerdict:
+    """The English policy (module docstring) for one cleaned caption."""
+    words = caption_words(caption)
+    known, counted = vocab.coverage(words)
+    share = known / counted if counted else 0.0
+    if counted <= cfg.short_caption_words:
+        return EnglishVerdict(counted > 0 and share >= cfg.english_min_coverage, "vocab", known, counted, None)
+    if share >= cfg.english_confident_coverage or detector is None:
+        return EnglishVerdict(share >= cfg.english_confident_coverage, "vocab", known, counted, None)
+    p = detector.english_probability(caption)
+    return EnglishVerdict(p >= cfg.english_min_prob, "detector", known, counted, p)
+
+
+class TextFilter:
+    """The text stage's filters, loaded once per worker: callable ``table -> (table, Funnel)``.
+
+    ``english_vocab``: an ``EnglishVocab`` (None builds ``EnglishVocab.load`` from the config).
+    Kept rows get the cleaned caption (``clean_caption``).
+    """
+
+    def __init__(self, cfg: TextFilterConfig, english_vocab: EnglishVocab | None = None,
+                 column: str = "caption") -> None:
+        self.cfg = cfg
+        self.column = column
+        self.vocab = english_vocab if english_vocab is not None or not cfg.english else \
+            EnglishVocab.load(cfg.wordnet_dir, cfg.vocab_min_count)
+        self.detector = LanguageDetector(cfg.language_backend, cfg.language_seed) if cfg.english else None
+        filters: list[Callable[[str], str | None]] = [
+            empty_caption, functools.partial(caption_length, min_chars=cfg.min_chars, max_chars=cfg.max_chars)]
+        if cfg.drop_machine_made:
+            filters.append(machine_made)
+        filters.append(self._word_count)
+        if cfg.english:
+            filters.append(self._english)
+        self.filters = filters
+
+    def _word_count(self, caption: str) -> str | None:
+        return TOO_FEW_WORDS if len(caption_words(caption)) < self.cfg.min_words else None
+
+    def _english(self, caption: str) -> str | None:
+        return None if english_verdict(caption, self.vocab, self.detector, self.cfg).english else NOT_ENGLISH
+
+    def check(self, raw: bytes | str | None) -> tuple[str | None, str | None]:
+        """``(cleaned caption, None)`` to keep, ``(None, reason)`` to drop."""
+        if isinstance(raw, (bytes, str)) and len(raw) > 4 * self.cfg.max_chars:
+            return None, TOO_LONG  # never decode or scan a huge caption
+        text, reason = decode_caption(raw)
+        if reason:
+            return None, reason
+        text = clean_caption(text, self.cfg.unescape_html)
+        for f in self.filters:
+            reason = f(text)
+            if reason:
+                return None, reason
+        return text, None
+
+    def reasons(self, captions: Iterable[bytes | str | None]) -> list[str | None]:
+        """The drop reason of each caption (None: kept)."""
+        return [self.check(c)[1] for c in captions]
+
+    def __call__(self, table: pa.Table) -> tuple[pa.Table, Funnel]:
+        column = table.column(self.column)
+        if pa.types.is_string(column.type):
+            column = column.cast(pa.binary())  # no validation here: bad UTF-8 is ours to count
+        elif pa.types.is_large_string(column.type):
+            column = column.cast(pa.large_binary())
+        results = [self.check(raw) for raw in column.to_pylist()]
+        funnel = Funnel()
+        kept = funnel.apply(STAGE, table, [r for _, r in results])
+        cleaned = pa.array([t for t, r in results if r is None], pa.string())
+        index = kept.schema.get_field_index(self.column)
+        kept = kept.set_column(index, pa.field(self.column, pa.string()), cleaned)
+        return kept, funnel
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray wrapper: the whole text stage (filters + query match) held by one actor per worker
+# ------------------------------------------------------------------------------------------------
+
+
+class TextStage:
+    """TextFilter then QueryMatcher, built once; ``table -> (table, Funnel)``.
+
+    Use directly, or as a Ray actor: ``text_stage_actor().remote(cfg, queries)``.
+    """
+
+    def __init__(self, cfg: TextFilterConfig, queries: pa.Table, english_vocab: EnglishVocab | None = None) -> None:
+        from tasks.query_match import QueryMatcher
+
+        self.text_filter = TextFilter(cfg, english_vocab)
+        self.matcher = QueryMatcher(queries)
+
+    def __call__(self, table: pa.Table) -> tuple[pa.Table, Funnel]:
+        table, funnel = self.text_filter(table)
+        table, matched = self.matcher(table)
+        return table, funnel.merge(matched)
+
+    def process(self, table: pa.Table) -> tuple[pa.Table, Funnel]:  # actor method
+        return self(table)
+
+
+def text_stage_actor(num_cpus: float = 1) -> Any:
+    """``TextStage`` as a Ray actor class (made on call: no import-time Ray)."""
+    import ray
+
+    return ray.remote(num_cpus=num_cpus)(TextStage)
+
+
+def reason_examples(captions: Iterable[str | None], reasons: Iterable[str | None], per_reason: int = 5) -> dict[str, list[str]]:
+    """A few distinct example captions per drop reason (for reports)."""
+    out: dict[str, list[str]] = {}
+    seen: Counter = Counter()
+    for c, r in zip(captions, reasons):
+        if r is None or c is None:
+            continue
+        bucket = out.setdefault(r, [])
+        if seen[r] < per_reason and c not in bucket:
+            bucket.append(c if len(c) <= 120 else c[:117] + "...")
+            seen[r] += 1
+    return out

@@ -1,0 +1,272 @@
+"""Text filters: every reason, hostile inputs, and the English policy on hand-labelled titles."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from infra.config import ConfigError, TextFilterConfig
+from tasks.text_filter import (BAD_UTF8, CONTROL_CHARS, EMPTY, MACHINE_MADE, NOT_ENGLISH, TOO_FEW_WORDS, TOO_LONG,
+                               TOO_SHORT, EnglishVocab, LanguageDetector, TextFilter, TextStage, caption_words,
+                               clean_caption, english_verdict, machine_made, reason_examples, text_stage_actor)
+
+LABELS = Path(__file__).parent / "data" / "openclipart_lang_labels.tsv"
+
+
+@pytest.fixture(scope="module")
+def vocab() -> EnglishVocab:
+    return EnglishVocab.load()
+
+
+@pytest.fixture(scope="module")
+def text_filter(vocab: EnglishVocab) -> TextFilter:
+    return TextFilter(TextFilterConfig(), vocab)
+
+
+def load_labels() -> list[tuple[str, str]]:
+    lines = [line for line in LABELS.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
+    header, rows = lines[0].split("\t"), [line.split("\t") for line in lines[1:]]
+    assert header[:2] == ["title", "lang"]
+    return [(r[0], r[1]) for r in rows]
+
+
+# --- each reason ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (None, EMPTY), ("", EMPTY), ("   \n\t ", EMPTY),
+    (b"caf\xe9 latte", BAD_UTF8),  # Latin-1 bytes
+    (b"\xed\xa0\x80 half a surrogate pair", BAD_UTF8),  # CESU-8 surrogate
+    ("lone \ud800 surrogate", BAD_UTF8),
+    (b"\xff\xfe\x00", BAD_UTF8),
+    ("a cat\x00 on a mat", CONTROL_CHARS), ("ring the bell\x07", CONTROL_CHARS), ("C1 \x85 control", CONTROL_CHARS),
+    ("mis\ufffddecoded text", CONTROL_CHARS),
+    ("ab", TOO_SHORT), ("x" * 1001, TOO_LONG),
+    ("IMG_1234", MACHINE_MADE),
+    ("!!! ??? ...", TOO_FEW_WORDS), ("12 34", TOO_FEW_WORDS), ("🐱🐶🐭🐹", TOO_FEW_WORDS),
+    ("Orologio da parete", NOT_ENGLISH),
+])
+def test_each_reason(text_filter: TextFilter, raw, reason: str) -> None:
+    assert text_filter.check(raw) == (None, reason)
+
+
+def test_kept_captions_are_cleaned(text_filter: TextFilter) -> None:
+    assert text_filter.check("  A red\n\n car &amp; a  blue bike ") == ("A red car & a blue bike", None)
+    assert text_filter.check(b"A caf\xc3\xa9 in Paris with tables") == ("A café in Paris with tables", None)
+    # NFD input comes out NFC
+    assert text_filter.check("A cafe\u0301 in Paris with tables")[0] == "A caf\u00e9 in Paris with tables"
+
+
+def test_length_limits_follow_config(vocab: EnglishVocab) -> None:
+    tf = TextFilter(TextFilterConfig(min_chars=10, max_chars=20), vocab)
+    assert tf.check("red car")[1] == TOO_SHORT
+    assert tf.check("a red car on a road")[1] is None
+    assert tf.check("a red car on a long road")[1] == TOO_LONG
+    assert TextFilter(TextFilterConfig(min_words=3), vocab).check("red car")[1] == TOO_FEW_WORDS
+
+
+@pytest.mark.parametrize("caption", [
+    "20160716_113957.JPG", "20160716_113957", "IMG_1234", "IMG_1234 (2).jpg", "img-20190302-wa0007.jpg",
+    "DSC01234.jpg", "DSCN0042", "_MG_0057.CR2", "PXL_20210101_123456789.jpg", "P1010001.JPG", "GOPR0042.MP4",
+    "3f2504e0-4f89-11d3-9a0c-0305e82c3301", "d41d8cd98f00b204e9800998ecf8427e.png", "a1b2c3d4e5f6",
+    "Screenshot 2021-03-04 at 10.22.33.png", "WhatsApp Image 2021-01-01 at 12.00.00", "2019-07-04 18.22.05",
+    "Canon EOS 5D f/2.8 1/200s ISO 100", "NIKON D750 50mm f/1.8 ISO 200", "1/250 sec, f/8, ISO 400, 35mm",
+    "http://example.com/photos/cat.jpg", "https://flic.kr/p/abc123", "www.example.org", "someone@example.com",
+    "holiday-photo.jpg", "DCIM/100CANON/IMG_0001.JPG", "books-aj.svg",
+])
+def test_machine_made_captions(caption: str) -> None:
+    assert machine_made(caption) == MACHINE_MADE
+
+
+@pytest.mark.parametrize("caption", [
+    "A cat on a mat", "Switch_Cisco_3750_2", "burkina_faso", "button1", "Elefante02", "M16 rifle", "Route 66 sign",
+    "Mercedes 300SL from 1955", "Sunset over the lake with a 50mm lens", "1920s fashion on 35mm film",
+    "Canon camera on a wooden table", "F1 car on a race track", "cafe", "face of a deadbeat",
+    "Golden retriever puppy playing with a ball in the garden, shot at f/2.8",
+])
+def test_human_captions_are_not_machine_made(caption: str) -> None:
+    assert machine_made(caption) is None
+
+
+# --- hostile inputs --------------------------------------------------------------------------------
+
+
+def test_hostile_table_costs_only_its_rows(text_filter: TextFilter) -> None:
+    ten_mb = "a dog " * (10 * 1024 * 1024 // 6)
+    captions = [b"A dog running on the beach", b"\xff\xfe\xfd", ten_mb.encode(), b"", None, b"\xd8\xa7\xd9\x84\xd9\x82\xd8\xb7",
+                "🐱🐶🐭".encode(), b"!!!???...", "A cat 🐱 on the sofa".encode(), "כלב על החוף".encode(), b"IMG_0001.JPG"]
+    table = pa.table({"sample_id": [f"s{i}" for i in range(len(captions))], "caption": pa.array(captions, pa.binary()),
+                      "extra": list(range(len(captions)))})
+    out, funnel = text_filter(table)
+    assert out.column("caption").to_pylist() == ["A dog running on the beach", "A cat 🐱 on the sofa"]
+    assert out.column("extra").to_pylist() == [0, 8]
+    assert out.schema.field("caption").type == pa.string()
+    stats = funnel.stages["text_filter"]
+    assert (stats.rows_in, stats.rows_out) == (11, 2)
+    assert dict(stats.dropped) == {BAD_UTF8: 1, TOO_LONG: 1, EMPTY: 2, NOT_ENGLISH: 2, TOO_FEW_WORDS: 2,
+                                   MACHINE_MADE: 1}
+
+
+def test_string_columns_and_invalid_utf8_inside_arrow_strings(text_filter: TextFilter) -> None:
+    # An Arrow string column can carry invalid UTF-8 (built from raw buffers without validation).
+    data = [b"A red car on the road", b"bad \xc3\x28 bytes"]
+    binary = pa.array(data, pa.binary())
+    smuggled = pa.Array.from_buffers(pa.string(), 2, binary.buffers())
+    for column in (smuggled, pa.array(["A red car on the road", None], pa.large_string())):
+        out, funnel = text_filter(pa.table({"caption": column}))
+        assert out.column("caption").to_pylist() == ["A red car on the road"]
+        assert funnel.stages["text_filter"].rows_out == 1
+
+
+def test_empty_table(text_filter: TextFilter) -> None:
+    out, funnel = text_filter(pa.table({"caption": pa.array([], pa.string())}))
+    assert out.num_rows == 0 and funnel.stages["text_filter"].rows_in == 0
+
+
+def test_right_to_left_and_other_scripts_are_not_english(text_filter: TextFilter) -> None:
+    for caption in ("قطة على الأريكة", "כלב על החוף", "一只猫在沙发上", "Собака на пляже", "ネコ"):
+        assert text_filter.check(caption)[1] in (NOT_ENGLISH, TOO_SHORT), caption
+
+
+# --- the English policy ----------------------------------------------------------------------------
+
+
+def test_caption_words() -> None:
+    assert caption_words("BlueMan#109 see https://x.org/a mail me@x.org") == ["blue", "man", "see", "mail"]
+    assert caption_words("Pacco_regalo-02") == ["pacco", "regalo"]
+
+
+def test_vocabulary(vocab: EnglishVocab) -> None:
+    for word in ("card", "cactus", "mug", "lasagna", "strawberries", "running", "the", "with", "meatgrinder"):
+        assert vocab.is_english_word(word), word
+    for word in ("pomodori", "orologio", "della", "di", "und", "het", "libellula", "herbaty"):
+        assert not vocab.is_english_word(word), word
+    assert vocab.coverage(["a", "red", "e", "pomodori"]) == (1, 3)  # "a" skipped, "e" counts (Italian "and")
+    clone = pickle.loads(pickle.dumps(vocab))
+    assert clone.is_english_word("cactus") and clone.lexicon == vocab.lexicon
+
+
+def test_vocabulary_from_query_counts() -> None:
+    queries = pa.table({"query_id": pa.array([0, 1, 2], pa.int32()), "query": ["zebra", "quokka", "red car"],
+                        "source": ["unigram", "unigram", "bigram"], "count": [50_000, 20, 900_000],
+                        "pmi": [None, None, 40.0], "views": pa.array([None] * 3, pa.int64())})
+    vocab = EnglishVocab.from_queries(queries, wordnet_dir=None, min_wiki_count=1_000)
+    assert vocab.is_english_word("zebra")
+    assert not vocab.is_english_word("quokka")  # under the count
+    assert not vocab.is_english_word("car")  # bigram rows are not word counts
+
+
+def test_short_captions_use_the_vocabulary_not_the_detector(vocab: EnglishVocab) -> None:
+    cfg, detector = TextFilterConfig(), LanguageDetector("langdetect-rs", 0)
+    for caption in ("card", "Cactus", "Bunny", "Blue Vacuum Cleaner"):
+        assert detector.detect_langs(caption)[0][0] != "en"  # the detector alone gets these wrong
+        verdict = english_verdict(caption, vocab, detector, cfg)
+        assert verdict.english and verdict.decided_by == "vocab" and verdict.p_english is None
+    assert not english_verdict("Pescetto arancione", vocab, detector, cfg).english
+
+
+EN_SENTENCES = [
+    "A photo of a dog running on the beach at sunset",
+    "Portrait of Leonardo da Vinci painted in oil",
+    "Logo of the Los Angeles Lakers basketball team",
+    "Clipart by Nicu Buculei - sailor monkey with a hat",
+]
+FOREIGN_SENTENCES = [
+    "Una foto di un cane che corre sulla spiaggia al tramonto",
+    "Gros plan de fraises fraîches dans un bol blanc",
+    "Primer plano de fresas frescas en un cuenco blanco",
+    "Nahaufnahme von frischen Erdbeeren in einer weißen Schüssel",
+    "Close-up van verse aardbeien in een witte kom",
+    "Dois meninos jogando futebol no parque",
+]
+
+
+def test_long_captions(text_filter: TextFilter) -> None:
+    for caption in EN_SENTENCES:
+        assert text_filter.check(caption)[1] is None, caption
+    for caption in FOREIGN_SENTENCES:
+        verdict = english_verdict(caption, text_filter.vocab, text_filter.detector, text_filter.cfg)
+        assert not verdict.english and verdict.decided_by == "detector", caption
+
+
+def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter) -> None:
+    """Precision/recall of "keep as English" over the titles the language check sees.
+
+    Floors: the policy measures P 0.973, R 0.991 here (6 false positives, 2 false negatives among
+    ~245 titles). 0.95 leaves room for ~5 more errors either way and is still far above what
+    keeping everything gives (P 0.88) and what langdetect alone gives (R 0.45-0.51, asserted below).
+    """
+    tp = fp = fn = tn = 0
+    detector = LanguageDetector("langdetect-rs", 0)
+    detector_tp = 0
+    for title, lang in load_labels():
+        cleaned, reason = text_filter.check(title)
+        if lang == "neutral" or reason not in (None, NOT_ENGLISH):
+            continue  # the language check never sees captions an earlier filter drops
+        keep = reason is None
+        tp += keep and lang == "en"
+        fp += keep and lang != "en"
+        fn += (not keep) and lang == "en"
+        tn += (not keep) and lang != "en"
+        if lang == "en":
+            langs = detector.detect_langs(clean_caption(title))
+            detector_tp += bool(langs) and langs[0][0] == "en"
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    assert precision >= 0.95 and recall >= 0.95, (precision, recall)
+    assert tn / (tn + fp) >= 0.7  # most Italian/French/Dutch/Spanish titles are dropped
+    assert detector_tp / (tp + fn) < 0.6  # the problem the policy exists for
+
+
+def test_langdetect_rs_matches_langdetect_on_the_labelled_titles() -> None:
+    py, rs = LanguageDetector("langdetect", 0), LanguageDetector("langdetect-rs", 0)
+    titles = [clean_caption(t) for t, _ in load_labels()]
+    assert [py.detect_langs(t) for t in titles] == [rs.detect_langs(t) for t in titles]
+
+
+def test_detector_is_deterministic_and_order_free() -> None:
+    texts = ["Il gatto dorme sul divano", "Der Hund schläft", "A cat sleeps on the sofa", "Bunny"]
+    a = [LanguageDetector("langdetect-rs", 0).detect_langs(t) for t in texts]
+    det = LanguageDetector("langdetect-rs", 0)
+    b = [det.detect_langs(t) for t in reversed(texts)][::-1]
+    assert a == b
+    assert pickle.loads(pickle.dumps(det)).detect_langs(texts[0]) == a[0]
+    with pytest.raises(ValueError, match="unknown language backend"):
+        LanguageDetector("cld3")
+
+
+def test_switches_and_config_checks(vocab: EnglishVocab) -> None:
+    lenient = TextFilter(replace(TextFilterConfig(), english=False, drop_machine_made=False), vocab)
+    assert lenient.check("Orologio da parete")[1] is None
+    assert lenient.check("IMG_1234")[1] is None
+    with pytest.raises(ConfigError):
+        TextFilterConfig(min_chars=10, max_chars=5)
+    with pytest.raises(ConfigError):
+        TextFilterConfig(english_min_prob=1.5)
+
+
+def test_pickled_filter_gives_the_same_answers(text_filter: TextFilter) -> None:
+    clone = pickle.loads(pickle.dumps(text_filter))
+    captions = ["card", "IMG_1234", "Pomodori", "A cat on a mat", "Una foto di un cane che corre sulla spiaggia"]
+    assert clone.reasons(captions) == text_filter.reasons(captions)
+
+
+def test_reason_examples() -> None:
+    examples = reason_examples(["a", "b", "a", "c", "x" * 300], ["r1", "r1", "r1", None, "r2"], per_reason=5)
+    assert examples == {"r1": ["a", "b"], "r2": ["x" * 117 + "..."]}
+
+
+def test_text_stage_as_ray_actor(ray_local, vocab: EnglishVocab) -> None:
+    queries = pa.table({"query_id": pa.array([0, 1], pa.int32()), "query": ["dog", "beach"],
+                        "source": ["unigram"] * 2, "count": [1, 1], "pmi": [None, None], "views": pa.array([None, None], pa.int64())})
+    table = pa.table({"sample_id": ["a", "b", "c", "d"],
+                      "caption": ["A dog on the beach", "IMG_0001.JPG", "A red car", "Un cane sulla spiaggia"]})
+    local_out, local_funnel = TextStage(TextFilterConfig(), queries, vocab)(table)
+    actor = text_stage_actor(num_cpus=1).remote(TextFilterConfig(), queries)
+    out, funnel = ray_local.get(actor.process.remote(table))
+    assert out.equals(local_out) and funnel.to_dict() == local_funnel.to_dict()
+    assert out.column("query_ids").to_pylist() == [[0, 1]]
+    assert funnel.stages["query_match"].dropped["no_query_match"] == 1
