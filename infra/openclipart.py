@@ -1,0 +1,396 @@
+"""The bundled Openclipart sample and the full Debian Openclipart source.
+
+Reads Debian's ``openclipart-svg`` (metadata: ``dc:title``, ``dc:subject`` keywords, ``dc:description``
+in each SVG's RDF block) and ``openclipart-png`` (the same images rasterised, at the same relative
+path), and writes one Parquet table (:data:`OPENCLIPART_SCHEMA`):
+
+    python -m infra.openclipart                    # regenerate infra/data/openclipart_sample.parquet
+    python -m infra.openclipart --full OUT.parquet # all ~8,121 images, for larger local runs
+
+Captions are kept exactly as the artists wrote them (mixed languages, terse titles, odd names,
+``_01``/``_02`` variants): the text filters and the dedupe stage exist for those.
+
+Images are composited onto white and stored as RGB PNG. Clip art is drawn for a white page, and
+every later consumer (the image stage's RGB conversion, perceptual hashes, the CLIP transform) would
+otherwise drop alpha and show the hidden RGB under transparent pixels — usually black, which turns
+black line art into a black square.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import re
+import subprocess
+import sys
+import warnings
+import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Literal, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import iterparse as safe_iterparse
+from PIL import Image
+
+from infra.log import get_logger, log_event, progress
+
+log = get_logger("witflow.openclipart")
+
+OPENCLIPART_ROOT = Path("/usr/share/openclipart")
+SAMPLE_PATH = Path(__file__).resolve().parent / "data" / "openclipart_sample.parquet"
+SAMPLE_TARGET = 2_000
+SAMPLE_MIN_PER_CATEGORY = 40
+MAX_SIDE = 128
+HELDOUT_FRACTION = 0.10
+DEBIAN_PACKAGES = ("openclipart-svg", "openclipart-png")
+
+OPENCLIPART_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),  # relative path under /usr/share/openclipart/
+        pa.field("category", pa.string(), nullable=False),  # top folder under svg/
+        pa.field("title", pa.string(), nullable=False),  # as written ("" when the SVG has none)
+        pa.field("keywords", pa.list_(pa.string()), nullable=False),
+        pa.field("description", pa.string()),  # null when empty
+        pa.field("image", pa.binary(), nullable=False),  # RGB PNG, longest side <= max_side
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+    ],
+    metadata={"witflow.table": "openclipart"},
+)
+
+_NS = {
+    "dc": "http://purl.org/dc/elements/1.1/",
+    "cc": "http://web.resource.org/cc/",
+    "rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#",
+    "svg": "http://www.w3.org/2000/svg",
+}
+_XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
+_WORK_TAG = "{%s}Work" % _NS["cc"]
+# Openclipart names variants "<title>_<artist>_01", "_02", ...: one group for the sample selection.
+_VARIANT_SUFFIX = re.compile(r"_\d{2}[a-z]?$")
+
+
+class OpenclipartError(RuntimeError):
+    """An Openclipart file could not be read; the message names it."""
+
+
+@dataclass(frozen=True)
+class ClipartMetadata:
+    id: str  # "svg/<category>/.../<name>.svg"
+    category: str
+    title: str
+    keywords: tuple[str, ...]
+    description: str | None
+
+    @property
+    def png_relpath(self) -> str:
+        """The rasterised image's path under the Openclipart root (same relative path, .png)."""
+        return "png/" + self.id[len("svg/"):-len(".svg")] + ".png"
+
+
+# ------------------------------------------------------------------------------------------------
+# Held-out split
+# ------------------------------------------------------------------------------------------------
+
+
+def is_heldout(id: str) -> bool:
+    """True for the ~10% of ids held out for evaluation (stable: the first 8 bytes of sha1(id)).
+
+    Readers exclude these ids from training candidates; the eval registry uses exactly them.
+    """
+    digest = hashlib.sha1(id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < int(HELDOUT_FRACTION * 2**64)
+
+
+# ------------------------------------------------------------------------------------------------
+# SVG metadata
+# ------------------------------------------------------------------------------------------------
+
+
+def _text(elem: ET.Element | None) -> str | None:
+    """An element's text; for ``rdf:Alt`` language alternatives, x-default, then English, then the first."""
+    if elem is None:
+        return None
+    alts = elem.findall("rdf:Alt/rdf:li", _NS)
+    if alts:
+        by_lang = {(li.get(_XML_LANG) or "").lower(): li.text for li in alts}
+        for lang in ("x-default", "en", "en-us", "en-gb", ""):
+            if by_lang.get(lang):
+                return by_lang[lang]
+        return alts[0].text
+    return elem.text
+
+
+def parse_svg_metadata(svg_path: Path, root: Path = OPENCLIPART_ROOT) -> ClipartMetadata:
+    """Title, keywords and description of one Openclipart SVG; raises OpenclipartError naming the file."""
+    rel = svg_path.relative_to(root).as_posix()
+    parts = rel.split("/")
+    if len(parts) < 3 or parts[0] != "svg":
+        raise OpenclipartError(f"{svg_path}: not under {root}/svg/<category>/")
+    work: ET.Element | None = None
+    try:
+        # Stop at the end of cc:Work (inside <metadata>): the drawing that follows is most of the
+        # bytes and unused here. Internal DTD entities are allowed (Adobe Illustrator declares its
+        # namespaces with them); external ones are refused, and expat >= 2.4 caps entity amplification.
+        for _, elem in safe_iterparse(str(svg_path), events=("end",), forbid_dtd=False,
+                                      forbid_entities=False, forbid_external=True):
+            if elem.tag == _WORK_TAG:
+                work = elem
+                break
+    except (ET.ParseError, DefusedXmlException, OSError, ValueError) as e:
+        raise OpenclipartError(f"{svg_path}: unreadable SVG ({type(e).__name__}: {e})") from None
+    if work is None:
+        raise OpenclipartError(f"{svg_path}: no cc:Work metadata")
+    title = _text(work.find("dc:title", _NS))
+    keywords = tuple(li.text for li in work.findall("dc:subject//rdf:li", _NS) if li.text and li.text.strip())
+    description = _text(work.find("dc:description", _NS))
+    return ClipartMetadata(
+        id=rel,
+        category=parts[1],
+        title=title if title is not None else "",
+        keywords=keywords,
+        description=description if description and description.strip() else None,
+    )
+
+
+def list_svgs(root: Path = OPENCLIPART_ROOT) -> list[Path]:
+    """Every SVG under ``root/svg``, sorted by relative path."""
+    svg_root = root / "svg"
+    if not svg_root.is_dir():
+        raise OpenclipartError(f"{svg_root} not found: install the Debian packages {' and '.join(DEBIAN_PACKAGES)}")
+    return sorted(svg_root.rglob("*.svg"))
+
+
+def read_all_metadata(root: Path = OPENCLIPART_ROOT) -> tuple[list[ClipartMetadata], Counter]:
+    """Metadata of every SVG; broken files are skipped and counted (``skipped[reason]``)."""
+    records: list[ClipartMetadata] = []
+    skipped: Counter = Counter()
+    paths = list_svgs(root)
+    for path in progress(paths, desc="svg metadata", unit="svg"):
+        try:
+            records.append(parse_svg_metadata(path, root))
+        except OpenclipartError as e:
+            skipped["broken_svg"] += 1
+            log_event(log, "skipping SVG", level=30, error=str(e))
+    return records, skipped
+
+
+# ------------------------------------------------------------------------------------------------
+# Images
+# ------------------------------------------------------------------------------------------------
+
+
+def render_png(png_path: Path, max_side: int = MAX_SIDE) -> tuple[bytes, int, int]:
+    """Shrink (keep aspect, never enlarge) to ``max_side``, composite onto white; optimised RGB PNG.
+
+    Raises ``Image.DecompressionBombError`` above Pillow's hard pixel limit (~179 M pixels).
+    """
+    with warnings.catch_warnings():
+        # A dozen packaged PNGs are 90-179 M pixels: trusted local files, decoded once, so no warning.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(png_path) as im:
+            im.load()
+            rgba = im.convert("RGBA")
+    # Pillow resizes RGBA premultiplied, so shrinking first cannot bleed the colours hidden under
+    # transparent pixels into edges, and compositing the small image is cheap.
+    rgba.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    canvas.alpha_composite(rgba)
+    rgb = canvas.convert("RGB")
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG", optimize=True)
+    return buf.getvalue(), rgb.width, rgb.height
+
+
+def build_table(records: Sequence[ClipartMetadata], root: Path = OPENCLIPART_ROOT,
+                max_side: int = MAX_SIDE) -> tuple[pa.Table, Counter]:
+    """Rasterised images + metadata as an OPENCLIPART_SCHEMA table (sorted by id); skips are counted."""
+    rows: dict[str, list] = {f.name: [] for f in OPENCLIPART_SCHEMA}
+    skipped: Counter = Counter()
+    for rec in progress(sorted(records, key=lambda r: r.id), desc="png", unit="img"):
+        png_path = root / rec.png_relpath
+        if not png_path.is_file():
+            skipped["missing_png"] += 1
+            log_event(log, "no PNG for SVG", level=30, id=rec.id, png=str(png_path))
+            continue
+        try:
+            data, width, height = render_png(png_path, max_side)
+        except Image.DecompressionBombError as e:
+            skipped["too_large_png"] += 1
+            log_event(log, "skipping PNG above Pillow's pixel limit", level=30, png=str(png_path), error=str(e))
+            continue
+        except (OSError, ValueError, SyntaxError) as e:
+            skipped["broken_png"] += 1
+            log_event(log, "skipping unreadable PNG", level=30, png=str(png_path), error=f"{type(e).__name__}: {e}")
+            continue
+        rows["id"].append(rec.id)
+        rows["category"].append(rec.category)
+        rows["title"].append(rec.title)
+        rows["keywords"].append(list(rec.keywords))
+        rows["description"].append(rec.description)
+        rows["image"].append(data)
+        rows["width"].append(width)
+        rows["height"].append(height)
+    return pa.Table.from_pydict(rows, schema=OPENCLIPART_SCHEMA), skipped
+
+
+# ------------------------------------------------------------------------------------------------
+# Sample selection
+# ------------------------------------------------------------------------------------------------
+
+
+def variant_group(id: str) -> str:
+    """The file name without its ``_01``/``_02`` variant suffix: variants are selected together."""
+    stem = id.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    return _VARIANT_SUFFIX.sub("", stem)
+
+
+def _rank(key: str) -> int:
+    return int.from_bytes(hashlib.sha1(b"witflow-sample:" + key.encode("utf-8")).digest()[:8], "big")
+
+
+def _quotas(sizes: dict[str, int], target: int, min_per_category: int) -> dict[str, int]:
+    """Per-category counts: proportional, at least ``min_per_category`` (or all), summing to ~target."""
+    def quotas_at(frac: float) -> dict[str, int]:
+        return {c: min(n, max(min_per_category, round(n * frac))) for c, n in sizes.items()}
+
+    lo, hi = 0.0, 1.0
+    for _ in range(50):  # bisect the proportional fraction; the minimums make it non-linear
+        mid = (lo + hi) / 2
+        if sum(quotas_at(mid).values()) < target:
+            lo = mid
+        else:
+            hi = mid
+    return quotas_at(hi)
+
+
+def select_sample(records: Sequence[ClipartMetadata], target: int = SAMPLE_TARGET,
+                  min_per_category: int = SAMPLE_MIN_PER_CATEGORY) -> list[ClipartMetadata]:
+    """A deterministic sample stratified by category.
+
+    Within a category, records are ranked by a stable hash of their variant group, so ``_01``/``_02``
+    variants come in together (near-duplicates for the dedupe stage to find). Every title with
+    non-ASCII letters is included as well (there are only a handful), so accented non-English
+    captions always reach the language filter.
+    """
+    by_category: dict[str, list[ClipartMetadata]] = {}
+    for rec in records:
+        by_category.setdefault(rec.category, []).append(rec)
+    quotas = _quotas({c: len(v) for c, v in by_category.items()}, target, min_per_category)
+    chosen: dict[str, ClipartMetadata] = {}
+    for category, recs in sorted(by_category.items()):
+        recs = sorted(recs, key=lambda r: (_rank(variant_group(r.id)), r.id))
+        for rec in recs[: quotas[category]]:
+            chosen[rec.id] = rec
+    for rec in records:
+        if any(ch.isalpha() and ord(ch) > 127 for ch in rec.title):
+            chosen[rec.id] = rec
+    return sorted(chosen.values(), key=lambda r: r.id)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading and writing
+# ------------------------------------------------------------------------------------------------
+
+
+def debian_versions() -> dict[str, str]:
+    """Installed versions of the Debian packages (empty where dpkg is absent)."""
+    out = {}
+    for pkg in DEBIAN_PACKAGES:
+        try:
+            res = subprocess.run(["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if res.returncode == 0 and res.stdout:
+            out[pkg] = res.stdout
+    return out
+
+
+def write_table(table: pa.Table, out: Path, provenance: dict[str, str]) -> None:
+    """Write atomically (temp file + rename) with provenance in the Parquet key-value metadata."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(table.schema.metadata or {})
+    meta.update({f"witflow.{k}".encode(): str(v).encode() for k, v in provenance.items()})
+    table = table.replace_schema_metadata(meta)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=256)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_openclipart(path: str | Path, split: Literal["all", "train", "heldout"] = "all",
+                     columns: Sequence[str] | None = None) -> pa.Table:
+    """Read a sample or full file; ``split`` keeps all rows, the training ids, or the held-out ids."""
+    path = Path(path)
+    if not path.is_file():
+        raise OpenclipartError(f"Openclipart table not found: {path} (build it with python -m infra.openclipart)")
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as e:
+        raise OpenclipartError(f"{path}: not a readable Parquet file ({e})") from None
+    missing = [f.name for f in OPENCLIPART_SCHEMA if f.name not in schema.names]
+    if missing:
+        raise OpenclipartError(f"{path}: missing column(s) {missing} of the Openclipart schema")
+    cols = list(columns) if columns is not None else None
+    if cols is not None and "id" not in cols and split != "all":
+        cols = ["id", *cols]
+    table = pq.read_table(path, columns=cols)
+    if split != "all":
+        held = pa.array([is_heldout(i) for i in table.column("id").to_pylist()], pa.bool_())
+        table = table.filter(held if split == "heldout" else pc.invert(held))
+    return table
+
+
+def build(out: Path, *, root: Path = OPENCLIPART_ROOT, full: bool = False, target: int = SAMPLE_TARGET,
+          max_side: int = MAX_SIDE) -> pa.Table:
+    """Build the sample (or, with ``full``, every image) and write it to ``out``."""
+    records, skipped = read_all_metadata(root)
+    chosen = list(records) if full else select_sample(records, target)
+    table, png_skipped = build_table(chosen, root, max_side)
+    skipped.update(png_skipped)
+    provenance = {"source": "Openclipart via Debian " + ", ".join(f"{k} {v}" for k, v in debian_versions().items()),
+                  "licence": "public domain (Openclipart)", "max_side": str(max_side),
+                  "selection": "full" if full else f"stratified sample, target {target}",
+                  "generator": "python -m infra.openclipart"}
+    write_table(table, out, provenance)
+    log_event(log, "wrote Openclipart table", path=str(out), rows=table.num_rows, svgs=len(records) + skipped["broken_svg"],
+              mbytes=round(out.stat().st_size / 1e6, 2), **{f"skipped_{k}": v for k, v in skipped.items()})
+    return table
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    from infra.log import setup_logging
+
+    parser = argparse.ArgumentParser(
+        prog="python -m infra.openclipart",
+        description="Build the bundled Openclipart sample (default) or the full source from Debian's "
+                    "openclipart-svg and openclipart-png packages.")
+    parser.add_argument("--root", type=Path, default=OPENCLIPART_ROOT, help="Openclipart root (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=SAMPLE_PATH, help="sample output (default: infra/data/openclipart_sample.parquet)")
+    parser.add_argument("--full", type=Path, metavar="OUT.parquet", help="write every image to OUT.parquet instead of the sample")
+    parser.add_argument("--target", type=int, default=SAMPLE_TARGET, help="sample size (default: %(default)s)")
+    parser.add_argument("--max-side", type=int, default=MAX_SIDE, help="longest image side in pixels (default: %(default)s)")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    setup_logging("INFO")
+    try:
+        if args.full:
+            build(args.full, root=args.root, full=True, max_side=args.max_side)
+        else:
+            build(args.out, root=args.root, target=args.target, max_side=args.max_side)
+    except OpenclipartError as e:
+        print(f"openclipart: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
