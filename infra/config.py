@@ -261,11 +261,16 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    output: str = "eval"  # relative to Config.output unless it is a full URI
+    output: str = "eval"  # beside the checkpoint's weights (<export>/eval/) unless a full URI/absolute path
     batch_size: int = 256
-    retrieval_holdout: int = 200
+    retrieval_holdout: int = 200  # (image, caption) rows of the build for retrieval; 0 turns it off
     linear_probe: bool = True
-    ensembles: bool = True
+    ensembles: bool = True  # also score the bare class name and "a photo of a {}." against the ensemble
+    model_config: str | None = None  # for a bare OpenAI-layout state dict: a named model config or JSON path
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0 or self.retrieval_holdout < 0:
+            raise ConfigError("evaluate.batch_size must be > 0 and evaluate.retrieval_holdout >= 0")
 
 
 @dataclass(frozen=True)
