@@ -9,10 +9,13 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 
 from infra.config import Config
+from infra.log import get_logger, log_event
 from infra.prefect_utils import publish_markdown, publish_table
+
+log = get_logger(__name__)
 
 
 def default_checkpoint(config: Config) -> str:
@@ -37,10 +40,11 @@ def evaluate_checkpoint_task(config: Config, checkpoint: str) -> dict:
 
     dataset_uri = config.uri(config.shards.output)
     if not ObjectStore(dataset_uri, config.storage).exists("manifest.json"):
-        get_run_logger().warning("no dataset manifest at %s: retrieval is skipped", dataset_uri)
+        log_event(log, "no dataset manifest: retrieval is skipped", dataset=dataset_uri)
         dataset_uri = None
     return evaluate_checkpoint(checkpoint, config.eval_sets, config.evaluate, dataset_uri=dataset_uri,
-                               storage=config.storage, seed=config.seed)
+                               storage=config.storage, model_config=config.evaluate.model_config,
+                               seed=config.seed)
 
 
 def summary_rows(results: dict) -> list[dict[str, Any]]:

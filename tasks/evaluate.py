@@ -369,9 +369,11 @@ def _load_registry_set(cfg: EvalSetConfig):
 def evaluate_checkpoint(checkpoint: str, eval_sets: Sequence[EvalSetConfig], cfg: EvalConfig, *,
                         dataset_uri: str | None = None, storage: StorageConfig | None = None,
                         model_config: str | None = None, seed: int = 0,
-                        load_set: Callable[[EvalSetConfig], Any] = _load_registry_set) -> dict:
+                        load_set: Callable[[EvalSetConfig], Any] | None = None) -> dict:
     """Evaluate ``checkpoint`` on every eval set (and on held-out pairs of ``dataset_uri`` when
-    given); write ``results.json``, ``results.md`` and plots; return the results."""
+    given); write ``results.json``, ``results.md`` and plots; return the results. ``load_set``
+    replaces the registry's loader (``infra.eval_sets.load_eval_set``) for in-memory sets."""
+    load_set = load_set or _load_registry_set
     started = time.perf_counter()
     torch.manual_seed(seed)
     loaded = load_checkpoint(checkpoint, model_config=model_config, output=cfg.output, storage=storage)

@@ -274,3 +274,167 @@ def test_stratified_split_keeps_every_class_on_both_sides():
     assert set(labels[part]) == {0, 1} and set(labels[rest]) == {0, 1, 2}
     again = stratified_split(labels, 0.25, seed=0)
     np.testing.assert_array_equal(again[1], part)
+
+
+# ------------------------------------------------------------------------------------------------
+# The runner end to end: a tiny randomly initialised model from the trainer, a handful of images
+# ------------------------------------------------------------------------------------------------
+
+COLOURS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220)}
+
+
+def _png(rgb, size=(24, 18)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, rgb).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    import torch
+
+    from trainer.model import CLIP, load_model_config, save_exported
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("ckpt")
+    model = CLIP(load_model_config("tiny"))
+    save_exported(model, root / "train" / "export")
+    return root / "train" / "export"
+
+
+@pytest.fixture()
+def colour_set():
+    from tasks.evaluate import ClassificationSet
+
+    names = list(COLOURS)
+    images = [_png(COLOURS[names[i % 3]], (20 + i, 18)) for i in range(18)] + [b"\x89PNG broken"]
+    labels = np.array([i % 3 for i in range(18)] + [0])
+    return ClassificationSet("colours", names, images, labels)
+
+
+@pytest.fixture()
+def tiny_dataset(tmp_path):
+    """A built dataset's shape: shards listed by manifest.json; one image carries two captions."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "dataset"
+    (root / "shards").mkdir(parents=True)
+    for part, offset in ((0, 0), (1, 6)):
+        rows = range(offset, offset + 6)
+        images = [_png(COLOURS[list(COLOURS)[i % 3]], (16 + i, 16)) for i in rows]
+        if part == 1:
+            images[-1] = images[-2]  # the same picture with a second caption
+        table = pa.table({"sample_id": [f"s{i}" for i in rows],
+                          "caption": [f"a {list(COLOURS)[i % 3]} square number {i}" for i in rows],
+                          "image": images, "sha256": [None] * 6})
+        pq.write_table(table, root / "shards" / f"part-{part:05d}.parquet")
+    (root / "manifest.json").write_text(json.dumps({"schema_version": 1, "shards": [
+        {"path": "shards/part-00000.parquet", "rows": 6}, {"path": "shards/part-00001.parquet", "rows": 6}]}))
+    return root
+
+
+def test_runner_end_to_end_writes_results_table_and_plots(tiny_export, colour_set, tiny_dataset):
+    import json
+
+    from PIL import Image
+
+    from infra.config import EvalConfig, EvalSetConfig
+    from tasks.evaluate import evaluate_checkpoint
+
+    sets = [EvalSetConfig(name="colours", kind="imagefolder", templates=("a {} square.", "@single")),
+            EvalSetConfig(name="broken", kind="imagefolder", path="/nonexistent")]
+
+    def load_set(cfg):
+        if cfg.name == "broken":
+            raise FileNotFoundError(f"no such directory: {cfg.path}")
+        return colour_set
+
+    cfg = EvalConfig(batch_size=8, retrieval_holdout=8)
+    results = evaluate_checkpoint(str(tiny_export), sets, cfg, dataset_uri=str(tiny_dataset), load_set=load_set)
+
+    out = tiny_export / "eval"
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["model_id"] == results["model_id"] and len(results["model_id"]) == 64
+    r = on_disk["eval_sets"]["colours"]
+    assert r["images"] == 18 and r["funnel"]["stages"][0]["dropped"] == {"undecodable_image": 1}
+    assert set(r["zeroshot"]) == {"bare", "single", "ensemble"}
+    assert r["templates"]["count"] == 2  # the config override, "@single" expanded
+    for m in r["zeroshot"].values():
+        cm = np.array(m["confusion"])
+        assert cm.shape == (3, 3) and cm.sum() == 18
+        assert m["top1"] == pytest.approx(np.trace(cm) / 18)
+        assert 0.0 <= m["top1"] <= m["top5"] == 1.0  # top-5 of 3 classes always hits
+        assert m["chance_top1"] == pytest.approx(1 / 3) and set(m["per_class"]) == set(COLOURS)
+    # Pure-colour images are trivially separable in pixel space, so even random features probe well.
+    assert r["linear_probe"]["top1"] >= 0.8 and r["linear_probe"]["n_test"] == 9
+    assert "broken" in on_disk["errors"] and "no such directory" in on_disk["errors"]["broken"]
+
+    ret = on_disk["retrieval"]
+    assert ret["rows"] == 8 and ret["texts"] == 8 and ret["images"] == 7  # two captions share an image
+    assert ret["excluded_from_training"] is False
+    for k in (1, 5, 10):
+        assert 0.0 <= ret[f"image_to_text_R@{k}"] <= 1.0 and 0.0 <= ret[f"text_to_image_R@{k}"] <= 1.0
+    assert ret["image_to_text_R@10"] == 1.0 and ret["text_to_image_R@10"] == 1.0  # 10 >= 7 images
+
+    md = (out / "results.md").read_text()
+    assert "| colours | 3 | 18 | 33.3% |" in md and "broken" in md and "text → image" in md
+    with Image.open(out / "plots" / "colours.png") as im:
+        assert im.format == "PNG" and im.size[0] >= 300
+
+    # A rerun reuses the classifiers cached beside the results instead of re-encoding prompts.
+    again = evaluate_checkpoint(str(tiny_export), sets[:1], cfg, load_set=load_set)
+    assert again["classifier_cache"] == {"hits": 3, "misses": 0}
+    assert again["eval_sets"]["colours"]["zeroshot"] == results["eval_sets"]["colours"]["zeroshot"]
+
+
+def test_plain_state_dict_loads_with_its_config(tiny_export, tmp_path):
+    import torch
+
+    from tasks.evaluate import ClipEncoder, load_checkpoint, results_uri_for
+
+    plain = tmp_path / "weights" / "openai_layout.pt"
+    plain.parent.mkdir()
+    plain.write_bytes((tiny_export / "model.pt").read_bytes())
+    exported = load_checkpoint(str(tiny_export))
+    named = load_checkpoint(str(plain), model_config="tiny")
+    inferred = load_checkpoint(str(plain))  # no config: architecture from the tensor shapes
+    assert named.model_id == exported.model_id == inferred.model_id
+    assert named.results_uri == str(tmp_path / "weights" / "eval")
+    assert results_uri_for(str(tiny_export), "/abs/where") == "/abs/where"
+    texts = ["a red square", "a photo of a dog"]
+    reference = ClipEncoder(exported.model, 32).encode_texts(texts)
+    np.testing.assert_allclose(ClipEncoder(named.model, 32).encode_texts(texts), reference, atol=1e-5)
+    assert torch.equal(named.model.logit_scale, exported.model.logit_scale)
+    # Shapes fix every size but not the head counts (OpenAI's width/64 rule is assumed): why a bare
+    # state dict of a non-standard model needs its config.
+    assert inferred.model_config.embed_dim == 64 and inferred.model_config.image_size == 32
+
+    with pytest.raises(ValueError, match="do not fit model config 'ViT-B-32'"):
+        load_checkpoint(str(plain), model_config="ViT-B-32")
+    with pytest.raises(FileNotFoundError, match="no checkpoint weights"):
+        load_checkpoint(str(tmp_path / "nowhere"))
+
+
+def test_flow_tasks_resolve_checkpoint_and_summarise(tiny_export, colour_set, tmp_path, monkeypatch):
+    from flows.evaluate import default_checkpoint, evaluate_checkpoint_task, summary_rows
+    from infra.config import Config, EvalSetConfig, TrainConfig
+
+    config = Config(output=str(tmp_path / "run"), train=TrainConfig(output=str(tiny_export.parent)),
+                    eval_sets=(EvalSetConfig(name="colours", kind="imagefolder"),))
+    assert default_checkpoint(config) == str(tiny_export)
+    assert default_checkpoint(Config(output="s3://b/run")) == "s3://b/run/train/export"
+    # The registry loader is swapped for the in-memory set (infra/eval_sets is the dedup area's).
+    import tasks.evaluate as runner
+
+    monkeypatch.setattr(runner, "_load_registry_set", lambda cfg: colour_set)
+    results = evaluate_checkpoint_task.fn(config, default_checkpoint(config))
+    assert "retrieval" not in results  # no dataset manifest in this run: skipped, not failed
+    rows = summary_rows(results)
+    assert len(rows) == 1 and rows[0]["eval set"] == "colours" and rows[0]["chance top-1"] == "33.3%"
