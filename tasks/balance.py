@@ -230,6 +230,14 @@ def plot_query_counts(before: np.ndarray, after: np.ndarray, path: str | os.Path
 # ------------------------------------------------------------------------------------------------
 
 
+def _count_table(table: pa.Table, num_queries: int) -> np.ndarray:
+    return count_queries(table.column("query_ids"), num_queries)
+
+
+def _cap_hashes(table: pa.Table, counts: np.ndarray, cfg: BalanceConfig, id_column: str) -> CapHashes:
+    return CapHashes.from_table(table, counts, cfg, id_column)
+
+
 def _balance_and_count(table: pa.Table, counts: np.ndarray, cfg: BalanceConfig, thresholds: np.ndarray | None,
                        id_column: str) -> tuple[pa.Table, Funnel, np.ndarray]:
     out, funnel = balance_table(table, counts, cfg, thresholds=thresholds, id_column=id_column)
@@ -245,14 +253,14 @@ def balance_with_ray(table_refs: Iterable[Any], num_queries: int, cfg: BalanceCo
     import ray
 
     refs = list(table_refs)
-    count_remote = ray.remote(lambda t: count_queries(t.column("query_ids"), num_queries))
+    count_remote = ray.remote(_count_table)
     counts = np.zeros(num_queries, np.int64)
-    for part in ray.get([count_remote.remote(r) for r in refs]):
+    for part in ray.get([count_remote.remote(r, num_queries) for r in refs]):
         counts += part
     counts_ref = ray.put(counts)
     thresholds = None
     if cfg.mode == "exact":
-        cap_remote = ray.remote(CapHashes.from_table)
+        cap_remote = ray.remote(_cap_hashes)
         caps = CapHashes(cfg.max_per_query)
         for part in ray.get([cap_remote.remote(r, counts_ref, cfg, id_column) for r in refs]):
             caps.merge(part)

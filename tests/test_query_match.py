@@ -1,0 +1,110 @@
+"""Query matching: whole-word, multi-word, normalised, ids kept on the row, misses dropped."""
+
+from __future__ import annotations
+
+import pickle
+
+import pyarrow as pa
+import pytest
+
+from infra.schema import QUERY_SCHEMA
+from tasks.query_match import NO_QUERY_MATCH, QueryMatcher, normalise_texts
+
+
+def query_table(queries: list[str], ids: list[int] | None = None) -> pa.Table:
+    n = len(queries)
+    return pa.Table.from_pydict({
+        "query_id": ids if ids is not None else list(range(n)), "query": queries, "source": ["unigram"] * n,
+        "count": [100] * n, "pmi": [None] * n, "views": [None] * n}, schema=QUERY_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def matcher() -> QueryMatcher:
+    return QueryMatcher(query_table(["cat", "new york", "york", "t-shirt", "ice cream", "café", "c++", "über", "2001"]))
+
+
+def ids_of(matcher: QueryMatcher, text: str | None) -> list[int]:
+    return matcher.match([text]).to_pylist()[0]
+
+
+def test_normalisation() -> None:
+    assert normalise_texts(["Hello, World!", "  T-Shirt_x ", None, "Ça\u0301", "a…b"]).to_pylist() == [
+        " hello world ", " t shirt x ", None, " \u00e7\u00e1 ", " a b "]
+    assert normalise_texts(["Cafe\u0301"]).to_pylist() == [" café "]  # NFC before matching
+
+
+def test_whole_words_only(matcher: QueryMatcher) -> None:
+    assert ids_of(matcher, "A category of cats") == []  # neither "category" nor "cats" is "cat"
+    assert ids_of(matcher, "concatenate") == []
+    assert ids_of(matcher, "my cat") == [0]
+    assert ids_of(matcher, "CAT!") == [0]
+    assert ids_of(matcher, "cat/dog") == [0]
+
+
+def test_multi_word_and_overlapping_queries(matcher: QueryMatcher) -> None:
+    assert ids_of(matcher, "A cab in New-York City") == [1, 2]  # "new york" and "york" overlap
+    assert ids_of(matcher, "York") == [2]
+    assert ids_of(matcher, "new  yorker") == []
+    assert ids_of(matcher, "Ice-cream and a cat in a T-shirt") == [0, 3, 4]
+
+
+def test_unicode_and_punctuation_queries(matcher: QueryMatcher) -> None:
+    assert ids_of(matcher, "Coffee at the Café de Flore") == [5]
+    assert ids_of(matcher, "learning C++ today") == [6]  # "c++" normalises to "c"
+    assert ids_of(matcher, "Über alles") == [7]
+    assert ids_of(matcher, "2001: a space odyssey") == [8]
+    assert ids_of(matcher, "20010") == []
+    assert ids_of(matcher, None) == [] and ids_of(matcher, "") == [] and ids_of(matcher, "!!!") == []
+
+
+def test_queries_sharing_a_normalised_text_all_match() -> None:
+    m = QueryMatcher(query_table(["t-shirt", "t shirt", "T Shirt", "!!!"], ids=[10, 3, 7, 4]))
+    assert m.num_queries == 11 and m.num_keys == 1  # "!!!" can match nothing and is left out
+    assert m.match(["a red T-Shirt"]).to_pylist() == [[3, 7, 10]]
+
+
+def test_table_gets_query_ids_and_misses_are_dropped(matcher: QueryMatcher) -> None:
+    table = pa.table({"sample_id": ["a", "b", "c", "d"], "caption": ["my cat", "a dog", None, "new york cat"]})
+    out, funnel = matcher(table)
+    assert out.column("sample_id").to_pylist() == ["a", "d"]
+    assert out.schema.field("query_ids").type == pa.list_(pa.int32())
+    assert out.column("query_ids").to_pylist() == [[0], [0, 1, 2]]
+    stats = funnel.stages["query_match"]
+    assert (stats.rows_in, stats.rows_out, dict(stats.dropped)) == (4, 2, {NO_QUERY_MATCH: 2})
+    again, _ = matcher(out)  # a rerun replaces the column instead of adding a second one
+    assert again.column_names.count("query_ids") == 1 and again.equals(out)
+
+
+def test_chunked_and_large_string_columns(matcher: QueryMatcher) -> None:
+    chunked = pa.chunked_array([pa.array(["cat"], pa.large_string()), pa.array(["dog", "york"], pa.large_string())])
+    out, _ = matcher(pa.table({"caption": chunked}))
+    assert out.column("query_ids").to_pylist() == [[0], [2]]
+
+
+def test_automaton_is_built_once_and_not_pickled(matcher: QueryMatcher) -> None:
+    matcher.match(["cat"])
+    automaton = matcher.automaton
+    matcher.match(["york"])
+    assert matcher.automaton is automaton  # built once, reused across batches
+    clone = pickle.loads(pickle.dumps(matcher))
+    assert clone._automaton is None  # rebuilt lazily in the receiving process
+    assert clone.match(["new york cat", "category"]).to_pylist() == [[0, 1, 2], []]
+
+
+def test_bad_query_tables() -> None:
+    with pytest.raises(ValueError, match="unique"):
+        QueryMatcher(query_table(["a", "b"], ids=[1, 1]))
+    with pytest.raises(ValueError, match=">= 0"):
+        QueryMatcher(query_table(["a"], ids=[-1]))
+    empty = QueryMatcher(query_table([]))
+    out, funnel = empty(pa.table({"caption": ["a cat"]}))
+    assert empty.num_queries == 0 and out.num_rows == 0 and funnel.stages["query_match"].dropped[NO_QUERY_MATCH] == 1
+
+
+def test_many_queries_and_captions() -> None:
+    words = [f"w{i}" for i in range(5000)]
+    m = QueryMatcher(query_table(words + ["w1 w2"]))
+    captions = [f"w{i} and w{(i * 7) % 5000}" for i in range(2000)]
+    got = m.match(captions).to_pylist()
+    assert got == [sorted({i, (i * 7) % 5000}) for i in range(2000)]
+    assert m.match(["w1 w2"]).to_pylist() == [[1, 2, 5000]]
