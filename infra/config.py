@@ -72,19 +72,38 @@ class PrefectConfig:
 class QueriesConfig:
     output: str = "queries"  # relative to Config.output unless it is a full URI
     unigram_counts: str | None = "pywordfreq"  # a `word count` file, or the packaged counts
-    wikipedia_dumps: tuple[str, ...] = ()  # enwiki-*-pages-articles*.xml.bz2
-    bigram_counts: str | None = None  # `w1 w2 count` file
+    # enwiki-*-pages-articles*.xml.bz2 (multistream or not); when given, unigrams and bigrams are
+    # counted from them (Ray map-reduce) and unigram_counts/bigram_counts are not used.
+    wikipedia_dumps: tuple[str, ...] = ()
+    # `w1 w2 count` file, or "wordsegment": the Google Web 1T bigram counts shipped in the
+    # wordsegment package (not Wikipedia). PMI needs unigram counts and the token total of the same
+    # corpus: packaged for "wordsegment"; for a file, bigram_unigram_counts (default: unigram_counts)
+    # and bigram_total_tokens (default: the sum of those counts).
+    bigram_counts: str | None = "wordsegment"
+    bigram_unigram_counts: str | None = None
+    bigram_total_tokens: int | None = None
     min_unigram_count: int = 100
-    bigram_min_count: int = 5
-    bigram_min_pmi: float = 30.0
+    bigram_min_count: int = 100
+    bigram_min_pmi: float = 4.907  # bits: log2(p(a,b) / (p(a) p(b))); 4.907 = log2(30), see tasks/queries.pmi
     pageviews: tuple[str, ...] = ()  # pageviews-YYYYMMDD-HH0000.gz files
     min_title_views: int = 70
     wordnet_dir: str | None = "auto"  # WordNet 3.0 database files; "auto" finds a packaged copy
     max_queries: int = 500_000
+    priority: tuple[str, ...] = ("wordnet", "unigram", "bigram", "title")  # budget order
+    work_dir: str | None = None  # local dir for dump-count spills (a rerun skips counted blocks); None: temp
+    count_partitions: int = 16  # hash partitions of the dump counts (one reduce task each)
+    count_max_entries: int = 2_000_000  # counts a worker holds before it spills to disk
 
     def __post_init__(self) -> None:
         if self.max_queries <= 0:
             raise ConfigError("queries.max_queries must be > 0")
+        known = ("wordnet", "unigram", "bigram", "title")
+        if any(p not in known for p in self.priority) or len(set(self.priority)) != len(self.priority):
+            raise ConfigError(f"queries.priority: each of {list(known)} at most once, got {list(self.priority)}")
+        if min(self.min_unigram_count, self.bigram_min_count, self.min_title_views) < 1:
+            raise ConfigError("queries.min_unigram_count, bigram_min_count and min_title_views must be >= 1")
+        if self.count_partitions < 1 or self.count_max_entries < 1:
+            raise ConfigError("queries.count_partitions and count_max_entries must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -142,6 +161,22 @@ class TextFilterConfig:
     language_backend: Literal["langdetect", "langdetect-rs"] = "langdetect-rs"  # rs: same answers, ~50x faster
     language_seed: int = 0
     drop_machine_made: bool = True
+    unescape_html: bool = True  # "&amp;" -> "&" once, before the filters
+    # English policy (tasks/text_filter.py): captions of <= short_caption_words words are decided by
+    # the English vocabulary alone; longer ones by it when confident, else by the detector.
+    short_caption_words: int = 4
+    english_min_coverage: float = 0.5  # short captions: share of words that must be English-known
+    english_confident_coverage: float = 0.7  # long captions: English without asking the detector
+    english_min_prob: float = 0.5  # long captions: the detector's minimum P(en)
+    vocab_min_count: int = 10_000  # English-Wikipedia count that makes a word English-known
+    wordnet_dir: str | None = "auto"  # WordNet database for the English lexicon; None: counts only
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_chars <= self.max_chars:
+            raise ConfigError("text_filter: need 0 <= min_chars <= max_chars")
+        for name in ("english_min_coverage", "english_confident_coverage", "english_min_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"text_filter.{name} must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -161,22 +196,6 @@ class ImageConfig:
     max_aspect_ratio: float = 5.0
     max_pixels: int = 89_478_485  # Pillow's decompression-bomb limit
     resize_longest_side: int | None = 256  # downscale only; None keeps the size
-    unescape_html: bool = True  # "&amp;" -> "&" once, before the filters
-    # English policy (tasks/text_filter.py): captions of <= short_caption_words words are decided by
-    # the English vocabulary alone; longer ones by it when confident, else by the detector.
-    short_caption_words: int = 4
-    english_min_coverage: float = 0.5  # short captions: share of words that must be English-known
-    english_confident_coverage: float = 0.7  # long captions: English without asking the detector
-    english_min_prob: float = 0.5  # long captions: the detector's minimum P(en)
-    vocab_min_count: int = 10_000  # English-Wikipedia count that makes a word English-known
-    wordnet_dir: str | None = "auto"  # WordNet database for the English lexicon; None: counts only
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.min_chars <= self.max_chars:
-            raise ConfigError("text_filter: need 0 <= min_chars <= max_chars")
-        for name in ("english_min_coverage", "english_confident_coverage", "english_min_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"text_filter.{name} must be in [0, 1]")
     encode_format: Literal["JPEG", "PNG", "WEBP", "keep"] = "JPEG"  # keep: original bytes if unchanged
     encode_quality: int = 90
     # Decoders Pillow may use; others (EPS runs Ghostscript, PSD, ICO, ...) are refused as not_image.
@@ -249,10 +268,17 @@ class TrainConfig:
     seed: int = 0
     save_every_steps: int = 100
     log_every_steps: int = 10
+    keep_checkpoints: int = 2  # older checkpoints are deleted once a newer one is complete
 
     def __post_init__(self) -> None:
         if self.micro_batch <= 0 or self.grad_accum <= 0 or self.world_size <= 0:
             raise ConfigError("train.micro_batch, train.grad_accum and train.world_size must be > 0")
+        if self.num_workers < 0 or self.save_every_steps <= 0 or self.log_every_steps <= 0:
+            raise ConfigError("train.num_workers must be >= 0; train.save_every_steps and log_every_steps > 0")
+        if self.keep_checkpoints < 1:
+            raise ConfigError("train.keep_checkpoints must be >= 1")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError("train.max_steps must be > 0 (or null for train.epochs passes)")
 
     @property
     def train_batch(self) -> int:
