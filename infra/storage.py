@@ -67,7 +67,7 @@ class ObjectStore:
             self.bucket = parsed.netloc
             self.prefix = parsed.path.strip("/")
             self.root = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        elif parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt"):
+        elif parsed.scheme in ("", "file"):
             path = urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else root
             if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
                 raise ValueError(f"storage root {root!r}: file:// URIs must be local (file:///path)")
@@ -77,7 +77,7 @@ class ObjectStore:
             self.root = self.prefix
         else:
             raise ValueError(f"storage root {root!r}: unsupported scheme {parsed.scheme!r} (use a path, file:// or s3://)")
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: building the pyarrow fs builds the boto3 client
         self._client: Any = None
         self._fs: pafs.FileSystem | None = None
 
@@ -121,7 +121,11 @@ class ObjectStore:
 
     @property
     def filesystem(self) -> pafs.FileSystem:
-        """A pyarrow filesystem for streaming reads/writes (``pyarrow.dataset``, ``open_input_stream``)."""
+        """A pyarrow filesystem for streaming (``pyarrow.dataset``, ``open_input_file``).
+
+        Streamed writes are not atomic on S3 (pyarrow completes the upload on close, even after an
+        error in the writer); use the ``write_*`` methods where readers must never see a partial object.
+        """
         if self._fs is None:
             with self._lock:
                 if self._fs is None:
@@ -189,6 +193,8 @@ class ObjectStore:
                 return call()
             except ClientError as e:
                 code, status = _client_error_code(e)
+                if code == "NoSuchBucket":
+                    raise StorageError(f"{op} {uri} failed: bucket {self.bucket!r} does not exist") from None
                 if code in ("NoSuchKey", "NotFound") or status == 404:
                     raise FileNotFoundError(f"{op} {uri}: no such object") from None
                 transient = status in (429,) or status >= 500 or code in _RETRYABLE_CODES

@@ -241,6 +241,10 @@ def test_child_uri_and_streaming_filesystem(store: ObjectStore) -> None:
     assert sorted(dataset.to_table()["i"].to_pylist()) == [0, 0, 1, 1, 1]
     with child.filesystem.open_input_stream(child.fs_path("shards/part-00001.parquet")) as f:
         assert f.read(4) == b"PAR1"
+    fresh = ObjectStore(child.root, child.config)  # the filesystem first, before any other client
+    with fresh.filesystem.open_output_stream(fresh.fs_path("streamed.bin")) as f:
+        f.write(b"streamed")
+    assert child.read_bytes("streamed.bin") == b"streamed"
 
 
 def test_invalid_keys_and_roots_are_rejected(tmp_path: Path) -> None:
@@ -426,6 +430,13 @@ def test_client_errors_are_not_retried(s3_store: ObjectStore, proxy: FaultProxy,
     with pytest.raises(StorageError, match=r"failed: SignatureDoesNotMatch \(HTTP 403\)$"):
         wrong.write_bytes("k.bin", b"x")
     assert len(proxy.requests) == 3
+
+
+def test_missing_bucket_is_not_a_missing_key(s3_store: ObjectStore) -> None:
+    other = ObjectStore(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x", s3_store.config)
+    for call in (other.list, lambda: other.read_bytes("k"), lambda: other.delete("k")):
+        with pytest.raises(StorageError, match=r"s3://no-such-bucket-\S+ failed: bucket 'no-such-bucket-\w+' does not exist"):
+            call()
 
 
 def test_credentials_never_appear_in_logs_errors_or_reprs(s3_store: ObjectStore, proxy: FaultProxy,
