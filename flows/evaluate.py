@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+import torch
 from prefect import flow, task
 
 from infra.config import Config
@@ -44,7 +45,7 @@ def evaluate_checkpoint_task(config: Config, checkpoint: str) -> dict:
         dataset_uri = None
     return evaluate_checkpoint(checkpoint, config.eval_sets, config.evaluate, dataset_uri=dataset_uri,
                                storage=config.storage, model_config=config.evaluate.model_config,
-                               seed=config.seed)
+                               seed=config.seed, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def summary_rows(results: dict) -> list[dict[str, Any]]:

@@ -281,10 +281,13 @@ def _probe_on_one_split(feats: np.ndarray, labels: np.ndarray, seed: int) -> dic
 
 
 def load_heldout_pairs(dataset_uri: str, rows: int, storage: StorageConfig | None = None) -> tuple[pa.Table, dict]:
-    """(image, caption) pairs held out of a build, from the shards its ``manifest.json`` lists.
+    """Up to ``rows`` (image, caption) pairs of a build, read from the shards its ``manifest.json`` lists.
 
-    A manifest with ``"holdout": {"shards": [...]}`` names its held-out shards; otherwise the last
-    ``rows`` rows of the listed shards (in manifest order) are used, and the info says so.
+    Which rows, in order of preference:
+    - ``"holdout": {"shards": [{"path": ...}, ...]}``: separate held-out shards (not in ``shards``);
+    - ``"holdout": {"tail_rows": N}``: the last N rows of ``shards``, which training skips;
+    - neither: the last ``rows`` rows of ``shards``; these were seen in training, and the returned
+      info says so (``excluded_from_training: false``), so the numbers are read as such.
     """
     from tasks.shards import MANIFEST_NAME
 
@@ -292,30 +295,54 @@ def load_heldout_pairs(dataset_uri: str, rows: int, storage: StorageConfig | Non
     if not store.exists(MANIFEST_NAME):
         raise FileNotFoundError(f"no dataset manifest at {store.uri(MANIFEST_NAME)}")
     manifest = store.read_json(MANIFEST_NAME)
-    columns = ["sample_id", "caption", "image", "sha256"]
     holdout = manifest.get("holdout") or {}
-    tables: list[pa.Table] = []
     if holdout.get("shards"):
-        for entry in holdout["shards"]:
-            path = entry["path"] if isinstance(entry, dict) else entry
-            tables.append(_select(store.read_parquet(path), columns))
-        table = pa.concat_tables(tables) if tables else pa.table({})
-        info = {"source": "manifest holdout", "excluded_from_training": True}
-        if rows:
-            table = table.slice(0, rows)
+        paths = [e["path"] if isinstance(e, dict) else str(e) for e in holdout["shards"]]
+        table = _head_rows(store, paths, rows)
+        info = {"source": "the manifest's held-out shards", "excluded_from_training": True}
+    elif holdout.get("tail_rows"):
+        tail = int(holdout["tail_rows"])
+        table = _tail_rows(store, [e["path"] for e in manifest.get("shards", [])], tail)
+        table = table.slice(0, rows)
+        info = {"source": f"the manifest's held-out tail ({tail} rows)", "excluded_from_training": True}
     else:
-        need = rows
-        for entry in reversed(manifest.get("shards", [])):
-            if need <= 0:
-                break
-            t = _select(store.read_parquet(entry["path"]), columns)
-            tables.insert(0, t.slice(max(0, t.num_rows - need)))
-            need -= min(need, t.num_rows)
-        table = pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in columns})
-        info = {"source": f"last {rows} rows of the manifest's shards",
-                "excluded_from_training": bool(manifest.get("train_excludes_tail", False))}
+        table = _tail_rows(store, [e["path"] for e in manifest.get("shards", [])], rows)
+        info = {"source": f"last {rows} rows of the manifest's shards", "excluded_from_training": False}
     info.update({"dataset": store.root, "rows": table.num_rows})
     return table, info
+
+
+_PAIR_COLUMNS = ["sample_id", "caption", "image", "sha256"]
+
+
+def _head_rows(store: ObjectStore, paths: Sequence[str], rows: int) -> pa.Table:
+    tables: list[pa.Table] = []
+    need = rows
+    for path in paths:
+        if need <= 0:
+            break
+        t = _select(store.read_parquet(path), _PAIR_COLUMNS).slice(0, need)
+        tables.append(t)
+        need -= t.num_rows
+    return _concat(tables)
+
+
+def _tail_rows(store: ObjectStore, paths: Sequence[str], rows: int) -> pa.Table:
+    tables: list[pa.Table] = []
+    need = rows
+    for path in reversed(paths):
+        if need <= 0:
+            break
+        t = _select(store.read_parquet(path), _PAIR_COLUMNS)
+        tables.insert(0, t.slice(max(0, t.num_rows - need)))
+        need -= min(need, t.num_rows)
+    return _concat(tables)
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    if not tables:
+        return pa.table({"caption": pa.array([], pa.string()), "image": pa.array([], pa.binary())})
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def _select(table: pa.Table, columns: list[str]) -> pa.Table:
@@ -368,7 +395,7 @@ def _load_registry_set(cfg: EvalSetConfig):
 
 def evaluate_checkpoint(checkpoint: str, eval_sets: Sequence[EvalSetConfig], cfg: EvalConfig, *,
                         dataset_uri: str | None = None, storage: StorageConfig | None = None,
-                        model_config: str | None = None, seed: int = 0,
+                        model_config: str | None = None, seed: int = 0, device: str = "cpu",
                         load_set: Callable[[EvalSetConfig], Any] | None = None) -> dict:
     """Evaluate ``checkpoint`` on every eval set (and on held-out pairs of ``dataset_uri`` when
     given); write ``results.json``, ``results.md`` and plots; return the results. ``load_set``
@@ -376,9 +403,10 @@ def evaluate_checkpoint(checkpoint: str, eval_sets: Sequence[EvalSetConfig], cfg
     load_set = load_set or _load_registry_set
     started = time.perf_counter()
     torch.manual_seed(seed)
-    loaded = load_checkpoint(checkpoint, model_config=model_config, output=cfg.output, storage=storage)
+    loaded = load_checkpoint(checkpoint, model_config=model_config, output=cfg.output, storage=storage,
+                             device=device)
     out_store = ObjectStore(loaded.results_uri, storage)
-    encoder = ClipEncoder(loaded.model, loaded.model_config.image_size, batch_size=cfg.batch_size)
+    encoder = ClipEncoder(loaded.model, loaded.model_config.image_size, batch_size=cfg.batch_size, device=device)
     cache_dir = None if out_store.is_s3 else Path(out_store.root) / CACHE_DIR
     cache = ClassifierCache(cache_dir)
     results: dict = {

@@ -438,3 +438,27 @@ def test_flow_tasks_resolve_checkpoint_and_summarise(tiny_export, colour_set, tm
     assert "retrieval" not in results  # no dataset manifest in this run: skipped, not failed
     rows = summary_rows(results)
     assert len(rows) == 1 and rows[0]["eval set"] == "colours" and rows[0]["chance top-1"] == "33.3%"
+
+
+def test_heldout_pairs_follow_the_manifest(tiny_dataset):
+    import json
+
+    from tasks.evaluate import load_heldout_pairs
+
+    table, info = load_heldout_pairs(str(tiny_dataset), 8)
+    assert table.column("sample_id").to_pylist() == [f"s{i}" for i in range(4, 12)]
+    assert info["excluded_from_training"] is False and info["rows"] == 8
+
+    manifest_path = tiny_dataset / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "holdout": {"tail_rows": 3}}))
+    table, info = load_heldout_pairs(str(tiny_dataset), 8)
+    assert table.column("sample_id").to_pylist() == ["s9", "s10", "s11"] and info["excluded_from_training"] is True
+
+    held = {**manifest, "shards": manifest["shards"][:1], "holdout": {"shards": manifest["shards"][1:]}}
+    manifest_path.write_text(json.dumps(held))
+    table, info = load_heldout_pairs(str(tiny_dataset), 4)
+    assert table.column("sample_id").to_pylist() == ["s6", "s7", "s8", "s9"] and info["excluded_from_training"]
+
+    with pytest.raises(FileNotFoundError, match="no dataset manifest"):
+        load_heldout_pairs(str(tiny_dataset / "nowhere"), 4)
