@@ -462,3 +462,22 @@ def test_heldout_pairs_follow_the_manifest(tiny_dataset):
 
     with pytest.raises(FileNotFoundError, match="no dataset manifest"):
         load_heldout_pairs(str(tiny_dataset / "nowhere"), 4)
+
+
+def test_checkpoint_on_s3_results_written_beside_it(tiny_export, colour_set, s3_store):
+    """The same run against a real S3 server (SeaweedFS on loopback): weights read from and
+    results written to the bucket, beside the checkpoint."""
+    from infra.config import EvalConfig, EvalSetConfig
+    from tasks.evaluate import evaluate_checkpoint
+
+    for name in ("model.pt", "model_config.json"):
+        s3_store.write_bytes(f"train/export/{name}", (tiny_export / name).read_bytes())
+    results = evaluate_checkpoint(s3_store.uri("train/export"), [EvalSetConfig(name="colours", kind="imagefolder")],
+                                  EvalConfig(linear_probe=False, ensembles=False), storage=s3_store.config,
+                                  load_set=lambda cfg: colour_set)
+    assert results["outputs"]["json"] == s3_store.uri("train/export/eval/results.json")
+    assert s3_store.list("train/export/eval") == ["train/export/eval/plots/colours.png",
+                                                  "train/export/eval/results.json", "train/export/eval/results.md"]
+    saved = s3_store.read_json("train/export/eval/results.json")
+    assert set(saved["eval_sets"]["colours"]["zeroshot"]) == {"ensemble"}
+    assert saved["model_id"] == results["model_id"]
