@@ -499,6 +499,18 @@ def test_store_pickles_without_clients_and_works_in_another_process(s3_store: Ob
     assert s3_store.read_text("from-child.txt") == "parent -> child"
 
 
+@pytest.mark.slow
+def test_store_works_in_ray_tasks(s3_store: ObjectStore, ray_local) -> None:
+    @ray_local.remote
+    def write_part(store: ObjectStore, i: int) -> str:
+        store.write_parquet(f"parts/part-{i:05d}.parquet", pa.table({"i": [i]}))
+        return store.uri(f"parts/part-{i:05d}.parquet")
+
+    uris = ray_local.get([write_part.remote(s3_store, i) for i in range(3)])
+    assert uris == [s3_store.uri(f"parts/part-{i:05d}.parquet") for i in range(3)]
+    assert [s3_store.read_parquet(k)["i"][0].as_py() for k in s3_store.list("parts/")] == [0, 1, 2]
+
+
 def test_server_info_and_binary(s3_server: S3ServerInfo) -> None:
     assert os.access(find_weed(), os.X_OK)
     assert s3_server.endpoint_url.startswith("http://127.0.0.1:")
