@@ -108,16 +108,22 @@ class QueriesConfig:
 
 @dataclass(frozen=True)
 class SourceConfig:
-    """One input of (image, caption) pairs."""
+    """One input of (image, caption) pairs (tasks/readers.py)."""
 
     kind: Literal["parquet", "csv", "tsv", "jsonl", "webdataset", "directory", "openclipart"]
-    path: str
-    url_column: str = "url"
-    caption_column: str = "caption"
-    image_column: str | None = None  # inline image bytes
-    path_column: str | None = None  # local image path
-    id_column: str | None = None
-    rows_per_input_shard: int = 2_000
+    path: str  # a file, a folder of them, or a glob; relative to the working directory
+    url_column: str = "url"  # also the URL key of WebDataset .json members
+    caption_column: str = "caption"  # also the caption key of .json members and sidecars
+    image_column: str | None = None  # inline image bytes (base64 text in CSV/JSONL)
+    path_column: str | None = None  # local image path, relative to the manifest's folder
+    id_column: str | None = None  # stable row ids (default: row number in the file)
+    rows_per_input_shard: int = 2_000  # WebDataset: one input shard per tar instead
+
+    def __post_init__(self) -> None:
+        if self.rows_per_input_shard <= 0:
+            raise ConfigError(f"sources.{self.kind}:{self.path}: rows_per_input_shard must be > 0")
+        if not self.path:
+            raise ConfigError(f"sources.{self.kind}: path must not be empty")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,587 @@
+"""Sources (readers): every input of (image, caption) pairs as CANDIDATE_SCHEMA tables, in input shards.
+
+    shards = plan_input_shards(config.sources, base_dir=".")   # cheap: metadata, line counts, listings
+    table = read_input_shard(shards[0])                          # one Ray worker's unit of work
+
+Source kinds (``SourceConfig.kind``):
+
+* ``parquet`` / ``csv`` / ``tsv`` / ``jsonl`` — manifests with a caption column and a URL, a local
+  path (relative paths are relative to the manifest's folder) or inline image bytes (binary, or base64
+  text in CSV/JSONL). Column names are configurable; img2dataset's ``url``/``caption`` are the
+  defaults, and img2dataset's own Parquet output (``key``, ``status``, ``jpg``...) is recognised.
+  ``path`` is a file, a folder (every file with the kind's extension) or a glob.
+* ``webdataset`` — tar shards: members sharing a key (``dir/key.jpg`` + ``dir/key.txt``/``.json``).
+* ``directory`` — a folder of images with sidecar captions (``a/cat.jpg`` + ``a/cat.txt``).
+* ``openclipart`` — the bundled sample or the full Debian-built file (infra/openclipart.py): caption
+  is the title as written, held-out ids are left out.
+
+Bad rows never fail a shard: a missing caption, an unreadable local path or a broken tar member
+keeps its row with a null caption/image (later stages count those) and a ``reader_error`` in
+``meta``; rows with nothing to keep (a malformed JSONL line or CSV row) and held-out ids are dropped
+and counted in the ``read`` funnel stage. A wholly unreadable input file, or a configured column
+that is not there, raises :class:`ReaderError` naming the file and the column.
+
+``sample_id`` is stable across reruns and independent of shard sizes: ``<kind>:<file as
+configured>#<id column value or row number>``, ``webdataset:<tar>#<key>``,
+``directory:<folder>/<image path>``, ``openclipart:<id>``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import glob
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from infra.config import SourceConfig
+from infra.log import get_logger, log_event
+from infra.schema import CANDIDATE_SCHEMA
+from tasks.funnel import Funnel
+
+log = get_logger("witflow.readers")
+
+READ_STAGE = "read"
+READER_ERROR_KEY = "reader_error"  # in `meta`: why a kept row has no image or caption
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+MANIFEST_EXTENSIONS = {
+    "parquet": (".parquet",),
+    "csv": (".csv", ".csv.gz", ".csv.bz2", ".csv.zst"),
+    "tsv": (".tsv", ".tsv.gz", ".tsv.bz2", ".tsv.zst"),
+    "jsonl": (".jsonl", ".json"),
+    "webdataset": (".tar",),
+}
+# img2dataset's output Parquet (output_format="parquet") carries these; the image is in jpg/png/webp.
+_IMG2DATASET_COLUMNS = {"key", "status", "error_message"}
+_IMG2DATASET_IMAGE_COLUMNS = ("jpg", "png", "webp")
+
+
+class ReaderError(ValueError):
+    """An input file or column cannot be read at all; the message names it."""
+
+
+@dataclass(frozen=True)
+class InputShard:
+    """One unit of reading work: a slice of one input file (or a list of files of a folder)."""
+
+    shard_id: str  # "s<source index>-<shard number:05d>", stable for the same sources
+    source: SourceConfig
+    source_name: str  # "<kind>:<path as configured>": the CANDIDATE `source` column
+    file: str  # absolute path: the manifest, tar or Parquet file, or the directory source's folder
+    display_file: str  # the file as the config names it (stable across machines): in sample ids
+    start: int = 0  # first row (line for JSONL); directory shards list their `members` instead
+    stop: int | None = None  # exclusive; None: to the end
+    byte_offset: int = 0  # JSONL: where line `start` begins
+    members: tuple[str, ...] = ()  # directory: image paths relative to `file`
+
+
+# ------------------------------------------------------------------------------------------------
+# Planning
+# ------------------------------------------------------------------------------------------------
+
+
+def _has_ext(name: str, exts: Sequence[str]) -> bool:
+    lower = name.lower()
+    return any(lower.endswith(e) for e in exts)
+
+
+def _resolve_files(source: SourceConfig, base_dir: Path) -> list[tuple[Path, str]]:
+    """(absolute file, name as configured) pairs for a file/folder/glob source, sorted.
+
+    The name is relative to ``base_dir`` when the configured path is, so sample ids do not depend on
+    where the checkout lives.
+    """
+    configured = source.path
+    relative = not os.path.isabs(configured)
+    path = base_dir / configured if relative else Path(configured)
+    exts = MANIFEST_EXTENSIONS.get(source.kind, ())
+
+    def name(p: Path) -> str:
+        return p.relative_to(base_dir).as_posix() if relative and p.is_relative_to(base_dir) else str(p)
+
+    if any(ch in configured for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p))
+        if not files:
+            raise ReaderError(f"source {source.kind}:{configured}: the pattern matches no file")
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _has_ext(p.name, exts)
+                       and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
+        if not files:
+            raise ReaderError(f"source {source.kind}:{configured}: no {'/'.join(exts)} file in the folder {path}")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise ReaderError(f"source {source.kind}:{configured}: {path} does not exist")
+    return [(f, name(f)) for f in files]
+
+
+def _count_parquet_rows(path: Path) -> int:
+    return _open_parquet(path).metadata.num_rows
+
+
+def _count_csv_rows(path: Path, source: SourceConfig) -> int:
+    names = _csv_header(path, source)
+    return sum(batch.num_rows for batch, _ in _csv_batches(path, source, names, names[:1]))
+
+
+def _jsonl_line_offsets(path: Path, every: int) -> tuple[int, list[int]]:
+    """Number of lines, and the byte offset of every ``every``-th line (the shard starts)."""
+    offsets: list[int] = []
+    lines = 0
+    pos = 0
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if lines % every == 0:
+                    offsets.append(pos)
+                pos += len(line)
+                lines += 1
+    except OSError as e:
+        raise ReaderError(f"{path}: cannot read ({e})") from None
+    return lines, offsets
+
+
+def _list_directory(folder: Path) -> list[str]:
+    members = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.is_file() and _has_ext(p.name, IMAGE_EXTENSIONS) and not any(s.startswith(".") for s in rel.parts):
+            members.append(rel.as_posix())
+    return members
+
+
+def plan_input_shards(sources: Sequence[SourceConfig], base_dir: str | Path = ".") -> list[InputShard]:
+    """Split every source into input shards of ``rows_per_input_shard`` rows (one per tar file).
+
+    Deterministic: the same sources and files give the same shard ids and slices. Relative source
+    paths are resolved against ``base_dir``.
+    """
+    base = Path(base_dir).resolve()
+    shards: list[InputShard] = []
+    for index, source in enumerate(sources):
+        name = f"{source.kind}:{source.path}"
+        per = source.rows_per_input_shard
+        if per <= 0:
+            raise ReaderError(f"source {name}: rows_per_input_shard must be > 0")
+        n = 0
+
+        def add(**kw: Any) -> None:
+            nonlocal n
+            shards.append(InputShard(shard_id=f"s{index}-{n:05d}", source=source, source_name=name, **kw))
+            n += 1
+
+        if source.kind == "directory":
+            folder = Path(source.path) if os.path.isabs(source.path) else base / source.path
+            if not folder.is_dir():
+                raise ReaderError(f"source {name}: {folder} is not a folder")
+            members = _list_directory(folder)
+            for i in range(0, len(members), per):
+                add(file=str(folder), display_file=source.path.rstrip("/"), members=tuple(members[i:i + per]))
+            continue
+        for path, display in _resolve_files(source, base):
+            if source.kind == "webdataset":
+                add(file=str(path), display_file=display)
+                continue
+            if source.kind == "jsonl":
+                lines, offsets = _jsonl_line_offsets(path, per)
+                for k, off in enumerate(offsets):
+                    add(file=str(path), display_file=display, start=k * per, stop=min(lines, (k + 1) * per), byte_offset=off)
+                continue
+            rows = _count_parquet_rows(path) if source.kind in ("parquet", "openclipart") else _count_csv_rows(path, source)
+            for start in range(0, rows, per):
+                # The last shard reads to the end (stop=None): it also counts trailing malformed CSV rows.
+                add(file=str(path), display_file=display, start=start, stop=start + per if start + per < rows else None)
+    return shards
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------------
+
+
+class _Rows:
+    """Column lists for the candidate table, plus the read stage's drop counts."""
+
+    def __init__(self) -> None:
+        self.sample_id: list[str] = []
+        self.caption: list[str | None] = []
+        self.url: list[str | None] = []
+        self.image: list[bytes | None] = []
+        self.meta: list[str | None] = []
+        self.seen = 0
+        self.dropped: Counter = Counter()
+        self.errors: Counter = Counter()  # kept rows with a reader_error, by kind
+
+    def add(self, sample_id: str, caption: str | None, url: str | None, image: bytes | None,
+            meta: dict[str, Any] | None, error: str | None = None) -> None:
+        self.seen += 1
+        if error:
+            meta = {**(meta or {}), READER_ERROR_KEY: error}
+            self.errors[error.split(":", 1)[0]] += 1
+        self.sample_id.append(sample_id)
+        self.caption.append(caption)
+        self.url.append(url)
+        self.image.append(image)
+        self.meta.append(json.dumps(meta, ensure_ascii=False, default=str, sort_keys=True) if meta else None)
+
+    def drop(self, reason: str, count: int = 1) -> None:
+        self.seen += count
+        self.dropped[reason] += count
+
+    def table(self, source_name: str) -> pa.Table:
+        n = len(self.sample_id)
+        return pa.Table.from_arrays(
+            [pa.array(self.sample_id, pa.string()), pa.array([source_name] * n, pa.string()),
+             pa.array(self.caption, pa.string()), pa.array(self.url, pa.string()),
+             pa.array(self.image, pa.binary()), pa.array(self.meta, pa.string())],
+            schema=CANDIDATE_SCHEMA)
+
+
+def _read_local(path: str, relative_to: Path) -> tuple[bytes | None, str | None]:
+    p = Path(path)
+    if not p.is_absolute():
+        p = relative_to / p
+    try:
+        return p.read_bytes(), None
+    except OSError as e:
+        return None, f"unreadable_path: {p}: {e.strerror or e}"
+
+
+def _decode_inline(value: Any) -> tuple[bytes | None, str | None]:
+    """Inline image bytes: binary as is, text as base64 (CSV/JSONL cannot hold raw bytes)."""
+    if value is None:
+        return None, None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value), None
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True), None
+        except (binascii.Error, ValueError) as e:
+            return None, f"bad_inline_image: not base64 ({e})"
+    return None, f"bad_inline_image: unexpected {type(value).__name__}"
+
+
+def _as_text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """Which manifest columns to read, checked against the file's header."""
+
+    caption: str
+    url: str | None
+    image: str | None
+    path: str | None
+    id: str | None
+    extra: tuple[str, ...]  # kept in meta (img2dataset's status/error_message)
+
+    @property
+    def names(self) -> list[str]:
+        return list(dict.fromkeys(c for c in (self.caption, self.url, self.image, self.path, self.id, *self.extra) if c))
+
+
+def _columns_for(source: SourceConfig, available: Sequence[str], file: str) -> _Columns:
+    have = set(available)
+
+    def need(column: str, key: str) -> str:
+        if column not in have:
+            raise ReaderError(f"{file}: column {column!r} (sources.{key}) not found; columns are {sorted(have)}")
+        return column
+
+    image, id_column, extra = source.image_column, source.id_column, ()
+    if _IMG2DATASET_COLUMNS <= have:  # img2dataset's own output: its key is the stable id
+        extra = ("status", "error_message")
+        id_column = id_column or "key"
+        image = image or next((c for c in _IMG2DATASET_IMAGE_COLUMNS if c in have), None)
+    caption = need(source.caption_column, "caption_column")
+    image = need(image, "image_column") if image else None
+    path = need(source.path_column, "path_column") if source.path_column else None
+    id_column = need(id_column, "id_column") if id_column else None
+    url = source.url_column if source.url_column in have else None
+    if url is None and image is None and path is None:
+        need(source.url_column, "url_column")  # raises: nothing would give an image
+    return _Columns(caption, url, image, path, id_column, extra)
+
+
+def _manifest_row(rows: _Rows, shard: InputShard, cols: _Columns, record: dict[str, Any], row_number: int,
+                  folder: Path) -> None:
+    ident = record.get(cols.id) if cols.id else None
+    key = _as_text(ident) if ident is not None else str(row_number)
+    sample_id = f"{shard.source.kind}:{shard.display_file}#{key}"
+    image, error = _decode_inline(record.get(cols.image)) if cols.image else (None, None)
+    if image is None and error is None and cols.path and record.get(cols.path):
+        image, error = _read_local(str(record[cols.path]), folder)
+    meta: dict[str, Any] = {"row": row_number}
+    if cols.id and ident is None:
+        meta["missing_id"] = True
+    for c in cols.extra:
+        meta[c] = record.get(c)
+    if cols.path and record.get(cols.path):
+        meta["path"] = record[cols.path]
+    url = _as_text(record.get(cols.url)) if cols.url else None
+    rows.add(sample_id, _as_text(record.get(cols.caption)), url or None, image, meta, error)
+
+
+def _open_parquet(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ReaderError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def _parquet_rows(pf: pq.ParquetFile, path: Path, columns: list[str], start: int, stop: int | None) -> pa.Table:
+    """Rows [start, stop) of a Parquet file, reading only the row groups that overlap them."""
+    stop = pf.metadata.num_rows if stop is None else stop
+    groups, first_row, offset = [], 0, 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if offset + n > start and offset < stop:
+            if not groups:
+                first_row = offset
+            groups.append(g)
+        offset += n
+    if not groups:
+        return pf.schema_arrow.empty_table().select(columns)
+    try:
+        table = pf.read_row_groups(groups, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        raise ReaderError(f"{path}: cannot read rows {start}-{stop} ({e})") from None
+    return table.slice(start - first_row, stop - start)
+
+
+def _read_parquet(shard: InputShard, rows: _Rows) -> None:
+    path = Path(shard.file)
+    pf = _open_parquet(path)
+    cols = _columns_for(shard.source, pf.schema_arrow.names, shard.file)
+    table = _parquet_rows(pf, path, cols.names, shard.start, shard.stop)
+    for i, record in enumerate(table.to_pylist()):
+        _manifest_row(rows, shard, cols, record, shard.start + i, path.parent)
+
+
+def _csv_parse_options(source: SourceConfig, on_invalid: Any) -> pacsv.ParseOptions:
+    return pacsv.ParseOptions(delimiter="\t" if source.kind == "tsv" else ",", newlines_in_values=True,
+                              invalid_row_handler=on_invalid)
+
+
+def _csv_header(path: Path, source: SourceConfig) -> list[str]:
+    try:
+        with pa.input_stream(str(path), compression="detect") as stream:
+            return pacsv.open_csv(stream, parse_options=_csv_parse_options(source, lambda row: "skip")).schema.names
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ReaderError(f"{path}: not a readable {source.kind.upper()} file ({e})") from None
+
+
+def _csv_batches(path: Path, source: SourceConfig, names: Sequence[str],
+                 columns: Sequence[str]) -> Iterator[tuple[pa.RecordBatch, int]]:
+    """(batch, malformed rows skipped while parsing it): the same sequence on every call."""
+    bad = [0]
+
+    def on_invalid(row: Any) -> str:
+        bad[0] += 1
+        return "skip"
+
+    # One thread: parsing is sequential, so each batch's malformed rows are counted with it.
+    read = pacsv.ReadOptions(block_size=1 << 22, use_threads=False)
+    # Every column as text: ids like "00012" and numeric-looking captions must survive unchanged.
+    convert = pacsv.ConvertOptions(include_columns=list(columns), strings_can_be_null=True,
+                                   column_types={n: pa.string() for n in names})
+    try:
+        with pa.input_stream(str(path), compression="detect") as stream:
+            reader = pacsv.open_csv(stream, read_options=read, parse_options=_csv_parse_options(source, on_invalid),
+                                    convert_options=convert)
+            for batch in reader:
+                yield batch, bad[0]
+                bad[0] = 0
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ReaderError(f"{path}: not a readable {source.kind.upper()} file ({e})") from None
+
+
+def _read_csv(shard: InputShard, rows: _Rows) -> None:
+    path = Path(shard.file)
+    names = _csv_header(path, shard.source)
+    cols = _columns_for(shard.source, names, shard.file)
+    start, stop = shard.start, shard.stop
+    row = 0  # index of the batch's first row in the file
+    for batch, bad in _csv_batches(path, shard.source, names, cols.names):
+        if stop is not None and row >= stop:
+            break
+        if row >= start and bad:  # a batch's malformed rows count in the shard holding its first row
+            rows.drop("bad_csv_row", bad)
+        n = batch.num_rows
+        if row + n > start:  # CSV has no index: earlier shards' rows are parsed and skipped
+            lo, hi = max(0, start - row), n if stop is None else min(n, stop - row)
+            for i, record in enumerate(batch.slice(lo, hi - lo).to_pylist()):
+                _manifest_row(rows, shard, cols, record, row + lo + i, path.parent)
+        row += n
+
+
+def _read_jsonl(shard: InputShard, rows: _Rows) -> None:
+    path = Path(shard.file)
+    stop = shard.stop if shard.stop is not None else float("inf")
+    records: list[tuple[int, dict]] = []
+    try:
+        with open(path, "rb") as f:
+            f.seek(shard.byte_offset)
+            line_no = shard.start
+            for raw in f:
+                if line_no >= stop:
+                    break
+                line_no += 1
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    rows.drop("bad_json_line")
+                    continue
+                if not isinstance(record, dict):
+                    rows.drop("bad_json_line")
+                    continue
+                records.append((line_no - 1, record))
+    except OSError as e:
+        raise ReaderError(f"{path}: cannot read ({e})") from None
+    if not records:
+        return
+    keys = set().union(*(r.keys() for _, r in records))
+    cols = _columns_for(shard.source, sorted(keys), shard.file)
+    for line_no, record in records:
+        _manifest_row(rows, shard, cols, record, line_no, path.parent)
+
+
+def _split_key(member: str) -> tuple[str, str]:
+    """WebDataset convention: ``dir/key.ext.ext2`` -> (``dir/key``, ``ext.ext2``), by the first dot of the name."""
+    folder, _, name = member.rpartition("/")
+    stem, dot, ext = name.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower() if dot else ""
+
+
+def _read_webdataset(shard: InputShard, rows: _Rows) -> None:
+    path = Path(shard.file)
+    samples: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
+    try:
+        tar = tarfile.open(path, mode="r:*")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ReaderError(f"{path}: not a readable tar file ({e})") from None
+    with tar:
+        try:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_key(member.name)
+                if key not in samples:
+                    samples[key] = {}
+                    order.append(key)
+                try:
+                    handle = tar.extractfile(member)
+                    samples[key][ext] = handle.read() if handle else None
+                except (tarfile.TarError, OSError, EOFError) as e:
+                    samples[key]["__error__"] = f"broken_member: {member.name}: {e}"
+        except (tarfile.TarError, OSError, EOFError) as e:
+            # Truncated or corrupt past this point: keep what was read, count the rest as one loss.
+            rows.drop("broken_tar")
+            log_event(log, "tar ends early; keeping the members read so far", level=30, file=shard.file,
+                      samples_read=len(order), error=str(e))
+    caption_key = shard.source.caption_column
+    for key in order:
+        parts = samples[key]
+        error = parts.pop("__error__", None)
+        image_ext = next((e for e in parts if ("." + e.rsplit(".", 1)[-1]) in IMAGE_EXTENSIONS), None)
+        image = parts.get(image_ext) if image_ext else None
+        meta: dict[str, Any] = {"key": key}
+        caption, url = None, None
+        if parts.get("json") is not None:
+            try:
+                info = json.loads(parts["json"])
+                if isinstance(info, dict):
+                    caption = _as_text(info.get(caption_key))
+                    url = _as_text(info.get(shard.source.url_column))
+                    meta.update({k: v for k, v in info.items() if k not in (caption_key,)})
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                error = error or f"bad_json_member: {key}.json: {e}"
+        if parts.get("txt") is not None:
+            caption = parts["txt"].decode("utf-8", errors="replace")
+        if image is None and error is None and not url:
+            error = f"no_image_member: {key}"
+        rows.add(f"webdataset:{shard.display_file}#{key}", caption, url or None, image, meta, error)
+
+
+def _read_directory(shard: InputShard, rows: _Rows) -> None:
+    folder = Path(shard.file)
+    for rel in shard.members:
+        image, error = _read_local(rel, folder)
+        stem = (folder / rel).with_suffix("")
+        caption: str | None = None
+        meta: dict[str, Any] = {"path": rel}
+        txt, js = stem.with_suffix(".txt"), stem.with_suffix(".json")
+        try:
+            if txt.is_file():
+                caption = txt.read_bytes().decode("utf-8", errors="replace")
+            elif js.is_file():
+                info = json.loads(js.read_bytes())
+                if isinstance(info, dict):
+                    caption = _as_text(info.get(shard.source.caption_column))
+                    meta.update({k: v for k, v in info.items() if k != shard.source.caption_column})
+            else:
+                meta["missing_sidecar"] = True
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            error = error or f"unreadable_sidecar: {e}"
+        rows.add(f"directory:{shard.display_file}/{rel}", caption, None, image, meta, error)
+
+
+def _read_openclipart(shard: InputShard, rows: _Rows) -> None:
+    from infra.openclipart import OPENCLIPART_SCHEMA, is_heldout
+
+    path = Path(shard.file)
+    pf = _open_parquet(path)
+    missing = [f.name for f in OPENCLIPART_SCHEMA if f.name not in pf.schema_arrow.names]
+    if missing:
+        raise ReaderError(f"{path}: column(s) {missing} of the Openclipart table not found "
+                          f"(regenerate it with python -m infra.openclipart)")
+    table = _parquet_rows(pf, path, ["id", "category", "title", "keywords", "description", "image"], shard.start, shard.stop)
+    for r in table.to_pylist():
+        if is_heldout(r["id"]):
+            rows.drop("heldout")
+            continue
+        meta = {"id": r["id"], "category": r["category"], "title": r["title"], "keywords": r["keywords"],
+                "description": r["description"]}
+        rows.add(f"openclipart:{r['id']}", r["title"], None, r["image"], meta)
+
+
+_READERS = {"parquet": _read_parquet, "csv": _read_csv, "tsv": _read_csv, "jsonl": _read_jsonl,
+            "webdataset": _read_webdataset, "directory": _read_directory, "openclipart": _read_openclipart}
+
+
+def read_input_shard_with_funnel(shard: InputShard) -> tuple[pa.Table, Funnel]:
+    """Read one input shard; the funnel's ``read`` stage counts rows seen, dropped (by reason) and kept."""
+    rows = _Rows()
+    _READERS[shard.source.kind](shard, rows)
+    table = rows.table(shard.source_name)
+    funnel = Funnel()
+    funnel.record(READ_STAGE, rows.seen, table.num_rows, [r for r, c in rows.dropped.items() for _ in range(c)])
+    if rows.errors or rows.dropped:
+        log_event(log, "read shard with bad rows", level=30 if rows.errors or set(rows.dropped) - {"heldout"} else 20,
+                  shard=shard.shard_id, file=shard.display_file, rows=table.num_rows,
+                  **{f"dropped_{k}": v for k, v in rows.dropped.items()},
+                  **{f"kept_with_{k}": v for k, v in rows.errors.items()})
+    return table, funnel
+
+
+def read_input_shard(shard: InputShard) -> pa.Table:
+    """Read one input shard as a CANDIDATE_SCHEMA table (see the module docstring for bad rows)."""
+    return read_input_shard_with_funnel(shard)[0]
