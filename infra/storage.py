@@ -76,7 +76,8 @@ class ObjectStore:
             self.prefix = os.path.abspath(os.path.expanduser(path))
             self.root = self.prefix
         else:
-            raise ValueError(f"storage root {root!r}: unsupported scheme {parsed.scheme!r} (use a path, file:// or s3://)")
+            raise ValueError(f"storage root {root!r}: unsupported scheme {parsed.scheme!r} "
+                             "(use a path, file:// or s3://)")
         self._lock = threading.RLock()  # re-entrant: building the pyarrow fs builds the boto3 client
         self._client: Any = None
         self._fs: pafs.FileSystem | None = None
@@ -172,9 +173,10 @@ class ObjectStore:
         creds = self._boto3_session().get_credentials()
         frozen = creds.get_frozen_credentials() if creds is not None else None
         endpoint = urllib.parse.urlparse(client.meta.endpoint_url)
+        retry = pafs.AwsStandardS3RetryStrategy(max_attempts=self.config.retries + 1)
         kwargs: dict[str, Any] = dict(region=client.meta.region_name, scheme=endpoint.scheme,
                                       endpoint_override=endpoint.netloc, force_virtual_addressing=False,
-                                      retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=self.config.retries + 1))
+                                      retry_strategy=retry)
         if frozen is None:
             kwargs["anonymous"] = True
         else:
