@@ -351,8 +351,8 @@ def read_openclipart(path: str | Path, split: Literal["all", "train", "heldout"]
 
 
 def build(out: Path, *, root: Path = OPENCLIPART_ROOT, full: bool = False, target: int = SAMPLE_TARGET,
-          max_side: int = MAX_SIDE) -> pa.Table:
-    """Build the sample (or, with ``full``, every image) and write it to ``out``."""
+          max_side: int = MAX_SIDE) -> tuple[pa.Table, Counter]:
+    """Build the sample (or, with ``full``, every image) and write it to ``out``; returns the skip counts too."""
     records, skipped = read_all_metadata(root)
     chosen = list(records) if full else select_sample(records, target)
     table, png_skipped = build_table(chosen, root, max_side)
@@ -364,7 +364,7 @@ def build(out: Path, *, root: Path = OPENCLIPART_ROOT, full: bool = False, targe
     write_table(table, out, provenance)
     log_event(log, "wrote Openclipart table", path=str(out), rows=table.num_rows, svgs=len(records) + skipped["broken_svg"],
               mbytes=round(out.stat().st_size / 1e6, 2), **{f"skipped_{k}": v for k, v in skipped.items()})
-    return table
+    return table, skipped
 
 
 def main(argv: Iterable[str] | None = None) -> int:
