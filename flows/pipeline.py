@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import tempfile
+from pathlib import Path
 from typing import Iterator
 
 from prefect import flow
 
-from infra.config import Config, StorageConfig
+from infra.config import Config
 from infra.log import get_logger, log_event
 
 log = get_logger(__name__)
@@ -25,13 +25,13 @@ def _local_s3(config: Config) -> Iterator[Config]:
     """Start a local S3-compatible server (SeaweedFS) and point every output at a bucket on it."""
     from infra.s3server import local_s3_server
 
-    with tempfile.TemporaryDirectory(prefix="witflow-s3-") as data_dir, \
-            local_s3_server(data_dir, bucket="witflow") as server:
-        storage = StorageConfig(endpoint_url=server.endpoint_url, region="us-east-1",
-                                access_key_id=server.access_key, secret_access_key=server.secret_key)
+    # The server's data stays under runs/ so the bucket can be looked at (or served again) afterwards.
+    data_dir = Path("runs") / "s3data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with local_s3_server(str(data_dir), bucket="witflow") as server:
         name = config.output.rstrip("/").rsplit("/", 1)[-1]
-        log_event(log, "local S3 server up", endpoint=server.endpoint_url, bucket=server.bucket)
-        yield dataclasses.replace(config, output=f"s3://{server.bucket}/{name}", storage=storage)
+        log_event(log, "local S3 server up", endpoint=server.endpoint_url, bucket=server.bucket, data=str(data_dir))
+        yield dataclasses.replace(config, output=server.uri(name), storage=server.storage_config())
 
 
 @flow(name="pipeline", log_prints=True)
