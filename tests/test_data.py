@@ -1,0 +1,160 @@
+"""trainer.data: transforms, manifest reading, rank/worker split, resumable position, bad samples."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import random
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from trainer.data import (CLIP_MEAN, CLIP_STD, ShardStream, StreamState, advance_position, decode_image, image_transform,
+                          initial_position, load_manifest, make_loader, skipped_total)
+from trainer.tokenizer import tokenize
+from tests.trainer_fixtures import sample_pairs, write_dataset
+
+ROWS = 96
+
+
+@pytest.fixture(scope="module")
+def pairs(sample_parquet) -> pa.Table:
+    return sample_pairs(sample_parquet, ROWS)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, pairs):
+    return load_manifest(str(write_dataset(tmp_path_factory.mktemp("ds"), pairs, rows_per_shard=20)))
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _stream(source, **kwargs) -> ShardStream:
+    args = dict(rank=0, world_size=1, micro_batch=8, image_size=32, shuffle_buffer=16, seed=0)
+    return ShardStream(source, **{**args, **kwargs})
+
+
+def test_transform_normalises_with_clip_mean_std_and_crops_deterministically():
+    white = Image.new("RGB", (80, 40), (255, 255, 255))
+    for train in (False, True):
+        x = image_transform(32, train)(white, random.Random(0))
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+        expected = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+        assert torch.allclose(x.mean(dim=(1, 2)), expected, atol=1e-4)
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    noise = Image.fromarray(pixels)
+    square = noise.crop((0, 0, 64, 64))  # (96x64 is too wide for any 0.9-1.0 crop in 3/4-4/3: centre fallback)
+    train = image_transform(32, True)
+    assert torch.equal(train(square, random.Random(1)), train(square, random.Random(1)))
+    assert not torch.equal(train(square, random.Random(1)), train(square, random.Random(2)))
+    # Eval: centre crop of the shorter side: the outer columns of 96 never matter (16 are cropped;
+    # the bicubic kernel reaches a few pixels past the box, so change only the outer 10).
+    changed = pixels.copy()
+    changed[:, :10] = 0
+    changed[:, -10:] = 0
+    evaluate = image_transform(32, False)
+    assert torch.allclose(evaluate(noise), evaluate(Image.fromarray(changed)))
+
+
+def test_decode_puts_transparency_on_white():
+    clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    image = decode_image(_png(clear))
+    assert image.mode == "RGB" and image.getpixel((3, 3)) == (255, 255, 255)
+    with pytest.raises(Exception):
+        decode_image(b"not an image")
+
+
+def test_manifest_paths_are_relative_to_its_directory(tmp_path, pairs):
+    manifest = write_dataset(tmp_path / "deep" / "dataset", pairs, rows_per_shard=40)
+    source = load_manifest(f"file://{manifest}")
+    assert [s.key for s in source.shards] == [f"shards/part-{i:05d}.parquet" for i in range(3)]
+    assert source.num_rows == ROWS and source.root == str(manifest.parent)
+    assert load_manifest(str(manifest.parent)).shards == source.shards  # a directory finds manifest.json
+    manifest.write_text(json.dumps({"shards": []}))
+    with pytest.raises(ValueError, match="lists no shards"):
+        load_manifest(str(manifest))
+
+
+def test_one_rank_sees_every_row_once_per_epoch_then_the_next_epoch(dataset, pairs):
+    batches = list(itertools.islice(iter(_stream(dataset)), 2 * ROWS // 8))
+    first = torch.cat([b["rows"] for b in batches[:ROWS // 8]]).tolist()
+    second = torch.cat([b["rows"] for b in batches[ROWS // 8:]]).tolist()
+    assert sorted(first) == sorted(second) == list(range(ROWS))
+    assert first != list(range(ROWS)) and first != second  # shuffled, differently per epoch
+    assert [b["state"]["epoch"] for b in batches] == [0] * (ROWS // 8) + [1] * (ROWS // 8)
+    batch = batches[0]
+    assert batch["images"].shape == (8, 3, 32, 32) and batch["tokens"].shape == (8, 77)
+    captions = pairs.column("caption").to_pylist()
+    assert torch.equal(batch["tokens"], tokenize([captions[r] for r in batch["rows"].tolist()]))
+
+
+@pytest.mark.parametrize("rows_per_shard", [20, 4])  # 5 shards: rows split; 24 shards: whole shards split
+def test_ranks_and_streams_partition_the_rows(tmp_path, pairs, rows_per_shard):
+    source = load_manifest(str(write_dataset(tmp_path, pairs, rows_per_shard)))
+    seen = []
+    for rank in range(2):
+        for stream in range(2):
+            ds = _stream(source, rank=rank, world_size=2, num_streams=2, micro_batch=4)
+            assert ds.split_by_shard == (rows_per_shard == 4)
+            got = []
+            for b in ds._stream_batches(stream, StreamState()):  # what DataLoader worker `stream` runs
+                if b["state"]["epoch"] > 0:
+                    break
+                got += b["rows"].tolist()
+            seen.append(set(got))
+    assert all(len(s) > 0 for s in seen)
+    for a, b in itertools.combinations(seen, 2):
+        assert not a & b
+    assert len(set().union(*seen)) >= ROWS - 4 * 3  # all but partial last batches of each unit
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_from_a_position_replays_the_same_batches(dataset, num_workers):
+    streams = max(1, num_workers)
+    full = list(itertools.islice(iter(make_loader(_stream(dataset, num_streams=streams), num_workers)), 9))
+    position = initial_position(streams)
+    for batch in full[:5]:
+        position = advance_position(position, batch["state"])
+    resumed = list(itertools.islice(
+        iter(make_loader(_stream(dataset, num_streams=streams, position=position), num_workers)), 4))
+    for a, b in zip(full[5:], resumed):
+        assert torch.equal(a["rows"], b["rows"])
+        assert torch.equal(a["images"], b["images"])  # same augmentation too
+        assert torch.equal(a["tokens"], b["tokens"])
+    with pytest.raises(ValueError, match="same train.num_workers"):
+        _stream(dataset, num_streams=3, position=position)
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path, pairs):
+    images = pairs.column("image").to_pylist()
+    captions = pairs.column("caption").to_pylist()
+    images[3] = b"\x89PNG\r\n\x1a\n truncated"
+    images[10] = b"garbage"
+    captions[5] = "   "
+    broken = pairs.set_column(pairs.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    broken = broken.set_column(broken.schema.get_field_index("caption"), "caption", pa.array(captions))
+    source = load_manifest(str(write_dataset(tmp_path, broken, rows_per_shard=50)))
+    batches = list(itertools.islice(iter(_stream(source)), (ROWS - 3) // 8))
+    rows = torch.cat([b["rows"] for b in batches]).tolist()
+    assert all(len(b["rows"]) == 8 for b in batches)  # full batches despite the holes
+    assert not {3, 5, 10} & set(rows)
+    position = initial_position(1)
+    for batch in batches:
+        position = advance_position(position, batch["state"])
+    assert skipped_total(position) == {"decode_error": 2, "empty_caption": 1}
+
+
+def test_unreadable_shard_costs_its_rows_not_the_run(tmp_path, pairs):
+    manifest = write_dataset(tmp_path, pairs, rows_per_shard=48)
+    (tmp_path / "shards" / "part-00001.parquet").write_bytes(b"not parquet")
+    batches = list(itertools.islice(iter(_stream(load_manifest(str(manifest)))), 8))
+    assert all(r < 48 for b in batches for r in b["rows"].tolist())
+    assert batches[-1]["state"]["skipped"]["unreadable_shard"] >= 1
