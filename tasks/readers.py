@@ -64,6 +64,7 @@ MANIFEST_EXTENSIONS = {
 # img2dataset's output Parquet (output_format="parquet") carries these; the image is in jpg/png/webp.
 _IMG2DATASET_COLUMNS = {"key", "status", "error_message"}
 _IMG2DATASET_IMAGE_COLUMNS = ("jpg", "png", "webp")
+CSV_BLOCK_BYTES = 1 << 22  # pyarrow's CSV parse unit: one record batch per block
 
 
 class ReaderError(ValueError):
@@ -396,7 +397,7 @@ def _csv_batches(path: Path, source: SourceConfig, names: Sequence[str],
         return "skip"
 
     # One thread: parsing is sequential, so each batch's malformed rows are counted with it.
-    read = pacsv.ReadOptions(block_size=1 << 22, use_threads=False)
+    read = pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False)
     # Every column as text: ids like "00012" and numeric-looking captions must survive unchanged.
     convert = pacsv.ConvertOptions(include_columns=list(columns), strings_can_be_null=True,
                                    column_types={n: pa.string() for n in names})
