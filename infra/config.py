@@ -204,6 +204,7 @@ class ImageConfig:
     resize_longest_side: int | None = 256  # downscale only; None keeps the size
     encode_format: Literal["JPEG", "PNG", "WEBP", "keep"] = "JPEG"  # keep: original bytes if unchanged
     encode_quality: int = 90
+    resample: Literal["bicubic", "bilinear", "lanczos"] = "bicubic"  # downscaling filter (antialiased)
     # Decoders Pillow may use; others (EPS runs Ghostscript, PSD, ICO, ...) are refused as not_image.
     allowed_formats: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 

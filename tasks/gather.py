@@ -12,6 +12,9 @@ table (``GatherResult.failures``: the input columns without image bytes, plus ``
 and ``error`` = ``"<reason>: <detail>"``). Rerun mode: ``retry_failed(failures, cfg)`` fetches
 only the ``failed_transient`` rows again and carries the permanent ones over unchanged.
 
+``gather_images`` fuses this stage with tasks/images.py: bodies are processed in a thread pool as
+they arrive, overlapping decode with network waits (the fast path; see bench/gather.py).
+
 Safety: only http/https; every address a host resolves to is checked (private, loopback,
 link-local, multicast, reserved, and IPv4 embedded in IPv6) by the connector's own resolver, so the
 socket connects to exactly the address that was checked (no DNS-rebinding window); IP literals are
@@ -22,13 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
+import functools
 import ipaddress
 import random
 import re
 import socket
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import aiohttp
 import pyarrow as pa
@@ -37,9 +42,10 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from infra.config import GatherConfig
+from infra.config import GatherConfig, ImageConfig
 from infra.log import get_logger, log_event, progress
 from tasks.funnel import Funnel
+from tasks.images import assemble_image_results, try_process_image
 
 STAGE = "gather"
 RETRY_STAGE = "gather_retry"
@@ -166,6 +172,7 @@ class FetchOutcome:
     detail: str | None = None
     final_url: str | None = None
     attempts: int = 0
+    transformed: object = None  # what fetch_urls' transform made of the body (the body is then dropped)
 
     @property
     def error(self) -> str | None:
@@ -354,8 +361,15 @@ def _interleave_by_host(items: Sequence[tuple[int, str]]) -> list[tuple[int, str
 
 
 async def fetch_urls(items: Sequence[tuple[int, str]], cfg: GatherConfig,
-                     resolver: AbstractResolver | None = None) -> dict[int, FetchOutcome]:
-    """Fetch ``(key, url)`` pairs concurrently in the running loop; one outcome per key."""
+                     resolver: AbstractResolver | None = None,
+                     transform: Callable[[bytes], object] | None = None,
+                     executor: concurrent.futures.Executor | None = None) -> dict[int, FetchOutcome]:
+    """Fetch ``(key, url)`` pairs concurrently in the running loop; one outcome per key.
+
+    With ``transform``, each body is handed to ``transform`` on ``executor`` as soon as it arrives;
+    the outcome then carries ``transformed`` instead of the body (bounded memory: at most
+    ``2 × concurrency`` bodies wait for the executor).
+    """
     policy = AddressPolicy(cfg.allow_private_addresses, cfg.allow_loopback)
     connector = aiohttp.TCPConnector(
         resolver=CheckedResolver(policy, resolver), limit=0, limit_per_host=0, ttl_dns_cache=300)
@@ -363,8 +377,18 @@ async def fetch_urls(items: Sequence[tuple[int, str]], cfg: GatherConfig,
     async with aiohttp.ClientSession(connector=connector, headers=headers, trust_env=False) as session:
         fetcher = _Fetcher(session, cfg, policy)
 
+        loop = asyncio.get_running_loop()
+        waiting_bodies = asyncio.Semaphore(2 * cfg.concurrency)
+
         async def one(key: int, url: str) -> tuple[int, FetchOutcome]:
-            return key, await fetcher.fetch(url)
+            if transform is None:
+                return key, await fetcher.fetch(url)
+            async with waiting_bodies:
+                outcome = await fetcher.fetch(url)
+                if outcome.status == OK:
+                    made = await loop.run_in_executor(executor, transform, outcome.body)
+                    outcome = dataclasses.replace(outcome, body=None, transformed=made)
+            return key, outcome
 
         tasks = [asyncio.ensure_future(one(k, u)) for k, u in _interleave_by_host(items)]
         outcomes: dict[int, FetchOutcome] = {}
@@ -374,14 +398,19 @@ async def fetch_urls(items: Sequence[tuple[int, str]], cfg: GatherConfig,
     return outcomes
 
 
-def _run_in_new_loop(items: Sequence[tuple[int, str]], cfg: GatherConfig) -> dict[int, FetchOutcome]:
+def _run_in_new_loop(items: Sequence[tuple[int, str]], cfg: GatherConfig,
+                     transform: Callable[[bytes], object] | None = None,
+                     executor: concurrent.futures.Executor | None = None) -> dict[int, FetchOutcome]:
+    def run() -> dict[int, FetchOutcome]:
+        return asyncio.run(fetch_urls(items, cfg, transform=transform, executor=executor))
+
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(fetch_urls(items, cfg))
+        return run()
     # Called from inside a running loop (an async Prefect task, a notebook): use a fresh thread.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, fetch_urls(items, cfg)).result()
+        return pool.submit(run).result()
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,34 +435,44 @@ def _with_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
     return table.append_column(name, values)
 
 
-def gather_with_failures(table: pa.Table, cfg: GatherConfig, *, stage: str = STAGE) -> GatherResult:
-    """Fetch rows with a ``url`` and a null ``image``; see the module docstring for statuses."""
+@dataclass
+class _Plan:
+    """Per-row bookkeeping of one gather call (index = row number)."""
+
+    status: list[str | None]
+    reason: list[str | None]
+    error: list[str | None]
+    to_fetch: list[tuple[int, str]]
+    inline: list[int]  # rows that carry their image already
+
+
+def _plan(table: pa.Table, cfg: GatherConfig) -> _Plan:
     n = table.num_rows
     urls = _column_or_nulls(table, "url", pa.string()).to_pylist()
     image_col = _column_or_nulls(table, "image", pa.binary())
     has_image = pc.fill_null(pc.invert(pc.is_null(image_col)), False).to_pylist()
-
-    status: list[str | None] = [None] * n
-    reason: list[str | None] = [None] * n
-    error: list[str | None] = [None] * n
+    plan = _Plan([None] * n, [None] * n, [None] * n, [], [])
     first_row_of_url: dict[str, int] = {}
-    to_fetch: list[tuple[int, str]] = []
     for i in range(n):
         if has_image[i]:
-            status[i] = SKIPPED
+            plan.status[i] = SKIPPED
+            plan.inline.append(i)
         elif not urls[i] or not urls[i].strip():
-            status[i], reason[i], error[i] = FAILED_PERMANENT, "no_url", "no_url: neither an image nor a URL"
+            plan.status[i], plan.reason[i], plan.error[i] = FAILED_PERMANENT, "no_url", "no_url: neither an image nor a URL"
         elif cfg.dedupe_urls and urls[i] in first_row_of_url:
-            status[i], reason[i] = SKIPPED, "duplicate_url"
-            error[i] = f"duplicate_url: same URL as row {first_row_of_url[urls[i]]}"
+            plan.status[i], plan.reason[i] = SKIPPED, "duplicate_url"
+            plan.error[i] = f"duplicate_url: same URL as row {first_row_of_url[urls[i]]}"
         else:
             first_row_of_url[urls[i]] = i
-            to_fetch.append((i, urls[i]))
+            plan.to_fetch.append((i, urls[i]))
+    return plan
 
-    outcomes = _run_in_new_loop(to_fetch, cfg) if to_fetch else {}
+
+def _assemble(table: pa.Table, plan: _Plan, outcomes: dict[int, FetchOutcome], stage: str) -> GatherResult:
+    """Record outcomes in the plan; split rows into kept (with fetched bodies) and failures."""
     for i, outcome in outcomes.items():
-        status[i], reason[i], error[i] = outcome.status, outcome.reason, outcome.error
-
+        plan.status[i], plan.reason[i], plan.error[i] = outcome.status, outcome.reason, outcome.error
+    image_col = _column_or_nulls(table, "image", pa.binary())
     images = image_col
     if outcomes:
         values = image_col.to_pylist()
@@ -441,20 +480,58 @@ def gather_with_failures(table: pa.Table, cfg: GatherConfig, *, stage: str = STA
             values[i] = outcome.body
         images = pa.array(values, image_col.type)
     full = _with_column(table, "image", images)
-    full = _with_column(full, "status", pa.array(status, pa.string()))
-    full = _with_column(full, "error", pa.array(error, pa.string()))
+    full = _with_column(full, "status", pa.array(plan.status, pa.string()))
+    full = _with_column(full, "error", pa.array(plan.error, pa.string()))
 
-    keep = pa.array([r is None for r in reason], pa.bool_())
+    reasons = plan.reason
+    keep = pa.array([r is None for r in reasons], pa.bool_())
     kept = full.filter(keep)
     failures = full.filter(pc.invert(keep))
     failures = _with_column(failures, "image", pa.nulls(failures.num_rows, image_col.type))
-    failures = _with_column(failures, "reason", pa.array([r for r in reason if r is not None], pa.string()))
+    failures = _with_column(failures, "reason", pa.array([r for r in reasons if r is not None], pa.string()))
 
     funnel = Funnel()
-    funnel.record(stage, n, kept.num_rows, (r for r in reason if r is not None))
-    counts = {s: status.count(s) for s in (OK, SKIPPED, FAILED_TRANSIENT, FAILED_PERMANENT)}
-    log_event(_log, "gathered", rows=n, fetched=len(to_fetch), **counts)
+    funnel.record(stage, table.num_rows, kept.num_rows, (r for r in reasons if r is not None))
+    counts = {s: plan.status.count(s) for s in (OK, SKIPPED, FAILED_TRANSIENT, FAILED_PERMANENT)}
+    log_event(_log, "gathered", rows=table.num_rows, fetched=len(plan.to_fetch), **counts)
     return GatherResult(kept, funnel, failures)
+
+
+def gather_with_failures(table: pa.Table, cfg: GatherConfig, *, stage: str = STAGE) -> GatherResult:
+    """Fetch rows with a ``url`` and a null ``image``; see the module docstring for statuses."""
+    plan = _plan(table, cfg)
+    outcomes = _run_in_new_loop(plan.to_fetch, cfg) if plan.to_fetch else {}
+    return _assemble(table, plan, outcomes, stage)
+
+
+def gather_images(table: pa.Table, gather_cfg: GatherConfig, image_cfg: ImageConfig, *,
+                  image_threads: int = 1) -> GatherResult:
+    """``gather_with_failures`` then ``process_images`` in one streaming pass.
+
+    Each body is decoded/validated/resized in a pool of ``image_threads`` threads as soon as it
+    arrives (Pillow releases the GIL), so image work overlaps fetching and at most
+    ``2 × concurrency`` raw bodies are held at once. Inline images go through the same pool. The
+    funnel has both stages (``gather``, ``images``); ``failures`` holds gather failures and image
+    rejects (status ``failed_permanent``), so ``retry_failed``/``transient_rows`` work unchanged.
+    """
+    if image_threads < 1:
+        raise ValueError("image_threads must be >= 1")
+    plan = _plan(table, gather_cfg)
+    images = _column_or_nulls(table, "image", pa.binary())
+    with concurrent.futures.ThreadPoolExecutor(image_threads, thread_name_prefix="witflow-images") as pool:
+        transform = functools.partial(try_process_image, cfg=image_cfg)
+        inline = {i: pool.submit(try_process_image, images[i].as_py(), image_cfg) for i in plan.inline}
+        outcomes = _run_in_new_loop(plan.to_fetch, gather_cfg, transform, pool) if plan.to_fetch else {}
+        processed = {i: o.transformed for i, o in outcomes.items() if o.status == OK}
+        processed.update({i: future.result() for i, future in inline.items()})
+    gathered = _assemble(table, plan, outcomes, STAGE)
+    kept_rows = [i for i, r in enumerate(plan.reason) if r is None]
+    pairs = [processed[i] for i in kept_rows]
+    result = assemble_image_results(gathered.table, [p[0] for p in pairs], [p[1] for p in pairs])
+    failures = gathered.failures
+    if result.rejects.num_rows:
+        failures = pa.concat_tables([failures, result.rejects], promote_options="default")
+    return GatherResult(result.table, gathered.funnel.merge(result.funnel), failures)
 
 
 def gather_table(table: pa.Table, cfg: GatherConfig) -> tuple[pa.Table, Funnel]:
@@ -463,17 +540,24 @@ def gather_table(table: pa.Table, cfg: GatherConfig) -> tuple[pa.Table, Funnel]:
     return result.table, result.funnel
 
 
+def _is_transient(failures: pa.Table) -> pa.Array:
+    return pc.fill_null(pc.equal(failures.column("status"), FAILED_TRANSIENT), False)
+
+
+def transient_rows(failures: pa.Table) -> pa.Table:
+    """The ``failed_transient`` rows of a failures table, as input rows to fetch again."""
+    return failures.filter(_is_transient(failures)).drop_columns(
+        [c for c in ("status", "error", "reason") if c in failures.column_names])
+
+
 def retry_failed(failures: pa.Table, cfg: GatherConfig) -> GatherResult:
     """Rerun mode: fetch again only the ``failed_transient`` rows of a previous ``failures`` table.
 
     Returns the recovered rows, a funnel under stage ``gather_retry`` (in = rows retried), and the
     new failures table: rows that failed again plus the earlier non-transient failures unchanged.
     """
-    transient = pc.fill_null(pc.equal(failures.column("status"), FAILED_TRANSIENT), False)
-    retry = failures.filter(transient).drop_columns(
-        [c for c in ("status", "error", "reason") if c in failures.column_names])
-    result = gather_with_failures(retry, cfg, stage=RETRY_STAGE)
-    carried = failures.filter(pc.invert(transient))
+    result = gather_with_failures(transient_rows(failures), cfg, stage=RETRY_STAGE)
+    carried = failures.filter(pc.invert(_is_transient(failures)))
     if carried.num_rows and result.failures.num_rows:
         result.failures = pa.concat_tables([result.failures, carried], promote_options="default")
     elif carried.num_rows:
@@ -495,6 +579,23 @@ def gather_input_shard(table: pa.Table, cfg: GatherConfig,
     return result.table, result.failures, result.funnel.to_dict()
 
 
+def gather_images_shard(table: pa.Table, gather_cfg: GatherConfig, image_cfg: ImageConfig,
+                        previous_failures: pa.Table | None = None,
+                        image_threads: int = 1) -> tuple[pa.Table, pa.Table, dict]:
+    """Ray-friendly fetch + image processing of one shard: ``(kept, failures, funnel dict)``.
+
+    With ``previous_failures`` only their transient failures are fetched again and the other
+    failures are carried over (``table`` is then ignored).
+    """
+    if previous_failures is None:
+        result = gather_images(table, gather_cfg, image_cfg, image_threads=image_threads)
+        return result.table, result.failures, result.funnel.to_dict()
+    result = gather_images(transient_rows(previous_failures), gather_cfg, image_cfg, image_threads=image_threads)
+    carried = previous_failures.filter(pc.invert(_is_transient(previous_failures)))
+    failures = pa.concat_tables([result.failures, carried], promote_options="default") if carried.num_rows else result.failures
+    return result.table, failures, result.funnel.to_dict()
+
+
 def failure_counts(failures: pa.Table) -> dict[str, int]:
     """``{reason: rows}`` of a failures table (for logs and reports)."""
     out: dict[str, int] = defaultdict(int)
@@ -505,6 +606,6 @@ def failure_counts(failures: pa.Table) -> dict[str, int]:
 
 __all__ = [
     "AddressPolicy", "CheckedResolver", "FetchOutcome", "GatherResult", "fetch_urls", "gather_table",
-    "gather_with_failures", "retry_failed", "gather_input_shard", "failure_counts", "classify_exception",
+    "gather_with_failures", "gather_images", "retry_failed", "transient_rows", "gather_input_shard", "gather_images_shard", "failure_counts", "classify_exception",
     "OK", "SKIPPED", "FAILED_TRANSIENT", "FAILED_PERMANENT",
 ]

@@ -35,6 +35,8 @@ _KEEPABLE_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
 # Magic numbers: a payload that starts like an image but will not parse is corrupt, not "not an image".
 _IMAGE_SIGNATURES = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF", b"BM": "BMP",
                      b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"RIFF": "WEBP"}
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+             "lanczos": Image.Resampling.LANCZOS}
 _log = get_logger(__name__)
 
 
@@ -167,7 +169,7 @@ def process_image(data: bytes | None, cfg: ImageConfig) -> ProcessedImage:
             im = ImageOps.exif_transpose(im)
         im = _to_rgb(im)
         if target is not None:
-            im = im.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+            im = im.resize(target, _RESAMPLE[cfg.resample], reducing_gap=3.0)
     if cfg.encode_format == "keep":
         out_format = "JPEG" if source_format in ("JPEG", "MPO") else "WEBP" if source_format == "WEBP" else "PNG"
     else:
@@ -188,7 +190,8 @@ def _load(im: Image.Image) -> None:
         raise ImageRejected("corrupt_image", f"{type(e).__name__}: {e}") from None
 
 
-def _process_safely(data: bytes | None, cfg: ImageConfig) -> tuple[ProcessedImage | None, ImageRejected | None]:
+def try_process_image(data: bytes | None, cfg: ImageConfig) -> tuple[ProcessedImage | None, ImageRejected | None]:
+    """``process_image`` that returns its rejection instead of raising; never raises."""
     try:
         return process_image(data, cfg), None
     except ImageRejected as e:
@@ -221,10 +224,15 @@ def process_images_with_rejects(table: pa.Table, cfg: ImageConfig) -> ImageResul
     results: list[ProcessedImage | None] = []
     rejections: list[ImageRejected | None] = []
     for data in progress(images, desc="images", total=len(images), unit="img"):
-        result, rejection = _process_safely(data, cfg)
+        result, rejection = try_process_image(data, cfg)
         results.append(result)
         rejections.append(rejection)
+    return assemble_image_results(table, results, rejections)
 
+
+def assemble_image_results(table: pa.Table, results: list[ProcessedImage | None],
+                           rejections: list[ImageRejected | None]) -> ImageResult:
+    """Build the kept/rejects tables and funnel from one (result, rejection) pair per row."""
     keep = pa.array([r is not None for r in results], pa.bool_())
     kept_results = [r for r in results if r is not None]
     kept = table.filter(keep)

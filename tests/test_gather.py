@@ -16,7 +16,8 @@ from PIL import Image
 from infra.config import ConfigError, GatherConfig, ImageConfig
 from infra.http_server import serve_files, serve_parquet
 from tasks.gather import (FAILED_PERMANENT, FAILED_TRANSIENT, OK, SKIPPED, AddressPolicy, CheckedResolver,
-                          fetch_urls, gather_input_shard, gather_table, gather_with_failures, retry_failed)
+                          fetch_urls, gather_images, gather_images_shard, gather_input_shard, gather_table,
+                          gather_with_failures, retry_failed)
 from tasks.images import process_images
 
 
@@ -357,6 +358,30 @@ def test_html_served_as_image_is_fetched_then_dropped_by_images(hostile):
     images, image_funnel = process_images(out, ImageConfig(resize_longest_side=None))
     assert images.column("sample_id").to_pylist() == ["s1"]
     assert image_funnel.to_dict()["stages"][0]["dropped"] == {"not_image": 1}
+
+
+def test_gather_images_fuses_fetching_and_image_processing(hostile):
+    big = _png((10, 20, 30), size=(300, 200))
+    urls = [hostile.url("img/2.png"), hostile.url("html.jpg"), hostile.url("missing-3.png"),
+            hostile.url("503-once/c"), None]
+    table = _candidates(urls, images=[None, None, None, None, big])
+    image_cfg = ImageConfig(resize_longest_side=30, encode_format="PNG")
+    result = gather_images(table, _cfg(retries=0), image_cfg, image_threads=2)
+    assert result.table.column("sample_id").to_pylist() == ["s0", "s4"]
+    assert result.table.column("status").to_pylist() == [OK, SKIPPED]
+    assert list(zip(result.table["width"].to_pylist(), result.table["height"].to_pylist())) == [(30, 22), (30, 20)]
+    assert all(Image.open(io.BytesIO(b)).size[0] == 30 for b in result.table["image"].to_pylist())
+    stages = {s["stage"]: s for s in result.funnel.to_dict()["stages"]}
+    assert (stages["gather"]["in"], stages["gather"]["out"]) == (5, 3)
+    assert stages["gather"]["dropped"] == {"http_404": 1, "http_503": 1}
+    assert (stages["images"]["in"], stages["images"]["out"], stages["images"]["dropped"]) == (3, 2, {"not_image": 1})
+    reasons = dict(zip(result.failures["sample_id"].to_pylist(), result.failures["reason"].to_pylist()))
+    assert reasons == {"s1": "not_image", "s2": "http_404", "s3": "http_503"}
+
+    kept, failures, funnel = gather_images_shard(pa.table({}), _cfg(retries=0), image_cfg,
+                                                 previous_failures=result.failures)
+    assert kept.column("sample_id").to_pylist() == ["s3"]  # only the transient failure is fetched again
+    assert sorted(failures["reason"].to_pylist()) == ["http_404", "not_image"]
 
 
 def test_serves_the_bundled_sample_end_to_end(sample_parquet):
