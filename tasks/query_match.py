@@ -5,16 +5,22 @@ not letters, marks or digits -> one space, padded with a space on each side) and
 queries go into one Aho–Corasick automaton, so a match is always whole words: " cat " is not
 inside " category ", and " new york " is inside " a cab in new york city ". Each caption gets the
 sorted ids of all the queries it contains (overlapping matches included) as ``query_ids``
-(list<int32>); captions with none are dropped (``no_query_match``).
+(list<int32>); captions with none are dropped (``no_query_match``). Beyond MetaCLIP, a caption
+with camelCase or letter/digit boundaries ("BlueMan#106", "button1") is also matched split at them
+and gets the union; the two forms are joined with a double space, so no multi-word query spans them.
 
-The normalisation runs vectorised in Arrow; only the automaton walk is per caption (in C).
+Normalisation is one precompiled regex pass per caption and the automaton walk is in C.
 The automaton is built lazily, once per process: pickling a ``QueryMatcher`` (to a Ray worker)
 sends the query table, not the automaton, and the worker builds it on first use.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import functools
+import re
+import sys
+import unicodedata
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -28,18 +34,53 @@ QUERY_IDS = "query_ids"
 QUERY_IDS_TYPE = pa.list_(pa.int32())
 
 
-def normalise_texts(texts: pa.Array | pa.ChunkedArray | Sequence[str | None]) -> pa.ChunkedArray:
-    """NFC, lower-case, non-(letter|mark|digit) runs -> one space, padded: " a red car "."""
-    if not isinstance(texts, (pa.Array, pa.ChunkedArray)):
-        texts = pa.array(texts, pa.string())
-    if pa.types.is_large_string(texts.type):
-        texts = texts.cast(pa.string())
-    texts = pc.utf8_normalize(texts, form="NFC")
-    texts = pc.utf8_lower(texts)
-    texts = pc.replace_substring_regex(texts, r"[^\p{L}\p{M}\p{N}]+", " ")
-    texts = pc.utf8_trim_whitespace(texts)
-    padded = pc.binary_join_element_wise(" ", texts, " ", "")
-    return padded if isinstance(padded, pa.ChunkedArray) else pa.chunked_array([padded])
+@functools.lru_cache(maxsize=1)
+def _non_word() -> re.Pattern:
+    """Runs of characters that are not letters, marks or digits (Unicode categories L, M, N).
+
+    Python's ``\\W`` would also split at combining marks (Devanagari vowel signs); Arrow's RE2
+    has the classes but recompiles them on every call (~10 ms a batch). Built once per process.
+    """
+    ranges, start = [], None
+    for cp in range(sys.maxunicode + 1):
+        word = unicodedata.category(chr(cp))[0] in "LMN"
+        if word and start is None:
+            start = cp
+        elif not word and start is not None:
+            ranges.append((start, cp - 1))
+            start = None
+    if start is not None:
+        ranges.append((start, sys.maxunicode))
+    members = "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges)
+    return re.compile(f"[^{members}]+")
+
+
+# camelCase (Latin letters) and letter/digit boundaries
+_PARTS = re.compile(r"(?<=[a-zß-öø-ÿ])(?=[A-ZÀ-ÖØ-Þ])|(?<=[^\W\d_])(?=\d)|(?<=\d)(?=[^\W\d_])")
+_SPACES = re.compile(r"\s+")
+
+
+def _texts(texts: pa.Array | pa.ChunkedArray | Iterable[str | None]) -> list[str | None]:
+    return texts.to_pylist() if isinstance(texts, (pa.Array, pa.ChunkedArray)) else list(texts)
+
+
+def normalise_text(text: str, punctuation: bool = True) -> str:
+    """NFC, lower-case, non-(letter|mark|digit) runs -> one space, padded: " a red car ".
+
+    ``punctuation=False`` collapses only whitespace (to see what the punctuation rule changed).
+    """
+    text = unicodedata.normalize("NFC", text).lower()
+    return " " + (_non_word() if punctuation else _SPACES).sub(" ", text).strip() + " "
+
+
+def normalise_texts(texts: pa.Array | pa.ChunkedArray | Iterable[str | None], punctuation: bool = True) -> list[str | None]:
+    """``normalise_text`` over many texts (None stays None)."""
+    return [None if t is None else normalise_text(t, punctuation) for t in _texts(texts)]
+
+
+def split_word_parts(text: str) -> str:
+    """A space at camelCase and letter/digit boundaries: "redRoundButton2" -> "red Round Button 2"."""
+    return _PARTS.sub(" ", unicodedata.normalize("NFC", text))
 
 
 class QueryMatcher:
@@ -57,14 +98,22 @@ class QueryMatcher:
             raise ValueError("query_id values must be unique")
         self.column = column
         self.num_queries = int(ids.max()) + 1 if ids.size else 0
-        keys = normalise_texts(queries.column("query")).to_pylist()
+        texts = queries.column("query")
+        keys = normalise_texts(texts)
+        plain = normalise_texts(texts, punctuation=False)
         by_key: dict[str, list[int]] = {}
-        for key, qid in zip(keys, ids.tolist()):
-            if key is None or not key.strip():  # a query of only punctuation can match nothing
+        unmatchable = 0
+        for key, same, qid in zip(keys, plain, ids.tolist()):
+            # A query of only punctuation can match nothing; one the punctuation rule leaves at two
+            # characters or fewer ("c++" -> "c", "-a" -> "a") would match every caption with that
+            # letter: both are left out (``num_unmatchable``).
+            if key is None or not key.strip() or (key != same and len(key) <= 4):  # " ab "
+                unmatchable += 1
                 continue
             by_key.setdefault(key, []).append(qid)
         self._keys = by_key
         self.num_keys = len(by_key)
+        self.num_unmatchable = unmatchable
         self._automaton = None
 
     def __getstate__(self) -> dict:
@@ -106,11 +155,28 @@ class QueryMatcher:
             offsets.append(len(values))
         return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.int32()))
 
-    def match(self, texts: pa.Array | pa.ChunkedArray | Sequence[str | None]) -> pa.ListArray:
-        """query_ids (sorted, unique) per text; empty lists where nothing matches."""
-        return self.match_normalised(normalise_texts(texts).to_pylist())
+    def match(self, texts: pa.Array | pa.ChunkedArray | Iterable[str | None]) -> pa.ListArray:
+        """query_ids (sorted, unique) per text; empty lists where nothing matches.
+
+        A text with camelCase or letter/digit boundaries is matched as written and split at them,
+        and gets the union: "BlueMan#106" matches "blue" and "man", "iPhone" still "iphone".
+        """
+        padded = []
+        for text in _texts(texts):
+            if text is None:
+                padded.append(None)
+                continue
+            plain = normalise_text(text)
+            if _PARTS.search(text):
+                split = normalise_text(split_word_parts(text))
+                if split != plain:
+                    plain += split  # " a "+" b " -> a double space: no query spans the two
+            padded.append(plain)
+        return self.match_normalised(padded)
 
     def __call__(self, table: pa.Table) -> tuple[pa.Table, Funnel]:
+        if self.column not in table.column_names:
+            raise ValueError(f"{STAGE}: the table has no {self.column!r} column (it has {table.column_names})")
         query_ids = self.match(table.column(self.column))
         if QUERY_IDS in table.column_names:
             table = table.drop_columns([QUERY_IDS])

@@ -365,9 +365,10 @@ class EnglishVerdict:
 
 
 def english_verdict(caption: str, vocab: EnglishVocab, detector: LanguageDetector | None,
-                    cfg: TextFilterConfig) -> EnglishVerdict:
-    """The English policy (module docstring) for one cleaned caption."""
-    words = caption_words(caption)
+                    cfg: TextFilterConfig, words: list[str] | None = None) -> EnglishVerdict:
+    """The English policy (module docstring) for one cleaned caption (``words``: its caption_words)."""
+    if words is None:
+        words = caption_words(caption)
     known, counted = vocab.coverage(words)
     share = known / counted if counted else 0.0
     if counted <= cfg.short_caption_words:
@@ -399,13 +400,23 @@ class TextFilter:
         filters.append(self._word_count)
         if cfg.english:
             filters.append(self._english)
+            # one-time loads (pywordfreq's dictionary, the detector's tables) now, not in a batch
+            self.vocab.is_english_word("the")
+            self.detector.detect_langs("load the language profiles")
         self.filters = filters
+        self._last_words: tuple[str, list[str]] = ("", [])
+
+    def _words(self, caption: str) -> list[str]:
+        if self._last_words[0] != caption:  # the word-count and English filters share one split
+            self._last_words = (caption, caption_words(caption))
+        return self._last_words[1]
 
     def _word_count(self, caption: str) -> str | None:
-        return TOO_FEW_WORDS if len(caption_words(caption)) < self.cfg.min_words else None
+        return TOO_FEW_WORDS if len(self._words(caption)) < self.cfg.min_words else None
 
     def _english(self, caption: str) -> str | None:
-        return None if english_verdict(caption, self.vocab, self.detector, self.cfg).english else NOT_ENGLISH
+        verdict = english_verdict(caption, self.vocab, self.detector, self.cfg, words=self._words(caption))
+        return None if verdict.english else NOT_ENGLISH
 
     def check(self, raw: bytes | str | None) -> tuple[str | None, str | None]:
         """``(cleaned caption, None)`` to keep, ``(None, reason)`` to drop."""
@@ -426,6 +437,8 @@ class TextFilter:
         return [self.check(c)[1] for c in captions]
 
     def __call__(self, table: pa.Table) -> tuple[pa.Table, Funnel]:
+        if self.column not in table.column_names:
+            raise ValueError(f"{STAGE}: the table has no {self.column!r} column (it has {table.column_names})")
         column = table.column(self.column)
         if pa.types.is_string(column.type):
             column = column.cast(pa.binary())  # no validation here: bad UTF-8 is ours to count

@@ -122,9 +122,11 @@ def test_string_columns_and_invalid_utf8_inside_arrow_strings(text_filter: TextF
         assert funnel.stages["text_filter"].rows_out == 1
 
 
-def test_empty_table(text_filter: TextFilter) -> None:
+def test_empty_table_and_missing_column(text_filter: TextFilter) -> None:
     out, funnel = text_filter(pa.table({"caption": pa.array([], pa.string())}))
     assert out.num_rows == 0 and funnel.stages["text_filter"].rows_in == 0
+    with pytest.raises(ValueError, match="no 'caption' column"):
+        text_filter(pa.table({"text": ["a cat"]}))
 
 
 def test_right_to_left_and_other_scripts_are_not_english(text_filter: TextFilter) -> None:
