@@ -243,10 +243,16 @@ def build_queries(config: Config) -> str:
         "seconds": {**timings, "total": wall},
     }
     uri = write_task(config, table, manifest)
-    for w in warnings:
-        print(f"queries: warning: {w}")
-    for s, v in report["sources"].items():
-        print(f"queries: {s:8s} {v['selected']:>8,d} selected  ({v['candidates']:,} candidates, "
-              f"{v['already_in_list']:,} already in the list, {v['cut_by_budget']:,} cut by the budget)")
-    print(f"queries: total {report['total']:,} -> {uri}  (wall {time.perf_counter() - t0:.1f}s)")
+    for line in summary_lines(manifest, uri, time.perf_counter() - t0):
+        print(line)
     return uri
+
+
+def summary_lines(manifest: dict, uri: str, wall_s: float) -> list[str]:
+    """The per-source counts, warnings and total that ``witflow queries`` prints."""
+    lines = [f"queries: warning: {w}" for w in manifest["warnings"]]
+    for s, v in manifest["budget"]["sources"].items():
+        lines.append(f"queries: {s:8s} {v['selected']:>8,d} selected  ({v['candidates']:,} candidates, "
+                     f"{v['already_in_list']:,} already in the list, {v['cut_by_budget']:,} cut by the budget)")
+    lines.append(f"queries: total {manifest['total']:,} -> {uri}  (wall {wall_s:.1f}s)")
+    return lines
