@@ -205,7 +205,7 @@ class ImageConfig:
     encode_format: Literal["JPEG", "PNG", "WEBP", "keep"] = "JPEG"  # keep: original bytes if unchanged
     encode_quality: int = 90
     resample: Literal["bicubic", "bilinear", "lanczos"] = "bicubic"  # downscaling filter (antialiased)
-    # Decoders Pillow may use; others (EPS runs Ghostscript, PSD, ICO, ...) are refused as not_image.
+    # Decoders Pillow may use; other formats (EPS runs Ghostscript, PSD, ICO, ...) are never decoded.
     allowed_formats: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
     def __post_init__(self) -> None:
