@@ -4,6 +4,8 @@
         server.urls            # one URL per row, in row order
     with serve_directory("some/dir") as server:
         server.url("a/b.png")
+    with serve_table_images(candidates) as (server, to_fetch):   # the demo's HTTP path
+        gather_images(to_fetch, GatherConfig(allow_loopback=True), image_cfg)
 
 It serves from memory with aiohttp.web, in a background thread (default: ``hits`` counts requests
 per path, extra aiohttp ``routes`` may be added, e.g. hostile ones in tests) or, with
@@ -26,9 +28,12 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 from aiohttp import web
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 HOST = "127.0.0.1"
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -209,6 +214,32 @@ def serve_parquet(path: str | os.PathLike, *, image_column: str = "image",
     """Serve row i's ``image_column`` bytes at ``/images/{i:06d}.<ext>``; ``server.urls`` in row order."""
     with serve_files(_parquet_files(path, image_column), in_subprocess=in_subprocess) as server:
         yield server
+
+
+@contextlib.contextmanager
+def serve_table_images(table: "pa.Table", *, image_column: str = "image", url_column: str = "url",
+                       in_subprocess: bool = False) -> Iterator[tuple[LocalServer, "pa.Table"]]:
+    """Serve a table's inline images and yield ``(server, table rewritten to fetch them)``.
+
+    The demo's way through the HTTP path: rows with image bytes get ``url`` = their image on the
+    local server and a null image; rows without an image are left as they are.
+    """
+    import pyarrow as pa
+
+    images = table.column(image_column).to_pylist()
+    files = {f"images/{i:06d}.{_image_extension(b)}": b for i, b in enumerate(images) if b is not None}
+    path_of_row = {int(p[7:13]): p for p in files}
+    with serve_files(files, in_subprocess=in_subprocess) as server:
+        old_urls = table.column(url_column).to_pylist() if url_column in table.column_names else [None] * len(images)
+        urls = [server.url(path_of_row[i]) if i in path_of_row else old for i, old in enumerate(old_urls)]
+        out = table.set_column(table.column_names.index(image_column), image_column,
+                               pa.nulls(table.num_rows, table.schema.field(image_column).type))
+        url_array = pa.array(urls, pa.string())
+        if url_column in out.column_names:
+            out = out.set_column(out.column_names.index(url_column), url_column, url_array)
+        else:
+            out = out.append_column(url_column, url_array)
+        yield server, out
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -8,13 +8,14 @@ import io
 import socket
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver
 from PIL import Image
 
 from infra.config import ConfigError, GatherConfig, ImageConfig
-from infra.http_server import serve_files, serve_parquet
+from infra.http_server import serve_files, serve_parquet, serve_table_images
 from tasks.gather import (FAILED_PERMANENT, FAILED_TRANSIENT, OK, SKIPPED, AddressPolicy, CheckedResolver,
                           fetch_urls, gather_images, gather_images_shard, gather_input_shard, gather_table,
                           gather_with_failures, retry_failed)
@@ -385,13 +386,23 @@ def test_gather_images_fuses_fetching_and_image_processing(hostile):
 
 
 def test_serves_the_bundled_sample_end_to_end(sample_parquet):
-    with serve_parquet(sample_parquet, in_subprocess=True) as server:
-        urls = server.urls[:20]
-        out, funnel = gather_table(_candidates(urls), _cfg(total_timeout_s=10.0, read_timeout_s=5.0))
-    assert out.num_rows == 20
-    import pyarrow.parquet as pq
     originals = pq.read_table(sample_parquet, columns=["image"]).column("image").to_pylist()[:20]
+    with serve_parquet(sample_parquet, in_subprocess=True) as server:
+        out, funnel = gather_table(_candidates(server.urls[:20]), _cfg(total_timeout_s=10.0, read_timeout_s=5.0))
     assert out.column("image").to_pylist() == originals
+
+
+def test_demo_path_serves_inline_images_for_fetching(sample_parquet):
+    sample = pq.read_table(sample_parquet, columns=["image"]).column("image").to_pylist()[:12]
+    table = _candidates([None] * 12, images=sample)
+    with serve_table_images(table) as (server, to_fetch):
+        assert to_fetch.column("image").null_count == 12
+        assert all(u.startswith(server.base_url) for u in to_fetch.column("url").to_pylist())
+        result = gather_images(to_fetch, _cfg(total_timeout_s=10.0, read_timeout_s=5.0),
+                               ImageConfig(resize_longest_side=None, encode_format="keep", min_side=1,
+                                           max_aspect_ratio=100.0))
+    assert result.table.column("status").to_pylist() == [OK] * 12
+    assert result.table.column("sample_id").to_pylist() == to_fetch.column("sample_id").to_pylist()
 
 
 def test_config_rejects_nonsense():
