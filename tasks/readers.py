@@ -35,12 +35,14 @@ import io
 import json
 import os
 import tarfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -59,7 +61,8 @@ MANIFEST_EXTENSIONS = {
     "csv": (".csv", ".csv.gz", ".csv.bz2", ".csv.zst"),
     "tsv": (".tsv", ".tsv.gz", ".tsv.bz2", ".tsv.zst"),
     "jsonl": (".jsonl", ".json"),
-    "webdataset": (".tar",),
+    "webdataset": (".tar", ".tar.gz", ".tgz"),
+    "openclipart": (".parquet",),
 }
 # img2dataset's output Parquet (output_format="parquet") carries these; the image is in jpg/png/webp.
 _IMG2DATASET_COLUMNS = {"key", "status", "error_message"}
@@ -84,6 +87,7 @@ class InputShard:
     stop: int | None = None  # exclusive; None: to the end
     byte_offset: int = 0  # JSONL: where line `start` begins
     members: tuple[str, ...] = ()  # directory: image paths relative to `file`
+    malformed_rows: int = 0  # CSV/TSV: rows of the file the parser skipped (counted on its first shard)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,9 +134,12 @@ def _count_parquet_rows(path: Path) -> int:
     return _open_parquet(path).metadata.num_rows
 
 
-def _count_csv_rows(path: Path, source: SourceConfig) -> int:
+def _count_csv_rows(path: Path, source: SourceConfig) -> tuple[int, int]:
+    """(rows, malformed rows skipped) of a CSV/TSV file."""
     names = _csv_header(path, source)
-    return sum(batch.num_rows for batch, _ in _csv_batches(path, source, names, names[:1]))
+    malformed = [0]
+    rows = sum(batch.num_rows for batch in _csv_batches(path, source, names, names[:1], malformed))
+    return rows, malformed[0]
 
 
 def _jsonl_line_offsets(path: Path, every: int) -> tuple[int, list[int]]:
@@ -198,10 +205,14 @@ def plan_input_shards(sources: Sequence[SourceConfig], base_dir: str | Path = ".
                 for k, off in enumerate(offsets):
                     add(file=str(path), display_file=display, start=k * per, stop=min(lines, (k + 1) * per), byte_offset=off)
                 continue
-            rows = _count_parquet_rows(path) if source.kind in ("parquet", "openclipart") else _count_csv_rows(path, source)
-            for start in range(0, rows, per):
-                # The last shard reads to the end (stop=None): it also counts trailing malformed CSV rows.
-                add(file=str(path), display_file=display, start=start, stop=start + per if start + per < rows else None)
+            if source.kind in ("parquet", "openclipart"):
+                rows, malformed = _count_parquet_rows(path), 0
+            else:
+                rows, malformed = _count_csv_rows(path, source)
+            for start in range(0, max(rows, 1 if malformed else 0), per):
+                # Malformed CSV rows have no row number: the file's first shard counts them all.
+                add(file=str(path), display_file=display, start=start, stop=start + per if start + per < rows else None,
+                    malformed_rows=malformed if start == 0 else 0)
     return shards
 
 
@@ -211,7 +222,7 @@ def plan_input_shards(sources: Sequence[SourceConfig], base_dir: str | Path = ".
 
 
 class _Rows:
-    """Column lists for the candidate table, plus the read stage's drop counts."""
+    """The candidate rows of one shard (row by row, or whole column chunks) and the read stage's counts."""
 
     def __init__(self) -> None:
         self.sample_id: list[str] = []
@@ -219,6 +230,7 @@ class _Rows:
         self.url: list[str | None] = []
         self.image: list[bytes | None] = []
         self.meta: list[str | None] = []
+        self.chunks: list[pa.Table] = []  # without `source`, which is added once at the end
         self.seen = 0
         self.dropped: Counter = Counter()
         self.errors: Counter = Counter()  # kept rows with a reader_error, by kind
@@ -233,19 +245,39 @@ class _Rows:
         self.caption.append(caption)
         self.url.append(url)
         self.image.append(image)
-        self.meta.append(json.dumps(meta, ensure_ascii=False, default=str, sort_keys=True) if meta else None)
+        self.meta.append(_json(meta) if meta else None)
+
+    def add_columns(self, sample_id: pa.Array, caption: pa.Array, url: pa.Array, image: pa.Array, meta: pa.Array) -> None:
+        self._flush()
+        self.seen += len(sample_id)
+        self.chunks.append(pa.table({"sample_id": sample_id, "caption": caption, "url": url, "image": image,
+                                     "meta": meta}))
 
     def drop(self, reason: str, count: int = 1) -> None:
         self.seen += count
         self.dropped[reason] += count
 
+    def _flush(self) -> None:
+        if self.sample_id:
+            self.chunks.append(pa.table({
+                "sample_id": pa.array(self.sample_id, pa.string()), "caption": pa.array(self.caption, pa.string()),
+                "url": pa.array(self.url, pa.string()), "image": pa.array(self.image, pa.binary()),
+                "meta": pa.array(self.meta, pa.string())}))
+            self.sample_id, self.caption, self.url, self.image, self.meta = [], [], [], [], []
+
     def table(self, source_name: str) -> pa.Table:
-        n = len(self.sample_id)
-        return pa.Table.from_arrays(
-            [pa.array(self.sample_id, pa.string()), pa.array([source_name] * n, pa.string()),
-             pa.array(self.caption, pa.string()), pa.array(self.url, pa.string()),
-             pa.array(self.image, pa.binary()), pa.array(self.meta, pa.string())],
-            schema=CANDIDATE_SCHEMA)
+        self._flush()
+        names = ["sample_id", "caption", "url", "image", "meta"]
+        body = (pa.concat_tables([c.select(names) for c in self.chunks]) if self.chunks
+                else pa.table({n: pa.array([], CANDIDATE_SCHEMA.field(n).type) for n in names}))
+        body = body.combine_chunks()
+        columns = {n: body.column(n) for n in names}
+        columns["source"] = pa.array([source_name] * body.num_rows, pa.string())
+        return pa.Table.from_arrays([columns[f.name].cast(f.type) for f in CANDIDATE_SCHEMA], schema=CANDIDATE_SCHEMA)
+
+
+def _json(value: dict[str, Any]) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str, sort_keys=True)
 
 
 def _read_local(path: str, relative_to: Path) -> tuple[bytes | None, str | None]:
@@ -338,6 +370,81 @@ def _manifest_row(rows: _Rows, shard: InputShard, cols: _Columns, record: dict[s
     rows.add(sample_id, _as_text(record.get(cols.caption)), url or None, image, meta, error)
 
 
+def _text_column(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """A column as UTF-8 text; values Arrow cannot cast (bad UTF-8, nested) are converted one by one."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    try:
+        return column.cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return pa.array([_as_text(v) for v in column.to_pylist()], pa.string())
+
+
+def _manifest_columns(rows: _Rows, shard: InputShard, cols: _Columns, table: pa.Table, first_row: int,
+                      folder: Path) -> None:
+    """Contiguous manifest rows ``first_row ...`` as candidate columns: Arrow kernels for the common
+    case, Python only for the rows that need it (local paths, base64 text, metadata beyond the row)."""
+    n = table.num_rows
+    if n == 0:
+        return
+    number_text = pa.array(range(first_row, first_row + n), pa.int64()).cast(pa.string())
+    key, missing_id = number_text, None
+    if cols.id:
+        ids = _text_column(table.column(cols.id))
+        missing_id = ids.is_null().to_pylist() if ids.null_count else None
+        key = pc.coalesce(ids, number_text)
+    sample_id = pc.binary_join_element_wise(f"{shard.source.kind}:{shard.display_file}#", key, "")
+    caption = _text_column(table.column(cols.caption))
+    url = pa.nulls(n, pa.string())
+    if cols.url:
+        url = _text_column(table.column(cols.url))
+        url = pc.if_else(pc.equal(url, ""), pa.scalar(None, pa.string()), url)
+
+    images: list[bytes | None] | pa.Array = pa.nulls(n, pa.binary())
+    errors: dict[int, str] = {}
+    if cols.image:
+        column = table.column(cols.image).combine_chunks()
+        if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+            images = column.cast(pa.binary())
+        else:  # text: base64
+            images = []
+            for i, value in enumerate(column.to_pylist()):
+                data, error = _decode_inline(value)
+                images.append(data)
+                if error:
+                    errors[i] = error
+    paths = table.column(cols.path).to_pylist() if cols.path else None
+    if paths is not None:
+        if isinstance(images, pa.Array):
+            images = images.to_pylist()
+        for i, p in enumerate(paths):
+            if p and images[i] is None and i not in errors:
+                images[i], error = _read_local(str(p), folder)
+                if error:
+                    errors[i] = error
+
+    extras = {c: table.column(c).to_pylist() for c in cols.extra}
+    meta: pa.Array | list[str] = pc.binary_join_element_wise('{"row": ', number_text, "}", "")
+    special = set(errors) | {i for i, p in enumerate(paths or ()) if p}
+    special |= {i for i, m in enumerate(missing_id or ()) if m}
+    if extras:
+        special = set(range(n))
+    if special:
+        meta = meta.to_pylist()
+        for i in special:
+            d: dict[str, Any] = {"row": first_row + i, **{c: v[i] for c, v in extras.items()}}
+            if paths and paths[i]:
+                d["path"] = paths[i]
+            if missing_id and missing_id[i]:
+                d["missing_id"] = True
+            if i in errors:
+                d[READER_ERROR_KEY] = errors[i]
+                rows.errors[errors[i].split(":", 1)[0]] += 1
+            meta[i] = _json(d)
+    rows.add_columns(sample_id, caption, url, pa.array(images, pa.binary()) if isinstance(images, list) else images,
+                     pa.array(meta, pa.string()) if isinstance(meta, list) else meta)
+
+
 def _open_parquet(path: Path) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
@@ -370,8 +477,7 @@ def _read_parquet(shard: InputShard, rows: _Rows) -> None:
     pf = _open_parquet(path)
     cols = _columns_for(shard.source, pf.schema_arrow.names, shard.file)
     table = _parquet_rows(pf, path, cols.names, shard.start, shard.stop)
-    for i, record in enumerate(table.to_pylist()):
-        _manifest_row(rows, shard, cols, record, shard.start + i, path.parent)
+    _manifest_columns(rows, shard, cols, table, shard.start, path.parent)
 
 
 def _csv_parse_options(source: SourceConfig, on_invalid: Any) -> pacsv.ParseOptions:
@@ -387,27 +493,22 @@ def _csv_header(path: Path, source: SourceConfig) -> list[str]:
         raise ReaderError(f"{path}: not a readable {source.kind.upper()} file ({e})") from None
 
 
-def _csv_batches(path: Path, source: SourceConfig, names: Sequence[str],
-                 columns: Sequence[str]) -> Iterator[tuple[pa.RecordBatch, int]]:
-    """(batch, malformed rows skipped while parsing it): the same sequence on every call."""
-    bad = [0]
-
+def _csv_batches(path: Path, source: SourceConfig, names: Sequence[str], columns: Sequence[str],
+                 malformed: list[int] | None = None) -> Iterator[pa.RecordBatch]:
+    """The file's record batches (the same sequence on every call); ``malformed[0]`` counts skipped rows."""
     def on_invalid(row: Any) -> str:
-        bad[0] += 1
+        if malformed is not None:
+            malformed[0] += 1
         return "skip"
 
-    # One thread: parsing is sequential, so each batch's malformed rows are counted with it.
-    read = pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False)
+    read = pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False)  # a Ray worker has one CPU
     # Every column as text: ids like "00012" and numeric-looking captions must survive unchanged.
     convert = pacsv.ConvertOptions(include_columns=list(columns), strings_can_be_null=True,
                                    column_types={n: pa.string() for n in names})
     try:
         with pa.input_stream(str(path), compression="detect") as stream:
-            reader = pacsv.open_csv(stream, read_options=read, parse_options=_csv_parse_options(source, on_invalid),
-                                    convert_options=convert)
-            for batch in reader:
-                yield batch, bad[0]
-                bad[0] = 0
+            yield from pacsv.open_csv(stream, read_options=read, parse_options=_csv_parse_options(source, on_invalid),
+                                      convert_options=convert)
     except (pa.ArrowInvalid, OSError) as e:
         raise ReaderError(f"{path}: not a readable {source.kind.upper()} file ({e})") from None
 
@@ -416,18 +517,17 @@ def _read_csv(shard: InputShard, rows: _Rows) -> None:
     path = Path(shard.file)
     names = _csv_header(path, shard.source)
     cols = _columns_for(shard.source, names, shard.file)
+    if shard.malformed_rows:
+        rows.drop("bad_csv_row", shard.malformed_rows)
     start, stop = shard.start, shard.stop
     row = 0  # index of the batch's first row in the file
-    for batch, bad in _csv_batches(path, shard.source, names, cols.names):
+    for batch in _csv_batches(path, shard.source, names, cols.names):
         if stop is not None and row >= stop:
             break
-        if row >= start and bad:  # a batch's malformed rows count in the shard holding its first row
-            rows.drop("bad_csv_row", bad)
         n = batch.num_rows
         if row + n > start:  # CSV has no index: earlier shards' rows are parsed and skipped
             lo, hi = max(0, start - row), n if stop is None else min(n, stop - row)
-            for i, record in enumerate(batch.slice(lo, hi - lo).to_pylist()):
-                _manifest_row(rows, shard, cols, record, row + lo + i, path.parent)
+            _manifest_columns(rows, shard, cols, pa.Table.from_batches([batch.slice(lo, hi - lo)]), row + lo, path.parent)
         row += n
 
 
@@ -477,7 +577,7 @@ def _read_webdataset(shard: InputShard, rows: _Rows) -> None:
     order: list[str] = []
     try:
         tar = tarfile.open(path, mode="r:*")
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise ReaderError(f"{path}: not a readable tar file ({e})") from None
     with tar:
         try:
@@ -491,9 +591,9 @@ def _read_webdataset(shard: InputShard, rows: _Rows) -> None:
                 try:
                     handle = tar.extractfile(member)
                     samples[key][ext] = handle.read() if handle else None
-                except (tarfile.TarError, OSError, EOFError) as e:
+                except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
                     samples[key]["__error__"] = f"broken_member: {member.name}: {e}"
-        except (tarfile.TarError, OSError, EOFError) as e:
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             # Truncated or corrupt past this point: keep what was read, count the rest as one loss.
             rows.drop("broken_tar")
             log_event(log, "tar ends early; keeping the members read so far", level=30, file=shard.file,
@@ -526,10 +626,11 @@ def _read_directory(shard: InputShard, rows: _Rows) -> None:
     folder = Path(shard.file)
     for rel in shard.members:
         image, error = _read_local(rel, folder)
-        stem = (folder / rel).with_suffix("")
+        image_path = folder / rel
         caption: str | None = None
         meta: dict[str, Any] = {"path": rel}
-        txt, js = stem.with_suffix(".txt"), stem.with_suffix(".json")
+        # "a.b.jpg" pairs with "a.b.txt" (only the image extension is replaced).
+        txt, js = image_path.with_name(image_path.stem + ".txt"), image_path.with_name(image_path.stem + ".json")
         try:
             if txt.is_file():
                 caption = txt.read_bytes().decode("utf-8", errors="replace")
@@ -574,7 +675,8 @@ def read_input_shard_with_funnel(shard: InputShard) -> tuple[pa.Table, Funnel]:
     _READERS[shard.source.kind](shard, rows)
     table = rows.table(shard.source_name)
     funnel = Funnel()
-    funnel.record(READ_STAGE, rows.seen, table.num_rows, [r for r, c in rows.dropped.items() for _ in range(c)])
+    funnel.record(READ_STAGE, rows.seen, table.num_rows)
+    funnel.stage(READ_STAGE).dropped.update(rows.dropped)
     if rows.errors or rows.dropped:
         log_event(log, "read shard with bad rows", level=30 if rows.errors or set(rows.dropped) - {"heldout"} else 20,
                   shard=shard.shard_id, file=shard.display_file, rows=table.num_rows,

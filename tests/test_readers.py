@@ -145,6 +145,7 @@ def test_csv_malformed_rows_are_counted_once_across_shards(tmp_path: Path, monke
     src = SourceConfig(kind="csv", path="m.csv", rows_per_input_shard=7)
     shards = plan_input_shards([src], tmp_path)
     assert len(shards) == 8 and shards[-1].stop is None
+    assert [s.malformed_rows for s in shards] == [5, 0, 0, 0, 0, 0, 0, 0]  # counted once, on the first shard
     table, dropped = read_all([src], tmp_path)
     assert table.column("caption").to_pylist() == [f"caption {i}" for i in range(50)]
     assert dropped == {"bad_csv_row": 5}
@@ -226,14 +227,16 @@ def test_webdataset_pairs_members_by_key(tmp_path: Path) -> None:
         ("d/003.txt", b"caption without image"),
         ("d/004.png", png()), ("d/004.txt", b"\xff\xfe bad utf-8"),
     ])
-    make_tar(tmp_path / "wds" / "00001.tar", [("005.webp", png()), ("005.txt", b"second tar")])
+    with tarfile.open(tmp_path / "wds" / "00001.tar.gz", "w:gz") as tar:  # compressed shards too
+        _add(tar, "005.webp", png())
+        _add(tar, "005.txt", b"second tar")
     src = SourceConfig(kind="webdataset", path="wds", rows_per_input_shard=1)
     shards = plan_input_shards([src], tmp_path)
     assert [s.shard_id for s in shards] == ["s0-00000", "s0-00001"]  # one shard per tar
     table, dropped = read_all([src], tmp_path)
     assert table.column("sample_id").to_pylist() == [
         "webdataset:wds/00000.tar#d/000", "webdataset:wds/00000.tar#d/001", "webdataset:wds/00000.tar#d/002",
-        "webdataset:wds/00000.tar#d/003", "webdataset:wds/00000.tar#d/004", "webdataset:wds/00001.tar#005"]
+        "webdataset:wds/00000.tar#d/003", "webdataset:wds/00000.tar#d/004", "webdataset:wds/00001.tar.gz#005"]
     captions = table.column("caption").to_pylist()
     assert captions[:4] == ["a red square", "green", None, "caption without image"]
     assert captions[4].startswith("\ufffd")  # undecodable bytes replaced, not fatal
@@ -268,14 +271,17 @@ def test_directory_with_sidecar_captions(tmp_path: Path) -> None:
     (root / "sub" / "dog.jpg").write_bytes(png((0, 0, 255)))
     (root / "sub" / "dog.json").write_text(json.dumps({"caption": "a dog", "author": "me"}))
     (root / "sub" / "lonely.png").write_bytes(png())  # missing sidecar: kept, null caption
+    (root / "sub" / "v1.2.png").write_bytes(png())  # dotted name: the sidecar is v1.2.txt, not v1.txt
+    (root / "sub" / "v1.2.txt").write_text("version one point two")
+    (root / "sub" / "v1.txt").write_text("wrong sidecar")
     (root / "notes.txt").write_text("not a sidecar of anything")
     (root / ".hidden.png").write_bytes(png())
     src = SourceConfig(kind="directory", path="photos", rows_per_input_shard=2)
-    assert [len(s.members) for s in plan_input_shards([src], tmp_path)] == [2, 1]
+    assert [len(s.members) for s in plan_input_shards([src], tmp_path)] == [2, 2]
     table, _ = read_all([src], tmp_path)
     assert table.column("sample_id").to_pylist() == ["directory:photos/cat.png", "directory:photos/sub/dog.jpg",
-                                                     "directory:photos/sub/lonely.png"]
-    assert table.column("caption").to_pylist() == ["a cat on a mat", "a dog", None]
+                                                     "directory:photos/sub/lonely.png", "directory:photos/sub/v1.2.png"]
+    assert table.column("caption").to_pylist() == ["a cat on a mat", "a dog", None, "version one point two"]
     m = metas(table)
     assert m[1]["author"] == "me" and m[2]["missing_sidecar"] is True
     assert table.column("image").null_count == 0
