@@ -196,13 +196,13 @@ def query_counts_table(before: np.ndarray, after: np.ndarray, queries: pa.Table 
     return pa.table(columns)
 
 
-def plot_query_counts(before: np.ndarray, after: np.ndarray, path: str | os.PathLike,
-                      max_per_query: int | None = None) -> Path:
-    """Log-log rank/count curves of matches per query, before and after balancing (PNG, atomic)."""
+def render_query_counts(before: np.ndarray, after: np.ndarray, max_per_query: int | None = None) -> bytes:
+    """PNG bytes: log-log rank/count curves of matches per query, before and after balancing."""
+    import io
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global figure state
     from matplotlib.figure import Figure
 
-    path = Path(path)
     fig = Figure(figsize=(6, 4), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -218,11 +218,30 @@ def plot_query_counts(before: np.ndarray, after: np.ndarray, path: str | os.Path
     ax.set_title("Matches per query")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def plot_query_counts(before: np.ndarray, after: np.ndarray, path: str | os.PathLike,
+                      max_per_query: int | None = None) -> Path:
+    """``render_query_counts`` written to a local ``path`` (atomically)."""
+    path = Path(path)
+    data = render_query_counts(before, after, max_per_query)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
+
+
+def write_query_count_report(store: Any, before: np.ndarray, after: np.ndarray, queries: pa.Table | None = None,
+                             max_per_query: int | None = None, prefix: str = "") -> dict[str, str]:
+    """``query_counts.parquet`` and ``query_counts.png`` under ``prefix`` of an ObjectStore; their URIs."""
+    keys = {"table": f"{prefix}query_counts.parquet", "plot": f"{prefix}query_counts.png"}
+    store.write_parquet(keys["table"], query_counts_table(before, after, queries))
+    store.write_bytes(keys["plot"], render_query_counts(before, after, max_per_query))
+    return {k: store.uri(v) for k, v in keys.items()}
 
 
 # ------------------------------------------------------------------------------------------------

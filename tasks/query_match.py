@@ -87,7 +87,9 @@ class QueryMatcher:
     """Callable ``table -> (table + query_ids, Funnel)`` over a QUERY_SCHEMA table.
 
     ``query_id`` values must be unique and >= 0; ``num_queries`` (max id + 1) sizes the counts
-    that balancing sums. Several queries that normalise to the same text all match.
+    that balancing sums. Queries that normalise to the same text are one entry: matches carry the
+    id of the one written that way (the lowest such id; else the lowest id), the others are
+    aliases (``num_aliases``) — otherwise a pair would get one balancing coin per spelling.
     """
 
     def __init__(self, queries: pa.Table, column: str = "caption") -> None:
@@ -101,8 +103,8 @@ class QueryMatcher:
         texts = queries.column("query")
         keys = normalise_texts(texts)
         plain = normalise_texts(texts, punctuation=False)
-        by_key: dict[str, list[int]] = {}
-        unmatchable = 0
+        by_key: dict[str, tuple[bool, int]] = {}  # key -> (not written that way, id): min() picks
+        unmatchable = candidates = 0
         for key, same, qid in zip(keys, plain, ids.tolist()):
             # A query of only punctuation can match nothing; one the punctuation rule leaves at two
             # characters or fewer ("c++" -> "c", "-a" -> "a") would match every caption with that
@@ -110,10 +112,13 @@ class QueryMatcher:
             if key is None or not key.strip() or (key != same and len(key) <= 4):  # " ab "
                 unmatchable += 1
                 continue
-            by_key.setdefault(key, []).append(qid)
-        self._keys = by_key
+            candidates += 1
+            rank = (key != same, qid)
+            by_key[key] = min(by_key.get(key, rank), rank)
+        self._keys = {key: qid for key, (_, qid) in by_key.items()}
         self.num_keys = len(by_key)
         self.num_unmatchable = unmatchable
+        self.num_aliases = candidates - len(by_key)
         self._automaton = None
 
     def __getstate__(self) -> dict:
@@ -127,9 +132,8 @@ class QueryMatcher:
             import ahocorasick
 
             automaton = ahocorasick.Automaton()
-            # value: the query id, or a tuple of ids when several queries share one normalised text
-            for key, qids in self._keys.items():
-                automaton.add_word(key, qids[0] if len(qids) == 1 else tuple(sorted(qids)))
+            for key, qid in self._keys.items():
+                automaton.add_word(key, qid)
             automaton.make_automaton()
             self._automaton = automaton
         return self._automaton
@@ -145,13 +149,7 @@ class QueryMatcher:
             if text:
                 found = {v for _, v in automaton.iter(text)}
                 if found:
-                    ids: set[int] = set()
-                    for v in found:
-                        if isinstance(v, tuple):
-                            ids.update(v)
-                        else:
-                            ids.add(v)
-                    values.extend(sorted(ids))
+                    values.extend(sorted(found))
             offsets.append(len(values))
         return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.int32()))
 

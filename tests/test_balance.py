@@ -10,8 +10,9 @@ import pyarrow.compute as pc
 import pytest
 
 from infra.config import BalanceConfig, ConfigError
+from infra.storage import ObjectStore
 from tasks.balance import (BALANCED_OUT, NO_QUERY_IDS, CapHashes, balance_table, balance_with_ray, count_queries,
-                           plot_query_counts, query_counts_table, sample_hashes)
+                           plot_query_counts, query_counts_table, sample_hashes, write_query_count_report)
 
 LIST = pa.list_(pa.int32())
 
@@ -167,6 +168,11 @@ def test_counts_table_and_plot(tmp_path, skewed: pa.Table) -> None:
     assert not [p for p in png.parent.iterdir() if p.name.startswith(".")]  # no temp file left
     with pytest.raises(ValueError):
         query_counts_table(before, after[:3])
+    store = ObjectStore(str(tmp_path / "store"))
+    uris = write_query_count_report(store, before, after, queries, 1000, prefix="balance/")
+    assert store.read_parquet("balance/query_counts.parquet").equals(table)
+    assert store.read_bytes("balance/query_counts.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert uris["table"] == store.uri("balance/query_counts.parquet")
 
 
 def test_balance_with_ray_matches_local(ray_local, skewed: pa.Table) -> None:
