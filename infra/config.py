@@ -187,7 +187,9 @@ class TextFilterConfig:
 
 @dataclass(frozen=True)
 class BalanceConfig:
-    max_per_query: int = 20_000
+    max_per_query: int = 20_000  # t
+    # probability: MetaCLIP's keep-with-p = min(1, t/count), a pair kept if any entry keeps it;
+    # exact: never more than t per entry (needs a second reduce: tasks.balance.CapHashes)
     mode: Literal["probability", "exact"] = "probability"
     seed: int = 0
 
