@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,41 +140,45 @@ def process_image(data: bytes | None, cfg: ImageConfig) -> ProcessedImage:
         raise ImageRejected("no_image", "the row has no image bytes")
     if len(data) == 0:
         raise ImageRejected("empty_image", "zero bytes")
-    with warnings.catch_warnings():
-        # Pillow warns (not raises) between MAX_IMAGE_PIXELS and twice that: make it an error.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        im = _open(data, cfg)
-        source_format = im.format or "unknown"
-        width, height = im.size
-        if min(width, height) < cfg.min_side:
-            raise ImageRejected("too_small", f"{width}x{height}, shorter side < {cfg.min_side}")
-        if max(width, height) / min(width, height) > cfg.max_aspect_ratio:
-            raise ImageRejected("bad_aspect_ratio", f"{width}x{height} exceeds {cfg.max_aspect_ratio}:1")
-        try:
-            orientation = int(im.getexif().get(_ORIENTATION_TAG, 1) or 1)
-        except Exception:  # noqa: BLE001 - a broken EXIF block only loses the orientation
-            orientation = 1
-        oriented = (height, width) if orientation in _SWAPS_AXES else (width, height)
-        target = _target_size(*oriented, cfg.resize_longest_side)
-        unchanged = target is None and orientation == 1 and im.mode in ("RGB", "L")
-        if cfg.encode_format == "keep" and unchanged and source_format in _KEEPABLE_FORMATS:
-            _load(im)  # still decode in full: a truncated file must not pass as kept bytes
-            return ProcessedImage(data, source_format, width, height, hashlib.sha256(data).hexdigest())
-        if target is not None and source_format in ("JPEG", "MPO"):
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the target size.
-            im.draft(None, (target[1], target[0]) if orientation in _SWAPS_AXES else target)
-        _load(im)
-        if orientation != 1:
-            im = ImageOps.exif_transpose(im)
-        im = _to_rgb(im)
-        if target is not None:
-            im = im.resize(target, _RESAMPLE[cfg.resample], reducing_gap=3.0)
+    # Pillow only warns between MAX_IMAGE_PIXELS and twice that; ``_open`` enforces ``max_pixels``
+    # itself from the header. (No warnings.catch_warnings here: it is not thread-safe.)
+    im = _open(data, cfg)
+    source_format = im.format or "unknown"
+    width, height = im.size
+    if min(width, height) < cfg.min_side:
+        raise ImageRejected("too_small", f"{width}x{height}, shorter side < {cfg.min_side}")
+    if max(width, height) / min(width, height) > cfg.max_aspect_ratio:
+        raise ImageRejected("bad_aspect_ratio", f"{width}x{height} exceeds {cfg.max_aspect_ratio}:1")
+    stored_target = _target_size(width, height, cfg.resize_longest_side)
+    if stored_target is not None and source_format in ("JPEG", "MPO"):
+        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the target size.
+        im.draft(None, stored_target)
+    _load(im)  # before EXIF: PNG's getexif() would load (and hide a truncation) on its own
+    orientation = _orientation(im)
+    if (cfg.encode_format == "keep" and stored_target is None and orientation == 1
+            and im.mode in ("RGB", "L") and source_format in _KEEPABLE_FORMATS):
+        return ProcessedImage(data, source_format, width, height, hashlib.sha256(data).hexdigest())
+    if orientation != 1:
+        im = ImageOps.exif_transpose(im)
+    im = _to_rgb(im)
+    target = _target_size(*((height, width) if orientation in _SWAPS_AXES else (width, height)),
+                          cfg.resize_longest_side)
+    if target is not None and im.size != target:
+        im = im.resize(target, _RESAMPLE[cfg.resample], reducing_gap=3.0)
     if cfg.encode_format == "keep":
         out_format = "JPEG" if source_format in ("JPEG", "MPO") else "WEBP" if source_format == "WEBP" else "PNG"
     else:
         out_format = cfg.encode_format
     encoded = _encode(im, out_format, cfg.encode_quality)
     return ProcessedImage(encoded, out_format, im.width, im.height, hashlib.sha256(encoded).hexdigest())
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        value = int(im.getexif().get(_ORIENTATION_TAG, 1) or 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block only loses the orientation
+        return 1
+    return value if 1 <= value <= 8 else 1
 
 
 def _load(im: Image.Image) -> None:

@@ -148,6 +148,17 @@ def test_exif_orientation_is_applied_and_metadata_dropped():
     assert dict(decoded.getexif()) == {}
 
 
+def test_truncated_png_and_png_orientation():
+    noisy = Image.frombytes("RGB", (120, 80), bytes((i * 7919) % 251 for i in range(120 * 80 * 3)))
+    exif = Image.Exif()
+    exif[0x0112] = 8  # rotate 90° counter-clockwise on display
+    png = _encode(noisy, "PNG", exif=exif.tobytes())
+    assert _reason(png[: len(png) // 2]) == "truncated_image"
+    out = process_image(png, ImageConfig(resize_longest_side=None, encode_format="PNG"))
+    assert (out.width, out.height) == (80, 120)
+    assert Image.open(io.BytesIO(out.data)).tobytes() == noisy.transpose(Image.Transpose.ROTATE_90).tobytes()
+
+
 def test_keep_returns_original_bytes_only_when_nothing_changes():
     png = _encode(_gradient((60, 40)), "PNG")
     kept = process_image(png, ImageConfig(encode_format="keep", resize_longest_side=128))
