@@ -24,6 +24,11 @@ The English policy (measured on hand-labelled Openclipart titles, tests/data/ope
   English-known, so as a long caption it goes to the detector; "Aquila frontale" (1 of 2) is a
   short caption at coverage 0.5 and is kept. A foreign word that is also an English word
   ("sole", Italian for sun) cannot be told apart from text alone and is kept.
+
+Measured on the 246 labelled titles the check sees: precision 0.973, recall 0.991 for "English",
+23 of 29 other-language titles dropped; langdetect alone calls 45% of the English titles English.
+The coverage thresholds sit between hand-written English captions (coverage >= 0.75) and Italian,
+French, Spanish, German, Dutch and Portuguese ones (<= 0.56); tests/test_text_filter.py has both.
 """
 
 from __future__ import annotations
