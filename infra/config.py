@@ -191,7 +191,7 @@ class BalanceConfig:
     # probability: MetaCLIP's keep-with-p = min(1, t/count), a pair kept if any entry keeps it;
     # exact: never more than t per entry (needs a second reduce: tasks.balance.CapHashes)
     mode: Literal["probability", "exact"] = "probability"
-    seed: int = 0
+    seed: int = 0  # the per-(seed, sample_id, query_id) hash, not an RNG stream
 
     def __post_init__(self) -> None:
         if self.max_per_query <= 0:
@@ -234,15 +234,34 @@ class EvalSetConfig:
     classes: tuple[str, ...] = ()  # empty: taken from the source
     templates: tuple[str, ...] = ()  # empty: CLIP's default template family
     max_images: int | None = None
+    image_column: str = "image"  # parquet: encoded bytes or a {bytes, path} struct
+    label_column: str = "label"  # parquet: class index or class name
+    id_column: str | None = None  # parquet: stable image ids (default: split-rownumber)
+
+    def __post_init__(self) -> None:
+        if self.max_images is not None and self.max_images <= 0:
+            raise ConfigError(f"eval_sets.{self.name}.max_images must be > 0")
+        if self.kind in ("imagefolder", "parquet") and not self.path:
+            raise ConfigError(f"eval_sets.{self.name}: kind {self.kind} needs a path")
 
 
 @dataclass(frozen=True)
 class DedupConfig:
     hash_kind: Literal["phash", "dhash", "ahash", "whash"] = "phash"
-    eval_radius: int = 4
+    eval_radius: int = 4  # Hamming radius of the candidate lookup against eval images
     within_radius: int = 4
     within_dataset: bool = True
     against_eval: bool = True
+    verify_min_ncc: float = 0.98  # candidate pairs must also correlate this well pixel-wise (0 = off)
+    crop_variants: bool = True  # index crops of each eval image too, so cropped copies are found
+    low_info_max_std: float = 4.0  # images this flat (grey-level std) are never matched by hash
+
+    def __post_init__(self) -> None:
+        for key in ("eval_radius", "within_radius"):
+            if not 0 <= getattr(self, key) <= 32:
+                raise ConfigError(f"dedup.{key} must be in 0..32")
+        if not -1.0 <= self.verify_min_ncc <= 1.0:
+            raise ConfigError("dedup.verify_min_ncc must be in [-1, 1]")
 
 
 @dataclass(frozen=True)
