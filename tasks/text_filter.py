@@ -441,7 +441,12 @@ class TextFilter:
         """The drop reason of each caption (None: kept)."""
         return [self.check(c)[1] for c in captions]
 
-    def __call__(self, table: pa.Table) -> tuple[pa.Table, Funnel]:
+    def split(self, table: pa.Table) -> tuple[pa.Table, pa.Table, Funnel]:
+        """(kept rows with cleaned captions, rejected rows with a ``reason`` column, funnel).
+
+        In the rejects the caption is as read, decoded with U+FFFD for bad bytes and cut to
+        ``REJECT_CAPTION_CHARS`` characters, so a side file of them is always valid and small.
+        """
         if self.column not in table.column_names:
             raise ValueError(f"{STAGE}: the table has no {self.column!r} column (it has {table.column_names})")
         column = table.column(self.column)
@@ -449,13 +454,35 @@ class TextFilter:
             column = column.cast(pa.binary())  # no validation here: bad UTF-8 is ours to count
         elif pa.types.is_large_string(column.type):
             column = column.cast(pa.large_binary())
-        results = [self.check(raw) for raw in column.to_pylist()]
+        raw = column.to_pylist()
+        results = [self.check(r) for r in raw]
+        reasons = [r for _, r in results]
         funnel = Funnel()
-        kept = funnel.apply(STAGE, table, [r for _, r in results])
-        cleaned = pa.array([t for t, r in results if r is None], pa.string())
-        index = kept.schema.get_field_index(self.column)
-        kept = kept.set_column(index, pa.field(self.column, pa.string()), cleaned)
+        kept = funnel.apply(STAGE, table, reasons)
+        index = table.schema.get_field_index(self.column)
+        field = pa.field(self.column, pa.string())
+        kept = kept.set_column(index, field, pa.array([t for t, r in results if r is None], pa.string()))
+        rejected_rows = [i for i, r in enumerate(reasons) if r is not None]
+        rejects = table.take(pa.array(rejected_rows, pa.int64()))
+        shown = [_printable_reject(raw[i]) for i in rejected_rows]
+        rejects = rejects.set_column(index, field, pa.array(shown, pa.string()))
+        rejects = rejects.append_column("reason", pa.array([reasons[i] for i in rejected_rows], pa.string()))
+        return kept, rejects, funnel
+
+    def __call__(self, table: pa.Table) -> tuple[pa.Table, Funnel]:
+        kept, _, funnel = self.split(table)
         return kept, funnel
+
+
+REJECT_CAPTION_CHARS = 1_000
+
+
+def _printable_reject(raw: bytes | str | None) -> str | None:
+    if raw is None:
+        return None
+    if isinstance(raw, bytes):
+        return raw[: 4 * REJECT_CAPTION_CHARS].decode("utf-8", errors="replace")[:REJECT_CAPTION_CHARS]
+    return raw[:REJECT_CAPTION_CHARS].encode("utf-8", errors="replace").decode("utf-8")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -109,6 +109,14 @@ def test_hostile_table_costs_only_its_rows(text_filter: TextFilter) -> None:
     assert (stats.rows_in, stats.rows_out) == (11, 2)
     assert dict(stats.dropped) == {BAD_UTF8: 1, TOO_LONG: 1, EMPTY: 2, NOT_ENGLISH: 2, TOO_FEW_WORDS: 2,
                                    MACHINE_MADE: 1}
+    kept, rejects, _ = text_filter.split(table)
+    assert kept.equals(out)
+    assert rejects.column("extra").to_pylist() == [1, 2, 3, 4, 5, 6, 7, 9, 10]
+    assert rejects.column("reason").to_pylist() == [BAD_UTF8, TOO_LONG, EMPTY, EMPTY, NOT_ENGLISH, TOO_FEW_WORDS,
+                                                    TOO_FEW_WORDS, NOT_ENGLISH, MACHINE_MADE]
+    shown = rejects.column("caption").to_pylist()
+    assert shown[0] == "\ufffd\ufffd\ufffd" and len(shown[1]) == 1000 and shown[3] is None and shown[8] == "IMG_0001.JPG"
+    pa.Table.from_pylist(rejects.to_pylist()).validate(full=True)  # a side file of rejects is valid UTF-8
 
 
 def test_string_columns_and_invalid_utf8_inside_arrow_strings(text_filter: TextFilter) -> None:
@@ -117,9 +125,11 @@ def test_string_columns_and_invalid_utf8_inside_arrow_strings(text_filter: TextF
     binary = pa.array(data, pa.binary())
     smuggled = pa.Array.from_buffers(pa.string(), 2, binary.buffers())
     for column in (smuggled, pa.array(["A red car on the road", None], pa.large_string())):
-        out, funnel = text_filter(pa.table({"caption": column}))
+        out, rejects, funnel = text_filter.split(pa.table({"caption": column}))
         assert out.column("caption").to_pylist() == ["A red car on the road"]
         assert funnel.stages["text_filter"].rows_out == 1
+        assert rejects.column("reason").to_pylist() == [BAD_UTF8 if column is smuggled else EMPTY]
+        rejects.validate(full=True)
 
 
 def test_empty_table_and_missing_column(text_filter: TextFilter) -> None:
