@@ -174,7 +174,7 @@ _URL_OR_MAIL = re.compile(r"\S+@\S+|(?:https?|ftp)://\S+|www\.\S+")
 # Only words that are not English themselves: "die", "van", "de", "la", "o" are left out.
 FOREIGN_FUNCTION_WORDS = frozenset("""
 di da del della delle dello dei degli il lo gli e ed per con una uno un nel nella nei sul sulla sui che non
-les des du et au aux avec pour sur dans une est ou qui
+les des du et au aux avec pour sur dans une est ou qui à
 el los las y por para al en es
 der das den dem des ein eine einer einem und mit von zu im auf für ist nicht
 het een voor met op niet

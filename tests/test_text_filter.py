@@ -179,6 +179,7 @@ def test_short_captions_use_the_vocabulary_not_the_detector(vocab: EnglishVocab)
         verdict = english_verdict(caption, vocab, detector, cfg)
         assert verdict.english and verdict.decided_by == "vocab" and verdict.p_english is None
     assert not english_verdict("Pescetto arancione", vocab, detector, cfg).english
+    assert not english_verdict("direction à suivre", vocab, detector, cfg).english  # "à" counts, as foreign
 
 
 EN_SENTENCES = [
