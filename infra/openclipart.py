@@ -40,6 +40,7 @@ from defusedxml.ElementTree import iterparse as safe_iterparse
 from PIL import Image
 
 from infra.log import get_logger, log_event, progress
+from infra.schema import OPENCLIPART_SCHEMA
 
 log = get_logger("witflow.openclipart")
 
@@ -50,20 +51,6 @@ SAMPLE_MIN_PER_CATEGORY = 40
 MAX_SIDE = 128
 HELDOUT_FRACTION = 0.10
 DEBIAN_PACKAGES = ("openclipart-svg", "openclipart-png")
-
-OPENCLIPART_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),  # relative path under /usr/share/openclipart/
-        pa.field("category", pa.string(), nullable=False),  # top folder under svg/
-        pa.field("title", pa.string(), nullable=False),  # as written ("" when the SVG has none)
-        pa.field("keywords", pa.list_(pa.string()), nullable=False),
-        pa.field("description", pa.string()),  # null when empty
-        pa.field("image", pa.binary(), nullable=False),  # RGB PNG, longest side <= max_side
-        pa.field("width", pa.int32(), nullable=False),
-        pa.field("height", pa.int32(), nullable=False),
-    ],
-    metadata={"witflow.table": "openclipart"},
-)
 
 _NS = {
     "dc": "http://purl.org/dc/elements/1.1/",

@@ -23,6 +23,21 @@ QUERY_SCHEMA = pa.schema(
     metadata={"witflow.schema_version": str(SCHEMA_VERSION), "witflow.table": "queries"},
 )
 
+# The bundled Openclipart sample and the full Debian-built source (infra/openclipart.py).
+OPENCLIPART_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),  # relative path under /usr/share/openclipart/
+        pa.field("category", pa.string(), nullable=False),  # top folder under svg/
+        pa.field("title", pa.string(), nullable=False),  # as written ("" when the SVG has none)
+        pa.field("keywords", pa.list_(pa.string()), nullable=False),
+        pa.field("description", pa.string()),  # null when empty
+        pa.field("image", pa.binary(), nullable=False),  # RGB PNG, longest side <= max_side
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+    ],
+    metadata={"witflow.schema_version": str(SCHEMA_VERSION), "witflow.table": "openclipart"},
+)
+
 # Candidate (image, caption) pairs as readers produce them and stages pass them on.
 # Stages add columns (query_ids, width, ...) as they go; `SHARD_SCHEMA` is the final shape.
 CANDIDATE_SCHEMA = pa.schema(

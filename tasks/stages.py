@@ -70,15 +70,15 @@ def filter_shard(shard: Any, work_root: str, storage: StorageConfig, queries_uri
     """read -> gather -> text filters -> query match, for one input shard."""
     from tasks.balance import count_queries
     from tasks.gather import gather_with_failures
-    from tasks.readers import read_input_shard
+    from tasks.readers import read_input_shard_with_funnel
 
     work = _store(work_root, storage)
     record_key = f"filtered/{shard.shard_id}.json"
     if work.exists(record_key):
         return work.read_json(record_key)
     funnel = Funnel()
-    table = read_input_shard(shard)
-    funnel.record("read", table.num_rows, table.num_rows)
+    table, f = read_input_shard_with_funnel(shard)
+    funnel.merge(f)
     gathered = gather_with_failures(table, gather)
     table = gathered.table
     funnel.merge(gathered.funnel)
