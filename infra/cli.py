@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     kwargs: dict[str, object] = {}
     if args.command == "demo":
+        # The demo config's paths (the bundled sample, runs/demo) are relative to the repository.
+        os.chdir(REPO_ROOT)
         kwargs["s3"] = args.s3
     if getattr(args, "checkpoint", None):
         kwargs["checkpoint"] = args.checkpoint
