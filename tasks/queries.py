@@ -248,27 +248,29 @@ def iter_page_xml(chunks: Iterable[bytes], stats: Counter, max_page_bytes: int =
     buf = bytearray()
     for chunk in chunks:
         buf.extend(chunk)
+        pos = 0  # consumed bytes are deleted once per chunk, not once per page
         while True:
-            start = buf.find(_PAGE_OPEN)
+            start = buf.find(_PAGE_OPEN, pos)
             if start < 0:
-                del buf[:max(0, len(buf) - len(_PAGE_OPEN))]
+                pos = max(pos, len(buf) - len(_PAGE_OPEN))
                 break
             end = buf.find(_PAGE_CLOSE, start)
             nested = buf.find(_PAGE_OPEN, start + len(_PAGE_OPEN), end if end >= 0 else len(buf))
             if nested >= 0:  # a page opened again before this one closed: this one is broken
                 stats["truncated_page"] += 1
-                del buf[:nested]
+                pos = nested
                 continue
             if end < 0:
                 if len(buf) - start > max_page_bytes:
                     stats["truncated_page"] += 1
-                    del buf[:start + len(_PAGE_OPEN)]
+                    pos = start + len(_PAGE_OPEN)
                     continue
-                del buf[:start]
+                pos = start
                 break
             end += len(_PAGE_CLOSE)
             yield bytes(buf[start:end])
-            del buf[:end]
+            pos = end
+        del buf[:pos]
     if buf.find(_PAGE_OPEN) >= 0:
         stats["truncated_page"] += 1
 
@@ -962,6 +964,7 @@ def wordnet_lemma_names(wordnet_dir: str | os.PathLike) -> tuple[list[str], dict
 
 
 def select_wordnet(lemma_names: Iterable[str], funnel: Funnel) -> dict[str, None]:
+    """WordNet queries: normalised lemma names (``hot_dog`` -> ``hot dog``), no threshold."""
     return normalize_entries(lemma_names, "wordnet", funnel)
 
 
