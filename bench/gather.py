@@ -1,7 +1,9 @@
 """Benchmark: images/s through fetch + validate + resize + re-encode from a local HTTP server.
 
 Ours: tasks.gather.gather_images in one process: asyncio fetching, image work (Pillow, JPEG draft
-decoding, bicubic) on ``--workers`` threads as each body arrives; result written to Parquet.
+decoding) on ``--workers`` threads as each body arrives; result written to Parquet. The resize filter
+is ``box`` (area averaging), the same class as img2dataset's default INTER_AREA; ``--resample
+bicubic`` measures witflow's default filter (about half the speed on this machine).
 Baseline: img2dataset (pinned, in its own venv at .bench/venv, created on first use) on the same URL
 list and server, with ``--workers`` processes (one shard each). Same settings for both: 64
 connections per process, longest side 256 without upscaling, JPEG q90, min side 16, aspect <= 5,
@@ -71,10 +73,10 @@ def make_images(count: int, seed: int = 0) -> dict[str, bytes]:
     return files
 
 
-def run_ours(urls: list[str], out_dir: Path, workers: int) -> tuple[float, int]:
+def run_ours(urls: list[str], out_dir: Path, workers: int, resample: str) -> tuple[float, int]:
     gather_cfg = GatherConfig(concurrency=CONCURRENCY, per_host_concurrency=CONCURRENCY, allow_loopback=True)
     image_cfg = ImageConfig(resize_longest_side=LONGEST_SIDE, encode_format="JPEG", encode_quality=90,
-                            min_side=16, max_aspect_ratio=5.0)
+                            min_side=16, max_aspect_ratio=5.0, resample=resample)
     n = len(urls)
     table = pa.table({"sample_id": [f"{i:06d}" for i in range(n)], "source": ["bench"] * n,
                       "caption": [None] * n, "url": urls, "image": pa.nulls(n, pa.binary()),
@@ -148,6 +150,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None, help="runs per side, alternating (default 2)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="image threads (ours) / processes (img2dataset); default: the CPU count")
+    parser.add_argument("--resample", default="box", choices=["box", "bilinear", "bicubic", "lanczos"],
+                        help="our resize filter (default box: area averaging, like img2dataset's)")
     args = parser.parse_args()
     count = args.images or (300 if args.quick else 2000)
     reps = args.reps or (1 if args.quick else 2)
@@ -156,7 +160,7 @@ def main() -> None:
     total_mb = sum(map(len, files.values())) / 1e6
     print(f"images: {count} JPEGs, {total_mb:.1f} MB, from {'the bundled sample' if SAMPLE.exists() else 'gradients'}; "
           f"cpus: {os.cpu_count()}; workers {args.workers}; server in a subprocess; concurrency {CONCURRENCY}; "
-          f"longest side {LONGEST_SIDE}")
+          f"longest side {LONGEST_SIDE}; our filter {args.resample}", flush=True)
     cli = ensure_img2dataset()
     with tempfile.TemporaryDirectory(prefix="witflow-bench-") as tmp, serve_files(files, in_subprocess=True) as server:
         out_dir = Path(tmp)
@@ -164,21 +168,21 @@ def main() -> None:
         url_file.write_text("\n".join(server.urls) + "\n")
         ours_best, base_best = 0.0, 0.0  # best rates, images/s
         for rep in range(reps):
-            seconds, kept = run_ours(server.urls, out_dir, args.workers)
+            seconds, kept = run_ours(server.urls, out_dir, args.workers, args.resample)
             ours_best = max(ours_best, kept / seconds)
-            print(f"ours  run {rep + 1}: {kept}/{count} images in {seconds:.2f}s = {kept / seconds:.0f} images/s")
+            print(f"ours  run {rep + 1}: {kept}/{count} images in {seconds:.2f}s = {kept / seconds:.0f} images/s", flush=True)
             if cli is not None:
                 duration, wall, ok = run_img2dataset(cli, url_file, out_dir, count, args.workers)
                 base_best = max(base_best, ok / duration)
                 print(f"img2dataset run {rep + 1}: {ok}/{count} images in {duration:.2f}s (shard stats; "
-                      f"{wall:.2f}s with start-up) = {ok / duration:.0f} images/s")
+                      f"{wall:.2f}s with start-up) = {ok / duration:.0f} images/s", flush=True)
             else:
                 duration, ok = run_sequential(server.urls)
                 base_best = max(base_best, ok / duration)
-                print(f"sequential baseline run {rep + 1}: {ok}/{count} images in {duration:.2f}s = {ok / duration:.0f} images/s")
+                print(f"sequential baseline run {rep + 1}: {ok}/{count} images in {duration:.2f}s = {ok / duration:.0f} images/s", flush=True)
     ours_rate, base_rate = ours_best, base_best
     baseline = "img2dataset 1.47.0" if cli is not None else "sequential urllib+Pillow (img2dataset unavailable)"
-    print(f"gather fetch+validate+resize: ours {ours_rate:.0f} images/s vs {baseline} {base_rate:.0f} images/s "
+    print(f"gather fetch+validate+resize ({args.resample}): ours {ours_rate:.0f} images/s vs {baseline} {base_rate:.0f} images/s "
           f"ratio={ours_rate / base_rate:.2f}")
 
 

@@ -206,7 +206,8 @@ class ImageConfig:
     resize_longest_side: int | None = 256  # downscale only; None keeps the size
     encode_format: Literal["JPEG", "PNG", "WEBP", "keep"] = "JPEG"  # keep: original bytes if unchanged
     encode_quality: int = 90
-    resample: Literal["bicubic", "bilinear", "lanczos"] = "bicubic"  # downscaling filter (antialiased)
+    # Downscaling filter, all antialiased; "box" averages areas like OpenCV's INTER_AREA (img2dataset's).
+    resample: Literal["bicubic", "bilinear", "lanczos", "box"] = "bicubic"
     # Decoders Pillow may use; other formats (EPS runs Ghostscript, PSD, ICO, ...) are never decoded.
     allowed_formats: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 

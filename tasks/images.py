@@ -35,7 +35,7 @@ _KEEPABLE_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
 _IMAGE_SIGNATURES = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF", b"BM": "BMP",
                      b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"RIFF": "WEBP"}
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-             "lanczos": Image.Resampling.LANCZOS}
+             "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX}
 _log = get_logger(__name__)
 
 
