@@ -260,18 +260,21 @@ def evaluate_classification(encoder: ClipEncoder, eval_set: Any, *, kind: str | 
 
 def _probe_on_one_split(feats: np.ndarray, labels: np.ndarray, seed: int) -> dict:
     counts = np.bincount(labels) if len(labels) else np.zeros(0, np.int64)
-    present = counts[counts > 0]
-    if len(present) < 2:
-        return {"skipped": "fewer than two classes with images"}
-    if present.min() < PROBE_MIN_PER_CLASS:
-        return {"skipped": f"a class has fewer than {PROBE_MIN_PER_CLASS} images (train/val/test split impossible)"}
+    # A class needs images in train, validation and test; smaller classes sit the probe out.
+    usable = np.flatnonzero(counts >= PROBE_MIN_PER_CLASS)
+    if len(usable) < 2:
+        return {"skipped": f"fewer than two classes with >= {PROBE_MIN_PER_CLASS} images"}
+    rows = np.flatnonzero(np.isin(labels, usable))
+    feats, labels = feats[rows], labels[rows]
     train_idx, test_idx = stratified_split(labels, PROBE_TEST_FRACTION, seed)
     try:
         out = linear_probe(feats[train_idx], labels[train_idx], feats[test_idx], labels[test_idx], seed=seed)
     except ValueError as e:
         return {"skipped": str(e)}
+    out["classes_used"] = int(len(usable))
+    out["classes_left_out"] = int((counts > 0).sum() - len(usable))
     out["protocol"] = (f"one split: {PROBE_TEST_FRACTION:.0%} of each class tests; the rest trains, "
-                       "20% of it validates C")
+                       f"20% of it validates C; classes with < {PROBE_MIN_PER_CLASS} images left out")
     return out
 
 
@@ -388,9 +391,12 @@ def evaluate_retrieval(encoder: ClipEncoder, pairs: pa.Table) -> dict:
 
 
 def _load_registry_set(cfg: EvalSetConfig):
-    from infra.eval_sets import load_eval_set
+    from infra.eval_sets import EvalSetError, load_eval_set
 
-    return load_eval_set(cfg, max_images=cfg.max_images)
+    try:
+        return load_eval_set(cfg, max_images=cfg.max_images)
+    except EvalSetError as e:  # a missing package or folder: reported per set, not fatal
+        raise LookupError(str(e)) from e
 
 
 def evaluate_checkpoint(checkpoint: str, eval_sets: Sequence[EvalSetConfig], cfg: EvalConfig, *,
@@ -421,7 +427,7 @@ def evaluate_checkpoint(checkpoint: str, eval_sets: Sequence[EvalSetConfig], cfg
     for set_cfg in eval_sets:
         try:
             eval_set = load_set(set_cfg)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, LookupError) as e:
             # One unreadable eval set is recorded and reported; the others still run.
             results["errors"][set_cfg.name] = f"{type(e).__name__}: {e}"
             log_event(log, "eval set failed to load", name=set_cfg.name, error=str(e)[:300])

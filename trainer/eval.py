@@ -8,6 +8,7 @@ a class's zero-shot weight is the renormalised mean of its normalised prompt emb
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -255,13 +256,17 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int = 0) -> tupl
     return np.sort(np.concatenate(rest)), np.sort(np.concatenate(part))
 
 
-def _fit_logistic(x: np.ndarray, y: np.ndarray, c: float, max_iter: int, seed: int):
+def _fit_logistic(x: np.ndarray, y: np.ndarray, c: float, max_iter: int, seed: int, init=None):
+    """L2 logistic regression at ``C=c``; ``init`` (a fitted model) warm-starts it from its weights."""
     # sklearn imports slowly; only when probing.
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    model = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
-
+    if init is not None:
+        model = copy.deepcopy(init)
+        model.set_params(C=c, warm_start=True)
+    else:
+        model = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
     with warnings.catch_warnings():
         # Very weak regularisation on separable data never "converges"; the sweep judges it on val.
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -275,6 +280,17 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, test_feat
     """CLIP's linear-probe protocol: L2-regularised logistic regression on frozen features; C swept
     (log-spaced) on a validation split of the training data, refined by bisection in log space around
     the best value, then refit on train+val and scored once on the test set."""
+    from threadpoolctl import threadpool_limits
+
+    # These fits are small; multi-threaded BLAS/OpenMP on a shared machine spends far more time
+    # synchronising than computing (measured: 1.9 s single-threaded vs 33 s with 2 threads each).
+    with threadpool_limits(limits=1):
+        return _linear_probe(train_features, train_labels, test_features, test_labels, cs=cs,
+                             val_fraction=val_fraction, refine_steps=refine_steps, max_iter=max_iter, seed=seed)
+
+
+def _linear_probe(train_features, train_labels, test_features, test_labels, *, cs, val_fraction, refine_steps,
+                  max_iter, seed) -> dict:
     x_all = np.asarray(train_features, dtype=np.float64)
     y_all = np.asarray(train_labels, dtype=np.int64)
     x_test = np.asarray(test_features, dtype=np.float64)
@@ -286,10 +302,16 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, test_feat
         raise ValueError("linear probe: too few examples per class for a validation split")
 
     val_scores: dict[float, float] = {}
+    fitted: dict[float, object] = {}
 
     def score(c: float) -> float:
         if c not in val_scores:
-            m = _fit_logistic(x_all[fit_idx], y_all[fit_idx], c, max_iter, seed)
+            # Continue the regularisation path from the nearest stronger-regularised fit: far fewer
+            # iterations than a cold start at weak regularisation.
+            weaker_than = [k for k in fitted if k < c]
+            init = fitted[max(weaker_than)] if weaker_than else None
+            m = _fit_logistic(x_all[fit_idx], y_all[fit_idx], c, max_iter, seed, init)
+            fitted[c] = m
             val_scores[c] = float((m.predict(x_all[val_idx]) == y_all[val_idx]).mean())
         return val_scores[c]
 
@@ -314,7 +336,7 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, test_feat
             score(float(c))
         best = pick()
 
-    final = _fit_logistic(x_all, y_all, best, max_iter, seed)
+    final = _fit_logistic(x_all, y_all, best, max_iter, seed, fitted[best])
     # Classes missing from training cannot be predicted; scoring stays over the true test labels.
     test_accuracy = float((final.predict(x_test) == y_test).mean()) if len(y_test) else float("nan")
     classes = np.unique(np.concatenate([y_all, y_test]))
