@@ -15,7 +15,7 @@ from aiohttp.abc import AbstractResolver
 from PIL import Image
 
 from infra.config import ConfigError, GatherConfig, ImageConfig
-from infra.http_server import serve_files, serve_parquet, serve_table_images
+from infra.http_server import serve_directory, serve_files, serve_parquet, serve_table_images
 from tasks.gather import (FAILED_PERMANENT, FAILED_TRANSIENT, OK, SKIPPED, AddressPolicy, CheckedResolver,
                           fetch_urls, gather_images, gather_images_shard, gather_input_shard, gather_table,
                           gather_with_failures, retry_failed)
@@ -392,6 +392,18 @@ def test_serves_the_bundled_sample_end_to_end(sample_parquet):
     assert out.column("image").to_pylist() == originals
 
 
+def test_serve_directory(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.png").write_bytes(PNG)
+    with serve_directory(tmp_path) as server:
+        assert server.paths == ["sub/a.png"]
+        out, _ = gather_table(_candidates(server.urls), _cfg())
+    assert out.column("image").to_pylist() == [PNG]
+    with pytest.raises(NotADirectoryError):
+        with serve_directory(tmp_path / "sub" / "a.png"):
+            pass
+
+
 def test_demo_path_serves_inline_images_for_fetching(sample_parquet):
     sample = pq.read_table(sample_parquet, columns=["image"]).column("image").to_pylist()[:12]
     table = _candidates([None] * 12, images=sample)
@@ -410,3 +422,14 @@ def test_config_rejects_nonsense():
         GatherConfig(max_bytes=0)
     with pytest.raises(ConfigError):
         GatherConfig(total_timeout_s=0)
+
+
+@pytest.mark.slow
+def test_shard_wrapper_runs_as_a_ray_task(hostile, ray_local):
+    urls = [hostile.url("img/1.png"), hostile.url("missing-4.png")]
+    task = ray_local.remote(gather_images_shard)
+    kept, failures, funnel = ray_local.get(task.remote(_candidates(urls), _cfg(retries=0), ImageConfig()))
+    assert kept.column("sample_id").to_pylist() == ["s0"]
+    assert kept.column("width").to_pylist() == [40]
+    assert failures.column("reason").to_pylist() == ["http_404"]
+    assert [s["stage"] for s in funnel["stages"]] == ["gather", "images"]

@@ -101,6 +101,13 @@ def test_draft_decoding_matches_a_full_decode():
     assert diff < 12  # mean absolute error per channel: JPEG at quality 90 plus 1/4-scale DCT
 
 
+@pytest.mark.parametrize("resample", ["bicubic", "bilinear", "lanczos", "box"])
+def test_every_resample_filter_gives_the_target_size(resample):
+    out = process_image(_encode(_gradient((300, 120)), "PNG"), ImageConfig(resize_longest_side=100, resample=resample))
+    assert (out.width, out.height) == (100, 40)
+    assert Image.open(io.BytesIO(out.data)).size == (100, 40)
+
+
 def test_small_images_are_not_upscaled():
     out = process_image(_encode(_gradient((50, 40)), "PNG"), ImageConfig(resize_longest_side=256, encode_format="PNG"))
     assert (out.width, out.height) == (50, 40)
