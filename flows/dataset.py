@@ -92,9 +92,11 @@ def filter_stage(config: Config, shards: list[Any], queries: dict, work_root: st
 
 @task(name="count-queries")
 def count_stage(config: Config, records: list[dict], queries: dict, work_root: str) -> dict:
-    from tasks.stages import write_query_counts
+    from tasks.stages import write_cap_thresholds, write_query_counts
 
     counts = write_query_counts(work_root, config.storage, records, queries["rows"])
+    if config.balance.mode == "exact":
+        write_cap_thresholds(work_root, config.storage, [r["shard_id"] for r in records], config.balance, counts.size)
     return {"matched_queries": int((counts > 0).sum()), "pairs": int(counts.sum()),
             "over_cap": int((counts > config.balance.max_per_query).sum())}
 
@@ -202,13 +204,12 @@ def manifest_stage(config: Config, dataset_root: str, shards: list[dict], filter
 
 @task(name="reports")
 def report_stage(config: Config, dataset_root: str, filter_root: str, work_root: str, clean: list[dict],
-                 index: dict | None) -> dict:
+                 queries: dict, index: dict | None) -> dict:
     """Per-query counts before/after balancing (with the log-log plot) and the eval overlap report."""
     import numpy as np
-    import pyarrow as pa
 
     from infra.storage import ObjectStore
-    from tasks.balance import plot_query_counts
+    from tasks.balance import write_query_count_report
     from tasks.stages import _query_counts
 
     store = ObjectStore(dataset_root, config.storage)
@@ -216,20 +217,20 @@ def report_stage(config: Config, dataset_root: str, filter_root: str, work_root:
     after = np.zeros_like(before)
     for r in clean:
         np.add.at(after, np.asarray(r["query_ids"], dtype=np.int64), np.asarray(r["query_counts"], dtype=np.int64))
-    nz = np.flatnonzero(before)
-    store.write_parquet("reports/query_counts.parquet",
-                        pa.table({"query_id": pa.array(nz, pa.int32()), "before": before[nz], "after": after[nz]}))
+    root, key = queries["uri"].rsplit("/", 1)
+    names = ObjectStore(root, config.storage).read_parquet(key).select(["query_id", "query"])
+    uris = write_query_count_report(store, before, after, names, config.balance.max_per_query, prefix="reports/")
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "query_counts.png"
-        plot_query_counts(before[nz], after[nz], png)
-        store.write_bytes("reports/query_counts.png", png.read_bytes())
+        png.write_bytes(store.read_bytes("reports/query_counts.png"))
         publish_image("query-counts", png, "pairs per query before and after balancing (log-log)")
     overlap = None
     if index:
         overlap = _overlap_report(config, work_root, clean, index)
         store.write_json("reports/eval_overlap.json", overlap)
-        publish_table("eval-overlap", overlap["rows"], "eval images with a near-duplicate among the candidates")
-    return {"overlap": overlap}
+        publish_table("eval-overlap", [{"eval_set": k, **v} for k, v in overlap.items()],
+                      "eval images with a near-duplicate among the candidates")
+    return {"query_counts": uris, "overlap": overlap}
 
 
 def _overlap_report(config: Config, work_root: str, clean: list[dict], index: dict) -> dict:
@@ -271,7 +272,7 @@ def build_dataset(config: Config, base_dir: str = ".") -> dict:
     written = shard_stage(config, clean, within, work_root, dataset_root)
     manifest = manifest_stage(config, dataset_root, written, filtered, clean, counts, within, queries,
                               index_result, work_root)
-    report_stage(config, dataset_root, filter_root, work_root, clean, index_result)
+    report_stage(config, dataset_root, filter_root, work_root, clean, queries, index_result)
     print(f"dataset: {manifest['num_rows']} rows in {manifest['num_shards']} shards at {dataset_root}")
     return manifest
 

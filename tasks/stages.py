@@ -11,6 +11,7 @@ stale parts):
 
     <dataset>/work/f-<fp>/filtered/<shard_id>.parquet|.json       read -> gather -> text -> query match
     <dataset>/work/f-<fp>/query_counts.parquet                    global per-query counts (balancing)
+    <dataset>/work/f-<fp>/cap_thresholds.npy                      exact-mode balancing cut per query
     <dataset>/work/f-<fp>/failed/<shard_id>.parquet               transient fetch failures (retryable)
     <dataset>/work/f-<fp>/c-<fp2>/clean/<shard_id>.parquet|.json  balance -> images -> hash -> eval dedup
     <dataset>/work/f-<fp>/c-<fp2>/eval_matches/<shard_id>.parquet what each eval-dedup drop matched
@@ -56,6 +57,31 @@ def _query_counts(work_root: str, storage: StorageConfig) -> np.ndarray:
     counts = np.zeros(int(table.schema.metadata[b"num_queries"]), dtype=np.int64)
     counts[table.column("query_id").to_numpy()] = table.column("count_before").to_numpy()
     return counts
+
+
+@functools.lru_cache(maxsize=2)
+def _cap_thresholds(work_root: str, storage: StorageConfig) -> np.ndarray:
+    import io
+
+    return np.load(io.BytesIO(_store(work_root, storage).read_bytes("cap_thresholds.npy")))
+
+
+def write_cap_thresholds(work_root: str, storage: StorageConfig, shard_ids: list[str], balance: BalanceConfig,
+                         num_queries: int) -> None:
+    """Exact-mode balancing's second global pass: per over-cap query, the hash that cuts it at t."""
+    import io
+
+    from tasks.balance import CapHashes
+
+    work = _store(work_root, storage)
+    counts = _query_counts(work_root, storage)
+    caps = CapHashes(balance.max_per_query)
+    for sid in shard_ids:
+        table = work.read_parquet(f"filtered/{sid}.parquet").select(["sample_id", "query_ids"])
+        caps.merge(CapHashes.from_table(table, counts, balance))
+    buf = io.BytesIO()
+    np.save(buf, caps.thresholds(num_queries))
+    work.write_bytes("cap_thresholds.npy", buf.getvalue())
 
 
 @functools.lru_cache(maxsize=2)
@@ -123,7 +149,8 @@ def clean_shard(shard_id: str, filter_root: str, work_root: str, storage: Storag
         return work.read_json(record_key)
     funnel = Funnel()
     table = _store(filter_root, storage).read_parquet(f"filtered/{shard_id}.parquet")
-    table, f = balance_table(table, _query_counts(filter_root, storage), balance)
+    thresholds = _cap_thresholds(filter_root, storage) if balance.mode == "exact" else None
+    table, f = balance_table(table, _query_counts(filter_root, storage), balance, thresholds=thresholds)
     funnel.merge(f)
     table, f = process_images(table, images)
     funnel.merge(f)
