@@ -103,21 +103,18 @@ def count_stage(config: Config, records: list[dict], queries: dict, work_root: s
 
 @task(name="eval-index", retries=2, retry_delay_seconds=2, retry_condition_fn=_is_transient)
 def eval_index_stage(config: Config) -> dict | None:
-    """Build (or reuse) the versioned perceptual-hash index of every eval set."""
+    """Build (or reuse: it is versioned by content) the perceptual-hash index of every eval set."""
     if not config.dedup.against_eval or not config.eval_sets:
         return None
     from infra.eval_sets import load_eval_set
     from infra.storage import ObjectStore
-    from tasks.dedup import EvalIndex
+    from tasks.dedup import ensure_eval_index
 
     root = config.uri("eval_index")
-    store = ObjectStore(root, config.storage)
     sets = [load_eval_set(e, max_images=e.max_images) for e in config.eval_sets]
-    index = EvalIndex.build(sets, config.dedup.hash_kind)
-    version = index.version
-    if not store.exists(f"{version}/index.json") and not store.list(version + "/"):
-        index.save(store, version)
-    return {"root": root, "version": version, "sets": {s.name: len(s.ids) for s in sets}}
+    index, built = ensure_eval_index(sets, ObjectStore(root, config.storage), config.dedup.hash_kind)
+    get_run_logger().info("eval index %s (%s): %s", index.version, "built" if built else "reused", index.set_sizes())
+    return {"root": root, "version": index.version, "sets": index.set_sizes(), "built": built}
 
 
 @task(name="balance-images-eval-dedup")
@@ -236,13 +233,12 @@ def report_stage(config: Config, dataset_root: str, filter_root: str, work_root:
 def _overlap_report(config: Config, work_root: str, clean: list[dict], index: dict) -> dict:
     import pyarrow as pa
 
-    from infra.storage import ObjectStore
+    from tasks.stages import _eval_index
     from tasks.dedup import overlap_report
 
     work = ObjectStore(work_root, config.storage)
     tables = [work.read_parquet(f"eval_matches/{r['shard_id']}.parquet") for r in clean if r.get("eval_matches")]
-    matches = pa.concat_tables(tables) if tables else None
-    return overlap_report(matches, index["sets"])
+    return overlap_report(tables, _eval_index(index["root"], index["version"], config.storage))
 
 
 @flow(name="build_dataset", log_prints=True)
