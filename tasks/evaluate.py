@@ -420,7 +420,8 @@ def evaluate_checkpoint(checkpoint: str, eval_sets: Sequence[EvalSetConfig], cfg
         "model_id": loaded.model_id,
         "model_config": loaded.model_config.to_dict(),
         "eval_config": {"batch_size": cfg.batch_size, "retrieval_holdout": cfg.retrieval_holdout,
-                        "linear_probe": cfg.linear_probe, "ensembles": cfg.ensembles},
+                        "linear_probe": cfg.linear_probe, "ensembles": cfg.ensembles, "model_config": model_config},
+        "device": device,
         "eval_sets": {},
         "errors": {},
     }
@@ -477,13 +478,14 @@ def markdown_table(results: dict) -> str:
     """The results as markdown tables: zero-shot (with chance) per eval set, then retrieval."""
     lines = [f"### Evaluation of `{results.get('checkpoint', '?')}`", "",
              "| eval set | classes | images | chance | bare name | \"a photo of a {}.\" | ensemble (templates) "
-             "| ensemble top-5 (chance) | linear probe |",
+             "| ensemble top-5 (chance) | linear probe (chance) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.get("eval_sets", {}).items():
         zs = r.get("zeroshot", {})
         ens = zs.get("ensemble", {})
         probe = r.get("linear_probe") or {}
-        probe_cell = _pct(probe["top1"]) if "top1" in probe else ("skipped" if probe else "-")
+        probe_cell = (f"{_pct(probe['top1'])} ({_pct(probe['chance_top1'])})" if "top1" in probe
+                      else ("skipped" if probe else "-"))
         lines.append(
             f"| {name} | {r['num_classes']} | {r['images']} | {_pct(ens.get('chance_top1'))} "
             f"| {_pct(zs.get('bare', {}).get('top1')) if 'bare' in zs else '-'} "
