@@ -276,7 +276,7 @@ class MultiIndexHash:
         return np.concatenate(out_q), np.concatenate(out_c), np.concatenate(out_d)
 
 
-def brute_force_search(codes: np.ndarray, queries: np.ndarray, radius: int, *, block: int = 1 << 24
+def brute_force_search(codes: np.ndarray, queries: np.ndarray, radius: int, *, block: int = 1 << 18
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Vectorised scan of every (query, code) pair: the reference MIH must equal."""
     codes = np.ascontiguousarray(codes, dtype=np.uint64)
