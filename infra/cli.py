@@ -77,8 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _prefect_defaults() -> None:
+    """Quiet, offline-friendly Prefect defaults (a user's own settings win)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The ephemeral API server can take a while to come up on a small, busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _prefect_defaults()
     setup_logging(args.log_level)
     try:
         config: Config = load_config(args.config, args.overrides)

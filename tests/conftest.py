@@ -12,6 +12,7 @@ os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".venv" / "torch_extensions"))
 os.environ.setdefault("WITFLOW_PROGRESS", "0")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_HOME", str(REPO_ROOT / ".venv" / "prefect_home"))
 
 SAMPLE_PARQUET = REPO_ROOT / "infra" / "data" / "openclipart_sample.parquet"
