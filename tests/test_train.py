@@ -1,0 +1,182 @@
+"""trainer.train and flows.train: real DeepSpeed runs (gloo on CPU) of the tiny config.
+
+One Prefect-harness flow run (1 process, ZeRO-2) is the uninterrupted reference; the resume test
+replays it stopped and resumed; a 2-process ZeRO-2 run goes through torchrun; ZeRO-3 runs once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from infra.config import Config, TrainConfig
+from tests.trainer_fixtures import sample_pairs, write_dataset
+from trainer.train import (cosine_with_warmup, deepspeed_config, init_distributed, param_groups,
+                           shutdown_distributed, total_steps, train)
+
+STEPS = 8
+TRAIN = TrainConfig(model="tiny", zero_stage=2, micro_batch=16, max_steps=STEPS, lr=2e-3, warmup_steps=2,
+                    weight_decay=0.1, shuffle_buffer=32, save_every_steps=4, log_every_steps=4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory, sample_parquet) -> str:
+    # 64 pairs in 4 shards: small enough that the tiny model fits them within a few steps.
+    root = tmp_path_factory.mktemp("dataset")
+    return str(write_dataset(root, sample_pairs(sample_parquet, 64), rows_per_shard=16))
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def _run_in_process(train_cfg: TrainConfig, manifest: str, run_dir: Path, stop_after: int | None = None):
+    from trainer.data import load_manifest
+
+    init_distributed(rank=0, world_size=1)
+    try:
+        return train(train_cfg, load_manifest(manifest), run_dir, rank=0, world_size=1, stop_after=stop_after)
+    finally:
+        shutdown_distributed(rank=0)
+
+
+# ---- pieces --------------------------------------------------------------------------------------
+
+
+def test_batch_arithmetic_and_precision_are_checked():
+    cfg = dataclasses.replace(TRAIN, micro_batch=8, grad_accum=3, world_size=2)
+    ds = deepspeed_config(cfg, world_size=2, on_cuda=False)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (48, 8, 3)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == TRAIN.grad_clip
+    with pytest.raises(ValueError, match="2 but 1 processes"):
+        deepspeed_config(cfg, world_size=1, on_cuda=False)
+    with pytest.raises(ValueError, match="fp16 needs a CUDA"):
+        deepspeed_config(dataclasses.replace(TRAIN, precision="fp16"), world_size=1, on_cuda=False)
+    assert deepspeed_config(dataclasses.replace(TRAIN, precision="fp16"), 1, on_cuda=True)["fp16"]["loss_scale"] == 0
+    assert deepspeed_config(dataclasses.replace(TRAIN, precision="bf16"), 1, on_cuda=False)["bf16"]["enabled"]
+    assert total_steps(dataclasses.replace(TRAIN, max_steps=None, epochs=3), num_rows=100) == 3 * (100 // 16)
+
+
+def test_weight_decay_skips_gains_biases_embeddings_and_logit_scale():
+    from trainer.model import CLIP, load_model_config
+
+    model = CLIP(load_model_config("tiny"))
+    decay, no_decay = param_groups(model, 0.2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    assert "visual.conv1.weight" in decayed and "transformer.resblocks.0.mlp.c_fc.weight" in decayed
+    assert "text_projection" in decayed and "visual.proj" in decayed
+    for name in ("logit_scale", "token_embedding.weight", "positional_embedding", "visual.class_embedding",
+                 "visual.positional_embedding", "ln_final.weight", "transformer.resblocks.0.attn.in_proj_bias"):
+        assert name not in decayed
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    factor = cosine_with_warmup(warmup_steps=4, total_steps=20)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(12) == pytest.approx(0.5) and factor(20) == pytest.approx(0.0)
+    values = [factor(s) for s in range(4, 21)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+# ---- real runs ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flow_run(prefect_harness, manifest, tmp_path_factory):
+    """The uninterrupted reference: flows.train.train, 1 rank, ZeRO-2, under a real Prefect API."""
+    from flows.train import train as train_flow
+
+    output = tmp_path_factory.mktemp("flowrun")
+    config = Config(output=str(output), train=TRAIN)
+    export_uri = train_flow(config, manifest=manifest)
+    return Path(export_uri), output / "train"
+
+
+@pytest.mark.slow
+def test_flow_one_process_zero2_learns_exports_and_publishes(flow_run):
+    from prefect.client.orchestration import get_client
+
+    from trainer.model import load_exported
+
+    export_dir, run_dir = flow_run
+    records = _records(run_dir)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    losses = [r["loss"] for r in records]
+    assert min(losses[-3:]) < losses[0] - 0.3, losses  # learning, not noise
+    assert all(r["samples_per_s"] > 0 and r["data_wait_s"] >= 0 for r in records)
+    assert records[0]["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-3)
+    assert records[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # the cosine reached its end
+    model, config = load_exported(export_dir)
+    assert config.vision_width == 96 and (export_dir / "train_config.json").is_file()
+    assert (run_dir / "config.resolved.yaml").is_file()
+    assert torch.load(export_dir / "model.pt", weights_only=True)["logit_scale"].shape == ()
+
+    async def artifact_keys() -> set[str]:
+        async with get_client() as client:
+            return {a.key for a in await client.read_artifacts()}
+
+    import asyncio
+    assert {"train-curve", "train-summary"} <= asyncio.run(artifact_keys())
+
+
+@pytest.mark.slow
+def test_resumed_run_continues_the_same_loss_trajectory(flow_run, manifest, tmp_path):
+    reference = [r["loss"] for r in _records(flow_run[1])]
+    first = _run_in_process(TRAIN, manifest, tmp_path, stop_after=STEPS // 2)
+    assert first.steps == STEPS // 2 and not (tmp_path / "export").exists()
+    assert (tmp_path / "checkpoints" / "latest_complete").read_text().strip() == f"step{STEPS // 2:08d}"
+    second = _run_in_process(TRAIN, manifest, tmp_path)
+    assert second.steps == STEPS and len(second.losses) == STEPS // 2
+    resumed = list(first.losses) + list(second.losses)
+    assert resumed == pytest.approx(reference, rel=1e-5, abs=1e-6)
+    # A changed batch layout must not silently resume into the same directory.
+    with pytest.raises(ValueError, match="micro_batch changed"):
+        _run_in_process(dataclasses.replace(TRAIN, micro_batch=8, grad_accum=2, max_steps=STEPS + 2), manifest,
+                        tmp_path)
+
+
+@pytest.mark.slow
+def test_zero3_bf16_smoke_exports_full_weights(manifest, tmp_path):
+    from trainer.model import load_exported
+
+    cfg = dataclasses.replace(TRAIN, zero_stage=3, precision="bf16", max_steps=3, micro_batch=8)
+    result = _run_in_process(cfg, manifest, tmp_path)
+    assert result.steps == 3 and all(math.isfinite(x) for x in result.losses)
+    model, _ = load_exported(result.export_dir)  # gathered from the ZeRO-3 partitions: full shapes
+    assert model.token_embedding.weight.shape == (49408, 64)
+    assert model.token_embedding.weight.dtype == torch.float32 and torch.isfinite(model.token_embedding.weight).all()
+
+
+@pytest.mark.slow
+def test_two_process_zero2_through_torchrun(prefect_harness, manifest, tmp_path):
+    from flows.train import train as train_flow
+
+    cfg = dataclasses.replace(TRAIN, world_size=2, micro_batch=8)  # same global batch of 16
+    shm_before = set(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"))
+    export_uri = train_flow(Config(output=str(tmp_path), train=cfg), manifest=manifest)
+    records = _records(tmp_path / "train")
+    losses = [r["loss"] for r in records]
+    assert len(losses) == STEPS and min(losses[-3:]) < losses[0] - 0.3, losses
+    assert (Path(export_uri) / "model.pt").is_file()
+    state = torch.load(tmp_path / "train" / "checkpoints" / f"step{STEPS:08d}" / "rank1_trainer_state.pt",
+                       weights_only=False)
+    assert state["step"] == STEPS and state["position"]["batches"] == STEPS
+    assert set(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*")) <= shm_before  # none leaked
