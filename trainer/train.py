@@ -418,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", default=None, help="dataset manifest.json (default: the config's dataset)")
     parser.add_argument("--output-dir", type=Path, default=None, help="local run directory (default: from config)")
     parser.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
     setup_logging()
     # DeepSpeed compiles its CPU ops on first use; keep them with the environment, built once.
@@ -429,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", str(world_size))))
     if "OMP_NUM_THREADS" not in os.environ:  # ranks on one machine share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
