@@ -1,7 +1,10 @@
 """The dataset build as a Prefect flow: one task per stage, per-shard work fanned out to Ray.
 
-read -> gather -> text filters -> query match -> [count] -> balance -> images -> eval dedup
+read -> text filters -> query match -> [count] -> balance -> fetch + images -> eval dedup
 -> [dataset dedup] -> shards -> manifest
+
+Images are fetched only for pairs that survive the text filters, the query match and balancing:
+at web scale that is a small fraction of the candidates, and the bandwidth is the cost.
 
 Each stage is a Prefect task, so the UI draws the stages and their dependencies; inside a stage the
 input shards run on Ray (see infra/ray_utils.map_shards). Every per-shard result is persisted with a
@@ -33,6 +36,19 @@ class ShardFailures(RuntimeError):
 
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _sources_identity(config: Config, base_dir: str) -> list:
+    """The sources as config, plus size and mtime of local input files: a changed input is a new build."""
+    import glob
+    import os
+
+    out = []
+    for src in config.sources:
+        path = src.path if os.path.isabs(src.path) or "://" in src.path else os.path.join(base_dir, src.path)
+        files = sorted(glob.glob(path)) if "://" not in path else []
+        out.append([to_dict(src), [(f, os.path.getsize(f), int(os.path.getmtime(f))) for f in files if os.path.isfile(f)]])
+    return out
 
 
 def _raise_on_failures(stage: str, results: list[ShardResult]) -> list[Any]:
@@ -79,15 +95,15 @@ def locate_queries(config: Config) -> dict:
             "rows": store.read_parquet("queries.parquet").num_rows}
 
 
-@task(name="read-gather-filter-match")
+@task(name="read-filter-match")
 def filter_stage(config: Config, shards: list[Any], queries: dict, work_root: str) -> list[dict]:
     from tasks.stages import filter_shard
 
-    items = [(s.shard_id, (s, work_root, config.storage, queries["uri"], queries["sha256"],
-                           config.gather, config.text_filter)) for s in shards]
-    results = map_shards(filter_shard, items, desc="read/gather/filter/match",
-                         on_done=ShardProgress("read → gather → text filters → query match"))
-    return _raise_on_failures("read-gather-filter-match", results)
+    items = [(s.shard_id, (s, work_root, config.storage, queries["uri"], queries["sha256"], config.text_filter))
+             for s in shards]
+    results = map_shards(filter_shard, items, desc="read/filter/match",
+                         on_done=ShardProgress("read → text filters → query match"))
+    return _raise_on_failures("read-filter-match", results)
 
 
 @task(name="count-queries")
@@ -117,17 +133,18 @@ def eval_index_stage(config: Config) -> dict | None:
     return {"root": root, "version": index.version, "sets": index.set_sizes(), "built": built}
 
 
-@task(name="balance-images-eval-dedup")
+@task(name="balance-fetch-images-eval-dedup")
 def clean_stage(config: Config, records: list[dict], counts: dict, index: dict | None, filter_root: str,
                 work_root: str) -> list[dict]:
     from tasks.stages import clean_shard
 
-    items = [(r["shard_id"], (r["shard_id"], filter_root, work_root, config.storage, config.balance, config.images,
-                              config.dedup, index["root"] if index else None, index["version"] if index else None))
+    items = [(r["shard_id"], (r["shard_id"], filter_root, work_root, config.storage, config.balance, config.gather,
+                              config.images, config.dedup, index["root"] if index else None,
+                              index["version"] if index else None))
              for r in records]
-    results = map_shards(clean_shard, items, desc="balance/images/eval-dedup",
-                         on_done=ShardProgress("balance → images → eval-set dedup"))
-    return _raise_on_failures("balance-images-eval-dedup", results)
+    results = map_shards(clean_shard, items, desc="balance/fetch/images/eval-dedup",
+                         on_done=ShardProgress("balance → fetch + images → eval-set dedup"))
+    return _raise_on_failures("balance-fetch-images-eval-dedup", results)
 
 
 @task(name="dedup-within-dataset")
@@ -231,10 +248,9 @@ def report_stage(config: Config, dataset_root: str, filter_root: str, work_root:
 
 
 def _overlap_report(config: Config, work_root: str, clean: list[dict], index: dict) -> dict:
-    import pyarrow as pa
-
-    from tasks.stages import _eval_index
+    from infra.storage import ObjectStore
     from tasks.dedup import overlap_report
+    from tasks.stages import _eval_index
 
     work = ObjectStore(work_root, config.storage)
     tables = [work.read_parquet(f"eval_matches/{r['shard_id']}.parquet") for r in clean if r.get("eval_matches")]
@@ -254,14 +270,13 @@ def build_dataset(config: Config, base_dir: str = ".") -> dict:
     queries = locate_queries(config)
     index = eval_index_stage.submit(config)  # independent of the filter stage: runs beside it
     shards = plan_inputs(config, base_dir)
-    filter_fp = _fingerprint(to_dict(config.sources), to_dict(config.gather), to_dict(config.text_filter),
-                             queries["sha256"])
+    filter_fp = _fingerprint(_sources_identity(config, base_dir), to_dict(config.text_filter), queries["sha256"])
     filter_root = f"{dataset_root}/work/f-{filter_fp}"
     filtered = filter_stage(config, shards, queries, filter_root)
     counts = count_stage(config, filtered, queries, filter_root)
     index_result = index.result()
-    clean_fp = _fingerprint(filter_fp, to_dict(config.balance), to_dict(config.images), to_dict(config.dedup),
-                            index_result["version"] if index_result else None)
+    clean_fp = _fingerprint(filter_fp, to_dict(config.balance), to_dict(config.gather), to_dict(config.images),
+                            to_dict(config.dedup), index_result["version"] if index_result else None)
     work_root = f"{filter_root}/c-{clean_fp}"
     clean = clean_stage(config, filtered, counts, index_result, filter_root, work_root)
     within = within_stage(config, clean, work_root)

@@ -34,6 +34,37 @@ def _local_s3(config: Config) -> Iterator[Config]:
         yield dataclasses.replace(config, output=server.uri(name), storage=server.storage_config())
 
 
+@contextlib.contextmanager
+def _sample_over_http(config: Config) -> Iterator[Config]:
+    """The demo's HTTP path: serve the bundled sample's images from a local server on 127.0.0.1 and
+    build from a (url, caption) manifest, so fetching runs end to end as it does on web data."""
+    import pyarrow.compute as pc
+
+    from infra.config import SourceConfig
+    from infra.http_server import serve_table_images
+    from infra.openclipart import read_openclipart
+
+    sources = [s for s in config.sources if s.kind == "openclipart"]
+    if not sources:
+        yield config
+        return
+    src = sources[0]
+    table = read_openclipart(src.path, split="train", columns=["id", "title", "image"])
+    table = table.rename_columns(["id", "caption", "image"])
+    manifest_path = Path(config.output) / "sources" / "openclipart_urls.parquet"
+    manifest_path.parent.mkdir(parents=True, exist_ok=True)
+    with serve_table_images(table) as (server, urls):
+        import pyarrow.parquet as pq
+
+        pq.write_table(urls.select(["id", "caption", "url"]), manifest_path)
+        log_event(log, "serving the sample's images over HTTP", url=server.url(""),
+                  images=int(pc.sum(pc.is_valid(urls.column("url"))).as_py()))
+        http_source = SourceConfig(kind="parquet", path=str(manifest_path), url_column="url", caption_column="caption",
+                                   id_column="id", rows_per_input_shard=src.rows_per_input_shard)
+        yield dataclasses.replace(config, sources=(http_source,),
+                                  gather=dataclasses.replace(config.gather, allow_loopback=True))
+
+
 @flow(name="pipeline", log_prints=True)
 def run_pipeline(config: Config) -> dict:
     """Query list -> dataset -> training -> evaluation, each as a subflow."""
@@ -51,12 +82,19 @@ def run_pipeline(config: Config) -> dict:
     return {"queries": queries_uri, "manifest": manifest_uri, "checkpoint": export_uri, "eval": results}
 
 
-def pipeline(config: Config, s3: bool = False) -> dict:
-    """The CLI entry for ``witflow run`` / ``witflow demo`` (``s3``: a local S3 server for outputs)."""
-    if not s3:
-        return run_pipeline(config)
-    with _local_s3(config) as s3_config:
-        result = run_pipeline(s3_config)
-        print(f"outputs are in the local bucket: {s3_config.output} (the server stops now; "
-              f"use `witflow demo --s3` again or point storage.endpoint_url at your own S3)")
+def pipeline(config: Config, s3: bool = False, http: bool = False) -> dict:
+    """The CLI entry for ``witflow run`` / ``witflow demo``.
+
+    ``http``: serve the bundled sample's images over HTTP and fetch them (the demo does);
+    ``s3``: start a local S3 server and write every output to a bucket on it.
+    """
+    with contextlib.ExitStack() as stack:
+        if http:
+            config = stack.enter_context(_sample_over_http(config))
+        if s3:
+            config = stack.enter_context(_local_s3(config))
+        result = run_pipeline(config)
+        if s3:
+            print(f"outputs are in the local bucket {config.output} (server data: runs/s3data); "
+                  f"point storage.endpoint_url at your own S3 for real runs")
         return result

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(demo, DEMO_CONFIG)
     demo.add_argument("--s3", action="store_true",
                       help="start a local S3-compatible server (SeaweedFS) and write every output to a bucket on it")
+    demo.add_argument("--no-http", action="store_true",
+                      help="read the sample's images inline instead of serving them over a local HTTP server")
     cfg = sub.add_parser("config", help="print the resolved config (after --set overrides) and exit",
                          description="Load, validate and print a config.")
     _add_config_args(cfg)
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         # The demo config's paths (the bundled sample, runs/demo) are relative to the repository.
         os.chdir(REPO_ROOT)
         kwargs["s3"] = args.s3
+        kwargs["http"] = not args.no_http
     if getattr(args, "checkpoint", None):
         kwargs["checkpoint"] = args.checkpoint
     if getattr(args, "manifest", None):

@@ -9,11 +9,11 @@ cached, not rebuilt per shard.
 Work layout (fingerprints cover every input that changes a result, so a changed config never reuses
 stale parts):
 
-    <dataset>/work/f-<fp>/filtered/<shard_id>.parquet|.json       read -> gather -> text -> query match
+    <dataset>/work/f-<fp>/filtered/<shard_id>.parquet|.json       read -> text filters -> query match
     <dataset>/work/f-<fp>/query_counts.parquet                    global per-query counts (balancing)
     <dataset>/work/f-<fp>/cap_thresholds.npy                      exact-mode balancing cut per query
-    <dataset>/work/f-<fp>/failed/<shard_id>.parquet               transient fetch failures (retryable)
-    <dataset>/work/f-<fp>/c-<fp2>/clean/<shard_id>.parquet|.json  balance -> images -> hash -> eval dedup
+    <dataset>/work/f-<fp>/c-<fp2>/clean/<shard_id>.parquet|.json  balance -> fetch + images -> hash -> eval dedup
+    <dataset>/work/f-<fp>/c-<fp2>/failed/<shard_id>.parquet       fetch/decode failures with status and reason
     <dataset>/work/f-<fp>/c-<fp2>/eval_matches/<shard_id>.parquet what each eval-dedup drop matched
     <dataset>/work/f-<fp>/c-<fp2>/within_drops.json               global within-dataset duplicates
 """
@@ -92,10 +92,13 @@ def _eval_index(index_root: str, version: str, storage: StorageConfig) -> Any:
 
 
 def filter_shard(shard: Any, work_root: str, storage: StorageConfig, queries_uri: str, queries_checksum: str,
-                 gather: GatherConfig, text: TextFilterConfig) -> dict:
-    """read -> gather -> text filters -> query match, for one input shard."""
+                 text: TextFilterConfig) -> dict:
+    """read -> text filters -> query match, for one input shard.
+
+    Text is filtered before anything is fetched: at web scale most candidates fail the text filters
+    or match no query, and fetching their images first would waste most of the bandwidth.
+    """
     from tasks.balance import count_queries
-    from tasks.gather import gather_with_failures
     from tasks.readers import read_input_shard_with_funnel
 
     work = _store(work_root, storage)
@@ -105,11 +108,6 @@ def filter_shard(shard: Any, work_root: str, storage: StorageConfig, queries_uri
     funnel = Funnel()
     table, f = read_input_shard_with_funnel(shard)
     funnel.merge(f)
-    gathered = gather_with_failures(table, gather)
-    table = gathered.table
-    funnel.merge(gathered.funnel)
-    if gathered.failures.num_rows:  # kept aside with their reasons, for inspection and retries
-        work.write_parquet(f"failed/{shard.shard_id}.parquet", gathered.failures)
     table, f = _text_filter(text)(table)
     funnel.merge(f)
     matcher = _query_matcher(queries_uri, queries_checksum, storage)
@@ -136,12 +134,13 @@ def write_query_counts(work_root: str, storage: StorageConfig, records: list[dic
     return counts
 
 
-def clean_shard(shard_id: str, filter_root: str, work_root: str, storage: StorageConfig, balance: BalanceConfig, images: ImageConfig,
-                dedup: DedupConfig, index_root: str | None, index_version: str | None) -> dict:
-    """balance -> decode/validate/resize -> hash -> eval-set dedup, for one filtered shard."""
+def clean_shard(shard_id: str, filter_root: str, work_root: str, storage: StorageConfig, balance: BalanceConfig,
+                gather: GatherConfig, images: ImageConfig, dedup: DedupConfig, index_root: str | None,
+                index_version: str | None) -> dict:
+    """balance -> fetch + decode/validate/resize -> hash -> eval-set dedup, for one filtered shard."""
     from tasks.balance import balance_table
     from tasks.dedup import filter_eval_overlap, hash_table
-    from tasks.images import process_images
+    from tasks.gather import gather_images_shard
 
     work = _store(work_root, storage)
     record_key = f"clean/{shard_id}.json"
@@ -152,8 +151,11 @@ def clean_shard(shard_id: str, filter_root: str, work_root: str, storage: Storag
     thresholds = _cap_thresholds(filter_root, storage) if balance.mode == "exact" else None
     table, f = balance_table(table, _query_counts(filter_root, storage), balance, thresholds=thresholds)
     funnel.merge(f)
-    table, f = process_images(table, images)
-    funnel.merge(f)
+    # Fetch rows that have a URL and no inline image, then decode/validate/re-encode every image.
+    table, failures, f = gather_images_shard(table, gather, images)
+    funnel.merge(Funnel.from_dict(f))
+    if failures.num_rows:  # kept aside with their reasons and statuses, for inspection and retries
+        work.write_parquet(f"failed/{shard_id}.parquet", failures)
     table = hash_table(table, dedup.hash_kind)
     matches_rows = 0
     if dedup.against_eval and index_root and index_version:
