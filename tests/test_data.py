@@ -158,3 +158,17 @@ def test_unreadable_shard_costs_its_rows_not_the_run(tmp_path, pairs):
     batches = list(itertools.islice(iter(_stream(load_manifest(str(manifest)))), 8))
     assert all(r < 48 for b in batches for r in b["rows"].tolist())
     assert batches[-1]["state"]["skipped"]["unreadable_shard"] >= 1
+
+
+def test_streams_a_dataset_from_s3(s3_store, tmp_path, pairs, dataset):
+    """The same stream from a real S3 server (SeaweedFS on loopback) as from local files."""
+    local_manifest = write_dataset(tmp_path, pairs, rows_per_shard=20)
+    for path in sorted(tmp_path.rglob("*")):
+        if path.is_file():
+            s3_store.write_bytes(path.relative_to(tmp_path).as_posix(), path.read_bytes())
+    source = load_manifest(s3_store.uri("manifest.json"), s3_store.config)
+    assert source.root.startswith("s3://") and source.shards == load_manifest(str(local_manifest)).shards
+    from_s3 = list(itertools.islice(iter(_stream(source)), 3))
+    from_disk = list(itertools.islice(iter(_stream(dataset)), 3))
+    for a, b in zip(from_s3, from_disk):
+        assert torch.equal(a["rows"], b["rows"]) and torch.equal(a["images"], b["images"])
