@@ -37,8 +37,13 @@ wait_for_api() {
 
 # The process work pool every deployment in prefect.yaml uses; created once.
 ensure_work_pool() {
-    if ! "$PREFECT" work-pool inspect "$WITFLOW_WORK_POOL" >/dev/null 2>&1; then
-        "$PREFECT" work-pool create "$WITFLOW_WORK_POOL" --type process >/dev/null
+    local out
+    "$PREFECT" work-pool inspect "$WITFLOW_WORK_POOL" >/dev/null 2>&1 && return 0
+    if out="$("$PREFECT" work-pool create "$WITFLOW_WORK_POOL" --type process 2>&1)"; then
         echo "created work pool '$WITFLOW_WORK_POOL' (type process)"
-    fi
+    elif ! "$PREFECT" work-pool inspect "$WITFLOW_WORK_POOL" >/dev/null 2>&1; then
+        echo "error: could not create work pool '$WITFLOW_WORK_POOL':" >&2
+        echo "$out" >&2
+        return 1
+    fi  # else: a worker or deploy started at the same time created it first
 }
