@@ -35,17 +35,17 @@ EXPECTED_UPSTREAM: dict[str, set[str]] = {
     "queries": set(),
     "eval-index": set(),
     "plan-inputs": set(),
-    "read-gather-filter-match": {"plan-inputs", "queries"},
-    "count-queries": {"read-gather-filter-match", "queries"},
-    "balance-images-eval-dedup": {"read-gather-filter-match", "count-queries", "eval-index"},
-    "dedup-within-dataset": {"balance-images-eval-dedup"},
-    "write-shards": {"balance-images-eval-dedup", "dedup-within-dataset"},
-    "manifest": {"write-shards", "read-gather-filter-match", "balance-images-eval-dedup", "count-queries",
+    "read-filter-match": {"plan-inputs", "queries"},
+    "count-queries": {"read-filter-match", "queries"},
+    "balance-fetch-images-eval-dedup": {"read-filter-match", "count-queries", "eval-index"},
+    "dedup-within-dataset": {"balance-fetch-images-eval-dedup"},
+    "write-shards": {"balance-fetch-images-eval-dedup", "dedup-within-dataset"},
+    "manifest": {"write-shards", "read-filter-match", "balance-fetch-images-eval-dedup", "count-queries",
                  "dedup-within-dataset", "queries", "eval-index"},
     # `manifest` too: Prefect links a task's result *and the values one level inside it* to that task
     # run (by object identity), and the manifest holds the very `queries` and eval-index dicts that
     # reports reads. The UI draws that edge; it also matches the order the flow runs them in.
-    "reports": {"balance-images-eval-dedup", "queries", "eval-index", "manifest"},
+    "reports": {"balance-fetch-images-eval-dedup", "queries", "eval-index", "manifest"},
 }
 
 
