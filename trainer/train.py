@@ -21,7 +21,6 @@ import dataclasses
 import datetime
 import glob
 import json
-import logging
 import math
 import os
 import random
