@@ -174,25 +174,28 @@ def within_stage(config: Config, records: list[dict], work_root: str) -> dict:
 
 
 @task(name="write-shards")
-def shard_stage(config: Config, records: list[dict], within: dict, work_root: str, dataset_root: str) -> list[dict]:
+def shard_stage(config: Config, records: list[dict], within: dict, work_root: str, dataset_root: str) -> dict:
     from infra.storage import ObjectStore
-    from tasks.shards import plan_output_shards
+    from tasks.shards import plan_output_shards, split_holdout
     from tasks.stages import write_output_shard
 
     drops = frozenset(ObjectStore(work_root, config.storage).read_json("within_drops.json"))
     # Rows per clean part after the within-dataset drops: the plan is a pure function of the data.
     parts = [(r["shard_id"], within["kept_rows"][r["shard_id"]],
               int(r["bytes"] * within["kept_rows"][r["shard_id"]] / max(r["rows"], 1))) for r in records]
+    parts, holdout = split_holdout(parts, config.shards.holdout_rows)
     plan = plan_output_shards(parts, config.shards.rows_per_shard, config.shards.max_bytes_per_shard)
-    items = [(f"part-{i:05d}", (i, slices, work_root, dataset_root, config.storage, drops,
-                                config.shards.row_group_rows, config.shards.compression))
-             for i, slices in enumerate(plan)]
+    common = (work_root, dataset_root, config.storage, drops, config.shards.row_group_rows, config.shards.compression)
+    items = [(f"part-{i:05d}", (i, slices, *common)) for i, slices in enumerate(plan)]
+    if holdout:
+        items.append(("holdout", (0, holdout, *common, "holdout")))
     results = map_shards(write_output_shard, items, desc="write shards", on_done=ShardProgress("write shards"))
-    return _raise_on_failures("write-shards", results)
+    written = _raise_on_failures("write-shards", results)
+    return {"shards": written[:len(plan)], "holdout": written[len(plan):]}
 
 
 @task(name="manifest", retries=2, retry_delay_seconds=2, retry_condition_fn=_is_transient)
-def manifest_stage(config: Config, dataset_root: str, shards: list[dict], filtered: list[dict], clean: list[dict],
+def manifest_stage(config: Config, dataset_root: str, written: dict, filtered: list[dict], clean: list[dict],
                    counts: dict, within: dict, queries: dict, index: dict | None, work_root: str) -> dict:
     from infra.storage import ObjectStore
     from tasks.shards import MANIFEST_NAME, build_manifest
@@ -206,8 +209,10 @@ def manifest_stage(config: Config, dataset_root: str, shards: list[dict], filter
     kept_before_within = sum(r["rows"] for r in clean)
     funnel.record("dedup_within", kept_before_within, kept_before_within - within["drops"],
                   ["near_duplicate"] * within["drops"])
+    shards = written["shards"]
     manifest = build_manifest(config=to_dict(config), shards=shards, funnel=funnel.to_dict(), queries=queries,
-                              eval_index=index, extra={"work": work_root, "query_counts": counts})
+                              eval_index=index, holdout=written["holdout"],
+                              extra={"work": work_root, "query_counts": counts})
     store.write_json("reports/funnel.json", funnel.to_dict())
     store.write_json(MANIFEST_NAME, manifest)
     publish_markdown("dataset-funnel", "## Dataset funnel\n\n" + funnel.to_markdown(),

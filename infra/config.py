@@ -272,6 +272,7 @@ class ShardConfig:
     max_bytes_per_shard: int = 512_000_000
     row_group_rows: int = 1_000
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    holdout_rows: int = 0  # the last N rows go to holdout/ (retrieval eval); training never reads them
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ Layout under a dataset root (any ObjectStore root: path, file://, s3://):
     shards/part-00000.parquet        the rows (infra.schema.SHARD_SCHEMA)
     shards/part-00000_stats.json     rows, bytes, sha256, columns' byte sizes
     shards/part-00000.done           completion marker, written last
+    holdout/part-00000.parquet       held-out pairs (retrieval evaluation), never read by training
     manifest.json                    schema version, config, inputs' versions, funnel, every shard
 
 Each shard is written atomically, then its stats, then its marker; a rerun skips shards whose marker
@@ -27,16 +28,16 @@ from infra.schema import SCHEMA_VERSION, SHARD_SCHEMA, conform
 MANIFEST_NAME = "manifest.json"
 
 
-def shard_key(index: int) -> str:
-    return f"shards/part-{index:05d}.parquet"
+def shard_key(index: int, prefix: str = "shards") -> str:
+    return f"{prefix}/part-{index:05d}.parquet"
 
 
-def stats_key(index: int) -> str:
-    return f"shards/part-{index:05d}_stats.json"
+def stats_key(index: int, prefix: str = "shards") -> str:
+    return f"{prefix}/part-{index:05d}_stats.json"
 
 
-def marker_key(index: int) -> str:
-    return f"shards/part-{index:05d}.done"
+def marker_key(index: int, prefix: str = "shards") -> str:
+    return f"{prefix}/part-{index:05d}.done"
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,24 @@ def plan_output_shards(parts: Iterable[tuple[str, int, int]], rows_per_shard: in
     return plan
 
 
+def split_holdout(parts: list[tuple[str, int, int]], holdout_rows: int
+                  ) -> tuple[list[tuple[str, int, int]], list[ShardSlice]]:
+    """Set the last ``holdout_rows`` rows aside (held-out pairs for retrieval evaluation; training
+    never reads them). Returns the parts left for training and the held-out slices."""
+    total = sum(rows for _, rows, _ in parts)
+    keep = max(total - max(holdout_rows, 0), 0)
+    head: list[tuple[str, int, int]] = []
+    tail: list[ShardSlice] = []
+    seen = 0
+    for name, rows, nbytes in parts:
+        take = min(rows, max(keep - seen, 0))
+        head.append((name, take, int(nbytes * take / rows) if rows else 0))
+        if take < rows:
+            tail.append(ShardSlice(name, take, rows))
+        seen += rows
+    return head, tail
+
+
 def encode_shard(table: pa.Table, row_group_rows: int, compression: str) -> bytes:
     """The Parquet bytes of one shard (row groups sized for streaming reads)."""
     table = conform(table, SHARD_SCHEMA)
@@ -95,22 +114,22 @@ def encode_shard(table: pa.Table, row_group_rows: int, compression: str) -> byte
 
 
 def write_shard(store: Any, index: int, table: pa.Table, row_group_rows: int = 1_000,
-                compression: str = "zstd") -> dict:
+                compression: str = "zstd", prefix: str = "shards") -> dict:
     """Write shard ``index`` (atomic), then its stats, then its marker. Skips a completed shard."""
-    if store.exists(marker_key(index)):
-        return store.read_json(stats_key(index))
+    if store.exists(marker_key(index, prefix)):
+        return store.read_json(stats_key(index, prefix))
     data = encode_shard(table, row_group_rows, compression)
-    store.write_bytes(shard_key(index), data)
+    store.write_bytes(shard_key(index, prefix), data)
     stats = {
-        "path": shard_key(index),
+        "path": shard_key(index, prefix),
         "rows": table.num_rows,
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
         "image_bytes": int(pa.compute.sum(table.column("image_bytes")).as_py() or 0)
         if "image_bytes" in table.column_names else None,
     }
-    store.write_json(stats_key(index), stats)
-    store.write_text(marker_key(index), stats["sha256"] + "\n")
+    store.write_json(stats_key(index, prefix), stats)
+    store.write_text(marker_key(index, prefix), stats["sha256"] + "\n")
     return stats
 
 
@@ -125,7 +144,8 @@ def completed_shards(store: Any) -> set[int]:
 
 
 def build_manifest(*, config: dict, shards: list[dict], funnel: dict, queries: dict | None,
-                   eval_index: dict | None, extra: dict | None = None) -> dict:
+                   eval_index: dict | None, holdout: list[dict] | None = None, extra: dict | None = None) -> dict:
+    """The dataset's manifest. ``holdout`` shards are listed apart: training reads only ``shards``."""
     return {
         "schema_version": SCHEMA_VERSION,
         "shard_schema": SHARD_SCHEMA.to_string(show_schema_metadata=False).splitlines(),
@@ -135,6 +155,7 @@ def build_manifest(*, config: dict, shards: list[dict], funnel: dict, queries: d
         "eval_index": eval_index,
         "funnel": funnel,
         "shards": shards,
+        "holdout": {"shards": holdout, "rows": sum(s["rows"] for s in holdout)} if holdout else None,
         "config": config,
         **(extra or {}),
     }

@@ -101,3 +101,26 @@ def test_manifest_round_trip_and_version_check(tmp_path):
     store.write_json(MANIFEST_NAME, manifest)
     with pytest.raises(ValueError, match="schema version"):
         read_manifest(store)
+
+
+def test_split_holdout_sets_the_last_rows_aside():
+    from tasks.shards import ShardSlice, split_holdout
+
+    parts = [("a", 10, 1000), ("b", 6, 600), ("c", 4, 400)]
+    head, tail = split_holdout(parts, 7)
+    assert head == [("a", 10, 1000), ("b", 3, 300), ("c", 0, 0)]
+    assert tail == [ShardSlice("b", 3, 6), ShardSlice("c", 0, 4)]
+    assert sum(r for _, r, _ in head) + sum(s.stop - s.start for s in tail) == 20
+    assert split_holdout(parts, 0) == (parts, [])
+    head, tail = split_holdout(parts, 50)  # more than there is: everything is held out
+    assert sum(r for _, r, _ in head) == 0 and sum(s.stop - s.start for s in tail) == 20
+
+
+def test_holdout_shards_are_listed_apart_in_the_manifest(tmp_path):
+    store = ObjectStore(str(tmp_path))
+    train = [write_shard(store, 0, rows(6))]
+    held = [write_shard(store, 0, rows(2, start=6), prefix="holdout")]
+    assert held[0]["path"] == "holdout/part-00000.parquet" and store.exists("holdout/part-00000.done")
+    manifest = build_manifest(config={}, shards=train, funnel={}, queries=None, eval_index=None, holdout=held)
+    assert manifest["num_rows"] == 6 and manifest["holdout"] == {"shards": held, "rows": 2}
+    assert all(s["path"].startswith("shards/") for s in manifest["shards"])
