@@ -137,21 +137,18 @@ def hash_table(table: pa.Table, kind: str = "phash", *, image_column: str = "ima
     the dedup filters drop them with a reason."""
     if kind not in HASH_KINDS:
         raise ValueError(f"unknown hash kind {kind!r} (known: {sorted(HASH_KINDS)})")
-    images = table.column(image_column).to_pylist()
-    codes: list[int | None] = []
-    low: list[bool | None] = []
-    thumbs: list[bytes | None] = []
-    digests: list[str | None] = []
-    for data in images:
+    features: list[ImageFeatures | None] = []
+    for data in table.column(image_column).to_pylist():
         try:
             if not data:
                 raise ValueError("no image")
-            f = image_features(data, kind)
+            features.append(image_features(data, kind))
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
-            codes.append(None), low.append(None), thumbs.append(None), digests.append(None)
-            continue
-        codes.append(f.code), low.append(f.std < low_info_max_std)
-        thumbs.append(f.thumb.tobytes()), digests.append(f.pixels_sha256)
+            features.append(None)
+    codes = [f.code if f else None for f in features]
+    low = [f.std < low_info_max_std if f else None for f in features]
+    thumbs = [f.thumb.tobytes() if f else None for f in features]
+    digests = [f.pixels_sha256 if f else None for f in features]
     out = table
     for name, arr in ((kind, pa.array(codes, pa.uint64())), ("low_info", pa.array(low, pa.bool_())),
                       ("thumb", pa.array(thumbs, pa.binary())), ("pixels_sha256", pa.array(digests, pa.string()))):
@@ -672,7 +669,9 @@ def within_dataset_duplicates(sample_ids: Sequence[str], hashes: np.ndarray | Se
         near = {ids[rows[k]]: ids[rows[roots[k]]] for k in np.flatnonzero(roots != np.arange(len(rows)))}
         # An exact group's representative may itself be a near duplicate: point to the one kept.
         out_rep = [near.get(r, r) for r in out_rep]
-        out_ids.extend(near), out_rep.extend(near.values()), out_reason.extend(["duplicate_near"] * len(near))
+        out_ids += list(near)
+        out_rep += list(near.values())
+        out_reason += ["duplicate_near"] * len(near)
     return pa.table({"sample_id": pa.array(out_ids, pa.string()), "representative": pa.array(out_rep, pa.string()),
                      "reason": pa.array(out_reason, pa.string())}, schema=DUPLICATES_SCHEMA).sort_by("sample_id")
 
