@@ -25,3 +25,18 @@ bench: setup
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Prefect on loopback (README "Deployments and the Prefect UI"); port: WITFLOW_PREFECT_PORT (4200).
+DEPLOYMENT ?= deploy-build-dataset/build-dataset
+
+server: setup
+	@bash infra/prefect/server.sh $(ARGS)
+
+worker: setup
+	@bash infra/prefect/worker.sh $(ARGS)
+
+deploy: setup
+	@bash infra/prefect/deploy.sh $(ARGS)
+
+run-deployment: setup
+	@bash infra/prefect/run_deployment.sh $(DEPLOYMENT) $(ARGS)

@@ -176,7 +176,7 @@ def within_stage(config: Config, records: list[dict], work_root: str) -> dict:
 @task(name="write-shards")
 def shard_stage(config: Config, records: list[dict], within: dict, work_root: str, dataset_root: str) -> dict:
     from infra.storage import ObjectStore
-    from tasks.shards import plan_output_shards, split_holdout
+    from tasks.shards import plan_output_shards, remove_stale_shards, split_holdout
     from tasks.stages import write_output_shard
 
     drops = frozenset(ObjectStore(work_root, config.storage).read_json("within_drops.json"))
@@ -186,11 +186,20 @@ def shard_stage(config: Config, records: list[dict], within: dict, work_root: st
     parts, holdout = split_holdout(parts, config.shards.holdout_rows)
     plan = plan_output_shards(parts, config.shards.rows_per_shard, config.shards.max_bytes_per_shard)
     common = (work_root, dataset_root, config.storage, drops, config.shards.row_group_rows, config.shards.compression)
-    items = [(f"part-{i:05d}", (i, slices, *common)) for i, slices in enumerate(plan)]
+
+    def plan_id(slices: list) -> str:  # what goes into a shard: a marker from another plan is stale
+        return _fingerprint(work_root, [(s.part, s.start, s.stop) for s in slices], len(drops),
+                            config.shards.row_group_rows, config.shards.compression)
+
+    items = [(f"part-{i:05d}", (i, slices, *common, "shards", plan_id(slices))) for i, slices in enumerate(plan)]
     if holdout:
-        items.append(("holdout", (0, holdout, *common, "holdout")))
+        items.append(("holdout", (0, holdout, *common, "holdout", plan_id(holdout))))
     results = map_shards(write_output_shard, items, desc="write shards", on_done=ShardProgress("write shards"))
     written = _raise_on_failures("write-shards", results)
+    store = ObjectStore(dataset_root, config.storage)
+    stale = remove_stale_shards(store, len(plan)) + remove_stale_shards(store, 1 if holdout else 0, "holdout")
+    if stale:
+        get_run_logger().info("removed %d files of an earlier plan's extra shards", len(stale))
     return {"shards": written[:len(plan)], "holdout": written[len(plan):]}
 
 
@@ -272,8 +281,8 @@ def build_dataset(config: Config, base_dir: str = ".") -> dict:
     store = ObjectStore(dataset_root, config.storage)
     store.write_text(RESOLVED_CONFIG_NAME, dump_config(config))
 
+    index = eval_index_stage.submit(config)  # independent of the query list and the filter stage
     queries = locate_queries(config)
-    index = eval_index_stage.submit(config)  # independent of the filter stage: runs beside it
     shards = plan_inputs(config, base_dir)
     filter_fp = _fingerprint(_sources_identity(config, base_dir), to_dict(config.text_filter), queries["sha256"])
     filter_root = f"{dataset_root}/work/f-{filter_fp}"

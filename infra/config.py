@@ -62,13 +62,6 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
-class PrefectConfig:
-    task_runner: Literal["ray", "thread"] = "thread"
-    build_cron: str | None = "0 3 * * *"
-    work_pool: str = "witflow-process"
-
-
-@dataclass(frozen=True)
 class QueriesConfig:
     output: str = "queries"  # relative to Config.output unless it is a full URI
     unigram_counts: str | None = "pywordfreq"  # a `word count` file, or the packaged counts
@@ -338,7 +331,6 @@ class Config:
     seed: int = 0
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    prefect: PrefectConfig = field(default_factory=PrefectConfig)
     queries: QueriesConfig = field(default_factory=QueriesConfig)
     sources: tuple[SourceConfig, ...] = ()
     gather: GatherConfig = field(default_factory=GatherConfig)

@@ -8,9 +8,10 @@ Layout under a dataset root (any ObjectStore root: path, file://, s3://):
     holdout/part-00000.parquet       held-out pairs (retrieval evaluation), never read by training
     manifest.json                    schema version, config, inputs' versions, funnel, every shard
 
-Each shard is written atomically, then its stats, then its marker; a rerun skips shards whose marker
-exists. Shard contents are a deterministic function of the build's inputs, so a shard rewritten
-after a crash is byte-for-byte the one an uninterrupted build writes.
+Each shard is written atomically, then its stats, then its marker; the marker records the plan (an
+identity of the rows that go into the shard), and a rerun skips shards completed for the same plan.
+Shard contents are a deterministic function of the build's inputs, so a shard rewritten after a
+crash is byte-for-byte the one an uninterrupted build writes; a changed config rewrites them.
 """
 
 from __future__ import annotations
@@ -113,10 +114,17 @@ def encode_shard(table: pa.Table, row_group_rows: int, compression: str) -> byte
     return buf.getvalue()
 
 
+def is_complete(store: Any, index: int, plan_id: str = "", prefix: str = "shards") -> bool:
+    """Shard ``index`` is complete for this plan (a marker left by another plan does not count)."""
+    key = marker_key(index, prefix)
+    return store.exists(key) and store.read_text(key).strip() == plan_id
+
+
 def write_shard(store: Any, index: int, table: pa.Table, row_group_rows: int = 1_000,
-                compression: str = "zstd", prefix: str = "shards") -> dict:
-    """Write shard ``index`` (atomic), then its stats, then its marker. Skips a completed shard."""
-    if store.exists(marker_key(index, prefix)):
+                compression: str = "zstd", prefix: str = "shards", plan_id: str = "") -> dict:
+    """Write shard ``index`` (atomic), then its stats, then its marker. Skips a shard completed for
+    the same ``plan_id`` (an identity of the rows that go into it); another plan's shard is rewritten."""
+    if is_complete(store, index, plan_id, prefix):
         return store.read_json(stats_key(index, prefix))
     data = encode_shard(table, row_group_rows, compression)
     store.write_bytes(shard_key(index, prefix), data)
@@ -127,14 +135,26 @@ def write_shard(store: Any, index: int, table: pa.Table, row_group_rows: int = 1
         "sha256": hashlib.sha256(data).hexdigest(),
         "image_bytes": int(pa.compute.sum(table.column("image_bytes")).as_py() or 0)
         if "image_bytes" in table.column_names else None,
+        "plan": plan_id,
     }
     store.write_json(stats_key(index, prefix), stats)
-    store.write_text(marker_key(index, prefix), stats["sha256"] + "\n")
+    store.write_text(marker_key(index, prefix), plan_id + "\n")
     return stats
 
 
+def remove_stale_shards(store: Any, keep: int, prefix: str = "shards") -> list[str]:
+    """Delete shards numbered ``keep`` and above (left by an earlier plan with more shards)."""
+    removed = []
+    for key in store.list(prefix + "/"):
+        name = key.rsplit("/", 1)[-1]
+        if name.startswith("part-") and int(name[5:10]) >= keep:
+            store.delete(key)
+            removed.append(key)
+    return removed
+
+
 def completed_shards(store: Any) -> set[int]:
-    """Indexes of the shards whose completion marker exists."""
+    """Indexes of the shards whose completion marker exists (for any plan)."""
     out = set()
     for key in store.list("shards/"):
         name = key.rsplit("/", 1)[-1]

@@ -180,14 +180,15 @@ def dedup_columns(shard_id: str, work_root: str, storage: StorageConfig) -> pa.T
 
 
 def write_output_shard(index: int, slices: list[Any], work_root: str, dataset_root: str, storage: StorageConfig,
-                       drop_ids: frozenset[str], row_group_rows: int, compression: str, prefix: str = "shards") -> dict:
+                       drop_ids: frozenset[str], row_group_rows: int, compression: str, prefix: str = "shards",
+                       plan_id: str = "") -> dict:
     """Assemble output shard ``index`` from slices of clean parts and write it (skips if complete)."""
     import pyarrow.compute as pc
 
-    from tasks.shards import marker_key, stats_key, write_shard
+    from tasks.shards import is_complete, stats_key, write_shard
 
     out = _store(dataset_root, storage)
-    if out.exists(marker_key(index, prefix)):
+    if is_complete(out, index, plan_id, prefix):
         return out.read_json(stats_key(index, prefix))
     work = _store(work_root, storage)
     pieces = []
@@ -200,4 +201,4 @@ def write_output_shard(index: int, slices: list[Any], work_root: str, dataset_ro
     status = pa.array(["ok"] * table.num_rows, pa.string())
     if "status" not in table.column_names:
         table = table.append_column("status", status)
-    return write_shard(out, index, table, row_group_rows, compression, prefix)
+    return write_shard(out, index, table, row_group_rows, compression, prefix, plan_id)

@@ -124,3 +124,18 @@ def test_holdout_shards_are_listed_apart_in_the_manifest(tmp_path):
     manifest = build_manifest(config={}, shards=train, funnel={}, queries=None, eval_index=None, holdout=held)
     assert manifest["num_rows"] == 6 and manifest["holdout"] == {"shards": held, "rows": 2}
     assert all(s["path"].startswith("shards/") for s in manifest["shards"])
+
+
+def test_a_shard_of_another_plan_is_rewritten_and_extra_shards_removed(tmp_path):
+    from tasks.shards import is_complete, remove_stale_shards
+
+    store = ObjectStore(str(tmp_path))
+    for i in range(3):
+        write_shard(store, i, rows(4, start=4 * i), plan_id="plan-a")
+    assert is_complete(store, 1, "plan-a") and not is_complete(store, 1, "plan-b")
+    # A new plan (say rows_per_shard changed) must not reuse plan-a's shard 0.
+    stats = write_shard(store, 0, rows(6), plan_id="plan-b")
+    assert stats["rows"] == 6 and store.read_parquet(shard_key(0)).num_rows == 6
+    removed = remove_stale_shards(store, keep=2)
+    assert sorted(removed) == [marker_key(2), shard_key(2), stats_key(2)]
+    assert completed_shards(store) == {0, 1}
