@@ -5,7 +5,7 @@ genuine near-copies of test images, counted as false positives all the same) mix
 copies of test images — JPEG re-encoded (q30–90), resized (0.5–2×), cropped (≤5%), brightness-shifted
 (±40 grey levels). For each radius r it reports recall (copies dropped), the false-positive rate
 (train images dropped) and what each matching step buys: crop variants in the index, low-information
-exclusion, pixel verification (NCC of thumbnails).
+exclusion, pixel verification (NCC of thumbnails, sharp or reduced to the pair's common detail).
 
     .venv/bin/python bench/dedup_quality.py            # 10k eval, 20k train, 2k copies (several minutes)
     .venv/bin/python bench/dedup_quality.py --quick    # 2k eval, 4k train, 800 copies
@@ -75,11 +75,12 @@ def without_variants(index: EvalIndex) -> EvalIndex:
     keep = index.entry_variant == 0
     return EvalIndex(kind=index.kind, version=index.version + "-novariants", set_names=index.set_names,
                      image_set=index.image_set, image_ids=index.image_ids, image_labels=index.image_labels,
-                     image_low_info=index.image_low_info, thumbs=index.thumbs, entry_image=index.entry_image[keep],
+                     image_low_info=index.image_low_info, thumbs=index.thumbs, image_sides=index.image_sides,
+                     entry_image=index.entry_image[keep],
                      entry_variant=index.entry_variant[keep], entry_codes=index.entry_codes[keep], params=index.params)
 
 
-def measure(table: pa.Table, index: EvalIndex, radius: int, use_low_info: bool) -> dict:
+def measure(table: pa.Table, index: EvalIndex, radius: int, use_low_info: bool, use_detail_match: bool = True) -> dict:
     """Candidate pairs with their NCC, before any threshold."""
     codes = table.column(index.kind).to_numpy().astype(np.uint64)
     usable = np.ones(len(codes), bool)
@@ -88,7 +89,9 @@ def measure(table: pa.Table, index: EvalIndex, radius: int, use_low_info: bool) 
     rows = np.flatnonzero(usable)
     qi, img, var, dist = index.lookup(codes[rows], radius)
     rows = rows[qi]
-    ncc = pair_ncc(_thumbs_of(table.column("thumb").take(pa.array(rows))), index.thumbs[img], var.astype(np.int64))
+    sides = np.minimum(table.column("min_side").take(pa.array(rows)).to_numpy(), index.image_sides[img])
+    ncc = pair_ncc(_thumbs_of(table.column("thumb").take(pa.array(rows))), index.thumbs[img], var.astype(np.int64),
+                   sides if use_detail_match else None)
     return {"rows": rows, "img": img, "ncc": ncc}
 
 
@@ -128,24 +131,25 @@ def main() -> None:
     table = hash_table(table, "phash")
     print(f"# eval={len(test)} train={len(train)} copies={args.copies} low_info(eval)={int(index.image_low_info.sum())} "
           f"low_info(candidates)={int(np.asarray(table.column('low_info')).sum())} setup={time.perf_counter() - t0:.0f}s")
-    header = "config".ljust(44) + "recall  fp_rate  precision  " + "  ".join(k[:6].rjust(6) for k in TRANSFORMS)
+    header = "config".ljust(48) + "recall  fp_rate  precision  " + "  ".join(k[:6].rjust(6) for k in TRANSFORMS)
     print(header)
     chosen = baseline = None
     for r in [int(x) for x in args.radii.split(",")]:
-        steps = [("phash", plain, False, -1.0), ("+ crop variants", index, False, -1.0),
-                 ("+ low-info excluded", index, True, -1.0)]
-        steps += [(f"+ verify ncc>={t}", index, True, t) for t in (0.95, 0.97, 0.98, 0.99)]
+        steps = [("phash", plain, False, -1.0, False), ("+ crop variants", index, False, -1.0, False),
+                 ("+ low-info excluded", index, True, -1.0, False),
+                 ("+ verify ncc>=0.98, sharp thumbnails", index, True, 0.98, False)]
+        steps += [(f"+ verify ncc>={t}, detail-matched", index, True, t, True) for t in (0.95, 0.97, 0.98, 0.99)]
         cache: dict = {}
-        for name, idx, low, t in steps:
-            key = (id(idx), low)
+        for name, idx, low, t, detail in steps:
+            key = (id(idx), low, detail)
             if key not in cache:
-                cache[key] = measure(table, idx, r, low)
+                cache[key] = measure(table, idx, r, low, detail)
             s = score(cache[key], source, kinds, t)
-            print(f"r={r} {name}".ljust(44) + f"{s['recall']:.4f}  {s['fp_rate']:.4f}   {s['precision']:.4f}     "
+            print(f"r={r} {name}".ljust(48) + f"{s['recall']:.4f}  {s['fp_rate']:.4f}   {s['precision']:.4f}     "
                   + "  ".join(f"{s[k]:.3f}".rjust(6) for k in TRANSFORMS))
             if r == args.chosen_radius and name == "phash":
                 baseline = s
-            if r == args.chosen_radius and abs(t - args.chosen_ncc) < 1e-9:
+            if r == args.chosen_radius and abs(t - args.chosen_ncc) < 1e-9 and detail:
                 chosen = s
     if chosen is None or baseline is None:
         raise SystemExit("the chosen radius/ncc must be among those measured")

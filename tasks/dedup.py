@@ -51,6 +51,7 @@ HASH_KINDS: dict[str, Callable[[Image.Image], imagehash.ImageHash]] = {
     "whash": imagehash.whash,
 }
 THUMB_SIDE = 32
+DETAIL_MATCH_BELOW = 24  # pairs whose smaller image is narrower than this are compared at its detail
 LOW_INFO_MAX_STD = 4.0  # grey levels; Fashion-MNIST's flattest image has std ~20, a blank page 0
 DEFAULT_MIN_NCC = 0.98
 # (left, top, right, bottom) crop fractions indexed per eval image: none, centred, the 4 corners
@@ -60,7 +61,7 @@ CROP_VARIANTS: tuple[tuple[float, float, float, float], ...] = (
     (0.0, 0.0, 0.05, 0.05), (0.0, 0.05, 0.05, 0.0), (0.05, 0.0, 0.0, 0.05), (0.05, 0.05, 0.0, 0.0),
     (0.0, 0.025, 0.05, 0.025), (0.05, 0.025, 0.0, 0.025), (0.025, 0.0, 0.025, 0.05), (0.025, 0.05, 0.025, 0.0),
 )
-INDEX_FORMAT = 1  # bump when hashing/thumbnails change: part of every index version
+INDEX_FORMAT = 2  # bump when hashing/thumbnails change: part of every index version
 MATCHES_SCHEMA = pa.schema([
     pa.field("sample_id", pa.string(), nullable=False),
     pa.field("eval_set", pa.string(), nullable=False),
@@ -118,6 +119,7 @@ class ImageFeatures:
     thumb: np.ndarray
     std: float
     pixels_sha256: str
+    min_side: int  # the decoded image's shorter side: how much detail the thumbnail can hold
 
 
 def image_features(data: bytes, kind: str = "phash") -> ImageFeatures:
@@ -127,13 +129,13 @@ def image_features(data: bytes, kind: str = "phash") -> ImageFeatures:
         digest = hashlib.sha256(f"{img.mode}:{img.size}:".encode() + img.tobytes()).hexdigest()
         gray = canonical_gray(img)
     thumb = thumbnail(gray)
-    return ImageFeatures(hash_code(gray, kind), thumb, float(thumb.std()), digest)
+    return ImageFeatures(hash_code(gray, kind), thumb, float(thumb.std()), digest, min(gray.size))
 
 
 def hash_table(table: pa.Table, kind: str = "phash", *, image_column: str = "image",
                low_info_max_std: float = LOW_INFO_MAX_STD) -> pa.Table:
-    """Add ``<kind>`` (uint64 hash), ``low_info`` (bool), ``thumb`` (32×32 grey bytes) and
-    ``pixels_sha256`` (digest of the decoded pixels). Undecodable images get nulls, not an error:
+    """Add ``<kind>`` (uint64 hash), ``low_info`` (bool), ``thumb`` (32×32 grey bytes), ``min_side``
+    (int32) and ``pixels_sha256`` (digest of the decoded pixels). Undecodable images get nulls, not an error:
     the dedup filters drop them with a reason."""
     if kind not in HASH_KINDS:
         raise ValueError(f"unknown hash kind {kind!r} (known: {sorted(HASH_KINDS)})")
@@ -149,9 +151,11 @@ def hash_table(table: pa.Table, kind: str = "phash", *, image_column: str = "ima
     low = [f.std < low_info_max_std if f else None for f in features]
     thumbs = [f.thumb.tobytes() if f else None for f in features]
     digests = [f.pixels_sha256 if f else None for f in features]
+    sides = [f.min_side if f else None for f in features]
     out = table
     for name, arr in ((kind, pa.array(codes, pa.uint64())), ("low_info", pa.array(low, pa.bool_())),
-                      ("thumb", pa.array(thumbs, pa.binary())), ("pixels_sha256", pa.array(digests, pa.string()))):
+                      ("thumb", pa.array(thumbs, pa.binary())), ("min_side", pa.array(sides, pa.int32())),
+                      ("pixels_sha256", pa.array(digests, pa.string()))):
         if name in out.column_names:
             out = out.set_column(out.column_names.index(name), name, arr)
         else:
@@ -319,12 +323,43 @@ def _normalise(thumbs: np.ndarray) -> np.ndarray:
     return flat
 
 
-def pair_ncc(a_thumbs: np.ndarray, b_thumbs: np.ndarray, b_variants: np.ndarray | None = None) -> np.ndarray:
-    """Normalised cross-correlation of thumbnail pairs; ``b`` cut to its crop variant first."""
+def _detail_matrix(side: int, full: int = THUMB_SIDE) -> np.ndarray:
+    """full×full operator: area-downsample to ``side`` pixels, then linear upsample back."""
+    down = np.zeros((side, full), dtype=np.float32)
+    for i in range(side):
+        lo, hi = i * full / side, (i + 1) * full / side
+        for k in range(int(np.floor(lo)), int(np.ceil(hi))):
+            down[i, k] = (min(hi, k + 1) - max(lo, k)) * side / full
+    centres = np.clip((np.arange(full) + 0.5) * side / full - 0.5, 0, side - 1)
+    left = np.floor(centres).astype(int)
+    right = np.minimum(left + 1, side - 1)
+    up = np.zeros((full, side), dtype=np.float32)
+    up[np.arange(full), left] += 1 - (centres - left)
+    up[np.arange(full), right] += centres - left
+    return up @ down
+
+
+def pair_ncc(a_thumbs: np.ndarray, b_thumbs: np.ndarray, b_variants: np.ndarray | None = None,
+             sides: np.ndarray | None = None) -> np.ndarray:
+    """Normalised cross-correlation of thumbnail pairs; ``b`` cut to its crop variant first.
+
+    With ``sides`` (the smaller of the two images' shorter sides), both thumbnails of a pair are
+    first reduced to that much detail: a half-size copy of a 28-px image holds 14 px of detail, and
+    comparing it against the sharp original would reject it.
+    """
+    a = a_thumbs.astype(np.float32)
     b = b_thumbs.astype(np.float32)
     if b_variants is not None and len(b):
         b = np.einsum("nij,njk,nlk->nil", _ROW_MATS[b_variants], b, _COL_MATS[b_variants], optimize=True)
-    return (_normalise(a_thumbs) * _normalise(b)).sum(axis=1)
+    if sides is not None and len(b):
+        sides = np.asarray(sides)
+        # Only real losses of detail: 28-px originals both upsampled to 32 compare fine as they are.
+        for side in np.unique(sides[(sides > 0) & (sides < DETAIL_MATCH_BELOW)]):
+            m = sides == side
+            op = _detail_matrix(int(side))
+            a[m] = np.einsum("ij,njk,lk->nil", op, a[m], op, optimize=True)
+            b[m] = np.einsum("ij,njk,lk->nil", op, b[m], op, optimize=True)
+    return (_normalise(a) * _normalise(b)).sum(axis=1)
 
 
 def _thumbs_of(column: pa.ChunkedArray | pa.Array | Sequence[bytes | None]) -> np.ndarray:
@@ -357,6 +392,7 @@ class EvalIndex:
     image_labels: np.ndarray  # int64
     image_low_info: np.ndarray  # bool: not indexed
     thumbs: np.ndarray  # uint8 (images, S, S)
+    image_sides: np.ndarray  # int32: shorter side of each eval image
     entry_image: np.ndarray  # int64 per hash entry: which eval image
     entry_variant: np.ndarray  # int8 per hash entry: which crop of it
     entry_codes: np.ndarray  # uint64
@@ -373,7 +409,7 @@ class EvalIndex:
             raise ValueError(f"unknown hash kind {kind!r} (known: {sorted(HASH_KINDS)})")
         params = {"crop_variants": crop_variants, "low_info_max_std": low_info_max_std, "min_ncc": min_ncc}
         variants = CROP_VARIANTS if crop_variants else CROP_VARIANTS[:1]
-        image_set, ids, labels, low, thumbs = [], [], [], [], []
+        image_set, ids, labels, low, thumbs, sides = [], [], [], [], [], []
         entry_image, entry_variant, entry_codes = [], [], []
         total = sum(len(s.ids) for s in eval_sets)
         rows = ((si, s, j) for si, s in enumerate(eval_sets) for j in range(len(s.ids)))
@@ -384,6 +420,7 @@ class EvalIndex:
             image_no = len(ids)
             thumb = thumbnail(gray)
             image_set.append(si), ids.append(s.ids[j]), labels.append(int(s.labels[j])), thumbs.append(thumb)
+            sides.append(min(gray.size))
             flat = float(thumb.std()) < low_info_max_std
             low.append(flat)
             if flat:
@@ -396,6 +433,7 @@ class EvalIndex:
                     set_names=[s.name for s in eval_sets], image_set=np.asarray(image_set, np.int32),
                     image_ids=ids, image_labels=np.asarray(labels, np.int64), image_low_info=np.asarray(low, bool),
                     thumbs=np.stack(thumbs) if thumbs else np.zeros((0, THUMB_SIDE, THUMB_SIDE), np.uint8),
+                    image_sides=np.asarray(sides, np.int32),
                     entry_image=np.asarray(entry_image, np.int64), entry_variant=np.asarray(entry_variant, np.int8),
                     entry_codes=np.asarray(entry_codes, np.uint64), params=params)
         log_event(log, "eval index built", version=index.version, images=len(ids), entries=len(entry_codes),
@@ -430,7 +468,8 @@ class EvalIndex:
         images = pa.table({"set": pa.array(self.image_set, pa.int32()), "id": pa.array(self.image_ids, pa.string()),
                            "label": pa.array(self.image_labels, pa.int64()),
                            "low_info": pa.array(self.image_low_info, pa.bool_()),
-                           "thumb": pa.array([t.tobytes() for t in self.thumbs], pa.binary())})
+                           "thumb": pa.array([t.tobytes() for t in self.thumbs], pa.binary()),
+                           "min_side": pa.array(self.image_sides, pa.int32())})
         entries = pa.table({"image": pa.array(self.entry_image, pa.int64()),
                             "variant": pa.array(self.entry_variant, pa.int8()),
                             "code": pa.array(self.entry_codes, pa.uint64())})
@@ -454,6 +493,7 @@ class EvalIndex:
                    image_labels=images.column("label").to_numpy().astype(np.int64),
                    image_low_info=images.column("low_info").to_numpy(zero_copy_only=False).astype(bool),
                    thumbs=_thumbs_of(images.column("thumb")),
+                   image_sides=images.column("min_side").to_numpy().astype(np.int32),
                    entry_image=entries.column("image").to_numpy().astype(np.int64),
                    entry_variant=entries.column("variant").to_numpy().astype(np.int8),
                    entry_codes=entries.column("code").to_numpy().astype(np.uint64), params=dict(meta["params"]))
@@ -501,7 +541,11 @@ def match_eval(table: pa.Table, index: EvalIndex, radius: int, *, min_ncc: float
     rows = usable[qi]
     if min_ncc > -1.0 and len(rows):
         cand_thumbs = _thumbs_of(table.column("thumb").take(pa.array(rows)))
-        ncc = pair_ncc(cand_thumbs, index.thumbs[img], var.astype(np.int64))
+        sides = None
+        if "min_side" in table.column_names:
+            cand_sides = table.column("min_side").take(pa.array(rows)).fill_null(THUMB_SIDE).to_numpy()
+            sides = np.minimum(cand_sides, index.image_sides[img])
+        ncc = pair_ncc(cand_thumbs, index.thumbs[img], var.astype(np.int64), sides)
     else:
         ncc = np.ones(len(rows), np.float32)
     keep = ncc >= min_ncc

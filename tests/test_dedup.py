@@ -302,3 +302,18 @@ def test_ray_global_dedup_equals_the_single_process_result(ray_local, sample_has
     want = _within(t)
     got = within_dataset_duplicates_ray([ray_local.put(p) for p in parts], 4, num_partitions=2)
     assert got.equals(want)
+
+
+def test_half_size_copies_are_compared_at_their_own_detail(fashion_test):
+    """A 14-px copy of a 28-px image cannot hold its detail; both are reduced to 14 px first."""
+    from tasks.dedup import pair_ncc
+
+    small = [_png(Image.open(io.BytesIO(b)).resize((14, 14), Image.BILINEAR)) for b in fashion_test.images[:40]]
+    a = hash_table(pa.table({"sample_id": [str(i) for i in range(40)], "image": pa.array(small, pa.binary())}))
+    b = hash_table(pa.table({"sample_id": [str(i) for i in range(40)], "image": pa.array(fashion_test.images[:40], pa.binary())}))
+    assert a.column("min_side").to_pylist() == [14] * 40 and b.column("min_side").to_pylist() == [28] * 40
+    ta, tb = _thumbs_of(a.column("thumb")), _thumbs_of(b.column("thumb"))
+    sharp = pair_ncc(ta, tb)
+    matched = pair_ncc(ta, tb, sides=np.full(40, 14))
+    assert np.all(matched >= sharp - 1e-6) and np.mean(matched) > np.mean(sharp)
+    assert np.allclose(pair_ncc(tb, tb, sides=np.full(40, 28)), 1.0, atol=1e-5)
