@@ -16,6 +16,8 @@ Matching, and why each step is there (numbers: bench/dedup_quality.py, Fashion-M
 4. **Pixel verification**: a candidate pair must also correlate (NCC of 32×32 grey thumbnails,
    the eval side cut to the matched crop) at least ``min_ncc``. On small low-detail images pHash
    alone matches far too much (16% of Fashion-MNIST train images are within r=4 of some test image).
+   When one image of a pair is much smaller (a half-size copy), both thumbnails are first reduced
+   to its detail, or downscaled copies would fail verification.
 
 Within the dataset: exact duplicates (same decoded pixels, or same bytes) and near duplicates
 (pHash within ``r``) are grouped globally; each group keeps its smallest ``sample_id``.
