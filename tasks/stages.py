@@ -156,7 +156,7 @@ def clean_shard(shard_id: str, filter_root: str, work_root: str, storage: Storag
     funnel.merge(Funnel.from_dict(f))
     if failures.num_rows:  # kept aside with their reasons and statuses, for inspection and retries
         work.write_parquet(f"failed/{shard_id}.parquet", failures)
-    table = hash_table(table, dedup.hash_kind)
+    table = hash_table(table, dedup.hash_kind, low_info_max_std=dedup.low_info_max_std)
     matches_rows = 0
     if dedup.against_eval and index_root and index_version:
         table, f, matches = filter_eval_overlap(table, _eval_index(index_root, index_version, storage), dedup.eval_radius)
@@ -173,10 +173,10 @@ def clean_shard(shard_id: str, filter_root: str, work_root: str, storage: Storag
     return record
 
 
-def dedup_columns(shard_id: str, work_root: str, storage: StorageConfig) -> pa.Table:
+def dedup_columns(shard_id: str, work_root: str, storage: StorageConfig, hash_kind: str = "phash") -> pa.Table:
     """The small columns the global within-dataset dedup needs from one clean shard."""
     table = _store(work_root, storage).read_parquet(f"clean/{shard_id}.parquet")
-    return table.select(["sample_id", "sha256", "phash"])
+    return table.select(["sample_id", "sha256", "pixels_sha256", "low_info", "thumb", hash_kind])
 
 
 def write_output_shard(index: int, slices: list[Any], work_root: str, dataset_root: str, storage: StorageConfig,

@@ -42,4 +42,4 @@ def ray_local():
     ray.shutdown()
 
 
-pytest_plugins = ["tests.s3_fixtures"]
+pytest_plugins = ["tests.s3_fixtures", "tests.prefect_fixtures"]
