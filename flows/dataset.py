@@ -138,12 +138,12 @@ def eval_index_stage(config: Config) -> dict | None:
 
 @task(name="balance-fetch-images-eval-dedup")
 def clean_stage(config: Config, records: list[dict], counts: dict, index: dict | None, filter_root: str,
-                work_root: str) -> list[dict]:
+                work_root: str, retry_failed: bool = False) -> list[dict]:
     from tasks.stages import clean_shard
 
     items = [(r["shard_id"], (r["shard_id"], filter_root, work_root, config.storage, config.balance, config.gather,
                               config.images, config.dedup, index["root"] if index else None,
-                              index["version"] if index else None))
+                              index["version"] if index else None, retry_failed))
              for r in records]
     results = map_shards(clean_shard, items, desc="balance/fetch/images/eval-dedup",
                          on_done=ShardProgress("balance → fetch + images → eval-set dedup"))
@@ -277,8 +277,12 @@ def _overlap_report(config: Config, work_root: str, clean: list[dict], index: di
 
 
 @flow(name="build_dataset", log_prints=True)
-def build_dataset(config: Config, base_dir: str = ".") -> dict:
-    """Build the dataset described by ``config``; returns the manifest."""
+def build_dataset(config: Config, base_dir: str = ".", retry_failed: bool = False) -> dict:
+    """Build the dataset described by ``config``; returns the manifest.
+
+    A rerun resumes; with ``retry_failed`` it also fetches again the samples that failed
+    transiently (timeouts, 429/5xx, connection errors) in shards already done.
+    """
     from infra.storage import ObjectStore
 
     init_ray(config.ray.address, config.ray.num_cpus, config.ray.include_dashboard, config.ray.object_store_memory_mb)
@@ -297,7 +301,7 @@ def build_dataset(config: Config, base_dir: str = ".") -> dict:
     clean_fp = _fingerprint(filter_fp, to_dict(config.balance), to_dict(config.gather), to_dict(config.images),
                             to_dict(config.dedup), index_result["version"] if index_result else None)
     work_root = f"{filter_root}/c-{clean_fp}"
-    clean = clean_stage(config, filtered, counts, index_result, filter_root, work_root)
+    clean = clean_stage(config, filtered, counts, index_result, filter_root, work_root, retry_failed)
     within = within_stage(config, clean, work_root)
     written = shard_stage(config, clean, within, work_root, dataset_root)
     manifest = manifest_stage(config, dataset_root, written, filtered, clean, counts, within, queries,

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--checkpoint", help="checkpoint directory or OpenAI-layout state dict (default: the run's latest)")
         if name == "train":
             p.add_argument("--manifest", help="dataset manifest.json URI (default: the run's dataset)")
+        if name == "build":
+            p.add_argument("--retry-failed", action="store_true",
+                           help="also fetch again the samples that failed transiently in shards already done")
     demo = sub.add_parser("demo", help="'run' on the bundled Openclipart sample with configs/demo.yaml",
                           description="Run the whole pipeline on the bundled sample (configs/demo.yaml).")
     _add_config_args(demo, DEMO_CONFIG)
@@ -116,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         kwargs["checkpoint"] = args.checkpoint
     if getattr(args, "manifest", None):
         kwargs["manifest"] = args.manifest
+    if getattr(args, "retry_failed", False):
+        kwargs["retry_failed"] = True
     try:
         flow(config, **kwargs)
     except KeyboardInterrupt:

@@ -136,16 +136,22 @@ def write_query_counts(work_root: str, storage: StorageConfig, records: list[dic
 
 def clean_shard(shard_id: str, filter_root: str, work_root: str, storage: StorageConfig, balance: BalanceConfig,
                 gather: GatherConfig, images: ImageConfig, dedup: DedupConfig, index_root: str | None,
-                index_version: str | None) -> dict:
-    """balance -> fetch + decode/validate/resize -> hash -> eval-set dedup, for one filtered shard."""
+                index_version: str | None, retry_failed: bool = False) -> dict:
+    """balance -> fetch + decode/validate/resize -> hash -> eval-set dedup, for one filtered shard.
+
+    ``retry_failed``: for a shard already done, fetch again only its samples that failed
+    transiently (timeouts, 5xx, connection errors) and add the ones that now pass.
+    """
     from tasks.balance import balance_table
-    from tasks.dedup import filter_eval_overlap, hash_table
     from tasks.gather import gather_images_shard
 
     work = _store(work_root, storage)
     record_key = f"clean/{shard_id}.json"
     if work.exists(record_key):
-        return work.read_json(record_key)
+        record = work.read_json(record_key)
+        if retry_failed and record.get("transient_failures"):
+            record = _retry_transient(record, work, storage, gather, images, dedup, index_root, index_version)
+        return record
     funnel = Funnel()
     table = _store(filter_root, storage).read_parquet(f"filtered/{shard_id}.parquet")
     thresholds = _cap_thresholds(filter_root, storage) if balance.mode == "exact" else None
@@ -154,23 +160,64 @@ def clean_shard(shard_id: str, filter_root: str, work_root: str, storage: Storag
     # Fetch rows that have a URL and no inline image, then decode/validate/re-encode every image.
     table, failures, f = gather_images_shard(table, gather, images)
     funnel.merge(Funnel.from_dict(f))
+    table, matches = _hash_and_decontaminate(table, funnel, storage, dedup, index_root, index_version)
+    return _write_clean(work, shard_id, table, failures, matches, funnel)
+
+
+def _hash_and_decontaminate(table: pa.Table, funnel: Funnel, storage: StorageConfig, dedup: DedupConfig,
+                            index_root: str | None, index_version: str | None) -> tuple[pa.Table, pa.Table | None]:
+    from tasks.dedup import filter_eval_overlap, hash_table
+
+    table = hash_table(table, dedup.hash_kind, low_info_max_std=dedup.low_info_max_std)
+    if not (dedup.against_eval and index_root and index_version):
+        return table, None
+    table, f, matches = filter_eval_overlap(table, _eval_index(index_root, index_version, storage), dedup.eval_radius)
+    funnel.merge(f)
+    return table, matches
+
+
+def _write_clean(work: Any, shard_id: str, table: pa.Table, failures: pa.Table, matches: pa.Table | None,
+                 funnel: Funnel) -> dict:
+    """Persist one clean part, its failures and eval matches, then its completion record (last)."""
+    from tasks.gather import FAILED_TRANSIENT
+
     if failures.num_rows:  # kept aside with their reasons and statuses, for inspection and retries
         work.write_parquet(f"failed/{shard_id}.parquet", failures)
-    table = hash_table(table, dedup.hash_kind, low_info_max_std=dedup.low_info_max_std)
-    matches_rows = 0
-    if dedup.against_eval and index_root and index_version:
-        table, f, matches = filter_eval_overlap(table, _eval_index(index_root, index_version, storage), dedup.eval_radius)
-        funnel.merge(f)
-        matches_rows = matches.num_rows
-        if matches.num_rows:
-            work.write_parquet(f"eval_matches/{shard_id}.parquet", matches)
+    elif work.exists(f"failed/{shard_id}.parquet"):
+        work.delete(f"failed/{shard_id}.parquet")
+    if matches is not None and matches.num_rows:
+        work.write_parquet(f"eval_matches/{shard_id}.parquet", matches)
     work.write_parquet(f"clean/{shard_id}.parquet", table)
-    kept_ids = np.unique(np.concatenate([np.asarray(q, dtype=np.int64) for q in table.column("query_ids").to_pylist()]
-                                        or [np.zeros(0, np.int64)]), return_counts=True)
+    ids = [np.asarray(q, dtype=np.int64) for q in table.column("query_ids").to_pylist()]
+    query_ids, query_counts = np.unique(np.concatenate(ids) if ids else np.zeros(0, np.int64), return_counts=True)
+    transient = (failures.column("status").to_pylist().count(FAILED_TRANSIENT)
+                 if failures.num_rows and "status" in failures.column_names else 0)
     record = {"shard_id": shard_id, "rows": table.num_rows, "bytes": int(table.nbytes), "funnel": funnel.to_dict(),
-              "eval_matches": matches_rows, "query_ids": kept_ids[0].tolist(), "query_counts": kept_ids[1].tolist()}
-    work.write_json(record_key, record)
+              "eval_matches": matches.num_rows if matches is not None else 0, "transient_failures": transient,
+              "query_ids": query_ids.tolist(), "query_counts": query_counts.tolist()}
+    work.write_json(f"clean/{shard_id}.json", record)
     return record
+
+
+def _retry_transient(record: dict, work: Any, storage: StorageConfig, gather: GatherConfig, images: ImageConfig,
+                     dedup: DedupConfig, index_root: str | None, index_version: str | None) -> dict:
+    """Fetch a done shard's transient failures again; rows that now pass join its clean part."""
+    from tasks.gather import gather_images_shard
+
+    shard_id = record["shard_id"]
+    previous = work.read_parquet(f"failed/{shard_id}.parquet")
+    recovered, failures, f = gather_images_shard(previous, gather, images, previous_failures=previous)
+    for stage in f["stages"]:  # counted apart: these rows were already counted in by the first pass
+        stage["stage"] = f"{stage['stage']}_retry"
+    funnel = Funnel.from_dict(record["funnel"]).merge(Funnel.from_dict(f))
+    recovered, matches = _hash_and_decontaminate(recovered, funnel, storage, dedup, index_root, index_version)
+    table = work.read_parquet(f"clean/{shard_id}.parquet")
+    if recovered.num_rows:
+        recovered = recovered.select(table.column_names).cast(table.schema)
+        table = pa.concat_tables([table, recovered])
+    if work.exists(f"eval_matches/{shard_id}.parquet") and matches is not None:
+        matches = pa.concat_tables([work.read_parquet(f"eval_matches/{shard_id}.parquet"), matches])
+    return _write_clean(work, shard_id, table, failures, matches, funnel)
 
 
 def dedup_columns(shard_id: str, work_root: str, storage: StorageConfig, hash_kind: str = "phash") -> pa.Table:
