@@ -158,48 +158,58 @@ def within_stage(config: Config, records: list[dict], work_root: str) -> dict:
 
     from infra.storage import ObjectStore
     from tasks.dedup import within_dataset_duplicates_ray
+    from tasks.shards import select_holdout
     from tasks.stages import dedup_columns
 
-    kept = {r["shard_id"]: r["rows"] for r in records}
+    refs = [ray.put(dedup_columns(r["shard_id"], work_root, config.storage, config.dedup.hash_kind)) for r in records]
+    part_of = {sid: r["shard_id"] for r, ref in zip(records, refs) for sid in ray.get(ref).column("sample_id").to_pylist()}
     drops: list[str] = []
     reasons: list[str] = []
     if config.dedup.within_dataset and records:
-        refs = [ray.put(dedup_columns(r["shard_id"], work_root, config.storage, config.dedup.hash_kind))
-                for r in records]
         dups = within_dataset_duplicates_ray(refs, config.dedup.within_radius, kind=config.dedup.hash_kind,
                                              min_ncc=config.dedup.verify_min_ncc)
         drops, reasons = dups.column("sample_id").to_pylist(), dups.column("reason").to_pylist()
-        part_of = {}
-        for r, ref in zip(records, refs):
-            for sid in ray.get(ref).column("sample_id").to_pylist():
-                part_of[sid] = r["shard_id"]
-        for sid in drops:
-            kept[part_of[sid]] -= 1
-    ObjectStore(work_root, config.storage).write_json("within_drops.json", sorted(drops))
-    return {"drops": len(drops), "kept_rows": kept, "reasons": reasons}
+    dropped = set(drops)
+    # Held-out pairs for retrieval evaluation, chosen among the deduplicated rows.
+    held = select_holdout((sid for sid in part_of if sid not in dropped), config.shards.holdout_rows)
+    kept = {r["shard_id"]: r["rows"] for r in records}
+    held_rows = {r["shard_id"]: 0 for r in records}
+    for sid in dropped | held:
+        kept[part_of[sid]] -= 1
+    for sid in held:
+        held_rows[part_of[sid]] += 1
+    work = ObjectStore(work_root, config.storage)
+    work.write_json("within_drops.json", sorted(drops))
+    work.write_json("holdout_ids.json", sorted(held))
+    return {"drops": len(drops), "kept_rows": kept, "holdout_rows": held_rows, "reasons": reasons}
 
 
 @task(name="write-shards")
 def shard_stage(config: Config, records: list[dict], within: dict, work_root: str, dataset_root: str) -> dict:
     from infra.storage import ObjectStore
-    from tasks.shards import plan_output_shards, remove_stale_shards, split_holdout
+    from tasks.shards import ShardSlice, plan_output_shards, remove_stale_shards
     from tasks.stages import write_output_shard
 
-    drops = frozenset(ObjectStore(work_root, config.storage).read_json("within_drops.json"))
-    # Rows per clean part after the within-dataset drops: the plan is a pure function of the data.
+    work = ObjectStore(work_root, config.storage)
+    drops = frozenset(work.read_json("within_drops.json"))
+    held = frozenset(work.read_json("holdout_ids.json"))
+    # Rows per clean part after the within-dataset drops and the hold-out: the plan is a pure
+    # function of the data.
     parts = [(r["shard_id"], within["kept_rows"][r["shard_id"]],
               int(r["bytes"] * within["kept_rows"][r["shard_id"]] / max(r["rows"], 1))) for r in records]
-    parts, holdout = split_holdout(parts, config.shards.holdout_rows)
     plan = plan_output_shards(parts, config.shards.rows_per_shard, config.shards.max_bytes_per_shard)
-    common = (work_root, dataset_root, config.storage, drops, config.shards.row_group_rows, config.shards.compression)
+    holdout = [ShardSlice(r["shard_id"], 0, within["holdout_rows"][r["shard_id"]]) for r in records
+               if within["holdout_rows"][r["shard_id"]]]
+    common = (work_root, dataset_root, config.storage, drops | held, config.shards.row_group_rows,
+              config.shards.compression)
 
     def plan_id(slices: list) -> str:  # what goes into a shard: a marker from another plan is stale
-        return _fingerprint(work_root, [(s.part, s.start, s.stop) for s in slices], len(drops),
+        return _fingerprint(work_root, [(s.part, s.start, s.stop) for s in slices], len(drops), sorted(held),
                             config.shards.row_group_rows, config.shards.compression)
 
     items = [(f"part-{i:05d}", (i, slices, *common, "shards", plan_id(slices))) for i, slices in enumerate(plan)]
     if holdout:
-        items.append(("holdout", (0, holdout, *common, "holdout", plan_id(holdout))))
+        items.append(("holdout", (0, holdout, *common, "holdout", plan_id(holdout), held)))
     results = map_shards(write_output_shard, items, desc="write shards", on_done=ShardProgress("write shards"))
     written = _raise_on_failures("write-shards", results)
     store = ObjectStore(dataset_root, config.storage)

@@ -86,22 +86,13 @@ def plan_output_shards(parts: Iterable[tuple[str, int, int]], rows_per_shard: in
     return plan
 
 
-def split_holdout(parts: list[tuple[str, int, int]], holdout_rows: int
-                  ) -> tuple[list[tuple[str, int, int]], list[ShardSlice]]:
-    """Set the last ``holdout_rows`` rows aside (held-out pairs for retrieval evaluation; training
-    never reads them). Returns the parts left for training and the held-out slices."""
-    total = sum(rows for _, rows, _ in parts)
-    keep = max(total - max(holdout_rows, 0), 0)
-    head: list[tuple[str, int, int]] = []
-    tail: list[ShardSlice] = []
-    seen = 0
-    for name, rows, nbytes in parts:
-        take = min(rows, max(keep - seen, 0))
-        head.append((name, take, int(nbytes * take / rows) if rows else 0))
-        if take < rows:
-            tail.append(ShardSlice(name, take, rows))
-        seen += rows
-    return head, tail
+def select_holdout(sample_ids: Iterable[str], n: int) -> set[str]:
+    """The ``n`` held-out pairs (retrieval evaluation; training never reads them): the ids with the
+    smallest SHA-1, a uniform sample that does not depend on row or shard order."""
+    if n <= 0:
+        return set()
+    ranked = sorted(sample_ids, key=lambda sid: hashlib.sha1(sid.encode()).digest())
+    return set(ranked[:n])
 
 
 def encode_shard(table: pa.Table, row_group_rows: int, compression: str) -> bytes:

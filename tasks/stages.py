@@ -228,8 +228,11 @@ def dedup_columns(shard_id: str, work_root: str, storage: StorageConfig, hash_ki
 
 def write_output_shard(index: int, slices: list[Any], work_root: str, dataset_root: str, storage: StorageConfig,
                        drop_ids: frozenset[str], row_group_rows: int, compression: str, prefix: str = "shards",
-                       plan_id: str = "") -> dict:
-    """Assemble output shard ``index`` from slices of clean parts and write it (skips if complete)."""
+                       plan_id: str = "", keep_ids: frozenset[str] | None = None) -> dict:
+    """Assemble output shard ``index`` from slices of clean parts and write it (skips if complete).
+
+    Slices index the rows of a part left after dropping ``drop_ids`` (or, with ``keep_ids``, the
+    rows kept by it: the held-out shard)."""
     import pyarrow.compute as pc
 
     from tasks.shards import is_complete, stats_key, write_shard
@@ -241,7 +244,9 @@ def write_output_shard(index: int, slices: list[Any], work_root: str, dataset_ro
     pieces = []
     for s in slices:
         table = work.read_parquet(f"clean/{s.part}.parquet")
-        if drop_ids:
+        if keep_ids is not None:
+            table = table.filter(pc.is_in(table.column("sample_id"), pa.array(sorted(keep_ids), pa.string())))
+        elif drop_ids:
             table = table.filter(pc.invert(pc.is_in(table.column("sample_id"), pa.array(sorted(drop_ids)))))
         pieces.append(table.slice(s.start, s.stop - s.start))
     table = pa.concat_tables(pieces, promote_options="default") if pieces else None

@@ -103,17 +103,17 @@ def test_manifest_round_trip_and_version_check(tmp_path):
         read_manifest(store)
 
 
-def test_split_holdout_sets_the_last_rows_aside():
-    from tasks.shards import ShardSlice, split_holdout
+def test_select_holdout_is_a_uniform_order_independent_sample():
+    from tasks.shards import select_holdout
 
-    parts = [("a", 10, 1000), ("b", 6, 600), ("c", 4, 400)]
-    head, tail = split_holdout(parts, 7)
-    assert head == [("a", 10, 1000), ("b", 3, 300), ("c", 0, 0)]
-    assert tail == [ShardSlice("b", 3, 6), ShardSlice("c", 0, 4)]
-    assert sum(r for _, r, _ in head) + sum(s.stop - s.start for s in tail) == 20
-    assert split_holdout(parts, 0) == (parts, [])
-    head, tail = split_holdout(parts, 50)  # more than there is: everything is held out
-    assert sum(r for _, r, _ in head) == 0 and sum(s.stop - s.start for s in tail) == 20
+    ids = [f"src:{i:05d}" for i in range(2000)]
+    held = select_holdout(ids, 100)
+    assert len(held) == 100 and held <= set(ids)
+    assert select_holdout(reversed(ids), 100) == held  # row and shard order do not matter
+    assert select_holdout(ids[:1000], 1000) == set(ids[:1000]) and select_holdout(ids, 0) == set()
+    # Uniform over the ids, not the head or the tail of the order.
+    positions = sorted(int(s[4:]) for s in held)
+    assert positions[0] < 200 and positions[-1] > 1800 and 600 < sum(positions) / len(positions) < 1400
 
 
 def test_holdout_shards_are_listed_apart_in_the_manifest(tmp_path):
