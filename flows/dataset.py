@@ -253,10 +253,10 @@ def report_stage(config: Config, dataset_root: str, filter_root: str, work_root:
 
     from infra.storage import ObjectStore
     from tasks.balance import write_query_count_report
-    from tasks.stages import _query_counts
+    from tasks.stages import load_query_counts
 
     store = ObjectStore(dataset_root, config.storage)
-    before = _query_counts(filter_root, config.storage)
+    before = load_query_counts(filter_root, config.storage)
     after = np.zeros_like(before)
     for r in clean:
         np.add.at(after, np.asarray(r["query_ids"], dtype=np.int64), np.asarray(r["query_counts"], dtype=np.int64))
@@ -279,11 +279,11 @@ def report_stage(config: Config, dataset_root: str, filter_root: str, work_root:
 def _overlap_report(config: Config, work_root: str, clean: list[dict], index: dict) -> dict:
     from infra.storage import ObjectStore
     from tasks.dedup import overlap_report
-    from tasks.stages import _eval_index
+    from tasks.stages import load_eval_index
 
     work = ObjectStore(work_root, config.storage)
     tables = [work.read_parquet(f"eval_matches/{r['shard_id']}.parquet") for r in clean if r.get("eval_matches")]
-    return overlap_report(tables, _eval_index(index["root"], index["version"], config.storage))
+    return overlap_report(tables, load_eval_index(index["root"], index["version"], config.storage))
 
 
 @flow(name="build_dataset", log_prints=True)

@@ -292,12 +292,12 @@ def load_heldout_pairs(dataset_uri: str, rows: int, storage: StorageConfig | Non
     - neither: the last ``rows`` rows of ``shards``; these were seen in training, and the returned
       info says so (``excluded_from_training: false``), so the numbers are read as such.
     """
-    from tasks.shards import MANIFEST_NAME
+    from tasks.shards import MANIFEST_NAME, read_manifest
 
     store = ObjectStore(dataset_uri, storage)
     if not store.exists(MANIFEST_NAME):
         raise FileNotFoundError(f"no dataset manifest at {store.uri(MANIFEST_NAME)}")
-    manifest = store.read_json(MANIFEST_NAME)
+    manifest = read_manifest(store)
     holdout = manifest.get("holdout") or {}
     if holdout.get("shards"):
         paths = [e["path"] if isinstance(e, dict) else str(e) for e in holdout["shards"]]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -172,16 +172,10 @@ def build_manifest(*, config: dict, shards: list[dict], funnel: dict, queries: d
     }
 
 
-def read_manifest(store: Any) -> dict:
-    manifest = store.read_json(MANIFEST_NAME)
-    version = manifest.get("schema_version")
+def read_manifest(store: Any, name: str = MANIFEST_NAME) -> dict:
+    """A dataset's manifest; refuses one written with another schema version."""
+    manifest = store.read_json(name)
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if version != SCHEMA_VERSION:
-        raise ValueError(f"{store.uri(MANIFEST_NAME)}: schema version {version}, this witflow reads {SCHEMA_VERSION}")
+        raise ValueError(f"{store.uri(name)}: schema version {version}, this witflow reads {SCHEMA_VERSION}")
     return manifest
-
-
-def iter_shard_tables(store: Any, manifest: dict, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """Every shard of a manifest as a table, in manifest order."""
-    for entry in manifest["shards"]:
-        table = store.read_parquet(entry["path"])
-        yield table.select(columns) if columns else table

@@ -52,7 +52,7 @@ def _query_matcher(queries_uri: str, checksum: str, storage: StorageConfig) -> A
 
 
 @functools.lru_cache(maxsize=2)
-def _query_counts(work_root: str, storage: StorageConfig) -> np.ndarray:
+def load_query_counts(work_root: str, storage: StorageConfig) -> np.ndarray:
     table = _store(work_root, storage).read_parquet("query_counts.parquet")
     counts = np.zeros(int(table.schema.metadata[b"num_queries"]), dtype=np.int64)
     counts[table.column("query_id").to_numpy()] = table.column("count_before").to_numpy()
@@ -60,7 +60,7 @@ def _query_counts(work_root: str, storage: StorageConfig) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=2)
-def _cap_thresholds(work_root: str, storage: StorageConfig) -> np.ndarray:
+def load_cap_thresholds(work_root: str, storage: StorageConfig) -> np.ndarray:
     import io
 
     return np.load(io.BytesIO(_store(work_root, storage).read_bytes("cap_thresholds.npy")))
@@ -74,7 +74,7 @@ def write_cap_thresholds(work_root: str, storage: StorageConfig, shard_ids: list
     from tasks.balance import CapHashes
 
     work = _store(work_root, storage)
-    counts = _query_counts(work_root, storage)
+    counts = load_query_counts(work_root, storage)
     caps = CapHashes(balance.max_per_query)
     for sid in shard_ids:
         table = work.read_parquet(f"filtered/{sid}.parquet").select(["sample_id", "query_ids"])
@@ -85,7 +85,7 @@ def write_cap_thresholds(work_root: str, storage: StorageConfig, shard_ids: list
 
 
 @functools.lru_cache(maxsize=2)
-def _eval_index(index_root: str, version: str, storage: StorageConfig) -> Any:
+def load_eval_index(index_root: str, version: str, storage: StorageConfig) -> Any:
     from tasks.dedup import EvalIndex
 
     return EvalIndex.load(_store(index_root, storage), version)
@@ -154,8 +154,8 @@ def clean_shard(shard_id: str, filter_root: str, work_root: str, storage: Storag
         return record
     funnel = Funnel()
     table = _store(filter_root, storage).read_parquet(f"filtered/{shard_id}.parquet")
-    thresholds = _cap_thresholds(filter_root, storage) if balance.mode == "exact" else None
-    table, f = balance_table(table, _query_counts(filter_root, storage), balance, thresholds=thresholds)
+    thresholds = load_cap_thresholds(filter_root, storage) if balance.mode == "exact" else None
+    table, f = balance_table(table, load_query_counts(filter_root, storage), balance, thresholds=thresholds)
     funnel.merge(f)
     # Fetch rows that have a URL and no inline image, then decode/validate/re-encode every image.
     table, failures, f = gather_images_shard(table, gather, images)
@@ -171,7 +171,7 @@ def _hash_and_decontaminate(table: pa.Table, funnel: Funnel, storage: StorageCon
     table = hash_table(table, dedup.hash_kind, low_info_max_std=dedup.low_info_max_std)
     if not (dedup.against_eval and index_root and index_version):
         return table, None
-    table, f, matches = filter_eval_overlap(table, _eval_index(index_root, index_version, storage), dedup.eval_radius)
+    table, f, matches = filter_eval_overlap(table, load_eval_index(index_root, index_version, storage), dedup.eval_radius)
     funnel.merge(f)
     return table, matches
 

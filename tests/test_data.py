@@ -10,6 +10,8 @@ import random
 import numpy as np
 import pyarrow as pa
 import pytest
+
+from infra.schema import SCHEMA_VERSION
 import torch
 from PIL import Image
 
@@ -78,8 +80,11 @@ def test_manifest_paths_are_relative_to_its_directory(tmp_path, pairs):
     assert [s.key for s in source.shards] == [f"shards/part-{i:05d}.parquet" for i in range(3)]
     assert source.num_rows == ROWS and source.root == str(manifest.parent)
     assert load_manifest(str(manifest.parent)).shards == source.shards  # a directory finds manifest.json
-    manifest.write_text(json.dumps({"shards": []}))
+    manifest.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "shards": []}))
     with pytest.raises(ValueError, match="lists no shards"):
+        load_manifest(str(manifest))
+    manifest.write_text(json.dumps({"schema_version": SCHEMA_VERSION + 1, "shards": [{"path": "x", "rows": 1}]}))
+    with pytest.raises(ValueError, match="schema version"):
         load_manifest(str(manifest))
 
 

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from infra.config import StorageConfig
 from infra.log import get_logger, log_event
 from infra.storage import ObjectStore
+from tasks.shards import read_manifest
 from trainer.tokenizer import CONTEXT_LENGTH, tokenize
 
 log = get_logger("witflow.trainer.data")
@@ -149,8 +150,8 @@ def load_manifest(manifest_uri: str, storage: StorageConfig | None = None) -> Da
         manifest_uri += "/manifest.json"
     root, name = posixpath.split(manifest_uri)
     store = ObjectStore(root or ".", storage)
-    manifest = store.read_json(name)
-    entries = manifest.get("shards") if isinstance(manifest, dict) else None
+    manifest = read_manifest(store, name)
+    entries = manifest.get("shards")
     if not entries:
         raise ValueError(f"{store.uri(name)}: the manifest lists no shards")
     shards = tuple(ShardRef(key=str(e["path"]), rows=int(e["rows"])) for e in entries if int(e["rows"]) > 0)
