@@ -10,10 +10,10 @@ import random
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from infra.schema import SCHEMA_VERSION
 import torch
 from PIL import Image
+
+from infra.schema import SCHEMA_VERSION
 
 from trainer.data import (CLIP_MEAN, CLIP_STD, ShardStream, StreamState, advance_position, decode_image, image_transform,
                           initial_position, load_manifest, make_loader, skipped_total)
