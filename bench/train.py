@@ -44,43 +44,52 @@ def make_batches(model_name: str, micro_batch: int, count: int, work: Path) -> l
     return list(itertools.islice(iter(stream), count))
 
 
-def plain_loop(cfg: TrainConfig, batches: list[dict], steps: int, warmup: int) -> float:
+def _model_and_optimizer(cfg: TrainConfig, total_steps: int):
     torch.manual_seed(cfg.seed)
     model = CLIP(load_model_config(cfg.model))
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, steps + warmup))
-    loss_fn = ClipLoss()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, total_steps))
+    return model, optimizer, scheduler
+
+
+def _samples_per_s(step, cfg: TrainConfig, batches: list[dict], steps: int, warmup: int) -> float:
+    """Run ``step(batch)`` for warmup + steps batches; samples/s over the timed steps."""
     started = 0.0
     for i, batch in enumerate(itertools.islice(itertools.cycle(batches), steps + warmup)):
         if i == warmup:
             started = time.perf_counter()
+        step(batch)
+    return steps * cfg.micro_batch / (time.perf_counter() - started)
+
+
+def plain_loop(cfg: TrainConfig, batches: list[dict], steps: int, warmup: int) -> float:
+    model, optimizer, scheduler = _model_and_optimizer(cfg, steps + warmup)
+    loss_fn = ClipLoss()
+
+    def step(batch: dict) -> None:
         loss = loss_fn(*model(batch["images"], batch["tokens"]))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return steps * cfg.micro_batch / (time.perf_counter() - started)
+
+    return _samples_per_s(step, cfg, batches, steps, warmup)
 
 
 def deepspeed_loop(cfg: TrainConfig, batches: list[dict], steps: int, warmup: int) -> float:
     import deepspeed
 
-    torch.manual_seed(cfg.seed)
-    model = CLIP(load_model_config(cfg.model))
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, steps + warmup))
+    model, optimizer, scheduler = _model_and_optimizer(cfg, steps + warmup)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, 1, on_cuda=False), dist_init_required=False)
     loss_fn = ClipLoss()
-    started = 0.0
-    for i, batch in enumerate(itertools.islice(itertools.cycle(batches), steps + warmup)):
-        if i == warmup:
-            started = time.perf_counter()
-        loss = loss_fn(*engine(batch["images"], batch["tokens"]))
-        engine.backward(loss)
+
+    def step(batch: dict) -> None:
+        engine.backward(loss_fn(*engine(batch["images"], batch["tokens"])))
         engine.step()
-    return steps * cfg.micro_batch / (time.perf_counter() - started)
+
+    return _samples_per_s(step, cfg, batches, steps, warmup)
 
 
 def main() -> None:

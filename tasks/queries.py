@@ -710,14 +710,20 @@ def read_wordsegment_counts(stats: Counter | None = None) -> BigramSource:
 # Sources -> candidate queries
 # ============================================================================================
 
-def select_unigrams(counts: Mapping[str, int], min_count: int, funnel: Funnel) -> dict[str, int]:
-    """Unigram queries: normalised words (case variants summed) with count >= ``min_count``."""
-    normed = normalize_entries(counts, "unigram", funnel)
-    out = {q: n for q, n in normed.items() if n >= min_count}
-    st = funnel.stage("unigram")
-    st.dropped["below_min_count"] += len(normed) - len(out)
+def _select_at_least(counts: Mapping[str, int], minimum: int, source: str, reason: str,
+                     funnel: Funnel) -> dict[str, int]:
+    """Normalised entries (variants summed) whose summed value is >= ``minimum``; the rest counted."""
+    normed = normalize_entries(counts, source, funnel)
+    out = {q: n for q, n in normed.items() if n >= minimum}
+    st = funnel.stage(source)
+    st.dropped[reason] += len(normed) - len(out)
     st.rows_out = len(out)
     return out
+
+
+def select_unigrams(counts: Mapping[str, int], min_count: int, funnel: Funnel) -> dict[str, int]:
+    """Unigram queries: normalised words (case variants summed) with count >= ``min_count``."""
+    return _select_at_least(counts, min_count, "unigram", "below_min_count", funnel)
 
 
 def pmi(bigram_count: int, count_a: int, count_b: int, total_tokens: int) -> float:
@@ -844,12 +850,7 @@ def count_pageviews_file(path: str | os.PathLike, views: Counter, stats: Counter
 
 def select_titles(views: Mapping[str, int], min_views: int, funnel: Funnel) -> dict[str, int]:
     """Title queries: normalised titles (variants summed) with summed views >= ``min_views``."""
-    normed = normalize_entries(views, "title", funnel)
-    out = {q: n for q, n in normed.items() if n >= min_views}
-    st = funnel.stage("title")
-    st.dropped["below_min_views"] += len(normed) - len(out)
-    st.rows_out = len(out)
-    return out
+    return _select_at_least(views, min_views, "title", "below_min_views", funnel)
 
 
 # ============================================================================================
