@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
-from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 
 from infra.config import RESOLVED_CONFIG_NAME, Config, dump_config, to_dict
@@ -90,9 +90,9 @@ def locate_queries(config: Config) -> dict:
         from flows.queries import build_queries
 
         build_queries(config)
-    data = store.read_bytes("queries.parquet")
-    return {"uri": store.uri("queries.parquet"), "sha256": hashlib.sha256(data).hexdigest(),
-            "rows": store.read_parquet("queries.parquet").num_rows}
+    data = store.read_bytes("queries.parquet")  # read once: checksum and row count from the same bytes
+    rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+    return {"uri": store.uri("queries.parquet"), "sha256": hashlib.sha256(data).hexdigest(), "rows": rows}
 
 
 @task(name="read-filter-match")
@@ -238,6 +238,7 @@ def manifest_stage(config: Config, dataset_root: str, written: dict, filtered: l
                               eval_index=index, holdout=written["holdout"],
                               extra={"work": work_root, "query_counts": counts})
     store.write_json("reports/funnel.json", funnel.to_dict())
+    store.write_parquet("reports/funnel.parquet", funnel.to_table())
     store.write_json(MANIFEST_NAME, manifest)
     publish_markdown("dataset-funnel", "## Dataset funnel\n\n" + funnel.to_markdown(),
                      f"{manifest['num_rows']} rows in {manifest['num_shards']} shards")
@@ -263,10 +264,8 @@ def report_stage(config: Config, dataset_root: str, filter_root: str, work_root:
     root, key = queries["uri"].rsplit("/", 1)
     names = ObjectStore(root, config.storage).read_parquet(key).select(["query_id", "query"])
     uris = write_query_count_report(store, before, after, names, config.balance.max_per_query, prefix="reports/")
-    with tempfile.TemporaryDirectory() as tmp:
-        png = Path(tmp) / "query_counts.png"
-        png.write_bytes(store.read_bytes("reports/query_counts.png"))
-        publish_image("query-counts", png, "pairs per query before and after balancing (log-log)")
+    publish_image("query-counts", store.read_bytes("reports/query_counts.png"),
+                  "pairs per query before and after balancing (log-log)")
     overlap = None
     if index:
         overlap = _overlap_report(config, work_root, clean, index)

@@ -6,7 +6,6 @@ the inputs from the config and orchestrates.
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 import torch
@@ -14,7 +13,7 @@ from prefect import flow, task
 
 from infra.config import Config
 from infra.log import get_logger, log_event
-from infra.prefect_utils import publish_markdown, publish_table
+from infra.prefect_utils import publish_image, publish_markdown, publish_table
 
 log = get_logger(__name__)
 
@@ -80,10 +79,8 @@ def publish_artifacts(config: Config, results: dict) -> None:
     publish_markdown("eval-results", markdown_table(results), f"Evaluation of {results.get('checkpoint')}")
     for name, uri in results.get("outputs", {}).get("plots", {}).items():
         parent, _, key = uri.rpartition("/")
-        png = ObjectStore(parent, config.storage).read_bytes(key)
-        # Inline, so the plot shows in the UI without a public image URL.
-        publish_markdown(f"eval-plot-{name}", f"![{name}](data:image/png;base64,{base64.b64encode(png).decode()})",
-                         f"Per-class zero-shot accuracy on {name}")
+        publish_image(f"eval-plot-{name}", ObjectStore(parent, config.storage).read_bytes(key),
+                      f"Per-class zero-shot accuracy on {name}")
 
 
 @flow(name="evaluate", log_prints=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-from pathlib import Path
 from typing import Any
 
 from infra.log import get_logger
@@ -38,12 +37,11 @@ def publish_table(key: str, rows: list[dict[str, Any]], description: str | None 
     create_table_artifact(table=rows, key=_key(key), description=description)
 
 
-def publish_image(key: str, png_path: str | Path, description: str | None = None) -> None:
+def publish_image(key: str, png: bytes, description: str | None = None) -> None:
     """A PNG plot as a markdown artifact (inline, so it shows without a public image URL)."""
     if not in_prefect_run():
         return
-    data = base64.b64encode(Path(png_path).read_bytes()).decode()
-    publish_markdown(key, f"![{key}](data:image/png;base64,{data})", description)
+    publish_markdown(key, f"![{key}](data:image/png;base64,{base64.b64encode(png).decode()})", description)
 
 
 class ShardProgress:

@@ -6,12 +6,13 @@ counts ``dropped[reason]`` and can keep the dropped rows aside for inspection, a
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import pyarrow as pa
+
+from infra.schema import STATS_SCHEMA
 
 
 @dataclass
@@ -74,8 +75,12 @@ class Funnel:
     def to_dict(self) -> dict:
         return {"stages": [s.to_dict() for s in self.stages.values()]}
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+    def to_table(self) -> pa.Table:
+        """One row per (stage, reason) — ``in``, ``out`` and each drop reason (infra.schema.STATS_SCHEMA)."""
+        rows = [(s.stage, reason, n) for s in self.stages.values()
+                for reason, n in [("in", s.rows_in), *sorted(s.dropped.items()), ("out", s.rows_out)]]
+        return pa.table({"stage": [r[0] for r in rows], "reason": [r[1] for r in rows],
+                         "count": pa.array([r[2] for r in rows], pa.int64())}, schema=STATS_SCHEMA)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Funnel":

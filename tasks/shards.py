@@ -144,16 +144,6 @@ def remove_stale_shards(store: Any, keep: int, prefix: str = "shards") -> list[s
     return removed
 
 
-def completed_shards(store: Any) -> set[int]:
-    """Indexes of the shards whose completion marker exists (for any plan)."""
-    out = set()
-    for key in store.list("shards/"):
-        name = key.rsplit("/", 1)[-1]
-        if name.startswith("part-") and name.endswith(".done"):
-            out.add(int(name[len("part-"):-len(".done")]))
-    return out
-
-
 def build_manifest(*, config: dict, shards: list[dict], funnel: dict, queries: dict | None,
                    eval_index: dict | None, holdout: list[dict] | None = None, extra: dict | None = None) -> dict:
     """The dataset's manifest. ``holdout`` shards are listed apart: training reads only ``shards``."""

@@ -222,8 +222,8 @@ def _retry_transient(record: dict, work: Any, storage: StorageConfig, gather: Ga
 
 def dedup_columns(shard_id: str, work_root: str, storage: StorageConfig, hash_kind: str = "phash") -> pa.Table:
     """The small columns the global within-dataset dedup needs from one clean shard."""
-    table = _store(work_root, storage).read_parquet(f"clean/{shard_id}.parquet")
-    return table.select(["sample_id", "sha256", "pixels_sha256", "low_info", "thumb", hash_kind])
+    columns = ["sample_id", "sha256", "pixels_sha256", "low_info", "thumb", hash_kind]
+    return _store(work_root, storage).read_parquet(f"clean/{shard_id}.parquet", columns=columns)
 
 
 def write_output_shard(index: int, slices: list[Any], work_root: str, dataset_root: str, storage: StorageConfig,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,7 @@ def test_overrides_parse_yaml_values_and_reach_nested_lists(tmp_path: Path):
 
 def test_configs_are_frozen():
     cfg = load_config(None)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.lr = 1.0  # type: ignore[misc]
 
 

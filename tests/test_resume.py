@@ -5,6 +5,7 @@ byte-identical shards."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -100,7 +101,7 @@ def _build_killed_when(config: Path, output: Path, api_url: str, pattern: str, c
 
 
 def _shards(output: Path) -> tuple[list[str], list[str]]:
-    manifest = yaml.safe_load((output / "dataset" / "manifest.json").read_text())
+    manifest = json.loads((output / "dataset" / "manifest.json").read_text())
     ids: list[str] = []
     for entry in manifest["shards"]:
         ids += pq.read_table(output / "dataset" / entry["path"], columns=["sample_id"]).column("sample_id").to_pylist()

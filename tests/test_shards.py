@@ -10,7 +10,7 @@ import pytest
 
 from infra.schema import SCHEMA_VERSION, SHARD_SCHEMA
 from infra.storage import ObjectStore
-from tasks.shards import (MANIFEST_NAME, build_manifest, completed_shards, marker_key, plan_output_shards,
+from tasks.shards import (MANIFEST_NAME, build_manifest, is_complete, marker_key, plan_output_shards,
                           read_manifest, shard_key, stats_key, write_shard)
 
 
@@ -63,7 +63,7 @@ def test_write_shard_is_complete_and_skipped_on_rerun(tmp_path):
     assert stats["rows"] == 25 and stats["bytes"] == len(data)
     assert stats["sha256"] == hashlib.sha256(data).hexdigest()
     assert store.read_json(stats_key(3)) == stats
-    assert store.exists(marker_key(3)) and completed_shards(store) == {3}
+    assert is_complete(store, 3) and not is_complete(store, 2)
     meta = pq.ParquetFile(tmp_path / "shards" / "part-00003.parquet").metadata
     assert meta.num_row_groups == 3  # row groups sized for streaming reads
     table = store.read_parquet(shard_key(3))
@@ -78,7 +78,7 @@ def test_a_shard_without_marker_is_rewritten_identically(tmp_path):
     store = ObjectStore(str(tmp_path))
     first = write_shard(store, 0, rows(8))
     store.delete(marker_key(0))  # as if the build died between the stats and the marker
-    assert completed_shards(store) == set()
+    assert not is_complete(store, 0)
     second = write_shard(store, 0, rows(8))
     assert second["sha256"] == first["sha256"]
 
@@ -127,7 +127,7 @@ def test_holdout_shards_are_listed_apart_in_the_manifest(tmp_path):
 
 
 def test_a_shard_of_another_plan_is_rewritten_and_extra_shards_removed(tmp_path):
-    from tasks.shards import is_complete, remove_stale_shards
+    from tasks.shards import remove_stale_shards
 
     store = ObjectStore(str(tmp_path))
     for i in range(3):
@@ -138,4 +138,4 @@ def test_a_shard_of_another_plan_is_rewritten_and_extra_shards_removed(tmp_path)
     assert stats["rows"] == 6 and store.read_parquet(shard_key(0)).num_rows == 6
     removed = remove_stale_shards(store, keep=2)
     assert sorted(removed) == [marker_key(2), shard_key(2), stats_key(2)]
-    assert completed_shards(store) == {0, 1}
+    assert is_complete(store, 0, "plan-b") and is_complete(store, 1, "plan-a") and not store.exists(shard_key(2))
