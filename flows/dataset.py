@@ -161,8 +161,9 @@ def within_stage(config: Config, records: list[dict], work_root: str) -> dict:
     from tasks.shards import select_holdout
     from tasks.stages import dedup_columns
 
-    refs = [ray.put(dedup_columns(r["shard_id"], work_root, config.storage, config.dedup.hash_kind)) for r in records]
-    part_of = {sid: r["shard_id"] for r, ref in zip(records, refs) for sid in ray.get(ref).column("sample_id").to_pylist()}
+    tables = [dedup_columns(r["shard_id"], work_root, config.storage, config.dedup.hash_kind) for r in records]
+    part_of = {sid: r["shard_id"] for r, t in zip(records, tables) for sid in t.column("sample_id").to_pylist()}
+    refs = [ray.put(t) for t in tables]
     drops: list[str] = []
     reasons: list[str] = []
     if config.dedup.within_dataset and records:
