@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.venv/torch_extensions
-export RAY_DISABLE_USAGE_STATS := 1
+export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_HOME := $(CURDIR)/.venv/prefect_home
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 

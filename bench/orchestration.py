@@ -18,8 +18,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("WITFLOW_PROGRESS", "0")
+
+
+def shard_job(seed: int, rows: int) -> str:  # the fan-out's job protocol: fn(item, context)
+    return shard_work(seed, rows)
 
 
 def shard_work(seed: int, rows: int) -> str:
@@ -44,7 +48,7 @@ def main() -> None:
     from prefect import flow, task
     from prefect_ray import RayTaskRunner
 
-    from infra.ray_utils import init_ray, map_shards
+    from infra.fanout import init_ray, map_shards
 
     init_ray(num_cpus=2)
     import ray
@@ -53,7 +57,7 @@ def main() -> None:
 
     @task(name="fan-out-on-ray")
     def stage(n: int, rows: int) -> list[str]:
-        res = map_shards(shard_work, [(str(i), (i, rows)) for i in range(n)], desc="shards")
+        res = map_shards(shard_job, list(range(n)), context=rows, desc="shards")
         return [r.value for r in res]
 
     @flow(name="bench-ray-inside-task")

@@ -100,7 +100,7 @@ def time_counting(dump: Path, num_cpus: int, block_bytes: int) -> tuple[float, d
     import ray
 
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"RAY_DISABLE_USAGE_STATS": "1"}})
+             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
     work = Path(tempfile.mkdtemp(prefix="witflow-bench-counts-", dir=BENCH_DIR))
     try:
         # warm the workers (process start, imports) outside the timing

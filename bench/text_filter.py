@@ -48,7 +48,7 @@ def load_queries(path: str | None) -> tuple[pa.Table, str]:
     p = Path(path) if path else DEMO_QUERIES
     if p.exists():
         return pq.read_table(p), str(p.relative_to(REPO) if p.is_relative_to(REPO) else p)
-    from tasks.funnel import Funnel
+    from infra.funnel import Funnel
     from tasks.queries import build_query_table, read_pywordfreq_counts, select_unigrams
 
     table, _ = build_query_table({"unigram": select_unigrams(read_pywordfreq_counts(), 100, Funnel())})

@@ -24,14 +24,22 @@ from prefect import flow, get_run_logger, task
 from infra.config import RESOLVED_CONFIG_NAME, Config, dump_config, to_dict
 from infra.log import get_logger
 from infra.prefect_utils import ShardProgress, publish_image, publish_markdown, publish_table
-from infra.ray_utils import ShardResult, init_ray, map_shards
-from tasks.funnel import Funnel
+from infra.fanout import ShardResult, init_ray, map_shards as _map_shards
+from infra.funnel import Funnel
 
 log = get_logger(__name__)
 
 
 class ShardFailures(RuntimeError):
     """Some input shards failed; everything else is kept and a rerun retries only those."""
+
+
+def _apply(item: tuple[str, tuple], fn: Any) -> Any:  # interim adapter to the fan-out's job protocol
+    return fn(*item[1])
+
+
+def map_shards(fn: Any, items: list, **kwargs: Any) -> list[ShardResult]:
+    return _map_shards(_apply, items, context=fn, key=lambda it: it[0], **kwargs)
 
 
 def _fingerprint(*parts: Any) -> str:

@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from infra.config import RESOLVED_CONFIG_NAME, Config, QueriesConfig, RayConfig, dump_config, to_dict
 from infra.log import get_logger, log_event
 from tasks import queries as q
-from tasks.funnel import Funnel
+from infra.funnel import Funnel
 
 log = get_logger(__name__)
 QUERIES_KEY = "queries.parquet"
@@ -55,7 +55,7 @@ def _unigram_reference(spec: str, stats: Counter) -> tuple[dict[str, int], list[
 
 @task(name="queries-count-dumps", cache_policy=NO_CACHE)
 def count_dumps_task(cfg: QueriesConfig, ray_cfg: RayConfig, work_dir: str) -> q.DumpCounts:
-    from infra.ray_utils import init_ray
+    from infra.fanout import init_ray
 
     init_ray(address=ray_cfg.address, num_cpus=ray_cfg.num_cpus, include_dashboard=ray_cfg.include_dashboard,
              object_store_memory_mb=ray_cfg.object_store_memory_mb)

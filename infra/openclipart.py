@@ -30,7 +30,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -39,6 +39,7 @@ from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import iterparse as safe_iterparse
 from PIL import Image
 
+from infra.imaging import to_rgb
 from infra.log import get_logger, log_event, progress
 from infra.schema import OPENCLIPART_SCHEMA
 
@@ -188,9 +189,7 @@ def render_png(png_path: Path, max_side: int = MAX_SIDE) -> tuple[bytes, int, in
     # Pillow resizes RGBA premultiplied, so shrinking first cannot bleed the colours hidden under
     # transparent pixels into edges, and compositing the small image is cheap.
     rgba.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    canvas.alpha_composite(rgba)
-    rgb = canvas.convert("RGB")
+    rgb = to_rgb(rgba)
     buf = io.BytesIO()
     rgb.save(buf, format="PNG", optimize=True)
     return buf.getvalue(), rgb.width, rgb.height

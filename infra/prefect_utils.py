@@ -10,6 +10,29 @@ from infra.log import get_logger
 log = get_logger(__name__)
 
 
+_PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def is_transient_error(exc: BaseException) -> bool:
+    """The one rule for "a retry may help": timeouts, connection errors and other I/O errors, but
+    not a missing file, a permission or a storage failure that is not of a passing kind."""
+    transient = getattr(exc, "transient", None)  # infra.storage.StorageError says which it was
+    if isinstance(transient, bool):
+        return transient
+    if isinstance(exc, _PERMANENT_OS_ERRORS):
+        return False
+    return isinstance(exc, (TimeoutError, ConnectionError, OSError))
+
+
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry a task only when it failed with a transient error."""
+    try:
+        state.result()
+    except Exception as e:  # noqa: BLE001 - classified, not handled
+        return is_transient_error(e)
+    return False
+
+
 def in_prefect_run() -> bool:
     from prefect.context import FlowRunContext, TaskRunContext
 

@@ -40,7 +40,15 @@ _TMP_MARK = ".tmp-"  # local temp files are ".<name>.tmp-<random>", hidden from 
 
 
 class StorageError(OSError):
-    """An object-store operation failed (after retries where the failure was transient)."""
+    """An object-store operation failed (after retries where the failure was transient).
+
+    ``transient``: the failure was of a kind that may pass (throttling, 5xx, dropped connections)
+    and the store's own retries ran out; a task-level retry may still succeed.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 def _is_temp_name(name: str) -> bool:
@@ -206,7 +214,7 @@ class ObjectStore:
             except _transient_errors() as e:
                 reason = f"{type(e).__name__}: {e}"
             if attempt == attempts:
-                raise StorageError(f"{op} {uri} failed after {attempts} attempt(s): {reason}") from None
+                raise StorageError(f"{op} {uri} failed after {attempts} attempt(s): {reason}", transient=True) from None
             delay = self.config.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
             log_event(log, "storage retry", logging.WARNING, op=op, uri=uri, attempt=attempt,
                       of=attempts, reason=reason, sleep_s=round(delay, 3))

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from infra.config import BalanceConfig
-from tasks.funnel import Funnel
+from infra.funnel import Funnel
 
 STAGE = "balance"
 BALANCED_OUT = "balanced_out"

@@ -42,7 +42,8 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from infra.log import get_logger, log_event, progress
-from tasks.funnel import Funnel
+from infra.funnel import Funnel
+from infra.imaging import to_gray
 
 log = get_logger(__name__)
 
@@ -86,20 +87,12 @@ DUPLICATES_SCHEMA = pa.schema([
 
 
 def canonical_gray(img: Image.Image) -> Image.Image:
-    """Grey-level view used by every hash: transparency composited onto white first.
+    """Grey-level view used by every hash: ``infra.imaging``'s RGB rule (alpha onto white) first.
 
-    Without this, clip art's transparent pixels hash as whatever colour hides under them
-    (often black), while a flattened copy of the same picture is white there.
+    Without it, clip art's transparent pixels hash as whatever colour hides under them (often
+    black), while a flattened copy of the same picture is white there.
     """
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("L")
-    if img.mode in ("I", "I;16", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max() if arr.size else 1.0
-        return Image.fromarray(np.clip(arr * (255.0 / max(hi, 1.0)), 0, 255).astype(np.uint8))
-    return img.convert("L")
+    return to_gray(img)
 
 
 def hash_code(img: Image.Image, kind: str = "phash") -> int:

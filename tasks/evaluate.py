@@ -26,7 +26,7 @@ import torch
 from infra.config import EvalConfig, EvalSetConfig, StorageConfig
 from infra.log import get_logger, log_event, progress
 from infra.storage import ObjectStore
-from tasks.funnel import Funnel
+from infra.funnel import Funnel
 from trainer.eval import (
     ClassifierCache,
     build_zeroshot_classifier,

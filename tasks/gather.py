@@ -44,7 +44,7 @@ from yarl import URL
 
 from infra.config import GatherConfig, ImageConfig
 from infra.log import get_logger, log_event, progress
-from tasks.funnel import Funnel
+from infra.funnel import Funnel
 from tasks.images import assemble_image_results, try_process_image
 
 STAGE = "gather"

@@ -18,14 +18,14 @@ import hashlib
 import io
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from infra.config import ImageConfig
 from infra.log import get_logger, log_event, progress
-from tasks.funnel import Funnel
+from infra.funnel import Funnel
+from infra.imaging import to_rgb
 
 STAGE = "images"
 _ORIENTATION_TAG = 0x0112
@@ -75,25 +75,10 @@ def _target_size(width: int, height: int, longest: int | None) -> tuple[int, int
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
-    """RGB, with alpha composited on white and 16-bit greys scaled (not clipped) to 8 bits."""
-    if im.mode == "RGB":
-        return im
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
-        arr = np.asarray(im)
-        if arr.size and arr.max() > 255:
-            arr = arr >> 8
-        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
     try:
-        return im.convert("RGB")
-    except (ValueError, OSError) as e:
-        raise ImageRejected("unsupported_mode", f"cannot convert mode {im.mode} to RGB: {e}") from None
+        return to_rgb(im)
+    except ValueError as e:
+        raise ImageRejected("unsupported_mode", str(e)) from None
 
 
 def _decoders(allowed: tuple[str, ...]) -> list[str]:

@@ -60,7 +60,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import pyarrow as pa
 
 from infra.schema import QUERY_SCHEMA, SCHEMA_VERSION
-from tasks.funnel import Funnel
+from infra.funnel import Funnel
 
 SOURCES = ("wordnet", "unigram", "bigram", "title")
 DEFAULT_PRIORITY: tuple[str, ...] = ("wordnet", "unigram", "bigram", "title")

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.funnel import Funnel
+from infra.funnel import Funnel
 
 STAGE = "query_match"
 NO_QUERY_MATCH = "no_query_match"

@@ -31,14 +31,13 @@ from __future__ import annotations
 import base64
 import binascii
 import glob
-import io
 import json
 import os
 import tarfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
@@ -49,7 +48,7 @@ import pyarrow.parquet as pq
 from infra.config import SourceConfig
 from infra.log import get_logger, log_event
 from infra.schema import CANDIDATE_SCHEMA
-from tasks.funnel import Funnel
+from infra.funnel import Funnel
 
 log = get_logger("witflow.readers")
 

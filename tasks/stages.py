@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from infra.config import BalanceConfig, DedupConfig, GatherConfig, ImageConfig, StorageConfig, TextFilterConfig
-from tasks.funnel import Funnel
+from infra.funnel import Funnel
 
 
 def _store(root: str, storage: StorageConfig) -> Any:

@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import pyarrow as pa
 
 from infra.config import TextFilterConfig
-from tasks.funnel import Funnel
+from infra.funnel import Funnel
 
 STAGE = "text_filter"
 

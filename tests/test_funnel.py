@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from infra.schema import STATS_SCHEMA
-from tasks.funnel import Funnel
+from infra.funnel import Funnel
 
 
 def test_apply_keeps_unreasoned_rows_and_counts_reasons():

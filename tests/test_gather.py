@@ -177,7 +177,7 @@ def hostile_file(server, url: str) -> bytes:
 
 def test_inline_images_are_skipped_not_fetched(hostile):
     url = hostile.url("img/7.png")
-    before = hostile.hits[f"/img/7.png"]
+    before = hostile.hits["/img/7.png"]
     table = _candidates([url, None], images=[PNG, PNG])
     out, funnel = gather_table(table, _cfg())
     assert out.column("status").to_pylist() == [SKIPPED, SKIPPED]

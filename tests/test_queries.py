@@ -13,14 +13,13 @@ from collections import Counter
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from infra.config import Config, ConfigError, QueriesConfig, RayConfig, load_config
 from infra.schema import QUERY_SCHEMA
 from tasks import queries as q
-from tasks.funnel import Funnel
+from infra.funnel import Funnel
 
 # --------------------------------------------------------------------------------------------
 # A small enwiki dump

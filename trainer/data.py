@@ -13,7 +13,6 @@ counted per reason; they cost one sample, never a batch.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import posixpath
@@ -30,6 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from infra.config import StorageConfig
+from infra.imaging import decode_rgb
 from infra.log import get_logger, log_event
 from infra.storage import ObjectStore
 from tasks.shards import read_manifest
@@ -48,14 +48,8 @@ _READ_COLUMNS = ["image", "caption"]
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode to RGB; transparent pixels become white (clip art is mostly drawn on transparency)."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
-    return image.convert("RGB")
+    """Decode to RGB with ``infra.imaging``'s rule: transparent pixels become white."""
+    return decode_rgb(data)
 
 
 class ImageTransform:

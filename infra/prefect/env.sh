@@ -11,7 +11,7 @@ export PREFECT_SERVER_API_PORT="$WITFLOW_PREFECT_PORT"
 # Always the local server: a PREFECT_API_URL from the shell (e.g. Prefect Cloud) would send runs elsewhere.
 export PREFECT_API_URL="http://127.0.0.1:$WITFLOW_PREFECT_PORT/api"
 export PREFECT_CLI_PROMPT=false
-export RAY_DISABLE_USAGE_STATS=1
+export RAY_USAGE_STATS_ENABLED=0
 PREFECT="$WITFLOW_HOME/.venv/bin/prefect"
 PYTHON="$WITFLOW_HOME/.venv/bin/python"
 if [[ ! -x "$PREFECT" ]]; then

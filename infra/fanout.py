@@ -1,0 +1,242 @@
+"""The one fan-out: start or join Ray, run a job per shard, and shuffle between stages.
+
+Every parallel step of witflow goes through :func:`map_shards` (img2dataset has one distributor with
+one signature; so do we). A job is ``fn(item, context) -> value``: ``item`` is one typed shard
+record (an input shard, a part name, an output-shard plan), ``context`` the frozen settings every
+job of the stage shares (sent to the cluster once, not once per job). Results come back in input
+order as :class:`ShardResult`: a shard that fails (an exception, or a worker that keeps dying)
+costs that shard only; the others finish and a rerun retries it.
+
+:func:`shuffle` is a map → partition → reduce built on two ``map_shards`` calls whose pieces go
+through object storage, so no process holds more than one map input or one partition, and a rerun
+skips every map and reduce whose output is already complete.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Sequence, TypeVar
+
+from infra.log import get_logger, log_event, progress
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+C = TypeVar("C")
+R = TypeVar("R")
+
+# Environment every Ray worker gets. Ray 2.60 reads RAY_USAGE_STATS_ENABLED (not
+# RAY_DISABLE_USAGE_STATS): with it, no usage-stats report ever leaves the machine.
+WORKER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "WITFLOW_PROGRESS": "0"}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, include_dashboard: bool = False,
+             object_store_memory_mb: int | None = None) -> None:
+    """Join ``address`` (or ``$RAY_ADDRESS``) if given, else start a local Ray. Idempotent."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    # Workers import the project's packages from the working tree (they are installed editable too).
+    env = {"env_vars": dict(WORKER_ENV)}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=False, configure_logging=False)
+        log_event(log, "joined Ray cluster", address=address)
+        return
+    kwargs: dict[str, Any] = {}
+    if object_store_memory_mb:
+        kwargs["object_store_memory"] = object_store_memory_mb * 1024 * 1024
+    ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, runtime_env=env,
+             log_to_driver=False, configure_logging=False, **kwargs)
+    log_event(log, "started local Ray", num_cpus=num_cpus or os.cpu_count(), dashboard=include_dashboard)
+
+
+@dataclass
+class ShardResult(Generic[R]):
+    key: str
+    ok: bool
+    value: R | None = None
+    error: str | None = None
+
+
+class ShardFailures(RuntimeError):
+    """Some shards of a stage failed; everything else is kept and a rerun retries only those."""
+
+
+def values_or_raise(stage: str, results: Sequence[ShardResult[R]]) -> list[R]:
+    """The values of a stage's results, or :class:`ShardFailures` listing every failed shard."""
+    failed = [r for r in results if not r.ok]
+    if failed:
+        lines = "\n".join(f"  {r.key}: {r.error.splitlines()[0] if r.error else '?'}" for r in failed[:20])
+        more = f"\n  … and {len(failed) - 20} more" if len(failed) > 20 else ""
+        raise ShardFailures(f"{stage}: {len(failed)} of {len(results)} shards failed (the rest are kept; "
+                            f"rerun the same build to retry only these):\n{lines}{more}")
+    return [r.value for r in results]  # type: ignore[misc]
+
+
+def item_key(item: Any) -> str:
+    """A shard's name: its ``key`` or ``shard_id`` attribute, else ``str(item)``."""
+    for attr in ("key", "shard_id"):
+        value = getattr(item, attr, None)
+        if isinstance(value, str):
+            return value
+    return str(item)
+
+
+def _run_one(fn: Callable[[Any, Any], Any], key: str, item: Any, context: Any) -> ShardResult:
+    try:
+        return ShardResult(key, True, fn(item, context))
+    except Exception as e:  # noqa: BLE001 - one shard's failure is reported, not raised
+        return ShardResult(key, False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}")
+
+
+def map_shards(fn: Callable[[T, C], R], items: Sequence[T], *, context: C = None, desc: str,
+               key: Callable[[T], str] = item_key, max_retries: int = 3, num_cpus: float = 1,
+               on_done: Callable[[int, int], None] | None = None, use_ray: bool = True) -> list[ShardResult[R]]:
+    """Run ``fn(item, context)`` for every item on Ray; results in input order.
+
+    ``context`` is put in the object store once and shared by every job. ``max_retries`` covers
+    worker deaths (a killed worker process); an exception raised by ``fn`` is not retried here
+    (stages retry their own transient I/O) and comes back as a failed result. ``use_ray=False``
+    runs in this process (debugging, tiny inputs, and code that must not start Ray).
+    """
+    keys = [key(i) for i in items]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{desc}: shard keys are not unique")
+    results: dict[str, ShardResult[R]] = {}
+    total = len(items)
+    if not use_ray:
+        for n, (k, item) in enumerate(progress(list(zip(keys, items)), desc=desc, total=total, unit="shard")):
+            results[k] = _run_one(fn, k, item, context)
+            if on_done:
+                on_done(n + 1, total)
+            if not results[k].ok:
+                log_event(log, "shard failed", stage=desc, shard=k, error=results[k].error.splitlines()[0])
+        return [results[k] for k in keys]
+
+    import ray
+
+    if not ray.is_initialized():
+        init_ray()
+    remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(_run_one)
+    context_ref = ray.put(context)
+    pending = {remote.remote(fn, k, item, context_ref): k for k, item in zip(keys, items)}
+    bar = iter(progress(range(total), desc=desc, total=total, unit="shard"))
+    done = 0
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            k = pending.pop(ref)
+            try:
+                results[k] = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - the worker died more than max_retries times
+                results[k] = ShardResult(k, False, error=f"{type(e).__name__}: {e}")
+            done += 1
+            next(bar, None)
+            if on_done:
+                on_done(done, total)
+            if not results[k].ok:
+                log_event(log, "shard failed", stage=desc, shard=k, error=results[k].error.splitlines()[0])
+    return [results[k] for k in keys]
+
+
+# ------------------------------------------------------------------------------------------------
+# Shuffle: map -> partition -> reduce through object storage
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ShuffleContext:
+    scratch: Any  # infra.storage.ObjectStore: where pieces and reduce outputs live
+    num_partitions: int
+    map_fn: Callable[[Any, Any], Sequence[Any]]
+    reduce_fn: Callable[[int, Any, Any], Any]
+    context: Any
+
+
+@dataclass(frozen=True)
+class _MapJob:
+    key: str
+    item: Any
+
+
+def piece_key(map_key: str, partition: int) -> str:
+    return f"map/{map_key}/p-{partition:05d}.parquet"
+
+
+def _map_done_key(map_key: str) -> str:
+    return f"map/{map_key}/.done"
+
+
+def reduce_key(partition: int) -> str:
+    return f"reduce/p-{partition:05d}.parquet"
+
+
+def _shuffle_map(job: _MapJob, ctx: _ShuffleContext) -> str:
+    store = ctx.scratch
+    if store.exists(_map_done_key(job.key)):
+        return job.key
+    pieces = ctx.map_fn(job.item, ctx.context)
+    if len(pieces) != ctx.num_partitions:
+        raise ValueError(f"shuffle map {job.key}: {len(pieces)} pieces for {ctx.num_partitions} partitions")
+    for p, piece in enumerate(pieces):
+        store.write_parquet(piece_key(job.key, p), piece)
+    store.write_text(_map_done_key(job.key), "ok\n")  # last: the map is complete
+    return job.key
+
+
+@dataclass(frozen=True)
+class _ReduceContext:
+    shuffle: _ShuffleContext
+    map_keys: tuple[str, ...]
+
+
+def _shuffle_reduce(partition: int, ctx: _ReduceContext) -> str:
+    store = ctx.shuffle.scratch
+    out = reduce_key(partition)
+    if store.exists(out):
+        return out
+    pieces = [store.read_parquet(piece_key(k, partition)) for k in ctx.map_keys]
+    table = ctx.shuffle.reduce_fn(partition, pieces, ctx.shuffle.context)
+    store.write_parquet(out, table)
+    return out
+
+
+def shuffle(map_fn: Callable[[T, C], Sequence[Any]], reduce_fn: Callable[[int, list[Any], C], Any],
+            items: Sequence[T], *, num_partitions: int, scratch: Any, context: C = None, desc: str,
+            key: Callable[[T], str] = item_key, use_ray: bool = True) -> list[str]:
+    """Map every item to ``num_partitions`` Arrow tables, then reduce each partition's pieces.
+
+    ``map_fn(item, context)`` returns one ``pa.Table`` per partition; ``reduce_fn(partition,
+    pieces, context)`` gets that partition's piece of every map and returns a ``pa.Table``. Pieces
+    and reduce outputs are written under ``scratch`` (an ``ObjectStore``: local, shared or S3, so
+    any node can read them); finished maps and reduces are skipped on a rerun. Returns the keys of
+    the reduce outputs under ``scratch``, in partition order. A failed map or reduce raises
+    :class:`ShardFailures` after the others finish.
+    """
+    if num_partitions < 1:
+        raise ValueError("shuffle: num_partitions must be >= 1")
+    ctx = _ShuffleContext(scratch, num_partitions, map_fn, reduce_fn, context)
+    jobs = [_MapJob(key(i), i) for i in items]
+    map_keys = values_or_raise(f"{desc} (map)", map_shards(_shuffle_map, jobs, context=ctx, desc=f"{desc}: map",
+                                                          use_ray=use_ray))
+    reduce_ctx = _ReduceContext(ctx, tuple(map_keys))
+    return values_or_raise(f"{desc} (reduce)", map_shards(_shuffle_reduce, list(range(num_partitions)),
+                                                          context=reduce_ctx, desc=f"{desc}: reduce",
+                                                          key=lambda p: f"p-{p:05d}", use_ray=use_ray))
+
+
+def cluster_cpus(default: int = 1) -> int:
+    """CPUs of the connected Ray cluster (``default`` when Ray is not running)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return max(1, int(ray.available_resources().get("CPU", default)))
+    except Exception:  # noqa: BLE001 - sizing hint only
+        pass
+    return default
