@@ -70,7 +70,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from infra.config import TextFilterConfig
-    from tasks.text_filter import (NOT_ENGLISH, EnglishVocab, LanguageDetector, TextStage, clean_caption,
+    from tasks.query_match import QueryMatcher
+    from tasks.step import run_steps
+    from tasks.text_filter import (NOT_ENGLISH, EnglishVocab, LanguageDetector, TextFilter, clean_caption,
                                    english_verdict, reason_examples)
 
     candidates = load_candidates()
@@ -78,8 +80,10 @@ def main() -> None:
     cfg = TextFilterConfig()
     t0 = time.perf_counter()
     vocab = EnglishVocab.load(cfg.wordnet_dir, cfg.vocab_min_count)
-    stage = TextStage(cfg, queries, vocab)
-    stage.matcher.automaton  # noqa: B018 - built once per worker, not per batch: not timed
+    # The build's text steps (tasks/build/jobs.py filter_shard): text filters, then the query match.
+    text_filter, matcher = TextFilter(cfg, vocab), QueryMatcher(queries)
+    steps = [text_filter, matcher]
+    matcher.automaton  # noqa: B018 - built once per worker, not per batch: not timed
     setup_s = time.perf_counter() - t0
     captions = candidates.column("caption").to_pylist()
     table = candidates.select(["sample_id", "caption"])
@@ -90,7 +94,7 @@ def main() -> None:
 
     def ours() -> None:
         vocab._cache.clear()  # a cold word cache each time: no help from the previous pass
-        stage(table)
+        run_steps(table, steps)
 
     import langdetect
     from langdetect.detector_factory import PROFILES_DIRECTORY, DetectorFactory
@@ -137,7 +141,7 @@ def main() -> None:
         if line.startswith("#") or line.startswith("title\t"):
             continue
         title, lang = line.split("\t")[:2]
-        cleaned, reason = stage.text_filter.check(title)
+        cleaned, reason = text_filter.check(title)
         if lang == "neutral" or reason not in (None, NOT_ENGLISH):
             continue
         keep = reason is None
@@ -151,12 +155,12 @@ def main() -> None:
           f"{det_tp / (tp + fn):.3f}")
 
     # the funnel on the sample, with examples
-    out, funnel = stage(table)
-    reasons = stage.text_filter.reasons(captions)
+    funnel = run_steps(table, steps).funnel
+    reasons = text_filter.reasons(captions)
     kept_text = [c for c, r in zip(captions, reasons) if r is None]
-    unmatched = [c for c, ids in zip(kept_text, stage.matcher.match([clean_caption(c) for c in kept_text]).to_pylist())
+    unmatched = [c for c, ids in zip(kept_text, matcher.match([clean_caption(c) for c in kept_text]).to_pylist())
                  if not ids]
-    detector_calls = sum(english_verdict(clean_caption(c), vocab, stage.text_filter.detector, cfg).decided_by == "detector"
+    detector_calls = sum(english_verdict(clean_caption(c), vocab, text_filter.detector, cfg).decided_by == "detector"
                          for c, r in zip(captions, reasons) if r in (None, NOT_ENGLISH))
     print(funnel.to_markdown())
     examples = reason_examples(captions, reasons, per_reason=6)

@@ -19,9 +19,7 @@ then ``balance_table`` per shard with the global counts.
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +27,7 @@ import pyarrow.compute as pc
 
 from infra.config import BalanceConfig
 from infra.funnel import Funnel
+from tasks.step import StepOutput
 
 STAGE = "balance"
 BALANCED_OUT = "balanced_out"
@@ -51,6 +50,12 @@ def count_queries(query_ids: pa.Array | pa.ChunkedArray, num_queries: int) -> np
     if flat.size and (flat.min() < 0 or flat.max() >= num_queries):
         raise ValueError(f"query_ids out of range [0, {num_queries}): min {flat.min()}, max {flat.max()}")
     return np.bincount(flat, minlength=num_queries).astype(np.int64)
+
+
+def sparse_query_counts(query_ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(query ids ascending, pairs matched per id) of the ids that occur: a shard's counts in brief."""
+    flat, _ = _flat_query_ids(query_ids)
+    return np.unique(flat, return_counts=True)
 
 
 def sample_hashes(sample_ids: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -137,8 +142,9 @@ class CapHashes:
 
 
 def balance_table(table: pa.Table, counts: np.ndarray, cfg: BalanceConfig, *, thresholds: np.ndarray | None = None,
-                  id_column: str = "sample_id") -> tuple[pa.Table, Funnel]:
-    """Keep or drop each row by the global per-query ``counts`` (see the module docstring).
+                  id_column: str = "sample_id") -> StepOutput:
+    """The balancing step: keep or drop each row by the global per-query ``counts`` (see the
+    module docstring).
 
     ``thresholds`` (exact mode only, required there): ``CapHashes(...).thresholds(num_queries)``
     merged over all shards. Rows without query ids are dropped (``no_query_ids``).
@@ -173,7 +179,7 @@ def balance_table(table: pa.Table, counts: np.ndarray, cfg: BalanceConfig, *, th
     keep = has_ids & row_keep
     out = table.filter(pa.array(keep))
     funnel.record(STAGE, table.num_rows, out.num_rows, (r for r in reasons.tolist() if r))
-    return out, funnel
+    return StepOutput(out, funnel)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,18 +229,6 @@ def render_query_counts(before: np.ndarray, after: np.ndarray, max_per_query: in
     return buf.getvalue()
 
 
-def plot_query_counts(before: np.ndarray, after: np.ndarray, path: str | os.PathLike,
-                      max_per_query: int | None = None) -> Path:
-    """``render_query_counts`` written to a local ``path`` (atomically)."""
-    path = Path(path)
-    data = render_query_counts(before, after, max_per_query)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
-
-
 def write_query_count_report(store: Any, before: np.ndarray, after: np.ndarray, queries: pa.Table | None = None,
                              max_per_query: int | None = None, prefix: str = "") -> dict[str, str]:
     """``query_counts.parquet`` and ``query_counts.png`` under ``prefix`` of an ObjectStore; their URIs."""
@@ -242,52 +236,3 @@ def write_query_count_report(store: Any, before: np.ndarray, after: np.ndarray, 
     store.write_parquet(keys["table"], query_counts_table(before, after, queries))
     store.write_bytes(keys["plot"], render_query_counts(before, after, max_per_query))
     return {k: store.uri(v) for k, v in keys.items()}
-
-
-# ------------------------------------------------------------------------------------------------
-# Ray wrapper: the two passes over a list of shard tables (ObjectRefs)
-# ------------------------------------------------------------------------------------------------
-
-
-def _count_table(table: pa.Table, num_queries: int) -> np.ndarray:
-    return count_queries(table.column("query_ids"), num_queries)
-
-
-def _cap_hashes(table: pa.Table, counts: np.ndarray, cfg: BalanceConfig, id_column: str) -> CapHashes:
-    return CapHashes.from_table(table, counts, cfg, id_column)
-
-
-def _balance_and_count(table: pa.Table, counts: np.ndarray, cfg: BalanceConfig, thresholds: np.ndarray | None,
-                       id_column: str) -> tuple[pa.Table, Funnel, np.ndarray]:
-    out, funnel = balance_table(table, counts, cfg, thresholds=thresholds, id_column=id_column)
-    return out, funnel, count_queries(out.column("query_ids"), counts.size)
-
-
-def balance_with_ray(table_refs: Iterable[Any], num_queries: int, cfg: BalanceConfig,
-                     id_column: str = "sample_id") -> tuple[list[Any], np.ndarray, np.ndarray, Funnel]:
-    """Count -> sum (-> cap hashes -> merge) -> balance, one Ray task per shard table.
-
-    Returns (refs of the balanced tables, counts before, counts after, funnel). Ray must be running.
-    """
-    import ray
-
-    refs = list(table_refs)
-    count_remote = ray.remote(_count_table)
-    counts = np.zeros(num_queries, np.int64)
-    for part in ray.get([count_remote.remote(r, num_queries) for r in refs]):
-        counts += part
-    counts_ref = ray.put(counts)
-    thresholds = None
-    if cfg.mode == "exact":
-        cap_remote = ray.remote(_cap_hashes)
-        caps = CapHashes(cfg.max_per_query)
-        for part in ray.get([cap_remote.remote(r, counts_ref, cfg, id_column) for r in refs]):
-            caps.merge(part)
-        thresholds = caps.thresholds(num_queries)
-    balance_remote = ray.remote(num_returns=3)(_balance_and_count)
-    results = [balance_remote.remote(r, counts_ref, cfg, thresholds, id_column) for r in refs]
-    funnel, after = Funnel(), np.zeros(num_queries, np.int64)
-    for f, a in zip(ray.get([r[1] for r in results]), ray.get([r[2] for r in results])):
-        funnel.merge(f)
-        after += a
-    return [r[0] for r in results], counts, after, funnel

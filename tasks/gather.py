@@ -7,13 +7,14 @@ Every row leaves with a ``status`` and an ``error`` value:
 - ``failed_permanent``: will not (404, bad scheme, private address, too large, noai opt-out, ...);
 - duplicate URLs are ``skipped`` and dropped (the first row with the URL is fetched).
 
-Dropped rows are counted by reason in the Funnel (stage ``gather``) and returned as a ``failures``
-table (``GatherResult.failures``: the input columns without image bytes, plus ``status``, ``reason``
-and ``error`` = ``"<reason>: <detail>"``). Rerun mode: ``retry_failed(failures, cfg)`` fetches
-only the ``failed_transient`` rows again and carries the permanent ones over unchanged.
+Dropped rows are counted by reason in the Funnel (stage ``gather``) and returned as the ``failed``
+side output (the input columns without image bytes, plus ``status``, ``reason`` and ``error`` =
+``"<reason>: <detail>"``). Rerun mode: ``retry_transient(failed, ...)`` fetches only the
+``failed_transient`` rows again and carries the permanent ones over unchanged.
 
-``gather_images`` fuses this stage with tasks/images.py: bodies are processed in a thread pool as
-they arrive, overlapping decode with network waits (the fast path; see bench/gather.py).
+:func:`gather_images` is the step: it fuses fetching with tasks/images.py, processing bodies in a
+thread pool as they arrive, overlapping decode with network waits (see bench/gather.py); rows
+that carry their image inline go through the same pool.
 
 Safety: only http/https; every address a host resolves to is checked (private, loopback,
 link-local, multicast, reserved, and IPv4 embedded in IPv6) by the connector's own resolver, so the
@@ -43,9 +44,11 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from infra.config import GatherConfig, ImageConfig
-from infra.log import get_logger, log_event, progress
 from infra.funnel import Funnel
+from infra.log import get_logger, log_event, progress
+from tasks.images import STAGE as IMAGE_STAGE
 from tasks.images import assemble_image_results, try_process_image
+from tasks.step import StepOutput
 
 STAGE = "gather"
 RETRY_STAGE = "gather_retry"
@@ -418,13 +421,6 @@ def _run_in_new_loop(items: Sequence[tuple[int, str]], cfg: GatherConfig,
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class GatherResult:
-    table: pa.Table  # kept rows (status ok or skipped), with image bytes
-    funnel: Funnel
-    failures: pa.Table  # dropped rows: input columns (image null) + status, reason, error
-
-
 def _column_or_nulls(table: pa.Table, name: str, type_: pa.DataType) -> pa.ChunkedArray | pa.Array:
     return table.column(name) if name in table.column_names else pa.nulls(table.num_rows, type_)
 
@@ -468,7 +464,8 @@ def _plan(table: pa.Table, cfg: GatherConfig) -> _Plan:
     return plan
 
 
-def _assemble(table: pa.Table, plan: _Plan, outcomes: dict[int, FetchOutcome], stage: str) -> GatherResult:
+def _assemble(table: pa.Table, plan: _Plan, outcomes: dict[int, FetchOutcome], stage: str
+              ) -> tuple[pa.Table, pa.Table, Funnel]:
     """Record outcomes in the plan; split rows into kept (with fetched bodies) and failures."""
     for i, outcome in outcomes.items():
         plan.status[i], plan.reason[i], plan.error[i] = outcome.status, outcome.reason, outcome.error
@@ -494,25 +491,21 @@ def _assemble(table: pa.Table, plan: _Plan, outcomes: dict[int, FetchOutcome], s
     funnel.record(stage, table.num_rows, kept.num_rows, (r for r in reasons if r is not None))
     counts = {s: plan.status.count(s) for s in (OK, SKIPPED, FAILED_TRANSIENT, FAILED_PERMANENT)}
     log_event(_log, "gathered", rows=table.num_rows, fetched=len(plan.to_fetch), **counts)
-    return GatherResult(kept, funnel, failures)
+    return kept, failures, funnel
 
 
-def gather_with_failures(table: pa.Table, cfg: GatherConfig, *, stage: str = STAGE) -> GatherResult:
-    """Fetch rows with a ``url`` and a null ``image``; see the module docstring for statuses."""
-    plan = _plan(table, cfg)
-    outcomes = _run_in_new_loop(plan.to_fetch, cfg) if plan.to_fetch else {}
-    return _assemble(table, plan, outcomes, stage)
+FAILED = "failed"  # the side output: rows dropped by fetching or image processing, with reasons
 
 
 def gather_images(table: pa.Table, gather_cfg: GatherConfig, image_cfg: ImageConfig, *,
-                  image_threads: int = 1) -> GatherResult:
-    """``gather_with_failures`` then ``process_images`` in one streaming pass.
+                  image_threads: int = 1, stages: tuple[str, str] = (STAGE, IMAGE_STAGE)) -> StepOutput:
+    """The gather step: fetch (rows with a URL and no image) and process every image in one pass.
 
     Each body is decoded/validated/resized in a pool of ``image_threads`` threads as soon as it
     arrives (Pillow releases the GIL), so image work overlaps fetching and at most
     ``2 × concurrency`` raw bodies are held at once. Inline images go through the same pool. The
-    funnel has both stages (``gather``, ``images``); ``failures`` holds gather failures and image
-    rejects (status ``failed_permanent``), so ``retry_failed``/``transient_rows`` work unchanged.
+    funnel has both stages (``gather``, ``images``); the ``failed`` side output holds fetch failures
+    and image rejects (status ``failed_permanent``), as :func:`retry_transient` reads them.
     """
     if image_threads < 1:
         raise ValueError("image_threads must be >= 1")
@@ -524,20 +517,13 @@ def gather_images(table: pa.Table, gather_cfg: GatherConfig, image_cfg: ImageCon
         outcomes = _run_in_new_loop(plan.to_fetch, gather_cfg, transform, pool) if plan.to_fetch else {}
         processed = {i: o.transformed for i, o in outcomes.items() if o.status == OK}
         processed.update({i: future.result() for i, future in inline.items()})
-    gathered = _assemble(table, plan, outcomes, STAGE)
+    gathered, failures, funnel = _assemble(table, plan, outcomes, stages[0])
     kept_rows = [i for i, r in enumerate(plan.reason) if r is None]
     pairs = [processed[i] for i in kept_rows]
-    result = assemble_image_results(gathered.table, [p[0] for p in pairs], [p[1] for p in pairs])
-    failures = gathered.failures
+    result = assemble_image_results(gathered, [p[0] for p in pairs], [p[1] for p in pairs], stage=stages[1])
     if result.rejects.num_rows:
         failures = pa.concat_tables([failures, result.rejects], promote_options="default")
-    return GatherResult(result.table, gathered.funnel.merge(result.funnel), failures)
-
-
-def gather_table(table: pa.Table, cfg: GatherConfig) -> tuple[pa.Table, Funnel]:
-    """Fetch rows with a URL and no image; drop failures (counted by reason). Adds status, error."""
-    result = gather_with_failures(table, cfg)
-    return result.table, result.funnel
+    return StepOutput(result.table, funnel.merge(result.funnel), {FAILED: failures})
 
 
 def _is_transient(failures: pa.Table) -> pa.Array:
@@ -550,62 +536,23 @@ def transient_rows(failures: pa.Table) -> pa.Table:
         [c for c in ("status", "error", "reason") if c in failures.column_names])
 
 
-def retry_failed(failures: pa.Table, cfg: GatherConfig) -> GatherResult:
-    """Rerun mode: fetch again only the ``failed_transient`` rows of a previous ``failures`` table.
+def retry_transient(failures: pa.Table, gather_cfg: GatherConfig, image_cfg: ImageConfig, *,
+                    image_threads: int = 1) -> StepOutput:
+    """Rerun mode: fetch again only the ``failed_transient`` rows of an earlier ``failed`` output.
 
-    Returns the recovered rows, a funnel under stage ``gather_retry`` (in = rows retried), and the
-    new failures table: rows that failed again plus the earlier non-transient failures unchanged.
+    Returns the recovered rows, a funnel under stages ``gather_retry``/``images_retry`` (in = rows
+    retried: they were counted in by the first pass), and the new ``failed`` output: rows that
+    failed again plus the earlier non-transient failures unchanged.
     """
-    result = gather_with_failures(transient_rows(failures), cfg, stage=RETRY_STAGE)
+    out = gather_images(transient_rows(failures), gather_cfg, image_cfg, image_threads=image_threads,
+                        stages=(RETRY_STAGE, f"{IMAGE_STAGE}_retry"))
     carried = failures.filter(pc.invert(_is_transient(failures)))
-    if carried.num_rows and result.failures.num_rows:
-        result.failures = pa.concat_tables([result.failures, carried], promote_options="default")
-    elif carried.num_rows:
-        result.failures = carried
-    return result
-
-
-def gather_input_shard(table: pa.Table, cfg: GatherConfig,
-                       previous_failures: pa.Table | None = None) -> tuple[pa.Table, pa.Table, dict]:
-    """Ray-friendly wrapper for one input shard: ``(kept, failures, funnel dict)``, all picklable.
-
-    With ``previous_failures`` (the failures a previous run wrote for this shard) only its
-    transient failures are fetched again (``retry_failed``); ``table`` is then ignored.
-    """
-    if previous_failures is not None:
-        result = retry_failed(previous_failures, cfg)
-    else:
-        result = gather_with_failures(table, cfg)
-    return result.table, result.failures, result.funnel.to_dict()
-
-
-def gather_images_shard(table: pa.Table, gather_cfg: GatherConfig, image_cfg: ImageConfig,
-                        previous_failures: pa.Table | None = None,
-                        image_threads: int = 1) -> tuple[pa.Table, pa.Table, dict]:
-    """Ray-friendly fetch + image processing of one shard: ``(kept, failures, funnel dict)``.
-
-    With ``previous_failures`` only their transient failures are fetched again and the other
-    failures are carried over (``table`` is then ignored).
-    """
-    if previous_failures is None:
-        result = gather_images(table, gather_cfg, image_cfg, image_threads=image_threads)
-        return result.table, result.failures, result.funnel.to_dict()
-    result = gather_images(transient_rows(previous_failures), gather_cfg, image_cfg, image_threads=image_threads)
-    carried = previous_failures.filter(pc.invert(_is_transient(previous_failures)))
-    failures = pa.concat_tables([result.failures, carried], promote_options="default") if carried.num_rows else result.failures
-    return result.table, failures, result.funnel.to_dict()
-
-
-def failure_counts(failures: pa.Table) -> dict[str, int]:
-    """``{reason: rows}`` of a failures table (for logs and reports)."""
-    out: dict[str, int] = defaultdict(int)
-    for r in failures.column("reason").to_pylist():
-        out[r] += 1
-    return dict(out)
+    if carried.num_rows:
+        out.side[FAILED] = pa.concat_tables([out.side[FAILED], carried], promote_options="default")
+    return out
 
 
 __all__ = [
-    "AddressPolicy", "CheckedResolver", "FetchOutcome", "GatherResult", "fetch_urls", "gather_table",
-    "gather_with_failures", "gather_images", "retry_failed", "transient_rows", "gather_input_shard", "gather_images_shard", "failure_counts", "classify_exception",
-    "OK", "SKIPPED", "FAILED_TRANSIENT", "FAILED_PERMANENT",
+    "AddressPolicy", "CheckedResolver", "FetchOutcome", "fetch_urls", "gather_images", "retry_transient",
+    "transient_rows", "classify_exception", "OK", "SKIPPED", "FAILED_TRANSIENT", "FAILED_PERMANENT", "FAILED",
 ]

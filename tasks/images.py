@@ -5,7 +5,8 @@ Drop reasons (funnel stage ``images``): ``no_image`` (null), ``empty_image`` (ze
 outside ``allowed_formats``), ``decompression_bomb`` (declared pixels above ``max_pixels``, checked
 from the header before any pixel is decoded), ``truncated_image``, ``corrupt_image``, ``too_small``
 (shorter side below ``min_side``), ``bad_aspect_ratio``, ``unsupported_mode``, ``image_error``
-(anything else). The rejected rows come back too (``process_images_with_rejects``).
+(anything else). ``assemble_image_results`` returns the rejected rows too; tasks/gather.py's
+``gather_images`` is the step that runs this module on every row.
 
 Kept rows get ``image`` (final bytes), ``image_format``, ``width``, ``height`` (after EXIF
 orientation and resizing), ``image_bytes`` and ``sha256`` (hex, of the final bytes). Re-encoded
@@ -23,9 +24,9 @@ import pyarrow.compute as pc
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from infra.config import ImageConfig
-from infra.log import get_logger, log_event, progress
 from infra.funnel import Funnel
 from infra.imaging import to_rgb
+from infra.log import get_logger, log_event
 
 STAGE = "images"
 _ORIENTATION_TAG = 0x0112
@@ -206,20 +207,8 @@ def _with_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
     return table.append_column(name, values)
 
 
-def process_images_with_rejects(table: pa.Table, cfg: ImageConfig) -> ImageResult:
-    """Process every row's ``image``; keep the good ones, return the dropped ones with reasons."""
-    images = table.column("image").to_pylist() if "image" in table.column_names else [None] * table.num_rows
-    results: list[ProcessedImage | None] = []
-    rejections: list[ImageRejected | None] = []
-    for data in progress(images, desc="images", total=len(images), unit="img"):
-        result, rejection = try_process_image(data, cfg)
-        results.append(result)
-        rejections.append(rejection)
-    return assemble_image_results(table, results, rejections)
-
-
 def assemble_image_results(table: pa.Table, results: list[ProcessedImage | None],
-                           rejections: list[ImageRejected | None]) -> ImageResult:
+                           rejections: list[ImageRejected | None], stage: str = STAGE) -> ImageResult:
     """Build the kept/rejects tables and funnel from one (result, rejection) pair per row."""
     keep = pa.array([r is not None for r in results], pa.bool_())
     kept_results = [r for r in results if r is not None]
@@ -240,18 +229,6 @@ def assemble_image_results(table: pa.Table, results: list[ProcessedImage | None]
     rejects = _with_column(rejects, "error", pa.array([str(e)[:500] for e in dropped], pa.string()))
 
     funnel = Funnel()
-    funnel.record(STAGE, table.num_rows, kept.num_rows, (e.reason for e in dropped))
+    funnel.record(stage, table.num_rows, kept.num_rows, (e.reason for e in dropped))
     log_event(_log, "images processed", rows=table.num_rows, kept=kept.num_rows, dropped=len(dropped))
     return ImageResult(kept, funnel, rejects)
-
-
-def process_images(table: pa.Table, cfg: ImageConfig) -> tuple[pa.Table, Funnel]:
-    """Decode/validate/resize/re-encode ``image``; adds image_format, width, height, image_bytes, sha256."""
-    result = process_images_with_rejects(table, cfg)
-    return result.table, result.funnel
-
-
-def process_images_shard(table: pa.Table, cfg: ImageConfig) -> tuple[pa.Table, pa.Table, dict]:
-    """Ray-friendly wrapper for one shard: ``(kept, rejects, funnel dict)``, all picklable."""
-    result = process_images_with_rejects(table, cfg)
-    return result.table, result.rejects, result.funnel.to_dict()

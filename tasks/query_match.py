@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from infra.funnel import Funnel
+from tasks.step import StepOutput
 
 STAGE = "query_match"
 NO_QUERY_MATCH = "no_query_match"
@@ -84,7 +85,7 @@ def split_word_parts(text: str) -> str:
 
 
 class QueryMatcher:
-    """Callable ``table -> (table + query_ids, Funnel)`` over a QUERY_SCHEMA table.
+    """A step ``table -> StepOutput`` (the table gains ``query_ids``) over a QUERY_SCHEMA table.
 
     ``query_id`` values must be unique and >= 0; ``num_queries`` (max id + 1) sizes the counts
     that balancing sums. Queries that normalise to the same text are one entry: matches carry the
@@ -172,7 +173,7 @@ class QueryMatcher:
             padded.append(plain)
         return self.match_normalised(padded)
 
-    def __call__(self, table: pa.Table) -> tuple[pa.Table, Funnel]:
+    def __call__(self, table: pa.Table) -> StepOutput:
         if self.column not in table.column_names:
             raise ValueError(f"{STAGE}: the table has no {self.column!r} column (it has {table.column_names})")
         query_ids = self.match(table.column(self.column))
@@ -181,4 +182,4 @@ class QueryMatcher:
         table = table.append_column(pa.field(QUERY_IDS, QUERY_IDS_TYPE), query_ids)
         funnel = Funnel()
         keep = pc.greater(pc.list_value_length(query_ids), 0)
-        return funnel.apply_mask(STAGE, table, keep, NO_QUERY_MATCH), funnel
+        return StepOutput(funnel.apply_mask(STAGE, table, keep, NO_QUERY_MATCH), funnel)

@@ -17,11 +17,13 @@ crash is byte-for-byte the one an uninterrupted build writes; a changed config r
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from infra.schema import SCHEMA_VERSION, SHARD_SCHEMA, conform
@@ -86,13 +88,21 @@ def plan_output_shards(parts: Iterable[tuple[str, int, int]], rows_per_shard: in
     return plan
 
 
+def holdout_rank(sample_id: str) -> bytes:
+    """The hold-out order: a sample's SHA-1 (uniform, independent of row and shard order)."""
+    return hashlib.sha1(sample_id.encode()).digest()
+
+
+def holdout_candidates(sample_ids: Iterable[str], n: int) -> list[tuple[bytes, str]]:
+    """The ``n`` smallest ``(rank, sample_id)`` of some ids: a part's candidates for the hold-out.
+    The hold-out of the whole is the ``n`` smallest of every part's candidates."""
+    return heapq.nsmallest(n, ((holdout_rank(s), s) for s in sample_ids)) if n > 0 else []
+
+
 def select_holdout(sample_ids: Iterable[str], n: int) -> set[str]:
     """The ``n`` held-out pairs (retrieval evaluation; training never reads them): the ids with the
     smallest SHA-1, a uniform sample that does not depend on row or shard order."""
-    if n <= 0:
-        return set()
-    ranked = sorted(sample_ids, key=lambda sid: hashlib.sha1(sid.encode()).digest())
-    return set(ranked[:n])
+    return {s for _, s in holdout_candidates(sample_ids, n)}
 
 
 def encode_shard(table: pa.Table, row_group_rows: int, compression: str) -> bytes:
@@ -124,7 +134,7 @@ def write_shard(store: Any, index: int, table: pa.Table, row_group_rows: int = 1
         "rows": table.num_rows,
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
-        "image_bytes": int(pa.compute.sum(table.column("image_bytes")).as_py() or 0)
+        "image_bytes": int(pc.sum(table.column("image_bytes")).as_py() or 0)
         if "image_bytes" in table.column_names else None,
         "plan": plan_id,
     }

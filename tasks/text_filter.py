@@ -40,12 +40,13 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 
 from infra.config import TextFilterConfig
 from infra.funnel import Funnel
+from tasks.step import StepOutput
 
 STAGE = "text_filter"
 
@@ -385,7 +386,7 @@ def english_verdict(caption: str, vocab: EnglishVocab, detector: LanguageDetecto
 
 
 class TextFilter:
-    """The text stage's filters, loaded once per worker: callable ``table -> (table, Funnel)``.
+    """The text stage's filters, loaded once per worker: a step ``table -> StepOutput``.
 
     ``english_vocab``: an ``EnglishVocab`` (None builds ``EnglishVocab.load`` from the config).
     Kept rows get the cleaned caption (``clean_caption``).
@@ -469,9 +470,9 @@ class TextFilter:
         rejects = rejects.append_column("reason", pa.array([reasons[i] for i in rejected_rows], pa.string()))
         return kept, rejects, funnel
 
-    def __call__(self, table: pa.Table) -> tuple[pa.Table, Funnel]:
+    def __call__(self, table: pa.Table) -> StepOutput:
         kept, _, funnel = self.split(table)
-        return kept, funnel
+        return StepOutput(kept, funnel)
 
 
 REJECT_CAPTION_CHARS = 1_000
@@ -483,39 +484,6 @@ def _printable_reject(raw: bytes | str | None) -> str | None:
     if isinstance(raw, bytes):
         return raw[: 4 * REJECT_CAPTION_CHARS].decode("utf-8", errors="replace")[:REJECT_CAPTION_CHARS]
     return raw[:REJECT_CAPTION_CHARS].encode("utf-8", errors="replace").decode("utf-8")
-
-
-# ------------------------------------------------------------------------------------------------
-# Ray wrapper: the whole text stage (filters + query match) held by one actor per worker
-# ------------------------------------------------------------------------------------------------
-
-
-class TextStage:
-    """TextFilter then QueryMatcher, built once; ``table -> (table, Funnel)``.
-
-    Use directly, or as a Ray actor: ``text_stage_actor().remote(cfg, queries)``.
-    """
-
-    def __init__(self, cfg: TextFilterConfig, queries: pa.Table, english_vocab: EnglishVocab | None = None) -> None:
-        from tasks.query_match import QueryMatcher
-
-        self.text_filter = TextFilter(cfg, english_vocab)
-        self.matcher = QueryMatcher(queries)
-
-    def __call__(self, table: pa.Table) -> tuple[pa.Table, Funnel]:
-        table, funnel = self.text_filter(table)
-        table, matched = self.matcher(table)
-        return table, funnel.merge(matched)
-
-    def process(self, table: pa.Table) -> tuple[pa.Table, Funnel]:  # actor method
-        return self(table)
-
-
-def text_stage_actor(num_cpus: float = 1) -> Any:
-    """``TextStage`` as a Ray actor class (made on call: no import-time Ray)."""
-    import ray
-
-    return ray.remote(num_cpus=num_cpus)(TextStage)
 
 
 def reason_examples(captions: Iterable[str | None], reasons: Iterable[str | None], per_reason: int = 5) -> dict[str, list[str]]:

@@ -36,10 +36,10 @@ EXPECTED_UPSTREAM: dict[str, set[str]] = {
     "write-shards": {"balance-fetch-images-eval-dedup", "dedup-within-dataset"},
     "manifest": {"write-shards", "read-filter-match", "balance-fetch-images-eval-dedup", "count-queries",
                  "dedup-within-dataset", "queries", "eval-index"},
-    # `manifest` too: Prefect links a task's result *and the values one level inside it* to that task
-    # run (by object identity), and the manifest holds the very `queries` and eval-index dicts that
-    # reports reads. The UI draws that edge; it also matches the order the flow runs them in.
-    "reports": {"balance-fetch-images-eval-dedup", "queries", "eval-index", "manifest"},
+    # `manifest` too: Prefect links a task's inputs to upstream results (and the values one level
+    # inside them) by object identity, and the manifest holds the clean stage's work root that reports
+    # reads. The UI draws that edge; it also matches the order the flow runs them in.
+    "reports": {"read-filter-match", "balance-fetch-images-eval-dedup", "queries", "eval-index", "manifest"},
 }
 
 

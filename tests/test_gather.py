@@ -16,10 +16,9 @@ from PIL import Image
 
 from infra.config import ConfigError, GatherConfig, ImageConfig
 from infra.http_server import serve_directory, serve_files, serve_parquet, serve_table_images
-from tasks.gather import (FAILED_PERMANENT, FAILED_TRANSIENT, OK, SKIPPED, AddressPolicy, CheckedResolver,
-                          fetch_urls, gather_images, gather_images_shard, gather_input_shard, gather_table,
-                          gather_with_failures, retry_failed)
-from tasks.images import process_images
+from tasks.gather import (FAILED, FAILED_PERMANENT, FAILED_TRANSIENT, OK, SKIPPED, AddressPolicy, CheckedResolver,
+                          fetch_urls, gather_images, retry_transient)
+from tasks.step import StepOutput
 
 
 def _png(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (40, 30)) -> bytes:
@@ -35,6 +34,18 @@ FAST = dict(allow_loopback=True, connect_timeout_s=1.0, read_timeout_s=0.5, tota
 
 def _cfg(**overrides) -> GatherConfig:
     return GatherConfig(**{**FAST, **overrides})
+
+
+# Images are checked but kept as fetched, so the tests can compare bytes with what was served.
+KEEP = ImageConfig(resize_longest_side=None, encode_format="keep", min_side=1, max_aspect_ratio=100.0)
+
+
+def _gather(table: pa.Table, cfg: GatherConfig) -> StepOutput:
+    return gather_images(table, cfg, KEEP)
+
+
+def _failures(result: StepOutput) -> pa.Table:
+    return result.side[FAILED]
 
 
 def _candidates(urls: list[str | None], images: list[bytes | None] | None = None) -> pa.Table:
@@ -153,13 +164,13 @@ def hostile():
         yield server
 
 
-def _reasons(result) -> dict[str, str]:
-    return dict(zip(result.failures.column("url").to_pylist(), result.failures.column("reason").to_pylist()))
+def _reasons(result: StepOutput) -> dict[str, str]:
+    return dict(zip(_failures(result).column("url").to_pylist(), _failures(result).column("reason").to_pylist()))
 
 
 def test_fetches_images_and_marks_status(hostile):
     urls = hostile.urls[:5]
-    result = gather_with_failures(_candidates(urls), _cfg())
+    result = _gather(_candidates(urls), _cfg())
     assert result.table.column("url").to_pylist() == urls
     assert result.table.column("status").to_pylist() == [OK] * 5
     assert result.table.column("error").to_pylist() == [None] * 5
@@ -167,7 +178,8 @@ def test_fetches_images_and_marks_status(hostile):
         assert data == hostile_file(hostile, url)
     stage = result.funnel.to_dict()["stages"][0]
     assert (stage["stage"], stage["in"], stage["out"], stage["dropped"]) == ("gather", 5, 5, {})
-    assert result.failures.num_rows == 0
+    assert _failures(result).num_rows == 0
+    assert [s["stage"] for s in result.funnel.to_dict()["stages"]] == ["gather", "images"]
 
 
 def hostile_file(server, url: str) -> bytes:
@@ -179,7 +191,7 @@ def test_inline_images_are_skipped_not_fetched(hostile):
     url = hostile.url("img/7.png")
     before = hostile.hits["/img/7.png"]
     table = _candidates([url, None], images=[PNG, PNG])
-    out, funnel = gather_table(table, _cfg())
+    out = _gather(table, _cfg()).table
     assert out.column("status").to_pylist() == [SKIPPED, SKIPPED]
     assert out.column("image").to_pylist() == [PNG, PNG]
     assert hostile.hits["/img/7.png"] == before
@@ -207,17 +219,17 @@ def test_hostile_urls_are_dropped_with_reasons(hostile):
         hostile.url("to-file"): "bad_scheme",
     }
     urls = list(cases) + [hostile.url("to-image")]
-    result = gather_with_failures(_candidates(urls), _cfg())
+    result = _gather(_candidates(urls), _cfg())
     assert _reasons(result) == cases
     assert result.table.column("url").to_pylist() == [hostile.url("to-image")]
     assert result.table.column("image").to_pylist() == [hostile_file(hostile, hostile.url("img/0.png"))]
-    statuses = dict(zip(result.failures.column("url").to_pylist(), result.failures.column("status").to_pylist()))
+    statuses = dict(zip(_failures(result).column("url").to_pylist(), _failures(result).column("status").to_pylist()))
     assert statuses[hostile.url("slow")] == FAILED_TRANSIENT
     assert statuses[hostile.url("missing.png")] == FAILED_PERMANENT
     assert statuses["file:///etc/passwd"] == FAILED_PERMANENT
-    for error, reason in zip(result.failures.column("error").to_pylist(), result.failures.column("reason").to_pylist()):
+    for error, reason in zip(_failures(result).column("error").to_pylist(), _failures(result).column("reason").to_pylist()):
         assert error.startswith(reason + ": ")
-    assert result.failures.column("image").null_count == result.failures.num_rows
+    assert _failures(result).column("image").null_count == _failures(result).num_rows
     stage = result.funnel.to_dict()["stages"][0]
     assert stage["in"] == len(urls) and stage["out"] == 1
     assert sum(stage["dropped"].values()) == len(cases)
@@ -227,7 +239,7 @@ def test_hostile_urls_are_dropped_with_reasons(hostile):
 
 
 def test_429_is_retried_then_ok(hostile):
-    result = gather_with_failures(_candidates([hostile.url("429-then-ok")]), _cfg())
+    result = _gather(_candidates([hostile.url("429-then-ok")]), _cfg())
     assert result.table.column("status").to_pylist() == [OK]
     assert result.table.column("image").to_pylist() == [PNG]
     assert hostile.hostile.requests["/429-then-ok"] == 2
@@ -235,10 +247,10 @@ def test_429_is_retried_then_ok(hostile):
 
 def test_500_is_retried_then_fails_transiently(hostile):
     before = hostile.hostile.requests["/500"]
-    result = gather_with_failures(_candidates([hostile.url("500")]), _cfg(retries=2))
+    result = _gather(_candidates([hostile.url("500")]), _cfg(retries=2))
     assert result.table.num_rows == 0
-    assert result.failures.column("status").to_pylist() == [FAILED_TRANSIENT]
-    assert result.failures.column("reason").to_pylist() == ["http_500"]
+    assert _failures(result).column("status").to_pylist() == [FAILED_TRANSIENT]
+    assert _failures(result).column("reason").to_pylist() == ["http_500"]
     assert hostile.hostile.requests["/500"] - before == 3
 
 
@@ -246,24 +258,24 @@ def test_connection_refused_is_transient():
     with socket.socket() as sock:  # bound, never listening: connections are refused
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/a.png"
-        result = gather_with_failures(_candidates([url]), _cfg(retries=1))
-    assert result.failures.column("reason").to_pylist() == ["connection_error"]
-    assert result.failures.column("status").to_pylist() == [FAILED_TRANSIENT]
+        result = _gather(_candidates([url]), _cfg(retries=1))
+    assert _failures(result).column("reason").to_pylist() == ["connection_error"]
+    assert _failures(result).column("status").to_pylist() == [FAILED_TRANSIENT]
 
 
 def test_noai_can_be_switched_off(hostile):
-    out, _ = gather_table(_candidates([hostile.url("noai")]), _cfg(honour_noai=False))
+    out = _gather(_candidates([hostile.url("noai")]), _cfg(honour_noai=False)).table
     assert out.column("image").to_pylist() == [PNG]
 
 
 def test_duplicate_urls_are_fetched_once(hostile):
     url = hostile.url("img/3.png")
     before = hostile.hits["/img/3.png"]
-    result = gather_with_failures(_candidates([url, url, hostile.url("img/4.png"), url]), _cfg())
+    result = _gather(_candidates([url, url, hostile.url("img/4.png"), url]), _cfg())
     assert result.table.column("sample_id").to_pylist() == ["s0", "s2"]
-    assert result.failures.column("sample_id").to_pylist() == ["s1", "s3"]
-    assert result.failures.column("reason").to_pylist() == ["duplicate_url", "duplicate_url"]
-    assert result.failures.column("status").to_pylist() == [SKIPPED, SKIPPED]
+    assert _failures(result).column("sample_id").to_pylist() == ["s1", "s3"]
+    assert _failures(result).column("reason").to_pylist() == ["duplicate_url", "duplicate_url"]
+    assert _failures(result).column("status").to_pylist() == [SKIPPED, SKIPPED]
     assert hostile.hits["/img/3.png"] - before == 1
 
 
@@ -271,9 +283,9 @@ def test_loopback_refused_by_default_before_any_request(hostile):
     before = sum(hostile.hits.values())
     port = hostile.port
     urls = [f"http://127.0.0.1:{port}/img/0.png", f"http://localhost:{port}/img/1.png", None]
-    result = gather_with_failures(_candidates(urls), GatherConfig(retries=0))
-    assert result.failures.column("reason").to_pylist() == ["private_address", "private_address", "no_url"]
-    assert "localhost resolves to 127.0.0.1 is loopback" in result.failures.column("error")[1].as_py()
+    result = _gather(_candidates(urls), GatherConfig(retries=0))
+    assert _failures(result).column("reason").to_pylist() == ["private_address", "private_address", "no_url"]
+    assert "localhost resolves to 127.0.0.1 is loopback" in _failures(result).column("error")[1].as_py()
     assert sum(hostile.hits.values()) == before
 
 
@@ -322,43 +334,37 @@ def test_rebinding_name_is_refused_without_connecting():
 
 def test_retry_failed_fetches_only_transient_failures(hostile):
     urls = [hostile.url("503-once/a"), hostile.url("missing-2.png"), hostile.url("img/5.png")]
-    first = gather_with_failures(_candidates(urls), _cfg(retries=0))
+    first = _gather(_candidates(urls), _cfg(retries=0))
     assert first.table.column("sample_id").to_pylist() == ["s2"]
-    assert first.failures.column("status").to_pylist() == [FAILED_TRANSIENT, FAILED_PERMANENT]
+    assert _failures(first).column("status").to_pylist() == [FAILED_TRANSIENT, FAILED_PERMANENT]
     hits_404 = hostile.hits["/missing-2.png"]
 
-    second = retry_failed(first.failures, _cfg(retries=0))
+    second = retry_transient(_failures(first), _cfg(retries=0), KEEP)
     assert second.table.column("sample_id").to_pylist() == ["s0"]
     assert second.table.column("status").to_pylist() == [OK]
     assert second.table.column("image").to_pylist() == [PNG]
-    assert second.failures.column("sample_id").to_pylist() == ["s1"]
-    assert second.failures.column("reason").to_pylist() == ["http_404"]
+    assert _failures(second).column("sample_id").to_pylist() == ["s1"]
+    assert _failures(second).column("reason").to_pylist() == ["http_404"]
     assert hostile.hits["/missing-2.png"] == hits_404  # permanent failures are not asked again
     stage = second.funnel.to_dict()["stages"][0]
     assert (stage["stage"], stage["in"], stage["out"]) == ("gather_retry", 1, 1)
 
 
-def test_shard_wrapper_round_trips_failures(hostile):
-    kept, failures, funnel = gather_input_shard(_candidates([hostile.url("503-once/b")]), _cfg(retries=0))
-    assert kept.num_rows == 0 and funnel["stages"][0]["dropped"] == {"http_503": 1}
-    kept, failures, funnel = gather_input_shard(pa.table({}), _cfg(retries=0), previous_failures=failures)
-    assert kept.column("sample_id").to_pylist() == ["s0"] and failures.num_rows == 0
-
-
 def test_gather_inside_a_running_event_loop(hostile):
     async def from_async_code():
-        return gather_table(_candidates([hostile.url("img/6.png")]), _cfg())
+        return _gather(_candidates([hostile.url("img/6.png")]), _cfg())
 
-    out, _ = asyncio.run(from_async_code())
+    out = asyncio.run(from_async_code()).table
     assert out.column("status").to_pylist() == [OK]
 
 
 def test_html_served_as_image_is_fetched_then_dropped_by_images(hostile):
-    out, gather_funnel = gather_table(_candidates([hostile.url("html.jpg"), hostile.url("img/1.png")]), _cfg())
-    assert out.num_rows == 2  # gathering does not judge payloads
-    images, image_funnel = process_images(out, ImageConfig(resize_longest_side=None))
-    assert images.column("sample_id").to_pylist() == ["s1"]
-    assert image_funnel.to_dict()["stages"][0]["dropped"] == {"not_image": 1}
+    result = _gather(_candidates([hostile.url("html.jpg"), hostile.url("img/1.png")]), _cfg())
+    stages = {s["stage"]: s for s in result.funnel.to_dict()["stages"]}
+    assert stages["gather"]["out"] == 2  # gathering does not judge payloads
+    assert result.table.column("sample_id").to_pylist() == ["s1"]
+    assert stages["images"]["dropped"] == {"not_image": 1}
+    assert _failures(result).column("status").to_pylist() == [FAILED_PERMANENT]
 
 
 def test_gather_images_fuses_fetching_and_image_processing(hostile):
@@ -376,19 +382,19 @@ def test_gather_images_fuses_fetching_and_image_processing(hostile):
     assert (stages["gather"]["in"], stages["gather"]["out"]) == (5, 3)
     assert stages["gather"]["dropped"] == {"http_404": 1, "http_503": 1}
     assert (stages["images"]["in"], stages["images"]["out"], stages["images"]["dropped"]) == (3, 2, {"not_image": 1})
-    reasons = dict(zip(result.failures["sample_id"].to_pylist(), result.failures["reason"].to_pylist()))
+    reasons = dict(zip(_failures(result)["sample_id"].to_pylist(), _failures(result)["reason"].to_pylist()))
     assert reasons == {"s1": "not_image", "s2": "http_404", "s3": "http_503"}
 
-    kept, failures, funnel = gather_images_shard(pa.table({}), _cfg(retries=0), image_cfg,
-                                                 previous_failures=result.failures)
-    assert kept.column("sample_id").to_pylist() == ["s3"]  # only the transient failure is fetched again
-    assert sorted(failures["reason"].to_pylist()) == ["http_404", "not_image"]
+    again = retry_transient(_failures(result), _cfg(retries=0), image_cfg)
+    assert again.table.column("sample_id").to_pylist() == ["s3"]  # only the transient failure is fetched again
+    assert sorted(_failures(again)["reason"].to_pylist()) == ["http_404", "not_image"]
+    assert [s["stage"] for s in again.funnel.to_dict()["stages"]] == ["gather_retry", "images_retry"]
 
 
 def test_serves_the_bundled_sample_end_to_end(sample_parquet):
     originals = pq.read_table(sample_parquet, columns=["image"]).column("image").to_pylist()[:20]
     with serve_parquet(sample_parquet, in_subprocess=True) as server:
-        out, funnel = gather_table(_candidates(server.urls[:20]), _cfg(total_timeout_s=10.0, read_timeout_s=5.0))
+        out = _gather(_candidates(server.urls[:20]), _cfg(total_timeout_s=10.0, read_timeout_s=5.0)).table
     assert out.column("image").to_pylist() == originals
 
 
@@ -397,7 +403,7 @@ def test_serve_directory(tmp_path):
     (tmp_path / "sub" / "a.png").write_bytes(PNG)
     with serve_directory(tmp_path) as server:
         assert server.paths == ["sub/a.png"]
-        out, _ = gather_table(_candidates(server.urls), _cfg())
+        out = _gather(_candidates(server.urls), _cfg()).table
     assert out.column("image").to_pylist() == [PNG]
     with pytest.raises(NotADirectoryError):
         with serve_directory(tmp_path / "sub" / "a.png"):
@@ -422,14 +428,3 @@ def test_config_rejects_nonsense():
         GatherConfig(max_bytes=0)
     with pytest.raises(ConfigError):
         GatherConfig(total_timeout_s=0)
-
-
-@pytest.mark.slow
-def test_shard_wrapper_runs_as_a_ray_task(hostile, ray_local):
-    urls = [hostile.url("img/1.png"), hostile.url("missing-4.png")]
-    task = ray_local.remote(gather_images_shard)
-    kept, failures, funnel = ray_local.get(task.remote(_candidates(urls), _cfg(retries=0), ImageConfig()))
-    assert kept.column("sample_id").to_pylist() == ["s0"]
-    assert kept.column("width").to_pylist() == [40]
-    assert failures.column("reason").to_pylist() == ["http_404"]
-    assert [s["stage"] for s in funnel["stages"]] == ["gather", "images"]

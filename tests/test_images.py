@@ -12,8 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from infra.config import ConfigError, ImageConfig
-from tasks.images import ImageRejected, process_image, process_images, process_images_shard, process_images_with_rejects
+from infra.config import ConfigError, GatherConfig, ImageConfig
+from tasks.gather import FAILED, gather_images
+from tasks.images import ImageRejected, process_image
+from tasks.step import StepOutput
 
 
 def _encode(im: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -44,6 +46,15 @@ def _table(images: dict[str, bytes | None]) -> pa.Table:
                      "image": pa.array(list(images.values()), pa.binary())})
 
 
+def _process(table: pa.Table, cfg: ImageConfig) -> StepOutput:
+    """The production step on rows that carry their images inline (nothing is fetched)."""
+    return gather_images(table, GatherConfig(), cfg)
+
+
+def _stage(result: StepOutput, name: str = "images") -> dict:
+    return next(s for s in result.funnel.to_dict()["stages"] if s["stage"] == name)
+
+
 def _reason(data: bytes | None, cfg: ImageConfig | None = None) -> str:
     with pytest.raises(ImageRejected) as info:
         process_image(data, cfg or ImageConfig())
@@ -66,15 +77,17 @@ def test_hostile_payloads_are_dropped_with_reasons():
         "banner": (_encode(Image.new("RGB", (600, 100)), "PNG"), "bad_aspect_ratio"),
         "good": (JPEG_640, None),
     }
-    table = _table({k: v for k, (v, _) in cases.items()})
-    result = process_images_with_rejects(table, ImageConfig())
+    assert _reason(None) == "no_image"
+    payloads = {k: v for k, (v, _) in cases.items() if v is not None}  # a null image is gathering's no_url
+    result = _process(_table(payloads), ImageConfig())
     assert result.table.column("sample_id").to_pylist() == ["good"]
-    expected = {k: r for k, (_, r) in cases.items() if r}
-    assert dict(zip(result.rejects.column("sample_id").to_pylist(), result.rejects.column("reason").to_pylist())) == expected
-    assert "HTML" in result.rejects.filter(pa.compute.equal(result.rejects["sample_id"], "html"))["error"][0].as_py()
-    assert "image" not in result.rejects.column_names
-    stage = result.funnel.to_dict()["stages"][0]
-    assert (stage["stage"], stage["in"], stage["out"]) == ("images", len(cases), 1)
+    expected = {k: r for k, (v, r) in cases.items() if r and v is not None}
+    rejects = result.side[FAILED]
+    assert dict(zip(rejects.column("sample_id").to_pylist(), rejects.column("reason").to_pylist())) == expected
+    assert "HTML" in rejects.filter(pa.compute.equal(rejects["sample_id"], "html"))["error"][0].as_py()
+    assert rejects.column("image").null_count == rejects.num_rows  # rejects carry no image bytes
+    stage = _stage(result)
+    assert (stage["in"], stage["out"]) == (len(payloads), 1)
     assert sum(stage["dropped"].values()) == len(expected)
 
 
@@ -193,7 +206,8 @@ def test_disallowed_format_is_not_decoded():
 
 def test_table_columns_and_other_columns_preserved():
     table = _table({"a": JPEG_640, "b": b"", "c": _encode(_gradient((100, 80)), "PNG")})
-    out, funnel = process_images(table, ImageConfig(resize_longest_side=64, encode_format="PNG"))
+    result = _process(table, ImageConfig(resize_longest_side=64, encode_format="PNG"))
+    out = result.table
     assert out.column("sample_id").to_pylist() == ["a", "c"]
     assert out.column("caption").to_pylist() == ["c", "c"]
     assert out.column("image_format").to_pylist() == ["PNG", "PNG"]
@@ -201,20 +215,14 @@ def test_table_columns_and_other_columns_preserved():
     assert out.schema.field("width").type == pa.int32() and out.schema.field("image_bytes").type == pa.int64()
     assert out.column("image_bytes").to_pylist() == [len(b) for b in out.column("image").to_pylist()]
     assert out.column("sha256").to_pylist() == [hashlib.sha256(b).hexdigest() for b in out.column("image").to_pylist()]
-    assert funnel.to_dict()["stages"][0]["dropped"] == {"empty_image": 1}
-
-
-def test_shard_wrapper_and_no_image_column():
-    kept, rejects, funnel = process_images_shard(pa.table({"sample_id": ["x"]}), ImageConfig())
-    assert kept.num_rows == 0 and rejects.column("reason").to_pylist() == ["no_image"]
-    assert funnel["stages"][0]["dropped"] == {"no_image": 1}
+    assert _stage(result)["dropped"] == {"empty_image": 1}
 
 
 def test_bundled_sample_images_pass(sample_parquet):
     table = pq.read_table(sample_parquet, columns=["id", "image"]).slice(0, 50)
-    out, funnel = process_images(table, ImageConfig(resize_longest_side=128, encode_format="PNG", min_side=1,
-                                                    max_aspect_ratio=100.0))
-    stage = funnel.to_dict()["stages"][0]
+    result = _process(table, ImageConfig(resize_longest_side=128, encode_format="PNG", min_side=1,
+                                         max_aspect_ratio=100.0))
+    out, stage = result.table, _stage(result)
     assert stage["in"] == 50 and stage["dropped"] == {} and out.num_rows == 50
     assert max(max(w, h) for w, h in zip(out["width"].to_pylist(), out["height"].to_pylist())) <= 128
 

@@ -76,19 +76,20 @@ def test_queries_sharing_a_normalised_text_are_one_entry() -> None:
 
 def test_table_gets_query_ids_and_misses_are_dropped(matcher: QueryMatcher) -> None:
     table = pa.table({"sample_id": ["a", "b", "c", "d"], "caption": ["my cat", "a dog", None, "new york cat"]})
-    out, funnel = matcher(table)
+    step = matcher(table)
+    out, funnel = step.table, step.funnel
     assert out.column("sample_id").to_pylist() == ["a", "d"]
     assert out.schema.field("query_ids").type == pa.list_(pa.int32())
     assert out.column("query_ids").to_pylist() == [[0], [0, 1, 2]]
     stats = funnel.stages["query_match"]
     assert (stats.rows_in, stats.rows_out, dict(stats.dropped)) == (4, 2, {NO_QUERY_MATCH: 2})
-    again, _ = matcher(out)  # a rerun replaces the column instead of adding a second one
+    again = matcher(out).table  # a rerun replaces the column instead of adding a second one
     assert again.column_names.count("query_ids") == 1 and again.equals(out)
 
 
 def test_chunked_and_large_string_columns(matcher: QueryMatcher) -> None:
     chunked = pa.chunked_array([pa.array(["cat"], pa.large_string()), pa.array(["dog", "york"], pa.large_string())])
-    out, _ = matcher(pa.table({"caption": chunked}))
+    out = matcher(pa.table({"caption": chunked})).table
     assert out.column("query_ids").to_pylist() == [[0], [2]]
 
 
@@ -110,7 +111,8 @@ def test_bad_query_tables() -> None:
     with pytest.raises(ValueError, match="no 'caption' column"):
         QueryMatcher(query_table(["cat"]))(pa.table({"text": ["a cat"]}))
     empty = QueryMatcher(query_table([]))
-    out, funnel = empty(pa.table({"caption": ["a cat"]}))
+    step = empty(pa.table({"caption": ["a cat"]}))
+    out, funnel = step.table, step.funnel
     assert empty.num_queries == 0 and out.num_rows == 0 and funnel.stages["query_match"].dropped[NO_QUERY_MATCH] == 1
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from infra.config import ConfigError, TextFilterConfig
 from tasks.text_filter import (BAD_UTF8, CONTROL_CHARS, EMPTY, MACHINE_MADE, NOT_ENGLISH, TOO_FEW_WORDS, TOO_LONG,
-                               TOO_SHORT, EnglishVocab, LanguageDetector, TextFilter, TextStage, caption_words,
-                               clean_caption, english_verdict, machine_made, reason_examples, text_stage_actor)
+                               TOO_SHORT, EnglishVocab, LanguageDetector, TextFilter, caption_words,
+                               clean_caption, english_verdict, machine_made, reason_examples)
 
 LABELS = Path(__file__).parent / "data" / "openclipart_lang_labels.tsv"
 
@@ -101,7 +101,8 @@ def test_hostile_table_costs_only_its_rows(text_filter: TextFilter) -> None:
                 "🐱🐶🐭".encode(), b"!!!???...", "A cat 🐱 on the sofa".encode(), "כלב על החוף".encode(), b"IMG_0001.JPG"]
     table = pa.table({"sample_id": [f"s{i}" for i in range(len(captions))], "caption": pa.array(captions, pa.binary()),
                       "extra": list(range(len(captions)))})
-    out, funnel = text_filter(table)
+    step = text_filter(table)
+    out, funnel = step.table, step.funnel
     assert out.column("caption").to_pylist() == ["A dog running on the beach", "A cat 🐱 on the sofa"]
     assert out.column("extra").to_pylist() == [0, 8]
     assert out.schema.field("caption").type == pa.string()
@@ -133,7 +134,8 @@ def test_string_columns_and_invalid_utf8_inside_arrow_strings(text_filter: TextF
 
 
 def test_empty_table_and_missing_column(text_filter: TextFilter) -> None:
-    out, funnel = text_filter(pa.table({"caption": pa.array([], pa.string())}))
+    step = text_filter(pa.table({"caption": pa.array([], pa.string())}))
+    out, funnel = step.table, step.funnel
     assert out.num_rows == 0 and funnel.stages["text_filter"].rows_in == 0
     with pytest.raises(ValueError, match="no 'caption' column"):
         text_filter(pa.table({"text": ["a cat"]}))
@@ -270,16 +272,3 @@ def test_pickled_filter_gives_the_same_answers(text_filter: TextFilter) -> None:
 def test_reason_examples() -> None:
     examples = reason_examples(["a", "b", "a", "c", "x" * 300], ["r1", "r1", "r1", None, "r2"], per_reason=5)
     assert examples == {"r1": ["a", "b"], "r2": ["x" * 117 + "..."]}
-
-
-def test_text_stage_as_ray_actor(ray_local, vocab: EnglishVocab) -> None:
-    queries = pa.table({"query_id": pa.array([0, 1], pa.int32()), "query": ["dog", "beach"],
-                        "source": ["unigram"] * 2, "count": [1, 1], "pmi": [None, None], "views": pa.array([None, None], pa.int64())})
-    table = pa.table({"sample_id": ["a", "b", "c", "d"],
-                      "caption": ["A dog on the beach", "IMG_0001.JPG", "A red car", "Un cane sulla spiaggia"]})
-    local_out, local_funnel = TextStage(TextFilterConfig(), queries, vocab)(table)
-    actor = text_stage_actor(num_cpus=1).remote(TextFilterConfig(), queries)
-    out, funnel = ray_local.get(actor.process.remote(table))
-    assert out.equals(local_out) and funnel.to_dict() == local_funnel.to_dict()
-    assert out.column("query_ids").to_pylist() == [[0, 1]]
-    assert funnel.stages["query_match"].dropped["no_query_match"] == 1

@@ -1,0 +1,156 @@
+"""The typed records the dataset build's stages hand each other (and the flow passes along).
+
+Each per-shard record is written to the work directory as JSON after the data it describes (its
+completion record), so a rerun returns the record instead of redoing the shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from infra.funnel import Funnel
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Funnel):
+        return obj.to_dict()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+def to_json(record: Any) -> dict:
+    """A record as plain JSON data (funnels as their dicts)."""
+    return _jsonable(record)
+
+
+@dataclass(frozen=True)
+class QueryListRef:
+    """The query list a build matches against: where, which bytes, how many queries."""
+
+    uri: str
+    sha256: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class EvalIndexRef:
+    """The eval-set index of this build (content-versioned): where, which version, set sizes."""
+
+    root: str
+    version: str
+    sets: Mapping[str, int]
+    built: bool
+
+
+@dataclass(frozen=True)
+class QueryMatchCounts:
+    """Per-shard match counts of the queries that matched (sparse: ids and their counts)."""
+
+    query_ids: tuple[int, ...] = ()
+    query_counts: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class FilterRecord:
+    """One input shard after read -> text filters -> query match."""
+
+    shard_id: str
+    rows: int
+    funnel: Funnel = field(default_factory=Funnel, compare=False)
+    matches: QueryMatchCounts = QueryMatchCounts()
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "FilterRecord":
+        return cls(data["shard_id"], int(data["rows"]), Funnel.from_dict(data["funnel"]),
+                   QueryMatchCounts(tuple(data["matches"]["query_ids"]), tuple(data["matches"]["query_counts"])))
+
+
+@dataclass(frozen=True)
+class CleanRecord:
+    """One filtered shard after balance -> fetch + images -> hash -> eval-set dedup."""
+
+    shard_id: str
+    rows: int
+    bytes: int  # in-memory size of the clean part: the output plan's byte estimate
+    funnel: Funnel = field(default_factory=Funnel, compare=False)
+    matches: QueryMatchCounts = QueryMatchCounts()
+    eval_matches: int = 0  # verified (sample, eval image) pairs written beside the part
+    transient_failures: int = 0  # rows `--retry-failed` would fetch again
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "CleanRecord":
+        return cls(data["shard_id"], int(data["rows"]), int(data["bytes"]), Funnel.from_dict(data["funnel"]),
+                   QueryMatchCounts(tuple(data["matches"]["query_ids"]), tuple(data["matches"]["query_counts"])),
+                   int(data["eval_matches"]), int(data["transient_failures"]))
+
+
+@dataclass(frozen=True)
+class FilterStage:
+    """The read-filter-match stage's result: its work directory and one record per input shard."""
+
+    work: Any  # tasks.build.workdir.WorkDir
+    records: tuple[FilterRecord, ...]
+
+
+@dataclass(frozen=True)
+class CleanStage:
+    """The clean stage's result: its work directory and one record per filtered shard."""
+
+    work: Any  # tasks.build.workdir.WorkDir
+    records: tuple[CleanRecord, ...]
+
+
+@dataclass(frozen=True)
+class QueryCountsSummary:
+    """What the global per-query count found (also in the manifest's ``query_counts``)."""
+
+    matched_queries: int
+    pairs: int
+    over_cap: int
+
+
+@dataclass(frozen=True)
+class PartRows:
+    """Rows a clean part keeps after the within-dataset drops, and how many of them are held out."""
+
+    shard_id: str
+    kept: int
+    held: int
+
+
+@dataclass(frozen=True)
+class WithinResult:
+    """The within-dataset dedup and hold-out: counts per part, drop reasons, where the ids are."""
+
+    key: str  # the work-directory prefix holding drops.parquet and holdout.parquet
+    drops: int
+    reasons: Mapping[str, int]
+    parts: tuple[PartRows, ...]
+
+    @functools.cached_property
+    def by_part(self) -> dict[str, PartRows]:
+        return {p.shard_id: p for p in self.parts}
+
+
+@dataclass(frozen=True)
+class WrittenShards:
+    """The output shards' stats (as ``tasks.shards.write_shard`` returns them), training and held out.
+
+    Lists, not tuples: Prefect links a task's inputs to upstream results by object identity, and the
+    empty tuple is one shared object, so an empty hold-out would draw edges that are not there."""
+
+    shards: list[Mapping[str, Any]]
+    holdout: list[Mapping[str, Any]]
+
+
+def dumps(record: Any) -> str:
+    return json.dumps(to_json(record), sort_keys=True)

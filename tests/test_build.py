@@ -1,0 +1,251 @@
+"""The dataset build's runner (tasks/build/): per-shard jobs with completion records through the one
+fan-out (in this process and on Ray, with the same results), the global reduces (counts, caps,
+within-dataset drops, hold-out, output plan), and the rerun mode that fetches again only the
+samples that failed transiently."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from aiohttp import web
+from PIL import Image
+
+from infra.config import (BalanceConfig, DedupConfig, GatherConfig, ImageConfig, ShardConfig, SourceConfig,
+                          StorageConfig, TextFilterConfig)
+from infra.http_server import serve_files
+from infra.storage import ObjectStore
+from tasks.balance import CapHashes, balance_table, count_queries
+from tasks.build import stages
+from tasks.build.jobs import CleanContext, clean_shard
+from tasks.build.records import FilterRecord, FilterStage, QueryListRef, QueryMatchCounts
+from tasks.build.workdir import WorkDir
+from tasks.shards import select_holdout
+
+STORAGE = StorageConfig()
+
+
+def png(seed: int, size: tuple[int, int] = (40, 48)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def filtered_part(ids: list[str], query_ids: list[list[int]], images: list[bytes | None] | None = None,
+                  urls: list[str | None] | None = None) -> pa.Table:
+    n = len(ids)
+    return pa.table({"sample_id": ids, "source": ["t"] * n, "caption": [f"a photo of thing {i}" for i in ids],
+                     "url": pa.array(urls or [None] * n, pa.string()),
+                     "image": pa.array(images or [None] * n, pa.binary()), "meta": pa.nulls(n, pa.string()),
+                     "query_ids": pa.array(query_ids, pa.list_(pa.int32()))})
+
+
+def filter_stage_of(work: WorkDir, parts: dict[str, pa.Table]) -> FilterStage:
+    """Write filtered parts as the read-filter-match stage leaves them, with their records."""
+    from tasks.balance import sparse_query_counts
+
+    records = []
+    for shard_id, table in parts.items():
+        work.store.write_parquet(WorkDir.filtered(shard_id), table)
+        ids, counts = sparse_query_counts(table.column("query_ids"))
+        records.append(FilterRecord(shard_id, table.num_rows, matches=QueryMatchCounts(tuple(ids.tolist()),
+                                                                                        tuple(counts.tolist()))))
+    return FilterStage(work, tuple(records))
+
+
+# ------------------------------------------------------------------------------------------------
+# read -> filter -> match: the same records in this process and on Ray
+# ------------------------------------------------------------------------------------------------
+
+
+def test_filter_stage_on_ray_equals_in_process(tmp_path, ray_local):
+    pairs = pa.table({"id": [f"p{i}" for i in range(9)],
+                      "caption": ["A dog on the beach", "IMG_0001.JPG", "A red car", "Un cane sulla spiaggia",
+                                  "a cat", "the dog and the cat", "", "beach house at night", "zzz qqq"],
+                      "image": pa.array([png(i) for i in range(9)], pa.binary())})
+    pq.write_table(pairs, tmp_path / "pairs.parquet")
+    queries = pa.table({"query_id": pa.array([0, 1, 2], pa.int32()), "query": ["dog", "beach", "cat"],
+                        "source": ["unigram"] * 3, "count": pa.array([1, 1, 1], pa.int64()),
+                        "pmi": pa.nulls(3, pa.float64()), "views": pa.nulls(3, pa.int64())})
+    pq.write_table(queries, tmp_path / "queries.parquet")
+    ref = stages.find_query_list(str(tmp_path), STORAGE)
+    assert ref is not None and ref.rows == 3 and stages.find_query_list(str(tmp_path / "none"), STORAGE) is None
+    source = SourceConfig(kind="parquet", path=str(tmp_path / "pairs.parquet"), image_column="image", id_column="id",
+                          rows_per_input_shard=4)
+    shards = stages.plan_inputs([source], str(tmp_path))
+    assert len(shards) == 3
+    results = {}
+    for use_ray in (False, True):
+        root = str(tmp_path / f"run-{use_ray}")
+        results[use_ray] = stages.filter_stage(shards, dataset_root=root, storage=STORAGE, sources=[source],
+                                               base_dir=str(tmp_path), text_filter=TextFilterConfig(), queries=ref,
+                                               use_ray=use_ray)
+    local, remote = results[False], results[True]
+    assert [r.shard_id for r in remote.records] == [s.shard_id for s in shards]
+    assert [(r.rows, r.matches, r.funnel.to_dict()) for r in remote.records] == \
+           [(r.rows, r.matches, r.funnel.to_dict()) for r in local.records]
+    kept = pa.concat_tables([remote.work.store.read_parquet(WorkDir.filtered(s.shard_id)) for s in shards])
+    assert sorted(kept.column("caption").to_pylist()) == ["A dog on the beach", "a cat", "beach house at night",
+                                                           "the dog and the cat"]
+    # A rerun returns the completion records instead of redoing the shards.
+    store = remote.work.store
+    stamp = {s.shard_id: store.read_text(WorkDir.filter_record(s.shard_id)) for s in shards}
+    again = stages.filter_stage(shards, dataset_root=str(tmp_path / "run-True"), storage=STORAGE, sources=[source],
+                                base_dir=str(tmp_path), text_filter=TextFilterConfig(), queries=ref, use_ray=False)
+    assert again.records == remote.records and again.work == remote.work
+    assert {s.shard_id: store.read_text(WorkDir.filter_record(s.shard_id)) for s in shards} == stamp
+
+
+# ------------------------------------------------------------------------------------------------
+# Balancing across shards: the counts reduce, the cap reduce, then the per-shard step
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["probability", "exact"])
+def test_balancing_across_shards_equals_balancing_the_whole_pool(tmp_path, ray_local, mode):
+    rng = np.random.default_rng(3)
+    n = 400
+    ids = [f"s{i:04d}" for i in range(n)]
+    qids = [[int(q) for q in sorted(set(rng.choice(4, size=rng.integers(1, 3), p=[0.7, 0.2, 0.05, 0.05])))]
+            for _ in range(n)]
+    tiny = png(0, (20, 20))
+    whole = filtered_part(ids, qids, images=[tiny] * n)
+    cuts = [0, 90, 250, n]
+    work = WorkDir(str(tmp_path / "f"), STORAGE)
+    filtered = filter_stage_of(work, {f"p{k}": whole.slice(cuts[k], cuts[k + 1] - cuts[k]) for k in range(3)})
+    balance = BalanceConfig(max_per_query=60, mode=mode, seed=5)
+    summary = stages.count_queries(filtered, 4, balance)
+    counts = count_queries(whole.column("query_ids"), 4)
+    assert (summary.pairs, summary.matched_queries) == (int(counts.sum()), 4)
+    assert summary.over_cap == int((counts > 60).sum()) and summary.over_cap >= 2
+    clean = stages.clean_stage(filtered, balance=balance, gather=GatherConfig(),
+                               images=ImageConfig(resize_longest_side=None, encode_format="keep", min_side=1),
+                               dedup=DedupConfig(against_eval=False), index=None)
+    kept = sorted(s for r in clean.records
+                  for s in clean.work.store.read_parquet(WorkDir.clean(r.shard_id)).column("sample_id").to_pylist())
+    thresholds = CapHashes.from_table(whole, counts, balance).thresholds(4) if mode == "exact" else None
+    expected = balance_table(whole, counts, balance, thresholds=thresholds).table
+    assert kept == sorted(expected.column("sample_id").to_pylist())
+    stages_seen = {s for r in clean.records for s in r.funnel.stages}
+    assert {"balance", "gather", "images"} <= stages_seen
+
+
+# ------------------------------------------------------------------------------------------------
+# Within the dataset, the hold-out and the output shards
+# ------------------------------------------------------------------------------------------------
+
+
+def test_within_dataset_holdout_and_output_shards(tmp_path, ray_local):
+    images = [png(i) for i in range(30)]
+    images[7] = images[3]  # exact duplicates across parts: the smallest sample_id is kept
+    images[21] = images[3]
+    images[12] = images[11]
+    ids = [f"x{i:03d}" for i in range(30)]
+    whole = filtered_part(ids, [[0]] * 30, images=images)
+    work = WorkDir(str(tmp_path / "f"), STORAGE)
+    filtered = filter_stage_of(work, {"a": whole.slice(0, 10), "b": whole.slice(10, 10), "c": whole.slice(20, 10)})
+    stages.count_queries(filtered, 1, BalanceConfig())
+    clean = stages.clean_stage(filtered, balance=BalanceConfig(), gather=GatherConfig(),
+                               images=ImageConfig(resize_longest_side=None, encode_format="PNG"),
+                               dedup=DedupConfig(against_eval=False), index=None)
+    within = stages.within_dataset(clean, DedupConfig(against_eval=False), holdout_rows=5)
+    assert within.drops == 3 and within.reasons == {"duplicate_exact": 3}
+    drops = {"x007", "x021", "x012"}
+    survivors = [s for s in ids if s not in drops]
+    held = select_holdout(survivors, 5)
+    assert sum(p.held for p in within.parts) == 5 and sum(p.kept for p in within.parts) == 22
+
+    shard_cfg = ShardConfig(rows_per_shard=8, holdout_rows=5)
+    dataset = str(tmp_path / "dataset")
+    written = stages.write_output(clean, within, dataset_root=dataset, shards=shard_cfg)
+    out = ObjectStore(dataset)
+    train_ids = [s for w in written.shards for s in out.read_parquet(w["path"]).column("sample_id").to_pylist()]
+    held_ids = [s for w in written.holdout for s in out.read_parquet(w["path"]).column("sample_id").to_pylist()]
+    assert [w["rows"] for w in written.shards] == [8, 8, 6]
+    assert sorted(train_ids) == sorted(set(survivors) - held) and len(train_ids) == len(set(train_ids))
+    assert sorted(held_ids) == sorted(held)
+    assert train_ids == [s for s in survivors if s not in held]  # part order, then row order
+
+    # Rerun: every shard is complete for the same plan, nothing is rewritten.
+    mtimes = {w["path"]: (tmp_path / "dataset" / w["path"]).stat().st_mtime_ns for w in written.shards}
+    assert stages.write_output(clean, within, dataset_root=dataset, shards=shard_cfg) == written
+    assert {p: (tmp_path / "dataset" / p).stat().st_mtime_ns for p in mtimes} == mtimes
+    # Another plan (smaller shards) rewrites them and removes the extra shards of the old plan.
+    bigger = stages.write_output(clean, within, dataset_root=dataset, shards=ShardConfig(rows_per_shard=50))
+    assert [w["rows"] for w in bigger.shards] == [22]
+    assert sorted(k for k in out.list("shards/") if k.endswith(".parquet")) == ["shards/part-00000.parquet"]
+
+
+def test_manifest_funnel_adds_up(tmp_path):
+    work = WorkDir(str(tmp_path / "f"), STORAGE)
+    filtered = filter_stage_of(work, {"a": filtered_part(["a1", "a2"], [[0], [0]], images=[png(1), png(1)])})
+    stages.count_queries(filtered, 1, BalanceConfig())
+    clean = stages.clean_stage(filtered, balance=BalanceConfig(), gather=GatherConfig(),
+                               images=ImageConfig(resize_longest_side=None, encode_format="PNG"),
+                               dedup=DedupConfig(against_eval=False), index=None, use_ray=False)
+    within = stages.within_dataset(clean, DedupConfig(against_eval=False), holdout_rows=0, use_ray=False)
+    funnel = stages.build_funnel(filtered, clean, within).to_dict()
+    last = funnel["stages"][-1]
+    assert (last["stage"], last["in"], last["out"], last["dropped"]) == ("dedup_within", 2, 1, {"duplicate_exact": 1})
+
+
+# ------------------------------------------------------------------------------------------------
+# --retry-failed
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def flaky_server():
+    """Serves ok/<i>.png always, and flaky/<i>.png with 503 until `state["up"]` is set."""
+    state = {"up": False}
+    files = {f"ok/{i}.png": png(i) for i in range(6)}
+    flaky = {f"{i}.png": png(100 + i) for i in range(4)}
+
+    async def flaky_route(request: web.Request) -> web.Response:
+        if not state["up"]:
+            return web.Response(status=503, text="try later")
+        return web.Response(body=flaky[request.match_info["name"]], content_type="image/png")
+
+    with serve_files(files, routes=[web.get("/flaky/{name}", flaky_route)]) as server:
+        yield server, state, len(files), len(flaky)
+
+
+def test_retry_failed_fetches_only_transient_failures(tmp_path, flaky_server):
+    server, state, n_ok, n_flaky = flaky_server
+    urls = [server.url(f"ok/{i}.png") for i in range(n_ok)] + [server.url(f"flaky/{i}.png") for i in range(n_flaky)]
+    urls.append(server.url("missing.png"))  # a 404: permanent, never retried
+    n = len(urls)
+    filter_work = WorkDir(str(tmp_path / "f"), STORAGE)
+    filtered = filter_stage_of(filter_work, {"s0-00000": filtered_part([f"t:{i:02d}" for i in range(n)],
+                                                                       [[i % 3] for i in range(n)], urls=urls)})
+    stages.count_queries(filtered, 3, BalanceConfig(max_per_query=100))
+    record = filtered.records[0]
+    ctx = CleanContext(filter_work, WorkDir(str(tmp_path / "f" / "c"), STORAGE), BalanceConfig(max_per_query=100),
+                       GatherConfig(allow_loopback=True, retries=0),
+                       ImageConfig(resize_longest_side=None, encode_format="PNG"), DedupConfig(against_eval=False),
+                       None)
+
+    first = clean_shard(record, ctx)
+    assert first.rows == n_ok and first.transient_failures == n_flaky
+    work = ctx.work.store
+    assert work.read_parquet("failed/s0-00000.parquet").num_rows == n_flaky + 1
+    ok_hits = sum(server.hits[f"/ok/{i}.png"] for i in range(n_ok))
+
+    state["up"] = True
+    assert clean_shard(record, ctx) == first  # a plain rerun resumes: nothing fetched again
+    retry = CleanContext(**{**ctx.__dict__, "retry_failed": True})
+    retried = clean_shard(record, retry)
+    assert retried.rows == n_ok + n_flaky and retried.transient_failures == 0
+    assert sum(server.hits[f"/ok/{i}.png"] for i in range(n_ok)) == ok_hits  # only the failures were fetched
+    assert server.hits["/missing.png"] == 1  # the permanent failure is carried over, not retried
+    clean = work.read_parquet("clean/s0-00000.parquet")
+    assert sorted(clean.column("sample_id").to_pylist()) == [f"t:{i:02d}" for i in range(n_ok + n_flaky)]
+    left = work.read_parquet("failed/s0-00000.parquet")
+    assert left.column("sample_id").to_pylist() == [f"t:{n - 1:02d}"]
+    assert {"balance", "gather", "images", "gather_retry", "images_retry"} <= set(retried.funnel.stages)
+    assert pc.sum(clean.column("image_bytes")).as_py() > 0
