@@ -265,7 +265,15 @@ class ShardConfig:
     max_bytes_per_shard: int = 512_000_000
     row_group_rows: int = 1_000
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
-    holdout_rows: int = 0  # the last N rows go to holdout/ (retrieval eval); training never reads them
+    # Pairs held out for retrieval evaluation (holdout/; training never reads them): a uniform sample
+    # of the deduplicated rows, chosen by a hash of their ids (tasks/shards.select_holdout).
+    holdout_rows: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rows_per_shard <= 0 or self.max_bytes_per_shard <= 0 or self.row_group_rows <= 0:
+            raise ConfigError("shards.rows_per_shard, shards.max_bytes_per_shard and shards.row_group_rows must be > 0")
+        if self.holdout_rows < 0:
+            raise ConfigError("shards.holdout_rows must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,10 @@ def test_cross_field_checks_run_at_load(tmp_path: Path):
         load_config(write(tmp_path, "eval_sets:\n  - {name: a, kind: fashion-mnist}\n  - {name: a, kind: mnist}\n"))
     with pytest.raises(ConfigError, match="balance.max_per_query"):
         load_config(None, ["balance.max_per_query=0"])
+    with pytest.raises(ConfigError, match="shards.rows_per_shard"):
+        load_config(None, ["shards.rows_per_shard=0"])
+    with pytest.raises(ConfigError, match="shards.holdout_rows must be >= 0"):
+        load_config(None, ["shards.holdout_rows=-1"])
 
 
 def test_overrides_parse_yaml_values_and_reach_nested_lists(tmp_path: Path):
