@@ -77,7 +77,7 @@ class QueriesConfig:
     bigram_total_tokens: int | None = None
     min_unigram_count: int = 100
     bigram_min_count: int = 100
-    bigram_min_pmi: float = 4.907  # bits: log2(p(a,b) / (p(a) p(b))); 4.907 = log2(30), see tasks/queries.pmi
+    bigram_min_pmi: float = 4.907  # bits: log2(p(a,b) / (p(a) p(b))); 4.907 = log2(30), see tasks/queries/bigrams.py
     pageviews: tuple[str, ...] = ()  # pageviews-YYYYMMDD-HH0000.gz files
     min_title_views: int = 70
     wordnet_dir: str | None = "auto"  # WordNet 3.0 files (infra/wordnet.py); "auto": found or an error; None: none
