@@ -17,7 +17,6 @@ def select_unigrams(counts: Mapping[str, int], min_count: int, funnel: Funnel) -
     return select_at_least(counts, min_count, "unigram", "below_min_count", funnel)
 
 
-
 def unigram_source(dump_counts: DumpCounts | None, unigram_counts: str | None, min_count: int) -> SourceResult:
     """Unigram candidates, counted from the dumps when there are any, else read from
     ``unigram_counts`` ("pywordfreq" or a counts file); neither: skipped, with a warning."""
