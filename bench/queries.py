@@ -3,7 +3,7 @@
 Generates a synthetic multistream enwiki dump (wikitext with links, templates, references and
 tables over a Zipf vocabulary; 100 pages per bz2 stream, as the real multistream dumps) into
 .bench/ — at least 50 MB compressed by default, reused when it exists — then times
-``tasks.queries.count_dump`` (map: strip + tokenize + count + spill; reduce: merge partitions) in a
+``tasks.queries.dump_counts.count_dump`` (map: strip + tokenize + count + spill; reduce: merge partitions) in a
 fresh local Ray with 1 CPU (the baseline) and with 2 CPUs (ours). The last line is the headline:
 tokens/s with 2 workers ÷ tokens/s with 1 worker.
 
@@ -27,7 +27,8 @@ from xml.sax.saxutils import escape
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tasks import queries as q  # noqa: E402
+from tasks.queries.dump_counts import CountSettings, count_dump  # noqa: E402
+from tasks.queries.dumps import find_bz2_streams, plan_dump_blocks  # noqa: E402
 
 BENCH_DIR = REPO / ".bench"
 PAGES_PER_STREAM = 100
@@ -104,10 +105,10 @@ def time_counting(dump: Path, num_cpus: int, block_bytes: int) -> tuple[float, d
     work = Path(tempfile.mkdtemp(prefix="witflow-bench-counts-", dir=BENCH_DIR))
     try:
         # warm the workers (process start, imports) outside the timing
-        ray.get([ray.remote(num_cpus=1)(lambda: __import__("tasks.queries")).remote() for _ in range(num_cpus)])
-        settings = q.CountSettings(work_dir=str(work), num_partitions=8, min_unigram_keep=5, min_bigram_keep=5)
+        ray.get([ray.remote(num_cpus=1)(lambda: __import__("tasks.queries.dump_counts")).remote() for _ in range(num_cpus)])
+        settings = CountSettings(work_dir=str(work), num_partitions=8, min_unigram_keep=5, min_bigram_keep=5)
         t0 = time.perf_counter()
-        counts = q.count_dump([str(dump)], settings, use_ray=True, target_block_bytes=block_bytes)
+        counts = count_dump([str(dump)], settings, use_ray=True, target_block_bytes=block_bytes)
         seconds = time.perf_counter() - t0
     finally:
         ray.shutdown()
@@ -129,10 +130,10 @@ def main() -> None:
         print(f"generating {dump.name} ...", file=sys.stderr)
         generate_dump(dump, int(mb * 1e6))
     size = dump.stat().st_size
-    streams = len(q.find_bz2_streams(str(dump)))
+    streams = len(find_bz2_streams(str(dump)))
     block_bytes = max(1 << 20, size // 24)  # ~24 blocks: both workers stay busy to the end
     print(f"dump: {dump.name}  {size / 1e6:.1f} MB compressed, {streams} bz2 streams, "
-          f"{len(q.plan_dump_blocks(str(dump), block_bytes))} blocks")
+          f"{len(plan_dump_blocks(str(dump), block_bytes))} blocks")
     results = {}
     for cpus in (1, 2):
         seconds, stats = time_counting(dump, cpus, block_bytes)

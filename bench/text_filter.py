@@ -49,7 +49,9 @@ def load_queries(path: str | None) -> tuple[pa.Table, str]:
     if p.exists():
         return pq.read_table(p), str(p.relative_to(REPO) if p.is_relative_to(REPO) else p)
     from infra.funnel import Funnel
-    from tasks.queries import build_query_table, read_pywordfreq_counts, select_unigrams
+    from tasks.queries.counts import read_pywordfreq_counts
+    from tasks.queries.merge import build_query_table
+    from tasks.queries.unigrams import select_unigrams
 
     table, _ = build_query_table({"unigram": select_unigrams(read_pywordfreq_counts(), 100, Funnel())})
     return table, "stand-in: pywordfreq unigrams >= 100"

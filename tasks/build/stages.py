@@ -32,11 +32,11 @@ from tasks.build.jobs import CleanContext, FilterContext, clean_shard, filter_sh
 from tasks.build.records import (CleanStage, EvalIndexRef, FilterRecord, FilterStage, PartRows, QueryCountsSummary,
                                  QueryListRef, WithinResult, WrittenShards, to_json)
 from tasks.build.workdir import WorkDir, fingerprint
+from tasks.queries.output import QUERIES_KEY
 
 log = get_logger(__name__)
 
 Progress = Callable[[int, int], None] | None
-QUERIES_KEY = "queries.parquet"
 
 # ------------------------------------------------------------------------------------------------
 # Inputs: the query list, the input shards, the eval-set index

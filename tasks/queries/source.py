@@ -1,0 +1,36 @@
+"""What a source builder returns: its candidate queries and what the manifest records about it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class SourceResult:
+    """One source's candidate queries (query -> count, (count, pmi), views or None), the report and
+    input records the manifest keeps, and warnings (a source skipped, an input not used)."""
+
+    name: str
+    entries: dict[str, Any]
+    report: dict[str, Any] = field(default_factory=dict)
+    inputs: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 8 << 20) -> str:
+    """sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def input_record(path: str | os.PathLike) -> dict:
+    """``{"path", "bytes", "sha256"}`` of an input file, for the manifest."""
+    p = Path(path)
+    return {"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)}
