@@ -19,7 +19,6 @@ from infra.prefect_utils import retry_if_transient
 from tasks.queries.bigrams import bigram_source
 from tasks.queries.dump_counts import DumpCounts, count_dump, count_settings, count_work_dir
 from tasks.queries.merge import build_query_table
-from tasks.queries.output import MANIFEST_KEY, QUERIES_KEY  # noqa: F401 - where other flows find the list
 from tasks.queries.output import existing_output, query_manifest, summary_lines, write_query_list
 from tasks.queries.source import SourceResult
 from tasks.queries.titles import title_source
