@@ -103,7 +103,7 @@ class QueriesConfig:
 class SourceConfig:
     """One input of (image, caption) pairs (tasks/readers.py)."""
 
-    kind: Literal["parquet", "csv", "tsv", "jsonl", "webdataset", "directory", "openclipart"]
+    kind: Literal["parquet", "csv", "tsv", "jsonl", "webdataset", "directory", "openclipart", "emoji"]
     path: str  # a file, a folder of them, or a glob; relative to the working directory
     url_column: str = "url"  # also the URL key of WebDataset .json members
     caption_column: str = "caption"  # also the caption key of .json members and sidecars
@@ -111,12 +111,17 @@ class SourceConfig:
     path_column: str | None = None  # local image path, relative to the manifest's folder
     id_column: str | None = None  # stable row ids (default: row number in the file)
     rows_per_input_shard: int = 2_000  # WebDataset: one input shard per tar instead
+    # openclipart / emoji: the caption is the title (emoji: the CLDR name), then its keywords
+    # ("cat face, animal, cat, face, kitten"); false: the title alone
+    caption_keywords: bool = False
 
     def __post_init__(self) -> None:
         if self.rows_per_input_shard <= 0:
             raise ConfigError(f"sources.{self.kind}:{self.path}: rows_per_input_shard must be > 0")
         if not self.path:
             raise ConfigError(f"sources.{self.kind}: path must not be empty")
+        if self.caption_keywords and self.kind not in ("openclipart", "emoji"):
+            raise ConfigError(f"sources.{self.kind}:{self.path}: caption_keywords is for kinds openclipart and emoji")
 
 
 @dataclass(frozen=True)
@@ -222,7 +227,8 @@ class EvalSetConfig:
     """One evaluation set; the same registry feeds decontamination and evaluation."""
 
     name: str
-    kind: Literal["imagefolder", "parquet", "fashion-mnist", "mnist", "animal-mnist", "openclipart-heldout"]
+    kind: Literal["imagefolder", "parquet", "fashion-mnist", "mnist", "animal-mnist", "openclipart-heldout",
+                  "openclipart-concepts", "emoji-heldout"]
     path: str | None = None
     split: str = "test"
     classes: tuple[str, ...] = ()  # empty: taken from the source
@@ -300,8 +306,24 @@ class TrainConfig:
     save_every_steps: int = 100
     log_every_steps: int = 10
     keep_checkpoints: int = 2  # older checkpoints are deleted once a newer one is complete
+    # MetaCLIP's online balancing in the loader (trainer.data.OnlineBalance): each epoch redraws the
+    # pairs with probability t/count per query, coins reseeded per epoch; None: every pair, every epoch.
+    # Beside (not instead of) the build-time cap, balance.max_per_query.
+    balance_online_t: int | None = None
+    # Learning curve: zero-shot accuracy on these eval sets (names in eval_sets) every N steps; 0: off
+    curve_every_steps: int = 0
+    curve_eval_sets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.balance_online_t is not None and self.balance_online_t <= 0:
+            raise ConfigError("train.balance_online_t must be > 0 (or null for no online balancing)")
+        if self.curve_every_steps < 0:
+            raise ConfigError("train.curve_every_steps must be >= 0")
+        if self.curve_every_steps and not self.curve_eval_sets:
+            raise ConfigError("train.curve_every_steps needs train.curve_eval_sets (eval set names)")
+        if self.curve_every_steps and self.zero_stage == 3:
+            raise ConfigError("train.curve_every_steps: the curve scores rank 0's whole model, which ZeRO-3 "
+                              "partitions; use zero_stage <= 2")
         if self.micro_batch <= 0 or self.grad_accum <= 0 or self.world_size <= 0:
             raise ConfigError("train.micro_batch, train.grad_accum and train.world_size must be > 0")
         if self.num_workers < 0 or self.save_every_steps <= 0 or self.log_every_steps <= 0:
@@ -356,6 +378,9 @@ class Config:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"eval_sets: duplicate names {dupes}")
+        unknown = sorted(set(self.train.curve_eval_sets) - set(names))
+        if unknown:
+            raise ConfigError(f"train.curve_eval_sets: {unknown} not among eval_sets ({names})")
 
     def uri(self, sub: str) -> str:
         """Resolve a section's output (relative to ``output`` unless already absolute)."""
