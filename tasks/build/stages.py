@@ -14,6 +14,7 @@ import hashlib
 import io
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -339,10 +340,70 @@ def build_funnel(filtered: FilterStage, clean: CleanStage, within: WithinResult)
     return funnel
 
 
+class EvalContamination(RuntimeError):
+    """Training shards hold rows an eval set shows; the message names the set and an id."""
+
+
+def source_provenance(sources: Sequence[SourceConfig], base_dir: str) -> list[dict]:
+    """Per source: kind, path, size, and the provenance a packaged table carries (origin, licence,
+    attribution: the ``witflow.*`` Parquet metadata infra/openclipart.py and infra/emoji.py write)."""
+    from tasks.readers import _resolve_files
+
+    out = []
+    for source in sources:
+        entry: dict[str, Any] = {"kind": source.kind, "path": source.path, "files": []}
+        if source.kind != "directory":
+            for path, display in _resolve_files(source, Path(base_dir).resolve()):
+                info: dict[str, Any] = {"file": display, "bytes": path.stat().st_size}
+                if path.suffix == ".parquet":
+                    meta = pq.read_schema(path).metadata or {}
+                    info.update({k.decode()[len("witflow."):]: v.decode() for k, v in meta.items()
+                                 if k.startswith(b"witflow.") and k not in (b"witflow.schema_version", b"witflow.table")})
+                entry["files"].append(info)
+        out.append(entry)
+    return out
+
+
+def eval_holdout_check(eval_sets: Sequence[EvalSetConfig], dataset_root: str, storage: StorageConfig,
+                       written: WrittenShards) -> dict[str, dict[str, int]]:
+    """Per eval set drawn from a training source: how many source rows it shows and how many of
+    them are in the training shards (must be 0: raises :class:`EvalContamination`) or the held-out
+    retrieval shards (reported)."""
+    from infra.eval_sets import EvalSetError, training_ids
+
+    store = ObjectStore(dataset_root, storage)
+
+    def ids(entries: Sequence[Any]) -> pa.Array:
+        cols = [store.read_parquet(e["path"], columns=["sample_id"]).column("sample_id") for e in entries]
+        return pa.chunked_array(cols, pa.string()).combine_chunks() if cols else pa.array([], pa.string())
+
+    train_ids, held_ids = ids(written.shards), ids(written.holdout)
+    report: dict[str, dict[str, int]] = {}
+    for cfg in eval_sets:
+        try:
+            held_out = training_ids(cfg)
+        except EvalSetError as e:  # the eval index stage already failed or reported it
+            log_event(log, "eval set not checked", name=cfg.name, error=str(e)[:200])
+            continue
+        if not held_out:
+            continue
+        wanted = pa.array(sorted(held_out), pa.string())
+        in_train = train_ids.filter(pc.is_in(train_ids, wanted))
+        report[cfg.name] = {"training_ids": len(held_out), "in_shards": len(in_train),
+                            "in_holdout": int(pc.sum(pc.is_in(held_ids, wanted)).as_py() or 0)}
+        if len(in_train):
+            raise EvalContamination(f"{store.uri('shards/')}: {len(in_train)} training rows are images of eval set "
+                                    f"{cfg.name!r} (e.g. {in_train[0].as_py()}): a reader lets them through")
+    return report
+
+
 def write_manifest(*, dataset_root: str, storage: StorageConfig, config: dict, written: WrittenShards,
                    filtered: FilterStage, clean: CleanStage, counts: QueryCountsSummary, within: WithinResult,
-                   queries: QueryListRef, index: EvalIndexRef | None) -> dict:
-    """Write ``manifest.json`` and the funnel reports (files and UI artifacts); returns the manifest."""
+                   queries: QueryListRef, index: EvalIndexRef | None, sources: list[dict] | None = None,
+                   eval_holdout: dict[str, dict[str, int]] | None = None) -> dict:
+    """Write ``manifest.json`` and the funnel reports (files and UI artifacts); returns the manifest.
+
+    ``sources``: :func:`source_provenance`; ``eval_holdout``: :func:`eval_holdout_check`."""
     from tasks.shards import MANIFEST_NAME, build_manifest
 
     store = ObjectStore(dataset_root, storage)
@@ -350,7 +411,8 @@ def write_manifest(*, dataset_root: str, storage: StorageConfig, config: dict, w
     manifest = build_manifest(config=config, shards=written.shards, funnel=funnel.to_dict(),
                               queries=to_json(queries), eval_index=to_json(index) if index else None,
                               holdout=written.holdout,
-                              extra={"work": clean.work.root, "query_counts": to_json(counts)})
+                              extra={"work": clean.work.root, "query_counts": to_json(counts),
+                                     "sources": sources or [], "eval_holdout": eval_holdout or {}})
     store.write_json("reports/funnel.json", funnel.to_dict())
     store.write_parquet("reports/funnel.parquet", funnel.to_table())
     store.write_json(MANIFEST_NAME, manifest)
