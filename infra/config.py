@@ -302,6 +302,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     num_workers: int = 0
     shuffle_buffer: int = 1_000
+    crop_scale: tuple[float, float] = (0.9, 1.0)  # random resized crop: area range (open_clip's default)
     seed: int = 0
     save_every_steps: int = 100
     log_every_steps: int = 10
@@ -315,6 +316,8 @@ class TrainConfig:
     curve_eval_sets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError("train.crop_scale: need 0 < low <= high <= 1")
         if self.balance_online_t is not None and self.balance_online_t <= 0:
             raise ConfigError("train.balance_online_t must be > 0 (or null for no online balancing)")
         if self.curve_every_steps < 0:

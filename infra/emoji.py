@@ -1,21 +1,25 @@
-"""Emoji image sets from npm packages as captioned Parquet sources (Twemoji, Noto).
+"""Emoji image sets from npm packages as captioned Parquet sources (Twemoji, Noto, OpenMoji).
 
-Reads one vendor's 64-px PNGs from iamcal's ``emoji-datasource-<vendor>`` npm package, its
-``emoji.json`` (code points, categories) and the English names and keywords of Unicode CLDR
+Reads one vendor's 64-px PNGs from iamcal's ``emoji-datasource-<vendor>`` npm package and its
+``emoji.json`` (code points, categories) — or OpenMoji's SVGs (rasterised by CairoSVG) and
+``openmoji.json`` from the ``openmoji`` package — and the English names and keywords of Unicode CLDR
 (``cldr-annotations-full`` and ``cldr-annotations-derived-full``), and writes one Parquet table
 (:data:`infra.schema.EMOJI_SCHEMA`):
 
     python -m infra.emoji --vendor twitter runs/sources/emoji_twitter.parquet
     python -m infra.emoji --vendor google  runs/sources/emoji_google.parquet
+    python -m infra.emoji --vendor openmoji runs/sources/emoji_openmoji.parquet
 
 ``infra/setup.sh`` installs the packages into ``.venv/npm`` (``--npm-root``). Licences: the npm
 packages' own ``license`` field (MIT) covers iamcal's code and data; the images are the vendors'
-(:data:`VENDORS`: Twemoji CC-BY 4.0, Noto Apache 2.0), as the package README states — the build
+(:data:`VENDORS`: Twemoji CC-BY 4.0, Noto Apache 2.0, OpenMoji CC BY-SA 4.0 — ShareAlike: a
+dataset built from it is shared under the same licence), as the package README states — the build
 checks that statement is still there and records it in the file's metadata. Apple's and
 Facebook's sets are not openly licensed and are not offered.
 
-Rows: every emoji the vendor draws except the five skin-tone swatches (category ``Component``);
-skin-tone variants are left out (the same concept recoloured). Images are composited onto white
+Rows: every Unicode emoji the vendor draws except the skin-tone swatches (category ``Component``)
+and OpenMoji's own non-Unicode extras; skin-tone variants are left out (the same concept recoloured).
+Ids and the ``unified`` column use :func:`emoji_key` (no FE0F), the same for every vendor. Images are composited onto white
 (as Openclipart's, see infra/openclipart.py) and stored as RGB PNG.
 
 Held out: :func:`is_heldout` marks ~15% of the emoji by a stable hash of their code points, the
@@ -61,14 +65,15 @@ class EmojiError(RuntimeError):
 
 @dataclass(frozen=True)
 class Vendor:
-    """One openly licensed emoji set in iamcal's emoji-datasource packages."""
+    """One openly licensed emoji set on the npm registry."""
 
-    name: str  # emoji-datasource's image folder and has_img_<name> flag
+    name: str  # emoji-datasource's image folder and has_img_<name> flag; the row ids' prefix
     package: str
     drawing: str  # the set's own name
     licence: str
     licence_statement: str  # the line of the package README that grants it (checked at build time)
     attribution: str
+    layout: str = "emoji-datasource"  # or "openmoji": data/openmoji.json + color/svg/<hexcode>.svg
 
 
 VENDORS: dict[str, Vendor] = {
@@ -79,7 +84,13 @@ VENDORS: dict[str, Vendor] = {
     "google": Vendor("google", "emoji-datasource-google", "Noto Emoji", "Apache-2.0",
                      "Android/Google/Noto images, are available under the [Apache License 2.0]",
                      "Noto Emoji by Google, Apache License 2.0 (https://github.com/googlefonts/noto-emoji)"),
+    "openmoji": Vendor("openmoji", "openmoji", "OpenMoji", "CC-BY-SA-4.0",
+                       "OpenMoji graphics are licensed under the Creative Commons Share Alike License 4.0",
+                       "All emojis designed by OpenMoji, the open-source emoji and icon project, CC BY-SA 4.0 "
+                       "(https://openmoji.org/)", layout="openmoji"),
 }
+# OpenMoji's own additions (no Unicode code points, no CLDR names) and skin-tone swatches.
+_OPENMOJI_SKIPPED_GROUPS = ("extras-openmoji", "extras-unicode", "component")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -87,18 +98,23 @@ VENDORS: dict[str, Vendor] = {
 # ------------------------------------------------------------------------------------------------
 
 
+def emoji_key(unified: str) -> str:
+    """The emoji's code points, upper-case, without variation selector 16 (vendors differ on FE0F)."""
+    return "-".join(cp for cp in unified.upper().split("-") if cp != "FE0F")
+
+
 def is_heldout(unified: str) -> bool:
     """True for the ~15% of emoji held out for evaluation (stable: the first 8 bytes of a sha1).
 
-    Keyed by the code points (``1F431``), so every vendor's drawing of an emoji is held out together.
+    Keyed by :func:`emoji_key`, so every vendor's drawing of an emoji is held out together.
     """
-    digest = hashlib.sha1(b"witflow-emoji:" + unified.upper().encode("ascii")).digest()
+    digest = hashlib.sha1(b"witflow-emoji:" + emoji_key(unified).encode("ascii")).digest()
     return int.from_bytes(digest[:8], "big") < int(HELDOUT_FRACTION * 2**64)
 
 
 def emoji_id(vendor: str, unified: str) -> str:
-    """The row id: ``<vendor>/<code points>`` (``twitter/1F431``)."""
-    return f"{vendor}/{unified.upper()}"
+    """The row id: ``<vendor>/<emoji_key>`` (``twitter/1F431``)."""
+    return f"{vendor}/{emoji_key(unified)}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,7 +168,16 @@ def _chars(unified: str) -> str:
 
 
 def render_png(path: Path, side: int = IMAGE_SIDE) -> tuple[bytes, int, int]:
-    """The emoji composited onto white as an optimised RGB PNG, shrunk to ``side`` if larger."""
+    """The emoji composited onto white as an optimised RGB PNG, shrunk to ``side`` if larger (an
+    SVG is rasterised at ``side`` by CairoSVG)."""
+    if path.suffix == ".svg":
+        import cairosvg
+
+        try:
+            data = cairosvg.svg2png(url=str(path), output_width=side, output_height=side)
+        except Exception as e:  # CairoSVG raises many types for broken SVGs
+            raise ValueError(f"{type(e).__name__}: {e}") from None
+        path = io.BytesIO(data)  # type: ignore[assignment]
     with Image.open(path) as im:
         im.load()
         rgba = im.convert("RGBA")
@@ -163,24 +188,48 @@ def render_png(path: Path, side: int = IMAGE_SIDE) -> tuple[bytes, int, int]:
     return buf.getvalue(), rgb.width, rgb.height
 
 
+def _read_json(path: Path) -> list[dict]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise EmojiError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def _entries(vendor: Vendor, package: Path, skipped: Counter) -> list[dict]:
+    """The vendor's emoji as {unified, non_qualified, name, category, subcategory, image_path}."""
+    out = []
+    if vendor.layout == "openmoji":
+        for e in _read_json(package / "data" / "openmoji.json"):
+            if e.get("skintone"):
+                continue  # skin-tone variants: left out, as emoji-datasource's are
+            if e.get("group") in _OPENMOJI_SKIPPED_GROUPS:
+                skipped["component" if e.get("group") == "component" else "not_unicode"] += 1
+                continue
+            out.append({"unified": e["hexcode"], "non_qualified": None, "name": e.get("annotation") or e["hexcode"],
+                        "category": e["group"], "subcategory": e.get("subgroups") or "",
+                        "image_path": package / "color" / "svg" / f"{e['hexcode']}.svg"})
+        return out
+    for e in _read_json(package / "emoji.json"):
+        if e.get("category") == "Component":
+            skipped["component"] += 1
+            continue
+        if not e.get(f"has_img_{vendor.name}"):
+            skipped["not_drawn"] += 1
+            continue
+        out.append({"unified": e["unified"], "non_qualified": e.get("non_qualified"), "name": e["name"],
+                    "category": e["category"], "subcategory": e["subcategory"],
+                    "image_path": package / "img" / vendor.name / "64" / e["image"]})
+    return out
+
+
 def build_table(vendor: Vendor, npm_root: Path = NPM_ROOT) -> tuple[pa.Table, Counter]:
     """Every emoji ``vendor`` draws as an EMOJI_SCHEMA table sorted by id; skips counted by reason."""
     package = _package_dir(npm_root, vendor.package)
-    try:
-        entries = json.loads((package / "emoji.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise EmojiError(f"{package / 'emoji.json'}: unreadable ({type(e).__name__}: {e})") from None
     names = cldr_annotations(npm_root)
     rows: dict[str, list] = {f.name: [] for f in EMOJI_SCHEMA}
     skipped: Counter = Counter()
-    for entry in sorted(entries, key=lambda e: e["unified"]):
-        if entry.get("category") == "Component":
-            skipped["component"] += 1
-            continue
-        if not entry.get(f"has_img_{vendor.name}"):
-            skipped["not_drawn"] += 1
-            continue
-        image_path = package / "img" / vendor.name / "64" / entry["image"]
+    for entry in sorted(_entries(vendor, package, skipped), key=lambda e: e["unified"]):
+        image_path = entry["image_path"]
         try:
             data, width, height = render_png(image_path)
         except (OSError, ValueError) as e:
@@ -194,7 +243,7 @@ def build_table(vendor: Vendor, npm_root: Path = NPM_ROOT) -> tuple[pa.Table, Co
         if cldr is None:
             skipped["named_without_cldr"] += 1  # counted, not dropped: the Unicode name stands in
         rows["id"].append(emoji_id(vendor.name, entry["unified"]))
-        rows["unified"].append(entry["unified"].upper())
+        rows["unified"].append(emoji_key(entry["unified"]))
         rows["vendor"].append(vendor.name)
         rows["name"].append(name)
         rows["keywords"].append([k for k in keywords if k != name])

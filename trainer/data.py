@@ -303,7 +303,7 @@ class ShardStream(IterableDataset):
     def __init__(self, source: DatasetSource, *, rank: int, world_size: int, micro_batch: int, image_size: int,
                  context_length: int = CONTEXT_LENGTH, shuffle_buffer: int = 1_000, seed: int = 0,
                  num_streams: int = 1, position: dict[str, Any] | None = None, train: bool = True,
-                 balance: OnlineBalance | None = None):
+                 balance: OnlineBalance | None = None, crop_scale: tuple[float, float] = (0.9, 1.0)):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -314,7 +314,7 @@ class ShardStream(IterableDataset):
         if len(self.position["streams"]) != num_streams:
             raise ValueError(f"position has {len(self.position['streams'])} streams, loader has {num_streams}: "
                              "resume with the same train.num_workers")
-        self.transform = ImageTransform(image_size, train)
+        self.transform = ImageTransform(image_size, train, scale=crop_scale)
         self.balance = balance
         # Whole shards per (rank, stream) when there are enough of them (no wasted reads);
         # otherwise every unit reads every shard and keeps its stride of rows.

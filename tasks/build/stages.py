@@ -392,7 +392,7 @@ def eval_holdout_check(eval_sets: Sequence[EvalSetConfig], dataset_root: str, st
         report[cfg.name] = {"training_ids": len(held_out), "in_shards": len(in_train),
                             "in_holdout": int(pc.sum(pc.is_in(held_ids, wanted)).as_py() or 0)}
         if len(in_train):
-            raise EvalContamination(f"{store.uri('shards/')}: {len(in_train)} training rows are images of eval set "
+            raise EvalContamination(f"{store.root}: {len(in_train)} training rows are images of eval set "
                                     f"{cfg.name!r} (e.g. {in_train[0].as_py()}): a reader lets them through")
     return report
 
