@@ -132,7 +132,7 @@ def eval_index_stage(config: Config) -> dict | None:
         return None
     from infra.eval_sets import load_eval_set
     from infra.storage import ObjectStore
-    from tasks.dedup import ensure_eval_index
+    from tasks.dedup.eval_index import ensure_eval_index
 
     root = config.uri("eval_index")
     sets = [load_eval_set(e, max_images=e.max_images) for e in config.eval_sets]
@@ -286,7 +286,7 @@ def report_stage(config: Config, dataset_root: str, filter_root: str, work_root:
 
 def _overlap_report(config: Config, work_root: str, clean: list[dict], index: dict) -> dict:
     from infra.storage import ObjectStore
-    from tasks.dedup import overlap_report
+    from tasks.dedup.eval_overlap import overlap_report
     from tasks.stages import load_eval_index
 
     work = ObjectStore(work_root, config.storage)

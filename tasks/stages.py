@@ -86,7 +86,7 @@ def write_cap_thresholds(work_root: str, storage: StorageConfig, shard_ids: list
 
 @functools.lru_cache(maxsize=2)
 def load_eval_index(index_root: str, version: str, storage: StorageConfig) -> Any:
-    from tasks.dedup import EvalIndex
+    from tasks.dedup.eval_index import EvalIndex
 
     return EvalIndex.load(_store(index_root, storage), version)
 
@@ -166,7 +166,8 @@ def clean_shard(shard_id: str, filter_root: str, work_root: str, storage: Storag
 
 def _hash_and_decontaminate(table: pa.Table, funnel: Funnel, storage: StorageConfig, dedup: DedupConfig,
                             index_root: str | None, index_version: str | None) -> tuple[pa.Table, pa.Table | None]:
-    from tasks.dedup import filter_eval_overlap, hash_table
+    from tasks.dedup.eval_overlap import filter_eval_overlap
+    from tasks.dedup.hashing import hash_table
 
     table = hash_table(table, dedup.hash_kind, low_info_max_std=dedup.low_info_max_std)
     if not (dedup.against_eval and index_root and index_version):
