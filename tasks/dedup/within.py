@@ -331,9 +331,11 @@ def within_dataset_duplicates_distributed(parts: Sequence[PartRef], *, scratch: 
 
     Equals :func:`within_dataset_duplicates` on the concatenated parts (same drops, representatives
     and reasons), whatever the number of parts or partitions. Two ``infra.fanout.shuffle`` runs
-    write their pieces under ``scratch/exact/`` and ``scratch/bands/``; a rerun skips every
-    finished map and reduce. Pairs are verified by thumbnail correlation ≥ ``min_ncc``
-    (``DEFAULT_MIN_NCC`` when None) when the parts have a ``thumb`` column.
+    write their pieces under ``scratch/exact/<digest>/`` and ``scratch/bands/<digest>/`` (the
+    digest names the parts and settings); a rerun with the same ones skips every finished map and
+    reduce. Pairs are verified by thumbnail correlation ≥ ``min_ncc`` (``DEFAULT_MIN_NCC`` when
+    None) when the parts have a ``thumb`` column. ``num_partitions`` defaults to the cluster's CPUs
+    (at most one per part).
     """
     check_kind(kind)
     if not parts:
