@@ -248,7 +248,11 @@ def test_index_save_load_and_versioning(tmp_path, fashion_test):
 
 
 def _within(t: pa.Table, radius: int = 4, **kw) -> pa.Table:
-    return within_dataset_duplicates(t.column("sample_id").to_pylist(), t.column("phash").to_numpy(), radius,
+    """The single-process reference on a hashed table (``sha256`` used when present)."""
+    hashes = t.column("phash")
+    return within_dataset_duplicates(t.column("sample_id").to_pylist(),
+                                     hashes.to_numpy() if hashes.null_count == 0 else hashes.to_pylist(), radius,
+                                     sha256=t.column("sha256").to_pylist() if "sha256" in t.column_names else None,
                                      pixels_sha256=t.column("pixels_sha256").to_pylist(),
                                      low_info=t.column("low_info").to_pylist(), thumbs=thumbs_of(t.column("thumb")), **kw)
 
@@ -355,13 +359,6 @@ def _planted_duplicates() -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def _single_process(t: pa.Table, radius: int = 4) -> pa.Table:
-    return within_dataset_duplicates(t.column("sample_id").to_pylist(), t.column("phash").to_pylist(), radius,
-                                     sha256=t.column("sha256").to_pylist() if "sha256" in t.column_names else None,
-                                     pixels_sha256=t.column("pixels_sha256").to_pylist(),
-                                     low_info=t.column("low_info").to_pylist(), thumbs=thumbs_of(t.column("thumb")))
-
-
 def _write_parts(t: pa.Table, stores: list[ObjectStore], n: int, seed: int = 1) -> list[PartRef]:
     order = np.random.default_rng(seed).permutation(t.num_rows)  # duplicates land in different parts
     parts = []
@@ -382,7 +379,7 @@ def test_distributed_within_dedup_equals_the_single_process_result(request, tmp_
     if use_ray:
         request.getfixturevalue("ray_local")
     planted = _planted_duplicates()
-    want = _single_process(planted)
+    want = _within(planted)
     assert {r["sample_id"]: (r["representative"], r["reason"]) for r in want.to_pylist()} == PLANTED
     stores = [ObjectStore(str(tmp_path / "a")), ObjectStore(str(tmp_path / "b"))]
     parts = _write_parts(planted, stores, 4)
@@ -396,7 +393,7 @@ def test_distributed_within_dedup_equals_the_single_process_result(request, tmp_
     sample = sample_hashed.select(cols)
     got = within_dataset_duplicates_distributed(_write_parts(sample, stores[:1], 3), scratch=scratch.child("sample"),
                                                 radius=4, use_ray=use_ray)
-    assert got.equals(_single_process(sample)) and got.num_rows > 0
+    assert got.equals(_within(sample)) and got.num_rows > 0
 
 
 def test_distributed_within_dedup_resumes_from_its_scratch_and_never_from_stale_pieces(tmp_path):
@@ -416,8 +413,8 @@ def test_distributed_within_dedup_resumes_from_its_scratch_and_never_from_stale_
     for radius, partitions in ((2, 2), (4, 3)):
         got = within_dataset_duplicates_distributed(parts, scratch=scratch, radius=radius, num_partitions=partitions,
                                                     use_ray=False)
-        assert got.equals(_single_process(planted, radius))
-    assert not got.equals(_single_process(planted, 2))
+        assert got.equals(_within(planted, radius))
+    assert not got.equals(_within(planted, 2))
     assert within_dataset_duplicates_distributed([], scratch=scratch, radius=4, use_ray=False).num_rows == 0
 
 
