@@ -418,6 +418,15 @@ def test_distributed_within_dedup_resumes_from_its_scratch_and_never_from_stale_
     assert within_dataset_duplicates_distributed([], scratch=scratch, radius=4, use_ray=False).num_rows == 0
 
 
+def test_distributed_within_dedup_reads_parts_and_writes_pieces_on_s3(s3_store):
+    planted = _planted_duplicates()
+    parts = _write_parts(planted, [s3_store.child("parts")], 3)
+    got = within_dataset_duplicates_distributed(parts, scratch=s3_store.child("scratch"), radius=4, num_partitions=2,
+                                                use_ray=False)
+    assert got.equals(_within(planted))
+    assert any(k.startswith("bands/") and k.endswith(".parquet") for k in s3_store.child("scratch").list())
+
+
 def test_distributed_within_dedup_names_the_part_it_cannot_read(tmp_path):
     store, scratch = ObjectStore(str(tmp_path / "parts")), ObjectStore(str(tmp_path / "scratch"))
     parts = _write_parts(_planted_duplicates(), [store], 2)
