@@ -23,6 +23,7 @@ from prefect import flow, get_run_logger, task
 
 from infra.config import RESOLVED_CONFIG_NAME, Config, dump_config, to_dict
 from infra.log import get_logger
+from infra.manifest import Manifest
 from infra.prefect_utils import ShardProgress, publish_image, publish_markdown, publish_table
 from infra.fanout import ShardResult, init_ray, map_shards as _map_shards
 from infra.funnel import Funnel
@@ -230,9 +231,9 @@ def shard_stage(config: Config, records: list[dict], within: dict, work_root: st
 
 @task(name="manifest", retries=2, retry_delay_seconds=2, retry_condition_fn=_is_transient)
 def manifest_stage(config: Config, dataset_root: str, written: dict, filtered: list[dict], clean: list[dict],
-                   counts: dict, within: dict, queries: dict, index: dict | None, work_root: str) -> dict:
+                   counts: dict, within: dict, queries: dict, index: dict | None, work_root: str) -> Manifest:
+    from infra.manifest import build_manifest, write_manifest
     from infra.storage import ObjectStore
-    from tasks.shards import MANIFEST_NAME, build_manifest
 
     store = ObjectStore(dataset_root, config.storage)
     funnel = Funnel()
@@ -244,13 +245,12 @@ def manifest_stage(config: Config, dataset_root: str, written: dict, filtered: l
     funnel.record("dedup_within", kept_before_within, kept_before_within - within["drops"], within["reasons"])
     shards = written["shards"]
     manifest = build_manifest(config=to_dict(config), shards=shards, funnel=funnel.to_dict(), queries=queries,
-                              eval_index=index, holdout=written["holdout"],
-                              extra={"work": work_root, "query_counts": counts})
+                              eval_index=index, holdout=written["holdout"], work=work_root, query_counts=counts)
     store.write_json("reports/funnel.json", funnel.to_dict())
     store.write_parquet("reports/funnel.parquet", funnel.to_table())
-    store.write_json(MANIFEST_NAME, manifest)
+    write_manifest(store, manifest)
     publish_markdown("dataset-funnel", "## Dataset funnel\n\n" + funnel.to_markdown(),
-                     f"{manifest['num_rows']} rows in {manifest['num_shards']} shards")
+                     f"{manifest.num_rows} rows in {manifest.num_shards} shards")
     publish_table("dataset-shards", [{k: s[k] for k in ("path", "rows", "bytes")} for s in shards])
     return manifest
 
@@ -295,7 +295,7 @@ def _overlap_report(config: Config, work_root: str, clean: list[dict], index: di
 
 
 @flow(name="build_dataset", log_prints=True)
-def build_dataset(config: Config, base_dir: str = ".", retry_failed: bool = False) -> dict:
+def build_dataset(config: Config, base_dir: str = ".", retry_failed: bool = False) -> Manifest:
     """Build the dataset described by ``config``; returns the manifest.
 
     A rerun resumes; with ``retry_failed`` it also fetches again the samples that failed
@@ -325,6 +325,6 @@ def build_dataset(config: Config, base_dir: str = ".", retry_failed: bool = Fals
     manifest = manifest_stage(config, dataset_root, written, filtered, clean, counts, within, queries,
                               index_result, work_root)
     report_stage(config, dataset_root, filter_root, work_root, clean, queries, index_result)
-    print(f"dataset: {manifest['num_rows']} rows in {manifest['num_shards']} shards at {dataset_root}")
+    print(f"dataset: {manifest.num_rows} rows in {manifest.num_shards} shards at {dataset_root}")
     return manifest
 

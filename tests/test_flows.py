@@ -121,14 +121,14 @@ def test_build_dataset_dag_through_the_api(prefect_server, ray_local, prefect_ap
     from prefect.client.schemas.objects import TaskRunResult
 
     from flows.dataset import build_dataset
-    from tasks.shards import MANIFEST_NAME
+    from infra.manifest import MANIFEST_NAME
 
     config = _tiny_config(tmp_path, sample_parquet)
     state = build_dataset(config, return_state=True)  # the state carries the flow run's id
     assert state.is_completed(), state.message
     manifest = state.result()
     flow_run_id = state.state_details.flow_run_id
-    assert manifest["num_rows"] > 0 and manifest["num_shards"] >= 2
+    assert manifest.num_rows > 0 and manifest.num_shards >= 2
     assert (Path(config.uri(config.shards.output)) / MANIFEST_NAME).exists()
 
     task_runs, artifacts, graph = asyncio.run(_read_run(flow_run_id, set(EXPECTED_UPSTREAM)))
@@ -159,7 +159,7 @@ def test_build_dataset_dag_through_the_api(prefect_server, ray_local, prefect_ap
     assert by_key["dataset-shards"].type == "table"
     shard_rows = by_key["dataset-shards"].data
     shard_rows = json.loads(shard_rows) if isinstance(shard_rows, str) else shard_rows
-    assert [r["path"] for r in shard_rows] == [s["path"] for s in manifest["shards"]]
+    assert [r["path"] for r in shard_rows] == [s.path for s in manifest.shards]
     assert by_key["query-counts"].type == "markdown" and "data:image/png;base64," in by_key["query-counts"].data
     assert by_key["eval-overlap"].type == "table" and "openclipart-heldout" in str(by_key["eval-overlap"].data)
     # Per-shard progress: one progress artifact per fanned-out stage, each finished at 100%.
