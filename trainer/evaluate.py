@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from infra.config import EvalConfig, EvalSetConfig, StorageConfig, checkpoint_dir
+from infra.config import WEIGHTS_SUFFIXES, EvalConfig, EvalSetConfig, StorageConfig, checkpoint_dir
 from infra.funnel import Funnel
 from infra.log import get_logger, log_event, progress
 from infra.manifest import read_manifest
@@ -69,9 +69,9 @@ def _split_weights(checkpoint: str) -> tuple[str, str]:
     """(directory URI, weights file name) for an export dir or a ``.pt``/``.pth``/``.bin`` file."""
     from trainer.model import EXPORT_WEIGHTS_NAME
 
-    directory = checkpoint_dir(checkpoint)
-    stripped = checkpoint.rstrip("/")
-    return directory, stripped.rpartition("/")[2] if stripped != directory else EXPORT_WEIGHTS_NAME
+    if checkpoint.rstrip("/").endswith(WEIGHTS_SUFFIXES):
+        return checkpoint_dir(checkpoint), checkpoint.rstrip("/").rpartition("/")[2]
+    return checkpoint_dir(checkpoint), EXPORT_WEIGHTS_NAME
 
 
 def load_checkpoint(checkpoint: str, *, model_config: str | None = None, storage: StorageConfig | None = None,
