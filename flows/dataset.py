@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger, task
 
 from infra.config import Config, dump_config, to_dict
 from infra.fanout import init_ray
+from infra.manifest import Manifest
 from infra.prefect_utils import ShardProgress, retry_if_transient
 from tasks.build import stages
 from tasks.build.records import (CleanStage, EvalIndexRef, FilterStage, QueryCountsSummary, QueryListRef, WithinResult,
@@ -32,12 +33,12 @@ def plan_inputs(config: Config, base_dir: str) -> list[Any]:
 @task(name="queries", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
 def locate_queries(config: Config) -> QueryListRef | None:
     """The query list this build matches against (None: not built yet)."""
-    return stages.find_query_list(config.uri(config.queries.output), config.storage)
+    return stages.find_query_list(config.queries_uri(), config.storage)
 
 
 @task(name="read-filter-match")
 def filter_stage(config: Config, base_dir: str, shards: list[Any], queries: QueryListRef) -> FilterStage:
-    return stages.filter_stage(shards, dataset_root=config.uri(config.shards.output), storage=config.storage,
+    return stages.filter_stage(shards, dataset_root=config.dataset_uri(), storage=config.storage,
                                sources=config.sources, base_dir=base_dir, text_filter=config.text_filter,
                                queries=queries, on_done=ShardProgress("read → text filters → query match"))
 
@@ -49,7 +50,7 @@ def count_stage(config: Config, filtered: FilterStage, queries: QueryListRef) ->
 
 @task(name="eval-index", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
 def eval_index_stage(config: Config) -> EvalIndexRef | None:
-    return stages.eval_index(config.eval_sets, config.uri("eval_index"), config.storage, config.dedup)
+    return stages.eval_index(config.eval_sets, config.eval_index_uri(), config.storage, config.dedup)
 
 
 @task(name="balance-fetch-images-eval-dedup")
@@ -67,15 +68,15 @@ def within_stage(config: Config, clean: CleanStage) -> WithinResult:
 
 @task(name="write-shards")
 def shard_stage(config: Config, clean: CleanStage, within: WithinResult) -> WrittenShards:
-    return stages.write_output(clean, within, dataset_root=config.uri(config.shards.output), shards=config.shards,
+    return stages.write_output(clean, within, dataset_root=config.dataset_uri(), shards=config.shards,
                                on_done=ShardProgress("write shards"))
 
 
 @task(name="manifest", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
 def manifest_stage(config: Config, written: WrittenShards, filtered: FilterStage, clean: CleanStage,
                    counts: QueryCountsSummary, within: WithinResult, queries: QueryListRef,
-                   index: EvalIndexRef | None, base_dir: str = ".") -> dict:
-    root = config.uri(config.shards.output)
+                   index: EvalIndexRef | None, base_dir: str = ".") -> Manifest:
+    root = config.dataset_uri()
     return stages.write_manifest(dataset_root=root, storage=config.storage,
                                  config=to_dict(config), written=written, filtered=filtered, clean=clean,
                                  counts=counts, within=within, queries=queries, index=index,
@@ -87,25 +88,25 @@ def manifest_stage(config: Config, written: WrittenShards, filtered: FilterStage
 def report_stage(config: Config, filtered: FilterStage, clean: CleanStage, queries: QueryListRef,
                  index: EvalIndexRef | None) -> dict:
     """Per-query counts before/after balancing (with the log-log plot) and the eval overlap report."""
-    return stages.reports(dataset_root=config.uri(config.shards.output), filtered=filtered, clean=clean,
+    return stages.reports(dataset_root=config.dataset_uri(), filtered=filtered, clean=clean,
                           queries=queries, index=index, max_per_query=config.balance.max_per_query)
 
 
 @flow(name="build_dataset", log_prints=True)
-def build_dataset(config: Config, base_dir: str = ".", retry_failed: bool = False) -> dict:
+def build_dataset(config: Config, base_dir: str = ".", retry_failed: bool = False) -> Manifest:
     """Build the dataset described by ``config``; returns the manifest.
 
     A rerun resumes; with ``retry_failed`` it also fetches again the samples that failed
     transiently (timeouts, 429/5xx, connection errors) in shards already done.
     """
     init_ray(config.ray.address, config.ray.num_cpus, config.ray.include_dashboard, config.ray.object_store_memory_mb)
-    stages.record_config(config.uri(config.shards.output), config.storage, dump_config(config))
+    stages.record_config(config.dataset_uri(), config.storage, dump_config(config))
     index = eval_index_stage.submit(config)  # independent of the query list and the filter stage
     queries = locate_queries(config)
     if queries is None:
         from flows.queries import build_queries
 
-        get_run_logger().info("no query list at %s: building it first", config.uri(config.queries.output))
+        get_run_logger().info("no query list at %s: building it first", config.queries_uri())
         build_queries(config)
         queries = locate_queries(config)
     shards = plan_inputs(config, base_dir)
@@ -117,6 +118,5 @@ def build_dataset(config: Config, base_dir: str = ".", retry_failed: bool = Fals
     written = shard_stage(config, clean, within)
     manifest = manifest_stage(config, written, filtered, clean, counts, within, queries, index_ref, base_dir)
     report_stage(config, filtered, clean, queries, index_ref)
-    print(f"dataset: {manifest['num_rows']} rows in {manifest['num_shards']} shards at "
-          f"{config.uri(config.shards.output)}")
+    print(f"dataset: {manifest.num_rows} rows in {manifest.num_shards} shards at {config.dataset_uri()}")
     return manifest

@@ -22,7 +22,7 @@ from infra.storage import ObjectStore
 from tasks.balance import CapHashes, balance_table, count_queries
 from tasks.build import stages
 from tasks.build.jobs import CleanContext, clean_shard
-from tasks.build.records import FilterRecord, FilterStage, QueryListRef, QueryMatchCounts
+from tasks.build.records import FilterRecord, FilterStage, QueryMatchCounts
 from tasks.build.workdir import WorkDir
 from tasks.shards import select_holdout
 

@@ -43,6 +43,9 @@ def fake_npm_root(root: Path, *, licence_ok: bool = True) -> Path:
                         "has_img_twitter": i != 2, "has_img_google": True})
     for vendor in emoji.VENDORS.values():
         pkg = nm / vendor.package
+        if vendor.layout == "openmoji":
+            _fake_openmoji(pkg, codes, vendor.licence_statement if licence_ok else "all rights reserved")
+            continue
         (pkg / "img" / vendor.name / "64").mkdir(parents=True)
         (pkg / "package.json").write_text(json.dumps({"name": vendor.package, "version": "16.0.0"}))
         (pkg / "emoji.json").write_text(json.dumps(entries))
@@ -58,6 +61,28 @@ def fake_npm_root(root: Path, *, licence_ok: bool = True) -> Path:
         (nm / package / "package.json").write_text(json.dumps({"name": package, "version": "48.2.0"}))
         path.write_text(json.dumps({top: {"annotations": annotations if top == "annotations" else {}}}))
     return nm
+
+
+def _fake_openmoji(pkg: Path, codes: list[str], statement: str) -> None:
+    """OpenMoji's layout: data/openmoji.json and color/svg/<HEXCODE>.svg, with FE0F in some codes."""
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "color" / "svg").mkdir(parents=True)
+    (pkg / "package.json").write_text(json.dumps({"name": "openmoji", "version": "17.0.0"}))
+    (pkg / "README.md").write_text(f"## License\n{statement} ([CC BY-SA 4.0](https://example.invalid))\n")
+    entries = []
+    for i, u in enumerate(codes):
+        hexcode = f"{u}-FE0F" if i == 0 else u  # vendors differ on variation selectors
+        group = "component" if u == "1F3FB" else "objects"
+        entries.append({"hexcode": hexcode, "annotation": f"om {i}", "group": group, "subgroups": "tool",
+                        "skintone": ""})
+        (pkg / "color" / "svg" / f"{hexcode}.svg").write_text(
+            '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 72 72">'
+            f'<circle cx="36" cy="36" r="20" fill="#{(i * 40) % 256:02x}2060"/></svg>')
+    entries.append({"hexcode": "E000", "annotation": "openmoji's own", "group": "extras-openmoji",
+                    "subgroups": "x", "skintone": ""})
+    entries.append({"hexcode": f"{codes[5]}-1F3FB", "annotation": "toned", "group": "objects", "subgroups": "tool",
+                    "skintone": "1F3FB"})
+    (pkg / "data" / "openmoji.json").write_text(json.dumps(entries))
 
 
 @pytest.fixture
@@ -79,6 +104,19 @@ def test_emoji_table_names_keywords_white_composite_and_provenance(tmp_path: Pat
     meta = pq.read_schema(tmp_path / "tw.parquet").metadata
     assert b"CC-BY-4.0" in meta[b"witflow.licence"] and b"Unicode License v3" in meta[b"witflow.licence"]
     assert b"emoji-datasource-twitter 16.0.0" in meta[b"witflow.source"] and meta[b"witflow.attribution"]
+
+
+def test_openmoji_svgs_are_rasterised_and_keyed_like_the_other_vendors(tmp_path: Path, npm_root: Path) -> None:
+    table, skipped = emoji.build("openmoji", tmp_path / "om.parquet", npm_root)
+    rows = {r["unified"]: r for r in table.to_pylist()}
+    # Swatch, OpenMoji's own extra and the skin-tone variant left out; FE0F dropped from the key.
+    assert skipped == {"component": 1, "not_unicode": 1, "named_without_cldr": 1}
+    assert sorted(rows) == sorted(HELD + KEPT) and rows[HELD[0]]["id"] == f"openmoji/{HELD[0]}"
+    assert rows[HELD[0]]["name"] == "thing 0" and rows[HELD[3]]["name"] == "om 3"  # CLDR name, else OpenMoji's
+    image = Image.open(io.BytesIO(rows[KEPT[0]]["image"]))
+    assert image.mode == "RGB" and image.size == (64, 64)
+    assert image.getpixel((1, 1)) == (255, 255, 255) and image.getpixel((32, 32)) != (255, 255, 255)
+    assert b"CC-BY-SA-4.0" in pq.read_schema(tmp_path / "om.parquet").metadata[b"witflow.licence"]
 
 
 def test_emoji_unicode_name_stands_in_without_cldr(tmp_path: Path, npm_root: Path) -> None:
@@ -243,7 +281,7 @@ def test_holdout_check_counts_and_refuses_contaminated_shards(tmp_path: Path, np
     clean = WrittenShards([_shard(root, "shards/part-00000.parquet", [f"emoji:twitter/{u}" for u in KEPT])],
                           [_shard(root, "holdout/part-00000.parquet", [f"emoji:twitter/{HELD[0]}"])])
     report = eval_holdout_check(sets, str(root), None, clean)
-    assert report == {"e": {"training_ids": 2 * (len(HELD) - 1), "in_shards": 0, "in_holdout": 1}}
+    assert report == {"e": {"training_ids": len(emoji.VENDORS) * (len(HELD) - 1), "in_shards": 0, "in_holdout": 1}}
     dirty = WrittenShards([_shard(root, "shards/part-00001.parquet", [f"emoji:google/{HELD[4]}"])], [])
     with pytest.raises(EvalContamination, match=f"eval set 'e'.*emoji:google/{HELD[4]}"):
         eval_holdout_check(sets, str(root), None, dirty)

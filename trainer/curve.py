@@ -51,6 +51,20 @@ def prepare_curve_set(eval_set: Any, kind: str | None, image_size: int) -> Curve
     return CurveSet(eval_set.name, images, np.asarray(eval_set.labels, np.int64), tuple(eval_set.classes), family)
 
 
+def load_curve_sets(config: Any) -> list[CurveSet]:
+    """The learning curve's eval sets (``train.curve_eval_sets`` of a whole Config), loaded and
+    transformed once; none when the curve is off."""
+    from infra.eval_sets import load_eval_set
+    from trainer.model import load_model_config
+
+    if not config.train.curve_every_steps:
+        return []
+    image_size = load_model_config(config.train.model).image_size
+    by_name = {e.name: e for e in config.eval_sets}
+    return [prepare_curve_set(load_eval_set(by_name[n]), by_name[n].kind, image_size)
+            for n in config.train.curve_eval_sets]
+
+
 def mean_per_class_accuracy(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> float:
     """The mean over classes present of each class's recall (balanced accuracy)."""
     per_class = per_class_accuracy(confusion_matrix(labels, predictions, num_classes))

@@ -27,6 +27,8 @@ from infra.config import (BalanceConfig, DedupConfig, EvalSetConfig, GatherConfi
 from infra.fanout import map_shards, values_or_raise
 from infra.funnel import Funnel
 from infra.log import get_logger, log_event
+from infra.manifest import Manifest, build_manifest
+from infra.manifest import write_manifest as write_manifest_file
 from infra.prefect_utils import publish_image, publish_markdown, publish_table
 from infra.storage import ObjectStore
 from tasks.build.jobs import CleanContext, FilterContext, clean_shard, filter_shard, query_counts
@@ -69,7 +71,7 @@ def eval_index(eval_sets: Sequence[EvalSetConfig], root: str, storage: StorageCo
     if not dedup.against_eval or not eval_sets:
         return None
     from infra.eval_sets import load_eval_set
-    from tasks.dedup import ensure_eval_index
+    from tasks.dedup.eval_index import ensure_eval_index
 
     sets = [load_eval_set(e, max_images=e.max_images) for e in eval_sets]
     index, built = ensure_eval_index(sets, ObjectStore(root, storage), dedup.hash_kind,
@@ -196,15 +198,14 @@ def _part_survivors(shard_id: str, ctx: _SurvivorContext) -> _Survivors:
 
 
 def _duplicates(clean: CleanStage, dedup: DedupConfig, scratch: ObjectStore, use_ray: bool) -> pa.Table:
-    from tasks.dedup import DUPLICATES_SCHEMA, within_dataset_duplicates_ray  # TEMP until tasks/dedup/ lands
+    from tasks.dedup.within import DUPLICATES_SCHEMA, PartRef, within_dataset_duplicates_distributed
 
     if not dedup.within_dataset or not clean.records:
         return DUPLICATES_SCHEMA.empty_table()
     store = clean.work.store
-    columns = ["sample_id", "sha256", "pixels_sha256", "low_info", "thumb", dedup.hash_kind]
-    tables = [store.read_parquet(WorkDir.clean(r.shard_id), columns=columns) for r in clean.records]
-    return within_dataset_duplicates_ray(tables, dedup.within_radius, kind=dedup.hash_kind,
-                                         min_ncc=dedup.verify_min_ncc)
+    parts = [PartRef(r.shard_id, store, WorkDir.clean(r.shard_id)) for r in clean.records]
+    return within_dataset_duplicates_distributed(parts, scratch=scratch, radius=dedup.within_radius,
+                                                 kind=dedup.hash_kind, min_ncc=dedup.verify_min_ncc, use_ray=use_ray)
 
 
 def within_dataset(clean: CleanStage, dedup: DedupConfig, holdout_rows: int, *, use_ray: bool = True) -> WithinResult:
@@ -400,26 +401,23 @@ def eval_holdout_check(eval_sets: Sequence[EvalSetConfig], dataset_root: str, st
 def write_manifest(*, dataset_root: str, storage: StorageConfig, config: dict, written: WrittenShards,
                    filtered: FilterStage, clean: CleanStage, counts: QueryCountsSummary, within: WithinResult,
                    queries: QueryListRef, index: EvalIndexRef | None, sources: list[dict] | None = None,
-                   eval_holdout: dict[str, dict[str, int]] | None = None) -> dict:
+                   eval_holdout: dict[str, dict[str, int]] | None = None) -> Manifest:
     """Write ``manifest.json`` and the funnel reports (files and UI artifacts); returns the manifest.
 
     ``sources``: :func:`source_provenance`; ``eval_holdout``: :func:`eval_holdout_check`."""
-    from tasks.shards import MANIFEST_NAME, build_manifest
-
     store = ObjectStore(dataset_root, storage)
     funnel = build_funnel(filtered, clean, within)
     manifest = build_manifest(config=config, shards=written.shards, funnel=funnel.to_dict(),
                               queries=to_json(queries), eval_index=to_json(index) if index else None,
-                              holdout=written.holdout,
-                              extra={"work": clean.work.root, "query_counts": to_json(counts),
-                                     "sources": sources or [], "eval_holdout": eval_holdout or {}})
+                              holdout=written.holdout, work=clean.work.root, query_counts=to_json(counts),
+                              sources=sources or [], eval_holdout=eval_holdout or {})
     store.write_json("reports/funnel.json", funnel.to_dict())
     store.write_parquet("reports/funnel.parquet", funnel.to_table())
-    store.write_json(MANIFEST_NAME, manifest)
+    write_manifest_file(store, manifest)
     publish_markdown("dataset-funnel", "## Dataset funnel\n\n" + funnel.to_markdown(),
-                     f"{manifest['num_rows']} rows in {manifest['num_shards']} shards")
-    publish_table("dataset-shards", [{k: s[k] for k in ("path", "rows", "bytes")} for s in written.shards])
-    log_event(log, "dataset written", rows=manifest["num_rows"], shards=manifest["num_shards"], root=store.root)
+                     f"{manifest.num_rows} rows in {manifest.num_shards} shards")
+    publish_table("dataset-shards", [{"path": s.path, "rows": s.rows, "bytes": s.bytes} for s in manifest.shards])
+    log_event(log, "dataset written", rows=manifest.num_rows, shards=manifest.num_shards, root=store.root)
     return manifest
 
 
@@ -454,8 +452,8 @@ def query_count_report(*, dataset_root: str, filtered: FilterStage, clean: Clean
 
 def eval_overlap_report(*, dataset_root: str, clean: CleanStage, index: EvalIndexRef) -> dict:
     """Per eval set, how many eval images have a near-duplicate among the candidates (CLIP §5)."""
-    from tasks.build.jobs import EVAL_MATCHES, eval_index
-    from tasks.dedup import overlap_report
+    from tasks.build.jobs import eval_index
+    from tasks.dedup.eval_overlap import EVAL_MATCHES, overlap_report
 
     store = clean.work.store
     tables = [store.read_parquet(WorkDir.side(EVAL_MATCHES, r.shard_id)) for r in clean.records if r.eval_matches]
