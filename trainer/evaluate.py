@@ -115,7 +115,7 @@ def load_checkpoint(checkpoint: str, *, model_config: str | None = None, storage
             for name in (EXPORT_CONFIG_NAME, OPEN_CLIP_CONFIG_NAME):
                 if store.exists(name):
                     (Path(tmp) / name).write_bytes(store.read_bytes(name))
-            model, config = load_exported(local)
+            model, config = load_exported(local, where=store.uri(weights_name))
     model.to(device)
     return LoadedCheckpoint(model=model, model_config=config, model_id=model_id, weights_uri=store.uri(weights_name))
 

@@ -503,7 +503,7 @@ def save_exported(model: CLIP, export_dir: str | Path) -> Path:
     return export_dir
 
 
-def exported_config(weights: Path, state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:
+def exported_config(weights: Path, state_dict: Mapping[str, torch.Tensor], where: str | None = None) -> ModelConfig:
     """The architecture of exported weights: ``model_config.json`` beside them, else
     ``open_clip_config.json``, else their shapes when they are one of OpenAI's models (else
     :class:`UnknownArchitecture`)."""
@@ -511,14 +511,16 @@ def exported_config(weights: Path, state_dict: Mapping[str, torch.Tensor]) -> Mo
         return load_model_config(weights.parent / EXPORT_CONFIG_NAME)
     if (weights.parent / OPEN_CLIP_CONFIG_NAME).is_file():
         return from_open_clip_config(json.loads((weights.parent / OPEN_CLIP_CONFIG_NAME).read_text()))
-    return openai_architecture({k.removeprefix("module."): v for k, v in state_dict.items()}, str(weights))
+    return openai_architecture({k.removeprefix("module."): v for k, v in state_dict.items()}, where or str(weights))
 
 
-def load_exported(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[CLIP, ModelConfig]:
+def load_exported(path: str | Path, map_location: str | torch.device = "cpu",
+                  where: str | None = None) -> tuple[CLIP, ModelConfig]:
     """Load an export dir (``model.pt`` + its config) or a bare OpenAI-layout ``.pt``.
 
     The architecture comes from :func:`exported_config`: a bare state dict loads only when its
     shapes are one of OpenAI's released models (their own non-JIT checkpoints load that way).
+    ``where`` names the weights in errors (e.g. the URI a local copy came from).
     """
     path = Path(path)
     weights = path / EXPORT_WEIGHTS_NAME if path.is_dir() else path
@@ -527,7 +529,7 @@ def load_exported(path: str | Path, map_location: str | torch.device = "cpu") ->
     state_dict = torch.load(weights, map_location=map_location, weights_only=True)
     if isinstance(state_dict, dict) and "state_dict" in state_dict:
         state_dict = state_dict["state_dict"]
-    config = exported_config(weights, state_dict)
+    config = exported_config(weights, state_dict, where)
     model = CLIP(config)
     load_openai_state_dict(model, state_dict)
     return model.eval(), config
