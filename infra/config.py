@@ -306,6 +306,8 @@ class TrainConfig:
     num_workers: int = 0
     shuffle_buffer: int = 1_000
     crop_scale: tuple[float, float] = (0.9, 1.0)  # random resized crop: area range (open_clip's default)
+    # Each epoch, a random subset of a caption's comma-separated parts (title, keywords) in random order
+    caption_sampling: bool = False
     seed: int = 0
     save_every_steps: int = 100
     log_every_steps: int = 10

@@ -237,3 +237,20 @@ def test_online_balance_uses_the_builds_coin_rule(balanced_source):
     kept = balance.keep(table.column("sample_id").to_pylist(), table.column("query_ids"), epoch=2)
     build = balance_table(table, balance.counts, BalanceConfig(max_per_query=T, seed=balance.epoch_seed(2))).table
     assert table.filter(pa.array(kept)).column("sample_id").to_pylist() == build.column("sample_id").to_pylist()
+
+
+def test_caption_sampling_draws_subsets_of_the_parts_per_epoch(dataset):
+    from trainer.data import sample_caption_parts
+
+    caption = "cat face, animal, cat, kitten, pet"
+    parts = set(caption.split(", "))
+    draws = [sample_caption_parts(caption, random.Random(i)) for i in range(200)]
+    assert all(d and set(d.split(", ")) <= parts for d in draws)
+    assert len(set(draws)) > 50 and "cat" in draws  # single words appear alone too
+    assert sample_caption_parts("no commas here", random.Random(0)) == "no commas here"
+    # In the stream: fixed by (seed, epoch, row), different across epochs, always a subset.
+    ds = _stream(dataset, caption_sampling=True)
+    a = ds._sample(3, 0, _png(Image.new("RGB", (8, 8))), caption)[1]
+    assert a == ds._sample(3, 0, _png(Image.new("RGB", (8, 8))), caption)[1]
+    epochs = {ds._sample(3, e, _png(Image.new("RGB", (8, 8))), caption)[1] for e in range(20)}
+    assert len(epochs) > 5 and all(set(c.split(", ")) <= parts for c in epochs)

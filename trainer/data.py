@@ -299,7 +299,8 @@ class ShardStream(IterableDataset):
     def __init__(self, source: DatasetSource, *, rank: int, world_size: int, micro_batch: int, image_size: int,
                  context_length: int = CONTEXT_LENGTH, shuffle_buffer: int = 1_000, seed: int = 0,
                  num_streams: int = 1, position: dict[str, Any] | None = None, train: bool = True,
-                 balance: OnlineBalance | None = None, crop_scale: tuple[float, float] = (0.9, 1.0)):
+                 balance: OnlineBalance | None = None, crop_scale: tuple[float, float] = (0.9, 1.0),
+                 caption_sampling: bool = False):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -312,6 +313,7 @@ class ShardStream(IterableDataset):
                              "resume with the same train.num_workers")
         self.transform = ImageTransform(image_size, train, scale=crop_scale)
         self.balance = balance
+        self.caption_sampling = caption_sampling
         # Whole shards per (rank, stream) when there are enough of them (no wasted reads);
         # otherwise every unit reads every shard and keeps its stride of rows.
         self.units = world_size * num_streams
@@ -394,6 +396,8 @@ class ShardStream(IterableDataset):
         except Exception as e:  # PIL raises many types for corrupt data
             raise _BadSample("decode_error", f"{type(e).__name__}: {e}") from None
         rng = random.Random(f"{self.seed}:{epoch}:{row}:augment")
+        if self.caption_sampling:
+            caption = sample_caption_parts(caption, random.Random(f"{self.seed}:{epoch}:{row}:caption"))
         return self.transform(image, rng), caption
 
     def _stream_batches(self, stream: int, state: StreamState) -> Iterator[dict[str, Any]]:
@@ -438,6 +442,16 @@ class ShardStream(IterableDataset):
         # The loader hands out batches round-robin from worker 0; shift so global batch g comes from stream g % S.
         stream = (worker + self.position["batches"]) % self.num_streams
         return self._stream_batches(stream, StreamState.from_dict(self.position["streams"][stream]))
+
+
+def sample_caption_parts(caption: str, rng: random.Random) -> str:
+    """A random non-empty subset, in random order, of a caption's comma-separated parts ("cat face,
+    animal, cat, kitten" -> "kitten, cat face"): a title-and-keywords caption shows its words alone
+    and in new company each epoch. A caption without commas is kept as it is."""
+    parts = [p.strip() for p in caption.split(",") if p.strip()]
+    if len(parts) < 2:
+        return caption
+    return ", ".join(rng.sample(parts, rng.randint(1, len(parts))))
 
 
 class _BadSample(Exception):
