@@ -44,10 +44,24 @@ def _centred_grid(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (xs - (w - 1) / 2).reshape(1, -1), (ys - (h - 1) / 2).reshape(1, -1)
 
 
-def warp(images: torch.Tensor, params: torch.Tensor, full_side: int) -> tuple[torch.Tensor, torch.Tensor]:
+_BASE: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _base_grid(h: int, w: int) -> torch.Tensor:
+    """(h·w, 3) homogeneous normalised coordinates (align_corners=True), cached per size."""
+    if (h, w) not in _BASE:
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        _BASE[(h, w)] = torch.stack([xs.reshape(-1), ys.reshape(-1), torch.ones(h * w)], 1)
+    return _BASE[(h, w)]
+
+
+def warp(images: torch.Tensor, params: torch.Tensor, full_side: int, margin: float = 0.0
+         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``images`` (N, C, h, w) at the warped grid: x_eval = A·x_cand + t (centred pixel
     coordinates; ``params`` = (tx, ty) in full-resolution pixels, then A − I row-major).
-    Returns the samples (N, C, h·w) and which of them fall inside the image (N, h·w)."""
+    Returns the samples (N, C, h·w) and which of them fall at least ``margin`` pixels (at this
+    level) inside the image (N, h·w): the band along the edge is interpolated with whatever filled
+    it (a rotation's corners), so callers leave it out."""
     n, c, h, w = images.shape
     f = full_side / w
     cx, cy = (w - 1) / 2, (h - 1) / 2
@@ -55,9 +69,10 @@ def warp(images: torch.Tensor, params: torch.Tensor, full_side: int) -> tuple[to
     theta = torch.stack([
         torch.stack([1 + p[:, 2], p[:, 3] * cy / cx, p[:, 0] / f / cx], 1),
         torch.stack([p[:, 4] * cx / cy, 1 + p[:, 5], p[:, 1] / f / cy], 1)], 1)
-    grid = F.affine_grid(theta, [n, c, h, w], align_corners=True)
+    grid = (_base_grid(h, w) @ theta.transpose(1, 2)).reshape(n, h, w, 2)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    inside = (grid.abs() <= 1.0).all(-1).reshape(n, -1).to(torch.float32)
+    limit = torch.tensor([1.0 - margin / cx, 1.0 - margin / cy])
+    inside = (grid.abs() <= limit).all(-1).reshape(n, -1).to(torch.float32)
     return out.reshape(n, c, -1), inside
 
 
@@ -114,8 +129,8 @@ def _gauss_newton(c: torch.Tensor, e: torch.Tensor, p: torch.Tensor, factor: int
     damping = 1e-3 * torch.eye(6)[None]
     energy = torch.full((n,), float("inf"))
     for _ in range(iters):
-        sampled, inside = warp(stack, p, side)
-        inside = erode(inside, c.shape[-1], 1) * corners
+        sampled, inside = warp(stack, p, side, margin=1.0)
+        inside = inside * corners
         ew, gxw, gyw = sampled[:, 0], sampled[:, 1], sampled[:, 2]
         cn, _ = masked_znorm(c_flat, inside)
         en, sd = masked_znorm(ew, inside)

@@ -45,11 +45,14 @@ SIDE = 32  # thumbnail side (pixels)
 DCT_BLOCK = 8  # the descriptor keeps the DCT_BLOCK² lowest frequencies, less the constant one
 DESCRIPTOR_DIM = DCT_BLOCK * DCT_BLOCK - 1
 FLAT_STD = 2.0  # grey levels: a thumbnail this flat in every channel has no structure to compare
-EDGE_BAND = 2  # pixels along the aligned edge left out of the comparison (see align.erode)
+EDGE_BAND = 2  # pixels along the aligned edge left out of the comparison (see align.warp)
 MIN_COVERAGE = 0.5  # share of the candidate's pixels the aligned eval image must cover
 
 # Verification defaults (bench/dedup_quality.py tunes them on its tuning split).
-DEFAULT_MIN_SCORE = 0.95
+DEFAULT_MIN_SCORE = 0.90
+# An eval image under SIDE px holds little detail: look-alikes (two plain trousers at 28 px) score
+# like copies of it, so its pairs need a higher score.
+DEFAULT_MIN_SCORE_SMALL = 0.975
 DEFAULT_MAX_HUE_SHIFT = 0.1  # of the hue circle; the HSV-jitter family shifts by ≤ 0.06
 _CHROMA_MIN = 0.2  # saturation and value above which a pixel's hue means something
 _COLOURED_SHARE = 0.05  # share of coloured pixels above which an image counts as coloured
@@ -193,7 +196,6 @@ def _interior(g_c: torch.Tensor, g_e: torch.Tensor, inside: torch.Tensor) -> tor
     """Grey correlation over the pixels inside the object in both images (away from its outline):
     the object's own shading, which a copy keeps and a look-alike of the same silhouette does not.
     Weighted towards 1 when that interior is flat (a flat fill says nothing)."""
-    n = len(g_c)
     ring = torch.ones(SIDE, SIDE, dtype=torch.bool)
     ring[2:-2, 2:-2] = False
     background = g_e[:, ring.reshape(-1)].median(-1).values[:, None]
@@ -238,17 +240,29 @@ def verify(cand: np.ndarray, ev: np.ndarray, *, sides: np.ndarray | None = None,
         return Verification(z, z, z, z, np.zeros(0, bool), np.zeros((0, 6), np.float32))
     with torch.no_grad():
         params = align(grey(cand), grey(ev))
-        e_rgb = torch.as_tensor(np.ascontiguousarray(ev.transpose(0, 3, 1, 2)), dtype=torch.float32)
-        e_rgb, inside = warp(e_rgb, params, SIDE)
-        inside = erode(inside, SIDE, EDGE_BAND) * corner_mask(SIDE, SIDE)
         c_rgb = torch.as_tensor(np.ascontiguousarray(cand.transpose(0, 3, 1, 2)), dtype=torch.float32).reshape(n, 3, -1)
+        e_full = torch.as_tensor(np.ascontiguousarray(ev.transpose(0, 3, 1, 2)), dtype=torch.float32)
         sides = None if sides is None else np.asarray(sides)
-        e_rgb, c_rgb = _common_detail(e_rgb, sides), _common_detail(c_rgb, sides)
-        whole = _whole(c_rgb, e_rgb, inside)
-        interior = _interior(_luma(c_rgb), _luma(e_rgb), inside)
-        comparable = inside.mean(-1) >= MIN_COVERAGE
-        score = torch.where(comparable & (whole > -1), torch.minimum(whole, interior), torch.full_like(whole, -1.0))
-        colour_ok, hue = _colour_ok(c_rgb, e_rgb, inside, max_hue_shift)
+        c_rgb = _common_detail(c_rgb, sides)
+        best = None
+        # The fit, and the identity: a copy that was never moved (colour jitter, JPEG) must not
+        # lose to a fit that drifted on a flat drawing.
+        for p in (params, torch.zeros_like(params)):
+            e_rgb, inside = warp(e_full, p, SIDE, margin=EDGE_BAND)
+            inside = inside * corner_mask(SIDE, SIDE)
+            e_rgb = _common_detail(e_rgb, sides)
+            whole = _whole(c_rgb, e_rgb, inside)
+            interior = _interior(_luma(c_rgb), _luma(e_rgb), inside)
+            comparable = inside.mean(-1) >= MIN_COVERAGE
+            score = torch.where(comparable & (whole > -1), torch.minimum(whole, interior), torch.full_like(whole, -1.0))
+            colour_ok, hue = _colour_ok(c_rgb, e_rgb, inside, max_hue_shift)
+            if best is None:
+                best = [score, whole, interior, hue, colour_ok, p]
+            else:
+                better = score > best[0]
+                for i, new in enumerate((score, whole, interior, hue, colour_ok, p)):
+                    best[i] = torch.where(better[:, None] if new.dim() == 2 else better, new, best[i])
+        score, whole, interior, hue, colour_ok, params = best
     return Verification(score.numpy().astype(np.float32), whole.numpy().astype(np.float32),
                         interior.numpy().astype(np.float32), hue.numpy().astype(np.float32),
                         colour_ok.numpy(), params.numpy())

@@ -35,7 +35,7 @@ from tasks.dedup import align as _align_module
 from tasks.dedup import ann as _ann_module
 from tasks.dedup import copy_detect
 from tasks.dedup.ann import DescriptorIndex
-from tasks.dedup.copy_detect import DEFAULT_MAX_HUE_SHIFT, DEFAULT_MIN_SCORE, SIDE, copy_features
+from tasks.dedup.copy_detect import DEFAULT_MAX_HUE_SHIFT, DEFAULT_MIN_SCORE, DEFAULT_MIN_SCORE_SMALL, SIDE, copy_features
 
 log = get_logger(__name__)
 
@@ -47,12 +47,14 @@ DEFAULT_NEIGHBOURS = 10
 
 
 def detector_digest() -> str:
-    """sha256 of the detector's source (features, alignment, lookup, this module): any change to
-    how images are described or compared makes a new index version."""
+    """sha256 of the detector's source (features, alignment, lookup, decision, this module): any
+    change to how images are described or compared makes a new index version."""
     h = hashlib.sha256()
     for module in (copy_detect, _align_module, _ann_module):
         h.update(Path(module.__file__).read_bytes())
-    h.update(Path(__file__).read_bytes())
+    here = Path(__file__)
+    for path in (here, here.with_name("eval_overlap.py")):  # the lookup and the decision
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 
@@ -88,14 +90,17 @@ class EvalIndex:
     _ann: DescriptorIndex | None = field(default=None, repr=False)
     _by_digest: dict[str, list[int]] | None = field(default=None, repr=False)
 
-    BUILD_DEFAULTS = {"views": True, "min_score": DEFAULT_MIN_SCORE, "max_hue_shift": DEFAULT_MAX_HUE_SHIFT,
-                      "neighbours": DEFAULT_NEIGHBOURS}
+    BUILD_DEFAULTS = {"views": True, "min_score": DEFAULT_MIN_SCORE, "min_score_small": DEFAULT_MIN_SCORE_SMALL,
+                      "max_hue_shift": DEFAULT_MAX_HUE_SHIFT, "neighbours": DEFAULT_NEIGHBOURS}
 
     @classmethod
     def build(cls, eval_sets: Sequence[Any], *, views: bool = True, min_score: float = DEFAULT_MIN_SCORE,
-              max_hue_shift: float = DEFAULT_MAX_HUE_SHIFT, neighbours: int = DEFAULT_NEIGHBOURS) -> "EvalIndex":
-        """Describe every image of every eval set (``infra.eval_sets.EvalSet``)."""
-        params = {"views": views, "min_score": min_score, "max_hue_shift": max_hue_shift, "neighbours": neighbours}
+              min_score_small: float = DEFAULT_MIN_SCORE_SMALL, max_hue_shift: float = DEFAULT_MAX_HUE_SHIFT,
+              neighbours: int = DEFAULT_NEIGHBOURS) -> "EvalIndex":
+        """Describe every image of every eval set (``infra.eval_sets.EvalSet``); the decision
+        settings are kept with it (they are part of its version)."""
+        params = {"views": views, "min_score": min_score, "min_score_small": min_score_small,
+                  "max_hue_shift": max_hue_shift, "neighbours": neighbours}
         image_set, ids, labels, flat, thumbs, sides, digests = [], [], [], [], [], [], []
         entry_image, entry_thumbs = [], []
         total = sum(len(s.ids) for s in eval_sets)

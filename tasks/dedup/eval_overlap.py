@@ -22,8 +22,8 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from infra.funnel import Funnel
-from tasks.dedup.copy_detect import (COPY_COLUMNS, DEFAULT_MAX_HUE_SHIFT, DEFAULT_MIN_SCORE, descriptors_from_column,
-                                     thumbs_from_column, verify)
+from tasks.dedup.copy_detect import (COPY_COLUMNS, DEFAULT_MAX_HUE_SHIFT, DEFAULT_MIN_SCORE, DEFAULT_MIN_SCORE_SMALL,
+                                     SIDE, descriptors_from_column, thumbs_from_column, verify)
 from tasks.dedup.eval_index import EvalIndex
 from tasks.dedup.hashing import hash_table
 from tasks.step import StepOutput
@@ -40,6 +40,7 @@ MATCHES_SCHEMA = pa.schema([
     pa.field("candidate_png", pa.binary()),  # a small preview of the candidate, for the report sheet
 ])
 PREVIEW_SIDE = 96
+MIN_DESCRIPTOR_SIM = 0.6  # below this a neighbour is not verified (true copies: ≥ 0.7 in 95% of cases)
 EVAL_MATCHES = "eval_matches"  # the step's side output
 
 
@@ -68,7 +69,8 @@ def candidate_scores(table: pa.Table, index: EvalIndex, *, neighbours: int | Non
                      max_hue_shift: float | None = None) -> dict[str, np.ndarray]:
     """Every (row, eval image) pair worth a decision: identical pixels, then the verified nearest
     eval images. Arrays ``row``, ``image``, ``score`` (−1 where colours disagree or the pair
-    cannot be compared), ``hue_shift``, ``descriptor_sim``, ``identical`` (bool)."""
+    cannot be compared), ``hue_shift``, ``descriptor_sim``, ``identical`` and ``small`` (bool: the
+    eval image is under SIDE px). Pairs below ``MIN_DESCRIPTOR_SIM`` are not verified."""
     max_hue = index.params.get("max_hue_shift", DEFAULT_MAX_HUE_SHIFT) if max_hue_shift is None else max_hue_shift
     digests = table.column("rgb_sha256").to_pylist()
     rows_p, imgs_p = [], []
@@ -81,31 +83,45 @@ def candidate_scores(table: pa.Table, index: EvalIndex, *, neighbours: int | Non
     usable = np.array([r for r in usable if r not in identical_rows], np.int64)
     qi, img, sim = (index.lookup(descriptors_from_column(table.column("copy_desc").take(pa.array(usable))), neighbours)
                     if len(usable) else (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.float32),))
+    gate = sim >= MIN_DESCRIPTOR_SIM
+    qi, img, sim = qi[gate], img[gate], sim[gate]
     rows_a = usable[qi] if len(usable) else np.zeros(0, np.int64)
     if len(rows_a):
         thumbs = thumbs_from_column(table.column("copy_thumb").take(pa.array(rows_a)))
         sides = np.minimum(table.column("min_side").take(pa.array(rows_a)).fill_null(0).to_numpy(), index.image_sides[img])
+        small_a = index.image_sides[img] < SIDE
         v = verify(thumbs, index.thumbs[img], sides=sides, max_hue_shift=max_hue)
         score, hue = np.where(v.colour_ok, v.score, -1.0).astype(np.float32), v.hue_shift
     else:
         score = hue = np.zeros(0, np.float32)
+        small_a = np.zeros(0, bool)
     n_p = len(rows_p)
     return {"row": np.concatenate([np.asarray(rows_p, np.int64), rows_a]),
             "image": np.concatenate([np.asarray(imgs_p, np.int64), img]),
             "score": np.concatenate([np.ones(n_p, np.float32), score]),
             "hue_shift": np.concatenate([np.zeros(n_p, np.float32), hue]),
             "descriptor_sim": np.concatenate([np.ones(n_p, np.float32), sim.astype(np.float32)]),
-            "identical": np.r_[np.ones(n_p, bool), np.zeros(len(rows_a), bool)]}
+            "identical": np.r_[np.ones(n_p, bool), np.zeros(len(rows_a), bool)],
+            "small": np.r_[np.zeros(n_p, bool), small_a]}
+
+
+def pair_thresholds(pairs: dict[str, np.ndarray], min_score: float, min_score_small: float) -> np.ndarray:
+    """The score each pair must reach: ``min_score_small`` where the eval image is under SIDE px."""
+    return np.where(pairs["small"], min_score_small, min_score).astype(np.float32)
 
 
 def match_eval(table: pa.Table, index: EvalIndex, *, min_score: float | None = None,
-               neighbours: int | None = None, max_hue_shift: float | None = None) -> pa.Table:
+               min_score_small: float | None = None, neighbours: int | None = None,
+               max_hue_shift: float | None = None) -> pa.Table:
     """The matches of a table's rows against the index (MATCHES_SCHEMA): identical pixels, and
-    verified pairs scoring ≥ ``min_score`` (the index's setting when None)."""
+    verified pairs scoring ≥ ``min_score`` (``min_score_small`` for eval images under SIDE px;
+    the index's settings when None)."""
     table = _ensure_features(table)
     min_score = index.params.get("min_score", DEFAULT_MIN_SCORE) if min_score is None else min_score
+    if min_score_small is None:
+        min_score_small = index.params.get("min_score_small", DEFAULT_MIN_SCORE_SMALL)
     pairs = candidate_scores(table, index, neighbours=neighbours, max_hue_shift=max_hue_shift)
-    keep = pairs["identical"] | (pairs["score"] >= min_score)
+    keep = pairs["identical"] | (pairs["score"] >= pair_thresholds(pairs, min_score, min_score_small))
     rows, img = pairs["row"][keep], pairs["image"][keep]
     if not len(rows):
         return MATCHES_SCHEMA.empty_table()
@@ -125,7 +141,8 @@ def match_eval(table: pa.Table, index: EvalIndex, *, min_score: float | None = N
 
 
 def filter_eval_overlap(table: pa.Table, index: EvalIndex, *, min_score: float | None = None,
-                        neighbours: int | None = None, max_hue_shift: float | None = None) -> StepOutput:
+                        min_score_small: float | None = None, neighbours: int | None = None,
+                        max_hue_shift: float | None = None) -> StepOutput:
     """The decontamination step: drop candidates that copy an eval image.
 
     The funnel's stage ``dedup_eval`` counts reasons ``eval_overlap:<set>`` and ``unhashable_image``;
@@ -133,7 +150,8 @@ def filter_eval_overlap(table: pa.Table, index: EvalIndex, *, min_score: float |
     """
     table = _ensure_features(table)
     funnel = Funnel()
-    matches = match_eval(table, index, min_score=min_score, neighbours=neighbours, max_hue_shift=max_hue_shift)
+    matches = match_eval(table, index, min_score=min_score, min_score_small=min_score_small, neighbours=neighbours,
+                         max_hue_shift=max_hue_shift)
     reasons: list[str | None] = [None] * table.num_rows
     for i, valid in enumerate(table.column("rgb_sha256").is_valid().to_pylist()):
         if not valid:
