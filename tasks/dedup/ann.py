@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 IVF_MIN_ENTRIES = 50_000
-IVF_NPROBE = 16
+IVF_NPROBE = 32
 _TRAIN_PER_CELL = 64  # k-means training points per cell (faiss warns below ~39)
 _SEED = 1234
 
