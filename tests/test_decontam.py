@@ -64,6 +64,28 @@ def fashion() -> EvalSet:
 # ------------------------------------------------------------------------------------------------
 
 
+def test_alteration_families_change_the_image_and_keep_it_readable(clipart):
+    rng = np.random.default_rng(5)
+    with Image.open(io.BytesIO(clipart.images[1])) as im:
+        original = np.asarray(im.convert("RGB"))
+    for family in FAMILIES:
+        out = alter(clipart.images[1], family, rng)
+        with Image.open(io.BytesIO(out)) as im:
+            altered = np.asarray(im.convert("RGB"))
+        assert altered.shape != original.shape or np.abs(altered.astype(int) - original).mean() > 0.5, family
+    with pytest.raises(ValueError, match="unknown alteration family"):
+        alter(clipart.images[1], "mirror", rng)
+
+
+def test_hash_table_adds_the_copy_features_from_the_same_decode(clipart):
+    out = hash_table(_table(["a", "b"], [clipart.images[0], b"not an image"]))
+    f = copy_features_from_bytes(clipart.images[0])
+    assert out.column("copy_thumb")[0].as_py() == f.thumb.tobytes()
+    assert np.array_equal(np.frombuffer(out.column("copy_desc")[0].as_py(), np.float32), f.descriptor)
+    assert out.column("rgb_sha256").to_pylist() == [f.rgb_sha256, None]
+    assert out.column("copy_flat").to_pylist() == [False, None]
+
+
 def test_defaults_agree_with_the_config():
     cfg = DedupConfig()
     assert (cfg.eval_min_score, cfg.eval_min_score_small, cfg.eval_max_hue_shift) == (
