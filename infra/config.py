@@ -249,7 +249,7 @@ class DedupConfig:
     low_info_max_std: float = 4.0  # images this flat (grey-level std) are never matched by hash
     # Decontamination (tasks/dedup/copy_detect.py; measured in bench/dedup_quality.py):
     eval_min_score: float = 0.90  # structure score after alignment at which a candidate copies an eval image
-    eval_min_score_small: float = 0.975  # the same, for eval images under 32 px (little detail)
+    eval_min_score_small: float = 0.98  # the same, for eval images under 32 px (little detail)
     eval_max_hue_shift: float = 0.1  # of the hue circle: a larger mean hue difference is a recolouring
     eval_neighbours: int = 10  # nearest eval images verified per candidate
     eval_views: bool = True  # index crops of each eval image too (cropped copies are found)

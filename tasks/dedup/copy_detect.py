@@ -52,7 +52,7 @@ MIN_COVERAGE = 0.5  # share of the candidate's pixels the aligned eval image mus
 DEFAULT_MIN_SCORE = 0.90
 # An eval image under SIDE px holds little detail: look-alikes (two plain trousers at 28 px) score
 # like copies of it, so its pairs need a higher score.
-DEFAULT_MIN_SCORE_SMALL = 0.975
+DEFAULT_MIN_SCORE_SMALL = 0.98
 DEFAULT_MAX_HUE_SHIFT = 0.1  # of the hue circle; the HSV-jitter family shifts by ≤ 0.06
 _CHROMA_MIN = 0.2  # saturation and value above which a pixel's hue means something
 _COLOURED_SHARE = 0.05  # share of coloured pixels above which an image counts as coloured
