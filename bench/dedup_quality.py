@@ -271,6 +271,7 @@ def plot(curves: dict, path: Path) -> None:
             ax.plot([r["distinct"] for _, r in pts], [r["recall"] for _, r in pts], style, ms=3, label=label)
         ax.axvline(FP_TARGET, color="grey", lw=0.8)
         ax.set_xscale("symlog", linthresh=1e-3)
+        ax.set_xlim(0, 1)
         ax.set_xlabel("false-positive rate (distinct images dropped)")
         ax.set_ylabel("recall (altered copies found)")
         ax.set_title(kind)

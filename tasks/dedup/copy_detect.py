@@ -47,6 +47,8 @@ DESCRIPTOR_DIM = DCT_BLOCK * DCT_BLOCK - 1
 FLAT_STD = 2.0  # grey levels: a thumbnail this flat in every channel has no structure to compare
 EDGE_BAND = 2  # pixels along the aligned edge left out of the comparison (see align.warp)
 MIN_COVERAGE = 0.5  # share of the candidate's pixels the aligned eval image must cover
+SCALE_RANGE = (0.85, 1.05)  # sqrt(det) of the alignment's linear part
+MAX_ANISOTROPY = 1.3  # ratio of its singular values
 
 # Verification defaults (bench/dedup_quality.py tunes them on its tuning split).
 DEFAULT_MIN_SCORE = 0.90
@@ -224,6 +226,20 @@ def _colour_ok(c_rgb: torch.Tensor, e_rgb: torch.Tensor, inside: torch.Tensor, m
     return ~coloured | ((ratio <= _SAT_RATIO_MAX) & (hue <= max_hue_shift)), hue
 
 
+def plausible(params: torch.Tensor) -> torch.Tensor:
+    """Whether each alignment is a transform the copy families make: an overall scale of
+    ``SCALE_RANGE`` (a crop keeps ≥ 90% of a side) and axes stretched apart by at most
+    ``MAX_ANISOTROPY`` (a crop's two sides, or a rotation of a non-square image seen squashed).
+    A fit that squeezes one drawing into another's silhouette (a heart into a box) is not."""
+    a, b, c, d = 1 + params[:, 2], params[:, 3], params[:, 4], 1 + params[:, 5]
+    det = (a * d - b * c).abs()
+    frob = a * a + b * b + c * c + d * d
+    disc = (frob * frob - 4 * det * det).clamp(min=0).sqrt()
+    s_max, s_min = ((frob + disc) / 2).sqrt(), ((frob - disc) / 2).clamp(min=1e-12).sqrt()
+    scale = det.sqrt()
+    return (scale >= SCALE_RANGE[0]) & (scale <= SCALE_RANGE[1]) & (s_max / s_min <= MAX_ANISOTROPY)
+
+
 def _luma(rgb: torch.Tensor) -> torch.Tensor:
     return rgb[:, 0] * 0.299 + rgb[:, 1] * 0.587 + rgb[:, 2] * 0.114
 
@@ -253,7 +269,7 @@ def verify(cand: np.ndarray, ev: np.ndarray, *, sides: np.ndarray | None = None,
             e_rgb = _common_detail(e_rgb, sides)
             whole = _whole(c_rgb, e_rgb, inside)
             interior = _interior(_luma(c_rgb), _luma(e_rgb), inside)
-            comparable = inside.mean(-1) >= MIN_COVERAGE
+            comparable = (inside.mean(-1) >= MIN_COVERAGE) & plausible(p)
             score = torch.where(comparable & (whole > -1), torch.minimum(whole, interior), torch.full_like(whole, -1.0))
             colour_ok, hue = _colour_ok(c_rgb, e_rgb, inside, max_hue_shift)
             if best is None:
