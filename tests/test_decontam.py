@@ -153,6 +153,21 @@ def test_recoloured_drawings_are_not_copies_but_jittered_ones_are():
     assert (v.whole > 0.9).all() and not v.colour_ok.any()
 
 
+def test_only_alignments_a_copy_family_makes_are_plausible():
+    import torch
+
+    from tasks.dedup.copy_detect import plausible
+
+    def params(a11, a12, a21, a22):
+        return torch.tensor([[0.0, 0.0, a11 - 1, a12, a21, a22 - 1]])
+
+    r = np.deg2rad(8)
+    assert plausible(params(np.cos(r), -np.sin(r), np.sin(r), np.cos(r)))  # a rotation
+    assert plausible(params(0.9, 0.0, 0.0, 0.97))  # a crop keeping 90% x 97%
+    assert not plausible(params(0.8, -0.185, 0.074, 1.177))  # a heart squeezed into a box's outline
+    assert not plausible(params(0.8, 0.0, 0.0, 0.8))  # zoomed further than any crop
+
+
 def test_distinct_look_alikes_are_not_matched(fashion):
     """A generated family (rings and polygons that differ in one parameter) and distinct
     Fashion-MNIST train images: look-alikes at thumbnail size, not copies."""
