@@ -89,7 +89,8 @@ def report_stage(config: Config, filtered: FilterStage, clean: CleanStage, queri
                  index: EvalIndexRef | None) -> dict:
     """Per-query counts before/after balancing (with the log-log plot) and the eval overlap report."""
     return stages.reports(dataset_root=config.dataset_uri(), filtered=filtered, clean=clean,
-                          queries=queries, index=index, max_per_query=config.balance.max_per_query)
+                          queries=queries, index=index, max_per_query=config.balance.max_per_query,
+                          eval_sets=config.eval_sets)
 
 
 @flow(name="build_dataset", log_prints=True)

@@ -250,21 +250,31 @@ class EvalSetConfig:
 
 @dataclass(frozen=True)
 class DedupConfig:
-    hash_kind: Literal["phash", "dhash", "ahash", "whash"] = "phash"
-    eval_radius: int = 4  # Hamming radius of the candidate lookup against eval images
+    hash_kind: Literal["phash", "dhash", "ahash", "whash"] = "phash"  # within-dataset dedup's hash
     within_radius: int = 4
     within_dataset: bool = True
     against_eval: bool = True
-    verify_min_ncc: float = 0.98  # candidate pairs must also correlate this well pixel-wise (0 = off)
-    crop_variants: bool = True  # index crops of each eval image too, so cropped copies are found
+    verify_min_ncc: float = 0.98  # within-dataset pairs must also correlate this well pixel-wise (0 = off)
     low_info_max_std: float = 4.0  # images this flat (grey-level std) are never matched by hash
+    # Decontamination (tasks/dedup/copy_detect.py; measured in bench/dedup_quality.py):
+    eval_min_score: float = 0.90  # structure score after alignment at which a candidate copies an eval image
+    eval_min_score_small: float = 0.98  # the same, for eval images under 32 px (little detail)
+    eval_max_hue_shift: float = 0.1  # of the hue circle: a larger mean hue difference is a recolouring
+    eval_neighbours: int = 10  # nearest eval images verified per candidate
+    eval_views: bool = True  # index crops of each eval image too (cropped copies are found)
 
     def __post_init__(self) -> None:
-        for key in ("eval_radius", "within_radius"):
-            if not 0 <= getattr(self, key) <= 32:
-                raise ConfigError(f"dedup.{key} must be in 0..32")
+        if not 0 <= self.within_radius <= 32:
+            raise ConfigError("dedup.within_radius must be in 0..32")
         if not -1.0 <= self.verify_min_ncc <= 1.0:
             raise ConfigError("dedup.verify_min_ncc must be in [-1, 1]")
+        for key in ("eval_min_score", "eval_min_score_small"):
+            if not -1.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"dedup.{key} must be in [-1, 1]")
+        if not 0.0 <= self.eval_max_hue_shift <= 0.5:
+            raise ConfigError("dedup.eval_max_hue_shift must be in [0, 0.5] (a fraction of the hue circle)")
+        if not 1 <= self.eval_neighbours <= 1000:
+            raise ConfigError("dedup.eval_neighbours must be in 1..1000")
 
 
 @dataclass(frozen=True)

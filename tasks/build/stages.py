@@ -67,16 +67,17 @@ def plan_inputs(sources: Sequence[SourceConfig], base_dir: str) -> list[Any]:
 
 def eval_index(eval_sets: Sequence[EvalSetConfig], root: str, storage: StorageConfig,
                dedup: DedupConfig) -> EvalIndexRef | None:
-    """Build (or reuse: it is versioned by content) the perceptual-hash index of every eval set."""
+    """Build (or reuse: it is versioned by content and detector) the copy-detection index of every eval set."""
     if not dedup.against_eval or not eval_sets:
         return None
     from infra.eval_sets import load_eval_set
     from tasks.dedup.eval_index import ensure_eval_index
 
     sets = [load_eval_set(e, max_images=e.max_images) for e in eval_sets]
-    index, built = ensure_eval_index(sets, ObjectStore(root, storage), dedup.hash_kind,
-                                     crop_variants=dedup.crop_variants, low_info_max_std=dedup.low_info_max_std,
-                                     min_ncc=dedup.verify_min_ncc)
+    index, built = ensure_eval_index(sets, ObjectStore(root, storage), views=dedup.eval_views,
+                                     min_score=dedup.eval_min_score, min_score_small=dedup.eval_min_score_small,
+                                     max_hue_shift=dedup.eval_max_hue_shift,
+                                     neighbours=dedup.eval_neighbours)
     log_event(log, "eval index", version=index.version, state="built" if built else "reused", **index.set_sizes())
     return EvalIndexRef(root, index.version, index.set_sizes(), built)
 
@@ -422,11 +423,12 @@ def write_manifest(*, dataset_root: str, storage: StorageConfig, config: dict, w
 
 
 def reports(*, dataset_root: str, filtered: FilterStage, clean: CleanStage, queries: QueryListRef,
-            index: EvalIndexRef | None, max_per_query: int) -> dict:
+            index: EvalIndexRef | None, max_per_query: int, eval_sets: Sequence[EvalSetConfig] = ()) -> dict:
     """Every report of a build: per-query counts and, with an eval index, the overlap report."""
     uris = query_count_report(dataset_root=dataset_root, filtered=filtered, clean=clean, queries=queries,
                               max_per_query=max_per_query)
-    overlap = eval_overlap_report(dataset_root=dataset_root, clean=clean, index=index) if index else None
+    overlap = (eval_overlap_report(dataset_root=dataset_root, clean=clean, index=index, eval_sets=eval_sets)
+               if index else None)
     return {"query_counts": uris, "overlap": overlap}
 
 
@@ -450,15 +452,35 @@ def query_count_report(*, dataset_root: str, filtered: FilterStage, clean: Clean
     return uris
 
 
-def eval_overlap_report(*, dataset_root: str, clean: CleanStage, index: EvalIndexRef) -> dict:
-    """Per eval set, how many eval images have a near-duplicate among the candidates (CLIP §5)."""
+def eval_overlap_report(*, dataset_root: str, clean: CleanStage, index: EvalIndexRef,
+                        eval_sets: Sequence[EvalSetConfig] = ()) -> dict:
+    """Per eval set, how many eval images have a near-copy among the candidates (CLIP §5); every
+    dropped row (``reports/eval_matches.parquet``) and a sheet of matches side by side
+    (``reports/eval_matches.png``, also a Prefect artifact). The sheet's eval images are read from
+    ``eval_sets`` (the index keeps thumbnails only)."""
     from tasks.build.jobs import eval_index
-    from tasks.dedup.eval_overlap import EVAL_MATCHES, overlap_report
+    from tasks.dedup.eval_overlap import EVAL_MATCHES, MATCHES_SCHEMA, overlap_report
+    from tasks.dedup.overlap_sheet import eval_images_by_id, match_sheet, matches_table
 
     store = clean.work.store
     tables = [store.read_parquet(WorkDir.side(EVAL_MATCHES, r.shard_id)) for r in clean.records if r.eval_matches]
-    report = overlap_report(tables, eval_index(index, clean.work.storage))
-    ObjectStore(dataset_root, clean.work.storage).write_json("reports/eval_overlap.json", report)
+    matches = pa.concat_tables([MATCHES_SCHEMA.empty_table(), *tables], promote_options="default")
+    report = overlap_report(matches, eval_index(index, clean.work.storage))
+    out = ObjectStore(dataset_root, clean.work.storage)
+    out.write_json("reports/eval_overlap.json", report)
+    out.write_parquet("reports/eval_matches.parquet", matches_table(matches))
     publish_table("eval-overlap", [{"eval_set": k, **v} for k, v in report.items()],
-                  "eval images with a near-duplicate among the candidates")
+                  "eval images with a near-copy among the candidates")
+    sheet = None
+    if matches.num_rows and eval_sets:
+        from infra.eval_sets import load_eval_set
+
+        wanted = set(matches.column("eval_set").to_pylist())
+        sets = [load_eval_set(e, max_images=e.max_images) for e in eval_sets if e.name in wanted]
+        sheet = match_sheet(matches, eval_images_by_id(sets))
+    if sheet is not None:
+        out.write_bytes("reports/eval_matches.png", sheet)
+        publish_image("eval-matches", sheet, "dropped candidates beside the eval image they copy, with the score")
+    elif out.exists("reports/eval_matches.png"):
+        out.delete("reports/eval_matches.png")  # an earlier build's sheet must not pass for this one's
     return report
