@@ -313,6 +313,10 @@ class TrainConfig:
             raise ConfigError("train.keep_checkpoints must be >= 1")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError("train.max_steps must be > 0 (or null for train.epochs passes)")
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
+        if self.lr <= 0 or self.warmup_steps < 0:
+            raise ConfigError("train.lr must be > 0 and train.warmup_steps >= 0")
 
     @property
     def train_batch(self) -> int:

@@ -299,3 +299,25 @@ def _remove_stale(out: ObjectStore, keep: set[str], fmt: str) -> None:
         if match and match.group(1) not in keep:
             out.delete(key)
             log_event(log, "removed an output shard of an earlier export", key=out.uri(key))
+
+
+def openclip_train_command(record: dict[str, Any], *, model: str = "RN50", batch_size: int = 32, epochs: int = 1,
+                           workers: int = 1) -> str:
+    """The ``open_clip_train`` command line that trains on an export (its record), as a user runs it.
+
+    ``--train-num-samples`` is given although OpenCLIP finds sizes.json beside local tars, because it
+    cannot for tars in object storage (read there through a ``pipe:`` URL).
+    """
+    data = record["train_data"]
+    if record["format"] == "webdataset" and data.startswith("s3://"):
+        data = f"pipe:aws s3 cp {data} -"
+    args = ["python", "-m", "open_clip_train.main", f"--train-data '{data}'"]
+    if record["format"] == "webdataset":
+        args += ["--dataset-type webdataset", f"--train-num-samples {record['num_samples']}",
+                 f"--workers {min(workers, record['num_shards'])}"]
+    else:
+        args += ["--dataset-type csv", "--csv-img-key filepath", "--csv-caption-key title",
+                 "--csv-separator $'\\t'", f"--workers {workers}"]
+    args += [f"--model {model}", f"--batch-size {batch_size}", f"--epochs {epochs}", "--lr 5e-4", "--warmup 10",
+             "--report-to ''", "--logs runs/openclip"]
+    return " ".join(args)

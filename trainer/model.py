@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
-EXPORT_WEIGHTS_NAME = "model.pt"
-EXPORT_CONFIG_NAME = "model_config.json"
+# Re-exported here, where the trainer and the evaluation runner import them from.
+from trainer.configs import EXPORT_CONFIG_NAME, EXPORT_WEIGHTS_NAME, MODEL_CONFIG_DIR, model_config_path  # noqa: F401
+
 MAX_LOGIT_SCALE = 100.0
 # Keys OpenAI's JIT archives carry in their state dict that are not parameters.
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -122,12 +122,7 @@ class ModelConfig:
 
 def load_model_config(name_or_path: str | Path) -> ModelConfig:
     """A named config (``tiny``, ``ViT-B-32``, ``ViT-B-16``, ``ViT-L-14``, ``RN50``) or a JSON file."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = MODEL_CONFIG_DIR / f"{name_or_path}.json"
-        if not path.is_file():
-            names = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
-            raise ValueError(f"unknown model config {str(name_or_path)!r}: not a file and not one of {names}")
+    path = model_config_path(name_or_path)
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
