@@ -96,7 +96,8 @@ def build_dataset(config: Config, base_dir: str = ".", retry_failed: bool = Fals
     A rerun resumes; with ``retry_failed`` it also fetches again the samples that failed
     transiently (timeouts, 429/5xx, connection errors) in shards already done.
     """
-    init_ray(config.ray.address, config.ray.num_cpus, config.ray.include_dashboard, config.ray.object_store_memory_mb)
+    init_ray(config.ray.address, config.ray.num_cpus, config.ray.include_dashboard, config.ray.object_store_memory_mb,
+             config.ray.ship_code)
     stages.record_config(config.dataset_uri(), config.storage, dump_config(config))
     index = eval_index_stage.submit(config)  # independent of the query list and the filter stage
     queries = locate_queries(config)

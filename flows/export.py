@@ -23,7 +23,8 @@ def export(config: Config, output: str, manifest: str | None = None, format: str
     export record (export.json)."""
     from tasks.export import openclip_train_command
 
-    init_ray(config.ray.address, config.ray.num_cpus, config.ray.include_dashboard, config.ray.object_store_memory_mb)
+    init_ray(config.ray.address, config.ray.num_cpus, config.ray.include_dashboard, config.ray.object_store_memory_mb,
+             config.ray.ship_code)
     record = export_shards(config, manifest or config.manifest_uri(), output, format, split)
     command = openclip_train_command(record)
     publish_markdown("dataset-export", "\n".join([

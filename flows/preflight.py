@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from pathlib import Path
 
 from infra.config import RESOLVED_CONFIG_NAME, WEIGHTS_SUFFIXES, Config, StorageConfig
@@ -107,9 +108,25 @@ def check_checkpoint(checkpoint: str, storage: StorageConfig, default: bool = Fa
         raise PreflightError(f"{path} is not readable (permission denied)")
 
 
+def check_ray(config: Config) -> None:
+    """A cluster to join (``ray.address`` or ``$RAY_ADDRESS``) accepts connections: one TCP connect to
+    the address as given (Ray itself would retry for minutes, after replacing 127.0.0.1)."""
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if not address or address in ("auto", "local") or "://" in address:
+        return  # a local Ray, or a ray:// client address (checked by Ray itself)
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=3):
+            pass
+    except (OSError, ValueError) as e:
+        raise PreflightError(f"no Ray cluster answers at {address} (ray.address / RAY_ADDRESS): {e}; start one with "
+                             "infra/ray_cluster.sh head, or unset RAY_ADDRESS for a local Ray") from None
+
+
 def check_build(config: Config, base_dir: str | Path = ".") -> None:
-    """Before ``witflow build``: sources, and the outputs' object storage."""
+    """Before ``witflow build``: sources, the Ray cluster to join, and the outputs' object storage."""
     check_sources(config, base_dir)
+    check_ray(config)
     for uri in {config.queries_uri(), config.dataset_uri(), config.eval_index_uri()}:
         check_output(uri, config.storage)
 
@@ -138,4 +155,5 @@ def check_run(config: Config, base_dir: str | Path = ".") -> None:
 def check_export(config: Config, manifest: str | None, output: str) -> None:
     """Before ``witflow export``: the manifest to read and the output to write."""
     check_manifest(manifest or config.manifest_uri(), config.storage)
+    check_ray(config)
     check_output(output, config.storage)

@@ -62,6 +62,9 @@ class RayConfig:
     num_cpus: int | None = None  # local only; None lets Ray count the cores
     include_dashboard: bool = False  # the dashboard costs ~1 GiB on a small machine
     object_store_memory_mb: int | None = None
+    # Joining a cluster: ship the project's packages to its workers (runtime_env py_modules), so they
+    # need its Python environment but not this checkout; false when every node has the checkout.
+    ship_code: bool = True
 
 
 @dataclass(frozen=True)
