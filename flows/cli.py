@@ -200,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         log_event(log, "Prefect API", url=url, server=origin)
         load_flow, _ = COMMANDS["run" if args.command == "demo" else args.command]
         try:
-            load_flow()(config, **_flow_kwargs(args))
+            flow = load_flow()
+            from infra.prefect_utils import show_log_fields  # Prefect is imported with the flow
+
+            show_log_fields(PROJECT_LOGGERS)
+            flow(config, **_flow_kwargs(args))
         except KeyboardInterrupt:
             print("witflow: interrupted; rerun the same command to resume", file=sys.stderr)
             return 130

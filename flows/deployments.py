@@ -17,6 +17,7 @@ from prefect import flow
 
 from infra.config import Config, load_config
 from infra.log import PROJECT_LOGGERS
+from infra.prefect_utils import show_log_fields
 
 DATASET_BUILT_EVENT = "witflow.dataset.built"
 
@@ -28,6 +29,7 @@ def _load(config_path: str, overrides: list[str] | None) -> Config:
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET:
             logger.setLevel(logging.INFO)
+    show_log_fields(PROJECT_LOGGERS)
     return load_config(config_path, overrides or [])
 
 

@@ -38,6 +38,16 @@ class _KeyValueFormatter(logging.Formatter):
         return base
 
 
+class FieldsFormatter(logging.Formatter):
+    """The message and its ``key=value`` fields, nothing else: for handlers that add their own time
+    and level (the Prefect UI's run logs)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", None) or {}
+        text = record.getMessage()
+        return text + (" " + " ".join(f"{k}={v}" for k, v in fields.items()) if fields else "")
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         data = {"time": record.created, "level": record.levelname, "logger": record.name,

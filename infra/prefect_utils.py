@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 from typing import Any
 
 from infra.log import get_logger
@@ -31,6 +32,19 @@ def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     except Exception as e:  # noqa: BLE001 - classified, not handled
         return is_transient_error(e)
     return False
+
+
+def show_log_fields(logger_names: tuple[str, ...]) -> None:
+    """Send these loggers' ``key=value`` fields to the UI with their messages (Prefect's API handler
+    formats a record as its bare message). Call once Prefect is imported (its logging set up)."""
+    from prefect.logging.handlers import APILogHandler
+
+    from infra.log import FieldsFormatter
+
+    for name in logger_names:
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, APILogHandler):
+                handler.setFormatter(FieldsFormatter())
 
 
 def in_prefect_run() -> bool:

@@ -70,6 +70,19 @@ async def _runs_named(flow_name: str) -> list:
         return await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
 
 
+async def _logs_of(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async with get_client() as client:
+        for _ in range(30):  # logs arrive in batches, a moment after the run ends
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            if any(log.name.startswith("tasks.") for log in logs):
+                return logs
+            await asyncio.sleep(1)
+        return logs
+
+
 @pytest.mark.slow
 def test_a_cli_run_appears_on_the_running_server(prefect_api, tmp_path, sample_parquet):
     before = {r.id for r in asyncio.run(_runs_named("export_dataset"))}
@@ -81,6 +94,9 @@ def test_a_cli_run_appears_on_the_running_server(prefect_api, tmp_path, sample_p
     assert "Starting temporary server" not in done.stderr
     (run,) = [r for r in asyncio.run(_runs_named("export_dataset")) if r.id not in before]
     assert run.state.is_completed()
+    # witflow's own log lines reach the run's logs in the UI, with their fields.
+    messages = [log.message for log in asyncio.run(_logs_of(run.id))]
+    assert any(m.startswith("exported format=webdataset split=train samples=6 shards=2") for m in messages), messages
 
 
 @pytest.mark.slow
