@@ -11,24 +11,20 @@ A completed ``deploy-build-dataset`` run emits ``witflow.dataset.built`` (resour
 
 from __future__ import annotations
 
-import logging
-
 from prefect import flow
 
 from infra.config import Config, load_config
-from infra.log import PROJECT_LOGGERS
+from infra.log import PROJECT_LOGGERS, setup_logging
 from infra.prefect_utils import show_log_fields
 
 DATASET_BUILT_EVENT = "witflow.dataset.built"
 
 
 def _load(config_path: str, overrides: list[str] | None) -> Config:
-    """The run's config; the project's loggers at INFO, so their lines reach the run's logs
-    (PREFECT_LOGGING_EXTRA_LOGGERS in prefect.yaml sends them to the UI, the worker prints them)."""
-    for name in PROJECT_LOGGERS:
-        logger = logging.getLogger(name)
-        if logger.level == logging.NOTSET:
-            logger.setLevel(logging.INFO)
+    """The run's config; logging as the CLI's (INFO, ``key=value`` fields), so the project's lines
+    reach the run's logs in the UI (PREFECT_LOGGING_EXTRA_LOGGERS in prefect.yaml) and the worker's
+    terminal."""
+    setup_logging("INFO")
     show_log_fields(PROJECT_LOGGERS)
     return load_config(config_path, overrides or [])
 

@@ -18,7 +18,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
-from typing import Iterator
+from typing import Any, Iterator
 
 DEFAULT_PORT = 4200  # infra/prefect/env.sh's WITFLOW_PREFECT_PORT default; prefect.toml names it too
 
@@ -78,12 +78,36 @@ def prefect_api() -> Iterator[tuple[str, str]]:
             with temporary_settings(updates={PREFECT_API_URL: url}):
                 yield url, origin
     finally:
+        if server is not None:
+            drain_to_api()  # while the server is up; at exit Prefect would retry a stopped one for minutes
+            server.stop()
         if previous is None:
             os.environ.pop("PREFECT_API_URL", None)
         else:
             os.environ["PREFECT_API_URL"] = previous
-        if server is not None:
-            server.stop()
+
+
+def drain_to_api() -> None:
+    """Send the log records and events this process still buffers for the Prefect API."""
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        for result in (_started_drain(APILogWorker), EventsWorker.drain_all()):
+            if inspect.isawaitable(result):
+                await result
+
+    run_coro_as_sync(drain())
+
+
+def _started_drain(worker: Any) -> Any:
+    try:
+        return worker.instance().drain()
+    except RuntimeError:  # never started in this process
+        return None
 
 
 def failure_reason(flow_run_id: str, max_lines: int = 8) -> str:
