@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
 from infra.config import Config, ConfigError, dump_config, load_config
-from infra.log import get_logger, setup_logging
+from infra.log import PROJECT_LOGGERS, get_logger, log_event, setup_logging
+from infra.prefect_server import prefect_api
 
 log = get_logger("witflow")
 
@@ -50,6 +54,12 @@ def _run() -> Callable[..., object]:
     return pipeline
 
 
+def _export() -> Callable[..., object]:
+    from flows.export import export
+
+    return export
+
+
 # command -> (its flow, imported on demand; one-line help)
 COMMANDS: dict[str, tuple[Callable[[], Callable[..., object]], str]] = {
     "queries": (_queries, "build the query list (unigrams, PMI bigrams, titles, WordNet)"),
@@ -57,7 +67,24 @@ COMMANDS: dict[str, tuple[Callable[[], Callable[..., object]], str]] = {
     "train": (_train, "train a CLIP model on a built dataset with DeepSpeed"),
     "eval": (_eval, "evaluate a checkpoint: zero-shot, retrieval, linear probe"),
     "run": (_run, "everything, as one Prefect flow: queries -> build -> train -> eval"),
+    "export": (_export, "export a built dataset as WebDataset tars or image files + TSV (OpenCLIP's loaders)"),
 }
+
+
+def _preflight(command: str, config: Config, args: argparse.Namespace) -> None:
+    """The command's checks before its flow starts (flows/preflight.py): fail in a second, in one line."""
+    from flows import preflight
+
+    if command == "build":
+        preflight.check_build(config)
+    elif command == "train":
+        preflight.check_train(config, args.manifest)
+    elif command == "eval":
+        preflight.check_eval(config, args.checkpoint)
+    elif command in ("run", "demo"):
+        preflight.check_run(config)
+    elif command == "export":
+        preflight.check_export(config, args.manifest, args.output)
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_config: Path | None = None) -> None:
@@ -66,6 +93,8 @@ def _add_config_args(p: argparse.ArgumentParser, default_config: Path | None = N
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.zero_stage=3 (repeatable)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--debug", action="store_true",
+                   help="print tracebacks on the terminal (they are always in the log file under runs/logs/)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,8 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         if name == "eval":
             p.add_argument("--checkpoint", help="checkpoint directory or OpenAI-layout state dict (default: the run's latest)")
-        if name == "train":
+        if name in ("train", "export"):
             p.add_argument("--manifest", help="dataset manifest.json URI (default: the run's dataset)")
+        if name == "export":
+            p.add_argument("--format", choices=["webdataset", "csv"], default="webdataset",
+                           help="webdataset: {00000..N}.tar + sizes.json; csv: image files + train.tsv")
+            p.add_argument("--output", required=True, help="where the export goes: a path, file:// or s3:// URI")
+            p.add_argument("--split", choices=["train", "holdout"], default="train",
+                           help="the training shards (default) or the held-out ones")
         if name == "build":
             p.add_argument("--retry-failed", action="store_true",
                            help="also fetch again the samples that failed transiently in shards already done")
@@ -103,12 +138,45 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The ephemeral API server can take a while to come up on a small, busy machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # The project's own logs (a training's steps, a stage's progress) go to the run's logs in the UI too.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", ",".join(PROJECT_LOGGERS))
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
+
+def _log_path(command: str) -> Path:
+    """This command's log file (every record, with tracebacks): runs/logs/ or $WITFLOW_LOG_DIR."""
+    directory = Path(os.environ.get("WITFLOW_LOG_DIR") or Path("runs") / "logs").resolve()
+    return directory / f"witflow-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+def _error_line(e: BaseException) -> str:
+    """An error as one line (a ShardFailures summary keeps its list of shards): type and message."""
+    text = str(e).strip()
+    if "\n" in text and not text.splitlines()[1].startswith("  "):
+        text = text.splitlines()[0]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _flow_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    kwargs: dict[str, object] = {}
+    if args.command == "demo":
+        kwargs["s3"] = args.s3
+        kwargs["http"] = not args.no_http
+    for name in ("checkpoint", "manifest"):
+        if getattr(args, name, None):
+            kwargs[name] = getattr(args, name)
+    if getattr(args, "retry_failed", False):
+        kwargs["retry_failed"] = True
+    if args.command == "export":
+        kwargs.update(output=args.output, format=args.format, split=args.split)
+    return kwargs
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _prefect_defaults()
-    setup_logging(args.log_level)
+    log_path = None if args.command == "config" else _log_path(args.command)
+    setup_logging(args.log_level, tracebacks=args.debug, log_file=log_path)
     try:
         config: Config = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -117,25 +185,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(dump_config(config), end="")
         return 0
-    load_flow, _ = COMMANDS["run" if args.command == "demo" else args.command]
-    flow = load_flow()
-    kwargs: dict[str, object] = {}
     if args.command == "demo":
         # The demo config's paths (the bundled sample, runs/demo) are relative to the repository.
         os.chdir(REPO_ROOT)
-        kwargs["s3"] = args.s3
-        kwargs["http"] = not args.no_http
-    if getattr(args, "checkpoint", None):
-        kwargs["checkpoint"] = args.checkpoint
-    if getattr(args, "manifest", None):
-        kwargs["manifest"] = args.manifest
-    if getattr(args, "retry_failed", False):
-        kwargs["retry_failed"] = True
-    try:
-        flow(config, **kwargs)
-    except KeyboardInterrupt:
-        print("witflow: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    with contextlib.ExitStack() as stack:
+        try:
+            _preflight(args.command, config, args)
+            url, origin = stack.enter_context(prefect_api())
+        except (ValueError, OSError, RuntimeError) as e:  # PreflightError, StorageError, PrefectServerError
+            if args.debug:
+                raise
+            print(f"witflow: {args.command}: {e}", file=sys.stderr)
+            return 2
+        log_event(log, "Prefect API", url=url, server=origin)
+        load_flow, _ = COMMANDS["run" if args.command == "demo" else args.command]
+        try:
+            flow = load_flow()
+            from infra.prefect_utils import show_log_fields  # Prefect is imported with the flow
+
+            show_log_fields(PROJECT_LOGGERS)
+            flow(config, **_flow_kwargs(args))
+        except KeyboardInterrupt:
+            print("witflow: interrupted; rerun the same command to resume", file=sys.stderr)
+            return 130
+        except Exception as e:  # noqa: BLE001 - the one place a command's failure is reported
+            if args.debug:
+                raise
+            with open(log_path, "a", encoding="utf-8") as f:  # the traceback, for whoever debugs it
+                traceback.print_exc(file=f)
+            print(f"witflow: {args.command} failed: {_error_line(e)}\n  (traceback in {log_path}; --debug prints it)",
+                  file=sys.stderr)
+            return 1
     return 0
 
 

@@ -100,7 +100,9 @@ def build_dataset(config: Config, base_dir: str = ".", retry_failed: bool = Fals
     A rerun resumes; with ``retry_failed`` it also fetches again the samples that failed
     transiently (timeouts, 429/5xx, connection errors) in shards already done.
     """
-    init_ray(config.ray.address, config.ray.num_cpus, config.ray.include_dashboard, config.ray.object_store_memory_mb)
+    shards = plan_inputs(config, base_dir)  # first: an unreadable input fails the build before any work
+    init_ray(config.ray.address, config.ray.num_cpus, config.ray.include_dashboard, config.ray.object_store_memory_mb,
+             config.ray.ship_code)
     stages.record_config(config.dataset_uri(), config.storage, dump_config(config))
     index = eval_index_stage.submit(config)  # independent of the query list and the filter stage
     queries = locate_queries(config)
@@ -110,7 +112,6 @@ def build_dataset(config: Config, base_dir: str = ".", retry_failed: bool = Fals
         get_run_logger().info("no query list at %s: building it first", config.queries_uri())
         build_queries(config)
         queries = locate_queries(config)
-    shards = plan_inputs(config, base_dir)
     filtered = filter_stage(config, base_dir, shards, queries)
     counts = count_stage(config, filtered, queries)
     index_ref = index.result()

@@ -13,7 +13,7 @@ from infra.log import get_logger, log_event
 from infra.manifest import MANIFEST_NAME
 from infra.prefect_utils import publish_image, publish_markdown, publish_table, retry_if_transient
 from infra.storage import ObjectStore
-from trainer.results import markdown_table, result_rows
+from trainer.results import SET_LEGEND, markdown_table, result_rows
 
 log = get_logger(__name__)
 
@@ -33,7 +33,7 @@ def evaluate_checkpoint_task(config: Config, checkpoint: str) -> dict:
 
 @task(name="publish-eval-artifacts")
 def publish_artifacts(config: Config, results: dict) -> None:
-    publish_table("eval-summary", result_rows(results), "Zero-shot and linear-probe accuracy per eval set")
+    publish_table("eval-summary", result_rows(results), SET_LEGEND)
     publish_markdown("eval-results", markdown_table(results), f"Evaluation of {results.get('checkpoint')}")
     for name, uri in results.get("outputs", {}).get("plots", {}).items():
         parent, _, key = uri.rpartition("/")

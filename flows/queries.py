@@ -33,7 +33,7 @@ def count_dumps_task(cfg: QueriesConfig, ray_cfg: RayConfig, work_dir: str) -> D
     from infra.fanout import init_ray
 
     init_ray(address=ray_cfg.address, num_cpus=ray_cfg.num_cpus, include_dashboard=ray_cfg.include_dashboard,
-             object_store_memory_mb=ray_cfg.object_store_memory_mb)
+             object_store_memory_mb=ray_cfg.object_store_memory_mb, ship_code=ray_cfg.ship_code)
     settings = count_settings(work_dir, num_partitions=cfg.count_partitions, max_entries=cfg.count_max_entries,
                               min_unigram_count=cfg.min_unigram_count, bigram_min_count=cfg.bigram_min_count)
     t0 = time.perf_counter()

@@ -14,17 +14,32 @@ from prefect import flow, task
 
 from infra.config import Config
 from infra.log import get_logger, log_event
-from infra.prefect_utils import publish_image, publish_markdown, publish_table, retry_if_transient
+from infra.prefect_utils import (LiveMarkdown, ShardProgress, image_markdown, publish_image, publish_markdown,
+                                 publish_table, retry_if_transient)
 
 log = get_logger(__name__)
 
 
 @task(name="train-ranks")
 def run_ranks(config: Config, manifest: str, run_dir: Path) -> Path:
-    """Run every rank to completion (or resume an interrupted run); returns the local export dir."""
-    from trainer.run import run_ranks as run_every_rank
+    """Run every rank to completion (or resume an interrupted run); returns the local export dir.
 
-    return run_every_rank(config, manifest, run_dir)
+    While the ranks train, the loss/lr/logit-scale plot (artifact ``train-curve-plot``) and a progress
+    ring follow the run's log, rewritten in place every few seconds.
+    """
+    from trainer.run import run_ranks as run_every_rank
+    from trainer.run import training_curve_png, watch_train_log
+
+    plot = LiveMarkdown("train-curve-plot", "training starting…", description="loss, lr and logit scale per step")
+    steps = ShardProgress("training steps")
+
+    def on_update(records: list[dict], total: int | None) -> None:
+        plot.update(image_markdown("train-curve-plot", training_curve_png(records, config.name)))
+        if total:
+            steps(records[-1]["step"], total)
+
+    with watch_train_log(run_dir, on_update):
+        return run_every_rank(config, manifest, run_dir)
 
 
 @task(name="publish-export", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_if_transient)
@@ -37,13 +52,15 @@ def publish_export(config: Config, export_dir: Path) -> str:
 
 @task(name="publish-training-curve")
 def publish_curve(run_dir: Path, export_uri: str) -> None:
-    from trainer.run import curve_rows, curve_summary
+    from trainer.run import CURVE_PNG_NAME, curve_rows, curve_summary, training_curve_png
     from trainer.train import read_train_log
 
     records = read_train_log(run_dir)
     if not records:
         return
-    publish_table("train-curve", curve_rows(records), description="loss, lr, logit scale, samples/s, data wait per step")
+    (run_dir / CURVE_PNG_NAME).write_bytes(training_curve_png(records))  # the plot beside the run's log too
+    publish_table("train-curve", curve_rows(records),
+                  description="loss, lr, logit scale, samples/s, data wait, a row every few steps (the plot: train-curve-plot)")
     publish_markdown("train-summary", curve_summary(records, export_uri), description="training summary")
 
 

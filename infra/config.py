@@ -62,6 +62,9 @@ class RayConfig:
     num_cpus: int | None = None  # local only; None lets Ray count the cores
     include_dashboard: bool = False  # the dashboard costs ~1 GiB on a small machine
     object_store_memory_mb: int | None = None
+    # Joining a cluster: ship the project's packages to its workers (runtime_env py_modules), so they
+    # need its Python environment but not this checkout; false when every node has the checkout.
+    ship_code: bool = True
 
 
 @dataclass(frozen=True)
@@ -350,6 +353,10 @@ class TrainConfig:
             raise ConfigError("train.keep_checkpoints must be >= 1")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError("train.max_steps must be > 0 (or null for train.epochs passes)")
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
+        if self.lr <= 0 or self.warmup_steps < 0:
+            raise ConfigError("train.lr must be > 0 and train.warmup_steps >= 0")
 
     @property
     def train_batch(self) -> int:

@@ -15,8 +15,10 @@ skips every map and reduce whose output is already complete.
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
 from infra.log import get_logger, log_event, progress
@@ -30,23 +32,66 @@ R = TypeVar("R")
 # Environment every Ray worker gets. Ray 2.60 reads RAY_USAGE_STATS_ENABLED (not
 # RAY_DISABLE_USAGE_STATS): with it, no usage-stats report ever leaves the machine.
 WORKER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "WITFLOW_PROGRESS": "0"}
+# The project's packages, shipped to a cluster's workers (runtime_env py_modules): they need its Python
+# environment (infra/ray/Dockerfile), not this checkout.
+PROJECT_PACKAGES = ("infra", "tasks", "trainer", "flows")
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class RayClusterError(RuntimeError):
+    """The Ray cluster to join cannot be joined; the message names its address."""
+
+
+def worker_runtime_env(ship_code: bool) -> dict[str, Any]:
+    """Every worker's runtime_env: the environment variables, and with ``ship_code`` the project's
+    packages, uploaded once per job and put first on the workers' path."""
+    env: dict[str, Any] = {"env_vars": dict(WORKER_ENV)}
+    if ship_code:
+        env["py_modules"] = [str(_REPO_ROOT / p) for p in PROJECT_PACKAGES]
+        env["excludes"] = ["__pycache__", "*.pyc"]
+    return env
+
+
+def _token_auth_if_available() -> None:
+    # A cluster started with token auth (infra/ray_cluster.sh; Ray 2.60's default for a new head)
+    # refuses a driver that does not send its token, and a driver sends it only in token mode.
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file)):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        if "ray._raylet" in sys.modules:  # imported already: Ray re-reads its settings as its own CLI does
+            sys.modules["ray._raylet"].Config.initialize("")
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, include_dashboard: bool = False,
-             object_store_memory_mb: int | None = None) -> None:
-    """Join ``address`` (or ``$RAY_ADDRESS``) if given, else start a local Ray. Idempotent."""
+             object_store_memory_mb: int | None = None, ship_code: bool = True) -> None:
+    """Join ``address`` (or ``$RAY_ADDRESS``) if given, else start a local Ray. Idempotent.
+
+    Joining a cluster ships the project's packages to its workers unless ``ship_code`` is false (every
+    node has this checkout); ``$WITFLOW_RAY_NODE_IP`` is this driver's node address (as the cluster's
+    nodes registered it: 127.0.0.1 for a loopback cluster, which Ray would otherwise replace with
+    the host's address). Failing to join raises :class:`RayClusterError` naming the address.
+    """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        _token_auth_if_available()  # before Ray reads its settings (at import)
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    # Workers import the project's packages from the working tree (they are installed editable too).
-    env = {"env_vars": dict(WORKER_ENV)}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=False, configure_logging=False)
-        log_event(log, "joined Ray cluster", address=address)
+        node_ip = os.environ.get("WITFLOW_RAY_NODE_IP") or None
+        try:
+            ray.init(address=address, runtime_env=worker_runtime_env(ship_code), log_to_driver=False,
+                     configure_logging=False, _node_ip_address=node_ip)
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RayClusterError(f"cannot join the Ray cluster at {address} (ray.address / RAY_ADDRESS): {first}; "
+                                  "see README 'A Ray cluster'") from None
+        log_event(log, "joined Ray cluster", address=address, shipped_code=ship_code)
         return
+    # Local workers import the project's packages from this checkout (installed editable too).
+    env = worker_runtime_env(ship_code=False)
     kwargs: dict[str, Any] = {}
     if object_store_memory_mb:
         kwargs["object_store_memory"] = object_store_memory_mb * 1024 * 1024

@@ -90,7 +90,17 @@ def build_app(files: Mapping[str, bytes], routes: Sequence[web.RouteDef] = (),
         item = table.get(request.match_info["path"])
         if item is None:
             raise web.HTTPNotFound()
-        return web.Response(body=item[0], content_type=item[1])
+        data, content_type = item
+        # Byte ranges, as S3 and file servers answer them (remote sources are read that way).
+        wanted = request.http_range
+        if request.headers.get("Range") and wanted.start is not None:
+            start, stop = wanted.start, min(len(data), wanted.stop if wanted.stop is not None else len(data))
+            if start >= len(data):
+                raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{len(data)}"})
+            return web.Response(status=206, body=data[start:stop], content_type=content_type,
+                                headers={"Content-Range": f"bytes {start}-{stop - 1}/{len(data)}",
+                                         "Accept-Ranges": "bytes"})
+        return web.Response(body=data, content_type=content_type, headers={"Accept-Ranges": "bytes"})
 
     app = web.Application(middlewares=[count_hits])
     app.add_routes(list(routes))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 from typing import Any
 
 from infra.log import get_logger
@@ -31,6 +32,19 @@ def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     except Exception as e:  # noqa: BLE001 - classified, not handled
         return is_transient_error(e)
     return False
+
+
+def show_log_fields(logger_names: tuple[str, ...]) -> None:
+    """Send these loggers' ``key=value`` fields to the UI with their messages (Prefect's API handler
+    formats a record as its bare message). Call once Prefect is imported (its logging set up)."""
+    from prefect.logging.handlers import APILogHandler
+
+    from infra.log import FieldsFormatter
+
+    for name in logger_names:
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, APILogHandler):
+                handler.setFormatter(FieldsFormatter())
 
 
 def in_prefect_run() -> bool:
@@ -64,7 +78,7 @@ def publish_image(key: str, png: bytes, description: str | None = None) -> None:
     """A PNG plot as a markdown artifact (inline, so it shows without a public image URL)."""
     if not in_prefect_run():
         return
-    publish_markdown(key, f"![{key}](data:image/png;base64,{base64.b64encode(png).decode()})", description)
+    publish_markdown(key, image_markdown(key, png), description)
 
 
 class ShardProgress:
@@ -86,3 +100,31 @@ class ShardProgress:
             update_progress_artifact(artifact_id=self.artifact_id, progress=100.0 * done / total)
         except Exception as e:  # noqa: BLE001 - progress is cosmetic; never fail a build over it
             log.debug("progress artifact update failed: %s", e)
+
+
+def image_markdown(key: str, png: bytes) -> str:
+    """A PNG inline in markdown (the UI shows it without a public image URL)."""
+    return f"![{key}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+class LiveMarkdown:
+    """A markdown artifact created in a run and then rewritten in place (a plot that follows a
+    training); create it where the run's context is, update it from any thread. No-op outside a run."""
+
+    def __init__(self, key: str, markdown: str, description: str | None = None) -> None:
+        self.artifact_id = None
+        if in_prefect_run():
+            from prefect.artifacts import create_markdown_artifact
+
+            self.artifact_id = create_markdown_artifact(markdown=markdown, key=_key(key), description=description)
+
+    def update(self, markdown: str) -> None:
+        if self.artifact_id is None:
+            return
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.actions import ArtifactUpdate
+
+        try:
+            get_client(sync_client=True).update_artifact(self.artifact_id, ArtifactUpdate(data=markdown))
+        except Exception as e:  # noqa: BLE001 - cosmetic; never fail a run over it
+            log.debug("artifact update failed: %s", e)

@@ -15,12 +15,13 @@ import json
 import logging
 import os
 import random
+import shutil
 import tempfile
 import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -195,12 +196,15 @@ class ObjectStore:
 
     def _retry(self, op: str, uri: str, call: Callable[[], T]) -> T:
         """Run ``call``; retry transient S3 failures with exponential backoff and full jitter."""
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError, NoCredentialsError
 
         attempts = self.config.retries + 1
         for attempt in range(1, attempts + 1):
             try:
                 return call()
+            except NoCredentialsError:
+                raise StorageError(f"{op} {uri} failed: no S3 credentials (set storage.access_key_id and "
+                                   "storage.secret_access_key, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)") from None
             except ClientError as e:
                 code, status = _client_error_code(e)
                 if code == "NoSuchBucket":
@@ -249,15 +253,30 @@ class ObjectStore:
         else:
             self._multipart_write(key, data, part_bytes)
 
+    def write_file(self, key: str, path: str | os.PathLike) -> None:
+        """Copy the local file ``path`` to ``key`` atomically, a part at a time (never whole in memory)."""
+        if not self.is_s3:
+            _atomic_local_copy(os.fspath(path), self.fs_path(key))
+            return
+        part_bytes = max(self.config.multipart_threshold_mb * 1024 * 1024, _MIN_PART_BYTES)
+        if os.path.getsize(path) <= part_bytes:
+            self.write_bytes(key, Path(path).read_bytes())
+            return
+        with open(path, "rb") as f:
+            self._multipart_upload(key, iter(lambda: f.read(part_bytes), b""))
+
     def _multipart_write(self, key: str, data: bytes, part_bytes: int) -> None:
+        view = memoryview(data)
+        self._multipart_upload(key, (view[start:start + part_bytes].tobytes()
+                                     for start in range(0, len(data), part_bytes)))
+
+    def _multipart_upload(self, key: str, bodies: Iterator[bytes]) -> None:
         uri, client, bucket, s3_key = self.uri(key), self.s3_client, self.bucket, self._s3_key(key)
         upload_id = self._retry("write (create multipart upload)", uri, lambda: client.create_multipart_upload(
             Bucket=bucket, Key=s3_key)["UploadId"])
         try:
             parts = []
-            view = memoryview(data)
-            for number, start in enumerate(range(0, len(data), part_bytes), start=1):
-                body = view[start:start + part_bytes].tobytes()
+            for number, body in enumerate(bodies, start=1):
                 etag = self._retry(f"write (part {number})", uri, lambda: client.upload_part(
                     Bucket=bucket, Key=s3_key, UploadId=upload_id, PartNumber=number, Body=body)["ETag"])
                 parts.append({"PartNumber": number, "ETag": etag})
@@ -373,6 +392,35 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     from botocore.exceptions import HTTPClientError, IncompleteReadError
 
     return (BotoConnectionError, HTTPClientError, IncompleteReadError)
+
+
+def _atomic_local_copy(source: str, path: str) -> None:
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}{_TMP_MARK}", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f, open(source, "rb") as src:
+            shutil.copyfileobj(src, f, 1 << 20)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    # A rename is durable only once the directory entry is on disk.
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _atomic_local_write(path: str, data: bytes) -> None:

@@ -171,6 +171,28 @@ def _list_directory(folder: Path) -> list[str]:
     return members
 
 
+def _source_folder(source: SourceConfig, base: Path) -> Path:
+    """A ``directory`` source's folder (ReaderError if it is not one)."""
+    folder = Path(source.path) if os.path.isabs(source.path) else base / source.path
+    if not folder.is_dir():
+        raise ReaderError(f"source {source.kind}:{source.path}: {folder} is not a folder")
+    return folder
+
+
+def check_source(source: SourceConfig, base_dir: str | Path = ".") -> int:
+    """Check, without reading rows, that a source's files exist and are readable (ReaderError naming
+    the source and the file otherwise); returns the number of files (a folder source counts as one)."""
+    base = Path(base_dir).resolve()
+    if source.kind == "directory":
+        paths = [_source_folder(source, base)]
+    else:
+        paths = [p for p, _ in _resolve_files(source, base)]
+    for path in paths:
+        if not os.access(path, os.R_OK):
+            raise ReaderError(f"source {source.kind}:{source.path}: {path} is not readable (permission denied)")
+    return len(paths)
+
+
 def plan_input_shards(sources: Sequence[SourceConfig], base_dir: str | Path = ".") -> list[InputShard]:
     """Split every source into input shards of ``rows_per_input_shard`` rows (one per tar file).
 
@@ -192,9 +214,7 @@ def plan_input_shards(sources: Sequence[SourceConfig], base_dir: str | Path = ".
             n += 1
 
         if source.kind == "directory":
-            folder = Path(source.path) if os.path.isabs(source.path) else base / source.path
-            if not folder.is_dir():
-                raise ReaderError(f"source {name}: {folder} is not a folder")
+            folder = _source_folder(source, base)
             members = _list_directory(folder)
             for i in range(0, len(members), per):
                 add(file=str(folder), display_file=source.path.rstrip("/"), members=tuple(members[i:i + per]))

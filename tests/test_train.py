@@ -174,12 +174,16 @@ def test_flow_one_process_zero2_learns_exports_and_publishes(flow_run):
     assert (run_dir / "config.resolved.yaml").is_file()
     assert torch.load(export_dir / "model.pt", weights_only=True)["logit_scale"].shape == ()
 
-    async def artifact_keys() -> set[str]:
+    async def artifacts() -> list:
         async with get_client() as client:
-            return {a.key for a in await client.read_artifacts()}
+            return await client.read_artifacts()
 
     import asyncio
-    assert {"train-curve", "train-summary", "learning-curve", "learning-curve-plot"} <= asyncio.run(artifact_keys())
+    by_key = {a.key: a for a in asyncio.run(artifacts()) if a.key}
+    assert {"train-curve", "train-summary", "train-curve-plot", "learning-curve", "learning-curve-plot"} <= set(by_key)
+    # The plot artifact was rewritten in place with the curve (it starts as a placeholder line).
+    assert by_key["train-curve-plot"].data.startswith("![train-curve-plot](data:image/png;base64,")
+    assert (run_dir / "training_curve.png").read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.slow

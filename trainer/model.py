@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
-EXPORT_WEIGHTS_NAME = "model.pt"
-EXPORT_CONFIG_NAME = "model_config.json"
+# Re-exported here, where the trainer and the evaluation runner import them from.
+from trainer.configs import EXPORT_CONFIG_NAME, EXPORT_WEIGHTS_NAME, MODEL_CONFIG_DIR, model_config_path  # noqa: F401
+
 OPEN_CLIP_CONFIG_NAME = "open_clip_config.json"  # for open_clip.create_model("local-dir:<export>")
 # OpenAI's released architectures: the only shapes whose head counts OpenAI's rule (width / 64)
 # is known to give. Their configs are in model_configs/ under these names.
@@ -33,6 +33,7 @@ OPENAI_MODELS = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "V
 # The eval preprocessing an export expects (OpenCLIP's preprocess_cfg): trainer.data's eval transform.
 _PREPROCESS = {"mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711),
                "interpolation": "bicubic", "resize_mode": "shortest"}
+
 MAX_LOGIT_SCALE = 100.0
 # Keys OpenAI's JIT archives carry in their state dict that are not parameters.
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -183,12 +184,7 @@ def openai_architecture(state_dict: Mapping[str, torch.Tensor], where: str = "we
 
 def load_model_config(name_or_path: str | Path) -> ModelConfig:
     """A named config (``tiny``, ``ViT-B-32``, ``ViT-B-16``, ``ViT-L-14``, ``RN50``) or a JSON file."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = MODEL_CONFIG_DIR / f"{name_or_path}.json"
-        if not path.is_file():
-            names = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
-            raise ValueError(f"unknown model config {str(name_or_path)!r}: not a file and not one of {names}")
+    path = model_config_path(name_or_path)
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:

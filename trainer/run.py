@@ -8,11 +8,14 @@ infra/launch.sh); this module is what the train flow calls around it.
 from __future__ import annotations
 
 import collections
+import contextlib
+import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -24,7 +27,9 @@ log = get_logger("witflow.trainer.run")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RANKS_CONFIG_NAME = "ranks_config.yaml"
-CURVE_MAX_ROWS = 200  # the curve as a readable table, not thousands of rows
+CURVE_MAX_ROWS = 50  # the curve as a table one reads beside its plot, not hundreds of rows
+CURVE_PNG_NAME = "training_curve.png"  # in the run directory, beside train_log.jsonl
+WATCH_EVERY_S = 15.0  # how often a running training's curve and progress are republished
 _OUTPUT_TAIL_LINES = 40
 
 
@@ -112,6 +117,60 @@ def curve_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if rows[-1]["step"] != records[-1]["step"]:
         rows.append({k: v for k, v in records[-1].items() if k != "skipped"})
     return rows
+
+
+def training_curve_png(records: list[dict[str, Any]], title: str = "training") -> bytes:
+    """The run's loss, learning rate and logit scale per step, as one PNG (infra.plots)."""
+    from infra.plots import curves_png
+
+    steps = [r["step"] for r in records]
+    return curves_png(steps, {"loss": {"loss": [r["loss"] for r in records]},
+                              "learning rate": {"lr": [r["lr"] for r in records]},
+                              "logit scale": {"logit scale": [r["logit_scale"] for r in records]}},
+                      title=f"{title}: step {steps[-1]}" if steps else title)
+
+
+def planned_steps(run_dir: Path) -> int | None:
+    """The run's total steps, once its ranks have written them (train_config.json)."""
+    from trainer.train import RUN_CONFIG_NAME
+
+    try:
+        return int(json.loads((run_dir / RUN_CONFIG_NAME).read_text())["total_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@contextlib.contextmanager
+def watch_train_log(run_dir: Path, on_update: Callable[[list[dict[str, Any]], int | None], None],
+                    every_s: float = WATCH_EVERY_S) -> Iterator[None]:
+    """While the block runs (the ranks training), call ``on_update(records, total_steps)`` from a
+    background thread whenever the run's log has new steps, and once more at the end."""
+    from trainer.train import read_train_log
+
+    stop = threading.Event()
+    seen = [-1]
+
+    def publish() -> None:
+        records = read_train_log(run_dir)
+        if records and records[-1]["step"] != seen[0]:
+            seen[0] = records[-1]["step"]
+            try:
+                on_update(records, planned_steps(run_dir))
+            except Exception as e:  # noqa: BLE001 - a plot must never stop a training
+                log_event(log, "could not publish the training curve", error=f"{type(e).__name__}: {e}")
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            publish()
+
+    thread = threading.Thread(target=loop, name="train-log-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        publish()
 
 
 def curve_summary(records: list[dict[str, Any]], export_uri: str) -> str:
