@@ -8,7 +8,6 @@ the points go to ``curve.jsonl`` beside the training log, and :func:`render_curv
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,27 +116,16 @@ def read_curve(path: Path) -> list[dict[str, Any]]:
 
 
 def render_curve(points: Sequence[dict[str, Any]]) -> bytes:
-    """PNG: mean per-class zero-shot accuracy against steps, one panel per set, chance dashed."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global figure state
-    from matplotlib.figure import Figure
+    """PNG: mean per-class zero-shot accuracy (%) against steps, one panel per set, chance dashed."""
+    from infra.plots import curves_png
 
     names = list(points[0]["sets"]) if points else []
-    fig = Figure(figsize=(4.5 * max(1, len(names)), 3.6), dpi=110)
-    FigureCanvasAgg(fig)
-    steps = [p["step"] for p in points]
-    for i, name in enumerate(names):
-        ax = fig.add_subplot(1, len(names), i + 1)
-        for variant in VARIANTS:
-            ax.plot(steps, [100 * p["sets"][name][variant]["mean_per_class"] for p in points], marker=".",
-                    label={"bare": "bare name", "single": '"a photo of a {}."', "ensemble": "ensemble"}[variant])
+    labels = {"bare": "bare name", "single": '"a photo of a {}."', "ensemble": "ensemble"}
+    panels, reference = {}, {}
+    for name in names:
+        panel = f"{name} ({points[0]['sets'][name]['images']} images), %"
+        panels[panel] = {labels[v]: [100 * p["sets"][name][v]["mean_per_class"] for p in points] for v in VARIANTS}
         chance = 100 * points[0]["sets"][name]["chance"]
-        ax.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"chance {chance:.1f}%")
-        ax.axhline(3 * chance, color="grey", linestyle=":", linewidth=1, label="3 x chance")
-        ax.set_title(f"{name} ({points[0]['sets'][name]['images']} images)", fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel("zero-shot mean per-class accuracy (%)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+        reference[panel] = {f"chance {chance:.1f}%": chance, "3 x chance": 3 * chance}
+    return curves_png([p["step"] for p in points], panels, title="zero-shot mean per-class accuracy",
+                      reference=reference)
