@@ -1,6 +1,6 @@
 """The dataset build as a Prefect flow: one task per stage; the stages are ``tasks.build.stages``.
 
-read -> text filters -> query match -> [count] -> balance -> fetch + images -> eval dedup
+read -> text filters -> query match -> [dedupe URLs, count] -> balance -> fetch + images -> eval dedup
 -> [dataset dedup] -> shards -> manifest -> reports
 
 Each stage is a Prefect task, so the UI draws the stages and their dependencies; inside a stage the
@@ -44,7 +44,8 @@ def filter_stage(config: Config, base_dir: str, shards: list[Any], queries: Quer
 
 @task(name="count-queries")
 def count_stage(config: Config, filtered: FilterStage, queries: QueryListRef) -> QueryCountsSummary:
-    return stages.count_queries(filtered, queries.rows, config.balance)
+    """The global reduce after the text stage: URLs shared across shards, then per-query counts."""
+    return stages.count_queries(filtered, queries.rows, config.balance, dedupe_urls=config.gather.dedupe_urls)
 
 
 @task(name="eval-index", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
