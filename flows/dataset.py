@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger, task
 
 from infra.config import Config, dump_config, to_dict
 from infra.fanout import init_ray
+from infra.lease import OutputLease
 from infra.prefect_utils import ShardProgress, retry_if_transient
 from tasks.build import stages
 from tasks.build.records import (CleanStage, EvalIndexRef, FilterStage, QueryCountsSummary, QueryListRef, WithinResult,
@@ -36,10 +37,11 @@ def locate_queries(config: Config) -> QueryListRef | None:
 
 
 @task(name="read-filter-match")
-def filter_stage(config: Config, base_dir: str, shards: list[Any], queries: QueryListRef) -> FilterStage:
+def filter_stage(config: Config, base_dir: str, shards: list[Any], queries: QueryListRef,
+                 lease: OutputLease) -> FilterStage:
     return stages.filter_stage(shards, dataset_root=config.uri(config.shards.output), storage=config.storage,
                                sources=config.sources, base_dir=base_dir, text_filter=config.text_filter,
-                               queries=queries, on_done=ShardProgress("read → text filters → query match"))
+                               queries=queries, lease=lease, on_done=ShardProgress("read → text filters → query match"))
 
 
 @task(name="count-queries")
@@ -97,6 +99,15 @@ def build_dataset(config: Config, base_dir: str = ".", retry_failed: bool = Fals
     transiently (timeouts, 429/5xx, connection errors) in shards already done.
     """
     init_ray(config.ray.address, config.ray.num_cpus, config.ray.include_dashboard, config.ray.object_store_memory_mb)
+    # One build writes into a dataset at a time, and its workers stop writing when it is gone.
+    lease = stages.take_output(config.uri(config.shards.output), config.storage)
+    try:
+        return _build(config, base_dir, retry_failed, lease)
+    finally:
+        lease.release()
+
+
+def _build(config: Config, base_dir: str, retry_failed: bool, lease: OutputLease) -> dict:
     stages.record_config(config.uri(config.shards.output), config.storage, dump_config(config))
     index = eval_index_stage.submit(config)  # independent of the query list and the filter stage
     queries = locate_queries(config)
@@ -107,7 +118,7 @@ def build_dataset(config: Config, base_dir: str = ".", retry_failed: bool = Fals
         build_queries(config)
         queries = locate_queries(config)
     shards = plan_inputs(config, base_dir)
-    filtered = filter_stage(config, base_dir, shards, queries)
+    filtered = filter_stage(config, base_dir, shards, queries, lease)
     counts = count_stage(config, filtered, queries)
     index_ref = index.result()
     clean = clean_stage(config, filtered, counts, index_ref, retry_failed)

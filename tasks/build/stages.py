@@ -25,6 +25,7 @@ from infra.config import (BalanceConfig, DedupConfig, EvalSetConfig, GatherConfi
                           SourceConfig, StorageConfig, TextFilterConfig, to_dict)
 from infra.fanout import map_shards, values_or_raise
 from infra.funnel import Funnel
+from infra.lease import OutputLease
 from infra.log import get_logger, log_event
 from infra.prefect_utils import publish_image, publish_markdown, publish_table
 from infra.storage import ObjectStore
@@ -78,6 +79,20 @@ def eval_index(eval_sets: Sequence[EvalSetConfig], root: str, storage: StorageCo
     return EvalIndexRef(root, index.version, index.set_sizes(), built)
 
 
+def take_output(dataset_root: str, storage: StorageConfig) -> OutputLease:
+    """Take the lease on the dataset's output (:class:`infra.lease.LeaseHeld` while another live
+    build holds it), then clear what dead writers left there: temp files of killed local writes,
+    and multipart uploads a killed writer never completed on S3."""
+    lease = OutputLease.acquire(dataset_root, storage)
+    store = ObjectStore(dataset_root, storage)
+    temps = store.remove_temp_files(older_than=lease.acquired)
+    uploads = store.abort_multipart_uploads(older_than=lease.acquired)
+    if temps or uploads:
+        log_event(log, "removed what killed writes left", root=store.root, temp_files=len(temps),
+                  multipart_uploads=len(uploads))
+    return lease
+
+
 def record_config(dataset_root: str, storage: StorageConfig, resolved_yaml: str) -> None:
     """The resolved config beside the dataset (``config.resolved.yaml``)."""
     from infra.config import RESOLVED_CONFIG_NAME
@@ -91,9 +106,11 @@ def record_config(dataset_root: str, storage: StorageConfig, resolved_yaml: str)
 
 
 def filter_stage(shards: Sequence[Any], *, dataset_root: str, storage: StorageConfig, sources: Sequence[SourceConfig],
-                 base_dir: str, text_filter: TextFilterConfig, queries: QueryListRef,
+                 base_dir: str, text_filter: TextFilterConfig, queries: QueryListRef, lease: OutputLease | None = None,
                  on_done: Progress = None, use_ray: bool = True) -> FilterStage:
-    work = WorkDir.for_filter(dataset_root, storage, sources, base_dir, text_filter, queries.sha256)
+    """read -> text filters -> query match per input shard; ``lease`` (from :func:`take_output`)
+    guards every write of this and the later stages, which inherit its work directory."""
+    work = WorkDir.for_filter(dataset_root, storage, sources, base_dir, text_filter, queries.sha256, lease)
     results = map_shards(filter_shard, shards, context=FilterContext(work, queries, text_filter),
                          desc="read/filter/match", on_done=on_done, use_ray=use_ray)
     return FilterStage(work, tuple(values_or_raise("read-filter-match", results)))
@@ -352,7 +369,7 @@ def _write_output_shard(job: OutputShard, ctx: _WriteContext) -> dict:
     (the training shards), or the part's held-out rows (the held-out shard)."""
     from tasks.shards import is_complete, stats_key, write_shard
 
-    out = ObjectStore(ctx.dataset_root, ctx.work.storage)
+    out = ctx.work.store_at(ctx.dataset_root)
     if is_complete(out, job.index, job.plan_id, job.prefix):
         return out.read_json(stats_key(job.index, job.prefix))
     drops, held = _drop_ids(ctx.work, ctx.within_prefix), _held_ids(ctx.work, ctx.within_prefix)
@@ -428,7 +445,7 @@ def write_output(clean: CleanStage, within: WithinResult, *, dataset_root: str, 
                                                          on_done=on_done, use_ray=use_ray))
     train = [w for j, w in zip(jobs, written) if j.prefix == "shards"]
     held = [w for j, w in zip(jobs, written) if j.prefix == "holdout"]
-    store = ObjectStore(dataset_root, clean.work.storage)
+    store = clean.work.store_at(dataset_root)
     stale = remove_stale_shards(store, len(train)) + remove_stale_shards(store, len(held), "holdout")
     if stale:
         log_event(log, "removed an earlier plan's extra shards", files=len(stale))
