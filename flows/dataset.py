@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger, task
 from infra.config import Config, dump_config, to_dict
 from infra.fanout import init_ray
 from infra.lease import OutputLease
-from infra.prefect_utils import ShardProgress, retry_if_transient
+from infra.prefect_utils import ShardProgress, crash_orphaned_runs_quietly, retry_if_transient, track_flow_run
 from tasks.build import stages
 from tasks.build.records import (CleanStage, EvalIndexRef, FilterStage, QueryCountsSummary, QueryListRef, WithinResult,
                                  WrittenShards)
@@ -98,6 +98,8 @@ def build_dataset(config: Config, base_dir: str = ".", retry_failed: bool = Fals
     A rerun resumes; with ``retry_failed`` it also fetches again the samples that failed
     transiently (timeouts, 429/5xx, connection errors) in shards already done.
     """
+    crash_orphaned_runs_quietly()  # earlier runs whose process died without telling the API
+    track_flow_run()
     init_ray(config.ray.address, config.ray.num_cpus, config.ray.include_dashboard, config.ray.object_store_memory_mb)
     # One build writes into a dataset at a time, and its workers stop writing when it is gone.
     lease = stages.take_output(config.uri(config.shards.output), config.storage)

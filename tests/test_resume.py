@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -193,6 +194,11 @@ def test_no_file_changes_after_the_build_process_group_is_killed(tmp_path: Path,
     killed_write.parent.mkdir(parents=True, exist_ok=True)
     killed_write.write_bytes(b"half a shard")
     _build(config, out, api)  # the rerun
+    # The killed build could not end its flow run; the rerun marked it crashed (issue 16 #13).
+    runs = httpx.post(f"{api}/flow_runs/filter", json={"flows": {"name": {"any_": ["build_dataset"]}}},
+                      timeout=30).json()
+    states = [r["state"]["type"] for r in runs]
+    assert "RUNNING" not in states and "CRASHED" in states, states
     _build(config, tmp_path / "clean-run", api)
     assert _shards(out) == _shards(tmp_path / "clean-run")
     assert _temp_files(out) == [], "the rerun leaves no temp file of a killed write"
