@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.dedup import MultiIndexHash, brute_force_search, choose_substrings  # noqa: E402
+from tasks.dedup.mih import MultiIndexHash, brute_force_search, choose_substrings  # noqa: E402
 
 
 def random_codes(rng: np.random.Generator, n: int) -> np.ndarray:

@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from infra.config import EvalSetConfig  # noqa: E402
 from infra.eval_sets import load_eval_set  # noqa: E402
-from tasks.dedup import EvalIndex, _thumbs_of, hash_table, pair_ncc  # noqa: E402
+from tasks.dedup.eval_index import EvalIndex  # noqa: E402
+from tasks.dedup.hashing import hash_table  # noqa: E402
+from tasks.dedup.verify import pair_ncc, thumbs_of  # noqa: E402
 
 TRANSFORMS = ("jpeg", "resize", "crop", "brightness")
 
@@ -90,7 +92,7 @@ def measure(table: pa.Table, index: EvalIndex, radius: int, use_low_info: bool, 
     qi, img, var, dist = index.lookup(codes[rows], radius)
     rows = rows[qi]
     sides = np.minimum(table.column("min_side").take(pa.array(rows)).to_numpy(), index.image_sides[img])
-    ncc = pair_ncc(_thumbs_of(table.column("thumb").take(pa.array(rows))), index.thumbs[img], var.astype(np.int64),
+    ncc = pair_ncc(thumbs_of(table.column("thumb").take(pa.array(rows))), index.thumbs[img], var.astype(np.int64),
                    sides if use_detail_match else None)
     return {"rows": rows, "img": img, "ncc": ncc}
 

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import yaml
 
@@ -464,13 +464,16 @@ def _build(cls: type, data: Any, path: str) -> Any:
 
 
 def to_dict(obj: Any) -> Any:
-    """A config (or part of one) as plain YAML-able data."""
-    if dataclasses.is_dataclass(obj):
+    """A config (or part of one, or any record of dataclasses) as plain YAML/JSON-able data;
+    an object with its own ``to_dict`` (a funnel) gives that."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):
         return {k: to_dict(v) for k, v in obj.items()}
+    if callable(getattr(obj, "to_dict", None)):
+        return obj.to_dict()
     return obj
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections import Counter
 
@@ -14,10 +15,15 @@ from PIL import Image
 
 from infra.config import EvalSetConfig
 from infra.eval_sets import EvalSet, load_eval_set
+from infra.fanout import ShardFailures
 from infra.storage import ObjectStore
-from tasks.dedup import (EvalIndex, MultiIndexHash, _thumbs_of, brute_force_search, choose_substrings,
-                         ensure_eval_index, filter_eval_overlap, hash_table, near_duplicate_drops, overlap_report,
-                         within_dataset_duplicates, within_dataset_duplicates_ray)
+from tasks.dedup.eval_index import EvalIndex, ensure_eval_index
+from tasks.dedup.eval_overlap import EVAL_MATCHES, filter_eval_overlap, overlap_report
+from tasks.dedup.hashing import THUMB_SIDE, hash_table
+from tasks.dedup.mih import MultiIndexHash, brute_force_search, choose_substrings
+from tasks.dedup.verify import pair_ncc, thumbs_of
+from tasks.dedup.within import (PartRef, near_duplicate_drops, within_dataset_duplicates,
+                                within_dataset_duplicates_distributed)
 
 TRANSFORMS = ("jpeg", "resize", "crop", "brightness")
 
@@ -151,7 +157,8 @@ def test_transformed_copies_are_caught_and_distinct_images_mostly_not(fashion_te
     copies = [_transform(fashion_test.images[s], k, rng) for s, k in zip(src, kinds)]
     ids = [f"train/{i}" for i in train.ids] + [f"copy/{i}" for i in range(len(copies))]
     table = pa.table({"sample_id": ids, "image": pa.array(list(train.images) + copies, pa.binary())})
-    kept, funnel, matches = filter_eval_overlap(hash_table(table), fashion_index, 6)
+    step = filter_eval_overlap(hash_table(table), fashion_index, 6)
+    kept, funnel, matches = step.table, step.funnel, step.side[EVAL_MATCHES]
 
     dropped = set(ids) - set(kept.column("sample_id").to_pylist())
     caught = np.array([f"copy/{i}" in dropped for i in range(len(copies))])
@@ -184,23 +191,24 @@ def test_verification_and_crop_variants_each_change_the_result(fashion_test, fas
     """pHash alone (no verification) matches more distinct images; no crop variants misses crops."""
     train = load_eval_set(EvalSetConfig(name="train", kind="fashion-mnist", split="train"), max_images=300)
     table = hash_table(pa.table({"sample_id": train.ids, "image": pa.array(train.images, pa.binary())}))
-    _, _, verified = filter_eval_overlap(table, fashion_index, 8)
-    _, _, unverified = filter_eval_overlap(table, fashion_index, 8, min_ncc=-1.0)
+    verified = filter_eval_overlap(table, fashion_index, 8).side[EVAL_MATCHES]
+    unverified = filter_eval_overlap(table, fashion_index, 8, min_ncc=-1.0).side[EVAL_MATCHES]
     assert len(set(unverified.column("sample_id").to_pylist())) > 3 * max(1, len(set(verified.column("sample_id").to_pylist())))
 
     rng = np.random.default_rng(1)
     crops = [_transform(fashion_test.images[i], "crop", rng) for i in range(60)]
     crops_t = hash_table(pa.table({"sample_id": [f"c{i}" for i in range(60)], "image": pa.array(crops, pa.binary())}))
     plain = EvalIndex.build([fashion_test], "phash", crop_variants=False)
-    with_variants = filter_eval_overlap(crops_t, fashion_index, 6)[0].num_rows
-    without = filter_eval_overlap(crops_t, plain, 6)[0].num_rows
+    with_variants = filter_eval_overlap(crops_t, fashion_index, 6).table.num_rows
+    without = filter_eval_overlap(crops_t, plain, 6).table.num_rows
     assert with_variants < without  # fewer crops survive when the index has crop variants
 
 
 def test_filter_counts_unhashable_rows_and_keeps_low_information_ones(fashion_index):
     blank = _png(Image.new("L", (28, 28), 0))
     table = pa.table({"sample_id": ["blank", "broken"], "image": [blank, b"\x89PNG broken"]})
-    kept, funnel, matches = filter_eval_overlap(table, fashion_index, 8)  # hashes computed on demand
+    step = filter_eval_overlap(table, fashion_index, 8)  # hashes computed on demand
+    kept, funnel, matches = step.table, step.funnel, step.side[EVAL_MATCHES]
     assert kept.column("sample_id").to_pylist() == ["blank"]
     assert funnel.stages["dedup_eval"].dropped == Counter({"unhashable_image": 1})
     assert matches.num_rows == 0
@@ -242,9 +250,13 @@ def test_index_save_load_and_versioning(tmp_path, fashion_test):
 
 
 def _within(t: pa.Table, radius: int = 4, **kw) -> pa.Table:
-    return within_dataset_duplicates(t.column("sample_id").to_pylist(), t.column("phash").to_numpy(), radius,
+    """The single-process reference on a hashed table (``sha256`` used when present)."""
+    hashes = t.column("phash")
+    return within_dataset_duplicates(t.column("sample_id").to_pylist(),
+                                     hashes.to_numpy() if hashes.null_count == 0 else hashes.to_pylist(), radius,
+                                     sha256=t.column("sha256").to_pylist() if "sha256" in t.column_names else None,
                                      pixels_sha256=t.column("pixels_sha256").to_pylist(),
-                                     low_info=t.column("low_info").to_pylist(), thumbs=_thumbs_of(t.column("thumb")), **kw)
+                                     low_info=t.column("low_info").to_pylist(), thumbs=thumbs_of(t.column("thumb")), **kw)
 
 
 def test_within_dataset_duplicates_on_the_bundled_sample(sample_hashed):
@@ -276,7 +288,7 @@ def test_within_dataset_duplicates_on_the_bundled_sample(sample_hashed):
     assert near_duplicate_drops(sample_hashed.column("sample_id").to_pylist(), sample_hashed.column("phash").to_numpy(), 4,
                                 pixels_sha256=sample_hashed.column("pixels_sha256").to_pylist(),
                                 low_info=sample_hashed.column("low_info").to_pylist(),
-                                thumbs=_thumbs_of(sample_hashed.column("thumb"))) == dropped
+                                thumbs=thumbs_of(sample_hashed.column("thumb"))) == dropped
 
 
 def test_within_near_duplicates_are_transitive_and_bytes_sha256_counts():
@@ -293,26 +305,152 @@ def test_within_near_duplicates_are_transitive_and_bytes_sha256_counts():
         within_dataset_duplicates(["p", "p"], [1, 1], 0)
 
 
-@pytest.mark.slow
-def test_ray_global_dedup_equals_the_single_process_result(ray_local, sample_hashed):
-    cols = ["sample_id", "phash", "low_info", "pixels_sha256", "thumb"]
-    t = sample_hashed.select(cols)
-    order = np.random.default_rng(1).permutation(t.num_rows)  # duplicates land in different parts
-    parts = [t.take(pa.array(order[i::3])) for i in range(3)]
-    want = _within(t)
-    got = within_dataset_duplicates_ray([ray_local.put(p) for p in parts], 4, num_partitions=2)
+def _planted_duplicates() -> pa.Table:
+    """Every within-dataset case at radius 4: exact groups (by pixels, by bytes, pixels before bytes),
+    a near chain whose ends are 6 bits apart, an exact group whose representative is a near copy of
+    a smaller id, low-information and null-hash rows, pairs within radius that fail verification,
+    and unrelated rows."""
+    rng = np.random.default_rng(7)
+    rows: list[dict] = []
+
+    def code() -> int:
+        return int(rng.integers(0, 2**63, dtype=np.int64)) * 2 + int(rng.integers(0, 2))
+
+    def flip(c: int, *bits: int) -> int:
+        return c ^ sum(1 << b for b in bits)
+
+    def texture() -> np.ndarray:
+        return rng.integers(0, 256, (THUMB_SIDE, THUMB_SIDE)).astype(np.int16)
+
+    def near(t: np.ndarray) -> bytes:  # the same picture, slightly noisy: correlates ~0.999
+        return np.clip(t + rng.integers(-3, 4, t.shape), 0, 255).astype(np.uint8).tobytes()
+
+    def digest(tag: str) -> str:
+        return hashlib.sha256(tag.encode()).hexdigest()
+
+    def row(sid: str, phash: int | None, thumb: bytes, pixels: str | None = None, sha: str | None = None,
+            low: bool | None = False) -> None:
+        rows.append({"sample_id": sid, "phash": phash, "thumb": thumb, "low_info": low,
+                     "pixels_sha256": digest(sid) if pixels is None else pixels,
+                     "sha256": digest("bytes:" + sid) if sha is None else sha})
+
+    c, t = code(), texture()
+    for i, bits in enumerate([(), (0, 1, 2), (0, 1, 2, 3, 4, 5), (0, 1, 2, 3, 4, 5, 6, 7, 8)]):
+        row(f"n{i + 1}", flip(c, *bits), near(t))
+    e, t = code(), texture()
+    row("e0", flip(e, 10, 11), near(t))
+    for sid in ("e1", "e2", "e3"):
+        row(sid, e if sid == "e1" else code(), near(t), pixels=digest("P1"))
+    row("z1", None, near(t), pixels=digest("P1"))  # exact, though it has no hash
+    row("z2", None, bytes(THUMB_SIDE * THUMB_SIDE))
+    rows.append({"sample_id": "s1", "phash": code(), "thumb": near(texture()), "low_info": False,
+                 "pixels_sha256": None, "sha256": digest("S")})
+    rows.append({"sample_id": "s2", "phash": code(), "thumb": near(texture()), "low_info": False,
+                 "pixels_sha256": None, "sha256": digest("S")})
+    row("s3", code(), near(texture()), sha=digest("S"))  # same bytes' digest, but its own pixels win
+    low_code, t = code(), texture()
+    for sid, low in (("l1", True), ("l2", True), ("l3", None), ("l4", False)):
+        row(sid, low_code, near(t), low=low)
+    v = code()
+    row("v1", v, near(texture()))
+    row("v2", flip(v, 20), near(texture()))  # within radius, different pictures
+    for i in range(300):
+        row(f"r{i:03d}", code(), near(texture()))
+    schema = pa.schema([("sample_id", pa.string()), ("phash", pa.uint64()), ("thumb", pa.binary()),
+                        ("low_info", pa.bool_()), ("pixels_sha256", pa.string()), ("sha256", pa.string())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _write_parts(t: pa.Table, stores: list[ObjectStore], n: int, seed: int = 1) -> list[PartRef]:
+    order = np.random.default_rng(seed).permutation(t.num_rows)  # duplicates land in different parts
+    parts = []
+    for i in range(n):
+        store = stores[i % len(stores)]
+        store.write_parquet(f"clean/part-{i}.parquet", t.take(pa.array(order[i::n])))
+        parts.append(PartRef(f"part-{i}", store, f"clean/part-{i}.parquet"))
+    return parts
+
+
+PLANTED = {"n2": ("n1", "duplicate_near"), "n3": ("n1", "duplicate_near"), "n4": ("n1", "duplicate_near"),
+           "e1": ("e0", "duplicate_near"), "e2": ("e0", "duplicate_exact"), "e3": ("e0", "duplicate_exact"),
+           "z1": ("e0", "duplicate_exact"), "s2": ("s1", "duplicate_exact")}
+
+
+@pytest.mark.parametrize("use_ray", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_distributed_within_dedup_equals_the_single_process_result(request, tmp_path, sample_hashed, use_ray):
+    if use_ray:
+        request.getfixturevalue("ray_local")
+    planted = _planted_duplicates()
+    want = _within(planted)
+    assert {r["sample_id"]: (r["representative"], r["reason"]) for r in want.to_pylist()} == PLANTED
+    stores = [ObjectStore(str(tmp_path / "a")), ObjectStore(str(tmp_path / "b"))]
+    parts = _write_parts(planted, stores, 4)
+    scratch = ObjectStore(str(tmp_path / "scratch"))
+    got = within_dataset_duplicates_distributed(parts, scratch=scratch, radius=4, num_partitions=3, use_ray=use_ray)
     assert got.equals(want)
+    assert any(k.startswith("exact/") for k in scratch.list()) and any(k.startswith("bands/") for k in scratch.list())
+
+    # The bundled sample's real exact and near groups, another split and the default partition count.
+    cols = ["sample_id", "phash", "low_info", "pixels_sha256", "thumb"]
+    sample = sample_hashed.select(cols)
+    got = within_dataset_duplicates_distributed(_write_parts(sample, stores[:1], 3), scratch=scratch.child("sample"),
+                                                radius=4, use_ray=use_ray)
+    assert got.equals(_within(sample)) and got.num_rows > 0
+
+
+def test_distributed_within_dedup_resumes_from_its_scratch_and_never_from_stale_pieces(tmp_path):
+    planted = _planted_duplicates()
+    store, scratch = ObjectStore(str(tmp_path / "parts")), ObjectStore(str(tmp_path / "scratch"))
+    parts = _write_parts(planted, [store], 3)
+    first = within_dataset_duplicates_distributed(parts, scratch=scratch, radius=4, num_partitions=2, use_ray=False)
+    # A rerun with the same parts and settings reads every map and reduce back: the parts may be gone.
+    saved = {p.path: store.read_bytes(p.path) for p in parts}
+    for p in parts:
+        store.delete(p.path)
+    again = within_dataset_duplicates_distributed(parts, scratch=scratch, radius=4, num_partitions=2, use_ray=False)
+    assert again.equals(first)
+    # Other settings never reuse those pieces: the chain (3 bits a step) breaks at radius 2.
+    for path, data in saved.items():
+        store.write_bytes(path, data)
+    for radius, partitions in ((2, 2), (4, 3)):
+        got = within_dataset_duplicates_distributed(parts, scratch=scratch, radius=radius, num_partitions=partitions,
+                                                    use_ray=False)
+        assert got.equals(_within(planted, radius))
+    assert not got.equals(_within(planted, 2))
+    assert within_dataset_duplicates_distributed([], scratch=scratch, radius=4, use_ray=False).num_rows == 0
+
+
+def test_distributed_within_dedup_reads_parts_and_writes_pieces_on_s3(s3_store):
+    planted = _planted_duplicates()
+    parts = _write_parts(planted, [s3_store.child("parts")], 3)
+    got = within_dataset_duplicates_distributed(parts, scratch=s3_store.child("scratch"), radius=4, num_partitions=2,
+                                                use_ray=False)
+    assert got.equals(_within(planted))
+    assert any(k.startswith("bands/") and k.endswith(".parquet") for k in s3_store.child("scratch").list())
+
+
+def test_distributed_within_dedup_names_the_part_it_cannot_read(tmp_path):
+    store, scratch = ObjectStore(str(tmp_path / "parts")), ObjectStore(str(tmp_path / "scratch"))
+    parts = _write_parts(_planted_duplicates(), [store], 2)
+    store.write_parquet("clean/nohash.parquet", pa.table({"sample_id": ["x"]}))
+    for bad, error in ((PartRef("gone", store, "clean/gone.parquet"), "gone: FileNotFoundError"),
+                       (PartRef("nohash", store, "clean/nohash.parquet"), "nohash: ValueError")):
+        with pytest.raises(ShardFailures) as failure:
+            within_dataset_duplicates_distributed([*parts, bad], scratch=scratch, radius=4, use_ray=False)
+        message = str(failure.value)
+        assert "1 of 3 shards failed" in message and error in message and store.uri(bad.path) in message
+    assert "no column phash" in message
+    with pytest.raises(ValueError, match="unknown hash kind"):
+        within_dataset_duplicates_distributed(parts, scratch=scratch, radius=4, kind="md5", use_ray=False)
 
 
 def test_half_size_copies_are_compared_at_their_own_detail(fashion_test):
     """A 14-px copy of a 28-px image cannot hold its detail; both are reduced to 14 px first."""
-    from tasks.dedup import pair_ncc
-
     small = [_png(Image.open(io.BytesIO(b)).resize((14, 14), Image.BILINEAR)) for b in fashion_test.images[:40]]
     a = hash_table(pa.table({"sample_id": [str(i) for i in range(40)], "image": pa.array(small, pa.binary())}))
     b = hash_table(pa.table({"sample_id": [str(i) for i in range(40)], "image": pa.array(fashion_test.images[:40], pa.binary())}))
     assert a.column("min_side").to_pylist() == [14] * 40 and b.column("min_side").to_pylist() == [28] * 40
-    ta, tb = _thumbs_of(a.column("thumb")), _thumbs_of(b.column("thumb"))
+    ta, tb = thumbs_of(a.column("thumb")), thumbs_of(b.column("thumb"))
     sharp = pair_ncc(ta, tb)
     matched = pair_ncc(ta, tb, sides=np.full(40, 14))
     assert np.all(matched >= sharp - 1e-6) and np.mean(matched) > np.mean(sharp)

@@ -66,7 +66,7 @@ def eval_index(index: EvalIndexRef, storage: StorageConfig) -> Any:
 
 @functools.lru_cache(maxsize=2)
 def _load_eval_index(root: str, version: str, storage: StorageConfig) -> Any:
-    from tasks.dedup import EvalIndex
+    from tasks.dedup.eval_index import EvalIndex
 
     return EvalIndex.load(ObjectStore(root, storage), version)
 
@@ -147,7 +147,7 @@ def _url_dedup_step(drops: tuple[str, ...]) -> Any:
 
 
 def _hash_step(dedup: DedupConfig) -> Any:
-    from tasks.dedup import hash_table
+    from tasks.dedup.hashing import hash_table
 
     def step(table: pa.Table) -> StepOutput:
         return StepOutput(hash_table(table, dedup.hash_kind, low_info_max_std=dedup.low_info_max_std))
@@ -156,18 +156,10 @@ def _hash_step(dedup: DedupConfig) -> Any:
 
 
 def _eval_dedup_step(ctx: CleanContext) -> Any:
-    from tasks.dedup import filter_eval_overlap
+    from tasks.dedup.eval_overlap import filter_eval_overlap
 
     index = eval_index(ctx.index, ctx.work.storage)
-
-    def step(table: pa.Table) -> StepOutput:
-        kept, funnel, matches = filter_eval_overlap(table, index, ctx.dedup.eval_radius)
-        return StepOutput(kept, funnel, {EVAL_MATCHES: matches})
-
-    return step
-
-
-EVAL_MATCHES = "eval_matches"
+    return lambda table: filter_eval_overlap(table, index, ctx.dedup.eval_radius)
 
 
 def _decontamination_steps(ctx: CleanContext) -> list[Any]:
@@ -208,6 +200,7 @@ def clean_shard(record: FilterRecord, ctx: CleanContext) -> CleanRecord:
 
 def _write_clean(work: WorkDir, shard_id: str, out: StepOutput) -> CleanRecord:
     """Persist one clean part and its side outputs, then its completion record (last)."""
+    from tasks.dedup.eval_overlap import EVAL_MATCHES
     from tasks.gather import FAILED, FAILED_TRANSIENT
 
     store = work.store
@@ -235,6 +228,7 @@ def _retry_transient(done: CleanRecord, ctx: CleanContext) -> CleanRecord:
     The shard's funnel then reads as if the recovered rows had passed the first time: their
     earlier drop reasons leave the ``gather`` stage, and the retry's outcomes join ``gather``,
     ``images`` and the stages after them, so every stage still balances and hands on its rows."""
+    from tasks.dedup.eval_overlap import EVAL_MATCHES
     from tasks.gather import FAILED, FAILED_TRANSIENT, retry_transient
 
     store = ctx.work.store

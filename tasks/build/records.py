@@ -6,30 +6,17 @@ completion record), so a rerun returns the record instead of redoing the shard.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from infra.config import to_dict
 from infra.funnel import Funnel
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Funnel):
-        return obj.to_dict()
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Mapping):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    return obj
 
 
 def to_json(record: Any) -> dict:
     """A record as plain JSON data (funnels as their dicts)."""
-    return _jsonable(record)
+    return to_dict(record)
 
 
 @dataclass(frozen=True)
@@ -152,7 +139,3 @@ class WrittenShards:
 
     shards: list[Mapping[str, Any]]
     holdout: list[Mapping[str, Any]]
-
-
-def dumps(record: Any) -> str:
-    return json.dumps(to_json(record), sort_keys=True)

@@ -69,7 +69,7 @@ def eval_index(eval_sets: Sequence[EvalSetConfig], root: str, storage: StorageCo
     if not dedup.against_eval or not eval_sets:
         return None
     from infra.eval_sets import load_eval_set
-    from tasks.dedup import ensure_eval_index
+    from tasks.dedup.eval_index import ensure_eval_index
 
     sets = [load_eval_set(e, max_images=e.max_images) for e in eval_sets]
     index, built = ensure_eval_index(sets, ObjectStore(root, storage), dedup.hash_kind,
@@ -301,15 +301,14 @@ def _part_survivors(shard_id: str, ctx: _SurvivorContext) -> _Survivors:
 
 
 def _duplicates(clean: CleanStage, dedup: DedupConfig, scratch: ObjectStore, use_ray: bool) -> pa.Table:
-    from tasks.dedup import DUPLICATES_SCHEMA, within_dataset_duplicates_ray  # TEMP until tasks/dedup/ lands
+    from tasks.dedup.within import DUPLICATES_SCHEMA, PartRef, within_dataset_duplicates_distributed
 
     if not dedup.within_dataset or not clean.records:
         return DUPLICATES_SCHEMA.empty_table()
     store = clean.work.store
-    columns = ["sample_id", "sha256", "pixels_sha256", "low_info", "thumb", dedup.hash_kind]
-    tables = [store.read_parquet(WorkDir.clean(r.shard_id), columns=columns) for r in clean.records]
-    return within_dataset_duplicates_ray(tables, dedup.within_radius, kind=dedup.hash_kind,
-                                         min_ncc=dedup.verify_min_ncc)
+    parts = [PartRef(r.shard_id, store, WorkDir.clean(r.shard_id)) for r in clean.records]
+    return within_dataset_duplicates_distributed(parts, scratch=scratch, radius=dedup.within_radius,
+                                                 kind=dedup.hash_kind, min_ncc=dedup.verify_min_ncc, use_ray=use_ray)
 
 
 def within_dataset(clean: CleanStage, dedup: DedupConfig, holdout_rows: int, *, use_ray: bool = True) -> WithinResult:
@@ -523,8 +522,8 @@ def query_count_report(*, dataset_root: str, filtered: FilterStage, clean: Clean
 
 def eval_overlap_report(*, dataset_root: str, clean: CleanStage, index: EvalIndexRef) -> dict:
     """Per eval set, how many eval images have a near-duplicate among the candidates (CLIP §5)."""
-    from tasks.build.jobs import EVAL_MATCHES, eval_index
-    from tasks.dedup import overlap_report
+    from tasks.build.jobs import eval_index
+    from tasks.dedup.eval_overlap import EVAL_MATCHES, overlap_report
 
     store = clean.work.store
     tables = [store.read_parquet(WorkDir.side(EVAL_MATCHES, r.shard_id)) for r in clean.records if r.eval_matches]
