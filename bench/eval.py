@@ -56,7 +56,7 @@ def main() -> None:
     n = 128 if args.quick else args.images
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
-    from tasks.evaluate import ClipEncoder
+    from trainer.evaluate import ClipEncoder
     from trainer.model import CLIP, load_model_config
 
     torch.manual_seed(0)

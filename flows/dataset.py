@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from infra.config import Config, dump_config, to_dict
 from infra.fanout import init_ray
 from infra.lease import OutputLease
+from infra.manifest import Manifest
 from infra.prefect_utils import ShardProgress, crash_orphaned_runs_quietly, retry_if_transient, track_flow_run
 from tasks.build import stages
 from tasks.build.records import (CleanStage, EvalIndexRef, FilterStage, QueryCountsSummary, QueryListRef, WithinResult,
@@ -33,13 +34,13 @@ def plan_inputs(config: Config, base_dir: str) -> list[Any]:
 @task(name="queries", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
 def locate_queries(config: Config) -> QueryListRef | None:
     """The query list this build matches against (None: not built yet)."""
-    return stages.find_query_list(config.uri(config.queries.output), config.storage)
+    return stages.find_query_list(config.queries_uri(), config.storage)
 
 
 @task(name="read-filter-match")
 def filter_stage(config: Config, base_dir: str, shards: list[Any], queries: QueryListRef,
                  lease: OutputLease) -> FilterStage:
-    return stages.filter_stage(shards, dataset_root=config.uri(config.shards.output), storage=config.storage,
+    return stages.filter_stage(shards, dataset_root=config.dataset_uri(), storage=config.storage,
                                sources=config.sources, base_dir=base_dir, text_filter=config.text_filter,
                                queries=queries, lease=lease, on_done=ShardProgress("read → text filters → query match"))
 
@@ -52,7 +53,7 @@ def count_stage(config: Config, filtered: FilterStage, queries: QueryListRef) ->
 
 @task(name="eval-index", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
 def eval_index_stage(config: Config) -> EvalIndexRef | None:
-    return stages.eval_index(config.eval_sets, config.uri("eval_index"), config.storage, config.dedup)
+    return stages.eval_index(config.eval_sets, config.eval_index_uri(), config.storage, config.dedup)
 
 
 @task(name="balance-fetch-images-eval-dedup")
@@ -70,15 +71,15 @@ def within_stage(config: Config, clean: CleanStage) -> WithinResult:
 
 @task(name="write-shards")
 def shard_stage(config: Config, clean: CleanStage, within: WithinResult) -> WrittenShards:
-    return stages.write_output(clean, within, dataset_root=config.uri(config.shards.output), shards=config.shards,
+    return stages.write_output(clean, within, dataset_root=config.dataset_uri(), shards=config.shards,
                                on_done=ShardProgress("write shards"))
 
 
 @task(name="manifest", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
 def manifest_stage(config: Config, written: WrittenShards, filtered: FilterStage, clean: CleanStage,
                    counts: QueryCountsSummary, within: WithinResult, queries: QueryListRef,
-                   index: EvalIndexRef | None) -> dict:
-    return stages.write_manifest(dataset_root=config.uri(config.shards.output), storage=config.storage,
+                   index: EvalIndexRef | None) -> Manifest:
+    return stages.write_manifest(dataset_root=config.dataset_uri(), storage=config.storage,
                                  config=to_dict(config), written=written, filtered=filtered, clean=clean,
                                  counts=counts, within=within, queries=queries, index=index)
 
@@ -87,12 +88,12 @@ def manifest_stage(config: Config, written: WrittenShards, filtered: FilterStage
 def report_stage(config: Config, filtered: FilterStage, clean: CleanStage, queries: QueryListRef,
                  index: EvalIndexRef | None) -> dict:
     """Per-query counts before/after balancing (with the log-log plot) and the eval overlap report."""
-    return stages.reports(dataset_root=config.uri(config.shards.output), filtered=filtered, clean=clean,
+    return stages.reports(dataset_root=config.dataset_uri(), filtered=filtered, clean=clean,
                           queries=queries, index=index, max_per_query=config.balance.max_per_query)
 
 
 @flow(name="build_dataset", log_prints=True)
-def build_dataset(config: Config, base_dir: str = ".", retry_failed: bool = False) -> dict:
+def build_dataset(config: Config, base_dir: str = ".", retry_failed: bool = False) -> Manifest:
     """Build the dataset described by ``config``; returns the manifest.
 
     A rerun resumes; with ``retry_failed`` it also fetches again the samples that failed
@@ -102,21 +103,21 @@ def build_dataset(config: Config, base_dir: str = ".", retry_failed: bool = Fals
     track_flow_run()
     init_ray(config.ray.address, config.ray.num_cpus, config.ray.include_dashboard, config.ray.object_store_memory_mb)
     # One build writes into a dataset at a time, and its workers stop writing when it is gone.
-    lease = stages.take_output(config.uri(config.shards.output), config.storage)
+    lease = stages.take_output(config.dataset_uri(), config.storage)
     try:
         return _build(config, base_dir, retry_failed, lease)
     finally:
         lease.release()
 
 
-def _build(config: Config, base_dir: str, retry_failed: bool, lease: OutputLease) -> dict:
-    stages.record_config(config.uri(config.shards.output), config.storage, dump_config(config))
+def _build(config: Config, base_dir: str, retry_failed: bool, lease: OutputLease) -> Manifest:
+    stages.record_config(config.dataset_uri(), config.storage, dump_config(config))
     index = eval_index_stage.submit(config)  # independent of the query list and the filter stage
     queries = locate_queries(config)
     if queries is None:
         from flows.queries import build_queries
 
-        get_run_logger().info("no query list at %s: building it first", config.uri(config.queries.output))
+        get_run_logger().info("no query list at %s: building it first", config.queries_uri())
         build_queries(config)
         queries = locate_queries(config)
     shards = plan_inputs(config, base_dir)
@@ -128,6 +129,5 @@ def _build(config: Config, base_dir: str, retry_failed: bool, lease: OutputLease
     written = shard_stage(config, clean, within)
     manifest = manifest_stage(config, written, filtered, clean, counts, within, queries, index_ref)
     report_stage(config, filtered, clean, queries, index_ref)
-    print(f"dataset: {manifest['num_rows']} rows in {manifest['num_shards']} shards at "
-          f"{config.uri(config.shards.output)}")
+    print(f"dataset: {manifest.num_rows} rows in {manifest.num_shards} shards at {config.dataset_uri()}")
     return manifest

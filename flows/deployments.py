@@ -23,7 +23,7 @@ def deploy_build_dataset(config_path: str = "configs/demo.yaml", overrides: list
     from flows.dataset import build_dataset
 
     manifest = build_dataset(load_config(config_path, overrides or []))
-    return {k: manifest[k] for k in ("num_rows", "num_shards")}
+    return {"num_rows": manifest.num_rows, "num_shards": manifest.num_shards}
 
 
 @flow(name="deploy-train")

@@ -75,10 +75,10 @@ def run_pipeline(config: Config) -> dict:
 
     queries_uri = build_queries(config)
     manifest = build_dataset(config)
-    manifest_uri = config.uri(config.shards.output).rstrip("/") + "/manifest.json"
+    manifest_uri = config.manifest_uri()
     export_uri = train(config, manifest=manifest_uri)
     results = evaluate(config, checkpoint=export_uri)
-    print(f"pipeline done: queries={queries_uri} rows={manifest['num_rows']} checkpoint={export_uri}")
+    print(f"pipeline done: queries={queries_uri} rows={manifest.num_rows} checkpoint={export_uri}")
     return {"queries": queries_uri, "manifest": manifest_uri, "checkpoint": export_uri, "eval": results}
 
 

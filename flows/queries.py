@@ -2,7 +2,7 @@
 
 One task per source (Wikipedia dump counts on Ray, unigrams, PMI bigrams, page titles, WordNet), then
 the merge, then the write of ``queries.parquet``, ``queries_manifest.json`` and
-``config.resolved.yaml`` under ``config.uri(config.queries.output)``. The logic is in tasks/queries/.
+``config.resolved.yaml`` under ``config.queries_uri()``. The logic is in tasks/queries/.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def merge_task(results: list[SourceResult], cfg: QueriesConfig) -> tuple[Any, di
 def write_task(config: Config, table: Any, manifest: dict) -> str:
     from infra.storage import ObjectStore
 
-    store = ObjectStore(config.uri(config.queries.output), config.storage)
+    store = ObjectStore(config.queries_uri(), config.storage)
     return write_query_list(store, table, manifest, dump_config(config))
 
 
@@ -90,7 +90,7 @@ def build_queries(config: Config) -> str:
 
     cfg = config.queries
     t0 = time.perf_counter()
-    existing = existing_output(ObjectStore(config.uri(cfg.output), config.storage), to_dict(cfg))
+    existing = existing_output(ObjectStore(config.queries_uri(), config.storage), to_dict(cfg))
     if existing:
         print(f"queries: up to date ({existing}); same config and inputs")
         return existing

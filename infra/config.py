@@ -19,6 +19,9 @@ from typing import Any, Literal, Mapping
 import yaml
 
 RESOLVED_CONFIG_NAME = "config.resolved.yaml"
+EXPORT_DIR = "export"  # the trained model (OpenAI-layout weights + configs), inside the training run
+TRAIN_CACHE_DIR = Path("runs") / ".train-cache"  # local run directories of trainings bound for object storage
+WEIGHTS_SUFFIXES = (".pt", ".pth", ".bin")  # a checkpoint path ending so is a weights file, else a directory
 
 
 class ConfigError(ValueError):
@@ -320,14 +323,14 @@ class TrainConfig:
 class EvalConfig:
     output: str = "eval"  # beside the checkpoint's weights (<export>/eval/) unless a full URI/absolute path
     batch_size: int = 256
-    retrieval_holdout: int = 200  # (image, caption) rows of the build for retrieval; 0 turns it off
+    retrieval: bool = True  # image<->text recall on the build's held-out pairs (shards.holdout_rows)
     linear_probe: bool = True
     ensembles: bool = True  # also score the bare class name and "a photo of a {}." against the ensemble
     model_config: str | None = None  # for a bare OpenAI-layout state dict: a named model config or JSON path
 
     def __post_init__(self) -> None:
-        if self.batch_size <= 0 or self.retrieval_holdout < 0:
-            raise ConfigError("evaluate.batch_size must be > 0 and evaluate.retrieval_holdout >= 0")
+        if self.batch_size <= 0:
+            raise ConfigError("evaluate.batch_size must be > 0")
 
 
 @dataclass(frozen=True)
@@ -362,6 +365,58 @@ class Config:
         if "://" in sub or sub.startswith("/"):
             return sub
         return self.output.rstrip("/") + "/" + sub
+
+    # The output locations: these methods are their only definition.
+
+    def queries_uri(self) -> str:
+        """The query list's directory (queries.parquet, its manifest, the resolved config)."""
+        return self.uri(self.queries.output)
+
+    def dataset_uri(self) -> str:
+        """The dataset's root: shards/, holdout/, reports/, work/, manifest.json."""
+        return self.uri(self.shards.output)
+
+    def manifest_uri(self) -> str:
+        """The dataset's manifest."""
+        from infra.manifest import MANIFEST_NAME  # infra.manifest imports this module
+
+        return self.dataset_uri().rstrip("/") + "/" + MANIFEST_NAME
+
+    def eval_index_uri(self) -> str:
+        """The versioned perceptual-hash index of the eval sets."""
+        return self.uri("eval_index")
+
+    def train_uri(self) -> str:
+        """Where the training run's outputs belong (a path or an object-storage URI)."""
+        return self.uri(self.train.output)
+
+    def train_dir(self) -> Path:
+        """The local run directory (checkpoints, log, export): train.output when it is local, else a
+        local cache named after the run (DeepSpeed writes files)."""
+        uri = self.train_uri()
+        if "://" in uri and not uri.startswith("file://"):
+            return TRAIN_CACHE_DIR / self.name
+        return Path(uri.removeprefix("file://"))
+
+    def export_uri(self) -> str:
+        """The trained model's export under train.output (in object storage a copy of train_dir()'s)."""
+        return self.train_uri().rstrip("/") + "/" + EXPORT_DIR
+
+    def eval_uri(self, checkpoint: str | None = None) -> str:
+        """Where the evaluation of ``checkpoint`` (default: this run's export) goes: evaluate.output
+        as is when it is a full URI or an absolute path, else beside the checkpoint's weights."""
+        output = self.evaluate.output
+        if "://" in output or output.startswith("/"):
+            return output.rstrip("/")
+        return checkpoint_dir(checkpoint or self.export_uri()).rstrip("/") + "/" + output.strip("/")
+
+
+def checkpoint_dir(checkpoint: str) -> str:
+    """The directory of a checkpoint: an export directory itself, or the folder of a weights file."""
+    stripped = checkpoint.rstrip("/")
+    if stripped.endswith(WEIGHTS_SUFFIXES):
+        return stripped.rpartition("/")[0] or "."
+    return stripped
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Parquet shards and the dataset manifest.
+"""Parquet shards: planning, atomic writes with stats and completion markers, the hold-out.
 
 Layout under a dataset root (any ObjectStore root: path, file://, s3://):
 
@@ -6,7 +6,7 @@ Layout under a dataset root (any ObjectStore root: path, file://, s3://):
     shards/part-00000_stats.json     rows, bytes, sha256, columns' byte sizes
     shards/part-00000.done           completion marker, written last
     holdout/part-00000.parquet       held-out pairs (retrieval evaluation), never read by training
-    manifest.json                    schema version, config, inputs' versions, funnel, every shard
+    manifest.json                    every shard and the build's records (written by infra.manifest)
 
 Each shard is written atomically, then its stats, then its marker; the marker records the plan (an
 identity of the rows that go into the shard), and a rerun skips shards completed for the same plan.
@@ -26,9 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from infra.schema import SCHEMA_VERSION, SHARD_SCHEMA, conform
-
-MANIFEST_NAME = "manifest.json"
+from infra.schema import SHARD_SCHEMA, conform
 
 
 def shard_key(index: int, prefix: str = "shards") -> str:
@@ -152,30 +150,3 @@ def remove_stale_shards(store: Any, keep: int, prefix: str = "shards") -> list[s
             store.delete(key)
             removed.append(key)
     return removed
-
-
-def build_manifest(*, config: dict, shards: list[dict], funnel: dict, queries: dict | None,
-                   eval_index: dict | None, holdout: list[dict] | None = None, extra: dict | None = None) -> dict:
-    """The dataset's manifest. ``holdout`` shards are listed apart: training reads only ``shards``."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "shard_schema": SHARD_SCHEMA.to_string(show_schema_metadata=False).splitlines(),
-        "num_rows": sum(s["rows"] for s in shards),
-        "num_shards": len(shards),
-        "queries": queries,
-        "eval_index": eval_index,
-        "funnel": funnel,
-        "shards": shards,
-        "holdout": {"shards": holdout, "rows": sum(s["rows"] for s in holdout)} if holdout else None,
-        "config": config,
-        **(extra or {}),
-    }
-
-
-def read_manifest(store: Any, name: str = MANIFEST_NAME) -> dict:
-    """A dataset's manifest; refuses one written with another schema version."""
-    manifest = store.read_json(name)
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if version != SCHEMA_VERSION:
-        raise ValueError(f"{store.uri(name)}: schema version {version}, this witflow reads {SCHEMA_VERSION}")
-    return manifest

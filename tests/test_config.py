@@ -116,3 +116,31 @@ def test_uri_resolution():
     assert cfg.uri("dataset") == "s3://bucket/run/dataset"
     assert cfg.uri("/abs/path") == "/abs/path"
     assert cfg.uri("file:///x") == "file:///x"
+
+
+def test_output_locations():
+    local = Config(name="r", output="runs/r")
+    assert (local.queries_uri(), local.dataset_uri(), local.manifest_uri(), local.eval_index_uri()) == (
+        "runs/r/queries", "runs/r/dataset", "runs/r/dataset/manifest.json", "runs/r/eval_index")
+    assert (local.train_uri(), local.train_dir(), local.export_uri(), local.eval_uri()) == (
+        "runs/r/train", Path("runs/r/train"), "runs/r/train/export", "runs/r/train/export/eval")
+
+    s3 = config_from_dict({"name": "r", "output": "s3://b/run/", "shards": {"output": "s3://other/ds/"},
+                           "train": {"output": "file:///scratch/t"}, "queries": {"output": "/abs/q"}})
+    assert s3.queries_uri() == "/abs/q" and s3.eval_index_uri() == "s3://b/run/eval_index"
+    assert s3.dataset_uri() == "s3://other/ds/" and s3.manifest_uri() == "s3://other/ds/manifest.json"
+    assert s3.train_dir() == Path("/scratch/t") and s3.export_uri() == "file:///scratch/t/export"
+    # DeepSpeed writes files: a training bound for object storage runs in a local cache named after the run.
+    remote = Config(name="r", output="s3://b/run")
+    assert remote.train_dir() == Path("runs/.train-cache/r") and remote.export_uri() == "s3://b/run/train/export"
+
+
+def test_eval_results_go_beside_the_weights_unless_absolute():
+    cfg = Config()
+    assert cfg.eval_uri("s3://b/run/train/export/") == "s3://b/run/train/export/eval"
+    assert cfg.eval_uri("/w/openai_layout.pt") == "/w/eval" and cfg.eval_uri("model.bin") == "./eval"
+    for output in ("/abs/where/", "s3://b/evals"):
+        absolute = config_from_dict({"evaluate": {"output": output}})
+        assert absolute.eval_uri("/w/openai_layout.pt") == output.rstrip("/")
+    nested = config_from_dict({"evaluate": {"output": "eval/v2/"}})
+    assert nested.eval_uri("/w/export") == "/w/export/eval/v2"

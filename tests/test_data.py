@@ -13,12 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
+from infra.manifest import build_manifest, write_manifest
 from infra.schema import SCHEMA_VERSION
-
+from infra.storage import ObjectStore
+from tests.trainer_fixtures import sample_pairs, write_dataset
 from trainer.data import (CLIP_MEAN, CLIP_STD, ShardStream, StreamState, advance_position, decode_image, image_transform,
                           initial_position, load_manifest, make_loader, skipped_total)
 from trainer.tokenizer import tokenize
-from tests.trainer_fixtures import sample_pairs, write_dataset
 
 ROWS = 96
 
@@ -80,11 +81,13 @@ def test_manifest_paths_are_relative_to_its_directory(tmp_path, pairs):
     assert [s.key for s in source.shards] == [f"shards/part-{i:05d}.parquet" for i in range(3)]
     assert source.num_rows == ROWS and source.root == str(manifest.parent)
     assert load_manifest(str(manifest.parent)).shards == source.shards  # a directory finds manifest.json
-    manifest.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "shards": []}))
-    with pytest.raises(ValueError, match="lists no shards"):
+    written = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**written, "schema_version": SCHEMA_VERSION + 1}))
+    with pytest.raises(ValueError, match=f"{manifest}: schema version {SCHEMA_VERSION + 1}"):
         load_manifest(str(manifest))
-    manifest.write_text(json.dumps({"schema_version": SCHEMA_VERSION + 1, "shards": [{"path": "x", "rows": 1}]}))
-    with pytest.raises(ValueError, match="schema version"):
+    write_manifest(ObjectStore(str(manifest.parent)),
+                   build_manifest(config={}, shards=[], funnel={}, queries=None, eval_index=None))
+    with pytest.raises(ValueError, match="lists no shards"):
         load_manifest(str(manifest))
 
 

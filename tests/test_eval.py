@@ -323,34 +323,42 @@ def colour_folder(tmp_path):
 
 @pytest.fixture()
 def colour_set():
-    from tasks.evaluate import ClassificationSet
+    from trainer.evaluate import ClassificationSet
 
     names = list(COLOURS)
     images = [_png(COLOURS[names[i % 3]], (20 + i, 18)) for i in range(18)]
     return ClassificationSet("colours", names, images, np.array([i % 3 for i in range(18)]))
 
 
+def _colour_rows(rows: range, repeat_last: bool = False):
+    import pyarrow as pa
+
+    images = [_png(COLOURS[list(COLOURS)[i % 3]], (16 + i, 16)) for i in rows]
+    if repeat_last:
+        images[-1] = images[-2]  # the same picture with a second caption
+    return pa.table({"sample_id": [f"s{i}" for i in rows], "source": ["test"] * len(rows),
+                     "caption": [f"a {list(COLOURS)[i % 3]} square number {i}" for i in rows], "image": images})
+
+
+def _write_build(root, shards: list, holdout: list = ()) -> None:
+    """Shards and a manifest, written as a build writes them (tasks.shards, infra.manifest)."""
+    from infra.manifest import build_manifest, write_manifest
+    from infra.storage import ObjectStore
+    from tasks.shards import write_shard
+
+    store = ObjectStore(str(root))
+    written = [write_shard(store, i, table) for i, table in enumerate(shards)]
+    held = [write_shard(store, i, table, prefix="holdout") for i, table in enumerate(holdout)]
+    write_manifest(store, build_manifest(config={}, shards=written, funnel={}, queries=None, eval_index=None,
+                                         holdout=held))
+
+
 @pytest.fixture()
 def tiny_dataset(tmp_path):
-    """A built dataset's shape: shards listed by manifest.json; one image carries two captions."""
-    import json
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    """A build of 2 training shards of 6 rows and a held-out shard of 8 (two of its rows share an image)."""
     root = tmp_path / "dataset"
-    (root / "shards").mkdir(parents=True)
-    for part, offset in ((0, 0), (1, 6)):
-        rows = range(offset, offset + 6)
-        images = [_png(COLOURS[list(COLOURS)[i % 3]], (16 + i, 16)) for i in rows]
-        if part == 1:
-            images[-1] = images[-2]  # the same picture with a second caption
-        table = pa.table({"sample_id": [f"s{i}" for i in rows],
-                          "caption": [f"a {list(COLOURS)[i % 3]} square number {i}" for i in rows],
-                          "image": images, "sha256": [None] * 6})
-        pq.write_table(table, root / "shards" / f"part-{part:05d}.parquet")
-    (root / "manifest.json").write_text(json.dumps({"schema_version": 1, "shards": [
-        {"path": "shards/part-00000.parquet", "rows": 6}, {"path": "shards/part-00001.parquet", "rows": 6}]}))
+    _write_build(root, [_colour_rows(range(0, 6)), _colour_rows(range(6, 12))],
+                 holdout=[_colour_rows(range(12, 20), repeat_last=True)])
     return root
 
 
@@ -360,15 +368,15 @@ def test_runner_end_to_end_writes_results_table_and_plots(tiny_export, colour_fo
     from PIL import Image
 
     from infra.config import EvalConfig, EvalSetConfig
-    from tasks.evaluate import evaluate_checkpoint
+    from trainer.evaluate import evaluate_checkpoint
 
     sets = [EvalSetConfig(name="colours", kind="imagefolder", path=str(colour_folder),
                           templates=("a {} square.", "@single")),
             EvalSetConfig(name="broken", kind="imagefolder", path="/nonexistent")]
-    cfg = EvalConfig(batch_size=8, retrieval_holdout=8)
-    results = evaluate_checkpoint(str(tiny_export), sets, cfg, dataset_uri=str(tiny_dataset))  # real registry
-
+    cfg = EvalConfig(batch_size=8)
     out = tiny_export / "eval"
+    results = evaluate_checkpoint(str(tiny_export), sets, cfg, results_uri=str(out),
+                                  dataset_uri=str(tiny_dataset))  # real registry
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["model_id"] == results["model_id"] and len(results["model_id"]) == 64
     r = on_disk["eval_sets"]["colours"]
@@ -387,7 +395,7 @@ def test_runner_end_to_end_writes_results_table_and_plots(tiny_export, colour_fo
 
     ret = on_disk["retrieval"]
     assert ret["rows"] == 8 and ret["texts"] == 8 and ret["images"] == 7  # two captions share an image
-    assert ret["excluded_from_training"] is False
+    assert ret["excluded_from_training"] is True
     for k in (1, 5, 10):
         assert 0.0 <= ret[f"image_to_text_R@{k}"] <= 1.0 and 0.0 <= ret[f"text_to_image_R@{k}"] <= 1.0
     assert ret["image_to_text_R@10"] == 1.0 and ret["text_to_image_R@10"] == 1.0  # 10 >= 7 images
@@ -398,7 +406,7 @@ def test_runner_end_to_end_writes_results_table_and_plots(tiny_export, colour_fo
         assert im.format == "PNG" and im.size[0] >= 300
 
     # A rerun reuses the classifiers cached beside the results instead of re-encoding prompts.
-    again = evaluate_checkpoint(str(tiny_export), sets[:1], cfg)
+    again = evaluate_checkpoint(str(tiny_export), sets[:1], cfg, results_uri=str(out))
     assert again["classifier_cache"] == {"hits": 3, "misses": 0}
     assert again["eval_sets"]["colours"]["zeroshot"] == results["eval_sets"]["colours"]["zeroshot"]
 
@@ -406,7 +414,7 @@ def test_runner_end_to_end_writes_results_table_and_plots(tiny_export, colour_fo
 def test_plain_state_dict_loads_with_its_config(tiny_export, tmp_path):
     import torch
 
-    from tasks.evaluate import ClipEncoder, load_checkpoint, results_uri_for
+    from trainer.evaluate import ClipEncoder, load_checkpoint
 
     plain = tmp_path / "weights" / "openai_layout.pt"
     plain.parent.mkdir()
@@ -415,8 +423,7 @@ def test_plain_state_dict_loads_with_its_config(tiny_export, tmp_path):
     named = load_checkpoint(str(plain), model_config="tiny")
     inferred = load_checkpoint(str(plain))  # no config: architecture from the tensor shapes
     assert named.model_id == exported.model_id == inferred.model_id
-    assert named.results_uri == str(tmp_path / "weights" / "eval")
-    assert results_uri_for(str(tiny_export), "/abs/where") == "/abs/where"
+    assert named.weights_uri == str(plain) and exported.weights_uri == str(tiny_export / "model.pt")
     texts = ["a red square", "a photo of a dog"]
     reference = ClipEncoder(exported.model, 32).encode_texts(texts)
     np.testing.assert_allclose(ClipEncoder(named.model, 32).encode_texts(texts), reference, atol=1e-5)
@@ -431,55 +438,56 @@ def test_plain_state_dict_loads_with_its_config(tiny_export, tmp_path):
         load_checkpoint(str(tmp_path / "nowhere"))
 
 
-def test_flow_tasks_resolve_checkpoint_and_summarise(tiny_export, colour_folder, tmp_path):
-    from flows.evaluate import default_checkpoint, evaluate_checkpoint_task, summary_rows
+def test_flow_task_resolves_checkpoint_and_results_from_the_config(tiny_export, colour_folder, tmp_path):
+    from flows.evaluate import evaluate_checkpoint_task
     from infra.config import Config, EvalSetConfig, TrainConfig
+    from trainer.results import SET_COLUMNS, markdown_table, result_rows
 
     config = Config(output=str(tmp_path / "run"), train=TrainConfig(output=str(tiny_export.parent)),
                     eval_sets=(EvalSetConfig(name="colours", kind="imagefolder", path=str(colour_folder)),))
-    assert default_checkpoint(config) == str(tiny_export)
-    assert default_checkpoint(Config(output="s3://b/run")) == "s3://b/run/train/export"
-    results = evaluate_checkpoint_task.fn(config, default_checkpoint(config))
+    assert config.export_uri() == str(tiny_export)
+    results = evaluate_checkpoint_task.fn(config, config.export_uri())
+    assert results["outputs"]["json"] == str(tiny_export / "eval" / "results.json")
     assert "retrieval" not in results  # no dataset manifest in this run: skipped, not failed
-    rows = summary_rows(results)
-    assert len(rows) == 1 and rows[0]["eval set"] == "colours" and rows[0]["chance top-1"] == "33.3%"
+    rows = result_rows(results)
+    assert len(rows) == 1 and tuple(rows[0]) == SET_COLUMNS
+    assert rows[0]["eval set"] == "colours" and rows[0]["chance"] == "33.3%" and rows[0]["classes"] == 3
+    # The table artifact's rows are the rows of results.md.
+    cells = " | ".join(str(v) for v in rows[0].values())
+    assert f"| {cells} |" in markdown_table(results).splitlines()
+    assert (tiny_export / "eval" / "results.md").read_text() == markdown_table(results)
 
 
-def test_heldout_pairs_follow_the_manifest(tiny_dataset):
-    import json
+def test_heldout_pairs_follow_the_manifest(tiny_dataset, tmp_path):
+    from trainer.evaluate import load_heldout_pairs
 
-    from tasks.evaluate import load_heldout_pairs
+    # The held-out shards, all of them, never the training shards.
+    table, info = load_heldout_pairs(str(tiny_dataset))
+    assert table.column("sample_id").to_pylist() == [f"s{i}" for i in range(12, 20)]
+    assert info["excluded_from_training"] and info["rows"] == 8
+    assert info["source"] == "the manifest's held-out shards"
 
-    table, info = load_heldout_pairs(str(tiny_dataset), 8)
-    assert table.column("sample_id").to_pylist() == [f"s{i}" for i in range(4, 12)]
-    assert info["excluded_from_training"] is False and info["rows"] == 8
-
-    manifest_path = tiny_dataset / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest_path.write_text(json.dumps({**manifest, "holdout": {"tail_rows": 3}}))
-    table, info = load_heldout_pairs(str(tiny_dataset), 8)
-    assert table.column("sample_id").to_pylist() == ["s9", "s10", "s11"] and info["excluded_from_training"] is True
-
-    held = {**manifest, "shards": manifest["shards"][:1], "holdout": {"shards": manifest["shards"][1:]}}
-    manifest_path.write_text(json.dumps(held))
-    table, info = load_heldout_pairs(str(tiny_dataset), 4)
-    assert table.column("sample_id").to_pylist() == ["s6", "s7", "s8", "s9"] and info["excluded_from_training"]
-
+    # No held-out shards: nothing to score on (training saw every other pair), said in one line.
+    bare = tmp_path / "bare"
+    _write_build(bare, [_colour_rows(range(0, 6))])
+    with pytest.raises(LookupError, match="lists no held-out shards: build with shards.holdout_rows > 0"):
+        load_heldout_pairs(str(bare))
     with pytest.raises(FileNotFoundError, match="no dataset manifest"):
-        load_heldout_pairs(str(tiny_dataset / "nowhere"), 4)
+        load_heldout_pairs(str(tiny_dataset / "nowhere"))
 
 
 def test_checkpoint_on_s3_results_written_beside_it(tiny_export, colour_set, s3_store):
     """The same run against a real S3 server (SeaweedFS on loopback): weights read from and
     results written to the bucket, beside the checkpoint."""
-    from infra.config import EvalConfig, EvalSetConfig
-    from tasks.evaluate import evaluate_checkpoint
+    from infra.config import Config, EvalConfig, EvalSetConfig
+    from trainer.evaluate import evaluate_checkpoint
 
     for name in ("model.pt", "model_config.json"):
         s3_store.write_bytes(f"train/export/{name}", (tiny_export / name).read_bytes())
-    results = evaluate_checkpoint(s3_store.uri("train/export"), [EvalSetConfig(name="colours", kind="parquet",
-                                                                                path="/in-memory")],
-                                  EvalConfig(linear_probe=False, ensembles=False), storage=s3_store.config,
+    checkpoint = s3_store.uri("train/export")
+    results = evaluate_checkpoint(checkpoint, [EvalSetConfig(name="colours", kind="parquet", path="/in-memory")],
+                                  EvalConfig(linear_probe=False, ensembles=False),
+                                  results_uri=Config().eval_uri(checkpoint), storage=s3_store.config,
                                   load_set=lambda cfg: colour_set)
     assert results["outputs"]["json"] == s3_store.uri("train/export/eval/results.json")
     assert s3_store.list("train/export/eval") == ["train/export/eval/plots/colours.png",

@@ -80,7 +80,7 @@ def _tiny_config(tmp_path: Path, sample_parquet: Path) -> Any:
                         "source": ["bigram" if " " in q else "unigram" for q in QUERIES],
                         "count": pa.array([1_000_000] * n, pa.int64()), "pmi": pa.nulls(n, pa.float64()),
                         "views": pa.nulls(n, pa.int64())}, schema=QUERY_SCHEMA)
-    queries_dir = Path(config.uri(config.queries.output))
+    queries_dir = Path(config.queries_uri())
     queries_dir.mkdir(parents=True)
     pq.write_table(queries, queries_dir / "queries.parquet")
     return config
@@ -121,15 +121,14 @@ def test_build_dataset_dag_through_the_api(prefect_server, ray_local, prefect_ap
     from prefect.client.schemas.objects import TaskRunResult
 
     from flows.dataset import build_dataset
-    from tasks.shards import MANIFEST_NAME
 
     config = _tiny_config(tmp_path, sample_parquet)
     state = build_dataset(config, return_state=True)  # the state carries the flow run's id
     assert state.is_completed(), state.message
     manifest = state.result()
     flow_run_id = state.state_details.flow_run_id
-    assert manifest["num_rows"] > 0 and manifest["num_shards"] >= 2
-    assert (Path(config.uri(config.shards.output)) / MANIFEST_NAME).exists()
+    assert manifest.num_rows > 0 and manifest.num_shards >= 2
+    assert Path(config.manifest_uri()).exists()
 
     task_runs, artifacts, graph = asyncio.run(_read_run(flow_run_id, set(EXPECTED_UPSTREAM)))
 
@@ -159,7 +158,7 @@ def test_build_dataset_dag_through_the_api(prefect_server, ray_local, prefect_ap
     assert by_key["dataset-shards"].type == "table"
     shard_rows = by_key["dataset-shards"].data
     shard_rows = json.loads(shard_rows) if isinstance(shard_rows, str) else shard_rows
-    assert [r["path"] for r in shard_rows] == [s["path"] for s in manifest["shards"]]
+    assert [r["path"] for r in shard_rows] == [s.path for s in manifest.shards]
     assert by_key["query-counts"].type == "markdown" and "data:image/png;base64," in by_key["query-counts"].data
     assert by_key["eval-overlap"].type == "table" and "openclipart-heldout" in str(by_key["eval-overlap"].data)
     # Per-shard progress: one progress artifact per fanned-out stage, each finished at 100%.

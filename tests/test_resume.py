@@ -61,7 +61,7 @@ def _env(api_url: str) -> dict:
 
 
 def _build(config: Path, output: Path, api_url: str, timeout: float = 300) -> None:
-    cmd = [sys.executable, "-m", "infra.cli", "build", "--config", str(config), "--set", f"output={output}"]
+    cmd = [sys.executable, "-m", "flows.cli", "build", "--config", str(config), "--set", f"output={output}"]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(api_url), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
@@ -83,7 +83,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 def _build_killed_when(config: Path, output: Path, api_url: str, pattern: str, count: int,
                        timeout: float = 300) -> bool:
     """Start a build and SIGKILL it once ``count`` files match ``pattern`` under ``output``."""
-    cmd = [sys.executable, "-m", "infra.cli", "build", "--config", str(config), "--set", f"output={output}"]
+    cmd = [sys.executable, "-m", "flows.cli", "build", "--config", str(config), "--set", f"output={output}"]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(api_url), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -155,7 +155,7 @@ def _kill_group_when(config: Path, output: Path, api_url: str, pattern: str, cou
     """Start a build in its own process group; once ``count`` files match ``pattern``, SIGKILL the
     group (as a user's kill -9 -PGID does). Returns the visible files at the kill and the build's
     other processes as they were just before it (Ray's daemons and workers), or None if it finished."""
-    cmd = [sys.executable, "-m", "infra.cli", "build", "--config", str(config), "--set", f"output={output}"]
+    cmd = [sys.executable, "-m", "flows.cli", "build", "--config", str(config), "--set", f"output={output}"]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(api_url), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout

@@ -1,4 +1,4 @@
-"""Shard planning, atomic shard writes with stats and markers, and the manifest."""
+"""Shard planning, atomic shard writes with stats and markers, the hold-out sample."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from infra.schema import SCHEMA_VERSION, SHARD_SCHEMA
+from infra.schema import SHARD_SCHEMA
 from infra.storage import ObjectStore
-from tasks.shards import (MANIFEST_NAME, build_manifest, is_complete, marker_key, plan_output_shards,
-                          read_manifest, shard_key, stats_key, write_shard)
+from tasks.shards import is_complete, marker_key, plan_output_shards, shard_key, stats_key, write_shard
 
 
 def rows(n: int, start: int = 0) -> pa.Table:
@@ -90,19 +89,6 @@ def test_missing_required_column_is_a_clear_error(tmp_path):
     assert not store.exists(shard_key(0))
 
 
-def test_manifest_round_trip_and_version_check(tmp_path):
-    store = ObjectStore(str(tmp_path))
-    shards = [write_shard(store, i, rows(4, start=4 * i)) for i in range(2)]
-    manifest = build_manifest(config={"name": "t"}, shards=shards, funnel={"stages": []}, queries=None, eval_index=None)
-    store.write_json(MANIFEST_NAME, manifest)
-    got = read_manifest(store)
-    assert got["num_rows"] == 8 and got["num_shards"] == 2 and got["schema_version"] == SCHEMA_VERSION
-    manifest["schema_version"] = SCHEMA_VERSION + 1
-    store.write_json(MANIFEST_NAME, manifest)
-    with pytest.raises(ValueError, match="schema version"):
-        read_manifest(store)
-
-
 def test_select_holdout_is_a_uniform_order_independent_sample():
     from tasks.shards import select_holdout
 
@@ -114,16 +100,6 @@ def test_select_holdout_is_a_uniform_order_independent_sample():
     # Uniform over the ids, not the head or the tail of the order.
     positions = sorted(int(s[4:]) for s in held)
     assert positions[0] < 200 and positions[-1] > 1800 and 600 < sum(positions) / len(positions) < 1400
-
-
-def test_holdout_shards_are_listed_apart_in_the_manifest(tmp_path):
-    store = ObjectStore(str(tmp_path))
-    train = [write_shard(store, 0, rows(6))]
-    held = [write_shard(store, 0, rows(2, start=6), prefix="holdout")]
-    assert held[0]["path"] == "holdout/part-00000.parquet" and store.exists("holdout/part-00000.done")
-    manifest = build_manifest(config={}, shards=train, funnel={}, queries=None, eval_index=None, holdout=held)
-    assert manifest["num_rows"] == 6 and manifest["holdout"] == {"shards": held, "rows": 2}
-    assert all(s["path"].startswith("shards/") for s in manifest["shards"])
 
 
 def test_a_shard_of_another_plan_is_rewritten_and_extra_shards_removed(tmp_path):

@@ -96,6 +96,46 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+def test_train_log_reads_back_a_resumed_run_once_per_step(tmp_path):
+    from trainer.train import LOG_NAME, read_train_log
+
+    assert read_train_log(tmp_path) == []
+    lines = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 2, "loss": 2.4}, {"step": 3, "loss": 2.0}]
+    (tmp_path / LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in lines) + "\n")
+    assert read_train_log(tmp_path) == [lines[0], lines[2], lines[3]]  # the resumed run's step 2 wins
+
+
+def test_curve_rows_thin_a_long_run_and_keep_the_last_step():
+    from trainer.run import CURVE_MAX_ROWS, curve_rows, curve_summary
+
+    records = [{"step": s, "loss": 1 / s, "lr": 1e-3, "logit_scale": 14.3, "samples_per_s": 100.0,
+                "data_wait_s": 0.01, "skipped": {}} for s in range(1, 2 * CURVE_MAX_ROWS + 3)]
+    rows = curve_rows(records)
+    assert [r["step"] for r in rows][:3] == [1, 3, 5] and rows[-1]["step"] == records[-1]["step"]
+    assert len(rows) == CURVE_MAX_ROWS + 2 and all("skipped" not in r for r in rows)
+    assert rows[1]["loss"] == round(1 / 3, 5)
+    assert [r["step"] for r in curve_rows(records[:5])] == [1, 2, 3, 4, 5] and curve_rows([]) == []
+    summary = curve_summary(records, "s3://b/run/train/export")
+    assert f"steps: {records[-1]['step']}; loss 1.0000 -> " in summary and "`s3://b/run/train/export`" in summary
+
+
+def test_ranks_get_the_secrets_in_their_environment_not_in_their_config_file(tmp_path):
+    import yaml
+
+    from infra.config import StorageConfig
+    from trainer.run import rank_environment, write_rank_config
+
+    storage = StorageConfig(endpoint_url="http://127.0.0.1:1", access_key_id="AKID", secret_access_key="SECRET")
+    path = write_rank_config(Config(storage=storage, train=dataclasses.replace(TRAIN, world_size=2)), tmp_path)
+    written = yaml.safe_load(path.read_text())
+    assert written["storage"]["access_key_id"] is None and written["storage"]["secret_access_key"] is None
+    assert written["storage"]["endpoint_url"] == "http://127.0.0.1:1" and written["train"]["world_size"] == 2
+    assert "SECRET" not in path.read_text()
+    env = rank_environment(2, storage)
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == ("AKID", "SECRET")
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(Path(__file__).resolve().parent.parent)
+
+
 # ---- real runs ---------------------------------------------------------------------------------------
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from infra.schema import SCHEMA_VERSION, SHARD_SCHEMA, conform
+from infra.manifest import build_manifest, write_manifest
+from infra.storage import ObjectStore
+from tasks.shards import write_shard
 
 
 def sample_pairs(sample_parquet: Path, rows: int) -> pa.Table:
@@ -22,14 +23,10 @@ def sample_pairs(sample_parquet: Path, rows: int) -> pa.Table:
 
 
 def write_dataset(root: Path, pairs: pa.Table, rows_per_shard: int) -> Path:
-    """Write ``pairs`` as shards/part-NNNNN.parquet under ``root`` plus manifest.json; returns the manifest."""
-    (root / "shards").mkdir(parents=True, exist_ok=True)
-    shards = []
-    for index, start in enumerate(range(0, pairs.num_rows, rows_per_shard)):
-        part = conform(pairs.slice(start, rows_per_shard), SHARD_SCHEMA)
-        key = f"shards/part-{index:05d}.parquet"
-        pq.write_table(part, root / key, row_group_size=64)
-        shards.append({"path": key, "rows": part.num_rows, "bytes": (root / key).stat().st_size})
-    manifest = root / "manifest.json"
-    manifest.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "num_rows": pairs.num_rows, "shards": shards}))
-    return manifest
+    """Write ``pairs`` as a build does (shards/part-NNNNN.parquet with stats and markers, then
+    manifest.json) under ``root``; returns the manifest's path."""
+    store = ObjectStore(str(root))
+    shards = [write_shard(store, index, pairs.slice(start, rows_per_shard), row_group_rows=64)
+              for index, start in enumerate(range(0, pairs.num_rows, rows_per_shard))]
+    write_manifest(store, build_manifest(config={}, shards=shards, funnel={}, queries=None, eval_index=None))
+    return root / "manifest.json"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import posixpath
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,8 +30,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from infra.config import StorageConfig
 from infra.imaging import decode_rgb
 from infra.log import get_logger, log_event
+from infra.manifest import manifest_location, read_manifest
 from infra.storage import ObjectStore
-from tasks.shards import read_manifest
 from trainer.tokenizer import CONTEXT_LENGTH, tokenize
 
 log = get_logger("witflow.trainer.data")
@@ -138,17 +137,14 @@ class DatasetSource:
 
 
 def load_manifest(manifest_uri: str, storage: StorageConfig | None = None) -> DatasetSource:
-    """Read ``manifest.json`` (path, file:// or s3://); shard paths are relative to its directory."""
-    manifest_uri = str(manifest_uri).rstrip("/")
-    if not manifest_uri.endswith(".json"):
-        manifest_uri += "/manifest.json"
-    root, name = posixpath.split(manifest_uri)
-    store = ObjectStore(root or ".", storage)
-    manifest = read_manifest(store, name)
-    entries = manifest.get("shards")
-    if not entries:
+    """The training shards of the build whose manifest (or dataset directory) is ``manifest_uri``
+    (path, file:// or s3://); shard paths are relative to the manifest's directory."""
+    root, name = manifest_location(manifest_uri)
+    store = ObjectStore(root, storage)
+    manifest = read_manifest(manifest_uri, storage)
+    if not manifest.shards:
         raise ValueError(f"{store.uri(name)}: the manifest lists no shards")
-    shards = tuple(ShardRef(key=str(e["path"]), rows=int(e["rows"])) for e in entries if int(e["rows"]) > 0)
+    shards = tuple(ShardRef(key=s.path, rows=s.rows) for s in manifest.shards if s.rows > 0)
     return DatasetSource(root=store.root, shards=shards, storage=storage)
 
 

@@ -1,7 +1,7 @@
 """Evaluation maths over feature arrays: zero-shot classifiers, accuracy, retrieval, linear probe.
 
 Everything here takes numpy arrays (image/text features, labels) and returns numbers or arrays, so
-it is testable without a model. The runner (tasks/evaluate.py) encodes images and prompts and calls
+it is testable without a model. The runner (trainer/evaluate.py) encodes images and prompts and calls
 these. Conventions follow the CLIP paper: features are L2-normalised, similarity is the dot product,
 a class's zero-shot weight is the renormalised mean of its normalised prompt embeddings.
 """

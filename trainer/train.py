@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from infra.config import TrainConfig
+from infra.config import EXPORT_DIR, TrainConfig
 from infra.log import get_logger, log_event
 from trainer.data import (DatasetSource, ShardStream, advance_position, initial_position, load_manifest,
                           make_loader, skipped_total)
@@ -47,7 +47,6 @@ log = get_logger("witflow.trainer")
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST_MARKER = "latest_complete"
-EXPORT_DIR = "export"
 LOG_NAME = "train_log.jsonl"
 RUN_CONFIG_NAME = "train_config.json"
 
@@ -389,22 +388,22 @@ def export_model(engine: Any, export_dir: Path, rank: int, zero_stage: int) -> N
             tmp.replace(export_dir / RUN_CONFIG_NAME)
 
 
+def read_train_log(output_dir: Path) -> list[dict[str, Any]]:
+    """The per-step records of a run (a resumed run appends; a repeated step keeps its latest record)."""
+    path = Path(output_dir) / LOG_NAME
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
 # --------------------------------------------------------------------------------------------
 # Entrypoint
 # --------------------------------------------------------------------------------------------
-
-
-def default_manifest(config: Any) -> str:
-    """The manifest of the dataset this config builds."""
-    return config.uri(config.shards.output).rstrip("/") + "/manifest.json"
-
-
-def local_output_dir(config: Any) -> Path:
-    """Where checkpoints go: train.output when local, else a local cache (DeepSpeed writes files)."""
-    uri = config.uri(config.train.output)
-    if "://" in uri and not uri.startswith("file://"):
-        return Path("runs") / ".train-cache" / config.name
-    return Path(uri.removeprefix("file://"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -436,8 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     master_port = int(os.environ["MASTER_PORT"]) if "MASTER_PORT" in os.environ else None
     init_distributed(rank, world_size, local_rank, os.environ.get("MASTER_ADDR", "127.0.0.1"), master_port)
     try:
-        source = load_manifest(args.manifest or default_manifest(config), config.storage)
-        result = train(config.train, source, args.output_dir or local_output_dir(config), rank=rank,
+        source = load_manifest(args.manifest or config.manifest_uri(), config.storage)
+        result = train(config.train, source, args.output_dir or config.train_dir(), rank=rank,
                        world_size=world_size, local_rank=local_rank, stop_after=args.stop_after)
         if rank == 0:
             log_event(log, "done", export_dir=str(result.export_dir), steps=result.steps, skipped=result.skipped)

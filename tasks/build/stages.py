@@ -27,6 +27,8 @@ from infra.fanout import map_shards, values_or_raise
 from infra.funnel import Funnel
 from infra.lease import OutputLease
 from infra.log import get_logger, log_event
+from infra.manifest import Manifest, build_manifest
+from infra.manifest import write_manifest as write_manifest_file
 from infra.prefect_utils import publish_image, publish_markdown, publish_table
 from infra.storage import ObjectStore
 from tasks.build.jobs import CleanContext, FilterContext, clean_shard, filter_shard, query_counts
@@ -471,23 +473,20 @@ def build_funnel(filtered: FilterStage, clean: CleanStage, within: WithinResult)
 
 def write_manifest(*, dataset_root: str, storage: StorageConfig, config: dict, written: WrittenShards,
                    filtered: FilterStage, clean: CleanStage, counts: QueryCountsSummary, within: WithinResult,
-                   queries: QueryListRef, index: EvalIndexRef | None) -> dict:
+                   queries: QueryListRef, index: EvalIndexRef | None) -> Manifest:
     """Write ``manifest.json`` and the funnel reports (files and UI artifacts); returns the manifest."""
-    from tasks.shards import MANIFEST_NAME, build_manifest
-
     store = ObjectStore(dataset_root, storage)
     funnel = build_funnel(filtered, clean, within)
     manifest = build_manifest(config=config, shards=written.shards, funnel=funnel.to_dict(),
                               queries=to_json(queries), eval_index=to_json(index) if index else None,
-                              holdout=written.holdout,
-                              extra={"work": clean.work.root, "query_counts": to_json(counts)})
+                              holdout=written.holdout, work=clean.work.root, query_counts=to_json(counts))
     store.write_json("reports/funnel.json", funnel.to_dict())
     store.write_parquet("reports/funnel.parquet", funnel.to_table())
-    store.write_json(MANIFEST_NAME, manifest)
+    write_manifest_file(store, manifest)
     publish_markdown("dataset-funnel", "## Dataset funnel\n\n" + funnel.to_markdown(),
-                     f"{manifest['num_rows']} rows in {manifest['num_shards']} shards")
-    publish_table("dataset-shards", [{k: s[k] for k in ("path", "rows", "bytes")} for s in written.shards])
-    log_event(log, "dataset written", rows=manifest["num_rows"], shards=manifest["num_shards"], root=store.root)
+                     f"{manifest.num_rows} rows in {manifest.num_shards} shards")
+    publish_table("dataset-shards", [{"path": s.path, "rows": s.rows, "bytes": s.bytes} for s in manifest.shards])
+    log_event(log, "dataset written", rows=manifest.num_rows, shards=manifest.num_shards, root=store.root)
     return manifest
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from pathlib import Path
 from typing import Callable
 
-from infra.config import Config, ConfigError, load_config
+from infra.config import Config, ConfigError, dump_config, load_config
 from infra.log import get_logger, setup_logging
 
 log = get_logger("witflow")
@@ -17,31 +16,48 @@ log = get_logger("witflow")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
-# command -> (flow module, flow function, one-line help)
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    "queries": ("flows.queries", "build_queries", "build the query list (unigrams, PMI bigrams, titles, WordNet)"),
-    "build": ("flows.dataset", "build_dataset", "build the dataset: gather, filter, balance, dedupe, shard"),
-    "train": ("flows.train", "train", "train a CLIP model on a built dataset with DeepSpeed"),
-    "eval": ("flows.evaluate", "evaluate", "evaluate a checkpoint: zero-shot, retrieval, linear probe"),
-    "run": ("flows.pipeline", "pipeline", "everything, as one Prefect flow: queries -> build -> train -> eval"),
+# Each command's flow is imported when the command runs: importing Prefect, Ray and torch takes
+# seconds, and `--help` or `witflow config` need none of them.
+
+
+def _queries() -> Callable[..., object]:
+    from flows.queries import build_queries
+
+    return build_queries
+
+
+def _build() -> Callable[..., object]:
+    from flows.dataset import build_dataset
+
+    return build_dataset
+
+
+def _train() -> Callable[..., object]:
+    from flows.train import train
+
+    return train
+
+
+def _eval() -> Callable[..., object]:
+    from flows.evaluate import evaluate
+
+    return evaluate
+
+
+def _run() -> Callable[..., object]:
+    from flows.pipeline import pipeline
+
+    return pipeline
+
+
+# command -> (its flow, imported on demand; one-line help)
+COMMANDS: dict[str, tuple[Callable[[], Callable[..., object]], str]] = {
+    "queries": (_queries, "build the query list (unigrams, PMI bigrams, titles, WordNet)"),
+    "build": (_build, "build the dataset: gather, filter, balance, dedupe, shard"),
+    "train": (_train, "train a CLIP model on a built dataset with DeepSpeed"),
+    "eval": (_eval, "evaluate a checkpoint: zero-shot, retrieval, linear probe"),
+    "run": (_run, "everything, as one Prefect flow: queries -> build -> train -> eval"),
 }
-
-
-class StageNotBuilt(RuntimeError):
-    pass
-
-
-def resolve_flow(command: str) -> Callable[..., object]:
-    module_name, func_name, _ = COMMANDS[command]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name == module_name:
-            raise StageNotBuilt(f"'witflow {command}' is not built yet ({module_name} does not exist)") from None
-        raise
-    if not hasattr(module, func_name):
-        raise StageNotBuilt(f"'witflow {command}' is not built yet ({module_name}.{func_name} is missing)")
-    return getattr(module, func_name)
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_config: Path | None = None) -> None:
@@ -59,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every subcommand takes --config and --set; see 'witflow SUBCOMMAND --help'.",
     )
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
-    for name, (_, _, help_text) in COMMANDS.items():
+    for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_config_args(p)
         if name == "eval":
@@ -99,16 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"witflow: config error: {e}", file=sys.stderr)
         return 2
     if args.command == "config":
-        from infra.config import dump_config
-
         print(dump_config(config), end="")
         return 0
-    command = "run" if args.command == "demo" else args.command
-    try:
-        flow = resolve_flow(command)
-    except StageNotBuilt as e:
-        print(f"witflow: {e}", file=sys.stderr)
-        return 2
+    load_flow, _ = COMMANDS["run" if args.command == "demo" else args.command]
+    flow = load_flow()
     kwargs: dict[str, object] = {}
     if args.command == "demo":
         # The demo config's paths (the bundled sample, runs/demo) are relative to the repository.

@@ -2,17 +2,15 @@
 
 The runner around ``trainer.eval``'s maths: load a checkpoint (the trainer's export dir, or a plain
 OpenAI-layout state dict with its config), encode each eval set's images and class prompts once,
-score them, and write ``results.json``, ``results.md`` and one per-class bar plot per eval set into
-``eval/`` beside the checkpoint's weights. Images that cannot be decoded cost one sample each,
-counted with a reason; a whole eval set that cannot be loaded is recorded as an error, not fatal.
+score them, and write the results (``trainer.results``: results.json, results.md, one per-class bar
+plot per eval set) where it is told (``Config.eval_uri``: ``eval/`` beside the weights by default).
+Images that cannot be decoded cost one sample each, counted with a reason; a whole eval set that
+cannot be loaded is recorded as an error, not fatal.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,10 +21,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from infra.config import EvalConfig, EvalSetConfig, StorageConfig
-from infra.log import get_logger, log_event, progress
-from infra.storage import ObjectStore
+from infra.config import WEIGHTS_SUFFIXES, EvalConfig, EvalSetConfig, StorageConfig, checkpoint_dir
 from infra.funnel import Funnel
+from infra.log import get_logger, log_event, progress
+from infra.manifest import read_manifest
+from infra.storage import ObjectStore
 from trainer.eval import (
     ClassifierCache,
     build_zeroshot_classifier,
@@ -36,13 +35,11 @@ from trainer.eval import (
     stratified_split,
     zeroshot_report,
 )
+from trainer.results import pct, write_outputs
 from trainer.templates import BARE_TEMPLATE, SINGLE_TEMPLATE, templates_for
 
 log = get_logger("witflow.evaluate")
 
-RESULTS_NAME = "results.json"
-MARKDOWN_NAME = "results.md"
-PLOTS_DIR = "plots"
 CACHE_DIR = "classifier_cache"
 # Linear probe on an eval set with one split: half of each class trains (20% of that validates C),
 # the other half tests. Below this many images per class the probe is skipped, with the reason.
@@ -55,40 +52,30 @@ PROBE_MIN_PER_CLASS = 4
 # ------------------------------------------------------------------------------------------------
 
 
+def default_device() -> str:
+    """The device to evaluate on: the first GPU when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclass
 class LoadedCheckpoint:
     model: torch.nn.Module
     model_config: Any  # trainer.model.ModelConfig
     model_id: str  # sha256 of the weights file: the classifier cache key
     weights_uri: str
-    results_uri: str  # where eval outputs go (``eval/`` beside the weights unless configured)
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in path
 
 
 def _split_weights(checkpoint: str) -> tuple[str, str]:
-    """(directory URI, weights file name) for an export dir or a ``.pt``/``.bin`` file."""
+    """(directory URI, weights file name) for an export dir or a ``.pt``/``.pth``/``.bin`` file."""
     from trainer.model import EXPORT_WEIGHTS_NAME
 
-    stripped = checkpoint.rstrip("/")
-    if stripped.endswith((".pt", ".pth", ".bin")):
-        parent, _, name = stripped.rpartition("/")
-        return parent or ".", name
-    return stripped, EXPORT_WEIGHTS_NAME
+    if checkpoint.rstrip("/").endswith(WEIGHTS_SUFFIXES):
+        return checkpoint_dir(checkpoint), checkpoint.rstrip("/").rpartition("/")[2]
+    return checkpoint_dir(checkpoint), EXPORT_WEIGHTS_NAME
 
 
-def results_uri_for(checkpoint: str, output: str = "eval") -> str:
-    """Where a checkpoint's results go: ``output`` as is when it is absolute, else beside the weights."""
-    if _is_uri(output) or output.startswith("/"):
-        return output.rstrip("/")
-    directory, _ = _split_weights(checkpoint)
-    return directory.rstrip("/") + "/" + output.strip("/")
-
-
-def load_checkpoint(checkpoint: str, *, model_config: str | None = None, output: str = "eval",
-                    storage: StorageConfig | None = None, device: str = "cpu") -> LoadedCheckpoint:
+def load_checkpoint(checkpoint: str, *, model_config: str | None = None, storage: StorageConfig | None = None,
+                    device: str = "cpu") -> LoadedCheckpoint:
     """Load an export dir (``model.pt`` + ``model_config.json``) or a plain OpenAI-layout state dict.
 
     ``checkpoint`` may be a local path, ``file://`` or ``s3://`` URI. For a bare state dict the
@@ -126,8 +113,7 @@ def load_checkpoint(checkpoint: str, *, model_config: str | None = None, output:
                 (Path(tmp) / EXPORT_CONFIG_NAME).write_bytes(store.read_bytes(EXPORT_CONFIG_NAME))
             model, config = load_exported(local)
     model.to(device)
-    return LoadedCheckpoint(model=model, model_config=config, model_id=model_id,
-                            weights_uri=store.uri(weights_name), results_uri=results_uri_for(checkpoint, output))
+    return LoadedCheckpoint(model=model, model_config=config, model_id=model_id, weights_uri=store.uri(weights_name))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,63 +269,21 @@ def _probe_on_one_split(feats: np.ndarray, labels: np.ndarray, seed: int) -> dic
 # ------------------------------------------------------------------------------------------------
 
 
-def load_heldout_pairs(dataset_uri: str, rows: int, storage: StorageConfig | None = None) -> tuple[pa.Table, dict]:
-    """Up to ``rows`` (image, caption) pairs of a build, read from the shards its ``manifest.json`` lists.
-
-    Which rows, in order of preference:
-    - ``"holdout": {"shards": [{"path": ...}, ...]}``: separate held-out shards (not in ``shards``);
-    - ``"holdout": {"tail_rows": N}``: the last N rows of ``shards``, which training skips;
-    - neither: the last ``rows`` rows of ``shards``; these were seen in training, and the returned
-      info says so (``excluded_from_training: false``), so the numbers are read as such.
-    """
-    from tasks.shards import MANIFEST_NAME, read_manifest
-
+def load_heldout_pairs(dataset_uri: str, storage: StorageConfig | None = None) -> tuple[pa.Table, dict]:
+    """The (image, caption) pairs of a build's held-out shards (``shards.holdout_rows`` of them,
+    never read by training). A build without them has nothing to score retrieval on: LookupError."""
     store = ObjectStore(dataset_uri, storage)
-    if not store.exists(MANIFEST_NAME):
-        raise FileNotFoundError(f"no dataset manifest at {store.uri(MANIFEST_NAME)}")
     manifest = read_manifest(store)
-    holdout = manifest.get("holdout") or {}
-    if holdout.get("shards"):
-        paths = [e["path"] if isinstance(e, dict) else str(e) for e in holdout["shards"]]
-        table = _head_rows(store, paths, rows)
-        info = {"source": "the manifest's held-out shards", "excluded_from_training": True}
-    elif holdout.get("tail_rows"):
-        tail = int(holdout["tail_rows"])
-        table = _tail_rows(store, [e["path"] for e in manifest.get("shards", [])], tail)
-        table = table.slice(0, rows)
-        info = {"source": f"the manifest's held-out tail ({tail} rows)", "excluded_from_training": True}
-    else:
-        table = _tail_rows(store, [e["path"] for e in manifest.get("shards", [])], rows)
-        info = {"source": f"last {rows} rows of the manifest's shards", "excluded_from_training": False}
-    info.update({"dataset": store.root, "rows": table.num_rows})
+    if not (manifest.holdout and manifest.holdout.shards):
+        raise LookupError(f"{store.uri('manifest.json')} lists no held-out shards: build with shards.holdout_rows > 0 "
+                          "for retrieval pairs that training never saw")
+    table = _concat([_select(store.read_parquet(s.path), _PAIR_COLUMNS) for s in manifest.holdout.shards])
+    info = {"source": "the manifest's held-out shards", "excluded_from_training": True,
+            "dataset": store.root, "rows": table.num_rows}
     return table, info
 
 
 _PAIR_COLUMNS = ["sample_id", "caption", "image", "sha256"]
-
-
-def _head_rows(store: ObjectStore, paths: Sequence[str], rows: int) -> pa.Table:
-    tables: list[pa.Table] = []
-    need = rows
-    for path in paths:
-        if need <= 0:
-            break
-        t = _select(store.read_parquet(path), _PAIR_COLUMNS).slice(0, need)
-        tables.append(t)
-        need -= t.num_rows
-    return _concat(tables)
-
-
-def _tail_rows(store: ObjectStore, paths: Sequence[str], rows: int) -> pa.Table:
-    tables: list[pa.Table] = []
-    need = rows
-    for path in reversed(paths):
-        if need <= 0:
-            break
-        t = _select(store.read_parquet(path), _PAIR_COLUMNS)
-        tables.insert(0, t.slice(max(0, t.num_rows - need)))
-        need -= min(need, t.num_rows)
-    return _concat(tables)
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:
@@ -399,19 +343,19 @@ def _load_registry_set(cfg: EvalSetConfig):
         raise LookupError(str(e)) from e
 
 
-def evaluate_checkpoint(checkpoint: str, eval_sets: Sequence[EvalSetConfig], cfg: EvalConfig, *,
+def evaluate_checkpoint(checkpoint: str, eval_sets: Sequence[EvalSetConfig], cfg: EvalConfig, *, results_uri: str,
                         dataset_uri: str | None = None, storage: StorageConfig | None = None,
                         model_config: str | None = None, seed: int = 0, device: str = "cpu",
                         load_set: Callable[[EvalSetConfig], Any] | None = None) -> dict:
     """Evaluate ``checkpoint`` on every eval set (and on held-out pairs of ``dataset_uri`` when
-    given); write ``results.json``, ``results.md`` and plots; return the results. ``load_set``
-    replaces the registry's loader (``infra.eval_sets.load_eval_set``) for in-memory sets."""
+    given); write ``results.json``, ``results.md`` and plots under ``results_uri``; return the
+    results. ``load_set`` replaces the registry's loader (``infra.eval_sets.load_eval_set``) for
+    in-memory sets."""
     load_set = load_set or _load_registry_set
     started = time.perf_counter()
     torch.manual_seed(seed)
-    loaded = load_checkpoint(checkpoint, model_config=model_config, output=cfg.output, storage=storage,
-                             device=device)
-    out_store = ObjectStore(loaded.results_uri, storage)
+    loaded = load_checkpoint(checkpoint, model_config=model_config, storage=storage, device=device)
+    out_store = ObjectStore(results_uri, storage)
     encoder = ClipEncoder(loaded.model, loaded.model_config.image_size, batch_size=cfg.batch_size, device=device)
     cache_dir = None if out_store.is_s3 else Path(out_store.root) / CACHE_DIR
     cache = ClassifierCache(cache_dir)
@@ -419,7 +363,7 @@ def evaluate_checkpoint(checkpoint: str, eval_sets: Sequence[EvalSetConfig], cfg
         "checkpoint": loaded.weights_uri,
         "model_id": loaded.model_id,
         "model_config": loaded.model_config.to_dict(),
-        "eval_config": {"batch_size": cfg.batch_size, "retrieval_holdout": cfg.retrieval_holdout,
+        "eval_config": {"batch_size": cfg.batch_size, "retrieval": cfg.retrieval,
                         "linear_probe": cfg.linear_probe, "ensembles": cfg.ensembles, "model_config": model_config},
         "device": device,
         "eval_sets": {},
@@ -438,12 +382,12 @@ def evaluate_checkpoint(checkpoint: str, eval_sets: Sequence[EvalSetConfig], cfg
                                     probe=cfg.linear_probe, seed=seed)
         results["eval_sets"][set_cfg.name] = r
         _log_set(r)
-    if dataset_uri is not None and cfg.retrieval_holdout > 0:
+    if dataset_uri is not None and cfg.retrieval:
         try:
-            pairs, info = load_heldout_pairs(dataset_uri, cfg.retrieval_holdout, storage)
+            pairs, info = load_heldout_pairs(dataset_uri, storage)
             results["retrieval"] = {**info, **evaluate_retrieval(encoder, pairs)}
             _log_retrieval(results["retrieval"])
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, LookupError) as e:
             results["errors"]["retrieval"] = f"{type(e).__name__}: {e}"
             log_event(log, "retrieval skipped", error=str(e)[:300])
     results["classifier_cache"] = {"hits": cache.hits, "misses": cache.misses}
@@ -452,17 +396,13 @@ def evaluate_checkpoint(checkpoint: str, eval_sets: Sequence[EvalSetConfig], cfg
     return results
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
-
-
 def _log_set(r: dict) -> None:
     for variant, m in r["zeroshot"].items():
-        log_event(log, f"zero-shot {r['name']} [{variant}]", top1=_pct(m["top1"]), chance=_pct(m["chance_top1"]),
-                  top5=_pct(m.get("top5")), chance_top5=_pct(m.get("chance_top5")), n=m["n"])
+        log_event(log, f"zero-shot {r['name']} [{variant}]", top1=pct(m["top1"]), chance=pct(m["chance_top1"]),
+                  top5=pct(m.get("top5")), chance_top5=pct(m.get("chance_top5")), n=m["n"])
     probe = r.get("linear_probe") or {}
     if "top1" in probe:
-        log_event(log, f"linear probe {r['name']}", top1=_pct(probe["top1"]), chance=_pct(probe["chance_top1"]),
+        log_event(log, f"linear probe {r['name']}", top1=pct(probe["top1"]), chance=pct(probe["chance_top1"]),
                   C=f"{probe['best_C']:.3g}")
 
 
@@ -471,96 +411,4 @@ def _log_retrieval(r: dict) -> None:
         log_event(log, "retrieval skipped", reason=r["skipped"])
         return
     log_event(log, "retrieval", pairs=r["texts"], **{
-        k: _pct(r[k]) for k in ("image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@5")})
-
-
-def markdown_table(results: dict) -> str:
-    """The results as markdown tables: zero-shot (with chance) per eval set, then retrieval."""
-    lines = [f"### Evaluation of `{results.get('checkpoint', '?')}`", "",
-             "| eval set | classes | images | chance | bare name | \"a photo of a {}.\" | ensemble (templates) "
-             "| ensemble top-5 (chance) | linear probe (chance) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in results.get("eval_sets", {}).items():
-        zs = r.get("zeroshot", {})
-        ens = zs.get("ensemble", {})
-        probe = r.get("linear_probe") or {}
-        probe_cell = (f"{_pct(probe['top1'])} ({_pct(probe['chance_top1'])})" if "top1" in probe
-                      else ("skipped" if probe else "-"))
-        lines.append(
-            f"| {name} | {r['num_classes']} | {r['images']} | {_pct(ens.get('chance_top1'))} "
-            f"| {_pct(zs.get('bare', {}).get('top1')) if 'bare' in zs else '-'} "
-            f"| {_pct(zs.get('single', {}).get('top1')) if 'single' in zs else '-'} "
-            f"| {_pct(ens.get('top1'))} ({r['templates']['count']}) "
-            f"| {_pct(ens.get('top5'))} ({_pct(ens.get('chance_top5'))}) | {probe_cell} |")
-    errors = results.get("errors", {})
-    if errors:
-        lines += [""] + [f"- **{name}** not evaluated: {err.splitlines()[0][:200]}" for name, err in errors.items()]
-    ret = results.get("retrieval")
-    if ret and "skipped" not in ret:
-        lines += ["", f"Retrieval on {ret['texts']} held-out pairs ({ret.get('source', '')}; "
-                      f"excluded from training: {ret.get('excluded_from_training')}):", "",
-                  "| direction | R@1 | R@5 | R@10 | chance R@1 / R@10 |", "|---|---:|---:|---:|---:|"]
-        for d, label in (("image_to_text", "image → text"), ("text_to_image", "text → image")):
-            lines.append(f"| {label} | {_pct(ret[f'{d}_R@1'])} | {_pct(ret[f'{d}_R@5'])} | {_pct(ret[f'{d}_R@10'])} "
-                         f"| {_pct(ret[f'chance_{d}_R@1'])} / {_pct(ret[f'chance_{d}_R@10'])} |")
-    return "\n".join(lines) + "\n"
-
-
-def per_class_plot(r: dict) -> bytes:
-    """A PNG bar chart of per-class zero-shot accuracy (each variant) with the chance line."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; safe in workers
-    import matplotlib.pyplot as plt
-
-    classes = r["classes"]
-    variants = [v for v in ("bare", "single", "ensemble") if v in r["zeroshot"]]
-    width = 0.8 / max(1, len(variants))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(classes) + 2), 4.0), dpi=100)
-    xs = np.arange(len(classes))
-    for i, v in enumerate(variants):
-        per_class = r["zeroshot"][v]["per_class"]
-        vals = [per_class[c] if per_class[c] is not None else 0.0 for c in classes]
-        ax.bar(xs + (i - (len(variants) - 1) / 2) * width, vals, width, label=v)
-    chance = r["zeroshot"][variants[-1]]["chance_top1"] if variants else 0.0
-    ax.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"chance {chance:.1%}")
-    ax.set_xticks(xs)
-    ax.set_xticklabels(classes, rotation=60, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("zero-shot accuracy")
-    ax.set_title(f"{r['name']}: per-class zero-shot accuracy")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return _json_safe(obj.item())
-    return obj
-
-
-def write_outputs(store: ObjectStore, results: dict) -> dict:
-    """Write ``results.json``, ``results.md`` and ``plots/<set>.png`` (atomically); return their URIs."""
-    outputs = {"json": store.uri(RESULTS_NAME), "markdown": store.uri(MARKDOWN_NAME), "plots": {}}
-    for name, r in results.get("eval_sets", {}).items():
-        if r.get("zeroshot"):
-            key = f"{PLOTS_DIR}/{_safe_name(name)}.png"
-            store.write_bytes(key, per_class_plot(r))
-            outputs["plots"][name] = store.uri(key)
-    store.write_text(MARKDOWN_NAME, markdown_table(results))
-    store.write_text(RESULTS_NAME, json.dumps(_json_safe({**results, "outputs": outputs}), indent=2) + "\n")
-    return outputs
-
-
-def _safe_name(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "eval_set"
+        k: pct(r[k]) for k in ("image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@5")})
