@@ -303,6 +303,9 @@ class TrainConfig:
     save_every_steps: int = 100
     log_every_steps: int = 10
     keep_checkpoints: int = 2  # older checkpoints are deleted once a newer one is complete
+    # When train.output holds a run trained on another dataset (trainer/provenance.py): "refuse"
+    # stops with an error; "restart" sets that run aside (superseded/) and trains afresh, logged.
+    on_dataset_change: Literal["refuse", "restart"] = "refuse"
 
     def __post_init__(self) -> None:
         if self.micro_batch <= 0 or self.grad_accum <= 0 or self.world_size <= 0:
