@@ -136,7 +136,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("witflow: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not _stops_a_build(e):
+            raise
+        print(f"witflow: {e}", file=sys.stderr)  # says what and where; nothing to debug
+        return 1
     return 0
+
+
+def _stops_a_build(error: Exception) -> bool:
+    """A build that cannot go on for a reason its message says in full (no traceback needed)."""
+    from infra.lease import LeaseHeld
+    from tasks.build.stages import NothingToTrainOn
+
+    return isinstance(error, (NothingToTrainOn, LeaseHeld))
 
 
 if __name__ == "__main__":

@@ -178,8 +178,9 @@ class ObjectStore:
         import boto3
 
         cfg = self.config
-        return boto3.session.Session(aws_access_key_id=cfg.access_key_id,
-                                     aws_secret_access_key=cfg.secret_access_key, region_name=cfg.region)
+        return boto3.session.Session(aws_access_key_id=cfg.access_key_id.reveal() if cfg.access_key_id else None,
+                                     aws_secret_access_key=cfg.secret_access_key.reveal() if cfg.secret_access_key
+                                     else None, region_name=cfg.region)
 
     def _make_arrow_fs(self) -> pafs.FileSystem:
         if not self.is_s3:
