@@ -109,6 +109,12 @@ def _shards(output: Path) -> tuple[list[str], list[str]]:
     return ids, [s["sha256"] for s in manifest["shards"]]
 
 
+def _funnel_problems(output: Path) -> list[str]:
+    from tests.test_build import funnel_problems
+
+    return funnel_problems(json.loads((output / "dataset" / "manifest.json").read_text())["funnel"])
+
+
 def test_killed_builds_resume_to_exactly_the_uninterrupted_result(tmp_path: Path, sample_parquet: Path,
                                                                   prefect_server):
     config = _make_inputs(tmp_path, sample_parquet)
@@ -133,6 +139,7 @@ def test_killed_builds_resume_to_exactly_the_uninterrupted_result(tmp_path: Path
         assert len(ids) == len(set(ids)), f"kill point {pattern}: duplicated samples after resume"
         assert sorted(ids) == sorted(want_ids), f"kill point {pattern}: lost or extra samples after resume"
         assert shas == want_shas, f"kill point {pattern}: shards differ from the uninterrupted build"
+        assert _funnel_problems(out) == [], f"kill point {pattern}: the resumed build's funnel does not add up"
     assert killed >= 2, "the builds finished before most kill points; the test did not test resumption"
 
 
