@@ -64,13 +64,15 @@ class Holder:
         return cls(_node_id(), os.getpid(), psutil.Process().create_time())
 
     def alive(self) -> bool | None:
-        """Whether the process still runs; None when this is another node (pids do not tell)."""
+        """Whether the process still runs; None when this is another node (pids do not tell).
+        A killed process its parent has not reaped yet (a zombie) is dead: it writes nothing more."""
         import psutil
 
         if self.node != _node_id():
             return None
         try:
-            return psutil.Process(self.pid).create_time() == self.started
+            process = psutil.Process(self.pid)
+            return process.create_time() == self.started and process.status() != psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
             return False
 

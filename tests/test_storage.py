@@ -613,3 +613,29 @@ def test_a_rerun_aborts_the_orphaned_multipart_uploads_under_its_prefix(s3_store
     assert uploads(f"{s3_store.prefix}/") == []
     assert uploads(f"{s3_store.prefix}-other/") == [other["Key"]]  # another build's prefix is not ours
     client.abort_multipart_upload(Bucket=bucket, Key=other["Key"], UploadId=other["UploadId"])
+
+
+def test_a_killed_driver_not_yet_reaped_is_gone_for_its_workers(tmp_path: Path) -> None:
+    """A SIGKILLed driver stays a zombie until its parent reaps it: its workers must not write meanwhile."""
+    import signal
+
+    import psutil
+
+    from infra.lease import Holder, LeaseLost, OutputLease
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    holder = Holder(Holder.me().node, child.pid, psutil.Process(child.pid).create_time())
+    lease = OutputLease(str(tmp_path), StorageConfig(), "t", holder, time.time())
+    assert holder.alive() is True
+    os.kill(child.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        assert holder.alive() is False  # not reaped yet, and dead
+        with pytest.raises(LeaseLost):
+            ObjectStore(str(tmp_path), guard=lease.check).write_text("shards/part-00000.done", "x")
+    finally:
+        child.wait()
+    assert not (tmp_path / "shards" / "part-00000.done").exists()

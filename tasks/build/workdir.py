@@ -92,11 +92,12 @@ class WorkDir:
         return f"filtered/{shard_id}.json"
 
     QUERY_COUNTS = "query_counts.parquet"
+    CAP_THRESHOLDS = "cap_thresholds.npy"
 
     @staticmethod
     def url_scratch(num_partitions: int) -> str:
+        """The URL shuffle's pieces and reduce outputs (named by its partition count)."""
         return f"url_dedup/p{num_partitions}"
-    CAP_THRESHOLDS = "cap_thresholds.npy"
 
     @staticmethod
     def clean(shard_id: str) -> str:
