@@ -15,6 +15,7 @@ seconds, and the lease file must still carry this lease's token.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -65,16 +66,33 @@ class Holder:
 
     def alive(self) -> bool | None:
         """Whether the process still runs; None when this is another node (pids do not tell).
-        A killed process its parent has not reaped yet (a zombie) is dead: it writes nothing more."""
+        A killed process is dead from the moment of the kill: while its threads are still being
+        torn down (one may sit in an fsync for a while) and once it is a zombie not yet reaped."""
         import psutil
 
         if self.node != _node_id():
             return None
         try:
             process = psutil.Process(self.pid)
-            return process.create_time() == self.started and process.status() != psutil.STATUS_ZOMBIE
+            if process.create_time() != self.started or process.status() == psutil.STATUS_ZOMBIE:
+                return False
         except psutil.NoSuchProcess:
             return False
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                return not being_killed(f.read())
+        except OSError:  # no /proc (not Linux), or it exited just now
+            return psutil.pid_exists(self.pid)
+
+
+def being_killed(proc_status: str) -> bool:
+    """Whether a ``/proc/<pid>/status`` text shows the process exiting: a zombie or dead state, or a
+    SIGKILL pending (a killed process whose threads have not all left the kernel yet)."""
+    fields = dict(line.split(":", 1) for line in proc_status.splitlines() if ":" in line)
+    if fields.get("State", "").strip()[:1] in ("Z", "X"):
+        return True
+    kill = 1 << (signal.SIGKILL - 1)
+    return any(int(fields.get(name, "0").strip() or "0", 16) & kill for name in ("SigPnd", "ShdPnd"))
 
 
 @dataclass(frozen=True)

@@ -639,3 +639,16 @@ def test_a_killed_driver_not_yet_reaped_is_gone_for_its_workers(tmp_path: Path) 
     finally:
         child.wait()
     assert not (tmp_path / "shards" / "part-00000.done").exists()
+
+
+def test_a_process_with_a_sigkill_pending_counts_as_killed() -> None:
+    from infra.lease import being_killed
+
+    running = "Name:\tpython\nState:\tD (disk sleep)\nSigPnd:\t0000000000000000\nShdPnd:\t0000000000000000\n"
+    assert not being_killed(running)
+    assert being_killed(running.replace("ShdPnd:\t0000000000000000", "ShdPnd:\t0000000000000100"))  # SIGKILL: bit 9
+    assert being_killed(running.replace("SigPnd:\t0000000000000000", "SigPnd:\t0000000000000100"))
+    assert being_killed(running.replace("D (disk sleep)", "Z (zombie)"))
+    assert not being_killed(running.replace("ShdPnd:\t0000000000000000", "ShdPnd:\t0000000000004000"))  # SIGTERM
+    with open(f"/proc/{os.getpid()}/status") as f:
+        assert not being_killed(f.read())
