@@ -211,12 +211,23 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - the one place a command's failure is reported
             if args.debug:
                 raise
+            if _stops_a_build(e):
+                print(f"witflow: {args.command}: {e}", file=sys.stderr)  # says what and where; nothing to debug
+                return 1
             with open(log_path, "a", encoding="utf-8") as f:  # the traceback, for whoever debugs it
                 traceback.print_exc(file=f)
             print(f"witflow: {args.command} failed: {_error_line(e)}\n  (traceback in {log_path}; --debug prints it)",
                   file=sys.stderr)
             return 1
     return 0
+
+
+def _stops_a_build(error: Exception) -> bool:
+    """A build that cannot go on for a reason its message says in full (no traceback needed)."""
+    from infra.lease import LeaseHeld
+    from tasks.build.stages import NothingToTrainOn
+
+    return isinstance(error, (NothingToTrainOn, LeaseHeld))
 
 
 if __name__ == "__main__":

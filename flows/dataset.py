@@ -1,6 +1,6 @@
 """The dataset build as a Prefect flow: one task per stage; the stages are ``tasks.build.stages``.
 
-read -> text filters -> query match -> [count] -> balance -> fetch + images -> eval dedup
+read -> text filters -> query match -> [dedupe URLs, count] -> balance -> fetch + images -> eval dedup
 -> [dataset dedup] -> shards -> manifest -> reports
 
 Each stage is a Prefect task, so the UI draws the stages and their dependencies; inside a stage the
@@ -18,8 +18,9 @@ from prefect import flow, get_run_logger, task
 
 from infra.config import Config, dump_config, to_dict
 from infra.fanout import init_ray
+from infra.lease import OutputLease
 from infra.manifest import Manifest
-from infra.prefect_utils import ShardProgress, retry_if_transient
+from infra.prefect_utils import ShardProgress, crash_orphaned_runs_quietly, retry_if_transient, track_flow_run
 from tasks.build import stages
 from tasks.build.records import (CleanStage, EvalIndexRef, FilterStage, QueryCountsSummary, QueryListRef, WithinResult,
                                  WrittenShards)
@@ -37,15 +38,17 @@ def locate_queries(config: Config) -> QueryListRef | None:
 
 
 @task(name="read-filter-match")
-def filter_stage(config: Config, base_dir: str, shards: list[Any], queries: QueryListRef) -> FilterStage:
+def filter_stage(config: Config, base_dir: str, shards: list[Any], queries: QueryListRef,
+                 lease: OutputLease) -> FilterStage:
     return stages.filter_stage(shards, dataset_root=config.dataset_uri(), storage=config.storage,
                                sources=config.sources, base_dir=base_dir, text_filter=config.text_filter,
-                               queries=queries, on_done=ShardProgress("read → text filters → query match"))
+                               queries=queries, lease=lease, on_done=ShardProgress("read → text filters → query match"))
 
 
 @task(name="count-queries")
 def count_stage(config: Config, filtered: FilterStage, queries: QueryListRef) -> QueryCountsSummary:
-    return stages.count_queries(filtered, queries.rows, config.balance)
+    """The global reduce after the text stage: URLs shared across shards, then per-query counts."""
+    return stages.count_queries(filtered, queries.rows, config.balance, dedupe_urls=config.gather.dedupe_urls)
 
 
 @task(name="eval-index", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
@@ -101,8 +104,20 @@ def build_dataset(config: Config, base_dir: str = ".", retry_failed: bool = Fals
     transiently (timeouts, 429/5xx, connection errors) in shards already done.
     """
     shards = plan_inputs(config, base_dir)  # first: an unreadable input fails the build before any work
+    crash_orphaned_runs_quietly()  # earlier runs whose process died without telling the API
+    track_flow_run()
     init_ray(config.ray.address, config.ray.num_cpus, config.ray.include_dashboard, config.ray.object_store_memory_mb,
              config.ray.ship_code)
+    # One build writes into a dataset at a time, and its workers stop writing when it is gone.
+    lease = stages.take_output(config.dataset_uri(), config.storage)
+    try:
+        return _build(config, base_dir, retry_failed, lease, shards)
+    finally:
+        lease.release()
+
+
+def _build(config: Config, base_dir: str, retry_failed: bool, lease: OutputLease,
+           shards: list[Any]) -> Manifest:
     stages.record_config(config.dataset_uri(), config.storage, dump_config(config))
     index = eval_index_stage.submit(config)  # independent of the query list and the filter stage
     queries = locate_queries(config)
@@ -112,7 +127,7 @@ def build_dataset(config: Config, base_dir: str = ".", retry_failed: bool = Fals
         get_run_logger().info("no query list at %s: building it first", config.queries_uri())
         build_queries(config)
         queries = locate_queries(config)
-    filtered = filter_stage(config, base_dir, shards, queries)
+    filtered = filter_stage(config, base_dir, shards, queries, lease)
     counts = count_stage(config, filtered, queries)
     index_ref = index.result()
     clean = clean_stage(config, filtered, counts, index_ref, retry_failed)

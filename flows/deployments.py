@@ -1,8 +1,9 @@
 """Deployment entrypoints (prefect.yaml): each loads a config file and runs one flow.
 
 Deployed runs get their parameters from the Prefect API as JSON, so they take a config *path*
-and ``--set``-style overrides; the flows they call take the typed Config. Each runs the command's
-preflight checks first (flows/preflight.py), so a deployed run fails as early as the CLI does.
+and ``--set``-style overrides (never credentials: the API stores parameters as given); the flows
+they call take the typed Config. Each runs the command's preflight checks first (flows/preflight.py),
+so a deployed run fails as early as the CLI does.
 
 A completed ``deploy-build-dataset`` run emits ``witflow.dataset.built`` (resource
 ``witflow.dataset.<dataset URI>``, payload: the manifest URI, the config path and overrides): the
@@ -13,11 +14,25 @@ from __future__ import annotations
 
 from prefect import flow
 
-from infra.config import Config, load_config
+from infra.config import Config, ConfigError
+from infra.config import load_config as _load_config
 from infra.log import PROJECT_LOGGERS, setup_logging
 from infra.prefect_utils import show_log_fields
 
 DATASET_BUILT_EVENT = "witflow.dataset.built"
+_SECRET_KEYS = ("storage.access_key_id", "storage.secret_access_key")
+
+
+def load_config(config_path: str, overrides: list[str]) -> Config:
+    """The config of a deployed run. Its parameters are stored by the Prefect API as given, so an
+    override may not carry a credential: the worker's environment (AWS_ACCESS_KEY_ID, ...) or the
+    config file on the worker's disk does."""
+    secret = [o.split("=", 1)[0].strip() for o in overrides if o.split("=", 1)[0].strip() in _SECRET_KEYS]
+    if secret:
+        raise ConfigError(f"deployment parameter overrides set {', '.join(secret)}: the Prefect API stores "
+                          "parameters in plain text; give storage credentials to the worker in its environment "
+                          "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) instead")
+    return _load_config(config_path, overrides)
 
 
 def _load(config_path: str, overrides: list[str] | None) -> Config:

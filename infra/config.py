@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
+from pydantic import SecretStr
 
 RESOLVED_CONFIG_NAME = "config.resolved.yaml"
 EXPORT_DIR = "export"  # the trained model (OpenAI-layout weights + configs), inside the training run
@@ -26,6 +27,19 @@ WEIGHTS_SUFFIXES = (".pt", ".pth", ".bin")  # a checkpoint path ending so is a w
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the offending key."""
+
+
+REDACTED = "***"  # what a secret is written as, wherever a config is written
+
+
+class Secret(SecretStr):
+    """A credential. It is shown as ``***`` wherever a config is written (``to_dict``: the resolved
+    YAML, manifests, run configs, artifacts) and as ``**********`` in reprs and in Prefect's stored
+    flow-run parameters (Prefect encodes pydantic secrets so); only :meth:`reveal` gives the value,
+    to the one client that needs it. It pickles with its value: Ray workers need it too."""
+
+    def reveal(self) -> str:
+        return self.get_secret_value()
 
 
 # --------------------------------------------------------------------------------------------
@@ -39,13 +53,23 @@ class StorageConfig:
 
     endpoint_url: str | None = None  # e.g. http://127.0.0.1:8333 for an S3-compatible server
     region: str | None = None
-    access_key_id: str | None = None
-    secret_access_key: str | None = None
+    # Secrets (a str given here becomes one). Better kept out of config files and deployment
+    # parameters altogether: the standard AWS environment/profile chain is used when these are null.
+    access_key_id: Secret | None = None
+    secret_access_key: Secret | None = None
     retries: int = 5
     backoff_s: float = 0.5  # first retry waits this long; doubles each time (with jitter)
     multipart_threshold_mb: int = 64
 
     def __post_init__(self) -> None:
+        for name in ("access_key_id", "secret_access_key"):
+            value = getattr(self, name)
+            if isinstance(value, (str, SecretStr)) and not isinstance(value, Secret):
+                value = Secret(value if isinstance(value, str) else value.get_secret_value())
+                object.__setattr__(self, name, value)
+            if value is not None and value.reveal() in (REDACTED, "**********"):
+                raise ConfigError(f"storage.{name}: {value.reveal()!r} is a redacted value, not a credential; "
+                                  "pass credentials in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
         if self.retries < 0:
             raise ConfigError("storage.retries must be >= 0")
         if (self.access_key_id is None) != (self.secret_access_key is None):
@@ -332,6 +356,9 @@ class TrainConfig:
     # Learning curve: zero-shot accuracy on these eval sets (names in eval_sets) every N steps; 0: off
     curve_every_steps: int = 0
     curve_eval_sets: tuple[str, ...] = ()
+    # When train.output holds a run trained on another dataset (trainer/provenance.py): "refuse"
+    # stops with an error; "restart" sets that run aside (superseded/) and trains afresh, logged.
+    on_dataset_change: Literal["refuse", "restart"] = "refuse"
 
     def __post_init__(self) -> None:
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -535,6 +562,12 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value
+    if tp is Secret:
+        if isinstance(value, SecretStr):
+            return Secret(value.get_secret_value())
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {type(value).__name__}")
+        return Secret(value)
     raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")
 
 
@@ -567,7 +600,10 @@ def _build(cls: type, data: Any, path: str) -> Any:
 
 def to_dict(obj: Any) -> Any:
     """A config (or part of one, or any record of dataclasses) as plain YAML/JSON-able data;
-    an object with its own ``to_dict`` (a funnel) gives that."""
+    an object with its own ``to_dict`` (a funnel) gives that. A secret is written as ``***``: the
+    one redaction of every place a config is written (the resolved YAML, manifests, artifacts)."""
+    if isinstance(obj, SecretStr):
+        return REDACTED
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
@@ -642,11 +678,5 @@ def config_from_dict(data: dict) -> Config:
 
 
 def dump_config(cfg: Any) -> str:
-    """The resolved config as YAML text (secrets redacted)."""
-    data = to_dict(cfg)
-    storage = data.get("storage") if isinstance(data, dict) else None
-    if isinstance(storage, dict):
-        for k in ("access_key_id", "secret_access_key"):
-            if storage.get(k):
-                storage[k] = "***"
-    return yaml.safe_dump(data, sort_keys=False)
+    """The resolved config as YAML text (secrets redacted, as ``to_dict`` writes them)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

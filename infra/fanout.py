@@ -14,12 +14,14 @@ skips every map and reduce whose output is already complete.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import tempfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
 from infra.log import get_logger, log_event, progress
 
@@ -61,6 +63,45 @@ def _token_auth_if_available() -> None:
         if "ray._raylet" in sys.modules:  # imported already: Ray re-reads its settings as its own CLI does
             sys.modules["ray._raylet"].Config.initialize("")
 
+# Even with usage stats off, the usage-stats module of Ray 2.60's dashboard process (started with
+# include_dashboard=False too) asks the cloud metadata endpoints which cloud it runs on (HTTP to
+# 169.254.169.254 and a DNS lookup of metadata.google.internal) unless it finds
+# ~/ray_bootstrap_config.yaml, the file a Ray-launched cluster has (ray/_common/usage/usage_lib.py:
+# get_cluster_config_to_report). So a local cluster's daemons start with HOME at a directory that
+# holds an empty one, and ~/.ray (Ray's own files: the cluster's auth token) as a link to the real
+# one, so every process reads the same token; the workers get the real HOME back.
+# tests/test_network.py checks that no connect() leaves loopback during a build.
+RAY_BOOTSTRAP_CONFIG = "ray_bootstrap_config.yaml"
+
+
+def _daemon_home(real_home: str) -> str:
+    home = Path(tempfile.gettempdir()) / f"witflow-ray-home-{os.getuid()}"
+    home.mkdir(mode=0o700, exist_ok=True)
+    if not (home / RAY_BOOTSTRAP_CONFIG).is_file():
+        (home / RAY_BOOTSTRAP_CONFIG).write_text("{}\n")
+    ray_dir = Path(real_home) / ".ray"
+    ray_dir.mkdir(exist_ok=True)
+    link = home / ".ray"
+    if not (link.is_symlink() and os.readlink(link) == str(ray_dir)):
+        tmp = home / f".ray.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(ray_dir)
+        os.replace(tmp, link)  # atomic: a concurrent init sees the old link or the new one
+    return str(home)
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, include_dashboard: bool = False,
              object_store_memory_mb: int | None = None, ship_code: bool = True) -> None:
@@ -95,8 +136,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, include_da
     kwargs: dict[str, Any] = {}
     if object_store_memory_mb:
         kwargs["object_store_memory"] = object_store_memory_mb * 1024 * 1024
-    ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, runtime_env=env,
-             log_to_driver=False, configure_logging=False, **kwargs)
+    real_home = os.environ.get("HOME") or os.path.expanduser("~")
+    env["env_vars"]["HOME"] = real_home
+    with _environ("HOME", _daemon_home(real_home)):  # the daemons inherit it; this process gets its own back
+        ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, runtime_env=env,
+                 log_to_driver=False, configure_logging=False, **kwargs)
     log_event(log, "started local Ray", num_cpus=num_cpus or os.cpu_count(), dashboard=include_dashboard)
 
 

@@ -16,6 +16,7 @@ refuses another schema version. ``queries``, ``eval_index``, ``funnel``, ``confi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import posixpath
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -181,6 +182,20 @@ def read_manifest(source: str | ObjectStore, storage: StorageConfig | None = Non
     except FileNotFoundError:
         raise FileNotFoundError(f"no dataset manifest at {uri}") from None
     return Manifest.from_dict(data, uri)
+
+
+def manifest_sha256(source: str | ObjectStore, storage: StorageConfig | None = None) -> str:
+    """The sha256 of the manifest's bytes at ``source`` (as :func:`read_manifest` takes it): the
+    dataset's identity, which a training run records with its checkpoints."""
+    if isinstance(source, ObjectStore):
+        store, name = source, MANIFEST_NAME
+    else:
+        root, name = manifest_location(source)
+        store = ObjectStore(root, storage)
+    try:
+        return hashlib.sha256(store.read_bytes(name)).hexdigest()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no dataset manifest at {store.uri(name)}") from None
 
 
 def write_manifest(store: ObjectStore, manifest: Manifest) -> str:

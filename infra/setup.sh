@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
 TORCH_SPEC=${WITFLOW_TORCH:-torch==2.13.0}   # CPU wheel here; see README for CUDA
-APT_PACKAGES="openclipart-png openclipart-svg dataset-fashion-mnist wordnet-base"
+APT_PACKAGES="openclipart-png openclipart-svg dataset-fashion-mnist wordnet-base strace iproute2"  # strace, ip: tests/test_network.py
 
 need_apt=()
 for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || need_apt+=("$p"); done

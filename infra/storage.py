@@ -65,8 +65,12 @@ def _check_key(key: str) -> str:
 class ObjectStore:
     """Files under one root URI (plain path, ``file:///path`` or ``s3://bucket/prefix``)."""
 
-    def __init__(self, root: str, config: StorageConfig | None = None) -> None:
+    def __init__(self, root: str, config: StorageConfig | None = None,
+                 guard: Callable[[str], None] | None = None) -> None:
         self.config = config or StorageConfig()
+        # Called with the key before every write and delete commits; raises to refuse it
+        # (infra.lease.OutputLease.check: nothing is written once the build's driver is gone).
+        self.guard = guard
         root = str(root)
         parsed = urllib.parse.urlparse(root)
         if parsed.scheme == "s3":
@@ -104,18 +108,22 @@ class ObjectStore:
 
     def __getstate__(self) -> dict:
         # Clients hold sockets and locks; workers rebuild them on first use.
-        return {"root": self.root, "config": self.config}
+        return {"root": self.root, "config": self.config, "guard": self.guard}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["root"], state["config"])
+        self.__init__(state["root"], state["config"], state.get("guard"))
 
     def uri(self, key: str) -> str:
         """The full URI (or absolute path, for local roots) of ``key``."""
         return f"{self.root}/{_check_key(key)}"
 
     def child(self, prefix: str) -> ObjectStore:
-        """A store rooted at ``prefix`` under this one, with the same config."""
-        return ObjectStore(self.uri(prefix.strip("/")), self.config)
+        """A store rooted at ``prefix`` under this one, with the same config and guard."""
+        return ObjectStore(self.uri(prefix.strip("/")), self.config, self.guard)
+
+    def _check_guard(self, key: str) -> None:
+        if self.guard is not None:
+            self.guard(key)
 
     def fs_path(self, key: str) -> str:
         """``key``'s path on :attr:`filesystem` (``bucket/prefix/key`` on S3)."""
@@ -171,8 +179,9 @@ class ObjectStore:
         import boto3
 
         cfg = self.config
-        return boto3.session.Session(aws_access_key_id=cfg.access_key_id,
-                                     aws_secret_access_key=cfg.secret_access_key, region_name=cfg.region)
+        return boto3.session.Session(aws_access_key_id=cfg.access_key_id.reveal() if cfg.access_key_id else None,
+                                     aws_secret_access_key=cfg.secret_access_key.reveal() if cfg.secret_access_key
+                                     else None, region_name=cfg.region)
 
     def _make_arrow_fs(self) -> pafs.FileSystem:
         if not self.is_s3:
@@ -243,8 +252,9 @@ class ObjectStore:
         """Write ``data`` to ``key`` atomically (readers see the old object or the whole new one)."""
         uri = self.uri(key)
         data = bytes(data) if not isinstance(data, bytes) else data
+        self._check_guard(key)
         if not self.is_s3:
-            _atomic_local_write(self.fs_path(key), data)
+            _atomic_local_write(self.fs_path(key), data, lambda: self._check_guard(key))
             return
         part_bytes = max(self.config.multipart_threshold_mb * 1024 * 1024, _MIN_PART_BYTES)
         if len(data) <= part_bytes:
@@ -280,6 +290,7 @@ class ObjectStore:
                 etag = self._retry(f"write (part {number})", uri, lambda: client.upload_part(
                     Bucket=bucket, Key=s3_key, UploadId=upload_id, PartNumber=number, Body=body)["ETag"])
                 parts.append({"PartNumber": number, "ETag": etag})
+            self._check_guard(key)
             self._retry("write (complete multipart upload)", uri, lambda: client.complete_multipart_upload(
                 Bucket=bucket, Key=s3_key, UploadId=upload_id, MultipartUpload={"Parts": parts}))
         except BaseException:
@@ -332,6 +343,7 @@ class ObjectStore:
 
     def delete(self, key: str) -> None:
         """Delete ``key``; deleting a missing key is not an error."""
+        self._check_guard(key)
         if not self.is_s3:
             try:
                 os.remove(self.fs_path(key))
@@ -343,6 +355,50 @@ class ObjectStore:
             self._retry("delete", self.uri(key), lambda: self.s3_client.delete_object(Bucket=bucket, Key=s3_key))
         except FileNotFoundError:
             pass
+
+    # ---- what killed writers leave behind -----------------------------------------------------
+
+    def remove_temp_files(self, older_than: float) -> list[str]:
+        """Delete the temp files of unfinished local writes under this root last modified before
+        ``older_than`` (epoch seconds); their paths. A caller passes the time from which it alone
+        writes here (``infra.lease.OutputLease.acquired``), so only dead writers' temps go."""
+        if self.is_s3 or not os.path.isdir(self.prefix):
+            return []
+        removed = []
+        for dirpath, _, filenames in os.walk(self.prefix):
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                try:
+                    if _is_temp_name(name) and os.stat(path).st_mtime < older_than:
+                        os.remove(path)
+                        removed.append(path)
+                except FileNotFoundError:  # its writer renamed or removed it meanwhile
+                    pass
+        return removed
+
+    def abort_multipart_uploads(self, older_than: float) -> list[str]:
+        """Abort the multipart uploads under this root's prefix started before ``older_than`` (epoch
+        seconds): a writer killed mid-upload never completes or aborts them, and their parts are
+        billed until someone does. Returns the keys (relative to the root) of the aborted uploads."""
+        if not self.is_s3:
+            return []
+        client, bucket = self.s3_client, self.bucket
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        strip = len(prefix)
+
+        def list_uploads() -> list[tuple[str, str]]:
+            pages = client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix)
+            return [(u["Key"], u["UploadId"]) for page in pages for u in page.get("Uploads", [])
+                    if u["Initiated"].timestamp() < older_than]
+        aborted = []
+        for s3_key, upload_id in self._retry("list multipart uploads", self.root, list_uploads):
+            try:
+                self._retry("abort multipart upload", f"s3://{bucket}/{s3_key}", lambda: client.abort_multipart_upload(
+                    Bucket=bucket, Key=s3_key, UploadId=upload_id))
+            except FileNotFoundError:  # completed or aborted meanwhile
+                continue
+            aborted.append(s3_key[strip:])
+        return aborted
 
     # ---- text, JSON, Parquet -----------------------------------------------------------------
 
@@ -423,7 +479,7 @@ def _fsync_directory(directory: str) -> None:
         os.close(dir_fd)
 
 
-def _atomic_local_write(path: str, data: bytes) -> None:
+def _atomic_local_write(path: str, data: bytes, before_commit: Callable[[], None] = lambda: None) -> None:
     directory, name = os.path.split(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}{_TMP_MARK}", dir=directory)
@@ -433,6 +489,7 @@ def _atomic_local_write(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; objects should read like any written file
+        before_commit()  # the guard again: the fsync may have outlasted the writer's lease
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -182,6 +182,20 @@ class FetchOutcome:
         return None if self.reason is None else f"{self.reason}: {self.detail}"
 
 
+# One DNS label: letters, digits, hyphens (underscores too: real hosts use them), no hyphen at an end.
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+
+
+def _host_name_problem(raw_host: str) -> str | None:
+    """Why an (IDNA-encoded) host name can never resolve, or None. Such a URL is permanently
+    invalid: looking it up would only fail as a DNS error, which a rerun would retry for ever."""
+    name = raw_host[:-1] if raw_host.endswith(".") else raw_host
+    if len(name) > 253:
+        return "longer than 253 characters"
+    bad = next((label for label in name.split(".") if not _LABEL.match(label)), None)
+    return None if bad is None else f"label {bad[:70]!r} is not a DNS label"
+
+
 def _check_url(url: URL, policy: AddressPolicy) -> None:
     scheme = (url.scheme or "").lower()
     if scheme not in ("http", "https"):
@@ -191,6 +205,9 @@ def _check_url(url: URL, policy: AddressPolicy) -> None:
     try:
         ipaddress.ip_address(url.host.split("%", 1)[0])
     except ValueError:
+        problem = _host_name_problem(url.raw_host or "")
+        if problem:
+            raise FetchFailure("invalid_url", f"host of {str(url)[:200]!r}: {problem}") from None
         return  # a name: the CheckedResolver checks what it resolves to
     why = policy.refusal(url.host)
     if why:

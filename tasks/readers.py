@@ -33,9 +33,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import csv
 import glob
+import io
 import json
 import os
+import re
 import tarfile
 import zlib
 from collections import Counter
@@ -49,9 +52,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from infra.config import SourceConfig
+from infra.funnel import Funnel
 from infra.log import get_logger, log_event
 from infra.schema import CANDIDATE_SCHEMA
-from infra.funnel import Funnel
 
 log = get_logger("witflow.readers")
 
@@ -71,6 +74,10 @@ MANIFEST_EXTENSIONS = {
 _IMG2DATASET_COLUMNS = {"key", "status", "error_message"}
 _IMG2DATASET_IMAGE_COLUMNS = ("jpg", "png", "webp")
 CSV_BLOCK_BYTES = 1 << 22  # pyarrow's CSV parse unit: one record batch per block
+# A row must fit in one parse block; a file with a longer row is parsed with larger blocks, up to this.
+CSV_MAX_BLOCK_BYTES = 1 << 30
+BAD_UTF8 = "bad_utf8"  # a caption that is not valid UTF-8: the row is dropped (text cannot hold it)
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 class ReaderError(ValueError):
@@ -90,7 +97,9 @@ class InputShard:
     stop: int | None = None  # exclusive; None: to the end
     byte_offset: int = 0  # JSONL: where line `start` begins
     members: tuple[str, ...] = ()  # directory: image paths relative to `file`
-    malformed_rows: int = 0  # CSV/TSV: rows of the file the parser skipped (counted on its first shard)
+    malformed_rows: int = 0  # CSV/TSV: lines of the file in rows the parser skipped (counted on its first shard)
+    csv_block_bytes: int = 0  # CSV/TSV: the parse block that holds the file's longest row (0: CSV_BLOCK_BYTES)
+    csv_strict: bool = False  # CSV/TSV: a row spans lines, so the file is parsed by the strict RFC 4180 reader
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,12 +146,40 @@ def _count_parquet_rows(path: Path) -> int:
     return _open_parquet(path).metadata.num_rows
 
 
-def _count_csv_rows(path: Path, source: SourceConfig) -> tuple[int, int]:
-    """(rows, malformed rows skipped) of a CSV/TSV file."""
-    names = _csv_header(path, source)
+@dataclass(frozen=True)
+class _CsvPlan:
+    rows: int  # rows read (the shards' row numbers)
+    malformed: int  # lines of the rows the parser skipped
+    block_bytes: int
+    strict: bool
+
+
+def _count_csv_rows(path: Path, source: SourceConfig) -> _CsvPlan:
+    """How a CSV/TSV file is read, and its rows and malformed lines.
+
+    pyarrow's parser is fast and lenient: the parse block starts at ``CSV_BLOCK_BYTES`` and grows
+    until the file's longest row fits in one (one huge caption costs that row, later dropped as too
+    long, not the file). Lenient means an unclosed quote can merge the lines up to the next quote
+    into one row that still has the right number of fields, swallowing valid rows unseen; such a
+    row always spans lines. So a file where any row spans lines is read by the strict RFC 4180
+    reader instead (Python's csv, slower), which rejects the merged row and counts its lines."""
+    block = CSV_BLOCK_BYTES
+    while True:
+        try:
+            names = _csv_header(path, source, block)
+            malformed, multiline = [0], [False]
+            rows = sum(batch.num_rows for batch in _csv_batches(path, source, names, names, block, malformed,
+                                                                 multiline))
+            break
+        except _RowLongerThanBlock:
+            if block >= CSV_MAX_BLOCK_BYTES:
+                raise ReaderError(f"{path}: a row is longer than {CSV_MAX_BLOCK_BYTES} bytes") from None
+            block = min(block * 4, CSV_MAX_BLOCK_BYTES)
+    if not multiline[0]:
+        return _CsvPlan(rows, malformed[0], block, False)
     malformed = [0]
-    rows = sum(batch.num_rows for batch in _csv_batches(path, source, names, names[:1], malformed))
-    return rows, malformed[0]
+    rows = sum(batch.num_rows for batch in _strict_csv_batches(path, source, names[:1], malformed))
+    return _CsvPlan(rows, malformed[0], block, True)
 
 
 def _jsonl_line_offsets(path: Path, every: int) -> tuple[int, list[int]]:
@@ -229,13 +266,15 @@ def plan_input_shards(sources: Sequence[SourceConfig], base_dir: str | Path = ".
                     add(file=str(path), display_file=display, start=k * per, stop=min(lines, (k + 1) * per), byte_offset=off)
                 continue
             if source.kind in ("parquet", "openclipart", "emoji"):
-                rows, malformed = _count_parquet_rows(path), 0
+                rows, how = _count_parquet_rows(path), _CsvPlan(0, 0, 0, False)
             else:
-                rows, malformed = _count_csv_rows(path, source)
-            for start in range(0, max(rows, 1 if malformed else 0), per):
+                how = _count_csv_rows(path, source)
+                rows = how.rows
+            for start in range(0, max(rows, 1 if how.malformed else 0), per):
                 # Malformed CSV rows have no row number: the file's first shard counts them all.
                 add(file=str(path), display_file=display, start=start, stop=start + per if start + per < rows else None,
-                    malformed_rows=malformed if start == 0 else 0)
+                    malformed_rows=how.malformed if start == 0 else 0, csv_block_bytes=how.block_bytes,
+                    csv_strict=how.strict)
     return shards
 
 
@@ -403,21 +442,55 @@ def _text_column(column: pa.ChunkedArray | pa.Array) -> pa.Array:
         return pa.array([_as_text(v) for v in column.to_pylist()], pa.string())
 
 
+def _caption_column(column: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array | None]:
+    """A caption column as text, and a mask of the values that are not valid UTF-8 (None: all are).
+
+    Those rows are dropped as ``bad_utf8``: replacing the bytes would turn a bad encoding into a
+    caption with U+FFFD in it, which is a different finding."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        try:
+            return column.cast(pa.string()), None  # validates: the common case stays vectorised
+        except pa.ArrowInvalid:
+            pass
+        values = column.to_pylist()
+        bad = [v is not None and not _valid_utf8(v) for v in values]
+        return pa.array([None if b else v.decode("utf-8") if v is not None else None
+                         for v, b in zip(values, bad)], pa.string()), pa.array(bad, pa.bool_())
+    return _text_column(column), None
+
+
+def _valid_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _manifest_columns(rows: _Rows, shard: InputShard, cols: _Columns, table: pa.Table, first_row: int,
                       folder: Path) -> None:
     """Contiguous manifest rows ``first_row ...`` as candidate columns: Arrow kernels for the common
-    case, Python only for the rows that need it (local paths, base64 text, metadata beyond the row)."""
+    case, Python only for the rows that need it (local paths, base64 text, metadata beyond the row).
+    Rows whose caption is not valid UTF-8 are dropped as ``bad_utf8``."""
+    numbers = pa.array(range(first_row, first_row + table.num_rows), pa.int64())
+    caption, bad = _caption_column(table.column(cols.caption))
+    if bad is not None:
+        good = pc.invert(bad)
+        rows.drop(BAD_UTF8, table.num_rows - pc.sum(good.cast(pa.int64())).as_py())
+        table, numbers, caption = table.filter(good), numbers.filter(good), caption.filter(good)
     n = table.num_rows
     if n == 0:
         return
-    number_text = pa.array(range(first_row, first_row + n), pa.int64()).cast(pa.string())
+    row_numbers = numbers.to_pylist()
+    number_text = numbers.cast(pa.string())
     key, missing_id = number_text, None
     if cols.id:
         ids = _text_column(table.column(cols.id))
         missing_id = ids.is_null().to_pylist() if ids.null_count else None
         key = pc.coalesce(ids, number_text)
     sample_id = pc.binary_join_element_wise(f"{shard.source.kind}:{shard.display_file}#", key, "")
-    caption = _text_column(table.column(cols.caption))
     url = pa.nulls(n, pa.string())
     if cols.url:
         url = _text_column(table.column(cols.url))
@@ -427,16 +500,17 @@ def _manifest_columns(rows: _Rows, shard: InputShard, cols: _Columns, table: pa.
     errors: dict[int, str] = {}
     if cols.image:
         column = table.column(cols.image).combine_chunks()
-        if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        if (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)) and shard.source.kind == "parquet":
             images = column.cast(pa.binary())
-        else:  # text: base64
+        else:  # text (CSV/TSV cells are read as bytes): base64
             images = []
             for i, value in enumerate(column.to_pylist()):
-                data, error = _decode_inline(value)
+                data, error = _decode_inline(value.decode("ascii", errors="replace") if isinstance(value, bytes)
+                                             else value)
                 images.append(data)
                 if error:
                     errors[i] = error
-    paths = table.column(cols.path).to_pylist() if cols.path else None
+    paths = _text_column(table.column(cols.path)).to_pylist() if cols.path else None
     if paths is not None:
         if isinstance(images, pa.Array):
             images = images.to_pylist()
@@ -455,7 +529,8 @@ def _manifest_columns(rows: _Rows, shard: InputShard, cols: _Columns, table: pa.
     if special:
         meta = meta.to_pylist()
         for i in special:
-            d: dict[str, Any] = {"row": first_row + i, **{c: v[i] for c, v in extras.items()}}
+            d: dict[str, Any] = {"row": row_numbers[i], **{c: _as_text(v[i]) if isinstance(v[i], bytes) else v[i]
+                                                          for c, v in extras.items()}}
             if paths and paths[i]:
                 d["path"] = paths[i]
             if missing_id and missing_id[i]:
@@ -508,43 +583,118 @@ def _csv_parse_options(source: SourceConfig, on_invalid: Any) -> pacsv.ParseOpti
                               invalid_row_handler=on_invalid)
 
 
-def _csv_header(path: Path, source: SourceConfig) -> list[str]:
+class _RowLongerThanBlock(Exception):
+    """A CSV row does not fit in one parse block (planning then retries with larger blocks)."""
+
+
+def _read_options(block_bytes: int) -> pacsv.ReadOptions:
+    return pacsv.ReadOptions(block_size=block_bytes or CSV_BLOCK_BYTES, use_threads=False)  # a Ray worker has one CPU
+
+
+def _csv_error(path: Path, source: SourceConfig, e: Exception) -> Exception:
+    if "straddl" in str(e):  # pyarrow: "straddling object straddles two block boundaries"
+        return _RowLongerThanBlock(str(e))
+    return ReaderError(f"{path}: not a readable {source.kind.upper()} file ({e})")
+
+
+def _csv_header(path: Path, source: SourceConfig, block_bytes: int = 0) -> list[str]:
     try:
         with pa.input_stream(str(path), compression="detect") as stream:
-            return pacsv.open_csv(stream, parse_options=_csv_parse_options(source, lambda row: "skip")).schema.names
+            return pacsv.open_csv(stream, read_options=_read_options(block_bytes),
+                                  parse_options=_csv_parse_options(source, lambda row: "skip")).schema.names
     except (pa.ArrowInvalid, OSError) as e:
-        raise ReaderError(f"{path}: not a readable {source.kind.upper()} file ({e})") from None
+        raise _csv_error(path, source, e) from None
 
 
 def _csv_batches(path: Path, source: SourceConfig, names: Sequence[str], columns: Sequence[str],
-                 malformed: list[int] | None = None) -> Iterator[pa.RecordBatch]:
-    """The file's record batches (the same sequence on every call); ``malformed[0]`` counts skipped rows."""
+                 block_bytes: int = 0, malformed: list[int] | None = None,
+                 multiline: list[bool] | None = None) -> Iterator[pa.RecordBatch]:
+    """The file's record batches by pyarrow (the same rows on every call, whatever the block size).
+
+    ``malformed[0]`` counts the lines of the rows the parser skipped (an unclosed quote merges the
+    lines up to the next quote into one bad row, and each of those lines was meant as a row);
+    ``multiline[0]`` is set when a row spans lines (see :func:`_count_csv_rows`)."""
     def on_invalid(row: Any) -> str:
+        breaks = len(_LINE_BREAK.findall(row.text or ""))
         if malformed is not None:
-            malformed[0] += 1
+            malformed[0] += 1 + breaks
+        if multiline is not None and breaks:
+            multiline[0] = True
         return "skip"
 
-    read = pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False)  # a Ray worker has one CPU
-    # Every column as text: ids like "00012" and numeric-looking captions must survive unchanged.
+    # Every column as bytes: ids like "00012" and numeric-looking captions survive unchanged, and
+    # a caption that is not UTF-8 costs its row (checked per column), not the file.
     convert = pacsv.ConvertOptions(include_columns=list(columns), strings_can_be_null=True,
-                                   column_types={n: pa.string() for n in names})
+                                   column_types={n: pa.binary() for n in names})
     try:
         with pa.input_stream(str(path), compression="detect") as stream:
-            yield from pacsv.open_csv(stream, read_options=read, parse_options=_csv_parse_options(source, on_invalid),
-                                      convert_options=convert)
+            for batch in pacsv.open_csv(stream, read_options=_read_options(block_bytes),
+                                        parse_options=_csv_parse_options(source, on_invalid), convert_options=convert):
+                if multiline is not None and not multiline[0]:
+                    multiline[0] = any(pc.any(pc.match_substring_regex(c, "[\r\n]")).as_py() for c in batch.columns)
+                yield batch
     except (pa.ArrowInvalid, OSError) as e:
+        raise _csv_error(path, source, e) from None
+
+
+STRICT_BATCH_ROWS = 65_536
+
+
+def _strict_csv_batches(path: Path, source: SourceConfig, columns: Sequence[str],
+                        malformed: list[int] | None = None) -> Iterator[pa.RecordBatch]:
+    """The file's rows by Python's csv reader in strict mode (RFC 4180: a closing quote must end its
+    field), as batches of bytes columns like :func:`_csv_batches`. A row it rejects, or one with the
+    wrong number of fields, is skipped; ``malformed[0]`` counts the lines it took."""
+    # The reader's field limit is process-wide; a long caption must reach the text filter (too_long).
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_MAX_BLOCK_BYTES))
+    delimiter = "\t" if source.kind == "tsv" else ","
+    bad = 0
+    try:
+        with pa.input_stream(str(path), compression="detect") as stream:
+            # surrogateescape keeps bytes that are not UTF-8, so a bad caption costs its row only.
+            text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="")
+            reader = csv.reader(text, delimiter=delimiter, strict=True)
+            header = next(reader, [])
+            where = [header.index(c) for c in columns]
+            values: list[list[bytes | None]] = [[] for _ in columns]
+            line = reader.line_num
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error:
+                    bad += reader.line_num - line
+                    line = reader.line_num
+                    continue
+                if row and len(row) != len(header):
+                    bad += reader.line_num - line
+                if row and len(row) == len(header):
+                    for out, i in zip(values, where):
+                        out.append(row[i].encode("utf-8", "surrogateescape") if row[i] else None)
+                    if len(values[0]) >= STRICT_BATCH_ROWS:
+                        yield pa.record_batch([pa.array(v, pa.binary()) for v in values], names=list(columns))
+                        values = [[] for _ in columns]
+                line = reader.line_num
+            if values and values[0]:
+                yield pa.record_batch([pa.array(v, pa.binary()) for v in values], names=list(columns))
+    except (OSError, ValueError) as e:
         raise ReaderError(f"{path}: not a readable {source.kind.upper()} file ({e})") from None
+    if malformed is not None:
+        malformed[0] += bad
 
 
 def _read_csv(shard: InputShard, rows: _Rows) -> None:
     path = Path(shard.file)
-    names = _csv_header(path, shard.source)
+    names = _csv_header(path, shard.source, shard.csv_block_bytes)
     cols = _columns_for(shard.source, names, shard.file)
     if shard.malformed_rows:
         rows.drop("bad_csv_row", shard.malformed_rows)
     start, stop = shard.start, shard.stop
     row = 0  # index of the batch's first row in the file
-    for batch in _csv_batches(path, shard.source, names, cols.names):
+    batches = (_strict_csv_batches(path, shard.source, cols.names) if shard.csv_strict
+               else _csv_batches(path, shard.source, names, cols.names, shard.csv_block_bytes))
+    for batch in batches:
         if stop is not None and row >= stop:
             break
         n = batch.num_rows
@@ -570,7 +720,10 @@ def _read_jsonl(shard: InputShard, rows: _Rows) -> None:
                     continue
                 try:
                     record = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
+                except UnicodeDecodeError:
+                    rows.drop(BAD_UTF8)
+                    continue
+                except json.JSONDecodeError:
                     rows.drop("bad_json_line")
                     continue
                 if not isinstance(record, dict):
@@ -639,7 +792,10 @@ def _read_webdataset(shard: InputShard, rows: _Rows) -> None:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 error = error or f"bad_json_member: {key}.json: {e}"
         if parts.get("txt") is not None:
-            caption = parts["txt"].decode("utf-8", errors="replace")
+            if not _valid_utf8(parts["txt"]):
+                rows.drop(BAD_UTF8)
+                continue
+            caption = parts["txt"].decode("utf-8")
         if image is None and error is None and not url:
             error = f"no_image_member: {key}"
         rows.add(f"webdataset:{shard.display_file}#{key}", caption, url or None, image, meta, error)
@@ -656,7 +812,11 @@ def _read_directory(shard: InputShard, rows: _Rows) -> None:
         txt, js = image_path.with_name(image_path.stem + ".txt"), image_path.with_name(image_path.stem + ".json")
         try:
             if txt.is_file():
-                caption = txt.read_bytes().decode("utf-8", errors="replace")
+                raw = txt.read_bytes()
+                if not _valid_utf8(raw):
+                    rows.drop(BAD_UTF8)
+                    continue
+                caption = raw.decode("utf-8")
             elif js.is_file():
                 info = json.loads(js.read_bytes())
                 if isinstance(info, dict):

@@ -32,12 +32,12 @@ def sample_parquet() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance for the whole session (2 CPUs, no dashboard)."""
+    """One local Ray instance for the whole session (2 CPUs, no dashboard), started as a build starts it."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+    from infra.fanout import init_ray
+
+    init_ray(num_cpus=2)  # as a build starts it: nothing leaves loopback (tests/test_network.py)
     yield ray
     ray.shutdown()
 

@@ -247,5 +247,128 @@ def test_retry_failed_fetches_only_transient_failures(tmp_path, flaky_server):
     assert sorted(clean.column("sample_id").to_pylist()) == [f"t:{i:02d}" for i in range(n_ok + n_flaky)]
     left = work.read_parquet("failed/s0-00000.parquet")
     assert left.column("sample_id").to_pylist() == [f"t:{n - 1:02d}"]
-    assert {"balance", "gather", "images", "gather_retry", "images_retry"} <= set(retried.funnel.stages)
+    # The retry is folded into the shard's funnel: the recovered rows left gather's drops.
+    gather = retried.funnel.stage("gather")
+    assert (gather.rows_out, dict(gather.dropped)) == (n_ok + n_flaky, {"http_404": 1})
+    assert retried.funnel.stage("images").rows_in == n_ok + n_flaky
+    assert not {"gather_retry", "images_retry"} & set(retried.funnel.stages)
     assert pc.sum(clean.column("image_bytes")).as_py() > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 16: duplicate URLs across shards, funnels that add up, builds that produce nothing
+# ------------------------------------------------------------------------------------------------
+
+
+def funnel_problems(funnel: dict) -> list[str]:
+    """Every stage balances (in = out + drops) and hands its rows on (stage[i].out == stage[i+1].in)."""
+    problems = []
+    stages_ = funnel["stages"]
+    for s in stages_:
+        if s["in"] != s["out"] + sum(s["dropped"].values()):
+            problems.append(f"{s['stage']}: in {s['in']} != out {s['out']} + drops {s['dropped']}")
+    for a, b in zip(stages_, stages_[1:]):
+        if a["out"] != b["in"]:
+            problems.append(f"{a['stage']} out {a['out']} != {b['stage']} in {b['in']}")
+    return problems
+
+
+def test_a_url_in_two_input_shards_is_fetched_once_and_counted_duplicate_url(tmp_path):
+    files = {f"{i}.png": png(i) for i in range(4)}
+    with serve_files(files) as server:
+        u = [server.url(f"{i}.png") for i in range(4)]
+        work = WorkDir(str(tmp_path / "f"), STORAGE)
+        filtered = filter_stage_of(work, {"s0-00000": filtered_part(["a0", "a1", "a2"], [[0]] * 3, urls=u[:3]),
+                                          "s0-00001": filtered_part(["b0", "b1"], [[0]] * 2, urls=[u[1], u[3]])})
+        summary = stages.count_queries(filtered, 1, BalanceConfig(max_per_query=100), use_ray=False)
+        clean = stages.clean_stage(filtered, balance=BalanceConfig(max_per_query=100),
+                                   gather=GatherConfig(allow_loopback=True, retries=0),
+                                   images=ImageConfig(resize_longest_side=None, encode_format="PNG"),
+                                   dedup=DedupConfig(against_eval=False), index=None, use_ray=False)
+        assert server.hits["/1.png"] == 1, "the same URL in two shards is fetched once"
+    assert summary.pairs == 4  # balancing counts the pool without the duplicate
+    kept = sorted(s for r in clean.records
+                  for s in clean.work.store.read_parquet(WorkDir.clean(r.shard_id)).column("sample_id").to_pylist())
+    assert kept == ["a0", "a1", "a2", "b1"]  # the smallest sample_id keeps the URL
+    drops = {}
+    for r in clean.records:
+        for s in r.funnel.stages.values():
+            for reason, n in s.dropped.items():
+                drops[reason] = drops.get(reason, 0) + n
+    assert drops == {"duplicate_url": 1}
+
+
+@pytest.fixture()
+def flaky_pairs(tmp_path, flaky_server):
+    """A Parquet source of URLs (always-ok, flaky until `state["up"]`, one 404) and its query list."""
+    server, state, n_ok, n_flaky = flaky_server
+    urls = [server.url(f"ok/{i}.png") for i in range(n_ok)] + [server.url(f"flaky/{i}.png") for i in range(n_flaky)]
+    urls += [server.url("missing.png"), server.url("ok/0.png")]  # a permanent failure, a duplicate URL
+    n = len(urls)
+    pq.write_table(pa.table({"id": [f"p{i:02d}" for i in range(n)], "url": urls,
+                             "caption": [f"a photo of a thing number {i}" if i != 2 else "IMG_0001.JPG"
+                                         for i in range(n)]}), tmp_path / "pairs.parquet")
+    queries = pa.table({"query_id": pa.array([0], pa.int32()), "query": ["photo"], "source": ["unigram"],
+                        "count": pa.array([1], pa.int64()), "pmi": pa.nulls(1, pa.float64()),
+                        "views": pa.nulls(1, pa.int64())})
+    pq.write_table(queries, tmp_path / "queries.parquet")
+    source = SourceConfig(kind="parquet", path=str(tmp_path / "pairs.parquet"), id_column="id", rows_per_input_shard=4)
+    return source, stages.find_query_list(str(tmp_path), STORAGE), state
+
+
+def _build(tmp_path, source, queries, *, retry_failed=False):
+    """The build's stages in the flow's order, in this process; the funnel of the manifest."""
+    shards = stages.plan_inputs([source], str(tmp_path))
+    root = str(tmp_path / "dataset")
+    filtered = stages.filter_stage(shards, dataset_root=root, storage=STORAGE, sources=[source],
+                                   base_dir=str(tmp_path), text_filter=TextFilterConfig(english=False),
+                                   queries=queries, use_ray=False)
+    balance = BalanceConfig(max_per_query=100)
+    dedup = DedupConfig(against_eval=False)
+    stages.count_queries(filtered, queries.rows, balance, use_ray=False)
+    clean = stages.clean_stage(filtered, balance=balance, gather=GatherConfig(allow_loopback=True, retries=0),
+                               images=ImageConfig(resize_longest_side=None, encode_format="PNG"), dedup=dedup,
+                               index=None, retry_failed=retry_failed, use_ray=False)
+    within = stages.within_dataset(clean, dedup, holdout_rows=1, use_ray=False)
+    return stages.build_funnel(filtered, clean, within).to_dict()
+
+
+def test_funnel_balances_after_every_kind_of_run(tmp_path, flaky_pairs, ray_local):
+    source, queries, state = flaky_pairs
+    first = _build(tmp_path, source, queries)
+    assert funnel_problems(first) == []
+    assert first["stages"][0]["in"] == 12 and first["stages"][-1]["out"] == 5
+    assert _build(tmp_path, source, queries) == first  # resumed: the records, the same funnel
+    state["up"] = True
+    retried = _build(tmp_path, source, queries, retry_failed=True)
+    assert funnel_problems(retried) == []
+    assert retried["stages"][0]["in"] == 12 and retried["stages"][-1]["out"] == 5 + 4
+    gather = next(s for s in retried["stages"] if s["stage"] == "gather")
+    assert not any(r.startswith("http_503") for r in gather["dropped"]), "recovered rows still counted as drops"
+
+
+def test_a_build_that_leaves_nothing_to_train_on_fails_clearly(tmp_path, ray_local):
+    with serve_files({}) as server:  # every fetch fails (404)
+        urls = [server.url(f"{i}.png") for i in range(3)]
+        work = WorkDir(str(tmp_path / "f"), STORAGE)
+        filtered = filter_stage_of(work, {"s0-00000": filtered_part(["a", "b", "c"], [[0]] * 3, urls=urls)})
+        stages.count_queries(filtered, 1, BalanceConfig(), use_ray=False)
+        failing = stages.clean_stage(filtered, balance=BalanceConfig(), gather=GatherConfig(allow_loopback=True),
+                                     images=ImageConfig(), dedup=DedupConfig(against_eval=False), index=None,
+                                     use_ray=False)
+    within = stages.within_dataset(failing, DedupConfig(against_eval=False), holdout_rows=0, use_ray=False)
+    with pytest.raises(stages.NothingToTrainOn, match=r"no rows to train on.*http_404: 3"):
+        stages.write_output(failing, within, dataset_root=str(tmp_path / "d1"), shards=ShardConfig(), use_ray=False)
+
+    images = [png(i) for i in range(4)]
+    work = WorkDir(str(tmp_path / "g"), STORAGE)
+    filtered = filter_stage_of(work, {"s0-00000": filtered_part(["a", "b", "c", "d"], [[0]] * 4, images=images)})
+    stages.count_queries(filtered, 1, BalanceConfig(), use_ray=False)
+    clean = stages.clean_stage(filtered, balance=BalanceConfig(), gather=GatherConfig(),
+                               images=ImageConfig(resize_longest_side=None, encode_format="PNG"),
+                               dedup=DedupConfig(against_eval=False), index=None, use_ray=False)
+    within = stages.within_dataset(clean, DedupConfig(against_eval=False), holdout_rows=4, use_ray=False)
+    with pytest.raises(stages.NothingToTrainOn, match=r"shards.holdout_rows=4 holds out all 4"):
+        stages.write_output(clean, within, dataset_root=str(tmp_path / "d2"), shards=ShardConfig(holdout_rows=4),
+                            use_ray=False)
+    assert not (tmp_path / "d2" / "holdout").exists()  # refused before anything is written

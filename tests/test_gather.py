@@ -332,6 +332,33 @@ def test_rebinding_name_is_refused_without_connecting():
     assert (outcomes[0].status, outcomes[0].reason) == (FAILED_PERMANENT, "private_address")
 
 
+class _RecordingResolver(_FixedAnswers):
+    """Records every name it is asked for and answers none (a mock of DNS: nothing is connected to)."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.asked: list[str] = []
+
+    async def resolve(self, host, port=0, family=socket.AF_INET):
+        self.asked.append(host)
+        raise OSError(f"{host}: no name server in this test")
+
+
+def test_malformed_host_names_are_permanent_invalid_url_without_a_lookup():
+    bad = ["http://bad host/a.png", "http://exa%20mple.com/a.png", "http://a<b>.example/a.png",
+           "http://a..b.example/a.png", f"http://{'a' * 64}.example/a.png", "http://-a.example/a.png"]
+    resolver = _RecordingResolver()
+    cfg = _cfg(retries=0)
+    outcomes = asyncio.run(fetch_urls(list(enumerate(bad)), cfg, resolver))
+    assert [(outcomes[i].status, outcomes[i].reason) for i in range(len(bad))] == \
+        [(FAILED_PERMANENT, "invalid_url")] * len(bad)
+    assert resolver.asked == []  # refused before any DNS lookup: a rerun never retries them
+    # Real names pass the check (and reach the resolver): underscores and IDNA included.
+    good = ["http://under_score.example/a.png", "http://bücher.example/a.png"]
+    asyncio.run(fetch_urls(list(enumerate(good)), cfg, resolver))
+    assert resolver.asked == ["under_score.example", "xn--bcher-kva.example"]
+
+
 def test_retry_failed_fetches_only_transient_failures(hostile):
     urls = [hostile.url("503-once/a"), hostile.url("missing-2.png"), hostile.url("img/5.png")]
     first = _gather(_candidates(urls), _cfg(retries=0))

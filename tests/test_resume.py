@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -108,6 +109,12 @@ def _shards(output: Path) -> tuple[list[str], list[str]]:
     return ids, [s["sha256"] for s in manifest["shards"]]
 
 
+def _funnel_problems(output: Path) -> list[str]:
+    from tests.test_build import funnel_problems
+
+    return funnel_problems(json.loads((output / "dataset" / "manifest.json").read_text())["funnel"])
+
+
 def test_killed_builds_resume_to_exactly_the_uninterrupted_result(tmp_path: Path, sample_parquet: Path,
                                                                   prefect_server):
     config = _make_inputs(tmp_path, sample_parquet)
@@ -132,4 +139,73 @@ def test_killed_builds_resume_to_exactly_the_uninterrupted_result(tmp_path: Path
         assert len(ids) == len(set(ids)), f"kill point {pattern}: duplicated samples after resume"
         assert sorted(ids) == sorted(want_ids), f"kill point {pattern}: lost or extra samples after resume"
         assert shas == want_shas, f"kill point {pattern}: shards differ from the uninterrupted build"
+        assert _funnel_problems(out) == [], f"kill point {pattern}: the resumed build's funnel does not add up"
     assert killed >= 2, "the builds finished before most kill points; the test did not test resumption"
+
+
+def _visible_files(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root`` a reader can see (temp files of unfinished writes left out): size, mtime."""
+    out = {}
+    for path in root.rglob("*"):
+        if path.is_file() and not (path.name.startswith(".") and ".tmp-" in path.name):
+            st = path.stat()
+            out[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _temp_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob(".*.tmp-*"))
+
+
+def _kill_group_when(config: Path, output: Path, api_url: str, pattern: str, count: int,
+                     timeout: float = 300) -> tuple[dict, list[psutil.Process]] | None:
+    """Start a build in its own process group; once ``count`` files match ``pattern``, SIGKILL the
+    group (as a user's kill -9 -PGID does). Returns the visible files at the kill and the build's
+    other processes as they were just before it (Ray's daemons and workers), or None if it finished."""
+    cmd = [sys.executable, "-m", "flows.cli", "build", "--config", str(config), "--set", f"output={output}"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(api_url), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(glob.glob(str(output / pattern), recursive=True)) >= count:
+            others = psutil.Process(proc.pid).children(recursive=True)
+            os.killpg(proc.pid, signal.SIGKILL)
+            at_kill = _visible_files(output)
+            proc.wait(timeout=30)
+            return at_kill, others
+        if proc.poll() is not None:
+            return None
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"no {pattern} after {timeout}s")
+
+
+def test_no_file_changes_after_the_build_process_group_is_killed(tmp_path: Path, sample_parquet: Path,
+                                                                 prefect_server):
+    """Issue 16 #11: workers that outlive a killed driver never write into its output, and a rerun
+    started at once (while they may still run) finishes with exactly the uninterrupted result."""
+    config = _make_inputs(tmp_path, sample_parquet)
+    prefect_server.wait_healthy()
+    api = prefect_server.api_url
+    out = tmp_path / "killed"
+    killed = _kill_group_when(config, out, api, "dataset/work/*/c-*/clean/*.json", 2)
+    assert killed is not None, "the build finished before the kill point"
+    at_kill, others = killed
+    psutil.wait_procs(others, timeout=30)  # orphaned Ray workers exit once they notice their raylet is gone
+    time.sleep(1.0)
+    after = _visible_files(out)
+    changed = sorted(k for k in set(at_kill) | set(after) if at_kill.get(k) != after.get(k))
+    assert changed == [], f"files written after the kill: {changed}"
+    # What a write killed between its temp file and the rename leaves (a worker SIGKILLed mid-write).
+    killed_write = out / "dataset" / "shards" / ".part-00000.parquet.tmp-k1ll3d"
+    killed_write.parent.mkdir(parents=True, exist_ok=True)
+    killed_write.write_bytes(b"half a shard")
+    _build(config, out, api)  # the rerun
+    # The killed build could not end its flow run; the rerun marked it crashed (issue 16 #13).
+    runs = httpx.post(f"{api}/flow_runs/filter", json={"flows": {"name": {"any_": ["build_dataset"]}}},
+                      timeout=30).json()
+    states = [r["state"]["type"] for r in runs]
+    assert "RUNNING" not in states and "CRASHED" in states, states
+    _build(config, tmp_path / "clean-run", api)
+    assert _shards(out) == _shards(tmp_path / "clean-run")
+    assert _temp_files(out) == [], "the rerun leaves no temp file of a killed write"

@@ -8,6 +8,7 @@ only way to make a healthy local server misbehave on cue. Everything behind it i
 from __future__ import annotations
 
 import http.client
+import json
 import logging
 import os
 import pickle
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -520,3 +522,133 @@ def test_server_info_and_binary(s3_server: S3ServerInfo) -> None:
     store = ObjectStore(s3_server.uri(f"info-{uuid.uuid4().hex[:8]}"), s3_server.storage_config())
     store.write_text("x", "y")
     assert store.read_text("x") == "y"
+
+
+# --------------------------------------------------------------------------------------------
+# After a kill: the output lease, stale temp files, orphaned multipart uploads (issue 16: 11, 12)
+# --------------------------------------------------------------------------------------------
+
+_HOLD_LEASE = """
+import sys, time
+from infra.config import StorageConfig
+from infra.lease import OutputLease
+OutputLease.acquire(sys.argv[1], StorageConfig())
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_lease_refuses_a_second_build_and_passes_to_a_rerun_once_the_holder_is_dead(tmp_path: Path,
+                                                                                          repo_root: Path) -> None:
+    from infra.lease import LeaseHeld, LeaseLost, OutputLease
+    from tasks.build.stages import take_output
+
+    root = str(tmp_path / "dataset")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LEASE, root], cwd=repo_root, stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(repo_root)}, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LeaseHeld, match=f"pid {holder.pid}"):
+            take_output(root, StorageConfig())
+        # What the holder's workers carry: a guard that passes while the holder lives...
+        held = json.loads((tmp_path / "dataset" / "work" / "lease.json").read_text())
+        from infra.lease import Holder
+
+        theirs = OutputLease(root, StorageConfig(), held["token"], Holder(**held["holder"]), held["acquired"])
+        guarded = ObjectStore(root, guard=theirs.check)
+        guarded.write_text("shards/part-00000.done", "plan\n")
+    finally:
+        holder.kill()
+        holder.wait()
+    # ...and refuses every write, delete included, once it is gone.
+    with pytest.raises(LeaseLost, match=f"pid {holder.pid}.*gone"):
+        guarded.write_text("shards/part-00001.done", "plan\n")
+    with pytest.raises(LeaseLost):
+        guarded.delete("shards/part-00000.done")
+    assert ObjectStore(root).list("shards/") == ["shards/part-00000.done"]
+    assert not list((tmp_path / "dataset" / "shards").glob(".*.tmp-*"))
+    lease = take_output(root, StorageConfig())  # a rerun takes the dead holder's lease over at once
+    assert json.loads((tmp_path / "dataset" / "work" / "lease.json").read_text())["token"] == lease.token
+    lease.release()
+    assert not (tmp_path / "dataset" / "work" / "lease.json").exists()
+
+
+def test_a_rerun_removes_the_temp_files_of_killed_writes_and_only_those(tmp_path: Path) -> None:
+    from tasks.build.stages import take_output
+
+    root = tmp_path / "dataset"
+    (root / "shards").mkdir(parents=True)
+    (root / "work" / "f-1" / "clean").mkdir(parents=True)
+    stale = [root / "shards" / ".part-00001.parquet.tmp-k1ll3d", root / "work" / "f-1" / "clean" / ".s0-00001.json.tmp-x"]
+    for path in stale:
+        path.write_bytes(b"half a write")
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    (root / "shards" / "part-00000.parquet").write_bytes(b"a shard")
+    lease = take_output(str(root), StorageConfig())
+    try:
+        live = root / "shards" / ".part-00002.parquet.tmp-l1ve"  # a write of this build, under way
+        live.write_bytes(b"in progress")
+        assert not any(p.exists() for p in stale)
+        assert ObjectStore(str(root)).remove_temp_files(older_than=lease.acquired) == []
+        assert live.exists() and (root / "shards" / "part-00000.parquet").read_bytes() == b"a shard"
+    finally:
+        lease.release()
+
+
+def test_a_rerun_aborts_the_orphaned_multipart_uploads_under_its_prefix(s3_store: ObjectStore) -> None:
+    from tasks.build.stages import take_output
+
+    client, bucket = s3_store.s3_client, s3_store.bucket
+    mine = client.create_multipart_upload(Bucket=bucket, Key=f"{s3_store.prefix}/dataset/shards/part-00000.parquet")
+    client.upload_part(Bucket=bucket, Key=mine["Key"], UploadId=mine["UploadId"], PartNumber=1, Body=b"x" * 1024)
+    other = client.create_multipart_upload(Bucket=bucket, Key=f"{s3_store.prefix}-other/dataset/x.parquet")
+
+    def uploads(prefix: str) -> list[str]:
+        return [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])]
+
+    assert uploads(f"{s3_store.prefix}/") == [mine["Key"]]
+    time.sleep(1.1)  # S3 stamps uploads to the second: the lease starts after this one
+    lease = take_output(s3_store.uri("dataset"), s3_store.config)
+    lease.release()
+    assert uploads(f"{s3_store.prefix}/") == []
+    assert uploads(f"{s3_store.prefix}-other/") == [other["Key"]]  # another build's prefix is not ours
+    client.abort_multipart_upload(Bucket=bucket, Key=other["Key"], UploadId=other["UploadId"])
+
+
+def test_a_killed_driver_not_yet_reaped_is_gone_for_its_workers(tmp_path: Path) -> None:
+    """A SIGKILLed driver stays a zombie until its parent reaps it: its workers must not write meanwhile."""
+    import signal
+
+    import psutil
+
+    from infra.lease import Holder, LeaseLost, OutputLease
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    holder = Holder(Holder.me().node, child.pid, psutil.Process(child.pid).create_time())
+    lease = OutputLease(str(tmp_path), StorageConfig(), "t", holder, time.time())
+    assert holder.alive() is True
+    os.kill(child.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        assert holder.alive() is False  # not reaped yet, and dead
+        with pytest.raises(LeaseLost):
+            ObjectStore(str(tmp_path), guard=lease.check).write_text("shards/part-00000.done", "x")
+    finally:
+        child.wait()
+    assert not (tmp_path / "shards" / "part-00000.done").exists()
+
+
+def test_a_process_with_a_sigkill_pending_counts_as_killed() -> None:
+    from infra.lease import being_killed
+
+    running = "Name:\tpython\nState:\tD (disk sleep)\nSigPnd:\t0000000000000000\nShdPnd:\t0000000000000000\n"
+    assert not being_killed(running)
+    assert being_killed(running.replace("ShdPnd:\t0000000000000000", "ShdPnd:\t0000000000000100"))  # SIGKILL: bit 9
+    assert being_killed(running.replace("SigPnd:\t0000000000000000", "SigPnd:\t0000000000000100"))
+    assert being_killed(running.replace("D (disk sleep)", "Z (zombie)"))
+    assert not being_killed(running.replace("ShdPnd:\t0000000000000000", "ShdPnd:\t0000000000004000"))  # SIGTERM
+    with open(f"/proc/{os.getpid()}/status") as f:
+        assert not being_killed(f.read())

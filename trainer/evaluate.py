@@ -11,6 +11,7 @@ cannot be loaded is recorded as an error, not fatal.
 from __future__ import annotations
 
 import hashlib
+import io
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -283,9 +284,31 @@ def load_heldout_pairs(dataset_uri: str, storage: StorageConfig | None = None) -
         raise LookupError(f"{store.uri('manifest.json')} lists no held-out shards: build with shards.holdout_rows > 0 "
                           "for retrieval pairs that training never saw")
     table = _concat([_select(store.read_parquet(s.path), _PAIR_COLUMNS) for s in manifest.holdout.shards])
-    info = {"source": "the manifest's held-out shards", "excluded_from_training": True,
-            "dataset": store.root, "rows": table.num_rows}
+    info = {"source": "the manifest's held-out shards", "dataset": store.root, "rows": table.num_rows}
     return table, info
+
+
+def check_not_trained_on(checkpoint: str, pairs: pa.Table, dataset: str, storage: StorageConfig | None = None) -> dict:
+    """Whether the checkpoint was trained on none of ``pairs``, from the training ids its export
+    records (trainer/provenance.py). LookupError when it was trained on some: recall on them would
+    measure memory, not retrieval. A checkpoint that records no ids (a bare state dict, an older
+    export) cannot be checked: ``excluded_from_training`` is then None, never True."""
+    from trainer.provenance import TRAINING_IDS_NAME, trained_on
+
+    store = ObjectStore(_split_weights(checkpoint)[0], storage)
+    if not store.exists(TRAINING_IDS_NAME) or "sample_id" not in pairs.column_names:
+        return {"excluded_from_training": None,
+                "excluded_check": f"not checked: {store.uri(TRAINING_IDS_NAME)} (the checkpoint's training ids) "
+                                  "or the pairs' sample ids are missing"}
+    training = np.load(io.BytesIO(store.read_bytes(TRAINING_IDS_NAME)))
+    ids = pairs.column("sample_id").to_pylist()
+    overlap = trained_on(ids, training)
+    if overlap:
+        raise LookupError(f"{overlap} of {len(ids)} held-out pairs of {dataset} were in the checkpoint's training "
+                          f"data ({store.uri(TRAINING_IDS_NAME)}): it was trained on another build of this dataset; "
+                          "retrieval is not scored")
+    return {"excluded_from_training": True,
+            "excluded_check": f"none of the {len(ids)} pairs is among the checkpoint's {len(training)} training ids"}
 
 
 _PAIR_COLUMNS = ["sample_id", "caption", "image", "sha256"]
@@ -390,6 +413,7 @@ def evaluate_checkpoint(checkpoint: str, eval_sets: Sequence[EvalSetConfig], cfg
     if dataset_uri is not None and cfg.retrieval:
         try:
             pairs, info = load_heldout_pairs(dataset_uri, storage)
+            info.update(check_not_trained_on(checkpoint, pairs, info["dataset"], storage))
             results["retrieval"] = {**info, **evaluate_retrieval(encoder, pairs)}
             _log_retrieval(results["retrieval"])
         except (OSError, ValueError, KeyError, LookupError) as e:

@@ -101,9 +101,9 @@ def rank_environment(world_size: int, storage: StorageConfig) -> dict[str, str]:
     # Ranks share this machine's cores; without this each rank starts one thread per core.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    if storage.access_key_id:
-        env["AWS_ACCESS_KEY_ID"] = storage.access_key_id
-        env["AWS_SECRET_ACCESS_KEY"] = storage.secret_access_key or ""
+    if storage.access_key_id and storage.secret_access_key:
+        env["AWS_ACCESS_KEY_ID"] = storage.access_key_id.reveal()
+        env["AWS_SECRET_ACCESS_KEY"] = storage.secret_access_key.reveal()
     return env
 
 

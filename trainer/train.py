@@ -7,7 +7,9 @@ run as one process, by ``torchrun`` or by the ``deepspeed`` launcher; it reads t
 the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
 
 Output directory (local, shared between nodes for multi-node runs):
-    train_config.json          the resolved train section and model config of this run
+    train_config.json          the resolved train section and model config of this run, and the
+                               dataset it trains on (trainer/provenance.py: manifest sha256, shards, ids)
+    training_ids.npy           the training rows' ids (hashes), copied into the export
     train_log.jsonl            one line per step (rank 0)
     checkpoints/<tag>/         DeepSpeed engine state + rank<N>_trainer_state.pt (data position, RNG)
     checkpoints/latest_complete
@@ -235,12 +237,19 @@ def load_checkpoint(engine: Any, output_dir: Path, tag: str, rank: int) -> tuple
     return int(state["step"]), state["position"]
 
 
-def _check_resumable(output_dir: Path, run_config: dict[str, Any]) -> None:
-    """Refuse to resume into a directory trained with a different model or batch layout."""
+SUPERSEDED_DIR = "superseded"
+
+
+def _check_resumable(output_dir: Path, run_config: dict[str, Any], on_dataset_change: str = "refuse") -> None:
+    """Refuse to resume into a directory trained on another dataset (or, with ``on_dataset_change``
+    "restart", set that run aside and start afresh), or with a different model or batch layout."""
     saved_path = output_dir / RUN_CONFIG_NAME
     if not saved_path.is_file():
         return
     saved = json.loads(saved_path.read_text())
+    if latest_checkpoint(output_dir) is not None or (output_dir / EXPORT_DIR).exists():
+        if not _same_dataset(output_dir, saved, run_config, on_dataset_change):
+            return  # set aside: nothing left to resume
     for key in ("model", "train_batch"):
         if saved.get(key) != run_config.get(key):
             raise ValueError(f"{output_dir} holds a run with a different {key} ({saved.get(key)} vs "
@@ -250,6 +259,32 @@ def _check_resumable(output_dir: Path, run_config: dict[str, Any]) -> None:
             raise ValueError(f"{output_dir}: train.{key} changed since the checkpoint "
                              f"({saved['train'].get(key)} -> {run_config['train'].get(key)}); resuming would not "
                              "continue the same run: use a new train.output")
+
+
+def _same_dataset(output_dir: Path, saved: dict[str, Any], run_config: dict[str, Any], on_change: str) -> bool:
+    """Whether the run in ``output_dir`` was trained on this run's dataset (the same training shards).
+    If not: raise (``on_change`` "refuse"), or move that run into superseded/ and return False."""
+    from trainer.provenance import DatasetIdentity
+
+    before = DatasetIdentity.from_dict(saved.get("dataset"))
+    now = DatasetIdentity.from_dict(run_config["dataset"])
+    if before is not None and before.shards_digest == now.shards_digest:
+        return True
+    was = before.describe() if before is not None else "a dataset it did not record"
+    message = f"{output_dir}: its checkpoints were trained on another dataset ({was}); this run's is {now.describe()}"
+    if on_change == "refuse":
+        raise ValueError(f"{message}: set train.on_dataset_change=restart to train afresh here (the old run is "
+                         "kept under superseded/), or use a new train.output")
+    aside = output_dir / SUPERSEDED_DIR / time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    aside.mkdir(parents=True)
+    from trainer.provenance import TRAINING_IDS_NAME
+
+    for name in (CHECKPOINT_DIR, EXPORT_DIR, LOG_NAME, RUN_CONFIG_NAME, TRAINING_IDS_NAME):
+        if (output_dir / name).exists():
+            (output_dir / name).rename(aside / name)
+    log_event(log, "dataset changed: training afresh", 30, run=str(output_dir), was=was, now=now.describe(),
+              set_aside=str(aside))
+    return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,11 +363,17 @@ def train(cfg: TrainConfig, source: DatasetSource, output_dir: str | Path, *, ra
                   "total_steps": steps, "dataset_root": source.root, "dataset_rows": source.num_rows,
                   "deepspeed": ds_config}
     if rank == 0:
+        from trainer.provenance import dataset_identity, write_training_ids
+
         output_dir.mkdir(parents=True, exist_ok=True)
-        _check_resumable(output_dir, run_config)
+        # What this run trains on, checked against what the checkpoints here were trained on.
+        identity, training_ids = dataset_identity(source)
+        run_config["dataset"] = identity.to_dict()
+        _check_resumable(output_dir, run_config, cfg.on_dataset_change)
         tmp = output_dir / (RUN_CONFIG_NAME + ".tmp")
         tmp.write_text(json.dumps(run_config, indent=2, default=_json_default) + "\n")
         tmp.replace(output_dir / RUN_CONFIG_NAME)
+        write_training_ids(output_dir, training_ids)
     dist.barrier()
 
     # Same seed on every rank: identical initial weights without a broadcast.
@@ -427,9 +468,13 @@ def export_model(engine: Any, export_dir: Path, rank: int, zero_stage: int) -> N
             export = CLIP(module.config)
             export.load_state_dict({k: v.detach().float().cpu() for k, v in module.state_dict().items()})
             save_exported(export, export_dir)
-            tmp = export_dir / (RUN_CONFIG_NAME + ".tmp")
-            shutil.copyfile(export_dir.parent / RUN_CONFIG_NAME, tmp)
-            tmp.replace(export_dir / RUN_CONFIG_NAME)
+            from trainer.provenance import TRAINING_IDS_NAME
+
+            # The export carries what it was trained on: evaluation checks its hold-out against it.
+            for name in (RUN_CONFIG_NAME, TRAINING_IDS_NAME):
+                tmp = export_dir / (name + ".tmp")
+                shutil.copyfile(export_dir.parent / name, tmp)
+                tmp.replace(export_dir / name)
 
 
 def read_train_log(output_dir: Path) -> list[dict[str, Any]]:

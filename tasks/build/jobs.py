@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import functools
 import io
-from dataclasses import dataclass
-from typing import Any
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -126,6 +127,23 @@ class CleanContext:
     dedup: DedupConfig
     index: EvalIndexRef | None
     retry_failed: bool = False
+    url_drops: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # shard -> rows another row's URL has
+
+
+URL_STAGE = "dedup_url"
+DUPLICATE_URL = "duplicate_url"
+
+
+def _url_dedup_step(drops: tuple[str, ...]) -> Any:
+    """Drop the rows whose URL a row of smaller sample_id has (found across all shards by the count stage)."""
+    import pyarrow.compute as pc
+
+    def step(table: pa.Table) -> StepOutput:
+        funnel = Funnel()
+        keep = pc.invert(pc.is_in(table.column("sample_id"), pa.array(drops, pa.string())))
+        return StepOutput(funnel.apply_mask(URL_STAGE, table, keep, DUPLICATE_URL), funnel)
+
+    return step
 
 
 def _hash_step(dedup: DedupConfig) -> Any:
@@ -171,6 +189,7 @@ def clean_shard(record: FilterRecord, ctx: CleanContext) -> CleanRecord:
     thresholds = cap_thresholds(ctx.filter_work) if ctx.balance.mode == "exact" else None
     counts = query_counts(ctx.filter_work)
     steps = [
+        _url_dedup_step(ctx.url_drops.get(shard_id, ())),
         lambda t: balance_table(t, counts, ctx.balance, thresholds=thresholds),
         # Fetch rows that have a URL and no inline image, then decode/validate/re-encode every image.
         lambda t: gather_images(t, ctx.gather, ctx.images),
@@ -204,15 +223,22 @@ def _write_clean(work: WorkDir, shard_id: str, out: StepOutput) -> CleanRecord:
 
 
 def _retry_transient(done: CleanRecord, ctx: CleanContext) -> CleanRecord:
-    """Fetch a done shard's transient failures again; rows that now pass join its clean part."""
+    """Fetch a done shard's transient failures again; rows that now pass join its clean part.
+
+    The shard's funnel then reads as if the recovered rows had passed the first time: their
+    earlier drop reasons leave the ``gather`` stage, and the retry's outcomes join ``gather``,
+    ``images`` and the stages after them, so every stage still balances and hands on its rows."""
     from tasks.dedup.eval_overlap import EVAL_MATCHES
-    from tasks.gather import FAILED, retry_transient
+    from tasks.gather import FAILED, FAILED_TRANSIENT, retry_transient
 
     store = ctx.work.store
     shard_id = done.shard_id
     previous = store.read_parquet(WorkDir.side(FAILED, shard_id))
     steps = [lambda t: retry_transient(t, ctx.gather, ctx.images), *_decontamination_steps(ctx)]
-    recovered = run_steps(previous, steps, Funnel().merge(done.funnel))
+    recovered = run_steps(previous, steps)
+    transient = [r for r, s in zip(previous.column("reason").to_pylist(), previous.column("status").to_pylist())
+                 if s == FAILED_TRANSIENT]
+    funnel = _fold_retry(done.funnel, Counter(transient), recovered.funnel)
     table = store.read_parquet(WorkDir.clean(shard_id))
     if recovered.table.num_rows:
         table = pa.concat_tables([table, recovered.table.select(table.column_names).cast(table.schema)])
@@ -220,4 +246,24 @@ def _retry_transient(done: CleanRecord, ctx: CleanContext) -> CleanRecord:
     matches_key = WorkDir.side(EVAL_MATCHES, shard_id)
     if store.exists(matches_key) and EVAL_MATCHES in side:
         side[EVAL_MATCHES] = pa.concat_tables([store.read_parquet(matches_key), side[EVAL_MATCHES]])
-    return _write_clean(ctx.work, shard_id, StepOutput(table, recovered.funnel, side))
+    return _write_clean(ctx.work, shard_id, StepOutput(table, funnel, side))
+
+
+def _fold_retry(first: Funnel, retried: Counter, retry: Funnel) -> Funnel:
+    """The first pass's funnel with a retry folded in (see :func:`_retry_transient`)."""
+    from tasks.gather import RETRY_STAGE
+    from tasks.gather import STAGE as GATHER_STAGE
+    from tasks.images import STAGE as IMAGE_STAGE
+
+    funnel = Funnel().merge(first)
+    gather = funnel.stage(GATHER_STAGE)
+    gather.dropped.subtract(retried)  # counted in by the first pass; their outcome is the retry's now
+    gather.dropped = Counter({k: v for k, v in gather.dropped.items() if v > 0})
+    renamed = {RETRY_STAGE: GATHER_STAGE, f"{IMAGE_STAGE}_retry": IMAGE_STAGE}
+    for name, stage in retry.stages.items():
+        mine = funnel.stage(renamed.get(name, name))
+        if name != RETRY_STAGE:
+            mine.rows_in += stage.rows_in
+        mine.rows_out += stage.rows_out
+        mine.dropped.update(stage.dropped)
+    return funnel

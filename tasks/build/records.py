@@ -98,11 +98,13 @@ class CleanStage:
 
 @dataclass(frozen=True)
 class QueryCountsSummary:
-    """What the global per-query count found (also in the manifest's ``query_counts``)."""
+    """What the global reduce after the text stage found (also in the manifest's ``query_counts``):
+    the per-query counts, and the rows dropped because another shard's row has the same URL."""
 
     matched_queries: int
     pairs: int
     over_cap: int
+    url_duplicates: int = 0
 
 
 @dataclass(frozen=True)

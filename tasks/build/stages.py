@@ -26,6 +26,7 @@ from infra.config import (BalanceConfig, DedupConfig, EvalSetConfig, GatherConfi
                           SourceConfig, StorageConfig, TextFilterConfig, to_dict)
 from infra.fanout import map_shards, values_or_raise
 from infra.funnel import Funnel
+from infra.lease import OutputLease
 from infra.log import get_logger, log_event
 from infra.manifest import Manifest, build_manifest
 from infra.manifest import write_manifest as write_manifest_file
@@ -82,6 +83,20 @@ def eval_index(eval_sets: Sequence[EvalSetConfig], root: str, storage: StorageCo
     return EvalIndexRef(root, index.version, index.set_sizes(), built)
 
 
+def take_output(dataset_root: str, storage: StorageConfig) -> OutputLease:
+    """Take the lease on the dataset's output (:class:`infra.lease.LeaseHeld` while another live
+    build holds it), then clear what dead writers left there: temp files of killed local writes,
+    and multipart uploads a killed writer never completed on S3."""
+    lease = OutputLease.acquire(dataset_root, storage)
+    store = ObjectStore(dataset_root, storage)
+    temps = store.remove_temp_files(older_than=lease.acquired)
+    uploads = store.abort_multipart_uploads(older_than=lease.acquired)
+    if temps or uploads:
+        log_event(log, "removed what killed writes left", root=store.root, temp_files=len(temps),
+                  multipart_uploads=len(uploads))
+    return lease
+
+
 def record_config(dataset_root: str, storage: StorageConfig, resolved_yaml: str) -> None:
     """The resolved config beside the dataset (``config.resolved.yaml``)."""
     from infra.config import RESOLVED_CONFIG_NAME
@@ -95,51 +110,131 @@ def record_config(dataset_root: str, storage: StorageConfig, resolved_yaml: str)
 
 
 def filter_stage(shards: Sequence[Any], *, dataset_root: str, storage: StorageConfig, sources: Sequence[SourceConfig],
-                 base_dir: str, text_filter: TextFilterConfig, queries: QueryListRef,
+                 base_dir: str, text_filter: TextFilterConfig, queries: QueryListRef, lease: OutputLease | None = None,
                  on_done: Progress = None, use_ray: bool = True) -> FilterStage:
-    work = WorkDir.for_filter(dataset_root, storage, sources, base_dir, text_filter, queries.sha256)
+    """read -> text filters -> query match per input shard; ``lease`` (from :func:`take_output`)
+    guards every write of this and the later stages, which inherit its work directory."""
+    work = WorkDir.for_filter(dataset_root, storage, sources, base_dir, text_filter, queries.sha256, lease)
     results = map_shards(filter_shard, shards, context=FilterContext(work, queries, text_filter),
                          desc="read/filter/match", on_done=on_done, use_ray=use_ray)
     return FilterStage(work, tuple(values_or_raise("read-filter-match", results)))
+
+
+# Rows of a URL duplicate: which row, in which filtered shard, its queries, and the row kept instead.
+URL_DROPS_SCHEMA = pa.schema([("sample_id", pa.string()), ("shard_id", pa.string()),
+                              ("query_ids", pa.list_(pa.int32())), ("duplicate_of", pa.string())])
+_URL_PIECE_SCHEMA = pa.schema([("url", pa.string()), ("sample_id", pa.string()), ("shard_id", pa.string()),
+                               ("query_ids", pa.list_(pa.int32()))])
+URL_ROWS_PER_PARTITION = 2_000_000  # a reduce holds about this many URLs
+
+
+@dataclass(frozen=True)
+class _UrlContext:
+    work: WorkDir
+    num_partitions: int
+
+
+def _url_pieces(record: FilterRecord, ctx: _UrlContext) -> list[pa.Table]:
+    """One filtered shard's rows that will be fetched (a URL, no inline image), by hash of the URL."""
+    from tasks.balance import sample_hashes
+
+    store = ctx.work.store
+    key = WorkDir.filtered(record.shard_id)
+    table = store.read_parquet(key, columns=["sample_id", "url", "query_ids"])
+    has_url = pc.fill_null(pc.invert(pc.is_null(table.column("url"))), False)
+    if pc.any(has_url).as_py():  # only then read the images, to leave out rows that carry theirs
+        inline = pc.invert(pc.is_null(store.read_parquet(key, columns=["image"]).column("image")))
+        table = table.filter(pc.and_(has_url, pc.invert(inline)))
+    else:
+        table = table.filter(has_url)
+    table = table.append_column("shard_id", pa.array([record.shard_id] * table.num_rows, pa.string()))
+    table = table.select(_URL_PIECE_SCHEMA.names).cast(_URL_PIECE_SCHEMA)
+    part = (sample_hashes(table.column("url")) % np.uint64(ctx.num_partitions)).astype(np.int64)
+    return [table.filter(pa.array(part == p)) for p in range(ctx.num_partitions)]
+
+
+def _url_duplicates(partition: int, pieces: list[pa.Table], ctx: _UrlContext) -> pa.Table:
+    """Of each URL's rows, every one but the smallest sample_id (so shard order does not matter)."""
+    table = pa.concat_tables([_URL_PIECE_SCHEMA.empty_table(), *pieces])
+    table = table.sort_by([("url", "ascending"), ("sample_id", "ascending")])
+    urls, ids = table.column("url").to_pylist(), table.column("sample_id").to_pylist()
+    keep_as: list[str | None] = []
+    for i, url in enumerate(urls):
+        keep_as.append(None if i == 0 or url != urls[i - 1] else (keep_as[i - 1] or ids[i - 1]))
+    dup = pa.array([k is not None for k in keep_as], pa.bool_())
+    out = table.filter(dup).append_column("duplicate_of", pa.array([k for k in keep_as if k], pa.string()))
+    return out.select(URL_DROPS_SCHEMA.names)
+
+
+def url_duplicates(filtered: FilterStage, *, use_ray: bool = True) -> pa.Table:
+    """Rows whose URL another row also has, over all shards (URL_DROPS_SCHEMA; one row per dropped
+    duplicate): a hash-partitioned shuffle through the work directory, resumable, and the same for
+    any number of workers. Each URL is then fetched once, for the row of smallest sample_id."""
+    from infra.fanout import shuffle
+
+    rows = sum(r.rows for r in filtered.records)
+    partitions = max(1, min(1024, -(-rows // URL_ROWS_PER_PARTITION)))
+    store = filtered.work.store
+    keys = shuffle(_url_pieces, _url_duplicates, list(filtered.records), num_partitions=partitions,
+                   scratch=store.child(WorkDir.url_scratch(partitions)),
+                   context=_UrlContext(filtered.work, partitions), desc="dedupe URLs", use_ray=use_ray)
+    scratch = store.child(WorkDir.url_scratch(partitions))
+    drops = pa.concat_tables([URL_DROPS_SCHEMA.empty_table(), *(scratch.read_parquet(k) for k in keys)])
+    return drops.sort_by("sample_id")
 
 
 @dataclass(frozen=True)
 class _CapContext:
     work: WorkDir
     balance: BalanceConfig
+    url_drops: pa.Table
 
 
 def _cap_hashes(record: FilterRecord, ctx: _CapContext) -> Any:
     from tasks.balance import CapHashes
 
     table = ctx.work.store.read_parquet(WorkDir.filtered(record.shard_id), columns=["sample_id", "query_ids"])
-    return CapHashes.from_table(table, query_counts(ctx.work), ctx.balance)
+    return CapHashes.from_table(_without_url_drops(table, record.shard_id, ctx.url_drops), query_counts(ctx.work),
+                                ctx.balance)
 
 
-def count_queries(filtered: FilterStage, num_queries: int, balance: BalanceConfig, *,
+def _without_url_drops(table: pa.Table, shard_id: str, drops: pa.Table) -> pa.Table:
+    ids = drops.filter(pc.equal(drops.column("shard_id"), shard_id)).column("sample_id")
+    return table.filter(pc.invert(pc.is_in(table.column("sample_id"), ids))) if len(ids) else table
+
+
+def count_queries(filtered: FilterStage, num_queries: int, balance: BalanceConfig, *, dedupe_urls: bool = True,
                   use_ray: bool = True) -> QueryCountsSummary:
-    """Reduce the shards' match counts into the global per-query counts (balancing's input); in
-    exact mode also the per-query cut-off hashes (a second pass over the shards)."""
-    from tasks.balance import CapHashes
+    """The global reduce after the text stage: rows whose URL another row has (``dedupe_urls``),
+    then the global per-query counts of the rest (balancing's input); in exact mode also the
+    per-query cut-off hashes (a second pass over the shards)."""
+    from tasks.balance import CapHashes, sparse_query_counts
 
+    drops = url_duplicates(filtered, use_ray=use_ray) if dedupe_urls else URL_DROPS_SCHEMA.empty_table()
     counts = np.zeros(num_queries, dtype=np.int64)
     for r in filtered.records:
         np.add.at(counts, np.asarray(r.matches.query_ids, dtype=np.int64),
                   np.asarray(r.matches.query_counts, dtype=np.int64))
+    if drops.num_rows:  # a duplicate is not a pair of the pool
+        ids, dropped = sparse_query_counts(drops.column("query_ids"))
+        np.subtract.at(counts, ids.astype(np.int64), dropped.astype(np.int64))
     nz = np.flatnonzero(counts)
     table = pa.table({"query_id": pa.array(nz, pa.int32()), "count_before": pa.array(counts[nz], pa.int64())})
     store = filtered.work.store
     store.write_parquet(WorkDir.QUERY_COUNTS, table.replace_schema_metadata({"num_queries": str(num_queries)}))
     if balance.mode == "exact":
         caps = CapHashes(balance.max_per_query)
-        results = map_shards(_cap_hashes, filtered.records, context=_CapContext(filtered.work, balance),
+        results = map_shards(_cap_hashes, filtered.records, context=_CapContext(filtered.work, balance, drops),
                              desc="cap thresholds", use_ray=use_ray)
         for part in values_or_raise("cap-thresholds", results):
             caps.merge(part)
         buf = io.BytesIO()
         np.save(buf, caps.thresholds(num_queries))
         store.write_bytes(WorkDir.CAP_THRESHOLDS, buf.getvalue())
-    return QueryCountsSummary(int((counts > 0).sum()), int(counts.sum()), int((counts > balance.max_per_query).sum()))
+    if drops.num_rows:
+        log_event(log, "URLs shared by rows of several shards: fetched once", duplicates=drops.num_rows)
+    return QueryCountsSummary(int((counts > 0).sum()), int(counts.sum()), int((counts > balance.max_per_query).sum()),
+                              drops.num_rows)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,11 +245,22 @@ def count_queries(filtered: FilterStage, num_queries: int, balance: BalanceConfi
 def clean_stage(filtered: FilterStage, *, balance: BalanceConfig, gather: GatherConfig, images: ImageConfig,
                 dedup: DedupConfig, index: EvalIndexRef | None, retry_failed: bool = False,
                 on_done: Progress = None, use_ray: bool = True) -> CleanStage:
+    """drop URL duplicates -> balance -> fetch + images -> hash -> eval-set dedup, per filtered shard.
+    The URL duplicates are the count stage's (its shuffle's outputs are read back, not redone)."""
     work = filtered.work.for_clean(balance, gather, images, dedup, index.version if index else None)
-    ctx = CleanContext(filtered.work, work, balance, gather, images, dedup, index, retry_failed)
+    drops = url_duplicates(filtered, use_ray=use_ray) if gather.dedupe_urls else URL_DROPS_SCHEMA.empty_table()
+    by_shard = {k: tuple(v) for k, v in _ids_by_shard(drops).items()}
+    ctx = CleanContext(filtered.work, work, balance, gather, images, dedup, index, retry_failed, by_shard)
     results = map_shards(clean_shard, filtered.records, context=ctx, desc="balance/fetch/images/eval-dedup",
                          on_done=on_done, use_ray=use_ray)
     return CleanStage(work, tuple(values_or_raise("balance-fetch-images-eval-dedup", results)))
+
+
+def _ids_by_shard(drops: pa.Table) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for shard_id, sample_id in zip(drops.column("shard_id").to_pylist(), drops.column("sample_id").to_pylist()):
+        out.setdefault(shard_id, []).append(sample_id)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,7 +372,7 @@ def _write_output_shard(job: OutputShard, ctx: _WriteContext) -> dict:
     (the training shards), or the part's held-out rows (the held-out shard)."""
     from tasks.shards import is_complete, stats_key, write_shard
 
-    out = ObjectStore(ctx.dataset_root, ctx.work.storage)
+    out = ctx.work.store_at(ctx.dataset_root)
     if is_complete(out, job.index, job.plan_id, job.prefix):
         return out.read_json(stats_key(job.index, job.prefix))
     drops, held = _drop_ids(ctx.work, ctx.within_prefix), _held_ids(ctx.work, ctx.within_prefix)
@@ -306,18 +412,43 @@ def plan_output(clean: CleanStage, within: WithinResult, shards: ShardConfig) ->
     return jobs
 
 
+class NothingToTrainOn(RuntimeError):
+    """The build would write no training shard: every candidate was dropped, or all are held out."""
+
+
+def _nothing_to_train_on(clean: CleanStage, within: WithinResult, dataset_root: str, holdout_rows: int) -> str:
+    held = sum(p.held for p in within.parts)
+    if held:
+        return (f"dataset {dataset_root}: no rows to train on: shards.holdout_rows={holdout_rows} holds out all "
+                f"{held} rows left after deduplication (lower it below {held})")
+    funnel = Funnel()
+    for r in clean.records:
+        funnel.merge(r.funnel)
+    reasons = Counter()
+    for stage in funnel.stages.values():
+        reasons.update(stage.dropped)
+    reasons.update(within.reasons)
+    seen = next((s.rows_in for s in funnel.stages.values()), 0)
+    top = ", ".join(f"{k}: {v}" for k, v in reasons.most_common(5)) or "none reached this stage"
+    return (f"dataset {dataset_root}: no rows to train on: all {seen} candidates after the text stage were "
+            f"dropped ({top}); see the failed/ parts in {clean.work.root}")
+
+
 def write_output(clean: CleanStage, within: WithinResult, *, dataset_root: str, shards: ShardConfig,
                  on_done: Progress = None, use_ray: bool = True) -> WrittenShards:
-    """Write every output shard (skipping complete ones), then remove an earlier plan's extras."""
+    """Write every output shard (skipping complete ones), then remove an earlier plan's extras.
+    Raises :class:`NothingToTrainOn` (before writing anything) when no training row is left."""
     from tasks.shards import remove_stale_shards
 
     jobs = plan_output(clean, within, shards)
+    if not any(j.prefix == "shards" for j in jobs):
+        raise NothingToTrainOn(_nothing_to_train_on(clean, within, dataset_root, shards.holdout_rows))
     ctx = _WriteContext(clean.work, within.key, dataset_root, shards.row_group_rows, shards.compression)
     written = values_or_raise("write-shards", map_shards(_write_output_shard, jobs, context=ctx, desc="write shards",
                                                          on_done=on_done, use_ray=use_ray))
     train = [w for j, w in zip(jobs, written) if j.prefix == "shards"]
     held = [w for j, w in zip(jobs, written) if j.prefix == "holdout"]
-    store = ObjectStore(dataset_root, clean.work.storage)
+    store = clean.work.store_at(dataset_root)
     stale = remove_stale_shards(store, len(train)) + remove_stale_shards(store, len(held), "holdout")
     if stale:
         log_event(log, "removed an earlier plan's extra shards", files=len(stale))

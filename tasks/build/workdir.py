@@ -1,6 +1,7 @@
 """The build's work directory: every key it holds, and the fingerprints that name its parts.
 
     <dataset>/work/f-<fp>/filtered/<shard>.parquet|.json       read -> text filters -> query match
+    <dataset>/work/f-<fp>/url_dedup/p<n>/                      the URL shuffle's pieces and duplicates (n partitions)
     <dataset>/work/f-<fp>/query_counts.parquet                 global per-query counts (balancing)
     <dataset>/work/f-<fp>/cap_thresholds.npy                   exact-mode balancing cut per query
     <dataset>/work/f-<fp>/c-<fp2>/clean/<shard>.parquet|.json  balance -> fetch + images -> hash -> eval dedup
@@ -20,14 +21,14 @@ import glob
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from infra.config import (BalanceConfig, DedupConfig, GatherConfig, ImageConfig, SourceConfig, StorageConfig,
                           TextFilterConfig, to_dict)
 from infra.storage import ObjectStore
 
-WORK_FORMAT = 2  # bump when a record's fields or a key's content change
+WORK_FORMAT = 3  # bump when a record's fields or a key's content change
 
 
 def fingerprint(*parts: Any) -> str:
@@ -51,22 +52,29 @@ class WorkDir:
 
     root: str
     storage: StorageConfig
+    # infra.lease.OutputLease of the build writing here (None: unguarded, e.g. in-process tests):
+    # every store below refuses to write once that build's driver is gone.
+    lease: Any = field(default=None, compare=False)
 
     @property
     def store(self) -> ObjectStore:
-        return ObjectStore(self.root, self.storage)
+        return self.store_at(self.root)
+
+    def store_at(self, root: str) -> ObjectStore:
+        """A store at ``root`` (the work directory, or the dataset beside it) guarded by this lease."""
+        return ObjectStore(root, self.storage, guard=self.lease.check if self.lease is not None else None)
 
     @classmethod
     def for_filter(cls, dataset_root: str, storage: StorageConfig, sources: Sequence[SourceConfig], base_dir: str,
-                   text_filter: TextFilterConfig, queries_sha256: str) -> "WorkDir":
+                   text_filter: TextFilterConfig, queries_sha256: str, lease: Any = None) -> "WorkDir":
         fp = fingerprint(WORK_FORMAT, sources_identity(sources, base_dir), to_dict(text_filter), queries_sha256)
-        return cls(f"{dataset_root.rstrip('/')}/work/f-{fp}", storage)
+        return cls(f"{dataset_root.rstrip('/')}/work/f-{fp}", storage, lease)
 
     def for_clean(self, balance: BalanceConfig, gather: GatherConfig, images: ImageConfig, dedup: DedupConfig,
                   eval_index_version: str | None) -> "WorkDir":
         fp = fingerprint(self.root, to_dict(balance), to_dict(gather), to_dict(images), to_dict(dedup),
                          eval_index_version)
-        return WorkDir(f"{self.root}/c-{fp}", self.storage)
+        return WorkDir(f"{self.root}/c-{fp}", self.storage, self.lease)
 
     def within_prefix(self, clean_records_identity: Any, settings: Any) -> str:
         """The within-dataset stage's prefix: named by the clean parts it reads (a `--retry-failed`
@@ -85,6 +93,11 @@ class WorkDir:
 
     QUERY_COUNTS = "query_counts.parquet"
     CAP_THRESHOLDS = "cap_thresholds.npy"
+
+    @staticmethod
+    def url_scratch(num_partitions: int) -> str:
+        """The URL shuffle's pieces and reduce outputs (named by its partition count)."""
+        return f"url_dedup/p{num_partitions}"
 
     @staticmethod
     def clean(shard_id: str) -> str:
