@@ -18,7 +18,7 @@ import torch
 
 from infra.config import Config, TrainConfig
 from tests.trainer_fixtures import sample_pairs, write_dataset
-from trainer.train import (cosine_with_warmup, deepspeed_config, init_distributed, param_groups,
+from trainer.train import (clear_stale_op_locks, cosine_with_warmup, deepspeed_config, init_distributed, param_groups,
                            shutdown_distributed, total_steps, train)
 
 STEPS = 8
@@ -117,6 +117,23 @@ def test_curve_rows_thin_a_long_run_and_keep_the_last_step():
     assert [r["step"] for r in curve_rows(records[:5])] == [1, 2, 3, 4, 5] and curve_rows([]) == []
     summary = curve_summary(records, "s3://b/run/train/export")
     assert f"steps: {records[-1]['step']}; loss 1.0000 -> " in summary and "`s3://b/run/train/export`" in summary
+
+
+def test_a_killed_loaders_op_lock_is_removed_a_fresh_one_waited_for(tmp_path, caplog):
+    import threading
+    import time
+
+    stale, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    threading.Timer(0.3, fresh.unlink).start()  # a build in progress, finishing
+    removed = clear_stale_op_locks(tmp_path, stale_after_s=60, poll_s=0.05)
+    assert removed == [str(stale)] and not stale.exists() and not fresh.exists()
+    assert "stale op build lock" in caplog.text
+    assert clear_stale_op_locks(tmp_path / "missing") == []
 
 
 def test_ranks_get_the_secrets_in_their_environment_not_in_their_config_file(tmp_path):

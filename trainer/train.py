@@ -64,6 +64,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+OP_LOCK_STALE_S = 300.0  # a no-op load holds it for milliseconds, the first build (setup.sh) for about a minute
+
+
+def clear_stale_op_locks(extensions_dir: str | os.PathLike | None = None, stale_after_s: float = OP_LOCK_STALE_S,
+                         poll_s: float = 0.5) -> list[str]:
+    """Remove the build locks a killed process left in DeepSpeed's op directories; returns their paths.
+
+    torch's extension loader takes ``<op>/lock`` (a bare file: no owner, no lease) on every load,
+    even when nothing is rebuilt, and a second loader waits for it to go with no deadline. A rank
+    killed in that window leaves it behind and every later training waits for ever, silently. A lock
+    younger than ``stale_after_s`` may be a build in progress: wait for it; an older one is debris:
+    remove it, logged."""
+    root = Path(extensions_dir or os.environ.get("TORCH_EXTENSIONS_DIR") or "")
+    if not str(root) or not root.is_dir():
+        return []
+    removed: list[str] = []
+    for lock in sorted(root.glob("*/lock")):
+        while True:
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                break  # released
+            if age < stale_after_s:
+                time.sleep(poll_s)
+                continue
+            try:
+                lock.unlink()
+            except FileNotFoundError:
+                break
+            removed.append(str(lock))
+            log_event(log, "removed a stale op build lock (left by a killed process)", 30, lock=str(lock),
+                      age_s=round(age))
+            break
+    return removed
+
+
 def init_distributed(rank: int, world_size: int, local_rank: int = 0, master_addr: str = "127.0.0.1",
                      master_port: int | None = None, backend: str | None = None) -> str:
     """Start the process group through DeepSpeed (gloo on CPU, NCCL on CUDA); returns the backend."""
@@ -76,6 +112,7 @@ def init_distributed(rank: int, world_size: int, local_rank: int = 0, master_add
     os.environ["LOCAL_RANK"] = str(local_rank)
     os.environ["MASTER_ADDR"] = master_addr
     os.environ["MASTER_PORT"] = str(port)
+    clear_stale_op_locks()  # the group's start loads DeepSpeed's CPU communication op
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, init_method=f"tcp://{master_addr}:{port}",
                                rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=30))
     return backend
