@@ -252,11 +252,17 @@ class DedupConfig:
     verify_min_ncc: float = 0.98  # candidate pairs must also correlate this well pixel-wise (0 = off)
     crop_variants: bool = True  # index crops of each eval image too, so cropped copies are found
     low_info_max_std: float = 4.0  # images this flat (grey-level std) are never matched by hash
+    # Within the dataset: hash groups up to this size compare all pairs; bigger ones are split by
+    # sub-bands, and what cannot be split compares each row with this many neighbours (the cap).
+    max_candidates: int = 64
+    task_memory_mb: int = 1024  # memory one shuffle task of the within-dataset dedup may use
 
     def __post_init__(self) -> None:
         for key in ("eval_radius", "within_radius"):
             if not 0 <= getattr(self, key) <= 32:
                 raise ConfigError(f"dedup.{key} must be in 0..32")
+        if self.max_candidates < 1 or self.task_memory_mb < 1:
+            raise ConfigError("dedup.max_candidates and dedup.task_memory_mb must be >= 1")
         if not -1.0 <= self.verify_min_ncc <= 1.0:
             raise ConfigError("dedup.verify_min_ncc must be in [-1, 1]")
 
