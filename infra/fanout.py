@@ -230,6 +230,19 @@ def shuffle(map_fn: Callable[[T, C], Sequence[Any]], reduce_fn: Callable[[int, l
                                                           key=lambda p: f"p-{p:05d}", use_ray=use_ray))
 
 
+def split_by(table: Any, bucket: Any, n: int) -> list[Any]:
+    """A shuffle map's pieces: ``table``'s rows by ``bucket`` (ints 0..n-1, numpy), each piece in
+    the rows' order; one sort and n slices, not n filters."""
+    import numpy as np
+    import pyarrow as pa
+
+    order = np.argsort(bucket, kind="stable")
+    ordered = table.take(pa.array(order))
+    counts = np.bincount(bucket, minlength=n)
+    offsets = np.r_[0, np.cumsum(counts)]
+    return [ordered.slice(int(offsets[i]), int(counts[i])) for i in range(n)]
+
+
 def cluster_cpus(default: int = 1) -> int:
     """CPUs of the connected Ray cluster (``default`` when Ray is not running)."""
     try:

@@ -64,8 +64,12 @@ def _check_key(key: str) -> str:
 class ObjectStore:
     """Files under one root URI (plain path, ``file:///path`` or ``s3://bucket/prefix``)."""
 
-    def __init__(self, root: str, config: StorageConfig | None = None) -> None:
+    def __init__(self, root: str, config: StorageConfig | None = None, *, durable: bool = True) -> None:
         self.config = config or StorageConfig()
+        # durable=False (scratch: shuffle pieces a rerun can recompute): local writes stay atomic
+        # (temp file + rename, so a killed process never leaves a partial object) but skip the
+        # fsyncs, which cost ~6 ms a file; only an OS crash can then lose a recent write.
+        self.durable = durable
         root = str(root)
         parsed = urllib.parse.urlparse(root)
         if parsed.scheme == "s3":
@@ -103,10 +107,10 @@ class ObjectStore:
 
     def __getstate__(self) -> dict:
         # Clients hold sockets and locks; workers rebuild them on first use.
-        return {"root": self.root, "config": self.config}
+        return {"root": self.root, "config": self.config, "durable": self.durable}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["root"], state["config"])
+        self.__init__(state["root"], state["config"], durable=state.get("durable", True))
 
     def uri(self, key: str) -> str:
         """The full URI (or absolute path, for local roots) of ``key``."""
@@ -114,7 +118,11 @@ class ObjectStore:
 
     def child(self, prefix: str) -> ObjectStore:
         """A store rooted at ``prefix`` under this one, with the same config."""
-        return ObjectStore(self.uri(prefix.strip("/")), self.config)
+        return ObjectStore(self.uri(prefix.strip("/")), self.config, durable=self.durable)
+
+    def scratch(self) -> ObjectStore:
+        """This store for recomputable scratch data: the same objects, written without fsync."""
+        return ObjectStore(self.root, self.config, durable=False)
 
     def fs_path(self, key: str) -> str:
         """``key``'s path on :attr:`filesystem` (``bucket/prefix/key`` on S3)."""
@@ -240,7 +248,7 @@ class ObjectStore:
         uri = self.uri(key)
         data = bytes(data) if not isinstance(data, bytes) else data
         if not self.is_s3:
-            _atomic_local_write(self.fs_path(key), data)
+            _atomic_local_write(self.fs_path(key), data, durable=self.durable)
             return
         part_bytes = max(self.config.multipart_threshold_mb * 1024 * 1024, _MIN_PART_BYTES)
         if len(data) <= part_bytes:
@@ -375,7 +383,7 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     return (BotoConnectionError, HTTPClientError, IncompleteReadError)
 
 
-def _atomic_local_write(path: str, data: bytes) -> None:
+def _atomic_local_write(path: str, data: bytes, durable: bool = True) -> None:
     directory, name = os.path.split(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}{_TMP_MARK}", dir=directory)
@@ -383,7 +391,8 @@ def _atomic_local_write(path: str, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; objects should read like any written file
         os.replace(tmp, path)
     except BaseException:
@@ -392,6 +401,8 @@ def _atomic_local_write(path: str, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+    if not durable:
+        return
     # The rename is durable only once the directory entry is on disk.
     dir_fd = os.open(directory, os.O_RDONLY)
     try:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from infra.config import (BalanceConfig, DedupConfig, EvalSetConfig, GatherConfig, ImageConfig, ShardConfig,
                           SourceConfig, StorageConfig, TextFilterConfig, to_dict)
-from infra.fanout import map_shards, values_or_raise
+from infra.fanout import map_shards, shuffle, split_by, values_or_raise
 from infra.funnel import Funnel
 from infra.log import get_logger, log_event
 from infra.manifest import Manifest, build_manifest
@@ -105,21 +105,39 @@ def filter_stage(shards: Sequence[Any], *, dataset_root: str, storage: StorageCo
 class _CapContext:
     work: WorkDir
     balance: BalanceConfig
+    num_partitions: int
 
 
-def _cap_hashes(record: FilterRecord, ctx: _CapContext) -> Any:
+def _cap_pieces(record: FilterRecord, ctx: _CapContext) -> list[pa.Table]:
+    """Shuffle map: one shard's (query_id, pair hash) of over-cap queries, at most t + 1 per query
+    (the shard's smallest), partitioned by query."""
     from tasks.balance import CapHashes
 
     table = ctx.work.store.read_parquet(WorkDir.filtered(record.shard_id), columns=["sample_id", "query_ids"])
-    return CapHashes.from_table(table, query_counts(ctx.work), ctx.balance)
+    caps = CapHashes.from_table(table, query_counts(ctx.work), ctx.balance)
+    pairs = pa.table({"query_id": pa.array(caps.query_ids, pa.int64()), "hash": pa.array(caps.hashes, pa.uint64())})
+    return split_by(pairs, (caps.query_ids % ctx.num_partitions).astype(np.int64), ctx.num_partitions)
+
+
+def _cap_reduce(partition: int, pieces: list[pa.Table], ctx: _CapContext) -> pa.Table:
+    """Shuffle reduce: every pair hash of this partition's queries is here; their cut-offs."""
+    from tasks.balance import CapHashes
+
+    t = pa.concat_tables([pa.schema([("query_id", pa.int64()), ("hash", pa.uint64())]).empty_table(), *pieces])
+    caps = CapHashes(ctx.balance.max_per_query, t.column("query_id").to_numpy(), t.column("hash").to_numpy())
+    queries = np.unique(caps.query_ids)
+    cut = caps.thresholds(int(queries.max()) + 1 if len(queries) else 0)[queries]
+    return pa.table({"query_id": pa.array(queries, pa.int64()), "threshold": pa.array(cut, pa.uint64())})
+
+
+CAP_PAIRS_PER_PARTITION = 20_000_000  # (query, hash) pairs one cap reduce holds (~0.5 GB with its sort)
 
 
 def count_queries(filtered: FilterStage, num_queries: int, balance: BalanceConfig, *,
                   use_ray: bool = True) -> QueryCountsSummary:
     """Reduce the shards' match counts into the global per-query counts (balancing's input); in
-    exact mode also the per-query cut-off hashes (a second pass over the shards)."""
-    from tasks.balance import CapHashes
-
+    exact mode also the per-query cut-off hashes: a shuffle by query over the shards' pairs of
+    over-cap queries, so no process holds more than a partition of them."""
     counts = np.zeros(num_queries, dtype=np.int64)
     for r in filtered.records:
         np.add.at(counts, np.asarray(r.matches.query_ids, dtype=np.int64),
@@ -129,13 +147,20 @@ def count_queries(filtered: FilterStage, num_queries: int, balance: BalanceConfi
     store = filtered.work.store
     store.write_parquet(WorkDir.QUERY_COUNTS, table.replace_schema_metadata({"num_queries": str(num_queries)}))
     if balance.mode == "exact":
-        caps = CapHashes(balance.max_per_query)
-        results = map_shards(_cap_hashes, filtered.records, context=_CapContext(filtered.work, balance),
-                             desc="cap thresholds", use_ray=use_ray)
-        for part in values_or_raise("cap-thresholds", results):
-            caps.merge(part)
+        over = counts > balance.max_per_query
+        pairs = int(np.minimum(counts[over], (balance.max_per_query + 1) * len(filtered.records)).sum())
+        partitions = max(1, min(1024, -(-pairs // CAP_PAIRS_PER_PARTITION)))
+        # Pieces are named by what makes them: the settings and the counts (which queries are over the cap).
+        name = fingerprint(to_dict(balance), partitions, hashlib.sha256(counts.tobytes()).hexdigest())
+        scratch = store.child(f"caps/{name}").scratch()
+        keys = shuffle(_cap_pieces, _cap_reduce, list(filtered.records), num_partitions=partitions, scratch=scratch,
+                       context=_CapContext(filtered.work, balance, partitions), desc="cap thresholds", use_ray=use_ray)
+        thresholds = np.full(num_queries, np.iinfo(np.uint64).max, np.uint64)
+        for key in keys:
+            cut = scratch.read_parquet(key)
+            thresholds[cut.column("query_id").to_numpy()] = cut.column("threshold").to_numpy()
         buf = io.BytesIO()
-        np.save(buf, caps.thresholds(num_queries))
+        np.save(buf, thresholds)
         store.write_bytes(WorkDir.CAP_THRESHOLDS, buf.getvalue())
     return QueryCountsSummary(int((counts > 0).sum()), int(counts.sum()), int((counts > balance.max_per_query).sum()))
 
@@ -258,7 +283,7 @@ def within_dataset(clean: CleanStage, dedup: DedupConfig, holdout_rows: int, *, 
     store = clean.work.store
     prefix = clean.work.within_prefix([(r.shard_id, r.rows, r.bytes) for r in clean.records],
                                       [within_settings(dedup), holdout_rows])
-    dups = _duplicates(clean, dedup, store.child(WorkDir.within_scratch(prefix)), use_ray)
+    dups = _duplicates(clean, dedup, store.child(WorkDir.within_scratch(prefix)).scratch(), use_ray)
     ctx = _SurvivorContext(clean.work, prefix, holdout_rows, dups)
     shard_ids = [r.shard_id for r in clean.records]
     left = values_or_raise("within-dataset", map_shards(_part_survivors, shard_ids, context=ctx,

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from infra.fanout import shuffle
+from infra.fanout import shuffle, split_by
 from infra.log import get_logger, log_event
 from infra.storage import ObjectStore
 
@@ -44,15 +44,6 @@ def mix64(keys: np.ndarray) -> np.ndarray:
     x *= np.uint64(0x94D049BB133111EB)
     x ^= x >> np.uint64(31)
     return x
-
-
-def split_by(table: pa.Table, bucket: np.ndarray, n: int) -> list[pa.Table]:
-    """``table``'s rows in ``n`` pieces by ``bucket`` (0..n-1), each in the rows' order: one sort, n slices."""
-    order = np.argsort(bucket, kind="stable")
-    ordered = table.take(pa.array(order))
-    counts = np.bincount(bucket, minlength=n)
-    offsets = np.r_[0, np.cumsum(counts)]
-    return [ordered.slice(int(offsets[i]), int(counts[i])) for i in range(n)]
 
 
 def by_node(table: pa.Table, column: str, n: int) -> list[pa.Table]:
@@ -200,4 +191,4 @@ def read_all(refs: Sequence[FileRef], schema: pa.Schema = EDGE_SCHEMA) -> pa.Tab
     return pa.concat_tables([schema.empty_table(), *(r.store.read_parquet(r.path).cast(schema) for r in refs)])
 
 
-__all__: Any = ["EDGE_SCHEMA", "FileRef", "by_node", "components", "mix64", "read_all", "split_by"]
+__all__: Any = ["EDGE_SCHEMA", "FileRef", "by_node", "components", "mix64", "read_all"]

@@ -49,11 +49,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from infra.fanout import cluster_cpus, map_shards, shuffle, values_or_raise
+from infra.fanout import cluster_cpus, map_shards, shuffle, split_by, values_or_raise
 from infra.log import get_logger, log_event
 from infra.storage import ObjectStore
 from tasks.dedup.bands import PairStats, band_values, bands, candidate_pairs, compact_ids
-from tasks.dedup.components import EDGE_SCHEMA, FileRef, by_node, components, mix64, split_by
+from tasks.dedup.components import EDGE_SCHEMA, FileRef, by_node, components, mix64
 from tasks.dedup.hashing import check_kind
 from tasks.dedup.mih import MultiIndexHash
 from tasks.dedup.verify import DEFAULT_MIN_NCC, pair_ncc, thumbs_of
