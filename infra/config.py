@@ -254,7 +254,7 @@ class DedupConfig:
     low_info_max_std: float = 4.0  # images this flat (grey-level std) are never matched by hash
     # Within the dataset: hash groups up to this size compare all pairs; bigger ones are split by
     # sub-bands, and what cannot be split compares each row with this many neighbours (the cap).
-    max_candidates: int = 64
+    max_candidates: int = 16
     task_memory_mb: int = 1024  # memory one shuffle task of the within-dataset dedup may use
 
     def __post_init__(self) -> None:

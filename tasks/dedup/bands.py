@@ -11,8 +11,9 @@ codes put ~50k rows in every group, and real hashes are skewed on top of that. S
   within r of each other also agree on one of r + 1 sub-bands of the remaining bits, so every pair
   within r still meets in some sub-group (recall stays exact) while the sub-groups are ~2^10 times
   smaller;
-- what cannot be split (identical codes, or still too big after :data:`MAX_DEPTH` levels) is
-  compared in code order with its ``max_candidates`` next rows only: the capped candidate set. A
+- what cannot be split (identical codes, a cluster of near-identical codes that no sub-band
+  divides, or still too big after :data:`MAX_DEPTH` levels) is compared in code order with its
+  ``max_candidates`` next rows only: the capped candidate set. A
   cluster of identical or near-identical codes is then a chain of verified neighbours, which the
   connected components join as one group, at ``max_candidates`` comparisons per row.
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from tasks.dedup.mih import chunk_bits
 
-MAX_DEPTH = 4  # levels of sub-bands before a group that is still too big is capped
+MAX_DEPTH = 2  # levels of copying sub-bands (≤ (r + 1)² copies of a row) before a group is capped
 _ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -116,27 +117,38 @@ def _split(free: np.ndarray, width: np.ndarray, radius: int) -> list[tuple[int, 
     return out
 
 
-def _sub_groups(parent: np.ndarray, parent_size: np.ndarray, pieces: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The rows' sub-groups over the r + 1 sub-bands of their free bits: (positions into the r + 1
-    stacked copies that are kept, their sub-group ids).
+def _sub_groups(parent: np.ndarray, parent_size: np.ndarray, pieces: list
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Split each parent group over the r + 1 sub-bands of its free bits.
 
-    A sub-group that holds its whole parent (the sub-band did not split it) makes its parent's other
-    sub-groups redundant (their pairs are among its own), so only that one is kept: a group that
-    does not split is never copied r + 1 times over. The third array marks the rows of such
-    whole sub-groups (they did not split, so they do not spend a level of depth).
+    Returns (positions into the r + 1 stacked copies that are kept, their sub-group ids, whether
+    each kept copy is a whole parent, and a per-copy flag of parents that do not split well).
+
+    - A sub-group that holds its whole parent (a sub-band on which all its codes agree) makes the
+      parent's other sub-groups redundant (every pair meets in it): only that one is kept, with
+      those bits gone; no copies are made, so it does not spend a level of depth.
+    - A parent whose biggest sub-group keeps more than a quarter of it (a cluster of near-identical
+      codes) would be copied r + 1 times for little gain: it is capped instead.
+    - Otherwise every sub-group is kept: r + 1 copies, each in a group ~2^bits times smaller.
     """
     copies = len(pieces)
     parents = np.tile(parent, copies)
     sub_band = np.repeat(np.arange(copies, dtype=np.int64), len(parent))
     values = np.concatenate([v for _, v, _, _ in pieces])
     sub_group = compact_ids(parents, sub_band, values)
-    whole = np.bincount(sub_group)[sub_group] == np.tile(parent_size, copies)
-    dense_parent = compact_ids(parents)
-    first_whole = np.full(dense_parent.max() + 1, copies, np.int64)
-    np.minimum.at(first_whole, dense_parent[whole], sub_band[whole])
-    keep = (first_whole[dense_parent] == copies) | (sub_band == first_whole[dense_parent])
+    sub_size = np.bincount(sub_group)[sub_group]
+    sizes = np.tile(parent_size, copies)
+    whole = sub_size == sizes
+    dense = compact_ids(parents)
+    first_whole = np.full(dense.max() + 1, copies, np.int64)
+    np.minimum.at(first_whole, dense[whole], sub_band[whole])
+    biggest = np.zeros(dense.max() + 1, np.int64)
+    np.maximum.at(biggest, dense, sub_size)
+    has_whole = first_whole[dense] < copies
+    poor = ~has_whole & (biggest[dense] * 4 > sizes)
+    keep = np.where(has_whole, sub_band == first_whole[dense], ~poor)
     kept = np.flatnonzero(keep)
-    return kept, sub_group[kept], whole[kept]
+    return kept, sub_group[kept], whole[kept], poor
 
 
 def candidate_pairs(group: np.ndarray, codes: np.ndarray, free: np.ndarray, width: np.ndarray, order_key: np.ndarray,
@@ -166,30 +178,33 @@ def candidate_pairs(group: np.ndarray, codes: np.ndarray, free: np.ndarray, widt
     identical = c[starts] == c[starts + sizes - 1]
     can_split = (~small) & ~identical & (width[order][starts] > radius) & (depth[order][starts] < MAX_DEPTH)
     capped = (~small) & ~can_split
-    pos = np.arange(n)
     out_i, out_j = [], []
-    for chosen, reach in ((small, max_candidates), (capped, max_candidates)):
+    split_rows = order[can_split[row_group]]  # original row indices, grouped
+    if len(split_rows):
+        level_group = np.empty(n, np.int64)
+        level_group[order] = row_group
+        pieces = _split(free[split_rows], width[split_rows], radius)
+        kept, sub_group, whole, poor = _sub_groups(group[split_rows], sizes[level_group[split_rows]], pieces)
+        # Parents that do not split well are capped here with the groups that cannot split.
+        capped[level_group[split_rows[poor[:len(split_rows)]]]] = True
+        if len(kept):
+            rest = np.concatenate([r for _, _, r, _ in pieces])[kept]
+            left = np.concatenate([w for _, _, _, w in pieces])[kept]
+            rows = np.tile(split_rows, len(pieces))[kept]
+            # A whole sub-group lost bits but was not copied: only real splits spend depth.
+            i, j, sub = candidate_pairs(sub_group, codes[rows], rest, left, order_key[rows], radius, max_candidates,
+                                        depth[rows] + ~whole)
+            stats.add(sub)
+            out_i.append(rows[i])
+            out_j.append(rows[j])
+    pos = np.arange(n)
+    for chosen in (small, capped):
         rows = pos[chosen[row_group]]
         if len(rows):
-            i, j = _offset_pairs(rows, end, reach, c, radius, stats)
+            i, j = _offset_pairs(rows, end, max_candidates, c, radius, stats)
             out_i.append(order[i])
             out_j.append(order[j])
     stats.capped_rows += int(sizes[capped].sum())
-    split_rows = order[can_split[row_group]]
-    if len(split_rows):
-        group_size = np.empty(n, np.int64)
-        group_size[order] = sizes[row_group]
-        pieces = _split(free[split_rows], width[split_rows], radius)
-        kept, sub_group, whole = _sub_groups(group[split_rows], group_size[split_rows], pieces)
-        rest = np.concatenate([r for _, _, r, _ in pieces])[kept]
-        left = np.concatenate([w for _, _, _, w in pieces])[kept]
-        rows = np.tile(split_rows, len(pieces))[kept]
-        # A whole sub-group lost bits but was not copied: only real splits spend depth.
-        i, j, sub = candidate_pairs(sub_group, codes[rows], rest, left, order_key[rows], radius, max_candidates,
-                                    depth[rows] + ~whole)
-        stats.add(sub)
-        out_i.append(rows[i])
-        out_j.append(rows[j])
     if not out_i:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), stats
     return np.concatenate(out_i), np.concatenate(out_j), stats

@@ -53,7 +53,7 @@ from infra.fanout import cluster_cpus, map_shards, shuffle, split_by, values_or_
 from infra.log import get_logger, log_event
 from infra.storage import ObjectStore
 from tasks.dedup.bands import PairStats, band_values, bands, candidate_pairs, compact_ids
-from tasks.dedup.components import EDGE_SCHEMA, FileRef, by_node, components, mix64
+from tasks.dedup.components import EDGE_SCHEMA, FileRef, by_node, components, mix64, spanning_stars
 from tasks.dedup.hashing import check_kind
 from tasks.dedup.mih import MultiIndexHash
 from tasks.dedup.verify import DEFAULT_MIN_NCC, pair_ncc, thumbs_of
@@ -186,7 +186,7 @@ def near_duplicate_drops(sample_ids: Sequence[str], hashes: np.ndarray | Sequenc
 # Over many parts: shuffles through object storage, nothing per-sample on the driver
 # ------------------------------------------------------------------------------------------------
 
-DEFAULT_MAX_CANDIDATES = 64
+DEFAULT_MAX_CANDIDATES = 16
 DEFAULT_TASK_MEMORY_MB = 1024
 
 
@@ -447,8 +447,12 @@ def _reduce_bands(partition: int, pieces: list[pa.Table], spec: _BandSpec) -> pa
             a, b = pa.array(row_of_rank[lo]), pa.array(row_of_rank[hi])
             ids, nodes = t.column("sample_id"), t.column("node")
             edges = pa.table([ids.take(a), nodes.take(a), ids.take(b), nodes.take(b)], schema=EDGE_SCHEMA)
+    with_thumbs = sum(1 for p in pieces if (p.schema.metadata or {}).get(_THUMBS) == b"1")
+    found = edges.num_rows
+    if not with_thumbs:  # no pixel verification follows: only the components matter, not every edge
+        edges = spanning_stars(edges)
     meta = {"comparisons": stats.comparisons, "capped_rows": stats.capped_rows, "largest_group": stats.largest_group,
-            "parts_with_thumbs": sum(1 for p in pieces if (p.schema.metadata or {}).get(_THUMBS) == b"1")}
+            "pairs": found, "parts_with_thumbs": with_thumbs}
     return edges.replace_schema_metadata({b"pairs": json.dumps(meta).encode()})
 
 
@@ -502,7 +506,7 @@ def _reduce_verify(group: int, pieces: list[pa.Table], spec: _VerifySpec) -> pa.
         at = check[lo:lo + step]
         ncc = pair_ncc(thumbs_of(thumb_a.take(pa.array(at))), thumbs_of(thumb_b.take(pa.array(at))))
         keep[at] = ncc >= plan.min_ncc
-    return t.select(EDGE_SCHEMA.names).filter(pa.array(keep))
+    return spanning_stars(t.select(EDGE_SCHEMA.names).filter(pa.array(keep)))
 
 
 # ---- 6. join: exact representatives that are near duplicates --------------------------------
