@@ -101,54 +101,42 @@ def _offset_pairs(left: np.ndarray, end: np.ndarray, max_offset: int, codes: np.
     return np.concatenate(out_i), np.concatenate(out_j)
 
 
-def _split(free: np.ndarray, width: np.ndarray, radius: int) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-    """The r + 1 sub-bands of each row's free bits: [(sub-band, value, free bits left, width left)]."""
-    out = []
-    parts = radius + 1
-    for c in range(parts):
-        # Sub-band c of a w-bit field: sizes differ by at most one, low bits first.
-        size = width // parts + (c < width % parts)
-        lo = c * (width // parts) + np.minimum(c, width % parts)
-        value = (free >> lo.astype(np.uint64)) & _mask(size)
-        below = free & _mask(lo)
-        above = np.where(lo + size < 64, (free >> np.minimum(lo + size, 63).astype(np.uint64)), 0).astype(np.uint64)
-        rest = below | (above << lo.astype(np.uint64))
-        out.append((c, value, rest, width - size))
-    return out
+def _sub_band(free: np.ndarray, width: np.ndarray, c: int, parts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sub-band ``c`` of ``parts`` of each row's ``width`` free bits (sizes differ by at most one,
+    low bits first): (its value, the free bits left, packed low, their width)."""
+    size = width // parts + (c < width % parts)
+    lo = (c * (width // parts) + np.minimum(c, width % parts)).astype(np.uint64)
+    value = (free >> lo) & _mask(size)
+    top = lo + size.astype(np.uint64)
+    above = np.where(top < 64, free >> np.minimum(top, np.uint64(63)), np.uint64(0))
+    return value, (free & _mask(lo)) | (above << lo), width - size
 
 
-def _sub_groups(parent: np.ndarray, parent_size: np.ndarray, pieces: list
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Split each parent group over the r + 1 sub-bands of its free bits.
+def _split_plan(parent: np.ndarray, parent_size: np.ndarray, free: np.ndarray, width: np.ndarray, parts: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """How each parent group splits over the ``parts`` sub-bands of its free bits (one sub-band in
+    memory at a time): per row, the one sub-band to keep (a whole one) or -1, and whether its
+    parent splits poorly.
 
-    Returns (positions into the r + 1 stacked copies that are kept, their sub-group ids, whether
-    each kept copy is a whole parent, and a per-copy flag of parents that do not split well).
-
-    - A sub-group that holds its whole parent (a sub-band on which all its codes agree) makes the
-      parent's other sub-groups redundant (every pair meets in it): only that one is kept, with
-      those bits gone; no copies are made, so it does not spend a level of depth.
+    - A sub-band on which all of a parent's codes agree holds its whole parent: every pair meets
+      there, so only that one is kept, with those bits gone; no copies are made.
     - A parent whose biggest sub-group keeps more than a quarter of it (a cluster of near-identical
-      codes) would be copied r + 1 times for little gain: it is capped instead.
-    - Otherwise every sub-group is kept: r + 1 copies, each in a group ~2^bits times smaller.
+      codes) would be copied ``parts`` times for little gain: it is capped instead.
+    - Otherwise every sub-group is kept: ``parts`` copies, each in a group ~2^bits times smaller.
     """
-    copies = len(pieces)
-    parents = np.tile(parent, copies)
-    sub_band = np.repeat(np.arange(copies, dtype=np.int64), len(parent))
-    values = np.concatenate([v for _, v, _, _ in pieces])
-    sub_group = compact_ids(parents, sub_band, values)
-    sub_size = np.bincount(sub_group)[sub_group]
-    sizes = np.tile(parent_size, copies)
-    whole = sub_size == sizes
-    dense = compact_ids(parents)
-    first_whole = np.full(dense.max() + 1, copies, np.int64)
-    np.minimum.at(first_whole, dense[whole], sub_band[whole])
+    dense = compact_ids(parent)
+    first_whole = np.full(dense.max() + 1, -1, np.int64)
     biggest = np.zeros(dense.max() + 1, np.int64)
-    np.maximum.at(biggest, dense, sub_size)
-    has_whole = first_whole[dense] < copies
-    poor = ~has_whole & (biggest[dense] * 4 > sizes)
-    keep = np.where(has_whole, sub_band == first_whole[dense], ~poor)
-    kept = np.flatnonzero(keep)
-    return kept, sub_group[kept], whole[kept], poor
+    for c in reversed(range(parts)):
+        value = _sub_band(free, width, c, parts)[0]
+        sub = compact_ids(parent, value)
+        size = np.bincount(sub)[sub]
+        np.maximum.at(biggest, dense, size)
+        whole = np.zeros(len(first_whole), bool)
+        whole[dense[size == parent_size]] = True
+        first_whole[whole] = c  # reversed: the lowest whole sub-band wins
+    keep_band = first_whole[dense]
+    return keep_band, (keep_band < 0) & (biggest[dense] * 4 > parent_size)
 
 
 def candidate_pairs(group: np.ndarray, codes: np.ndarray, free: np.ndarray, width: np.ndarray, order_key: np.ndarray,
@@ -183,17 +171,23 @@ def candidate_pairs(group: np.ndarray, codes: np.ndarray, free: np.ndarray, widt
     if len(split_rows):
         level_group = np.empty(n, np.int64)
         level_group[order] = row_group
-        pieces = _split(free[split_rows], width[split_rows], radius)
-        kept, sub_group, whole, poor = _sub_groups(group[split_rows], sizes[level_group[split_rows]], pieces)
-        # Parents that do not split well are capped here with the groups that cannot split.
-        capped[level_group[split_rows[poor[:len(split_rows)]]]] = True
-        if len(kept):
-            rest = np.concatenate([r for _, _, r, _ in pieces])[kept]
-            left = np.concatenate([w for _, _, _, w in pieces])[kept]
-            rows = np.tile(split_rows, len(pieces))[kept]
+        parts = radius + 1
+        parent = group[split_rows]
+        keep_band, poor = _split_plan(parent, sizes[level_group[split_rows]], free[split_rows], width[split_rows],
+                                      parts)
+        # Parents that do not split well are capped here, with the groups that cannot split.
+        capped[level_group[split_rows[poor]]] = True
+        for sub_band in range(parts):  # one sub-band at a time: its sub-groups never meet another's
+            chosen = (keep_band == sub_band) | ((keep_band < 0) & ~poor)
+            rows = split_rows[chosen]
+            if len(rows) < 2:
+                continue
+            value, rest, left = _sub_band(free[rows], width[rows], sub_band, parts)
+            sub_group = compact_ids(group[rows], value)
             # A whole sub-group lost bits but was not copied: only real splits spend depth.
+            copied = keep_band[chosen] < 0
             i, j, sub = candidate_pairs(sub_group, codes[rows], rest, left, order_key[rows], radius, max_candidates,
-                                        depth[rows] + ~whole)
+                                        depth[rows] + copied)
             stats.add(sub)
             out_i.append(rows[i])
             out_j.append(rows[j])

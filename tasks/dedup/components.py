@@ -52,30 +52,38 @@ def by_node(table: pa.Table, column: str, n: int) -> list[pa.Table]:
     return split_by(table, (mix64(nodes) % np.uint64(n)).astype(np.int64), n)
 
 
+def rank_stars(a: np.ndarray, b: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """For edges between nodes 0..n-1 (ranks: a smaller rank is a smaller id; duplicates allowed),
+    each connected component as a star: (its smallest node, another node) per non-root node."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    root = np.full(label.max() + 1, n, np.int64)
+    np.minimum.at(root, label, np.arange(n))
+    touched = np.zeros(n, bool)
+    touched[a], touched[b] = True, True
+    members = np.flatnonzero(touched & (root[label] != np.arange(n)))
+    return root[label[members]], members
+
+
 def spanning_stars(edges: pa.Table) -> pa.Table:
     """The same components in at most (nodes - 1) edges: in each connected component of ``edges``,
     its smallest node linked to every other node (EDGE_SCHEMA). A reduce that found many edges
     among few nodes (a cluster of copies) hands on only these."""
     if edges.num_rows < 2:
         return edges
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     m = edges.num_rows
     ends = pa.concat_arrays([edges.column("a").combine_chunks(), edges.column("b").combine_chunks()])
     nodes = pa.concat_arrays([edges.column("a_node").combine_chunks(), edges.column("b_node").combine_chunks()])
     rank = pc.rank(ends, sort_keys="ascending", tiebreaker="dense").to_numpy().astype(np.int64) - 1
     n = int(rank.max()) + 1
-    graph = coo_matrix((np.ones(m, np.int8), (rank[:m], rank[m:])), shape=(n, n))
-    _, label = connected_components(graph, directed=False)
-    root = np.full(label.max() + 1, n, np.int64)
-    np.minimum.at(root, label, np.arange(n))  # ranks follow the ids: the smallest rank is the smallest id
+    heads, members = rank_stars(rank[:m], rank[m:], n)
     where = np.zeros(n, np.int64)
     where[rank] = np.arange(2 * m)
-    members = np.flatnonzero(root[label] != np.arange(n))
-    heads = pa.array(where[root[label[members]]])
-    tails = pa.array(where[members])
-    return pa.table([ends.take(heads), nodes.take(heads), ends.take(tails), nodes.take(tails)], schema=EDGE_SCHEMA)
+    h, t = pa.array(where[heads]), pa.array(where[members])
+    return pa.table([ends.take(h), nodes.take(h), ends.take(t), nodes.take(t)], schema=EDGE_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -217,4 +225,4 @@ def read_all(refs: Sequence[FileRef], schema: pa.Schema = EDGE_SCHEMA) -> pa.Tab
     return pa.concat_tables([schema.empty_table(), *(r.store.read_parquet(r.path).cast(schema) for r in refs)])
 
 
-__all__: Any = ["EDGE_SCHEMA", "FileRef", "by_node", "components", "mix64", "read_all", "spanning_stars"]
+__all__: Any = ["EDGE_SCHEMA", "FileRef", "by_node", "components", "mix64", "rank_stars", "read_all", "spanning_stars"]

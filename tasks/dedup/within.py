@@ -53,7 +53,7 @@ from infra.fanout import cluster_cpus, map_shards, shuffle, split_by, values_or_
 from infra.log import get_logger, log_event
 from infra.storage import ObjectStore
 from tasks.dedup.bands import PairStats, band_values, bands, candidate_pairs, compact_ids
-from tasks.dedup.components import EDGE_SCHEMA, FileRef, by_node, components, mix64, spanning_stars
+from tasks.dedup.components import EDGE_SCHEMA, FileRef, by_node, components, mix64, rank_stars, spanning_stars
 from tasks.dedup.hashing import check_kind
 from tasks.dedup.mih import MultiIndexHash
 from tasks.dedup.verify import DEFAULT_MIN_NCC, pair_ncc, thumbs_of
@@ -424,33 +424,40 @@ def _reduce_bands(partition: int, pieces: list[pa.Table], spec: _BandSpec) -> pa
     t = pa.concat_tables([BAND_SCHEMA.empty_table(), *pieces])
     stats = PairStats()
     edges = EDGE_SCHEMA.empty_table()
+    with_thumbs = sum(1 for p in pieces if (p.schema.metadata or {}).get(_THUMBS) == b"1")
+    found = 0
     if t.num_rows > 1:
-        band = t.column("band").to_numpy().astype(np.int64)
-        value = t.column("value").to_numpy()
-        codes = t.column("code").to_numpy()
+        band = t.column("band").to_numpy()
         rank = pc.rank(t.column("sample_id"), sort_keys="ascending", tiebreaker="dense").to_numpy().astype(np.int64)
-        layout = bands(plan.radius)
-        free = np.zeros(len(codes), np.uint64)
-        width = np.zeros(len(codes), np.int64)
-        for b, (shift, bits) in enumerate(layout):
-            rows = band == b
-            free[rows] = band_values(codes[rows], shift, bits)[1]
-            width[rows] = 64 - bits
-        group = compact_ids(band, value)
-        i, j, stats = candidate_pairs(group, codes, free, width, rank, plan.radius, plan.max_candidates)
-        if len(i):
-            lo, hi = np.minimum(rank[i], rank[j]), np.maximum(rank[i], rank[j])
-            pair = np.unique(lo * (int(rank.max()) + 1) + hi)
-            lo, hi = pair // (int(rank.max()) + 1), pair % (int(rank.max()) + 1)
-            row_of_rank = np.zeros(int(rank.max()) + 1, np.int64)
+        span = int(rank.max()) + 1
+        lo_hi = []
+        # Bands never share a group: one band's rows in memory at a time.
+        for b, (shift, bits) in enumerate(bands(plan.radius)):
+            rows = np.flatnonzero(band == b)
+            if len(rows) < 2:
+                continue
+            codes = t.column("code").take(pa.array(rows)).to_numpy()
+            free = band_values(codes, shift, bits)[1]
+            group = compact_ids(t.column("value").take(pa.array(rows)).to_numpy())
+            i, j, part_stats = candidate_pairs(group, codes, free, np.full(len(rows), 64 - bits, np.int64), rank[rows],
+                                               plan.radius, plan.max_candidates)
+            stats.add(part_stats)
+            ri, rj = rank[rows[i]], rank[rows[j]]
+            lo_hi.append((np.minimum(ri, rj), np.maximum(ri, rj)))
+        lo = np.concatenate([p[0] for p in lo_hi]) if lo_hi else np.zeros(0, np.int64)
+        hi = np.concatenate([p[1] for p in lo_hi]) if lo_hi else np.zeros(0, np.int64)
+        found = len(lo)
+        if found and not with_thumbs:  # no pixel verification follows: only the components matter
+            lo, hi = rank_stars(lo, hi, span)
+        elif found:  # each pair verified once
+            pair = np.unique(lo * span + hi)
+            lo, hi = pair // span, pair % span
+        if len(lo):
+            row_of_rank = np.zeros(span, np.int64)
             row_of_rank[rank] = np.arange(len(rank))
             a, b = pa.array(row_of_rank[lo]), pa.array(row_of_rank[hi])
             ids, nodes = t.column("sample_id"), t.column("node")
             edges = pa.table([ids.take(a), nodes.take(a), ids.take(b), nodes.take(b)], schema=EDGE_SCHEMA)
-    with_thumbs = sum(1 for p in pieces if (p.schema.metadata or {}).get(_THUMBS) == b"1")
-    found = edges.num_rows
-    if not with_thumbs:  # no pixel verification follows: only the components matter, not every edge
-        edges = spanning_stars(edges)
     meta = {"comparisons": stats.comparisons, "capped_rows": stats.capped_rows, "largest_group": stats.largest_group,
             "pairs": found, "parts_with_thumbs": with_thumbs}
     return edges.replace_schema_metadata({b"pairs": json.dumps(meta).encode()})
