@@ -252,6 +252,8 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="witflow-scale-", dir=REPO_ROOT / ".bench" if (REPO_ROOT / ".bench").is_dir()
                                      else None) as tmp:
+        # Warm-up (not reported): Ray's worker processes start and import once, outside the timings.
+        run_size(min(20_000, sizes[0]), min(rows_per_part, 5_000), dedup, 100, queries, Path(tmp), args.cpus)
         for total in order:
             r = run_size(total, rows_per_part, dedup, args.holdout, queries, Path(tmp), args.cpus)
             results.append(r)
