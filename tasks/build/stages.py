@@ -30,7 +30,7 @@ from infra.manifest import Manifest, build_manifest
 from infra.manifest import write_manifest as write_manifest_file
 from infra.prefect_utils import publish_image, publish_markdown, publish_table
 from infra.storage import ObjectStore
-from tasks.build.jobs import CleanContext, FilterContext, clean_shard, filter_shard, query_counts
+from tasks.build.jobs import CleanContext, FilterContext, clean_shard, ensure_query_matcher, filter_shard, query_counts
 from tasks.build.records import (CleanStage, EvalIndexRef, FilterRecord, FilterStage, PartRows, QueryCountsSummary,
                                  QueryListRef, WithinResult, WrittenShards, to_json)
 from tasks.build.workdir import WorkDir, fingerprint
@@ -96,6 +96,8 @@ def filter_stage(shards: Sequence[Any], *, dataset_root: str, storage: StorageCo
                  base_dir: str, text_filter: TextFilterConfig, queries: QueryListRef,
                  on_done: Progress = None, use_ray: bool = True) -> FilterStage:
     work = WorkDir.for_filter(dataset_root, storage, sources, base_dir, text_filter, queries.sha256)
+    if shards:
+        ensure_query_matcher(work, queries)
     results = map_shards(filter_shard, shards, context=FilterContext(work, queries, text_filter),
                          desc="read/filter/match", on_done=on_done, use_ray=use_ray)
     return FilterStage(work, tuple(values_or_raise("read-filter-match", results)))

@@ -1,6 +1,7 @@
 """The build's work directory: every key it holds, and the fingerprints that name its parts.
 
     <dataset>/work/f-<fp>/filtered/<shard>.parquet|.json       read -> text filters -> query match
+    <dataset>/work/f-<fp>/query_matcher.pkl                    the query matcher, built once for every worker
     <dataset>/work/f-<fp>/query_counts.parquet                 global per-query counts (balancing)
     <dataset>/work/f-<fp>/cap_thresholds.npy                   exact-mode balancing cut per query
     <dataset>/work/f-<fp>/c-<fp2>/clean/<shard>.parquet|.json  balance -> fetch + images -> hash -> eval dedup
@@ -87,6 +88,7 @@ class WorkDir:
         return f"filtered/{shard_id}.json"
 
     QUERY_COUNTS = "query_counts.parquet"
+    QUERY_MATCHER = "query_matcher.pkl"  # the query list's matcher with its automaton, built once
     CAP_THRESHOLDS = "cap_thresholds.npy"
 
     @staticmethod
