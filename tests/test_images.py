@@ -188,6 +188,11 @@ def test_keep_returns_original_bytes_only_when_nothing_changes():
     rgba = _encode(Image.new("RGBA", (60, 40), (0, 0, 0, 0)), "PNG")
     flattened = process_image(rgba, ImageConfig(encode_format="keep"))
     assert flattened.data != rgba and Image.open(io.BytesIO(flattened.data)).mode == "RGB"
+    # What cannot be kept is stored as JPEG (bench/image_formats.py), whatever it came as.
+    big_png = process_image(_encode(_gradient((300, 200)), "PNG"), ImageConfig(encode_format="keep",
+                                                                               resize_longest_side=128))
+    assert big_png.image_format == "JPEG" and Image.open(io.BytesIO(big_png.data)).format == "JPEG"
+    assert flattened.image_format == "JPEG"
     assert _reason(JPEG_640[:-4000], ImageConfig(encode_format="keep", resize_longest_side=None)) == "truncated_image"
 
 
