@@ -24,7 +24,6 @@ import os
 import random
 import resource
 import sys
-import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -15,9 +15,11 @@ a hash. The skew is reported as Σg² over the band groups ÷ what uniform hashe
 
 Every size runs the same code with the same ``dedup.task_memory_mb`` budget; the 1M size runs
 again at the end (the machine is shared: load changes over a long run) and the ratio uses the
-mean of the two 1M rates. Prints rows/s/core (rows ÷ wall time ÷ Ray CPUs), the driver's peak RSS,
-the largest peak RSS of any one worker process and the peak sum over all of them; the last line is
-``ratio=`` the 10M rate ÷ the 1M rate (linear cost = 1.0).
+mean of the two 1M rates. Prints rows/s/core (rows ÷ wall time ÷ Ray CPUs) and rows per CPU-second
+(of the driver and every Ray process it started: on a shared machine the wall clock follows the
+neighbours' load, CPU time does not), the driver's peak RSS, the largest peak RSS of any one
+worker process and the peak sum over all of them; the last line is ``ratio=`` the 10M rate ÷ the
+1M rate in rows per CPU-second (linear cost = 1.0).
 
     .venv/bin/python bench/scale.py [--quick] [--sizes 1e6,3e6,1e7] [--task-memory-mb 256]
 """
@@ -25,7 +27,6 @@ the largest peak RSS of any one worker process and the peak sum over all of them
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -36,6 +37,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "bench"))
 os.environ.setdefault("WITFLOW_PROGRESS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -53,7 +55,6 @@ from tasks.dedup.bands import band_values, bands  # noqa: E402
 from tasks.dedup.components import mix64  # noqa: E402
 
 QUERIES = REPO_ROOT / "runs" / "demo" / "queries" / "queries.parquet"
-RATES_FILE = REPO_ROOT / "bench" / "rates.json"
 EXACT, NEAR, HOT, LOW_INFO, NO_HASH = 0.04, 0.08, 0.03, 0.01, 0.005
 HOT_IMAGES = 1_000
 SEED = np.uint64(0x5EED)
@@ -154,40 +155,56 @@ def band_skew(table: pa.Table, radius: int) -> float:
     return observed / expected
 
 
-class PeakRss:
-    """Samples the RSS of this process and all its descendants (Ray's raylet and workers)."""
+class ProcessTree:
+    """Samples this process and all its descendants (Ray's raylet, GCS and workers): peak RSS of
+    the driver, of the biggest worker and of all together, and the CPU seconds they all spent."""
 
     def __init__(self, every_s: float = 0.2) -> None:
         self.every_s = every_s
         self.driver = self.worker = self.total = 0
+        self._start: dict[int, float] = {}
+        self._last: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> "ProcessTree":
+        self._start = dict(self._sample())
+        self._last = dict(self._start)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._last.update(self._sample())
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(cpu - self._start.get(pid, 0.0) for pid, cpu in self._last.items())
+
+    def _sample(self) -> list[tuple[int, float]]:
+        me = psutil.Process()
+        out, workers, total = [], [], 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                with proc.oneshot():
+                    times, rss = proc.cpu_times(), proc.memory_info().rss
+                    name = proc.name()
+                    out.append((proc.pid, times.user + times.system))
+                    total += rss
+                    if proc.pid == me.pid:
+                        self.driver = max(self.driver, rss)
+                    elif name.startswith("ray::") or "default_worker" in " ".join(proc.cmdline()[:3]):
+                        workers.append(rss)
+            except psutil.Error:
+                pass
+        self.worker = max([self.worker, *workers])
+        self.total = max(self.total, total)
+        return out
 
     def _run(self) -> None:
-        me = psutil.Process()
         while not self._stop.wait(self.every_s):
-            try:
-                own = me.memory_info().rss
-                workers = []
-                for child in me.children(recursive=True):
-                    try:
-                        if "default_worker" in " ".join(child.cmdline()[:3]) or child.name().startswith("ray::"):
-                            workers.append(child.memory_info().rss)
-                    except psutil.Error:
-                        pass
-            except psutil.Error:
-                continue
-            self.driver = max(self.driver, own)
-            self.worker = max([self.worker, *workers])
-            self.total = max(self.total, own + sum(workers))
+            self._last.update(self._sample())
 
 
 def run_size(total: int, rows_per_part: int, dedup: DedupConfig, holdout: int, queries: pa.Table,
@@ -200,7 +217,7 @@ def run_size(total: int, rows_per_part: int, dedup: DedupConfig, holdout: int, q
     skew = band_skew(pq.read_table(Path(work.root) / WorkDir.clean(clean.records[0].shard_id), columns=["phash"]),
                      dedup.within_radius) if total <= 1_000_000 else float("nan")
     balance = BalanceConfig(mode="exact", max_per_query=20_000)
-    with PeakRss() as rss:
+    with ProcessTree() as rss:
         started = time.perf_counter()
         counts = stages.count_queries(filtered, queries.num_rows, balance)
         counted = time.perf_counter()
@@ -209,18 +226,12 @@ def run_size(total: int, rows_per_part: int, dedup: DedupConfig, holdout: int, q
         plan = stages.plan_output(clean, within, ShardConfig(rows_per_shard=10_000, holdout_rows=holdout))
         seconds = time.perf_counter() - started
     shutil.rmtree(work.root, ignore_errors=True)
-    return {"rows": total, "seconds": seconds, "rate": total / seconds / cpus, "made_s": made,
+    return {"rows": total, "seconds": seconds, "rate": total / seconds / cpus, "cpu_rate": total / rss.cpu_s,
+            "cpu_s": rss.cpu_s, "made_s": made,
             "count_s": counted - started, "within_s": deduped - counted, "plan_s": seconds - (deduped - started),
             "drops": within.drops, "reasons": dict(within.reasons), "held": sum(p.held for p in within.parts),
             "over_cap": counts.over_cap, "shards": len(plan), "driver_mb": rss.driver / 2**20,
             "worker_mb": rss.worker / 2**20, "total_mb": rss.total / 2**20, "skew": skew}
-
-
-def update_rates(name: str, rows_per_core_s: float, note: str) -> None:
-    """Record a measured per-core rate in bench/rates.json (what ``witflow plan`` projects from)."""
-    rates = json.loads(RATES_FILE.read_text()) if RATES_FILE.exists() else {}
-    rates[name] = {"per_core_s": round(rows_per_core_s, 1), "note": note, "measured": time.strftime("%Y-%m-%d")}
-    RATES_FILE.write_text(json.dumps(rates, indent=2, sort_keys=True) + "\n")
 
 
 def main() -> None:
@@ -246,8 +257,8 @@ def main() -> None:
     print(f"cpus {args.cpus} (machine {os.cpu_count()}, load {os.getloadavg()[0]:.1f}); rows/part {rows_per_part}; "
           f"task_memory_mb {args.task_memory_mb}; max_candidates {dedup.max_candidates}; radius {dedup.within_radius}; "
           f"hold-out {args.holdout}; queries {queries.num_rows}", flush=True)
-    print(f"{'rows':>11} {'rows/s/core':>12} {'seconds':>8} {'count':>7} {'dedup':>7} {'driver MB':>10} "
-          f"{'worker MB':>10} {'all MB':>8} {'drops':>9} {'load':>5}", flush=True)
+    print(f"{'rows':>11} {'rows/s/core':>12} {'rows/CPU-s':>11} {'seconds':>8} {'count':>7} {'dedup':>7} "
+          f"{'driver MB':>10} {'worker MB':>10} {'all MB':>8} {'drops':>9} {'load':>5}", flush=True)
     order = sizes + [sizes[0]] if len(sizes) > 1 else sizes
     results = []
     with tempfile.TemporaryDirectory(prefix="witflow-scale-", dir=REPO_ROOT / ".bench" if (REPO_ROOT / ".bench").is_dir()
@@ -258,18 +269,27 @@ def main() -> None:
             r = run_size(total, rows_per_part, dedup, args.holdout, queries, Path(tmp), args.cpus)
             results.append(r)
             skew = f"; band skew Σg² = {r['skew']:.1f}x uniform" if r["skew"] == r["skew"] else ""
-            print(f"{total:>11,} {r['rate']:>12,.0f} {r['seconds']:>8.1f} {r['count_s']:>7.1f} {r['within_s']:>7.1f} "
+            print(f"{total:>11,} {r['rate']:>12,.0f} {r['cpu_rate']:>11,.0f} {r['seconds']:>8.1f} {r['count_s']:>7.1f} "
+                  f"{r['within_s']:>7.1f} "
                   f"{r['driver_mb']:>10.0f} {r['worker_mb']:>10.0f} {r['total_mb']:>8.0f} {r['drops']:>9,} "
                   f"{os.getloadavg()[0]:>5.1f}   ({r['reasons']}, held {r['held']}, {r['shards']} shards, "
                   f"pool written in {r['made_s']:.0f}s{skew})", flush=True)
-    first = [r["rate"] for r in results if r["rows"] == sizes[0]]
-    small, large = float(np.mean(first)), results[len(sizes) - 1]["rate"]
+    # The ratio is of CPU work per row (rows per CPU-second of the driver and every Ray process):
+    # on a shared machine wall-clock rates follow the neighbours' load; both are printed.
+    first = [r for r in results if r["rows"] == sizes[0]]
+    last = results[len(sizes) - 1]
+    small, large = float(np.mean([r["cpu_rate"] for r in first])), last["cpu_rate"]
+    wall_ratio = last["rate"] / float(np.mean([r["rate"] for r in first]))
     if not args.no_rates and not args.quick:
-        update_rates("global_stages_rows", large, f"bench/scale.py at {sizes[-1]:,} rows, {args.cpus} cpus, "
-                                                   f"task_memory_mb {args.task_memory_mb}")
-    print(f"global stages: {sizes[-1]:,} rows {large:,.0f} rows/s/core vs {sizes[0]:,} rows {small:,.0f} rows/s/core "
-          f"(mean of {len(first)} runs); peak worker RSS {max(r['worker_mb'] for r in results):.0f} MB "
-          f"(at {sizes[0]:,}: {results[0]['worker_mb']:.0f} MB) ratio={large / small:.2f}")
+        from rates import record
+
+        record("global_stages", large, "candidates/s/core",
+               f"bench/scale.py: counts, caps, within-dataset dedup, hold-out, plan at {sizes[-1]:,} rows on "
+               f"{args.cpus} Ray CPUs, task_memory_mb {args.task_memory_mb}")
+    print(f"global stages: {sizes[-1]:,} rows {large:,.0f} rows/CPU-s vs {sizes[0]:,} rows {small:,.0f} rows/CPU-s "
+          f"(mean of {len(first)} runs; wall-clock ratio {wall_ratio:.2f}); peak worker RSS "
+          f"{max(r['worker_mb'] for r in results):.0f} MB (at {sizes[0]:,}: {results[0]['worker_mb']:.0f} MB) "
+          f"ratio={large / small:.2f}")
 
 
 if __name__ == "__main__":

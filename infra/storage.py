@@ -11,6 +11,8 @@ or shown in errors and reprs. Stores pickle without their clients (rebuilt lazil
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -20,7 +22,7 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -257,6 +259,37 @@ class ObjectStore:
         else:
             self._multipart_write(key, data, part_bytes)
 
+    @contextlib.contextmanager
+    def open_atomic(self, key: str) -> Iterator[BinaryIO]:
+        """A binary file to stream ``key``'s content into; the object appears, whole, only when the
+        block ends without an error (locally: a temp file, fsynced once, renamed; on S3: one PUT or
+        a multipart upload of what was written)."""
+        if self.is_s3:
+            buffer = io.BytesIO()
+            yield buffer
+            self.write_bytes(key, buffer.getbuffer())
+            return
+        path = self.fs_path(key)
+        directory, name = os.path.split(path)
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}{_TMP_MARK}", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                if self.durable:
+                    os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        if self.durable:
+            _fsync_directory(directory)
+
     def _multipart_write(self, key: str, data: bytes, part_bytes: int) -> None:
         uri, client, bucket, s3_key = self.uri(key), self.s3_client, self.bucket, self._s3_key(key)
         upload_id = self._retry("write (create multipart upload)", uri, lambda: client.create_multipart_upload(
@@ -401,9 +434,12 @@ def _atomic_local_write(path: str, data: bytes, durable: bool = True) -> None:
         except FileNotFoundError:
             pass
         raise
-    if not durable:
-        return
-    # The rename is durable only once the directory entry is on disk.
+    if durable:
+        _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    """A rename is durable only once the directory entry is on disk."""
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

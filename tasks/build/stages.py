@@ -132,7 +132,7 @@ def _cap_reduce(partition: int, pieces: list[pa.Table], ctx: _CapContext) -> pa.
     return pa.table({"query_id": pa.array(queries, pa.int64()), "threshold": pa.array(cut, pa.uint64())})
 
 
-CAP_PAIRS_PER_PARTITION = 20_000_000  # (query, hash) pairs one cap reduce holds (~0.5 GB with its sort)
+CAP_PAIRS_PER_PARTITION = 2_000_000  # (query, hash) pairs one cap reduce holds (~100 MB with its sort)
 
 
 def count_queries(filtered: FilterStage, num_queries: int, balance: BalanceConfig, *,
@@ -338,11 +338,12 @@ def _write_output_shard(job: OutputShard, ctx: _WriteContext) -> dict:
 
     Slices index the rows of a part left after dropping the duplicates and the held-out rows
     (the training shards), or the part's held-out rows (the held-out shard)."""
-    from tasks.shards import is_complete, stats_key, write_shard
+    from tasks.shards import completed_stats, write_shard
 
     out = ObjectStore(ctx.dataset_root, ctx.work.storage)
-    if is_complete(out, job.index, job.plan_id, job.prefix):
-        return out.read_json(stats_key(job.index, job.prefix))
+    done = completed_stats(out, job.index, job.plan_id, job.prefix)
+    if done is not None:
+        return done
     pieces = []
     for s in job.slices:
         table = ctx.work.store.read_parquet(WorkDir.clean(s.part))
