@@ -16,8 +16,8 @@ a hash. The skew is reported as Σg² over the band groups ÷ what uniform hashe
 Every size runs the same code with the same ``dedup.task_memory_mb`` budget; the 1M size runs
 again at the end (the machine is shared: load changes over a long run) and the ratio uses the
 mean of the two 1M rates. Prints rows/s/core (rows ÷ wall time ÷ Ray CPUs) and rows per CPU-second
-(of the driver and every Ray process it started: on a shared machine the wall clock follows the
-neighbours' load, CPU time does not), the driver's peak RSS, the largest peak RSS of any one
+of the driver and the Ray workers (on a shared machine the wall clock follows the neighbours'
+load, CPU time does not; Ray's daemons are counted apart: their polling grows with wall time), the driver's peak RSS, the largest peak RSS of any one
 worker process and the peak sum over all of them; the last line is ``ratio=`` the 10M rate ÷ the
 1M rate in rows per CPU-second (linear cost = 1.0).
 
@@ -164,6 +164,7 @@ class ProcessTree:
         self.driver = self.worker = self.total = 0
         self._start: dict[int, float] = {}
         self._last: dict[int, float] = {}
+        self._workers: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -180,7 +181,13 @@ class ProcessTree:
 
     @property
     def cpu_s(self) -> float:
-        return sum(cpu - self._start.get(pid, 0.0) for pid, cpu in self._last.items())
+        """CPU seconds of the driver and the Ray workers (the work itself)."""
+        return sum(cpu - self._start.get(pid, 0.0) for pid, cpu in self._last.items() if pid in self._workers)
+
+    @property
+    def daemon_cpu_s(self) -> float:
+        """CPU seconds of Ray's daemons (raylet, GCS, agents): scheduling, and polling that grows with wall time."""
+        return sum(cpu - self._start.get(pid, 0.0) for pid, cpu in self._last.items() if pid not in self._workers)
 
     def _sample(self) -> list[tuple[int, float]]:
         me = psutil.Process()
@@ -194,8 +201,10 @@ class ProcessTree:
                     total += rss
                     if proc.pid == me.pid:
                         self.driver = max(self.driver, rss)
+                        self._workers.add(proc.pid)
                     elif name.startswith("ray::") or "default_worker" in " ".join(proc.cmdline()[:3]):
                         workers.append(rss)
+                        self._workers.add(proc.pid)
             except psutil.Error:
                 pass
         self.worker = max([self.worker, *workers])
@@ -227,7 +236,7 @@ def run_size(total: int, rows_per_part: int, dedup: DedupConfig, holdout: int, q
         seconds = time.perf_counter() - started
     shutil.rmtree(work.root, ignore_errors=True)
     return {"rows": total, "seconds": seconds, "rate": total / seconds / cpus, "cpu_rate": total / rss.cpu_s,
-            "cpu_s": rss.cpu_s, "made_s": made,
+            "cpu_s": rss.cpu_s, "daemon_cpu_s": rss.daemon_cpu_s, "made_s": made,
             "count_s": counted - started, "within_s": deduped - counted, "plan_s": seconds - (deduped - started),
             "drops": within.drops, "reasons": dict(within.reasons), "held": sum(p.held for p in within.parts),
             "over_cap": counts.over_cap, "shards": len(plan), "driver_mb": rss.driver / 2**20,
@@ -273,7 +282,8 @@ def main() -> None:
                   f"{r['within_s']:>7.1f} "
                   f"{r['driver_mb']:>10.0f} {r['worker_mb']:>10.0f} {r['total_mb']:>8.0f} {r['drops']:>9,} "
                   f"{os.getloadavg()[0]:>5.1f}   ({r['reasons']}, held {r['held']}, {r['shards']} shards, "
-                  f"pool written in {r['made_s']:.0f}s{skew})", flush=True)
+                  f"pool written in {r['made_s']:.0f}s; CPU {r['cpu_s']:.0f}s + Ray daemons {r['daemon_cpu_s']:.0f}s{skew})",
+                  flush=True)
     # The ratio is of CPU work per row (rows per CPU-second of the driver and every Ray process):
     # on a shared machine wall-clock rates follow the neighbours' load; both are printed.
     first = [r for r in results if r["rows"] == sizes[0]]
