@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import traceback
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
@@ -61,6 +62,7 @@ class ShardResult(Generic[R]):
     ok: bool
     value: R | None = None
     error: str | None = None
+    node: str | None = None  # the Ray node that ran it (None in this process)
 
 
 class ShardFailures(RuntimeError):
@@ -87,11 +89,18 @@ def item_key(item: Any) -> str:
     return str(item)
 
 
-def _run_one(fn: Callable[[Any, Any], Any], key: str, item: Any, context: Any) -> ShardResult:
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def _run_one(fn: Callable[[Any, Any], Any], key: str, item: Any, context: Any, on_ray: bool = False) -> ShardResult:
+    node = _node_id() if on_ray else None
     try:
-        return ShardResult(key, True, fn(item, context))
+        return ShardResult(key, True, fn(item, context), node=node)
     except Exception as e:  # noqa: BLE001 - one shard's failure is reported, not raised
-        return ShardResult(key, False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}")
+        return ShardResult(key, False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}", node=node)
 
 
 def map_shards(fn: Callable[[T, C], R], items: Sequence[T], *, context: C = None, desc: str,
@@ -124,7 +133,7 @@ def map_shards(fn: Callable[[T, C], R], items: Sequence[T], *, context: C = None
         init_ray()
     remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(_run_one)
     context_ref = ray.put(context)
-    pending = {remote.remote(fn, k, item, context_ref): k for k, item in zip(keys, items)}
+    pending = {remote.remote(fn, k, item, context_ref, True): k for k, item in zip(keys, items)}
     bar = iter(progress(range(total), desc=desc, total=total, unit="shard"))
     done = 0
     while pending:
@@ -141,6 +150,9 @@ def map_shards(fn: Callable[[T, C], R], items: Sequence[T], *, context: C = None
                 on_done(done, total)
             if not results[k].ok:
                 log_event(log, "shard failed", stage=desc, shard=k, error=results[k].error.splitlines()[0])
+    per_node = Counter(r.node for r in results.values() if r.node)
+    if per_node:  # where the work ran: on a cluster, every node should appear
+        log_event(log, "shards per node", stage=desc, nodes=dict(sorted(per_node.items())))
     return [results[k] for k in keys]
 
 
