@@ -13,10 +13,12 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,11 +121,13 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     common = ["--num-cpus=1", "--object-store-memory=200000000", "--disable-usage-stats", "--block"]
     logs = tmp_path / "ray-logs"
     logs.mkdir()
+    # Ray's socket paths must fit AF_UNIX's 107 bytes: a short temp dir, not one under tmp_path.
+    ray_tmp = tempfile.mkdtemp(prefix="wfray-", dir="/tmp")
     procs: list[subprocess.Popen] = []
     try:
         procs.append(subprocess.Popen(
             [str(RAY), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-             f"--temp-dir={tmp_path / 'ray'}", *common], env=env, start_new_session=True,
+             f"--temp-dir={ray_tmp}", *common], env=env, start_new_session=True,
             stdout=open(logs / "head.log", "w"), stderr=subprocess.STDOUT))
         _wait_for_nodes(address, env, 1)
         procs.append(subprocess.Popen(
@@ -133,6 +137,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield Cluster(address, {**env, "RAY_ADDRESS": address}, procs[0], procs[1])
     finally:
         left = _stop(procs)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not left, f"processes left after the cluster stopped: {left}"
 
 
