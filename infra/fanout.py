@@ -14,6 +14,7 @@ skips every map and reduce whose output is already complete.
 
 from __future__ import annotations
 
+import json
 import os
 import traceback
 from collections import Counter
@@ -131,7 +132,9 @@ def map_shards(fn: Callable[[T, C], R], items: Sequence[T], *, context: C = None
 
     if not ray.is_initialized():
         init_ray()
-    remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(_run_one)
+    # SPREAD: a stage's shards go to every node of a cluster; the default packs them onto the driver's
+    # node while it has room (its leased workers take task after task), leaving the others idle.
+    remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries, scheduling_strategy="SPREAD")(_run_one)
     context_ref = ray.put(context)
     pending = {remote.remote(fn, k, item, context_ref, True): k for k, item in zip(keys, items)}
     bar = iter(progress(range(total), desc=desc, total=total, unit="shard"))
@@ -176,28 +179,43 @@ class _MapJob:
     item: Any
 
 
-def piece_key(map_key: str, partition: int) -> str:
-    return f"map/{map_key}/p-{partition:05d}.parquet"
-
-
-def _map_done_key(map_key: str) -> str:
-    return f"map/{map_key}/.done"
+def map_output_key(map_key: str) -> str:
+    """One map's output: every partition's piece in one Parquet file, a row group each."""
+    return f"map/{map_key}.parquet"
 
 
 def reduce_key(partition: int) -> str:
     return f"reduce/p-{partition:05d}.parquet"
 
 
+_ROW_GROUPS = b"witflow.shuffle.row_groups"  # per partition, its row group in the map's file (-1: none)
+
+
 def _shuffle_map(job: _MapJob, ctx: _ShuffleContext) -> str:
+    """Run one map and write its pieces as one file (written last and atomically: it is the map's
+    completion record). One file per map, not one per (map, partition): a shuffle of M maps and
+    R partitions creates M objects, not M × R."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     store = ctx.scratch
-    if store.exists(_map_done_key(job.key)):
+    key = map_output_key(job.key)
+    if store.exists(key):
         return job.key
     pieces = ctx.map_fn(job.item, ctx.context)
     if len(pieces) != ctx.num_partitions:
         raise ValueError(f"shuffle map {job.key}: {len(pieces)} pieces for {ctx.num_partitions} partitions")
-    for p, piece in enumerate(pieces):
-        store.write_parquet(piece_key(job.key, p), piece)
-    store.write_text(_map_done_key(job.key), "ok\n")  # last: the map is complete
+    groups, next_group = [], 0
+    for piece in pieces:
+        groups.append(next_group if piece.num_rows else -1)
+        next_group += 1 if piece.num_rows else 0
+    schema = pieces[0].schema.with_metadata({**(pieces[0].schema.metadata or {}),
+                                             _ROW_GROUPS: json.dumps(groups).encode()}) if pieces else pa.schema([])
+    with store.open_atomic(key) as f:
+        with pq.ParquetWriter(f, schema) as writer:
+            for piece in pieces:
+                if piece.num_rows:
+                    writer.write_table(piece.cast(schema), row_group_size=piece.num_rows)
     return job.key
 
 
@@ -207,12 +225,23 @@ class _ReduceContext:
     map_keys: tuple[str, ...]
 
 
+def _read_piece(store: Any, map_key: str, partition: int) -> Any:
+    """One map's piece of ``partition``: its row group of the map's file (an empty table if none)."""
+    import pyarrow.parquet as pq
+
+    key = map_output_key(map_key)
+    with store.filesystem.open_input_file(store.fs_path(key)) as f:
+        parquet = pq.ParquetFile(f)
+        group = json.loads(parquet.schema_arrow.metadata[_ROW_GROUPS])[partition]
+        return parquet.read_row_group(group) if group >= 0 else parquet.schema_arrow.empty_table()
+
+
 def _shuffle_reduce(partition: int, ctx: _ReduceContext) -> str:
     store = ctx.shuffle.scratch
     out = reduce_key(partition)
     if store.exists(out):
         return out
-    pieces = [store.read_parquet(piece_key(k, partition)) for k in ctx.map_keys]
+    pieces = [_read_piece(store, k, partition) for k in ctx.map_keys]
     table = ctx.shuffle.reduce_fn(partition, pieces, ctx.shuffle.context)
     store.write_parquet(out, table)
     return out

@@ -217,7 +217,7 @@ def test_a_build_on_a_two_node_cluster_equals_a_local_build(tmp_path: Path, samp
     log = _build(config, tmp_path / "cluster", {**cluster.env, "PREFECT_API_URL": prefect_server.api_url})
     per_node = _tasks_per_node(log)
     print(f"\ntasks per node (cluster build): {per_node}")
-    assert len(per_node) == 2 and min(per_node.values()) > 0, per_node
+    assert len(per_node) == 2 and min(per_node.values()) >= sum(per_node.values()) // 5, per_node  # both did work
     assert _checksums(tmp_path / "cluster") == want
 
     # The worker node's raylet dies once the fetch/image stage is under way: its tasks are retried
@@ -234,6 +234,8 @@ def test_a_build_on_a_two_node_cluster_equals_a_local_build(tmp_path: Path, samp
         time.sleep(0.05)
     assert killed, "the build finished before the worker node could be killed"
     _finish(proc, log)
-    print(f"tasks per node (worker raylet killed mid-build): {_tasks_per_node(log)}")
+    after_kill = _tasks_per_node(log)
+    print(f"tasks per node (worker raylet killed mid-build): {after_kill}")
+    assert len(after_kill) == 2  # the worker node had run some of the build before it died
     assert _checksums(tmp_path / "killed") == want
     assert not raylet.is_running()
