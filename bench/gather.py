@@ -1,17 +1,25 @@
-"""Benchmark: images/s through fetch + validate + resize + re-encode from a local HTTP server.
+"""Benchmark: fetch + validate + hash + store images from a local HTTP server, per core and wall-clock.
 
-Ours: tasks.gather.gather_images in one process: asyncio fetching, image work (Pillow, JPEG draft
-decoding) on ``--workers`` threads as each body arrives; result written to Parquet. The resize filter
-is ``box`` (area averaging), the same class as img2dataset's default INTER_AREA; ``--resample
-bicubic`` measures witflow's default filter (about half the speed on this machine).
-Baseline: img2dataset (pinned, in its own venv at .bench/venv, created on first use) on the same URL
-list and server, with ``--workers`` processes (one shard each). Same settings for both: 64
-connections per process, longest side 256 without upscaling, JPEG q90, min side 16, aspect <= 5,
-sha256, Parquet output. Each side runs ``--reps`` times, alternating; the best run counts.
-img2dataset's time is first shard start to last shard end from its own stats (no interpreter or
-worker start-up), which flatters it a little. On a shared machine wall-clock rates are noisy, so CPU
-time is reported too (images per CPU-second; img2dataset's start-up CPU, measured on a one-URL run,
-is subtracted); the headline stays wall-clock.
+Three pipelines on the same URL list and server, interleaved (``--reps`` times, best counts):
+
+- **ours**: tasks.gather.gather_images as the build runs it now: asyncio fetching, image work on
+  ``--workers`` threads as each body arrives, one decode per image, the dedup hashes computed from
+  the decoded pixels (``features=HashFeatures``), stored as the default ``keep`` (original bytes
+  when they satisfy the size rules, else JPEG q95);
+- **previous**: the path the build had before: the same fetching, the image re-encoded (photos:
+  JPEG q90, the old default; clip art: PNG, the demo's old format), then ``hash_table`` decoding
+  the stored image again to hash it;
+- **img2dataset** (pinned, in its own venv at .bench/venv, created on first use) with
+  ``--workers`` processes: fetch + resize + encode, no hashes (it computes no perceptual hash).
+
+Two image sets: **web photos** (JPEGs 480–1024 px made from the bundled sample, resized to 256)
+and **clip art** (the bundled Openclipart sample's ≤128 px PNGs as they are, the set the issue's
+profile came from; longest side 128). Same settings otherwise: 64 connections per process, no
+upscaling, min side 16, aspect ≤ 5, sha256, Parquet output. Resize filter ``box`` (area
+averaging, img2dataset's INTER_AREA class). img2dataset's time is first shard start to last shard
+end from its own stats (no interpreter start-up), which flatters it a little. Rates per CPU-second
+(img2dataset's start-up CPU, measured on a one-URL run, subtracted) are robust to a busy machine;
+the last line is wall-clock on the photos: ours ÷ img2dataset, ``ratio=``. Peak RSS is printed.
 
     .venv/bin/python bench/gather.py [--quick] [--images N] [--reps R]
 """
@@ -40,6 +48,7 @@ from PIL import Image  # noqa: E402
 
 from infra.config import GatherConfig, ImageConfig  # noqa: E402
 from infra.http_server import serve_files  # noqa: E402
+from tasks.dedup.hashing import HashFeatures, hash_table  # noqa: E402
 from tasks.gather import gather_images  # noqa: E402
 
 SAMPLE = REPO_ROOT / "infra" / "data" / "openclipart_sample.parquet"
@@ -81,19 +90,26 @@ def _cpu_seconds(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_ours(urls: list[str], out_dir: Path, workers: int, resample: str) -> tuple[float, int, float]:
-    """(wall seconds, images kept, CPU seconds of this process)."""
-    gather_cfg = GatherConfig(concurrency=CONCURRENCY, per_host_concurrency=CONCURRENCY, allow_loopback=True)
-    image_cfg = ImageConfig(resize_longest_side=LONGEST_SIDE, encode_format="JPEG", encode_quality=90,
-                            min_side=16, max_aspect_ratio=5.0, resample=resample)
+def _candidates(urls: list[str]) -> pa.Table:
     n = len(urls)
-    table = pa.table({"sample_id": [f"{i:06d}" for i in range(n)], "source": ["bench"] * n,
-                      "caption": [None] * n, "url": urls, "image": pa.nulls(n, pa.binary()),
-                      "meta": pa.nulls(n, pa.string())})
+    return pa.table({"sample_id": [f"{i:06d}" for i in range(n)], "source": ["bench"] * n,
+                     "caption": [None] * n, "url": urls, "image": pa.nulls(n, pa.binary()),
+                     "meta": pa.nulls(n, pa.string())})
+
+
+def run_pipeline(urls: list[str], out_dir: Path, workers: int, image_cfg: ImageConfig, previous: bool
+                 ) -> tuple[float, int, float]:
+    """(wall seconds, images kept with hashes, CPU seconds of this process) of one pipeline."""
+    gather_cfg = GatherConfig(concurrency=CONCURRENCY, per_host_concurrency=CONCURRENCY, allow_loopback=True)
+    table = _candidates(urls)
     cpu, start = _cpu_seconds(resource.RUSAGE_SELF), time.perf_counter()
-    processed = gather_images(table, gather_cfg, image_cfg, image_threads=workers).table
+    if previous:  # store, then decode the stored image again to hash it
+        processed = hash_table(gather_images(table, gather_cfg, image_cfg, image_threads=workers).table)
+    else:
+        processed = gather_images(table, gather_cfg, image_cfg, image_threads=workers, features=HashFeatures()).table
     pq.write_table(processed, out_dir / "ours.parquet")
-    return time.perf_counter() - start, processed.num_rows, _cpu_seconds(resource.RUSAGE_SELF) - cpu
+    hashed = processed.num_rows - processed.column("phash").null_count
+    return time.perf_counter() - start, hashed, _cpu_seconds(resource.RUSAGE_SELF) - cpu
 
 
 def ensure_img2dataset() -> Path | None:
@@ -111,14 +127,14 @@ def ensure_img2dataset() -> Path | None:
     return cli if cli.exists() else None
 
 
-def run_img2dataset(cli: Path, url_file: Path, out_dir: Path, count: int,
-                    workers: int) -> tuple[float, float, int, float]:
+def run_img2dataset(cli: Path, url_file: Path, out_dir: Path, count: int, workers: int,
+                    longest: int = LONGEST_SIDE) -> tuple[float, float, int, float]:
     """(first shard start to last shard end, wall time incl. start-up, successes, CPU seconds)."""
     target = out_dir / "img2dataset"
     shutil.rmtree(target, ignore_errors=True)
     args = [str(cli), "--url_list", str(url_file), "--input_format", "txt", "--output_folder", str(target),
             "--output_format", "parquet", "--processes_count", str(workers), "--thread_count", str(CONCURRENCY),
-            "--image_size", str(LONGEST_SIDE), "--resize_mode", "keep_ratio_largest",
+            "--image_size", str(longest), "--resize_mode", "keep_ratio_largest",
             "--resize_only_if_bigger", "True", "--encode_format", "jpg", "--encode_quality", "90",
             "--min_image_size", "16", "--max_aspect_ratio", "5", "--extract_exif", "False",
             "--compute_hash", "sha256", "--timeout", "10", "--retries", "0",
@@ -135,78 +151,95 @@ def run_img2dataset(cli: Path, url_file: Path, out_dir: Path, count: int,
     return span, wall, sum(s["successes"] for s in stats), cpu
 
 
-def run_sequential(urls: list[str]) -> tuple[float, int]:
-    """Fallback baseline when img2dataset is unavailable: urllib one at a time + Pillow thumbnail."""
-    import hashlib
-    import urllib.request
-
-    start = time.perf_counter()
-    done = 0
-    for url in urls:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            data = resp.read()
-        im = Image.open(io.BytesIO(data)).convert("RGB")
-        im.thumbnail((LONGEST_SIDE, LONGEST_SIDE), Image.Resampling.BICUBIC)
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=90)
-        hashlib.sha256(buf.getvalue()).hexdigest()
-        done += 1
-    return time.perf_counter() - start, done
+def clip_art(count: int) -> dict[str, bytes]:
+    """The bundled sample's images as they are (≤ 128 px PNGs)."""
+    images = pq.read_table(SAMPLE, columns=["image"]).column("image").to_pylist()
+    return {f"clipart/{i:06d}.png": images[i % len(images)] for i in range(count)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="300 images, one run each")
-    parser.add_argument("--images", type=int, default=None, help="number of images (default 2000)")
-    parser.add_argument("--reps", type=int, default=None, help="runs per side, alternating (default 2)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="image threads (ours) / processes (img2dataset); default: the CPU count")
-    parser.add_argument("--resample", default="box", choices=["box", "bilinear", "bicubic", "lanczos"],
-                        help="our resize filter (default box: area averaging, like img2dataset's)")
-    args = parser.parse_args()
-    count = args.images or (300 if args.quick else 2000)
-    reps = args.reps or (1 if args.quick else 2)
+SETS = {  # name: (images, longest side, our settings, the previous path's settings)
+    "web photos": (make_images, LONGEST_SIDE, "JPEG", 90),
+    "clip art": (clip_art, 128, "PNG", 90),
+}
 
-    files = make_images(count)
-    total_mb = sum(map(len, files.values())) / 1e6
-    print(f"images: {count} JPEGs, {total_mb:.1f} MB, from {'the bundled sample' if SAMPLE.exists() else 'gradients'}; "
-          f"cpus: {os.cpu_count()}; workers {args.workers}; server in a subprocess; concurrency {CONCURRENCY}; "
-          f"longest side {LONGEST_SIDE}; our filter {args.resample}", flush=True)
-    cli = ensure_img2dataset()
+
+def bench_set(name: str, count: int, reps: int, workers: int, cli: Path | None) -> dict:
+    make, longest, previous_format, previous_quality = SETS[name]
+    files = make(count)
+    ours_cfg = ImageConfig(resize_longest_side=longest, min_side=16, max_aspect_ratio=5.0, resample="box")
+    previous_cfg = ImageConfig(resize_longest_side=longest, encode_format=previous_format,
+                               encode_quality=previous_quality, min_side=16, max_aspect_ratio=5.0, resample="box")
+    print(f"{name}: {count} images, {sum(map(len, files.values())) / 1e6:.1f} MB; longest side {longest}; "
+          f"ours: {ours_cfg.encode_format} (JPEG q{ours_cfg.encode_quality} where resized) + hashes from the decoded "
+          f"pixels; previous: {previous_format} + hash_table", flush=True)
+    best = {k: {"wall": 0.0, "cpu": 0.0} for k in ("ours", "previous", "img2dataset")}
     with tempfile.TemporaryDirectory(prefix="witflow-bench-") as tmp, serve_files(files, in_subprocess=True) as server:
         out_dir = Path(tmp)
         url_file = out_dir / "urls.txt"
         url_file.write_text("\n".join(server.urls) + "\n")
-        ours_best, base_best = 0.0, 0.0  # best rates, images/s
-        ours_cpu, base_cpu = 0.0, 0.0  # best images per CPU-second
         startup_cpu = 0.0
         if cli is not None:
             one_url = out_dir / "one_url.txt"
             one_url.write_text(server.urls[0] + "\n")
-            startup_cpu = run_img2dataset(cli, one_url, out_dir, 1, args.workers)[3]
+            startup_cpu = run_img2dataset(cli, one_url, out_dir, 1, workers, longest)[3]
         for rep in range(reps):
-            seconds, kept, cpu = run_ours(server.urls, out_dir, args.workers, args.resample)
-            ours_best, ours_cpu = max(ours_best, kept / seconds), max(ours_cpu, kept / cpu)
-            print(f"ours  run {rep + 1}: {kept}/{count} images in {seconds:.2f}s = {kept / seconds:.0f} images/s; "
-                  f"{cpu:.1f} CPU-s = {kept / cpu:.0f} images/CPU-s", flush=True)
+            for label, cfg, previous in (("ours", ours_cfg, False), ("previous", previous_cfg, True)):
+                seconds, kept, cpu = run_pipeline(server.urls, out_dir, workers, cfg, previous)
+                best[label]["wall"] = max(best[label]["wall"], kept / seconds)
+                best[label]["cpu"] = max(best[label]["cpu"], kept / cpu)
+                print(f"  {label:<8} run {rep + 1}: {kept}/{count} images hashed in {seconds:.2f}s = "
+                      f"{kept / seconds:.0f} images/s; {cpu:.1f} CPU-s = {kept / cpu:.0f} images/CPU-s", flush=True)
             if cli is not None:
-                duration, wall, ok, cpu = run_img2dataset(cli, url_file, out_dir, count, args.workers)
+                duration, wall, ok, cpu = run_img2dataset(cli, url_file, out_dir, count, workers, longest)
                 cpu = max(cpu - startup_cpu, 1e-9)
-                base_best, base_cpu = max(base_best, ok / duration), max(base_cpu, ok / cpu)
-                print(f"img2dataset run {rep + 1}: {ok}/{count} images in {duration:.2f}s (shard stats; "
-                      f"{wall:.2f}s with start-up) = {ok / duration:.0f} images/s; {cpu:.1f} CPU-s after "
-                      f"start-up ({startup_cpu:.1f}) = {ok / cpu:.0f} images/CPU-s", flush=True)
-            else:
-                duration, ok = run_sequential(server.urls)
-                base_best = max(base_best, ok / duration)
-                print(f"sequential baseline run {rep + 1}: {ok}/{count} images in {duration:.2f}s = {ok / duration:.0f} images/s", flush=True)
-    ours_rate, base_rate = ours_best, base_best
+                best["img2dataset"]["wall"] = max(best["img2dataset"]["wall"], ok / duration)
+                best["img2dataset"]["cpu"] = max(best["img2dataset"]["cpu"], ok / cpu)
+                print(f"  img2dataset run {rep + 1}: {ok}/{count} images in {duration:.2f}s (shard stats; "
+                      f"{wall:.2f}s with start-up) = {ok / duration:.0f} images/s; {cpu:.1f} CPU-s after start-up "
+                      f"({startup_cpu:.1f}) = {ok / cpu:.0f} images/CPU-s", flush=True)
+    ours, prev, i2d = best["ours"], best["previous"], best["img2dataset"]
+    line = (f"{name}: ours {ours['cpu']:.0f} images/CPU-s vs previous path {prev['cpu']:.0f} (x{ours['cpu'] / prev['cpu']:.2f})")
     if cli is not None:
-        print(f"CPU efficiency: ours {ours_cpu:.0f} vs img2dataset {base_cpu:.0f} images/CPU-s "
-              f"(x{ours_cpu / base_cpu:.2f})")
-    baseline = "img2dataset 1.47.0" if cli is not None else "sequential urllib+Pillow (img2dataset unavailable)"
-    print(f"gather fetch+validate+resize ({args.resample}): ours {ours_rate:.0f} images/s vs {baseline} {base_rate:.0f} images/s "
-          f"ratio={ours_rate / base_rate:.2f}")
+        line += f" vs img2dataset {i2d['cpu']:.0f} (x{ours['cpu'] / i2d['cpu']:.2f}); wall: ours {ours['wall']:.0f} " \
+                f"images/s, previous {prev['wall']:.0f}, img2dataset {i2d['wall']:.0f}"
+    print(line, flush=True)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="300 images a set, one run each")
+    parser.add_argument("--images", type=int, default=None, help="images per set (default 2000)")
+    parser.add_argument("--reps", type=int, default=None, help="runs per pipeline, interleaved (default 2)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="image threads (ours) / processes (img2dataset); default: the CPU count")
+    parser.add_argument("--sets", default=",".join(SETS), help=f"image sets (default {','.join(SETS)})")
+    parser.add_argument("--no-rates", action="store_true", help="do not update bench/rates.json")
+    args = parser.parse_args()
+    count = args.images or (300 if args.quick else 2000)
+    reps = args.reps or (1 if args.quick else 2)
+    print(f"cpus: {os.cpu_count()} (load {os.getloadavg()[0]:.1f}); workers {args.workers}; server in a subprocess; "
+          f"concurrency {CONCURRENCY}", flush=True)
+    cli = ensure_img2dataset()
+    results = {name: bench_set(name, count, reps, args.workers, cli) for name in args.sets.split(",")}
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (this process: ours and "
+          f"previous; img2dataset's processes are separate)")
+    photos = results.get("web photos") or next(iter(results.values()))
+    if not args.no_rates and not args.quick and "web photos" in results:
+        sys.path.insert(0, str(REPO_ROOT / "bench"))
+        from rates import record
+
+        record("fetch_images_hash", photos["ours"]["cpu"], "images/s/core",
+               f"bench/gather.py web photos: fetch + validate + resize to {LONGEST_SIDE} + hashes + JPEG q95 over "
+               f"loopback HTTP, {args.workers} threads")
+    if cli is None:
+        print(f"gather fetch+validate+hash: ours {photos['ours']['wall']:.0f} images/s vs previous path "
+              f"{photos['previous']['wall']:.0f} images/s (img2dataset unavailable) "
+              f"ratio={photos['ours']['wall'] / photos['previous']['wall']:.2f}")
+        return
+    print(f"gather fetch+validate+hash (web photos): ours {photos['ours']['wall']:.0f} images/s vs img2dataset "
+          f"1.47.0 {photos['img2dataset']['wall']:.0f} images/s (fetch+resize, no hashes) "
+          f"ratio={photos['ours']['wall'] / photos['img2dataset']['wall']:.2f}")
 
 
 if __name__ == "__main__":

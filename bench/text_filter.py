@@ -173,6 +173,12 @@ def main() -> None:
     print(f"langdetect alone: {base_rate:,.0f} captions/s/core ({base_n} captions)")
     print(f"text stage (filters + English + query match, {queries.num_rows} queries): {ours_rate:,.0f} captions/s/core "
           f"({n} captions)")
+    if not args.quick:  # what `witflow plan` projects the text stage from
+        sys.path.insert(0, str(REPO / "bench"))
+        from rates import record
+
+        record("text_stage", ours_rate, "candidates/s/core",
+               f"bench/text_filter.py: filters + English + query match ({queries.num_rows} queries), one core")
     print(f"text_filter: ours={ours_rate:,.0f} captions/s/core langdetect={base_rate:,.0f} captions/s/core "
           f"ratio={ours_rate / base_rate:.1f}")
 

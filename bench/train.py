@@ -3,7 +3,10 @@
 Both train the same model (same initial weights) on the same batches, decoded once from shards of
 the bundled Openclipart sample and replayed from memory, so the numbers compare the engines, not
 the data pipeline. Both use AdamW with the same param groups, cosine schedule, grad clipping and
-ClipLoss. The last line is the headline: ``... ratio=<deepspeed / plain>``.
+ClipLoss. Both engines live side by side and their steps alternate (ABBA), so machine load hits
+them alike; each step's forward, backward and optimizer step are timed (wall and CPU) and the
+medians are compared: what DeepSpeed adds (or saves) in each phase. The last line is the headline:
+``... ratio=<deepspeed / plain>`` of the median step.
 
     .venv/bin/python bench/train.py [--quick] [--model tiny] [--zero-stage 2] [--precision fp32]
 """
@@ -13,11 +16,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import os
+import resource
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -52,44 +59,60 @@ def _model_and_optimizer(cfg: TrainConfig, total_steps: int):
     return model, optimizer, scheduler
 
 
-def _samples_per_s(step, cfg: TrainConfig, batches: list[dict], steps: int, warmup: int) -> float:
-    """Run ``step(batch)`` for warmup + steps batches; samples/s over the timed steps."""
-    started = 0.0
-    for i, batch in enumerate(itertools.islice(itertools.cycle(batches), steps + warmup)):
-        if i == warmup:
-            started = time.perf_counter()
-        step(batch)
-    return steps * cfg.micro_batch / (time.perf_counter() - started)
+class Phases:
+    """Wall and CPU seconds of each step's phases."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, list[float]] = {"forward": [], "backward": [], "step": [], "total": []}
+        self.cpu: dict[str, list[float]] = {k: [] for k in self.wall}
+
+    def run(self, forward, backward, step) -> None:
+        marks = [(time.perf_counter(), time.process_time())]
+        loss = forward()
+        marks.append((time.perf_counter(), time.process_time()))
+        backward(loss)
+        marks.append((time.perf_counter(), time.process_time()))
+        step()
+        marks.append((time.perf_counter(), time.process_time()))
+        for k, name in enumerate(("forward", "backward", "step")):
+            self.wall[name].append(marks[k + 1][0] - marks[k][0])
+            self.cpu[name].append(marks[k + 1][1] - marks[k][1])
+        self.wall["total"].append(marks[-1][0] - marks[0][0])
+        self.cpu["total"].append(marks[-1][1] - marks[0][1])
+
+    def median(self, name: str, cpu: bool = False) -> float:
+        return statistics.median((self.cpu if cpu else self.wall)[name])
 
 
-def plain_loop(cfg: TrainConfig, batches: list[dict], steps: int, warmup: int) -> float:
-    model, optimizer, scheduler = _model_and_optimizer(cfg, steps + warmup)
+def plain_engine(cfg: TrainConfig, total: int) -> Callable[[dict, Phases], None]:
+    model, optimizer, scheduler = _model_and_optimizer(cfg, total)
     loss_fn = ClipLoss()
 
-    def step(batch: dict) -> None:
-        loss = loss_fn(*model(batch["images"], batch["tokens"]))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step(batch: dict, phases: Phases) -> None:
+        def update() -> None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        phases.run(lambda: loss_fn(*model(batch["images"], batch["tokens"])), lambda loss: loss.backward(), update)
 
-    return _samples_per_s(step, cfg, batches, steps, warmup)
+    return step
 
 
-def deepspeed_loop(cfg: TrainConfig, batches: list[dict], steps: int, warmup: int) -> float:
+def deepspeed_engine(cfg: TrainConfig, total: int, zero_options: dict) -> Callable[[dict, Phases], None]:
     import deepspeed
 
-    model, optimizer, scheduler = _model_and_optimizer(cfg, steps + warmup)
+    model, optimizer, scheduler = _model_and_optimizer(cfg, total)
+    config = deepspeed_config(cfg, 1, on_cuda=False)
+    config["zero_optimization"].update(zero_options)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, 1, on_cuda=False), dist_init_required=False)
+                                           config=config, dist_init_required=False)
     loss_fn = ClipLoss()
 
-    def step(batch: dict) -> None:
-        engine.backward(loss_fn(*engine(batch["images"], batch["tokens"])))
-        engine.step()
+    def step(batch: dict, phases: Phases) -> None:
+        phases.run(lambda: loss_fn(*engine(batch["images"], batch["tokens"])), engine.backward, engine.step)
 
-    return _samples_per_s(step, cfg, batches, steps, warmup)
+    return step
 
 
 def main() -> None:
@@ -99,26 +122,39 @@ def main() -> None:
     parser.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--micro-batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per engine (default 40)")
+    parser.add_argument("--zero-options", default="{}", help="extra zero_optimization settings, JSON (experiments)")
     args = parser.parse_args()
-    steps, warmup, rounds = (6, 2, 1) if args.quick else (20, 3, 2)
+    steps = args.steps or (8 if args.quick else 40)
+    warmup = 2 if args.quick else 4
     cfg = TrainConfig(model=args.model, zero_stage=args.zero_stage, precision=args.precision,
                       micro_batch=args.micro_batch, warmup_steps=2)
     batches = make_batches(args.model, args.micro_batch, count=8, work=REPO_ROOT / ".bench" / "train-data")
-    print(f"model={args.model} micro_batch={args.micro_batch} steps={steps} (+{warmup} warm-up) "
-          f"threads={torch.get_num_threads()} cpus={os.cpu_count()}", flush=True)
+    print(f"model={args.model} micro_batch={args.micro_batch} steps={steps} (+{warmup} warm-up) each, alternating "
+          f"threads={torch.get_num_threads()} cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f}", flush=True)
     init_distributed(rank=0, world_size=1)
     try:
-        plain, ours = [], []
-        for _ in range(rounds):  # interleaved rounds: a busy machine slows both alike
-            plain.append(plain_loop(cfg, batches, steps, warmup))
-            print(f"plain pytorch: {plain[-1]:.1f} samples/s", flush=True)
-            ours.append(deepspeed_loop(dataclasses.replace(cfg), batches, steps, warmup))
-            print(f"deepspeed zero-{args.zero_stage} {args.precision}: {ours[-1]:.1f} samples/s", flush=True)
+        engines = {"plain": plain_engine(cfg, steps + warmup),
+                   "deepspeed": deepspeed_engine(dataclasses.replace(cfg), steps + warmup, json.loads(args.zero_options))}
+        phases = {name: Phases() for name in engines}
+        warm = {name: Phases() for name in engines}
+        for i, batch in enumerate(itertools.islice(itertools.cycle(batches), steps + warmup)):
+            order = ("plain", "deepspeed") if i % 2 == 0 else ("deepspeed", "plain")
+            for name in order:
+                engines[name](batch, (warm if i < warmup else phases)[name])
     finally:
         shutdown_distributed(rank=0)
-    best_plain, best_ours = max(plain), max(ours)
-    print(f"train {args.model}: deepspeed zero-{args.zero_stage} {args.precision} {best_ours:.1f} samples/s, "
-          f"plain pytorch {best_plain:.1f} samples/s, ratio={best_ours / best_plain:.2f}")
+    plain, ours = phases["plain"], phases["deepspeed"]
+    label = f"deepspeed zero-{args.zero_stage} {args.precision}"
+    print(f"{'median ms':<12}{'plain wall':>12}{'ds wall':>10}{'plain CPU':>12}{'ds CPU':>10}")
+    for name in ("forward", "backward", "step", "total"):
+        print(f"{name:<12}{plain.median(name) * 1e3:>12.1f}{ours.median(name) * 1e3:>10.1f}"
+              f"{plain.median(name, True) * 1e3:>12.1f}{ours.median(name, True) * 1e3:>10.1f}")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (both engines, one process)")
+    plain_rate, ours_rate = cfg.micro_batch / plain.median("total"), cfg.micro_batch / ours.median("total")
+    cpu_ratio = plain.median("total", True) / ours.median("total", True)
+    print(f"train {args.model}: {label} {ours_rate:.1f} samples/s, plain pytorch {plain_rate:.1f} samples/s "
+          f"(median step; CPU ratio {cpu_ratio:.2f}), ratio={ours_rate / plain_rate:.2f}")
 
 
 if __name__ == "__main__":

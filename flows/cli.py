@@ -130,7 +130,42 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="print the resolved config (after --set overrides) and exit",
                          description="Load, validate and print a config.")
     _add_config_args(cfg)
+    plan = sub.add_parser("plan", help="project a build's hours and nodes from the benches' measured rates",
+                          description="Hours per stage and nodes needed for N candidate pairs, from the per-core "
+                                      "rates the benches recorded in bench/rates.json (infra/plan.py).")
+    plan.add_argument("--candidates", type=float, required=True, help="candidate pairs, e.g. 400e6")
+    plan.add_argument("--nodes", type=int, action="append", help="cluster sizes to project (repeatable; default 16)")
+    plan.add_argument("--cores", type=int, default=16, help="cores per node (default 16)")
+    plan.add_argument("--bandwidth-gbps", type=float, default=10.0, help="network per node, Gbit/s (default 10)")
+    plan.add_argument("--fetch-success", type=float, default=0.7, help="share of URLs that return an image (0.7)")
+    plan.add_argument("--fetched-kb", type=float, default=150.0, help="mean fetched image, KB (default 150)")
+    plan.add_argument("--hours", type=float, default=24.0, help="also: nodes to finish within this (default 24)")
+    plan.add_argument("--manifest", help="take the funnel's fractions from a build's manifest.json")
+    plan.add_argument("--rates", type=Path, default=REPO_ROOT / "bench" / "rates.json", help="the rates file")
     return parser
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """``witflow plan``: no config, no flow; the projection of infra/plan.py."""
+    from infra import plan
+
+    try:
+        rates = plan.load_rates(args.rates)
+        funnel = plan.Funnel()
+        if args.manifest:
+            from infra.manifest import read_manifest
+
+            funnel = plan.Funnel.from_manifest_funnel(read_manifest(args.manifest).funnel, args.manifest)
+        network = plan.Network(bandwidth_gbps=args.bandwidth_gbps, fetch_success=args.fetch_success,
+                               fetched_kb=args.fetched_kb)
+        plans = [plan.project(args.candidates, n, args.cores, rates, funnel=funnel, network=network)
+                 for n in (args.nodes or [16])]
+        needed = plan.nodes_for(args.hours, args.candidates, args.cores, rates, funnel=funnel, network=network)
+    except plan.PlanError as e:
+        print(f"witflow plan: {e}", file=sys.stderr)
+        return 2
+    print(plan.render(plans, args.hours, needed))
+    return 0
 
 
 def _prefect_defaults() -> None:
@@ -174,6 +209,8 @@ def _flow_kwargs(args: argparse.Namespace) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "plan":
+        return _plan(args)
     _prefect_defaults()
     log_path = None if args.command == "config" else _log_path(args.command)
     setup_logging(args.log_level, tracebacks=args.debug, log_file=log_path)

@@ -15,10 +15,12 @@ skips every map and reduce whose output is already complete.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
 import traceback
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
@@ -150,6 +152,7 @@ class ShardResult(Generic[R]):
     ok: bool
     value: R | None = None
     error: str | None = None
+    node: str | None = None  # the Ray node that ran it (None in this process)
 
 
 class ShardFailures(RuntimeError):
@@ -176,11 +179,18 @@ def item_key(item: Any) -> str:
     return str(item)
 
 
-def _run_one(fn: Callable[[Any, Any], Any], key: str, item: Any, context: Any) -> ShardResult:
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def _run_one(fn: Callable[[Any, Any], Any], key: str, item: Any, context: Any, on_ray: bool = False) -> ShardResult:
+    node = _node_id() if on_ray else None
     try:
-        return ShardResult(key, True, fn(item, context))
+        return ShardResult(key, True, fn(item, context), node=node)
     except Exception as e:  # noqa: BLE001 - one shard's failure is reported, not raised
-        return ShardResult(key, False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}")
+        return ShardResult(key, False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}", node=node)
 
 
 def map_shards(fn: Callable[[T, C], R], items: Sequence[T], *, context: C = None, desc: str,
@@ -211,9 +221,11 @@ def map_shards(fn: Callable[[T, C], R], items: Sequence[T], *, context: C = None
 
     if not ray.is_initialized():
         init_ray()
-    remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(_run_one)
+    # SPREAD: a stage's shards go to every node of a cluster; the default packs them onto the driver's
+    # node while it has room (its leased workers take task after task), leaving the others idle.
+    remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries, scheduling_strategy="SPREAD")(_run_one)
     context_ref = ray.put(context)
-    pending = {remote.remote(fn, k, item, context_ref): k for k, item in zip(keys, items)}
+    pending = {remote.remote(fn, k, item, context_ref, True): k for k, item in zip(keys, items)}
     bar = iter(progress(range(total), desc=desc, total=total, unit="shard"))
     done = 0
     while pending:
@@ -230,6 +242,9 @@ def map_shards(fn: Callable[[T, C], R], items: Sequence[T], *, context: C = None
                 on_done(done, total)
             if not results[k].ok:
                 log_event(log, "shard failed", stage=desc, shard=k, error=results[k].error.splitlines()[0])
+    per_node = Counter(r.node for r in results.values() if r.node)
+    if per_node:  # where the work ran: on a cluster, every node should appear
+        log_event(log, "shards per node", stage=desc, nodes=dict(sorted(per_node.items())))
     return [results[k] for k in keys]
 
 
@@ -253,28 +268,43 @@ class _MapJob:
     item: Any
 
 
-def piece_key(map_key: str, partition: int) -> str:
-    return f"map/{map_key}/p-{partition:05d}.parquet"
-
-
-def _map_done_key(map_key: str) -> str:
-    return f"map/{map_key}/.done"
+def map_output_key(map_key: str) -> str:
+    """One map's output: every partition's piece in one Parquet file, a row group each."""
+    return f"map/{map_key}.parquet"
 
 
 def reduce_key(partition: int) -> str:
     return f"reduce/p-{partition:05d}.parquet"
 
 
+_ROW_GROUPS = b"witflow.shuffle.row_groups"  # per partition, its row group in the map's file (-1: none)
+
+
 def _shuffle_map(job: _MapJob, ctx: _ShuffleContext) -> str:
+    """Run one map and write its pieces as one file (written last and atomically: it is the map's
+    completion record). One file per map, not one per (map, partition): a shuffle of M maps and
+    R partitions creates M objects, not M × R."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     store = ctx.scratch
-    if store.exists(_map_done_key(job.key)):
+    key = map_output_key(job.key)
+    if store.exists(key):
         return job.key
     pieces = ctx.map_fn(job.item, ctx.context)
     if len(pieces) != ctx.num_partitions:
         raise ValueError(f"shuffle map {job.key}: {len(pieces)} pieces for {ctx.num_partitions} partitions")
-    for p, piece in enumerate(pieces):
-        store.write_parquet(piece_key(job.key, p), piece)
-    store.write_text(_map_done_key(job.key), "ok\n")  # last: the map is complete
+    groups, next_group = [], 0
+    for piece in pieces:
+        groups.append(next_group if piece.num_rows else -1)
+        next_group += 1 if piece.num_rows else 0
+    schema = pieces[0].schema.with_metadata({**(pieces[0].schema.metadata or {}),
+                                             _ROW_GROUPS: json.dumps(groups).encode()}) if pieces else pa.schema([])
+    with store.open_atomic(key) as f:
+        with pq.ParquetWriter(f, schema) as writer:
+            for piece in pieces:
+                if piece.num_rows:
+                    writer.write_table(piece.cast(schema), row_group_size=piece.num_rows)
     return job.key
 
 
@@ -284,12 +314,23 @@ class _ReduceContext:
     map_keys: tuple[str, ...]
 
 
+def _read_piece(store: Any, map_key: str, partition: int) -> Any:
+    """One map's piece of ``partition``: its row group of the map's file (an empty table if none)."""
+    import pyarrow.parquet as pq
+
+    key = map_output_key(map_key)
+    with store.filesystem.open_input_file(store.fs_path(key)) as f:
+        parquet = pq.ParquetFile(f)
+        group = json.loads(parquet.schema_arrow.metadata[_ROW_GROUPS])[partition]
+        return parquet.read_row_group(group) if group >= 0 else parquet.schema_arrow.empty_table()
+
+
 def _shuffle_reduce(partition: int, ctx: _ReduceContext) -> str:
     store = ctx.shuffle.scratch
     out = reduce_key(partition)
     if store.exists(out):
         return out
-    pieces = [store.read_parquet(piece_key(k, partition)) for k in ctx.map_keys]
+    pieces = [_read_piece(store, k, partition) for k in ctx.map_keys]
     table = ctx.shuffle.reduce_fn(partition, pieces, ctx.shuffle.context)
     store.write_parquet(out, table)
     return out
@@ -317,6 +358,19 @@ def shuffle(map_fn: Callable[[T, C], Sequence[Any]], reduce_fn: Callable[[int, l
     return values_or_raise(f"{desc} (reduce)", map_shards(_shuffle_reduce, list(range(num_partitions)),
                                                           context=reduce_ctx, desc=f"{desc}: reduce",
                                                           key=lambda p: f"p-{p:05d}", use_ray=use_ray))
+
+
+def split_by(table: Any, bucket: Any, n: int) -> list[Any]:
+    """A shuffle map's pieces: ``table``'s rows by ``bucket`` (ints 0..n-1, numpy), each piece in
+    the rows' order; one sort and n slices, not n filters."""
+    import numpy as np
+    import pyarrow as pa
+
+    order = np.argsort(bucket, kind="stable")
+    ordered = table.take(pa.array(order))
+    counts = np.bincount(bucket, minlength=n)
+    offsets = np.r_[0, np.cumsum(counts)]
+    return [ordered.slice(int(offsets[i]), int(counts[i])) for i in range(n)]
 
 
 def cluster_cpus(default: int = 1) -> int:

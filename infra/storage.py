@@ -11,6 +11,8 @@ or shown in errors and reprs. Stores pickle without their clients (rebuilt lazil
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -21,7 +23,7 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -66,11 +68,15 @@ class ObjectStore:
     """Files under one root URI (plain path, ``file:///path`` or ``s3://bucket/prefix``)."""
 
     def __init__(self, root: str, config: StorageConfig | None = None,
-                 guard: Callable[[str], None] | None = None) -> None:
+                 guard: Callable[[str], None] | None = None, *, durable: bool = True) -> None:
         self.config = config or StorageConfig()
         # Called with the key before every write and delete commits; raises to refuse it
         # (infra.lease.OutputLease.check: nothing is written once the build's driver is gone).
         self.guard = guard
+        # durable=False (scratch: shuffle pieces a rerun can recompute): local writes stay atomic
+        # (temp file + rename, so a killed process never leaves a partial object) but skip the
+        # fsyncs, which cost ~6 ms a file; only an OS crash can then lose a recent write.
+        self.durable = durable
         root = str(root)
         parsed = urllib.parse.urlparse(root)
         if parsed.scheme == "s3":
@@ -108,18 +114,22 @@ class ObjectStore:
 
     def __getstate__(self) -> dict:
         # Clients hold sockets and locks; workers rebuild them on first use.
-        return {"root": self.root, "config": self.config, "guard": self.guard}
+        return {"root": self.root, "config": self.config, "guard": self.guard, "durable": self.durable}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["root"], state["config"], state.get("guard"))
+        self.__init__(state["root"], state["config"], state.get("guard"), durable=state.get("durable", True))
 
     def uri(self, key: str) -> str:
         """The full URI (or absolute path, for local roots) of ``key``."""
         return f"{self.root}/{_check_key(key)}"
 
     def child(self, prefix: str) -> ObjectStore:
-        """A store rooted at ``prefix`` under this one, with the same config and guard."""
-        return ObjectStore(self.uri(prefix.strip("/")), self.config, self.guard)
+        """A store rooted at ``prefix`` under this one, with the same config, guard and durability."""
+        return ObjectStore(self.uri(prefix.strip("/")), self.config, self.guard, durable=self.durable)
+
+    def scratch(self) -> ObjectStore:
+        """This store for recomputable scratch data: the same objects (and guard), written without fsync."""
+        return ObjectStore(self.root, self.config, self.guard, durable=False)
 
     def _check_guard(self, key: str) -> None:
         if self.guard is not None:
@@ -254,7 +264,7 @@ class ObjectStore:
         data = bytes(data) if not isinstance(data, bytes) else data
         self._check_guard(key)
         if not self.is_s3:
-            _atomic_local_write(self.fs_path(key), data, lambda: self._check_guard(key))
+            _atomic_local_write(self.fs_path(key), data, lambda: self._check_guard(key), durable=self.durable)
             return
         part_bytes = max(self.config.multipart_threshold_mb * 1024 * 1024, _MIN_PART_BYTES)
         if len(data) <= part_bytes:
@@ -265,8 +275,9 @@ class ObjectStore:
 
     def write_file(self, key: str, path: str | os.PathLike) -> None:
         """Copy the local file ``path`` to ``key`` atomically, a part at a time (never whole in memory)."""
+        self._check_guard(key)
         if not self.is_s3:
-            _atomic_local_copy(os.fspath(path), self.fs_path(key))
+            _atomic_local_copy(os.fspath(path), self.fs_path(key), lambda: self._check_guard(key))
             return
         part_bytes = max(self.config.multipart_threshold_mb * 1024 * 1024, _MIN_PART_BYTES)
         if os.path.getsize(path) <= part_bytes:
@@ -274,6 +285,39 @@ class ObjectStore:
             return
         with open(path, "rb") as f:
             self._multipart_upload(key, iter(lambda: f.read(part_bytes), b""))
+
+    @contextlib.contextmanager
+    def open_atomic(self, key: str) -> Iterator[BinaryIO]:
+        """A binary file to stream ``key``'s content into; the object appears, whole, only when the
+        block ends without an error (locally: a temp file, fsynced once, renamed; on S3: one PUT or
+        a multipart upload of what was written)."""
+        self._check_guard(key)
+        if self.is_s3:
+            buffer = io.BytesIO()
+            yield buffer
+            self.write_bytes(key, buffer.getbuffer())
+            return
+        path = self.fs_path(key)
+        directory, name = os.path.split(path)
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}{_TMP_MARK}", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                if self.durable:
+                    os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            self._check_guard(key)  # again: the writing may have outlasted the writer's lease
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        if self.durable:
+            _fsync_directory(directory)
 
     def _multipart_write(self, key: str, data: bytes, part_bytes: int) -> None:
         view = memoryview(data)
@@ -450,7 +494,7 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     return (BotoConnectionError, HTTPClientError, IncompleteReadError)
 
 
-def _atomic_local_copy(source: str, path: str) -> None:
+def _atomic_local_copy(source: str, path: str, before_commit: Callable[[], None] = lambda: None) -> None:
     directory, name = os.path.split(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}{_TMP_MARK}", dir=directory)
@@ -460,6 +504,7 @@ def _atomic_local_copy(source: str, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
+        before_commit()
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -470,16 +515,8 @@ def _atomic_local_copy(source: str, path: str) -> None:
     _fsync_directory(directory)
 
 
-def _fsync_directory(directory: str) -> None:
-    # A rename is durable only once the directory entry is on disk.
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _atomic_local_write(path: str, data: bytes, before_commit: Callable[[], None] = lambda: None) -> None:
+def _atomic_local_write(path: str, data: bytes, before_commit: Callable[[], None] = lambda: None,
+                        durable: bool = True) -> None:
     directory, name = os.path.split(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}{_TMP_MARK}", dir=directory)
@@ -487,7 +524,8 @@ def _atomic_local_write(path: str, data: bytes, before_commit: Callable[[], None
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; objects should read like any written file
         before_commit()  # the guard again: the fsync may have outlasted the writer's lease
         os.replace(tmp, path)
@@ -497,7 +535,12 @@ def _atomic_local_write(path: str, data: bytes, before_commit: Callable[[], None
         except FileNotFoundError:
             pass
         raise
-    # The rename is durable only once the directory entry is on disk.
+    if durable:
+        _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    """A rename is durable only once the directory entry is on disk."""
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

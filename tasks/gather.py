@@ -34,7 +34,7 @@ import re
 import socket
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import aiohttp
 import pyarrow as pa
@@ -514,23 +514,36 @@ def _assemble(table: pa.Table, plan: _Plan, outcomes: dict[int, FetchOutcome], s
 FAILED = "failed"  # the side output: rows dropped by fetching or image processing, with reasons
 
 
+class ImageFeatureStep(Protocol):
+    """What the image stage computes from each image's final pixels and adds as columns (the dedup
+    hashes: ``tasks.dedup.hashing.HashFeatures``)."""
+
+    def of_image(self, img: Any) -> Any: ...
+
+    def add_columns(self, table: pa.Table, features: list) -> pa.Table: ...
+
+
 def gather_images(table: pa.Table, gather_cfg: GatherConfig, image_cfg: ImageConfig, *,
-                  image_threads: int = 1, stages: tuple[str, str] = (STAGE, IMAGE_STAGE)) -> StepOutput:
+                  image_threads: int = 1, stages: tuple[str, str] = (STAGE, IMAGE_STAGE),
+                  features: ImageFeatureStep | None = None) -> StepOutput:
     """The gather step: fetch (rows with a URL and no image) and process every image in one pass.
 
     Each body is decoded/validated/resized in a pool of ``image_threads`` threads as soon as it
     arrives (Pillow releases the GIL), so image work overlaps fetching and at most
     ``2 × concurrency`` raw bodies are held at once. Inline images go through the same pool. The
     funnel has both stages (``gather``, ``images``); the ``failed`` side output holds fetch failures
-    and image rejects (status ``failed_permanent``), as :func:`retry_transient` reads them.
+    and image rejects (status ``failed_permanent``), as :func:`retry_transient` reads them. With
+    ``features``, each image's features are computed from the pixels it was decoded to (before
+    encoding) and added as columns: the image is decoded once in the whole build.
     """
     if image_threads < 1:
         raise ValueError("image_threads must be >= 1")
     plan = _plan(table, gather_cfg)
     images = _column_or_nulls(table, "image", pa.binary())
     with concurrent.futures.ThreadPoolExecutor(image_threads, thread_name_prefix="witflow-images") as pool:
-        transform = functools.partial(try_process_image, cfg=image_cfg)
-        inline = {i: pool.submit(try_process_image, images[i].as_py(), image_cfg) for i in plan.inline}
+        of_image = features.of_image if features is not None else None
+        transform = functools.partial(try_process_image, cfg=image_cfg, features=of_image)
+        inline = {i: pool.submit(try_process_image, images[i].as_py(), image_cfg, of_image) for i in plan.inline}
         outcomes = _run_in_new_loop(plan.to_fetch, gather_cfg, transform, pool) if plan.to_fetch else {}
         processed = {i: o.transformed for i, o in outcomes.items() if o.status == OK}
         processed.update({i: future.result() for i, future in inline.items()})
@@ -538,6 +551,8 @@ def gather_images(table: pa.Table, gather_cfg: GatherConfig, image_cfg: ImageCon
     kept_rows = [i for i, r in enumerate(plan.reason) if r is None]
     pairs = [processed[i] for i in kept_rows]
     result = assemble_image_results(gathered, [p[0] for p in pairs], [p[1] for p in pairs], stage=stages[1])
+    if features is not None:
+        result.table = features.add_columns(result.table, [p[0].features for p in pairs if p[0] is not None])
     if result.rejects.num_rows:
         failures = pa.concat_tables([failures, result.rejects], promote_options="default")
     return StepOutput(result.table, funnel.merge(result.funnel), {FAILED: failures})
@@ -554,7 +569,7 @@ def transient_rows(failures: pa.Table) -> pa.Table:
 
 
 def retry_transient(failures: pa.Table, gather_cfg: GatherConfig, image_cfg: ImageConfig, *,
-                    image_threads: int = 1) -> StepOutput:
+                    image_threads: int = 1, features: ImageFeatureStep | None = None) -> StepOutput:
     """Rerun mode: fetch again only the ``failed_transient`` rows of an earlier ``failed`` output.
 
     Returns the recovered rows, a funnel under stages ``gather_retry``/``images_retry`` (in = rows
@@ -562,7 +577,7 @@ def retry_transient(failures: pa.Table, gather_cfg: GatherConfig, image_cfg: Ima
     failed again plus the earlier non-transient failures unchanged.
     """
     out = gather_images(transient_rows(failures), gather_cfg, image_cfg, image_threads=image_threads,
-                        stages=(RETRY_STAGE, f"{IMAGE_STAGE}_retry"))
+                        stages=(RETRY_STAGE, f"{IMAGE_STAGE}_retry"), features=features)
     carried = failures.filter(pc.invert(_is_transient(failures)))
     if carried.num_rows:
         out.side[FAILED] = pa.concat_tables([out.side[FAILED], carried], promote_options="default")

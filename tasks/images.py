@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -56,6 +57,7 @@ class ProcessedImage:
     width: int
     height: int
     sha256: str
+    features: Any = None  # what ``features`` made of the final pixels (None: not asked, or it failed)
 
 
 def _describe_payload(data: bytes) -> str:
@@ -120,8 +122,21 @@ def _encode(im: Image.Image, image_format: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def process_image(data: bytes | None, cfg: ImageConfig) -> ProcessedImage:
-    """Validate and normalise one encoded image; raises ImageRejected with the drop reason."""
+def _features(features: Callable[[Image.Image], Any] | None, im: Image.Image) -> Any:
+    if features is None:
+        return None
+    try:
+        return features(im)
+    except (OSError, ValueError, SyntaxError):  # an unhashable image keeps its row, with null features
+        return None
+
+
+def process_image(data: bytes | None, cfg: ImageConfig,
+                  features: Callable[[Image.Image], Any] | None = None) -> ProcessedImage:
+    """Validate and normalise one encoded image; raises ImageRejected with the drop reason.
+
+    Decodes once: ``features`` (e.g. the dedup hashes) runs on the final pixels, the ones that are
+    then encoded (or kept), so no later step has to decode the image again."""
     if data is None:
         raise ImageRejected("no_image", "the row has no image bytes")
     if len(data) == 0:
@@ -143,7 +158,7 @@ def process_image(data: bytes | None, cfg: ImageConfig) -> ProcessedImage:
     orientation = _orientation(im)
     if (cfg.encode_format == "keep" and stored_target is None and orientation == 1
             and im.mode in ("RGB", "L") and source_format in _KEEPABLE_FORMATS):
-        return ProcessedImage(data, source_format, width, height, hashlib.sha256(data).hexdigest())
+        return ProcessedImage(data, source_format, width, height, hashlib.sha256(data).hexdigest(), _features(features, im))
     if orientation != 1:
         im = ImageOps.exif_transpose(im)
     im = _to_rgb(im)
@@ -151,12 +166,12 @@ def process_image(data: bytes | None, cfg: ImageConfig) -> ProcessedImage:
                           cfg.resize_longest_side)
     if target is not None and im.size != target:
         im = im.resize(target, _RESAMPLE[cfg.resample], reducing_gap=3.0)
-    if cfg.encode_format == "keep":
-        out_format = "JPEG" if source_format in ("JPEG", "MPO") else "WEBP" if source_format == "WEBP" else "PNG"
-    else:
-        out_format = cfg.encode_format
+    # keep: what cannot be kept is stored as JPEG, the format the training reader decodes fastest and
+    # the cheapest to encode (bench/image_formats.py: PNG costs ~3x the encode and ~1.4x the read).
+    out_format = "JPEG" if cfg.encode_format == "keep" else cfg.encode_format
+    made = _features(features, im)
     encoded = _encode(im, out_format, cfg.encode_quality)
-    return ProcessedImage(encoded, out_format, im.width, im.height, hashlib.sha256(encoded).hexdigest())
+    return ProcessedImage(encoded, out_format, im.width, im.height, hashlib.sha256(encoded).hexdigest(), made)
 
 
 def _orientation(im: Image.Image) -> int:
@@ -179,10 +194,11 @@ def _load(im: Image.Image) -> None:
         raise ImageRejected("corrupt_image", f"{type(e).__name__}: {e}") from None
 
 
-def try_process_image(data: bytes | None, cfg: ImageConfig) -> tuple[ProcessedImage | None, ImageRejected | None]:
+def try_process_image(data: bytes | None, cfg: ImageConfig, features: Callable[[Image.Image], Any] | None = None
+                      ) -> tuple[ProcessedImage | None, ImageRejected | None]:
     """``process_image`` that returns its rejection instead of raising; never raises."""
     try:
-        return process_image(data, cfg), None
+        return process_image(data, cfg, features), None
     except ImageRejected as e:
         return None, e
     except Exception as e:  # noqa: BLE001 - one bad image costs one row, never the batch

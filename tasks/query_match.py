@@ -10,8 +10,10 @@ with camelCase or letter/digit boundaries ("BlueMan#106", "button1") is also mat
 and gets the union; the two forms are joined with a double space, so no multi-word query spans them.
 
 Normalisation is one precompiled regex pass per caption and the automaton walk is in C.
-The automaton is built lazily, once per process: pickling a ``QueryMatcher`` (to a Ray worker)
-sends the query table, not the automaton, and the worker builds it on first use.
+The automaton is built lazily, once per process: pickling a ``QueryMatcher`` sends its key table,
+not the automaton. A build makes the matcher once and stores :meth:`QueryMatcher.to_bytes` (key
+table and automaton): a worker loads that in ~0.3 CPU-s instead of normalising 410k queries and
+building the automaton again (~2 CPU-s per worker process).
 """
 
 from __future__ import annotations
@@ -121,6 +123,23 @@ class QueryMatcher:
         self.num_unmatchable = unmatchable
         self.num_aliases = candidates - len(by_key)
         self._automaton = None
+
+    def to_bytes(self) -> bytes:
+        """The matcher with its built automaton, for :meth:`from_bytes` in another process."""
+        import pickle
+
+        return pickle.dumps((self.__getstate__(), self.automaton), protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "QueryMatcher":
+        """A matcher from :meth:`to_bytes` (same pyahocorasick: a build's work directory is its own)."""
+        import pickle
+
+        state, automaton = pickle.loads(data)
+        matcher = cls.__new__(cls)
+        matcher.__dict__.update(state)
+        matcher._automaton = automaton
+        return matcher
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

@@ -3,8 +3,8 @@
 Layout under a dataset root (any ObjectStore root: path, file://, s3://):
 
     shards/part-00000.parquet        the rows (infra.schema.SHARD_SCHEMA)
-    shards/part-00000_stats.json     rows, bytes, sha256, columns' byte sizes
-    shards/part-00000.done           completion marker, written last
+    shards/part-00000_stats.json     rows, bytes, sha256
+    shards/part-00000.done           completion marker, written last: the plan, then the stats
     holdout/part-00000.parquet       held-out pairs (retrieval evaluation), never read by training
     manifest.json                    every shard and the build's records (written by infra.manifest)
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import io
+import json
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -103,41 +104,101 @@ def select_holdout(sample_ids: Iterable[str], n: int) -> set[str]:
     return {s for _, s in holdout_candidates(sample_ids, n)}
 
 
+# Parquet options of a shard. The image column holds already-compressed JPEG/PNG/WebP bytes:
+# zstd gains nothing there (bench/shards.py: same file size) and costs most of the encode, and a
+# dictionary of unique image bytes is built only to be thrown away; the other columns keep both.
+_NO_DICTIONARY = frozenset({"image", "sample_id", "caption", "url", "sha256", "phash", "meta", "error"})
+_STATISTICS = ["sample_id", "source", "width", "height"]
+
+
+def _parquet_options(compression: str) -> dict:
+    codec = "none" if compression == "none" else compression
+    return {"compression": {name: ("none" if name == "image" else codec) for name in SHARD_SCHEMA.names},
+            "use_dictionary": [n for n in SHARD_SCHEMA.names if n not in _NO_DICTIONARY],
+            "write_statistics": _STATISTICS}
+
+
 def encode_shard(table: pa.Table, row_group_rows: int, compression: str) -> bytes:
     """The Parquet bytes of one shard (row groups sized for streaming reads)."""
-    table = conform(table, SHARD_SCHEMA)
     buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=max(1, row_group_rows),
-                   compression=None if compression == "none" else compression,
-                   write_statistics=["sample_id", "source", "width", "height"])
+    pq.write_table(conform(table, SHARD_SCHEMA), buf, row_group_size=max(1, row_group_rows),
+                   **_parquet_options(compression))
     return buf.getvalue()
+
+
+class _Sha256Writer:
+    """A write-only file that hashes what passes through it (the checksum costs no second pass)."""
+
+    def __init__(self, sink: Any) -> None:
+        self.sink, self.digest, self.size = sink, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.sink.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+
+def completed_stats(store: Any, index: int, plan_id: str = "", prefix: str = "shards") -> dict | None:
+    """The stats of shard ``index`` if it is complete for this plan, else None (a marker left by
+    another plan, or a marker without its stats line, does not count)."""
+    key = marker_key(index, prefix)
+    if not store.exists(key):
+        return None
+    lines = store.read_text(key).split("\n")
+    if lines[0].strip() != plan_id:
+        return None
+    if len(lines) > 1 and lines[1].strip():
+        try:
+            return json.loads(lines[1])
+        except json.JSONDecodeError:
+            return None
+    return store.read_json(stats_key(index, prefix)) if store.exists(stats_key(index, prefix)) else None
 
 
 def is_complete(store: Any, index: int, plan_id: str = "", prefix: str = "shards") -> bool:
     """Shard ``index`` is complete for this plan (a marker left by another plan does not count)."""
-    key = marker_key(index, prefix)
-    return store.exists(key) and store.read_text(key).strip() == plan_id
+    return completed_stats(store, index, plan_id, prefix) is not None
 
 
 def write_shard(store: Any, index: int, table: pa.Table, row_group_rows: int = 1_000,
                 compression: str = "zstd", prefix: str = "shards", plan_id: str = "") -> dict:
     """Write shard ``index`` (atomic), then its stats, then its marker. Skips a shard completed for
-    the same ``plan_id`` (an identity of the rows that go into it); another plan's shard is rewritten."""
-    if is_complete(store, index, plan_id, prefix):
-        return store.read_json(stats_key(index, prefix))
-    data = encode_shard(table, row_group_rows, compression)
-    store.write_bytes(shard_key(index, prefix), data)
+    the same ``plan_id`` (an identity of the rows that go into it); another plan's shard is rewritten.
+
+    The Parquet bytes stream into the object and through the sha256 as they are encoded, and only
+    the shard is fsynced: the marker carries the stats itself (plan on its first line, stats on the
+    second), so a marker that did not reach the disk whole never matches a plan and the shard is
+    written again; ``_stats.json`` is for people and tools.
+    """
+    done = completed_stats(store, index, plan_id, prefix)
+    if done is not None:
+        return done
+    table = conform(table, SHARD_SCHEMA)
+    with store.open_atomic(shard_key(index, prefix)) as f:
+        sink = _Sha256Writer(f)
+        pq.write_table(table, sink, row_group_size=max(1, row_group_rows), **_parquet_options(compression))
     stats = {
         "path": shard_key(index, prefix),
         "rows": table.num_rows,
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": sink.size,
+        "sha256": sink.digest.hexdigest(),
         "image_bytes": int(pc.sum(table.column("image_bytes")).as_py() or 0)
         if "image_bytes" in table.column_names else None,
         "plan": plan_id,
     }
-    store.write_json(stats_key(index, prefix), stats)
-    store.write_text(marker_key(index, prefix), plan_id + "\n")
+    after = store.scratch()  # the shard is durable; these two need no fsync of their own (see above)
+    after.write_json(stats_key(index, prefix), stats)
+    after.write_text(marker_key(index, prefix), plan_id + "\n" + json.dumps(stats, sort_keys=True) + "\n")
     return stats
 
 

@@ -92,6 +92,15 @@ def test_filter_stage_on_ray_equals_in_process(tmp_path, ray_local):
     kept = pa.concat_tables([remote.work.store.read_parquet(WorkDir.filtered(s.shard_id)) for s in shards])
     assert sorted(kept.column("caption").to_pylist()) == ["A dog on the beach", "a cat", "beach house at night",
                                                            "the dog and the cat"]
+    # The matcher was built once, by the driver, and stored with its automaton for every worker.
+    from tasks.build.jobs import query_matcher
+    from tasks.query_match import QueryMatcher
+
+    stored = QueryMatcher.from_bytes(remote.work.store.read_bytes(WorkDir.QUERY_MATCHER))
+    assert stored.match(["a dog and a cat"]).to_pylist() == [[0, 2]]
+    remote.work.store.write_bytes(WorkDir.QUERY_MATCHER, b"not a pickle")  # unreadable: built from the list
+    query_matcher.cache_clear()
+    assert query_matcher(remote.work, ref).match(["a dog and a cat"]).to_pylist() == [[0, 2]]
     # A rerun returns the completion records instead of redoing the shards.
     store = remote.work.store
     stamp = {s.shard_id: store.read_text(WorkDir.filter_record(s.shard_id)) for s in shards}
@@ -106,8 +115,11 @@ def test_filter_stage_on_ray_equals_in_process(tmp_path, ray_local):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["probability", "exact"])
-def test_balancing_across_shards_equals_balancing_the_whole_pool(tmp_path, ray_local, mode):
+@pytest.mark.parametrize("mode,cap_partitions", [("probability", 1), ("exact", 1), ("exact", 3)])
+def test_balancing_across_shards_equals_balancing_the_whole_pool(tmp_path, ray_local, monkeypatch, mode,
+                                                                 cap_partitions):
+    if cap_partitions > 1:  # the cap thresholds' shuffle by query over several partitions
+        monkeypatch.setattr(stages, "CAP_PAIRS_PER_PARTITION", 60)
     rng = np.random.default_rng(3)
     n = 400
     ids = [f"s{i:04d}" for i in range(n)]
@@ -140,7 +152,9 @@ def test_balancing_across_shards_equals_balancing_the_whole_pool(tmp_path, ray_l
 # ------------------------------------------------------------------------------------------------
 
 
-def test_within_dataset_holdout_and_output_shards(tmp_path, ray_local):
+@pytest.mark.parametrize("fan_in", [64, 2])
+def test_within_dataset_holdout_and_output_shards(tmp_path, ray_local, monkeypatch, fan_in):
+    monkeypatch.setattr(stages, "HOLDOUT_FAN_IN", fan_in)  # 2: the hold-out merges over two levels
     images = [png(i) for i in range(30)]
     images[7] = images[3]  # exact duplicates across parts: the smallest sample_id is kept
     images[21] = images[3]

@@ -20,6 +20,8 @@ from infra.storage import ObjectStore
 from tasks.dedup.hashing import THUMB_SIDE, hash_table
 from tasks.dedup.mih import MultiIndexHash, brute_force_search, choose_substrings
 from tasks.dedup.verify import pair_ncc, thumbs_of
+from tasks.dedup.bands import PairStats, band_values, bands, candidate_pairs, compact_ids
+from tasks.dedup.components import EDGE_SCHEMA, FileRef, components, read_all, spanning_stars
 from tasks.dedup.within import (PartRef, near_duplicate_drops, within_dataset_duplicates,
                                 within_dataset_duplicates_distributed)
 
@@ -258,14 +260,20 @@ def test_distributed_within_dedup_equals_the_single_process_result(request, tmp_
     parts = _write_parts(planted, stores, 4)
     scratch = ObjectStore(str(tmp_path / "scratch"))
     got = within_dataset_duplicates_distributed(parts, scratch=scratch, radius=4, num_partitions=3, use_ray=use_ray)
-    assert got.equals(want)
-    assert any(k.startswith("exact/") for k in scratch.list()) and any(k.startswith("bands/") for k in scratch.list())
+    assert got.table().equals(want)
+    assert got.counts == dict(Counter(want.column("reason").to_pylist()))
+    steps = {k.split("/")[1] for k in scratch.list()}
+    assert {"exact", "exact-groups", "bands", "verify-a", "verify-b", "components", "join", "drops"} <= steps
+    # Each part reads back exactly its own drops.
+    by_part = {p.key: set(got.part_drops(p.key).column("sample_id").to_pylist()) for p in parts}
+    for p in parts:
+        assert by_part[p.key] == set(want.column("sample_id").to_pylist()) & set(p.store.read_parquet(p.path).column("sample_id").to_pylist())
 
     # The bundled sample's real exact and near groups, another split and the default partition count.
     cols = ["sample_id", "phash", "low_info", "pixels_sha256", "thumb"]
     sample = sample_hashed.select(cols)
     got = within_dataset_duplicates_distributed(_write_parts(sample, stores[:1], 3), scratch=scratch.child("sample"),
-                                                radius=4, use_ray=use_ray)
+                                                radius=4, use_ray=use_ray).table()
     assert got.equals(_within(sample)) and got.num_rows > 0
 
 
@@ -273,22 +281,24 @@ def test_distributed_within_dedup_resumes_from_its_scratch_and_never_from_stale_
     planted = _planted_duplicates()
     store, scratch = ObjectStore(str(tmp_path / "parts")), ObjectStore(str(tmp_path / "scratch"))
     parts = _write_parts(planted, [store], 3)
-    first = within_dataset_duplicates_distributed(parts, scratch=scratch, radius=4, num_partitions=2, use_ray=False)
+    first = within_dataset_duplicates_distributed(parts, scratch=scratch, radius=4, num_partitions=2,
+                                                  use_ray=False).table()
     # A rerun with the same parts and settings reads every map and reduce back: the parts may be gone.
     saved = {p.path: store.read_bytes(p.path) for p in parts}
     for p in parts:
         store.delete(p.path)
-    again = within_dataset_duplicates_distributed(parts, scratch=scratch, radius=4, num_partitions=2, use_ray=False)
+    again = within_dataset_duplicates_distributed(parts, scratch=scratch, radius=4, num_partitions=2,
+                                                  use_ray=False).table()
     assert again.equals(first)
     # Other settings never reuse those pieces: the chain (3 bits a step) breaks at radius 2.
     for path, data in saved.items():
         store.write_bytes(path, data)
     for radius, partitions in ((2, 2), (4, 3)):
         got = within_dataset_duplicates_distributed(parts, scratch=scratch, radius=radius, num_partitions=partitions,
-                                                    use_ray=False)
+                                                    use_ray=False).table()
         assert got.equals(_within(planted, radius))
     assert not got.equals(_within(planted, 2))
-    assert within_dataset_duplicates_distributed([], scratch=scratch, radius=4, use_ray=False).num_rows == 0
+    assert within_dataset_duplicates_distributed([], scratch=scratch, radius=4, use_ray=False).table().num_rows == 0
 
 
 def test_distributed_within_dedup_reads_parts_and_writes_pieces_on_s3(s3_store):
@@ -296,8 +306,8 @@ def test_distributed_within_dedup_reads_parts_and_writes_pieces_on_s3(s3_store):
     parts = _write_parts(planted, [s3_store.child("parts")], 3)
     got = within_dataset_duplicates_distributed(parts, scratch=s3_store.child("scratch"), radius=4, num_partitions=2,
                                                 use_ray=False)
-    assert got.equals(_within(planted))
-    assert any(k.startswith("bands/") and k.endswith(".parquet") for k in s3_store.child("scratch").list())
+    assert got.table().equals(_within(planted))
+    assert any("/bands/" in k and k.endswith(".parquet") for k in s3_store.child("scratch").list())
 
 
 def test_distributed_within_dedup_names_the_part_it_cannot_read(tmp_path):
@@ -326,3 +336,149 @@ def test_half_size_copies_are_compared_at_their_own_detail(fashion_test):
     matched = pair_ncc(ta, tb, sides=np.full(40, 14))
     assert np.all(matched >= sharp - 1e-6) and np.mean(matched) > np.mean(sharp)
     assert np.allclose(pair_ncc(tb, tb, sides=np.full(40, 28)), 1.0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bounded work per row: band groups, capped candidate sets, distributed components
+# ------------------------------------------------------------------------------------------------
+
+
+def _band_pairs(codes: np.ndarray, radius: int, cap: int) -> tuple[set, PairStats]:
+    """Pairs the within-dataset band stage finds among ``codes`` (one partition)."""
+    n = len(codes)
+    band_ids, values, frees, widths = [], [], [], []
+    for b, (shift, bits) in enumerate(bands(radius)):
+        value, free = band_values(codes, shift, bits)
+        band_ids.append(np.full(n, b)), values.append(value), frees.append(free), widths.append(np.full(n, 64 - bits))
+    rows = np.tile(np.arange(n), len(band_ids))
+    group = compact_ids(np.concatenate(band_ids), np.concatenate(values))
+    i, j, stats = candidate_pairs(group, np.tile(codes, len(band_ids)), np.concatenate(frees), np.concatenate(widths),
+                                  rows, radius, cap)
+    a, b = rows[i], rows[j]
+    return set(zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist())), stats
+
+
+@pytest.mark.parametrize("radius", [0, 2, 4, 7])
+def test_band_pairs_equal_brute_force_at_any_cap(radius):
+    rng = np.random.default_rng(radius)
+    base = rng.integers(0, 2**63, 700, dtype=np.int64).astype(np.uint64) << np.uint64(1)
+    flips = [np.uint64(0), np.uint64(1 << 3), np.uint64(0b101 << 50), np.uint64(0xF << 20)]
+    codes = np.concatenate([base ^ f for f in flips])
+    # Skew: a third of the codes share their top 24 bits (big groups in the top band).
+    codes[::3] = (codes[::3] & np.uint64((1 << 40) - 1)) | np.uint64(0xC0FFEE << 40)
+    codes = np.concatenate([codes, codes[:40]])  # identical codes: pairs at radius 0 too
+    qi, ci, _ = brute_force_search(codes, codes, radius)
+    want = {(int(a), int(b)) for a, b in zip(qi, ci) if a < b}
+    assert want
+    for cap in (8, 64, 10_000):
+        got, stats = _band_pairs(codes, radius, cap)
+        assert got <= want  # never a pair beyond the radius
+        if stats.capped_rows == 0:  # every group split down to the cap: exact recall
+            assert got == want, (radius, cap)
+        else:  # near-copy clusters above a small cap compare each row with its `cap` neighbours only
+            assert len(got) >= 0.98 * len(want), (radius, cap, len(got), len(want))
+    assert _band_pairs(codes, radius, 10_000)[1].capped_rows == 0
+    if radius:  # the cap bounds the work: fewer comparisons than all pairs of the big groups
+        assert _band_pairs(codes, radius, 8)[1].comparisons < _band_pairs(codes, radius, 10_000)[1].comparisons
+
+
+def test_identical_codes_are_compared_with_a_capped_window():
+    codes = np.full(5000, 0xDEADBEEF, dtype=np.uint64)
+    got, stats = _band_pairs(codes, 4, 16)
+    assert stats.capped_rows > 0 and stats.comparisons <= 5000 * 16 * 5
+    # Each row meets its 16 neighbours in (code, id) order: a chain through the whole cluster.
+    assert {(i, i + 1) for i in range(4999)} <= got
+    assert len(got) < 5000 * 17
+
+
+def _components_reference(edges: list[tuple[str, str]]) -> dict[str, str]:
+    nodes = sorted({x for e in edges for x in e})
+    pos = {s: i for i, s in enumerate(nodes)}
+    parent = list(range(len(nodes)))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+    for a, b in edges:
+        ra, rb = find(pos[a]), find(pos[b])
+        parent[max(ra, rb)] = min(ra, rb)
+    return {s: nodes[find(i)] for i, s in enumerate(nodes) if find(i) != i}
+
+
+def _edge_files(edges: list[tuple[str, str]], store: ObjectStore, files: int) -> list[FileRef]:
+    node = {s: np.uint64(i) for i, s in enumerate(sorted({x for e in edges for x in e}))}
+    refs = []
+    for f in range(files):
+        chunk = [(min(a, b), max(a, b)) for a, b in edges[f::files]]
+        table = pa.table([pa.array([a for a, _ in chunk], pa.string()), pa.array([node[a] for a, _ in chunk], pa.uint64()),
+                          pa.array([b for _, b in chunk], pa.string()), pa.array([node[b] for _, b in chunk], pa.uint64())],
+                         schema=EDGE_SCHEMA)
+        store.write_parquet(f"edges/{f}.parquet", table)
+        refs.append(FileRef(f"e{f}", store, f"edges/{f}.parquet"))
+    return refs
+
+
+def test_distributed_components_equal_union_find(tmp_path):
+    rng = np.random.default_rng(3)
+    names = [f"s{int(x):06d}" for x in rng.permutation(100_000)[:600]]
+    edges = [(names[i], names[i + 1]) for i in range(199)]  # a long chain (diameter 199), ids in random order
+    edges += [(names[200], names[k]) for k in range(201, 260)]  # a star around a node that is not the smallest
+    edges += [(names[rng.integers(260, 600)], names[rng.integers(260, 600)]) for _ in range(300)]  # random sparse
+    edges = [(a, b) for a, b in edges if a != b]
+    edges += edges[:50]  # duplicates are harmless
+    want = _components_reference(edges)
+    store = ObjectStore(str(tmp_path))
+    for partitions, files in ((1, 1), (4, 3)):
+        stars = components(_edge_files(edges, store.child(f"in{partitions}"), files),
+                           scratch=store.child(f"cc{partitions}"), num_partitions=partitions, use_ray=False)
+        got = read_all(stars)
+        members = dict(zip(got.column("b").to_pylist(), got.column("a").to_pylist()))
+        assert members == want
+        rounds = {k.split("/")[0] for k in store.child(f"cc{partitions}").list()}
+        assert len(rounds) < 2 * 20  # O(log² n) rounds, not the chain's length
+
+
+def test_a_duplicate_cluster_beyond_the_cap_keeps_its_smallest_id(tmp_path):
+    """3,000 copies of one image (same hash, correlating thumbnails, distinct bytes) and unrelated rows:
+    the cluster's candidate sets are capped, yet every copy points to the cluster's smallest id,
+    whatever the parts and partitions."""
+    rng = np.random.default_rng(11)
+    texture = rng.integers(0, 256, (THUMB_SIDE, THUMB_SIDE)).astype(np.int16)
+    rows = []
+    for i in rng.permutation(3000):
+        noisy = np.clip(texture + rng.integers(-2, 3, texture.shape), 0, 255).astype(np.uint8).tobytes()
+        rows.append({"sample_id": f"c{i:05d}", "phash": 0x0123456789ABCDEF, "thumb": noisy, "low_info": False,
+                     "pixels_sha256": hashlib.sha256(f"c{i}".encode()).hexdigest()})
+    for i in range(500):
+        rows.append({"sample_id": f"u{i:05d}", "phash": int(rng.integers(0, 2**63)), "low_info": False,
+                     "thumb": rng.integers(0, 256, THUMB_SIDE * THUMB_SIDE).astype(np.uint8).tobytes(),
+                     "pixels_sha256": hashlib.sha256(f"u{i}".encode()).hexdigest()})
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("sample_id", pa.string()), ("phash", pa.uint64()),
+                                                          ("thumb", pa.binary()), ("low_info", pa.bool_()),
+                                                          ("pixels_sha256", pa.string())]))
+    store = ObjectStore(str(tmp_path / "parts"))
+    results = []
+    for parts, partitions in ((2, 1), (5, 3)):
+        refs = _write_parts(table, [store.child(f"{parts}")], parts, seed=parts)
+        dups = within_dataset_duplicates_distributed(refs, scratch=ObjectStore(str(tmp_path / f"s{parts}")), radius=4,
+                                                     max_candidates=32, num_partitions=partitions, use_ray=False)
+        results.append(dups.table())
+    assert results[0].equals(results[1])
+    got = dict(zip(results[0].column("sample_id").to_pylist(), results[0].column("representative").to_pylist()))
+    assert got == {f"c{i:05d}": "c00000" for i in range(1, 3000)}
+
+
+def test_spanning_stars_keep_the_components_in_fewer_edges(tmp_path):
+    rng = np.random.default_rng(5)
+    names = [f"n{int(x):05d}" for x in rng.permutation(10_000)[:300]]
+    clique = [(names[i], names[j]) for i in range(40) for j in range(i + 1, 40)]  # a cluster of copies
+    chain = [(names[i], names[i + 1]) for i in range(40, 120)]
+    edges = clique + chain
+    table = read_all(_edge_files(edges, ObjectStore(str(tmp_path)), 1))
+    stars = spanning_stars(table)
+    assert stars.num_rows == 39 + 80  # nodes - components
+    members = dict(zip(stars.column("b").to_pylist(), stars.column("a").to_pylist()))
+    assert members == _components_reference(edges)
+    assert spanning_stars(table.slice(0, 1)).equals(table.slice(0, 1))

@@ -188,6 +188,11 @@ def test_keep_returns_original_bytes_only_when_nothing_changes():
     rgba = _encode(Image.new("RGBA", (60, 40), (0, 0, 0, 0)), "PNG")
     flattened = process_image(rgba, ImageConfig(encode_format="keep"))
     assert flattened.data != rgba and Image.open(io.BytesIO(flattened.data)).mode == "RGB"
+    # What cannot be kept is stored as JPEG (bench/image_formats.py), whatever it came as.
+    big_png = process_image(_encode(_gradient((300, 200)), "PNG"), ImageConfig(encode_format="keep",
+                                                                               resize_longest_side=128))
+    assert big_png.image_format == "JPEG" and Image.open(io.BytesIO(big_png.data)).format == "JPEG"
+    assert flattened.image_format == "JPEG"
     assert _reason(JPEG_640[:-4000], ImageConfig(encode_format="keep", resize_longest_side=None)) == "truncated_image"
 
 
@@ -232,3 +237,45 @@ def test_config_rejects_nonsense():
         ImageConfig(encode_quality=0)
     with pytest.raises(ConfigError):
         ImageConfig(resize_longest_side=0)
+
+
+def _counting_opens(monkeypatch) -> list:
+    """Every Image.open the image stage makes (decodes), as a list of calls."""
+    import tasks.dedup.hashing
+    import tasks.images
+
+    calls, real = [], Image.open
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(tasks.images.Image, "open", counting)
+    monkeypatch.setattr(tasks.dedup.hashing.Image, "open", counting)
+    return calls
+
+
+@pytest.mark.parametrize("encode_format", ["PNG", "keep", "JPEG"])
+def test_hashes_come_from_the_pixels_decoded_once(monkeypatch, encode_format):
+    from tasks.dedup.hashing import HashFeatures, features_of_image, hash_table
+
+    sources = {"a": _encode(_gradient((300, 200)), "PNG"), "b": JPEG_640, "c": _encode(_gradient((90, 60)), "PNG"),
+               "bad": b"<html>nope</html>"}
+    cfg = ImageConfig(resize_longest_side=128, encode_format=encode_format, encode_quality=95)
+    calls = _counting_opens(monkeypatch)
+    out = gather_images(_table(sources), GatherConfig(), cfg, features=HashFeatures("phash")).table
+    assert len(calls) == len(sources)  # one decode per image, hashing included
+    monkeypatch.undo()
+    assert out.column("sample_id").to_pylist() == ["a", "b", "c"]
+    for name in ("phash", "low_info", "thumb", "min_side", "pixels_sha256"):
+        assert out.column(name).null_count == 0
+    again = hash_table(out.drop_columns(["phash", "low_info", "thumb", "min_side", "pixels_sha256"]))
+    lossless = ImageConfig(resize_longest_side=128, encode_format="PNG")
+    for i, (sid, fmt) in enumerate(zip(out.column("sample_id").to_pylist(), out.column("image_format").to_pylist())):
+        if fmt == "PNG" or out.column("image")[i].as_py() == sources[sid]:
+            # Lossless or kept: the stored image decodes to exactly the pixels that were hashed.
+            for name in ("phash", "thumb", "min_side", "pixels_sha256"):
+                assert out.column(name)[i] == again.column(name)[i], (sid, name)
+        else:  # lossy: the hashes are those of the pixels before encoding, a few bits from the JPEG's
+            with Image.open(io.BytesIO(process_image(sources[sid], lossless).data)) as pixels:
+                assert out.column("phash")[i].as_py() == features_of_image(pixels).code
+            assert bin(out.column("phash")[i].as_py() ^ again.column("phash")[i].as_py()).count("1") <= 6

@@ -123,3 +123,12 @@ def test_many_queries_and_captions() -> None:
     got = m.match(captions).to_pylist()
     assert got == [sorted({i, (i * 7) % 5000}) for i in range(2000)]
     assert m.match(["w1 w2"]).to_pylist() == [[1, 2, 5000]]
+
+
+def test_a_stored_matcher_carries_its_automaton(matcher: QueryMatcher) -> None:
+    texts = ["new york cat", "category", "a Cat in NEW YORK"]
+    loaded = QueryMatcher.from_bytes(matcher.to_bytes())
+    assert loaded._automaton is not None  # nothing to build in the worker that loads it
+    assert loaded.match(texts).to_pylist() == matcher.match(texts).to_pylist()
+    assert (loaded.num_queries, loaded.num_keys, loaded.num_aliases) == (matcher.num_queries, matcher.num_keys,
+                                                                         matcher.num_aliases)

@@ -652,3 +652,34 @@ def test_a_process_with_a_sigkill_pending_counts_as_killed() -> None:
     assert not being_killed(running.replace("ShdPnd:\t0000000000000000", "ShdPnd:\t0000000000004000"))  # SIGTERM
     with open(f"/proc/{os.getpid()}/status") as f:
         assert not being_killed(f.read())
+
+
+def test_streamed_writes_appear_whole_or_not_at_all(store: ObjectStore) -> None:
+    with store.open_atomic("a/streamed.bin") as f:
+        for i in range(10):
+            f.write(bytes([i]) * 1000)
+        assert not store.exists("a/streamed.bin")  # nothing visible while it is written
+    assert store.read_bytes("a/streamed.bin") == b"".join(bytes([i]) * 1000 for i in range(10))
+    with pytest.raises(RuntimeError):
+        with store.open_atomic("a/streamed.bin") as f:
+            f.write(b"half")
+            raise RuntimeError("writer died")
+    assert store.read_bytes("a/streamed.bin")[:1000] == bytes(1000)  # the old object, untouched
+    assert store.list("a/") == ["a/streamed.bin"]  # no temp file left behind
+
+
+def test_scratch_writes_skip_fsync_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import infra.storage
+
+    synced: list[int] = []
+    monkeypatch.setattr(infra.storage.os, "fsync", lambda fd: synced.append(fd))
+    store = ObjectStore(str(tmp_path))
+    store.write_bytes("durable.bin", b"x")
+    assert len(synced) == 2  # the file and its directory
+    scratch = store.child("work").scratch()
+    scratch.write_bytes("piece.bin", b"y")
+    scratch.child("deeper").write_text("more.txt", "z")
+    assert len(synced) == 2 and not scratch.durable and not scratch.child("deeper").durable
+    assert store.read_bytes("work/piece.bin") == b"y" and store.read_text("work/deeper/more.txt") == "z"
+    assert pickle.loads(pickle.dumps(scratch)).durable is False
+    assert store.list("work/") == ["work/deeper/more.txt", "work/piece.bin"]

@@ -37,12 +37,32 @@ def text_filter_step(cfg: TextFilterConfig) -> Any:
     return TextFilter(cfg)
 
 
-@functools.lru_cache(maxsize=2)
-def query_matcher(queries: QueryListRef, storage: StorageConfig) -> Any:
+def build_query_matcher(queries: QueryListRef, storage: StorageConfig) -> Any:
+    """The matcher of a query list, built from the list (``tasks.query_match.QueryMatcher``)."""
     from tasks.query_match import QueryMatcher
 
     root, key = queries.uri.rsplit("/", 1)
     return QueryMatcher(ObjectStore(root, storage).read_parquet(key))
+
+
+def ensure_query_matcher(work: WorkDir, queries: QueryListRef) -> None:
+    """Build the matcher once per build (the driver) and store it with its automaton, so that every
+    worker loads it instead of building it (the work directory is named by the query list's sha256)."""
+    if not work.store.exists(WorkDir.QUERY_MATCHER):
+        work.store.write_bytes(WorkDir.QUERY_MATCHER, build_query_matcher(queries, work.storage).to_bytes())
+
+
+@functools.lru_cache(maxsize=2)
+def query_matcher(work: WorkDir, queries: QueryListRef) -> Any:
+    """The stored matcher (:func:`ensure_query_matcher`), loaded once per worker process."""
+    from tasks.query_match import QueryMatcher
+
+    if work.store.exists(WorkDir.QUERY_MATCHER):
+        try:
+            return QueryMatcher.from_bytes(work.store.read_bytes(WorkDir.QUERY_MATCHER))
+        except Exception:  # noqa: BLE001 - e.g. a pyahocorasick upgrade: the list itself still works
+            pass
+    return build_query_matcher(queries, work.storage)
 
 
 @functools.lru_cache(maxsize=2)
@@ -103,7 +123,7 @@ def filter_shard(shard: Any, ctx: FilterContext) -> FilterRecord:
     if store.exists(record_key):
         return FilterRecord.from_json(store.read_json(record_key))
     table, funnel = read_input_shard_with_funnel(shard)
-    matcher = query_matcher(ctx.queries, ctx.work.storage)
+    matcher = query_matcher(ctx.work, ctx.queries)
     out = run_steps(table, [text_filter_step(ctx.text_filter), matcher], funnel)
     store.write_parquet(WorkDir.filtered(shard.shard_id), out.table)
     record = FilterRecord(shard.shard_id, out.table.num_rows, out.funnel,
@@ -113,7 +133,7 @@ def filter_shard(shard: Any, ctx: FilterContext) -> FilterRecord:
 
 
 # ------------------------------------------------------------------------------------------------
-# balance -> fetch + images -> hash -> eval-set dedup
+# balance -> fetch + images (+ hashes from the decoded pixels) -> eval-set dedup
 # ------------------------------------------------------------------------------------------------
 
 
@@ -146,13 +166,11 @@ def _url_dedup_step(drops: tuple[str, ...]) -> Any:
     return step
 
 
-def _hash_step(dedup: DedupConfig) -> Any:
-    from tasks.dedup.hashing import hash_table
+def _hash_features(dedup: DedupConfig) -> Any:
+    """The dedup hashes, computed by the image step from the pixels it decoded (decoded once)."""
+    from tasks.dedup.hashing import HashFeatures
 
-    def step(table: pa.Table) -> StepOutput:
-        return StepOutput(hash_table(table, dedup.hash_kind, low_info_max_std=dedup.low_info_max_std))
-
-    return step
+    return HashFeatures(dedup.hash_kind, dedup.low_info_max_std)
 
 
 def _eval_dedup_step(ctx: CleanContext) -> Any:
@@ -163,10 +181,7 @@ def _eval_dedup_step(ctx: CleanContext) -> Any:
 
 
 def _decontamination_steps(ctx: CleanContext) -> list[Any]:
-    steps = [_hash_step(ctx.dedup)]
-    if ctx.dedup.against_eval and ctx.index is not None:
-        steps.append(_eval_dedup_step(ctx))
-    return steps
+    return [_eval_dedup_step(ctx)] if ctx.dedup.against_eval and ctx.index is not None else []
 
 
 def clean_shard(record: FilterRecord, ctx: CleanContext) -> CleanRecord:
@@ -191,8 +206,8 @@ def clean_shard(record: FilterRecord, ctx: CleanContext) -> CleanRecord:
     steps = [
         _url_dedup_step(ctx.url_drops.get(shard_id, ())),
         lambda t: balance_table(t, counts, ctx.balance, thresholds=thresholds),
-        # Fetch rows that have a URL and no inline image, then decode/validate/re-encode every image.
-        lambda t: gather_images(t, ctx.gather, ctx.images),
+        # Fetch rows that have a URL and no inline image, then decode/validate/hash/encode every image.
+        lambda t: gather_images(t, ctx.gather, ctx.images, features=_hash_features(ctx.dedup)),
         *_decontamination_steps(ctx),
     ]
     return _write_clean(ctx.work, shard_id, run_steps(table, steps))
@@ -234,7 +249,8 @@ def _retry_transient(done: CleanRecord, ctx: CleanContext) -> CleanRecord:
     store = ctx.work.store
     shard_id = done.shard_id
     previous = store.read_parquet(WorkDir.side(FAILED, shard_id))
-    steps = [lambda t: retry_transient(t, ctx.gather, ctx.images), *_decontamination_steps(ctx)]
+    steps = [lambda t: retry_transient(t, ctx.gather, ctx.images, features=_hash_features(ctx.dedup)),
+             *_decontamination_steps(ctx)]
     recovered = run_steps(previous, steps)
     transient = [r for r, s in zip(previous.column("reason").to_pylist(), previous.column("status").to_pylist())
                  if s == FAILED_TRANSIENT]

@@ -120,10 +120,11 @@ class PartRows:
 class WithinResult:
     """The within-dataset dedup and hold-out: counts per part, drop reasons, where the ids are."""
 
-    key: str  # the work-directory prefix holding drops.parquet and holdout.parquet
+    key: str  # the work-directory prefix holding the shuffles and holdout.parquet
     drops: int
     reasons: Mapping[str, int]
     parts: tuple[PartRows, ...]
+    duplicates: Any = None  # tasks.dedup.within.DuplicateSets: the drops by part group, in storage
 
     @functools.cached_property
     def by_part(self) -> dict[str, PartRows]:

@@ -3,8 +3,8 @@
 Each fans its per-shard jobs (``tasks.build.jobs``) out through ``infra.fanout`` or runs one of
 the global reduces between them: the per-query counts and cap thresholds (balancing), the
 within-dataset duplicates and the hold-out, the output-shard plan, the manifest and the reports.
-No reduce holds a per-sample list of the whole build on the driver except the within-dataset
-drops (one id per dropped duplicate) and the hold-out (``shards.holdout_rows`` ids).
+No reduce holds a per-sample list on the driver: the within-dataset drops stay in storage by part
+group, and the hold-out is merged on workers; the driver sees counts and keys.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from infra.config import (BalanceConfig, DedupConfig, EvalSetConfig, GatherConfig, ImageConfig, ShardConfig,
                           SourceConfig, StorageConfig, TextFilterConfig, to_dict)
-from infra.fanout import map_shards, values_or_raise
+from infra.fanout import map_shards, shuffle, split_by, values_or_raise
 from infra.funnel import Funnel
 from infra.lease import OutputLease
 from infra.log import get_logger, log_event
@@ -32,7 +32,7 @@ from infra.manifest import Manifest, build_manifest
 from infra.manifest import write_manifest as write_manifest_file
 from infra.prefect_utils import publish_image, publish_markdown, publish_table
 from infra.storage import ObjectStore
-from tasks.build.jobs import CleanContext, FilterContext, clean_shard, filter_shard, query_counts
+from tasks.build.jobs import CleanContext, FilterContext, clean_shard, ensure_query_matcher, filter_shard, query_counts
 from tasks.build.records import (CleanStage, EvalIndexRef, FilterRecord, FilterStage, PartRows, QueryCountsSummary,
                                  QueryListRef, WithinResult, WrittenShards, to_json)
 from tasks.build.workdir import WorkDir, fingerprint
@@ -115,6 +115,8 @@ def filter_stage(shards: Sequence[Any], *, dataset_root: str, storage: StorageCo
     """read -> text filters -> query match per input shard; ``lease`` (from :func:`take_output`)
     guards every write of this and the later stages, which inherit its work directory."""
     work = WorkDir.for_filter(dataset_root, storage, sources, base_dir, text_filter, queries.sha256, lease)
+    if shards:
+        ensure_query_matcher(work, queries)
     results = map_shards(filter_shard, shards, context=FilterContext(work, queries, text_filter),
                          desc="read/filter/match", on_done=on_done, use_ray=use_ray)
     return FilterStage(work, tuple(values_or_raise("read-filter-match", results)))
@@ -188,14 +190,33 @@ class _CapContext:
     work: WorkDir
     balance: BalanceConfig
     url_drops: pa.Table
+    num_partitions: int
 
 
-def _cap_hashes(record: FilterRecord, ctx: _CapContext) -> Any:
+def _cap_pieces(record: FilterRecord, ctx: _CapContext) -> list[pa.Table]:
+    """Shuffle map: one shard's (query_id, pair hash) of over-cap queries, at most t + 1 per query
+    (the shard's smallest), partitioned by query."""
     from tasks.balance import CapHashes
 
     table = ctx.work.store.read_parquet(WorkDir.filtered(record.shard_id), columns=["sample_id", "query_ids"])
-    return CapHashes.from_table(_without_url_drops(table, record.shard_id, ctx.url_drops), query_counts(ctx.work),
+    caps = CapHashes.from_table(_without_url_drops(table, record.shard_id, ctx.url_drops), query_counts(ctx.work),
                                 ctx.balance)
+    pairs = pa.table({"query_id": pa.array(caps.query_ids, pa.int64()), "hash": pa.array(caps.hashes, pa.uint64())})
+    return split_by(pairs, (caps.query_ids % ctx.num_partitions).astype(np.int64), ctx.num_partitions)
+
+
+def _cap_reduce(partition: int, pieces: list[pa.Table], ctx: _CapContext) -> pa.Table:
+    """Shuffle reduce: every pair hash of this partition's queries is here; their cut-offs."""
+    from tasks.balance import CapHashes
+
+    t = pa.concat_tables([pa.schema([("query_id", pa.int64()), ("hash", pa.uint64())]).empty_table(), *pieces])
+    caps = CapHashes(ctx.balance.max_per_query, t.column("query_id").to_numpy(), t.column("hash").to_numpy())
+    queries = np.unique(caps.query_ids)
+    cut = caps.thresholds(int(queries.max()) + 1 if len(queries) else 0)[queries]
+    return pa.table({"query_id": pa.array(queries, pa.int64()), "threshold": pa.array(cut, pa.uint64())})
+
+
+CAP_PAIRS_PER_PARTITION = 2_000_000  # (query, hash) pairs one cap reduce holds (~100 MB with its sort)
 
 
 def _without_url_drops(table: pa.Table, shard_id: str, drops: pa.Table) -> pa.Table:
@@ -207,8 +228,9 @@ def count_queries(filtered: FilterStage, num_queries: int, balance: BalanceConfi
                   use_ray: bool = True) -> QueryCountsSummary:
     """The global reduce after the text stage: rows whose URL another row has (``dedupe_urls``),
     then the global per-query counts of the rest (balancing's input); in exact mode also the
-    per-query cut-off hashes (a second pass over the shards)."""
-    from tasks.balance import CapHashes, sparse_query_counts
+    per-query cut-off hashes: a shuffle by query over the shards' pairs of over-cap queries, so no
+    process holds more than a partition of them."""
+    from tasks.balance import sparse_query_counts
 
     drops = url_duplicates(filtered, use_ray=use_ray) if dedupe_urls else URL_DROPS_SCHEMA.empty_table()
     counts = np.zeros(num_queries, dtype=np.int64)
@@ -223,13 +245,21 @@ def count_queries(filtered: FilterStage, num_queries: int, balance: BalanceConfi
     store = filtered.work.store
     store.write_parquet(WorkDir.QUERY_COUNTS, table.replace_schema_metadata({"num_queries": str(num_queries)}))
     if balance.mode == "exact":
-        caps = CapHashes(balance.max_per_query)
-        results = map_shards(_cap_hashes, filtered.records, context=_CapContext(filtered.work, balance, drops),
-                             desc="cap thresholds", use_ray=use_ray)
-        for part in values_or_raise("cap-thresholds", results):
-            caps.merge(part)
+        over = counts > balance.max_per_query
+        pairs = int(np.minimum(counts[over], (balance.max_per_query + 1) * len(filtered.records)).sum())
+        partitions = max(1, min(1024, -(-pairs // CAP_PAIRS_PER_PARTITION)))
+        # Pieces are named by what makes them: the settings and the counts (which queries are over the cap).
+        name = fingerprint(to_dict(balance), partitions, hashlib.sha256(counts.tobytes()).hexdigest(),
+                           drops.num_rows)
+        scratch = store.child(f"caps/{name}").scratch()
+        keys = shuffle(_cap_pieces, _cap_reduce, list(filtered.records), num_partitions=partitions, scratch=scratch,
+                       context=_CapContext(filtered.work, balance, drops, partitions), desc="cap thresholds", use_ray=use_ray)
+        thresholds = np.full(num_queries, np.iinfo(np.uint64).max, np.uint64)
+        for key in keys:
+            cut = scratch.read_parquet(key)
+            thresholds[cut.column("query_id").to_numpy()] = cut.column("threshold").to_numpy()
         buf = io.BytesIO()
-        np.save(buf, caps.thresholds(num_queries))
+        np.save(buf, thresholds)
         store.write_bytes(WorkDir.CAP_THRESHOLDS, buf.getvalue())
     if drops.num_rows:
         log_event(log, "URLs shared by rows of several shards: fetched once", duplicates=drops.num_rows)
@@ -268,16 +298,23 @@ def _ids_by_shard(drops: pa.Table) -> dict[str, list[str]]:
 # ------------------------------------------------------------------------------------------------
 
 
-# Read once per worker. Each file is complete before the first job that reads it starts (the drops
-# before the hold-out jobs, the hold-out before the writers), so a cached copy is never stale.
-@functools.lru_cache(maxsize=2)
-def _drop_ids(work: WorkDir, prefix: str) -> pa.Array:
-    return work.store.read_parquet(WorkDir.within_drops(prefix), columns=["sample_id"]).column("sample_id").combine_chunks()
+def _duplicates(clean: CleanStage, dedup: DedupConfig, scratch: ObjectStore, use_ray: bool) -> Any:
+    from tasks.dedup.within import DuplicateSets, PartRef, within_dataset_duplicates_distributed
+
+    if not dedup.within_dataset or not clean.records:
+        return DuplicateSets(tuple(r.shard_id for r in clean.records), (), {})
+    store = clean.work.store
+    parts = [PartRef(r.shard_id, store, WorkDir.clean(r.shard_id), r.rows) for r in clean.records]
+    return within_dataset_duplicates_distributed(parts, scratch=scratch, radius=dedup.within_radius,
+                                                 kind=dedup.hash_kind, min_ncc=dedup.verify_min_ncc,
+                                                 max_candidates=dedup.max_candidates,
+                                                 task_memory_mb=dedup.task_memory_mb, use_ray=use_ray)
 
 
-@functools.lru_cache(maxsize=2)
-def _held_ids(work: WorkDir, prefix: str) -> pa.Array:
-    return work.store.read_parquet(WorkDir.holdout_ids(prefix)).column("sample_id").combine_chunks()
+# ---- the hold-out: the n smallest ranks among the survivors, merged on workers ----------------
+
+HOLDOUT_SCHEMA = pa.schema([("rank", pa.binary(20)), ("sample_id", pa.string()), ("part", pa.string())])
+HOLDOUT_FAN_IN = 64  # candidate files one merge job reads
 
 
 @dataclass(frozen=True)
@@ -285,59 +322,88 @@ class _SurvivorContext:
     work: WorkDir
     prefix: str
     holdout_rows: int
+    duplicates: Any  # tasks.dedup.within.DuplicateSets
+
+
+def _survivor_ids(work: WorkDir, shard_id: str, duplicates: Any) -> pa.Array:
+    """The sample ids of one clean part left after the within-dataset drops, in row order."""
+    ids = work.store.read_parquet(WorkDir.clean(shard_id), columns=["sample_id"]).column("sample_id").combine_chunks()
+    drops = duplicates.part_drops(shard_id).column("sample_id")
+    return ids.filter(pc.invert(pc.is_in(ids, drops))) if len(drops) else ids
+
+
+def _part_survivors(shard_id: str, ctx: _SurvivorContext) -> int:
+    """Rows of one clean part left after the drops; writes its hold-out candidates (level 0)."""
+    from tasks.shards import holdout_candidates
+
+    left = _survivor_ids(ctx.work, shard_id, ctx.duplicates)
+    if ctx.holdout_rows > 0:
+        best = holdout_candidates(left.to_pylist(), ctx.holdout_rows)
+        ctx.work.store.write_parquet(WorkDir.holdout_candidates(ctx.prefix, 0, shard_id), pa.table(
+            [pa.array([r for r, _ in best], pa.binary(20)), pa.array([s for _, s in best], pa.string()),
+             pa.array([shard_id] * len(best), pa.string())], schema=HOLDOUT_SCHEMA))
+    return len(left)
 
 
 @dataclass(frozen=True)
-class _Survivors:
-    shard_id: str
-    rows: int
-    candidates: tuple[tuple[bytes, str], ...]
+class _MergeJob:
+    key: str
+    inputs: tuple[str, ...]
+    output: str
 
 
-def _part_survivors(shard_id: str, ctx: _SurvivorContext) -> _Survivors:
-    """Rows of one clean part left after the drops, and its candidates for the hold-out."""
-    from tasks.shards import holdout_candidates
+def _merge_candidates(job: _MergeJob, ctx: _SurvivorContext) -> dict[str, int]:
+    """The ``holdout_rows`` smallest ranks of some candidate files; returns them counted per part."""
+    store = ctx.work.store
+    if not store.exists(job.output):
+        table = pa.concat_tables([HOLDOUT_SCHEMA.empty_table(), *(store.read_parquet(k) for k in job.inputs)])
+        store.write_parquet(job.output, table.sort_by("rank").slice(0, ctx.holdout_rows))
+    return dict(Counter(store.read_parquet(job.output, columns=["part"]).column("part").to_pylist()))
 
-    ids = ctx.work.store.read_parquet(WorkDir.clean(shard_id), columns=["sample_id"]).column("sample_id")
-    drops = _drop_ids(ctx.work, ctx.prefix)
-    left = ids.filter(pc.invert(pc.is_in(ids, drops))).to_pylist() if len(drops) else ids.to_pylist()
-    return _Survivors(shard_id, len(left), tuple(holdout_candidates(left, ctx.holdout_rows)))
+
+def _select_holdout(ctx: _SurvivorContext, shard_ids: Sequence[str], use_ray: bool) -> dict[str, int]:
+    """Merge the parts' candidates up a tree of ``HOLDOUT_FAN_IN``-way merges on workers into the
+    hold-out file (``holdout_rows`` ids); returns how many rows each part holds out."""
+    keys = [WorkDir.holdout_candidates(ctx.prefix, 0, s) for s in shard_ids]
+    level = 0
+    while True:
+        level += 1
+        chunks = [tuple(keys[i:i + HOLDOUT_FAN_IN]) for i in range(0, len(keys), HOLDOUT_FAN_IN)]
+        last = len(chunks) == 1
+        jobs = [_MergeJob(f"l{level}-{i:05d}", c, WorkDir.holdout_ids(ctx.prefix) if last
+                          else WorkDir.holdout_candidates(ctx.prefix, level, f"m-{i:05d}")) for i, c in enumerate(chunks)]
+        held = values_or_raise("hold-out", map_shards(_merge_candidates, jobs, context=ctx, desc=f"hold-out: merge {level}",
+                                                      use_ray=use_ray))
+        if last:
+            return held[0]
+        keys = [j.output for j in jobs]
 
 
-def _duplicates(clean: CleanStage, dedup: DedupConfig, scratch: ObjectStore, use_ray: bool) -> pa.Table:
-    from tasks.dedup.within import DUPLICATES_SCHEMA, PartRef, within_dataset_duplicates_distributed
-
-    if not dedup.within_dataset or not clean.records:
-        return DUPLICATES_SCHEMA.empty_table()
-    store = clean.work.store
-    parts = [PartRef(r.shard_id, store, WorkDir.clean(r.shard_id)) for r in clean.records]
-    return within_dataset_duplicates_distributed(parts, scratch=scratch, radius=dedup.within_radius,
-                                                 kind=dedup.hash_kind, min_ncc=dedup.verify_min_ncc, use_ray=use_ray)
+def within_settings(dedup: DedupConfig) -> dict:
+    """The dedup settings a within-dataset result depends on (not the memory budget: partitions
+    never change the result)."""
+    return {k: v for k, v in to_dict(dedup).items() if k != "task_memory_mb"}
 
 
 def within_dataset(clean: CleanStage, dedup: DedupConfig, holdout_rows: int, *, use_ray: bool = True) -> WithinResult:
     """Exact and near duplicates across all shards (each group keeps its smallest sample_id, so the
     result does not depend on shard order), then the held-out pairs for retrieval evaluation: the
-    ``holdout_rows`` deduplicated rows of smallest SHA-1 (``tasks.shards.select_holdout``)."""
+    ``holdout_rows`` deduplicated rows of smallest SHA-1 (``tasks.shards.select_holdout``).
+
+    Nothing per sample reaches the driver: the drops stay in storage by part group
+    (``DuplicateSets``), each part's survivors and hold-out candidates are found by a worker, and
+    the candidates are merged on workers; the driver gets counts per part."""
     store = clean.work.store
     prefix = clean.work.within_prefix([(r.shard_id, r.rows, r.bytes) for r in clean.records],
-                                      [to_dict(dedup), holdout_rows])
-    dups = _duplicates(clean, dedup, store.child(WorkDir.within_scratch(prefix)), use_ray)
-    store.write_parquet(WorkDir.within_drops(prefix), dups)
-    ctx = _SurvivorContext(clean.work, prefix, holdout_rows)
-    survivors = values_or_raise("within-dataset", map_shards(
-        _part_survivors, [r.shard_id for r in clean.records], context=ctx, desc="hold-out", use_ray=use_ray))
-    held = sorted(c for s in survivors for c in s.candidates)[:max(holdout_rows, 0)]
-    held_ids = [sid for _, sid in held]
-    store.write_parquet(WorkDir.holdout_ids(prefix), pa.table({"sample_id": pa.array(sorted(held_ids), pa.string())}))
-    held_per_part = Counter()
-    held_set = set(held_ids)
-    for s in survivors:
-        held_per_part[s.shard_id] = sum(1 for _, sid in s.candidates if sid in held_set)
-    parts = tuple(PartRows(s.shard_id, s.rows - held_per_part[s.shard_id], held_per_part[s.shard_id])
-                  for s in survivors)
-    reasons = Counter(dups.column("reason").to_pylist())
-    return WithinResult(prefix, dups.num_rows, dict(reasons), parts)
+                                      [within_settings(dedup), holdout_rows])
+    dups = _duplicates(clean, dedup, store.child(WorkDir.within_scratch(prefix)).scratch(), use_ray)
+    ctx = _SurvivorContext(clean.work, prefix, holdout_rows, dups)
+    shard_ids = [r.shard_id for r in clean.records]
+    left = values_or_raise("within-dataset", map_shards(_part_survivors, shard_ids, context=ctx,
+                                                        desc="hold-out: survivors", use_ray=use_ray))
+    held = _select_holdout(ctx, shard_ids, use_ray) if holdout_rows > 0 and shard_ids else {}
+    parts = tuple(PartRows(s, n - held.get(s, 0), held.get(s, 0)) for s, n in zip(shard_ids, left))
+    return WithinResult(prefix, dups.total, dict(dups.counts), parts, dups)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -360,9 +426,22 @@ class OutputShard:
 class _WriteContext:
     work: WorkDir
     within_prefix: str
+    duplicates: Any  # tasks.dedup.within.DuplicateSets
+    has_holdout: bool
     dataset_root: str
     row_group_rows: int
     compression: str
+
+
+@functools.lru_cache(maxsize=2)
+def _holdout_table(work: WorkDir, prefix: str) -> pa.Table:
+    """The hold-out file (``holdout_rows`` ids), read once per worker: it is complete before any writer starts."""
+    return work.store.read_parquet(WorkDir.holdout_ids(prefix), columns=["sample_id", "part"])
+
+
+def _held_of_part(work: WorkDir, prefix: str, shard_id: str) -> pa.Array:
+    table = _holdout_table(work, prefix)
+    return table.filter(pc.equal(table.column("part"), shard_id)).column("sample_id").combine_chunks()
 
 
 def _write_output_shard(job: OutputShard, ctx: _WriteContext) -> dict:
@@ -370,21 +449,23 @@ def _write_output_shard(job: OutputShard, ctx: _WriteContext) -> dict:
 
     Slices index the rows of a part left after dropping the duplicates and the held-out rows
     (the training shards), or the part's held-out rows (the held-out shard)."""
-    from tasks.shards import is_complete, stats_key, write_shard
+    from tasks.shards import completed_stats, write_shard
 
     out = ctx.work.store_at(ctx.dataset_root)
-    if is_complete(out, job.index, job.plan_id, job.prefix):
-        return out.read_json(stats_key(job.index, job.prefix))
-    drops, held = _drop_ids(ctx.work, ctx.within_prefix), _held_ids(ctx.work, ctx.within_prefix)
-    leave_out = pa.concat_arrays([drops, held]) if job.prefix == "shards" else None
+    done = completed_stats(out, job.index, job.plan_id, job.prefix)
+    if done is not None:
+        return done
     pieces = []
     for s in job.slices:
         table = ctx.work.store.read_parquet(WorkDir.clean(s.part))
         ids = table.column("sample_id")
-        if leave_out is None:
+        held = _held_of_part(ctx.work, ctx.within_prefix, s.part) if ctx.has_holdout else pa.array([], pa.string())
+        if job.prefix == "holdout":
             table = table.filter(pc.is_in(ids, held))
-        elif len(leave_out):
-            table = table.filter(pc.invert(pc.is_in(ids, leave_out)))
+        else:
+            leave_out = pa.concat_arrays([ctx.duplicates.part_drops(s.part).column("sample_id").combine_chunks(), held])
+            if len(leave_out):
+                table = table.filter(pc.invert(pc.is_in(ids, leave_out)))
         pieces.append(table.slice(s.start, s.stop - s.start))
     table = pa.concat_tables(pieces, promote_options="default")
     if "status" not in table.column_names:
@@ -443,7 +524,8 @@ def write_output(clean: CleanStage, within: WithinResult, *, dataset_root: str, 
     jobs = plan_output(clean, within, shards)
     if not any(j.prefix == "shards" for j in jobs):
         raise NothingToTrainOn(_nothing_to_train_on(clean, within, dataset_root, shards.holdout_rows))
-    ctx = _WriteContext(clean.work, within.key, dataset_root, shards.row_group_rows, shards.compression)
+    ctx = _WriteContext(clean.work, within.key, within.duplicates, any(p.held for p in within.parts), dataset_root,
+                        shards.row_group_rows, shards.compression)
     written = values_or_raise("write-shards", map_shards(_write_output_shard, jobs, context=ctx, desc="write shards",
                                                          on_done=on_done, use_ray=use_ray))
     train = [w for j, w in zip(jobs, written) if j.prefix == "shards"]

@@ -2,12 +2,13 @@
 
     <dataset>/work/f-<fp>/filtered/<shard>.parquet|.json       read -> text filters -> query match
     <dataset>/work/f-<fp>/url_dedup/p<n>/                      the URL shuffle's pieces and duplicates (n partitions)
+    <dataset>/work/f-<fp>/query_matcher.pkl                    the query matcher, built once for every worker
     <dataset>/work/f-<fp>/query_counts.parquet                 global per-query counts (balancing)
     <dataset>/work/f-<fp>/cap_thresholds.npy                   exact-mode balancing cut per query
     <dataset>/work/f-<fp>/c-<fp2>/clean/<shard>.parquet|.json  balance -> fetch + images -> hash -> eval dedup
     <dataset>/work/f-<fp>/c-<fp2>/failed/<shard>.parquet       fetch/decode failures with status and reason
     <dataset>/work/f-<fp>/c-<fp2>/eval_matches/<shard>.parquet what each eval-dedup drop matched
-    <dataset>/work/f-<fp>/c-<fp2>/within/w-<fp3>/              within-dataset drops, hold-out, shuffle pieces
+    <dataset>/work/f-<fp>/c-<fp2>/within/w-<fp3>/              within-dataset shuffles (drops by part group), hold-out
 
 A fingerprint covers every input that changes a result (the sources with their sizes and mtimes,
 each stage's settings, the query list's and eval index's versions, and :data:`WORK_FORMAT`, the
@@ -29,6 +30,8 @@ from infra.config import (BalanceConfig, DedupConfig, GatherConfig, ImageConfig,
 from infra.storage import ObjectStore
 
 WORK_FORMAT = 3  # bump when a record's fields or a key's content change
+# Dedup settings only the within-dataset stage reads: changing them never redoes a fetch.
+WITHIN_ONLY = frozenset({"within_radius", "within_dataset", "max_candidates", "task_memory_mb"})
 
 
 def fingerprint(*parts: Any) -> str:
@@ -72,7 +75,8 @@ class WorkDir:
 
     def for_clean(self, balance: BalanceConfig, gather: GatherConfig, images: ImageConfig, dedup: DedupConfig,
                   eval_index_version: str | None) -> "WorkDir":
-        fp = fingerprint(self.root, to_dict(balance), to_dict(gather), to_dict(images), to_dict(dedup),
+        clean_dedup = {k: v for k, v in to_dict(dedup).items() if k not in WITHIN_ONLY}
+        fp = fingerprint(self.root, to_dict(balance), to_dict(gather), to_dict(images), clean_dedup,
                          eval_index_version)
         return WorkDir(f"{self.root}/c-{fp}", self.storage, self.lease)
 
@@ -92,6 +96,7 @@ class WorkDir:
         return f"filtered/{shard_id}.json"
 
     QUERY_COUNTS = "query_counts.parquet"
+    QUERY_MATCHER = "query_matcher.pkl"  # the query list's matcher with its automaton, built once
     CAP_THRESHOLDS = "cap_thresholds.npy"
 
     @staticmethod
@@ -113,12 +118,13 @@ class WorkDir:
         return f"{name}/{shard_id}.parquet"
 
     @staticmethod
-    def within_drops(prefix: str) -> str:
-        return f"{prefix}/drops.parquet"
-
-    @staticmethod
     def holdout_ids(prefix: str) -> str:
         return f"{prefix}/holdout.parquet"
+
+    @staticmethod
+    def holdout_candidates(prefix: str, level: int, name: str) -> str:
+        """One part's (level 0) or one merge's smallest-rank survivors, the hold-out's candidates."""
+        return f"{prefix}/holdout/l{level}/{name}.parquet"
 
     @staticmethod
     def within_scratch(prefix: str) -> str:

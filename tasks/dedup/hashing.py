@@ -81,11 +81,32 @@ def image_features(data: bytes, kind: str = "phash") -> ImageFeatures:
     """Decode once; hash, thumbnail, flatness, decoded-pixel digest and copy features."""
     with Image.open(io.BytesIO(data)) as img:
         img.load()
-        digest = hashlib.sha256(f"{img.mode}:{img.size}:".encode() + img.tobytes()).hexdigest()
-        gray = to_gray(img)
-        copy = copy_features(img)
+        return features_of_image(img, kind)
+
+
+def features_of_image(img: Image.Image, kind: str = "phash") -> ImageFeatures:
+    """Hash, thumbnail, flatness, pixel digest and copy features of an already decoded image (the image stage
+    calls this on the pixels it is about to encode, so nothing is decoded twice)."""
+    digest = hashlib.sha256(f"{img.mode}:{img.size}:".encode() + img.tobytes()).hexdigest()
+    gray = to_gray(img)
+    copy = copy_features(img)
     thumb = thumbnail(gray)
     return ImageFeatures(hash_code(gray, kind), thumb, float(thumb.std()), digest, min(gray.size), copy)
+
+
+@dataclass(frozen=True)
+class HashFeatures:
+    """The features step the image stage runs on decoded pixels: what ``hash_table`` adds, without
+    decoding the encoded image again (``tasks.gather.gather_images(features=...)``)."""
+
+    kind: str = "phash"
+    low_info_max_std: float = LOW_INFO_MAX_STD
+
+    def of_image(self, img: Image.Image) -> ImageFeatures:
+        return features_of_image(img, self.kind)
+
+    def add_columns(self, table: pa.Table, features: list[ImageFeatures | None]) -> pa.Table:
+        return with_feature_columns(table, features, self.kind, self.low_info_max_std)
 
 
 def hash_table(table: pa.Table, kind: str = "phash", *, image_column: str = "image",
@@ -103,6 +124,12 @@ def hash_table(table: pa.Table, kind: str = "phash", *, image_column: str = "ima
             features.append(image_features(data, kind))
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
             features.append(None)
+    return with_feature_columns(table, features, kind, low_info_max_std)
+
+
+def with_feature_columns(table: pa.Table, features: list[ImageFeatures | None], kind: str,
+                         low_info_max_std: float = LOW_INFO_MAX_STD) -> pa.Table:
+    """``table`` (one row per feature; None: the image could not be hashed) with the feature columns."""
     codes = [f.code if f else None for f in features]
     low = [f.std < low_info_max_std if f else None for f in features]
     thumbs = [f.thumb.tobytes() if f else None for f in features]

@@ -10,31 +10,52 @@ Why each step is there:
 - **Every group keeps its smallest ``sample_id``**: the result does not depend on shard order.
 
 :func:`within_dataset_duplicates` is the single-process form over columns (the reference);
-:func:`within_dataset_duplicates_distributed` gives the same result over many Parquet parts with
-two storage-backed shuffles (``infra.fanout.shuffle``): exact keys → sample ids, then the r + 1
-pigeonhole bands of each hash → sample ids (two hashes within r bits agree exactly on at least
-one of r + 1 bands, MIH's argument with a probe radius of 0). Reducers emit edges; components and
-their smallest-id representatives are found on the driver over the edges only.
+:func:`within_dataset_duplicates_distributed` gives the same result over many Parquet parts with no
+task holding more than a partition of the rows and the driver holding no per-sample list. Every
+step is an ``infra.fanout.shuffle`` through object storage (resumable):
+
+1. **exact**: rows by their exact key; each key's smallest ``sample_id`` represents it;
+2. the exact drops routed to their part's group (the band stage leaves them out);
+3. **bands**: the r + 1 pigeonhole bands of each hash (two hashes within r bits agree exactly on
+   at least one), candidate pairs per (band, value) group with capped candidate sets
+   (:mod:`tasks.dedup.bands`);
+4. **verify** (with thumbnails): each pair fetches its two thumbnails from their parts, one side at
+   a time, and keeps NCC ≥ ``min_ncc``;
+5. **components**: alternating large-star / small-star rounds (:mod:`tasks.dedup.components`): each
+   near group's members link to its smallest ``sample_id``;
+6. **join**: an exact group whose representative is itself a near duplicate points to the near
+   group's representative;
+7. the drops routed to their part's group: :class:`DuplicateSets`, read one part at a time.
+
+Rows carry a numeric node id (``part << 32 | row``) that places them in partitions and part groups.
+The partition count comes from ``task_memory_mb``, the memory one reduce may use; with the capped
+candidate sets that bounds every task's memory and its work per row, whatever the data size. (One
+(band, value) group is never split across tasks: a group bigger than the budget, many thousands of
+images sharing 13 hash bits, is the one thing that still grows a task.)
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from infra.fanout import cluster_cpus, shuffle
+from infra.fanout import cluster_cpus, map_shards, shuffle, split_by, values_or_raise
 from infra.log import get_logger, log_event
 from infra.storage import ObjectStore
+from tasks.dedup.bands import PairStats, band_values, bands, candidate_pairs, compact_ids
+from tasks.dedup.components import EDGE_SCHEMA, FileRef, by_node, components, mix64, rank_stars, spanning_stars
 from tasks.dedup.hashing import check_kind
-from tasks.dedup.mih import MultiIndexHash, chunk_bits
+from tasks.dedup.mih import MultiIndexHash
 from tasks.dedup.verify import DEFAULT_MIN_NCC, pair_ncc, thumbs_of
 
 log = get_logger(__name__)
@@ -162,8 +183,11 @@ def near_duplicate_drops(sample_ids: Sequence[str], hashes: np.ndarray | Sequenc
 
 
 # ------------------------------------------------------------------------------------------------
-# Over many parts: two shuffles through object storage
+# Over many parts: shuffles through object storage, nothing per-sample on the driver
 # ------------------------------------------------------------------------------------------------
+
+DEFAULT_MAX_CANDIDATES = 16
+DEFAULT_TASK_MEMORY_MB = 1024
 
 
 @dataclass(frozen=True)
@@ -171,21 +195,41 @@ class PartRef:
     """One Parquet part of the rows to deduplicate: ``path`` in ``store``, named ``key`` (unique).
 
     The part holds ``sample_id`` and the hash column, optionally ``sha256``, ``pixels_sha256``,
-    ``low_info`` and ``thumb``; the shuffles read only those columns.
+    ``low_info`` and ``thumb``; the shuffles read only those columns. ``rows``, when known, sizes
+    the shuffles without reading the part's footer.
     """
 
     key: str
     store: ObjectStore
     path: str
+    rows: int | None = None
 
 
 _EXACT_COLUMNS = ("sample_id", "sha256", "pixels_sha256")
-_BAND_COLUMNS = ("sample_id", "low_info", "thumb")  # and the hash column
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_NODE_SHIFT = np.uint64(32)
+_ROW_MASK = np.uint64(0xFFFFFFFF)
+_BYTES_TAG = np.uint64(0x62797465735F5F5F)  # byte-digest keys never equal pixel-digest keys
+_HEX = np.full(256, 255, np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEX[_c] = 10 + _i
+
+EXACT_SCHEMA = pa.schema([("hi", pa.uint64()), ("lo", pa.uint64()), ("sample_id", pa.string()), ("node", pa.uint64())])
+# A dropped row: which, where (node), kept instead, and why.
+DROPS_SCHEMA = pa.schema([("sample_id", pa.string()), ("node", pa.uint64()), ("representative", pa.string()),
+                          ("rep_node", pa.uint64()), ("reason", pa.string())])
+BAND_SCHEMA = pa.schema([("band", pa.int8()), ("value", pa.uint64()), ("code", pa.uint64()),
+                         ("sample_id", pa.string()), ("node", pa.uint64())])
+# Bytes one band row costs a reduce, with its sort and pairing copies (sizes the partitions).
+_BAND_ROW_BYTES = 4 * (1 + 8 + 8 + 8 + 4 + 40)
+_COUNTS = b"counts"
+_THUMBS = b"thumbs"
 
 
-def _read_columns(part: PartRef, required: Sequence[str], optional: Sequence[str]) -> pa.Table:
-    """The part's ``required`` columns and those of ``optional`` it has; no other column is read."""
+def _read_part(part: PartRef, required: Sequence[str], optional: Sequence[str]) -> tuple[pa.Table, list[str]]:
+    """The part's ``required`` columns and those of ``optional`` it has (no other column is read),
+    and the names of all its columns."""
     uri = part.store.uri(part.path)
     with part.store.filesystem.open_input_file(part.store.fs_path(part.path)) as f:
         parquet = pq.ParquetFile(f)
@@ -193,173 +237,452 @@ def _read_columns(part: PartRef, required: Sequence[str], optional: Sequence[str
         missing = [c for c in required if c not in names]
         if missing:
             raise ValueError(f"{uri}: no column {', '.join(missing)} (part {part.key})")
-        return parquet.read(columns=[*required, *(c for c in optional if c in names and c not in required)])
+        return parquet.read(columns=[*required, *(c for c in optional if c in names and c not in required)]), names
 
 
-def _values(table: pa.Table, name: str) -> list | None:
-    return table.column(name).to_pylist() if name in table.column_names else None
+def _read_columns(part: PartRef, required: Sequence[str], optional: Sequence[str]) -> pa.Table:
+    return _read_part(part, required, optional)[0]
 
 
-def _partition_of(keys: np.ndarray, num_partitions: int) -> np.ndarray:
-    return ((keys.astype(np.uint64) * _GOLDEN) >> np.uint64(40)).astype(np.int64) % num_partitions
+def _nodes(index: int, rows: int) -> pa.Array:
+    return pa.array((np.uint64(index) << _NODE_SHIFT) | np.arange(rows, dtype=np.uint64))
 
 
-def _str_key(values: Sequence[str]) -> np.ndarray:
-    return np.array([int(v[2:18], 16) if v else 0 for v in values], dtype=np.uint64)
+def _bucket(keys: np.ndarray, n: int) -> np.ndarray:
+    return (mix64(keys) % np.uint64(n)).astype(np.int64)
+
+
+def _digest_words(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(hi, lo, valid): the first 128 bits of hex digests (of any other string: its BLAKE2b)."""
+    arr = (column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column).cast(pa.string())
+    n = len(arr)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    hi, lo = np.zeros(n, np.uint64), np.zeros(n, np.uint64)
+    if not valid.any():
+        return hi, lo, valid
+    filled = arr.fill_null("0" * 32)
+    nib = None
+    if pc.min(pc.utf8_length(filled)).as_py() >= 32:
+        raw = pc.utf8_slice_codeunits(filled, 0, 32).cast(pa.binary(32))
+        chars = np.frombuffer(raw.buffers()[1], np.uint8)[raw.offset * 32:(raw.offset + n) * 32].reshape(n, 32)
+        nib = _HEX[chars]
+        if (nib[valid] == 255).any():
+            nib = None
+    if nib is None:  # not hex digests: hash the strings themselves
+        words = np.zeros((n, 2), np.uint64)
+        for i, v in enumerate(arr.to_pylist()):
+            if v is not None:
+                words[i] = np.frombuffer(hashlib.blake2b(v.encode(), digest_size=16).digest(), ">u8")
+        return words[:, 0], words[:, 1], valid
+    nib = nib.astype(np.uint64)
+    for k in range(16):
+        hi = (hi << np.uint64(4)) | nib[:, k]
+        lo = (lo << np.uint64(4)) | nib[:, 16 + k]
+    return hi, lo, valid
 
 
 @dataclass(frozen=True)
-class _ExactSpec:
+class _Plan:
+    """What every job of one within-dataset dedup shares."""
+
+    parts: tuple[PartRef, ...]
+    scratch: ObjectStore  # scratch/<digest>/: every shuffle of this dedup
+    kind: str
+    radius: int
+    min_ncc: float
+    max_candidates: int
     num_partitions: int
+    num_groups: int  # part i's drops live in group i % num_groups
+
+    def groups_of(self, nodes: np.ndarray) -> np.ndarray:
+        return ((nodes >> _NODE_SHIFT) % np.uint64(self.num_groups)).astype(np.int64)
 
 
-def _map_exact(part: PartRef, spec: _ExactSpec) -> list[pa.Table]:
-    """Shuffle map: (exact key, sample_id) rows, partitioned by key."""
+@dataclass(frozen=True)
+class _PartJob:
+    key: str
+    index: int
+
+
+# ---- 1. exact keys -----------------------------------------------------------------------------
+
+
+def _map_exact(job: _PartJob, plan: _Plan) -> list[pa.Table]:
+    """(exact key, sample_id, node) of every row with a digest, by key."""
+    part = plan.parts[job.index]
     table = _read_columns(part, ["sample_id"], _EXACT_COLUMNS)
-    keys = _exact_keys(_values(table, "pixels_sha256"), _values(table, "sha256"), table.num_rows)
-    rows = [i for i, k in enumerate(keys) if k is not None]
-    t = pa.table({"key": pa.array([keys[i] for i in rows], pa.string()),
-                  "sample_id": table.column("sample_id").take(pa.array(rows, pa.int64()))})
-    n = spec.num_partitions
-    p = _partition_of(_str_key(t.column("key").to_pylist()), n) if t.num_rows else np.zeros(0, np.int64)
-    return [t.filter(pa.array(p == i)) for i in range(n)]
+    n = table.num_rows
+    hi, lo, valid = np.zeros(n, np.uint64), np.zeros(n, np.uint64), np.zeros(n, bool)
+    # Bytes first, then the decoded-pixel digest over it where known (the reference's rule).
+    for name, tag in (("sha256", _BYTES_TAG), ("pixels_sha256", np.uint64(0))):
+        if name in table.column_names:
+            h, low, ok = _digest_words(table.column(name))
+            hi, lo, valid = np.where(ok, h ^ tag, hi), np.where(ok, low, lo), valid | ok
+    rows = np.flatnonzero(valid)
+    t = pa.table([pa.array(hi[rows]), pa.array(lo[rows]), table.column("sample_id").take(pa.array(rows)),
+                  _nodes(job.index, n).take(pa.array(rows))], schema=EXACT_SCHEMA)
+    return split_by(t, _bucket(hi[rows] ^ lo[rows], plan.num_partitions), plan.num_partitions)
 
 
-def _reduce_exact(partition: int, pieces: list[pa.Table], spec: _ExactSpec) -> pa.Table:
-    """Shuffle reduce: every key's rows are here, so its groups are complete (DUPLICATES_SCHEMA)."""
-    t = pa.concat_tables(pieces)
-    exact = _exact_groups(t.column("sample_id").to_pylist(), t.column("key").to_pylist())
-    return pa.table({"sample_id": pa.array(list(exact), pa.string()),
-                     "representative": pa.array(list(exact.values()), pa.string()),
-                     "reason": pa.array(["duplicate_exact"] * len(exact), pa.string())}, schema=DUPLICATES_SCHEMA)
+def _reduce_exact(partition: int, pieces: list[pa.Table], plan: _Plan) -> pa.Table:
+    """Every key's rows are here: all but its smallest sample_id are exact drops (DROPS_SCHEMA)."""
+    t = pa.concat_tables([EXACT_SCHEMA.empty_table(), *pieces])
+    t = t.sort_by([("hi", "ascending"), ("lo", "ascending"), ("sample_id", "ascending")])
+    hi, lo = t.column("hi").to_numpy(), t.column("lo").to_numpy()
+    first = np.ones(len(hi), bool)
+    first[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
+    head = np.flatnonzero(first)[np.cumsum(first) - 1]  # each row's group head
+    drop = pa.array(~first)
+    return pa.table([t.column("sample_id").filter(drop), t.column("node").filter(drop),
+                     t.column("sample_id").take(pa.array(head)).filter(drop),
+                     t.column("node").take(pa.array(head)).filter(drop),
+                     pa.array(["duplicate_exact"] * int((~first).sum()), pa.string())], schema=DROPS_SCHEMA)
+
+
+# ---- routing: rows of files to the group of their part --------------------------------------
+
+
+@dataclass(frozen=True)
+class _RouteSpec:
+    plan: _Plan
+    node_column: str  # the column naming the row's part
+
+
+def _map_route(ref: FileRef, spec: _RouteSpec) -> list[pa.Table]:
+    t = ref.store.read_parquet(ref.path)
+    return split_by(t, spec.plan.groups_of(t.column(spec.node_column).to_numpy()), spec.plan.num_groups)
+
+
+def _reduce_route(group: int, pieces: list[pa.Table], spec: _RouteSpec) -> pa.Table:
+    """One group's rows, each once, by sample_id; their reasons counted in the schema metadata."""
+    t = pa.concat_tables([DROPS_SCHEMA.empty_table(), *pieces]).sort_by("sample_id")
+    if t.num_rows > 1:  # a member can come out of several reduces of the components
+        ids = t.column("sample_id")
+        repeat = pc.equal(ids.slice(1), ids.slice(0, t.num_rows - 1)).to_numpy(zero_copy_only=False)
+        t = t.filter(pa.array(~np.r_[False, repeat]))
+    counts = Counter(t.column("reason").to_pylist())
+    return t.replace_schema_metadata({_COUNTS: json.dumps(dict(counts)).encode()})
+
+
+def _route(refs: Sequence[FileRef], plan: _Plan, name: str, node_column: str, use_ray: bool) -> list[FileRef]:
+    store = plan.scratch.child(name)
+    keys = shuffle(_map_route, _reduce_route, refs, num_partitions=plan.num_groups, scratch=store,
+                   context=_RouteSpec(plan, node_column), desc=f"within-dataset dedup: {name}", use_ray=use_ray)
+    return [FileRef(f"{name}-{k}", store, k) for k in keys]
+
+
+@functools.lru_cache(maxsize=4)
+def _group_table(store: ObjectStore, key: str) -> pa.Table:
+    """A part group's file, read once per worker (it is complete before any job reads it)."""
+    return store.read_parquet(key)
+
+
+def _rows_of_part(table: pa.Table, index: int) -> pa.Table:
+    parts = (table.column("node").to_numpy() >> _NODE_SHIFT).astype(np.int64)
+    return table.filter(pa.array(parts == index))
+
+
+# ---- 3. bands ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class _BandSpec:
-    kind: str
-    radius: int
-    min_ncc: float
-    num_partitions: int
-    exact_drops: frozenset[str]  # rows already dropped as exact duplicates take no part in near groups
+    plan: _Plan
+    exact_groups: tuple[FileRef, ...]
 
 
-def _bands(radius: int) -> list[tuple[int, int]]:
-    return chunk_bits(radius + 1) if radius < 64 else [(0, 64)]
-
-
-def _map_bands(part: PartRef, spec: _BandSpec) -> list[pa.Table]:
-    """Shuffle map: one (band, band value, sample_id, hash) row per pigeonhole band of each usable row."""
-    table = _read_columns(part, ["sample_id", spec.kind], _BAND_COLUMNS)
-    ok = table.column(spec.kind).is_valid()
+def _map_bands(job: _PartJob, spec: _BandSpec) -> list[pa.Table]:
+    """One (band, band value, code, sample_id, node) row per pigeonhole band of each usable row."""
+    plan = spec.plan
+    part = plan.parts[job.index]
+    table, names = _read_part(part, ["sample_id", plan.kind], ["low_info"])
+    ok = table.column(plan.kind).is_valid()
     if "low_info" in table.column_names:
         ok = pc.and_(ok, pc.invert(table.column("low_info").fill_null(True)))
-    if spec.exact_drops:
-        drops = pa.array(sorted(spec.exact_drops), pa.string())
-        ok = pc.and_(ok, pc.invert(pc.is_in(table.column("sample_id"), drops)))
-    table = table.filter(ok)
-    codes = table.column(spec.kind).to_numpy().astype(np.uint64)
-    ids = table.column("sample_id")
-    out: list[list[pa.Table]] = [[] for _ in range(spec.num_partitions)]
-    for band, (shift, bits) in enumerate(_bands(spec.radius)):
-        values = (codes >> np.uint64(shift)) & np.uint64((1 << bits) - 1 if bits < 64 else 0xFFFFFFFFFFFFFFFF)
-        p = _partition_of(values ^ np.uint64(band), spec.num_partitions)
-        cols = {"band": pa.array(np.full(len(codes), band, np.int8)), "value": pa.array(values), "sample_id": ids,
-                "code": pa.array(codes)}
-        if "thumb" in table.column_names:
-            cols["thumb"] = table.column("thumb")
-        t = pa.table(cols)
-        for i in range(spec.num_partitions):
-            out[i].append(t.filter(pa.array(p == i)))
-    return [pa.concat_tables(ts) for ts in out]
+    nodes = _nodes(job.index, table.num_rows)
+    group = spec.exact_groups[job.index % plan.num_groups]
+    exact = _rows_of_part(_group_table(group.store, group.path), job.index).column("node")
+    if len(exact):
+        ok = pc.and_(ok, pc.invert(pc.is_in(nodes, exact)))
+    ok = ok.combine_chunks() if isinstance(ok, pa.ChunkedArray) else ok
+    codes = table.column(plan.kind).filter(ok).to_numpy().astype(np.uint64)
+    ids, nodes = table.column("sample_id").filter(ok), nodes.filter(ok)
+    pieces, buckets = [], []
+    for band, (shift, bits) in enumerate(bands(plan.radius)):
+        value, _ = band_values(codes, shift, bits)
+        pieces.append(pa.table([pa.array(np.full(len(codes), band, np.int8)), pa.array(value), pa.array(codes),
+                                ids, nodes], schema=BAND_SCHEMA))
+        buckets.append(_bucket(value ^ (np.uint64(band) << np.uint64(58)), plan.num_partitions))
+    out = split_by(pa.concat_tables(pieces), np.concatenate(buckets), plan.num_partitions)
+    has_thumbs = b"1" if "thumb" in names else b"0"
+    return [t.replace_schema_metadata({_THUMBS: has_thumbs}) for t in out]
 
 
 def _reduce_bands(partition: int, pieces: list[pa.Table], spec: _BandSpec) -> pa.Table:
-    """Shuffle reduce: within each (band, value) group, every verified pair within radius is an edge."""
-    t = pa.concat_tables(pieces)
-    empty = pa.table({"a": pa.array([], pa.string()), "b": pa.array([], pa.string())})
-    if t.num_rows < 2:
-        return empty
-    band = t.column("band").to_numpy()
-    value = t.column("value").to_numpy()
-    order = np.lexsort((value, band))
-    band, value = band[order], value[order]
-    codes = t.column("code").to_numpy()[order]
-    ids = np.array(t.column("sample_id").to_pylist(), dtype=object)[order]
-    thumbs = thumbs_of(t.column("thumb").take(pa.array(order))) if "thumb" in t.column_names else None
-    starts = np.flatnonzero(np.r_[True, (band[1:] != band[:-1]) | (value[1:] != value[:-1])])
-    ends = np.r_[starts[1:], len(order)]
-    edges_a, edges_b = [], []
-    for s, e in zip(starts, ends):
-        if e - s < 2:
+    """Pairs within radius inside each (band, value) group, once each (EDGE_SCHEMA, a < b)."""
+    plan = spec.plan
+    t = pa.concat_tables([BAND_SCHEMA.empty_table(), *pieces])
+    stats = PairStats()
+    edges = EDGE_SCHEMA.empty_table()
+    with_thumbs = sum(1 for p in pieces if (p.schema.metadata or {}).get(_THUMBS) == b"1")
+    found = 0
+    if t.num_rows > 1:
+        band = t.column("band").to_numpy()
+        rank = pc.rank(t.column("sample_id"), sort_keys="ascending", tiebreaker="dense").to_numpy().astype(np.int64)
+        span = int(rank.max()) + 1
+        lo_hi = []
+        # Bands never share a group: one band's rows in memory at a time.
+        for b, (shift, bits) in enumerate(bands(plan.radius)):
+            rows = np.flatnonzero(band == b)
+            if len(rows) < 2:
+                continue
+            codes = t.column("code").take(pa.array(rows)).to_numpy()
+            free = band_values(codes, shift, bits)[1]
+            group = compact_ids(t.column("value").take(pa.array(rows)).to_numpy())
+            i, j, part_stats = candidate_pairs(group, codes, free, np.full(len(rows), 64 - bits, np.int64), rank[rows],
+                                               plan.radius, plan.max_candidates)
+            stats.add(part_stats)
+            ri, rj = rank[rows[i]], rank[rows[j]]
+            lo_hi.append((np.minimum(ri, rj), np.maximum(ri, rj)))
+        lo = np.concatenate([p[0] for p in lo_hi]) if lo_hi else np.zeros(0, np.int64)
+        hi = np.concatenate([p[1] for p in lo_hi]) if lo_hi else np.zeros(0, np.int64)
+        found = len(lo)
+        if found and not with_thumbs:  # no pixel verification follows: only the components matter
+            lo, hi = rank_stars(lo, hi, span)
+        elif found:  # each pair verified once
+            pair = np.unique(lo * span + hi)
+            lo, hi = pair // span, pair % span
+        if len(lo):
+            row_of_rank = np.zeros(span, np.int64)
+            row_of_rank[rank] = np.arange(len(rank))
+            a, b = pa.array(row_of_rank[lo]), pa.array(row_of_rank[hi])
+            ids, nodes = t.column("sample_id"), t.column("node")
+            edges = pa.table([ids.take(a), nodes.take(a), ids.take(b), nodes.take(b)], schema=EDGE_SCHEMA)
+    meta = {"comparisons": stats.comparisons, "capped_rows": stats.capped_rows, "largest_group": stats.largest_group,
+            "pairs": found, "parts_with_thumbs": with_thumbs}
+    return edges.replace_schema_metadata({b"pairs": json.dumps(meta).encode()})
+
+
+# ---- 4. verification by thumbnails ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _VerifySpec:
+    plan: _Plan
+    side: str  # "a" (fetch a's thumbnails) or "b" (fetch b's, then verify)
+
+
+_WITH_THUMB_A = EDGE_SCHEMA.append(pa.field("thumb_a", pa.binary()))
+
+
+def _map_verify(ref: FileRef, spec: _VerifySpec) -> list[pa.Table]:
+    t = ref.store.read_parquet(ref.path)
+    groups = spec.plan.groups_of(t.column(f"{spec.side}_node").to_numpy())
+    return split_by(t, groups, spec.plan.num_groups)
+
+
+def _thumbs_for(plan: _Plan, nodes: np.ndarray) -> pa.Array:
+    """Each node's thumbnail from its part (null where the part has none), one part read at a time."""
+    out: list[bytes | None] = [None] * len(nodes)
+    parts = (nodes >> _NODE_SHIFT).astype(np.int64)
+    rows = (nodes & _ROW_MASK).astype(np.int64)
+    for index in np.unique(parts):
+        at = np.flatnonzero(parts == index)
+        table = _read_columns(plan.parts[int(index)], [], ["thumb"])
+        if "thumb" not in table.column_names:
             continue
-        g = codes[s:e]
-        d = np.bitwise_count(g[:, None] ^ g[None, :])
-        i, j = np.nonzero(np.triu(d <= spec.radius, k=1))
-        if thumbs is not None and len(i):
-            ok = pair_ncc(thumbs[s + i], thumbs[s + j]) >= spec.min_ncc
-            i, j = i[ok], j[ok]
-        edges_a.extend(ids[s + i]), edges_b.extend(ids[s + j])
-    if not edges_a:
-        return empty
-    return pa.table({"a": pa.array(edges_a, pa.string()), "b": pa.array(edges_b, pa.string())})
+        values = table.column("thumb").take(pa.array(rows[at])).to_pylist()
+        for k, v in zip(at.tolist(), values):
+            out[k] = v if v is not None else b""
+    return pa.array(out, pa.binary())
 
 
-def _components(a: Sequence[str], b: Sequence[str]) -> dict[str, str]:
-    """sample_id -> its component's smallest sample_id, for every non-root node of the edges (a, b)."""
-    nodes = sorted(set(a) | set(b))
-    pos = {s: i for i, s in enumerate(nodes)}
-    uf = _UnionFind(len(nodes))
-    for x, y in zip(a, b):
-        uf.union(pos[x], pos[y])
-    roots = uf.roots() if nodes else np.zeros(0, np.int64)
-    return {nodes[k]: nodes[roots[k]] for k in range(len(nodes)) if roots[k] != k}
+def _reduce_verify(group: int, pieces: list[pa.Table], spec: _VerifySpec) -> pa.Table:
+    plan = spec.plan
+    if spec.side == "a":
+        t = pa.concat_tables([EDGE_SCHEMA.empty_table(), *pieces])
+        return t.append_column("thumb_a", _thumbs_for(plan, t.column("a_node").to_numpy()))
+    t = pa.concat_tables([_WITH_THUMB_A.empty_table(), *pieces])
+    thumb_b = _thumbs_for(plan, t.column("b_node").to_numpy())
+    thumb_a = t.column("thumb_a").combine_chunks()
+    unverifiable = pc.or_(pc.is_null(thumb_a), pc.is_null(thumb_b)).to_numpy(zero_copy_only=False)
+    keep = unverifiable.copy()
+    check = np.flatnonzero(~unverifiable)
+    step = 4096  # pairs per NCC batch: bounded float32 copies
+    for lo in range(0, len(check), step):
+        at = check[lo:lo + step]
+        ncc = pair_ncc(thumbs_of(thumb_a.take(pa.array(at))), thumbs_of(thumb_b.take(pa.array(at))))
+        keep[at] = ncc >= plan.min_ncc
+    return spanning_stars(t.select(EDGE_SCHEMA.names).filter(pa.array(keep)))
 
 
-def _shuffle_scratch(scratch: ObjectStore, name: str, parts: Sequence[PartRef], **settings: Any) -> ObjectStore:
-    """``scratch/<name>/<digest>/``: the digest names the parts and settings the pieces are made of,
-    so a rerun resumes only from pieces of the same shuffle (the parts' content is the caller's:
-    ``scratch`` sits under a fingerprinted work directory)."""
-    spec = {"parts": sorted((p.key, p.store.uri(p.path)) for p in parts), **settings}
+# ---- 6. join: exact representatives that are near duplicates --------------------------------
+
+
+@dataclass(frozen=True)
+class _JoinSpec:
+    plan: _Plan
+
+
+def _map_join(ref: FileRef, spec: _JoinSpec) -> list[pa.Table]:
+    """Exact drops by their representative's node; near members by their own node."""
+    t = ref.store.read_parquet(ref.path)
+    n = spec.plan.num_partitions
+    if "a" in t.column_names:  # star edges (root, member) of the components
+        t = pa.table([t.column("b"), t.column("b_node"), t.column("a"), t.column("a_node"),
+                      pa.array(["duplicate_near"] * t.num_rows, pa.string())], schema=DROPS_SCHEMA)
+        return by_node(t, "node", n)
+    return by_node(t.cast(DROPS_SCHEMA), "rep_node", n)
+
+
+def _reduce_join(partition: int, pieces: list[pa.Table], spec: _JoinSpec) -> pa.Table:
+    t = pa.concat_tables([DROPS_SCHEMA.empty_table(), *pieces])
+    is_near = pc.equal(t.column("reason"), "duplicate_near")
+    near, exact = t.filter(is_near), t.filter(pc.invert(is_near))
+    if not near.num_rows or not exact.num_rows:
+        return t
+    # A member may come out of several component reduces, always with the same root: one row each.
+    roots = (near.select(["node", "representative", "rep_node"]).rename_columns(["rep_node", "root", "root_node"])
+             .group_by("rep_node").aggregate([("root", "min"), ("root_node", "min")]))
+    roots = roots.select(["rep_node", "root_min", "root_node_min"]).rename_columns(["rep_node", "near_rep", "near_rep_node"])
+    joined = exact.join(roots, "rep_node", join_type="left outer")
+    moved = pc.is_valid(joined.column("near_rep"))
+    exact = pa.table([joined.column("sample_id"), joined.column("node"),
+                      pc.if_else(moved, joined.column("near_rep"), joined.column("representative")),
+                      pc.if_else(moved, joined.column("near_rep_node"), joined.column("rep_node")),
+                      joined.column("reason")], schema=DROPS_SCHEMA)
+    return pa.concat_tables([exact, near])
+
+
+# ---- the whole -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DuplicateSets:
+    """The within-dataset drops, by part group: part i's drops are in ``groups[i % len(groups)]``.
+
+    Read with :meth:`part_drops` (one part) or :meth:`table` (everything: small builds and tests)."""
+
+    parts: tuple[str, ...]  # part keys in index order
+    groups: tuple[FileRef, ...]
+    counts: Mapping[str, int]  # drops per reason
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def part_drops(self, part_key: str) -> pa.Table:
+        """DROPS_SCHEMA rows of one part, by sample_id."""
+        if not self.groups:
+            return DROPS_SCHEMA.empty_table()
+        index = self.parts.index(part_key)
+        ref = self.groups[index % len(self.groups)]
+        return _rows_of_part(_group_table(ref.store, ref.path), index)
+
+    def table(self) -> pa.Table:
+        """Every drop (DUPLICATES_SCHEMA), sorted by sample_id."""
+        t = pa.concat_tables([DROPS_SCHEMA.empty_table(),
+                              *(r.store.read_parquet(r.path).cast(DROPS_SCHEMA) for r in self.groups)])
+        return t.select(DUPLICATES_SCHEMA.names).cast(DUPLICATES_SCHEMA).sort_by("sample_id")
+
+
+def _shuffle_scratch(scratch: ObjectStore, parts: Sequence[PartRef], **settings: Any) -> ObjectStore:
+    """``scratch/<digest>/``: the digest names the parts and settings the pieces are made of, so a
+    rerun resumes only from pieces of the same dedup (the parts' content is the caller's: ``scratch``
+    sits under a fingerprinted work directory)."""
+    spec = {"parts": [(p.key, p.store.uri(p.path)) for p in parts], **settings}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    return scratch.child(f"{name}/{digest}")
+    return scratch.child(f"d-{digest}")
+
+
+def _footer_rows(part: PartRef, _: Any = None) -> int:
+    uri = part.store.uri(part.path)
+    try:
+        with part.store.filesystem.open_input_file(part.store.fs_path(part.path)) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: no such part ({part.key})") from None
+
+
+def _total_rows(parts: Sequence[PartRef], use_ray: bool) -> int:
+    """Rows of every part: as given, else from their footers (read on workers)."""
+    unknown = [p for p in parts if p.rows is None]
+    counted = map_shards(_footer_rows, unknown, desc="within-dataset dedup: part sizes", use_ray=use_ray) if unknown else []
+    return sum(p.rows for p in parts if p.rows is not None) + sum(values_or_raise("within-dataset dedup", counted))
+
+
+def partition_count(rows: int, radius: int, task_memory_mb: int) -> int:
+    """Reduce partitions so that one band reduce (the biggest shuffle) fits in ``task_memory_mb``."""
+    bytes_needed = rows * (min(radius, 63) + 1) * _BAND_ROW_BYTES
+    return max(1, -(-bytes_needed // (task_memory_mb * 1024 * 1024)))
+
+
+def _metadata_sum(refs: Sequence[FileRef], key: bytes) -> Counter:
+    total: Counter = Counter()
+    for ref in refs:
+        with ref.store.filesystem.open_input_file(ref.store.fs_path(ref.path)) as f:
+            meta = pq.read_schema(f).metadata or {}
+        if key in meta:
+            for k, v in json.loads(meta[key]).items():
+                total[k] = max(total[k], v) if k == "largest_group" else total[k] + v
+    return total
 
 
 def within_dataset_duplicates_distributed(parts: Sequence[PartRef], *, scratch: ObjectStore, radius: int,
                                           kind: str = "phash", min_ncc: float | None = None,
-                                          num_partitions: int | None = None, use_ray: bool = True) -> pa.Table:
-    """Global exact + near duplicates over many Parquet parts (DUPLICATES_SCHEMA), through ``map_shards``.
+                                          max_candidates: int = DEFAULT_MAX_CANDIDATES,
+                                          task_memory_mb: int = DEFAULT_TASK_MEMORY_MB,
+                                          num_partitions: int | None = None, use_ray: bool = True) -> DuplicateSets:
+    """Global exact + near duplicates over many Parquet parts, through ``infra.fanout.shuffle``.
 
-    Equals :func:`within_dataset_duplicates` on the concatenated parts (same drops, representatives
-    and reasons), whatever the number of parts or partitions. Two ``infra.fanout.shuffle`` runs
-    write their pieces under ``scratch/exact/<digest>/`` and ``scratch/bands/<digest>/`` (the
-    digest names the parts and settings); a rerun with the same ones skips every finished map and
-    reduce. Pairs are verified by thumbnail correlation ≥ ``min_ncc`` (``DEFAULT_MIN_NCC`` when
-    None) when the parts have a ``thumb`` column. ``num_partitions`` defaults to the cluster's CPUs
-    (at most one per part).
+    Equals :func:`within_dataset_duplicates` on the concatenated parts (same drops,
+    representatives and reasons) whatever the number of parts or partitions, as long as no
+    (sub-)group of hashes outgrows ``max_candidates``; beyond that each row is compared with its
+    ``max_candidates`` nearest rows in hash order (:mod:`tasks.dedup.bands`). Pairs are verified
+    by thumbnail correlation ≥ ``min_ncc`` (``DEFAULT_MIN_NCC`` when None) when the parts have a
+    ``thumb`` column. ``num_partitions`` defaults to what ``task_memory_mb`` needs (at least one
+    per CPU of the cluster, at most one per part). Every shuffle writes under
+    ``scratch/d-<digest>/`` (the digest names the parts and settings); a rerun with the same ones
+    skips every finished map and reduce.
     """
     check_kind(kind)
+    if max_candidates < 1:
+        raise ValueError("within-dataset dedup: max_candidates must be >= 1")
+    keys = tuple(p.key for p in parts)
     if not parts:
-        return DUPLICATES_SCHEMA.empty_table()
-    n = num_partitions or max(1, min(len(parts), cluster_cpus(default=os.cpu_count() or 1)))
-    exact_store = _shuffle_scratch(scratch, "exact", parts, num_partitions=n)
-    keys = shuffle(_map_exact, _reduce_exact, parts, num_partitions=n, scratch=exact_store,
-                   context=_ExactSpec(n), desc="within-dataset dedup: exact keys", use_ray=use_ray)
-    exact: dict[str, str] = {}
-    for key in keys:
-        t = exact_store.read_parquet(key)
-        exact.update(zip(t.column("sample_id").to_pylist(), t.column("representative").to_pylist()))
-
+        return DuplicateSets((), (), {})
+    if len(set(keys)) != len(keys):
+        raise ValueError("within-dataset dedup: part keys are not unique")
+    if num_partitions is None:
+        cpus = cluster_cpus(default=os.cpu_count() or 1) if use_ray else 1
+        rows = _total_rows(parts, use_ray)
+        n = max(partition_count(rows, radius, task_memory_mb), min(len(parts), cpus))
+    else:
+        n = num_partitions
     verify = DEFAULT_MIN_NCC if min_ncc is None else min_ncc
-    spec = _BandSpec(kind, radius, verify, n, frozenset(exact))
-    bands_store = _shuffle_scratch(scratch, "bands", parts, num_partitions=n, kind=kind, radius=radius, min_ncc=verify)
-    keys = shuffle(_map_bands, _reduce_bands, parts, num_partitions=n, scratch=bands_store, context=spec,
-                   desc="within-dataset dedup: hash bands", use_ray=use_ray)
-    a: list[str] = []
-    b: list[str] = []
-    for key in keys:
-        t = bands_store.read_parquet(key)
-        a += t.column("a").to_pylist()
-        b += t.column("b").to_pylist()
-    near = _components(a, b)
-    log_event(log, "within-dataset duplicates", parts=len(parts), partitions=n, exact=len(exact), near=len(near))
-    return _duplicates_table(exact, near)
+    root = _shuffle_scratch(scratch, parts, num_partitions=n, kind=kind, radius=radius, min_ncc=verify,
+                            max_candidates=max_candidates)
+    plan = _Plan(tuple(parts), root, kind, radius, verify, max_candidates, n, min(n, len(parts)))
+    jobs = [_PartJob(p.key, i) for i, p in enumerate(parts)]
+
+    def run(name: str, map_fn: Any, reduce_fn: Any, items: Sequence[Any], context: Any, partitions: int = n
+            ) -> list[FileRef]:
+        store = root.child(name)
+        out = shuffle(map_fn, reduce_fn, items, num_partitions=partitions, scratch=store, context=context,
+                      desc=f"within-dataset dedup: {name}", use_ray=use_ray)
+        return [FileRef(f"{name}-{k}", store, k) for k in out]
+
+    exact = run("exact", _map_exact, _reduce_exact, jobs, plan)
+    exact_groups = _route(exact, plan, "exact-groups", "node", use_ray)
+    edges = run("bands", _map_bands, _reduce_bands, jobs, _BandSpec(plan, tuple(exact_groups)))
+    pairs = _metadata_sum(edges, b"pairs")
+    if pairs.get("parts_with_thumbs"):  # the parts have thumbnails: verify every pair on pixels
+        edges = run("verify-a", _map_verify, _reduce_verify, edges, _VerifySpec(plan, "a"), plan.num_groups)
+        edges = run("verify-b", _map_verify, _reduce_verify, edges, _VerifySpec(plan, "b"), plan.num_groups)
+    stars = components(edges, scratch=root.child("components"), num_partitions=n, use_ray=use_ray)
+    final = run("join", _map_join, _reduce_join, [*exact, *stars], _JoinSpec(plan))
+    groups = _route(final, plan, "drops", "node", use_ray)
+    counts = _metadata_sum(groups, _COUNTS)
+    log_event(log, "within-dataset duplicates", parts=len(parts), partitions=n,
+              exact=counts.get("duplicate_exact", 0), near=counts.get("duplicate_near", 0), **dict(pairs))
+    return DuplicateSets(keys, tuple(groups), dict(counts))
