@@ -172,11 +172,22 @@ class TextFilterConfig:
     english_min_prob: float = 0.5  # long captions: the detector's minimum P(en)
     vocab_min_count: int = 10_000  # English-Wikipedia count that makes a word English-known
     wordnet_dir: str | None = "auto"  # WordNet for the English lexicon (infra/wordnet.py); None: counts only
+    # Short captions by the evidence of their words (tasks/text_filter.ForeignWords): Zipf frequencies
+    # (wordfreq) of English and of these languages; empty: the share of English-known words alone.
+    foreign_languages: tuple[str, ...] = ("it", "fr", "es", "pt", "de", "nl")
+    foreign_margin: float = 2.0  # an English-known word this much more frequent elsewhere is foreign...
+    foreign_min_zipf: float = 3.5  # ...when it is this frequent there (a word not English-known: enough alone)
+    english_common_zipf: float = 3.5  # ...and rarer than this in English ("sole", "corps" stay English)
+    foreign_absent_min_zipf: float = 1.0  # a word English never uses, this frequent elsewhere, is foreign
+    # Settles short captions whose words disagree or are all unknown: fastText's lid.176 (it beat
+    # langdetect, lingua, CLD2 and py3langid in that role: bench/language_id.py), or none
+    short_detector: Literal["fasttext", "langdetect", "langdetect-rs", "none"] = "fasttext"
+    short_detector_min_prob: float = 0.3
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_chars <= self.max_chars:
             raise ConfigError("text_filter: need 0 <= min_chars <= max_chars")
-        for name in ("english_min_coverage", "english_confident_coverage", "english_min_prob"):
+        for name in ("english_min_coverage", "english_confident_coverage", "english_min_prob", "short_detector_min_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"text_filter.{name} must be in [0, 1]")
 
