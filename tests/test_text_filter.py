@@ -11,7 +11,7 @@ import pytest
 
 from infra.config import ConfigError, TextFilterConfig
 from tasks.text_filter import (BAD_UTF8, CONTROL_CHARS, EMPTY, ENGLISH, FOREIGN, MACHINE_MADE, NOT_ENGLISH,
-                               TOO_FEW_WORDS, TOO_LONG, TOO_SHORT, UNKNOWN, EnglishVocab, FastTextLID, ForeignWords,
+                               TOO_FEW_WORDS, TOO_LONG, TOO_SHORT, UNKNOWN, EnglishVocab, FastTextLID,
                                LanguageDetector, TextFilter, caption_words, clean_caption, english_verdict,
                                machine_made, reason_examples, short_caption_detector)
 
