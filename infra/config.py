@@ -102,6 +102,32 @@ class QueriesConfig:
             raise ConfigError("queries.count_partitions and count_max_entries must be >= 1")
 
 
+# The named boilerplate patterns of tasks/captions.py (each a drop reason of the caption step).
+CAPTION_PATTERNS = ("date_stamp", "collection_stamp", "author_credit", "email_address", "converted_from")
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    """How a source's caption is made from its text fields (tasks/captions.py): the first of
+    ``fields`` that is not empty, not caught by a named pattern and not boilerplate, then each of
+    ``append`` that passes the same checks and has at most ``append_max_chars`` characters."""
+
+    fields: tuple[str, ...] = ("caption",)  # "caption": the caption column; other names: keys of the row's meta
+    append: tuple[str, ...] = ()
+    append_max_chars: int = 120
+    append_separator: str = ". "
+    patterns: tuple[str, ...] = CAPTION_PATTERNS
+
+    def __post_init__(self) -> None:
+        if not self.fields:
+            raise ConfigError("caption.fields must name at least one field")
+        unknown = sorted(set(self.patterns) - set(CAPTION_PATTERNS))
+        if unknown:
+            raise ConfigError(f"caption.patterns: unknown {unknown} (known: {list(CAPTION_PATTERNS)})")
+        if self.append_max_chars < 1:
+            raise ConfigError("caption.append_max_chars must be >= 1")
+
+
 @dataclass(frozen=True)
 class SourceConfig:
     """One input of (image, caption) pairs (tasks/readers.py)."""
@@ -114,6 +140,7 @@ class SourceConfig:
     path_column: str | None = None  # local image path, relative to the manifest's folder
     id_column: str | None = None  # stable row ids (default: row number in the file)
     rows_per_input_shard: int = 2_000  # WebDataset: one input shard per tar instead
+    caption: CaptionConfig = field(default_factory=CaptionConfig)  # which text fields make the caption
 
     def __post_init__(self) -> None:
         if self.rows_per_input_shard <= 0:
@@ -183,10 +210,15 @@ class TextFilterConfig:
     # langdetect, lingua, CLD2 and py3langid in that role: bench/language_id.py), or none
     short_detector: Literal["fasttext", "langdetect", "langdetect-rs", "none"] = "fasttext"
     short_detector_min_prob: float = 0.3
+    # A caption (or caption field) on at least this many different images of the build is
+    # boilerplate ("gramastar" on 1,375 stars): the field is skipped (tasks/captions.py); None: off
+    boilerplate_min_images: int | None = 20
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_chars <= self.max_chars:
             raise ConfigError("text_filter: need 0 <= min_chars <= max_chars")
+        if self.boilerplate_min_images is not None and self.boilerplate_min_images < 2:
+            raise ConfigError("text_filter.boilerplate_min_images must be >= 2 (or null: off)")
         for name in ("english_min_coverage", "english_confident_coverage", "english_min_prob", "short_detector_min_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"text_filter.{name} must be in [0, 1]")

@@ -1,6 +1,9 @@
 """The build's work directory: every key it holds, and the fingerprints that name its parts.
 
-    <dataset>/work/f-<fp>/filtered/<shard>.parquet|.json       read -> text filters -> query match
+    <dataset>/work/f-<fp>/captions/counts.parquet              repeated captions (different images per caption)
+    <dataset>/work/f-<fp>/captions/p<n>/                       that count's shuffle (n partitions)
+    <dataset>/work/f-<fp>/filtered/<shard>.parquet|.json       read -> caption -> text filters -> query match
+    <dataset>/work/f-<fp>/caption_outcomes/<shard>.parquet     what rows with a boilerplate caption field got instead
     <dataset>/work/f-<fp>/query_counts.parquet                 global per-query counts (balancing)
     <dataset>/work/f-<fp>/cap_thresholds.npy                   exact-mode balancing cut per query
     <dataset>/work/f-<fp>/c-<fp2>/clean/<shard>.parquet|.json  balance -> fetch + images -> hash -> eval dedup
@@ -27,7 +30,7 @@ from infra.config import (BalanceConfig, DedupConfig, GatherConfig, ImageConfig,
                           TextFilterConfig, to_dict)
 from infra.storage import ObjectStore
 
-WORK_FORMAT = 2  # bump when a record's fields or a key's content change
+WORK_FORMAT = 3  # bump when a record's fields or a key's content change
 
 
 def fingerprint(*parts: Any) -> str:
@@ -84,6 +87,11 @@ class WorkDir:
         return f"filtered/{shard_id}.json"
 
     QUERY_COUNTS = "query_counts.parquet"
+    CAPTION_COUNTS = "captions/counts.parquet"
+
+    @staticmethod
+    def caption_scratch(num_partitions: int) -> str:
+        return f"captions/p{num_partitions}"
     CAP_THRESHOLDS = "cap_thresholds.npy"
 
     @staticmethod
