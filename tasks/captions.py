@@ -377,7 +377,8 @@ def repeated_caption_report(counts: pa.Table, outcomes: pa.Table, final_images: 
     rows = []
     for rank, r in enumerate(head.to_pylist(), 1):
         done = by_value.get(r["value"], Counter())
-        outcome = "; ".join(f"{k} {n:,}" for k, n in done.most_common()) if done else "kept"
+        outcome = "; ".join(f"{k} {n:,}" for k, n in done.most_common()) if done else \
+            "never the caption (an earlier field was used)" if r["boilerplate"] else "kept"
         rows.append({"rank": rank, "caption": r["example"], "value": r["value"], "rows": r["rows"], "images": r["images"],
                      "boilerplate": r["boilerplate"], "outcome": outcome,
                      "rows_out": sum(n for k, n in done.items() if k != "dropped") if done else None,

@@ -13,7 +13,8 @@ Source kinds (``SourceConfig.kind``):
 * ``webdataset`` — tar shards: members sharing a key (``dir/key.jpg`` + ``dir/key.txt``/``.json``).
 * ``directory`` — a folder of images with sidecar captions (``a/cat.jpg`` + ``a/cat.txt``).
 * ``openclipart`` — the bundled sample or the full Debian-built file (infra/openclipart.py): caption
-  is the title as written, held-out ids are left out.
+  is the title as written, held-out ids are left out; ``meta`` has its text fields (``title``,
+  ``keywords``, ``description``, ``file_name``) for ``sources[].caption`` to compose from.
 
 Bad rows never fail a shard: a missing caption, an unreadable local path or a broken tar member
 keeps its row with a null caption/image (later stages count those) and a ``reader_error`` in
@@ -660,8 +661,14 @@ def _read_openclipart(shard: InputShard, rows: _Rows) -> None:
             rows.drop("heldout")
             continue
         meta = {"id": r["id"], "category": r["category"], "title": r["title"], "keywords": r["keywords"],
-                "description": r["description"]}
+                "description": r["description"], "file_name": _file_name_text(r["id"])}
         rows.add(f"openclipart:{r['id']}", r["title"], None, r["image"], meta)
+
+
+def _file_name_text(path: str) -> str:
+    """A file's name as caption text (a text field like the others): extension off, ``_``/``-`` as spaces."""
+    stem = path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    return " ".join(stem.replace("_", " ").replace("-", " ").split())
 
 
 _READERS = {"parquet": _read_parquet, "csv": _read_csv, "tsv": _read_csv, "jsonl": _read_jsonl,

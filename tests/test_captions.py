@@ -147,5 +147,7 @@ def test_report_and_histogram() -> None:
                                          "boilerplate": True, "outcome": "keywords 3; dropped 1", "rows_out": 3,
                                          "images_by_hash": 2}
     assert table.to_pylist()[1]["outcome"] == "kept" and table.to_pylist()[1]["rows_out"] is None
+    flagged = counts.set_column(4, "boilerplate", pa.array([True, True]))
+    assert repeated_caption_report(flagged, outcomes, images).to_pylist()[1]["outcome"].startswith("never the caption")
     assert length_histogram(["a b", None, "x " * 50])[:3] == [1, 0, 1] and length_histogram(["x " * 50])[-1] == 1
     assert render_caption_lengths(length_histogram(["a"]), length_histogram(["a b"]))[:4] == b"\x89PNG"

@@ -291,6 +291,15 @@ def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter, voc
     assert detector_tp / len(english) < 0.6  # the problem the policy exists for
 
 
+def test_policy_on_the_once_only_part(text_filter: TextFilter) -> None:
+    """The final part (450 titles drawn and labelled after the policy was fixed, scored once by
+    bench/language_id.py): P 0.978, R 0.952, 56 of 64 other-language titles dropped — short of
+    the issue's goal (R >= 0.98 at >= 90% dropped) there. These floors guard against regressions;
+    they were not tuned on (the policy's settings are the tuning part's)."""
+    precision, recall, rejected = _policy_scores(text_filter, load_labels(("final",)))
+    assert precision >= 0.96 and recall >= 0.94 and rejected >= 0.84, (precision, recall, rejected)
+
+
 def test_langdetect_rs_matches_langdetect_on_the_labelled_titles() -> None:
     py, rs = LanguageDetector("langdetect", 0), LanguageDetector("langdetect-rs", 0)
     titles = [clean_caption(t) for t, _ in load_labels(("tuning-1",))]
