@@ -7,7 +7,8 @@ Source kinds (``SourceConfig.kind``):
 
 * ``parquet`` / ``csv`` / ``tsv`` / ``jsonl`` — manifests with a caption column and a URL, a local
   path (relative paths are relative to the manifest's folder) or inline image bytes (binary, or base64
-  text in CSV/JSONL). Column names are configurable; img2dataset's ``url``/``caption`` are the
+  text in CSV/JSONL). The columns the source's caption policy names (``caption.fields``/``append``:
+  title, alt text, keywords...) are kept in ``meta`` under their names. Column names are configurable; img2dataset's ``url``/``caption`` are the
   defaults, and img2dataset's own Parquet output (``key``, ``status``, ``jpg``...) is recognised.
   ``path`` is a file, a folder (every file with the kind's extension) or a glob.
 * ``webdataset`` — tar shards: members sharing a key (``dir/key.jpg`` + ``dir/key.txt``/``.json``).
@@ -321,7 +322,7 @@ class _Columns:
     image: str | None
     path: str | None
     id: str | None
-    extra: tuple[str, ...]  # kept in meta (img2dataset's status/error_message)
+    extra: tuple[str, ...]  # kept in meta (img2dataset's status/error_message, the caption policy's fields)
 
     @property
     def names(self) -> list[str]:
@@ -342,6 +343,10 @@ def _columns_for(source: SourceConfig, available: Sequence[str], file: str) -> _
         id_column = id_column or "key"
         image = image or next((c for c in _IMG2DATASET_IMAGE_COLUMNS if c in have), None)
     caption = need(source.caption_column, "caption_column")
+    # The caption policy's other fields are columns too, kept in meta under their names (tasks/captions.py)
+    texts = tuple(need(f, "caption.fields") for f in dict.fromkeys((*source.caption.fields, *source.caption.append))
+                  if f != "caption" and f not in extra)
+    extra = (*extra, *texts)
     image = need(image, "image_column") if image else None
     path = need(source.path_column, "path_column") if source.path_column else None
     id_column = need(id_column, "id_column") if id_column else None
