@@ -1,4 +1,5 @@
-# The README's two commands: `make demo` (the main job on the bundled sample) and `make test`.
+# The README's commands: `make zeroshot` (the main job: zero-shot transfer on the full Openclipart
+# and emoji sets), `make demo` (the quick tour on the bundled sample) and `make test`.
 SHELL := /bin/bash
 VENV := .venv
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.venv/torch_extensions
@@ -6,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_HOME := $(CURDIR)/.venv/prefect_home
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo demo-s3 test bench server worker deploy run-deployment clean
+.PHONY: setup demo demo-s3 zeroshot sources test bench server worker deploy run-deployment clean
 
 setup:
 	@bash infra/setup.sh
@@ -16,6 +17,20 @@ demo: setup
 
 demo-s3: setup
 	$(VENV)/bin/witflow demo --s3
+
+# Captioned sources built from the Debian and npm packages setup installs (built once; a few minutes).
+SOURCES := runs/sources/openclipart_full.parquet $(foreach v,twitter google openmoji,runs/sources/emoji_$(v).parquet)
+
+sources: setup $(SOURCES)
+
+runs/sources/openclipart_full.parquet:
+	$(VENV)/bin/python -m infra.openclipart --full $@
+
+runs/sources/emoji_%.parquet:
+	$(VENV)/bin/python -m infra.emoji --vendor $* $@
+
+zeroshot: sources
+	$(VENV)/bin/witflow run --config configs/zeroshot.yaml
 
 test: setup
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -85,10 +85,13 @@ def shard_stage(config: Config, clean: CleanStage, within: WithinResult) -> Writ
 @task(name="manifest", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
 def manifest_stage(config: Config, written: WrittenShards, filtered: FilterStage, clean: CleanStage,
                    counts: QueryCountsSummary, within: WithinResult, queries: QueryListRef,
-                   index: EvalIndexRef | None) -> Manifest:
-    return stages.write_manifest(dataset_root=config.dataset_uri(), storage=config.storage,
+                   index: EvalIndexRef | None, base_dir: str = ".") -> Manifest:
+    root = config.dataset_uri()
+    return stages.write_manifest(dataset_root=root, storage=config.storage,
                                  config=to_dict(config), written=written, filtered=filtered, clean=clean,
-                                 counts=counts, within=within, queries=queries, index=index)
+                                 counts=counts, within=within, queries=queries, index=index,
+                                 sources=stages.source_provenance(config.sources, base_dir),
+                                 eval_holdout=stages.eval_holdout_check(config.eval_sets, root, config.storage, written))
 
 
 @task(name="reports")
@@ -98,7 +101,7 @@ def report_stage(config: Config, filtered: FilterStage, clean: CleanStage, queri
     the most repeated captions and the caption lengths before/after."""
     return stages.reports(dataset_root=config.dataset_uri(), filtered=filtered, clean=clean,
                           queries=queries, index=index, max_per_query=config.balance.max_per_query,
-                          captions=captions, manifest=manifest)
+                          eval_sets=config.eval_sets, captions=captions, manifest=manifest)
 
 
 @flow(name="build_dataset", log_prints=True)
@@ -126,7 +129,7 @@ def build_dataset(config: Config, base_dir: str = ".", retry_failed: bool = Fals
     clean = clean_stage(config, filtered, counts, index_ref, retry_failed)
     within = within_stage(config, clean)
     written = shard_stage(config, clean, within)
-    manifest = manifest_stage(config, written, filtered, clean, counts, within, queries, index_ref)
+    manifest = manifest_stage(config, written, filtered, clean, counts, within, queries, index_ref, base_dir)
     report_stage(config, filtered, clean, queries, index_ref, captions, manifest)
     print(f"dataset: {manifest.num_rows} rows in {manifest.num_shards} shards at {config.dataset_uri()}")
     return manifest

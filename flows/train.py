@@ -14,7 +14,7 @@ from prefect import flow, task
 
 from infra.config import Config
 from infra.log import get_logger, log_event
-from infra.prefect_utils import publish_markdown, publish_table, retry_if_transient
+from infra.prefect_utils import publish_image, publish_markdown, publish_table, retry_if_transient
 
 log = get_logger(__name__)
 
@@ -47,6 +47,22 @@ def publish_curve(run_dir: Path, export_uri: str) -> None:
     publish_markdown("train-summary", curve_summary(records, export_uri), description="training summary")
 
 
+@task(name="publish-learning-curve")
+def publish_learning_curve(run_dir: Path) -> None:
+    """Zero-shot accuracy every ``train.curve_every_steps`` steps: a table and the PNG (if the curve is on)."""
+    from trainer.curve import CURVE_NAME, CURVE_PLOT_NAME, read_curve
+    from trainer.run import learning_curve_rows
+
+    points = read_curve(run_dir / CURVE_NAME)
+    if not points:
+        return
+    publish_table("learning-curve", learning_curve_rows(points),
+                  description="zero-shot mean per-class accuracy on held-out sets during training")
+    if (run_dir / CURVE_PLOT_NAME).is_file():
+        publish_image("learning-curve-plot", (run_dir / CURVE_PLOT_NAME).read_bytes(),
+                      "zero-shot mean per-class accuracy against training steps")
+
+
 @flow(name="train", log_prints=True)
 def train(config: Config, manifest: str | None = None) -> str:
     """Train on a built dataset (default: this config's) with DeepSpeed; returns the export dir URI."""
@@ -59,5 +75,6 @@ def train(config: Config, manifest: str | None = None) -> str:
     export_dir = run_ranks(config, manifest, run_dir)
     export_uri = publish_export(config, export_dir)
     publish_curve(run_dir, export_uri)
+    publish_learning_curve(run_dir)
     print(f"training done: export={export_uri}")
     return export_uri

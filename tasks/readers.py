@@ -14,8 +14,12 @@ Source kinds (``SourceConfig.kind``):
 * ``webdataset`` — tar shards: members sharing a key (``dir/key.jpg`` + ``dir/key.txt``/``.json``).
 * ``directory`` — a folder of images with sidecar captions (``a/cat.jpg`` + ``a/cat.txt``).
 * ``openclipart`` — the bundled sample or the full Debian-built file (infra/openclipart.py): caption
-  is the title as written, held-out ids are left out; ``meta`` has its text fields (``title``,
-  ``keywords``, ``description``, ``file_name``) for ``sources[].caption`` to compose from.
+  is the title as written (with ``caption_keywords``, then its keywords); every image an eval set
+  uses (``infra.openclipart.excluded_from_training``) is left out; ``meta`` has its text fields
+  (``title``, ``keywords``, ``description``, ``file_name``) for ``sources[].caption`` to compose from.
+* ``emoji`` — an emoji table built by infra/emoji.py: caption is the CLDR name (with
+  ``caption_keywords``, then its keywords); held-out emoji (``infra.emoji.is_heldout``) are left out;
+  ``meta`` has ``name`` and ``keywords`` to compose from.
 
 Bad rows never fail a shard: a missing caption, an unreadable local path or a broken tar member
 keeps its row with a null caption/image (later stages count those) and a ``reader_error`` in
@@ -25,7 +29,7 @@ that is not there, raises :class:`ReaderError` naming the file and the column.
 
 ``sample_id`` is stable across reruns and independent of shard sizes: ``<kind>:<file as
 configured>#<id column value or row number>``, ``webdataset:<tar>#<key>``,
-``directory:<folder>/<image path>``, ``openclipart:<id>``.
+``directory:<folder>/<image path>``, ``openclipart:<id>``, ``emoji:<vendor>/<code points>``.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ MANIFEST_EXTENSIONS = {
     "jsonl": (".jsonl", ".json"),
     "webdataset": (".tar", ".tar.gz", ".tgz"),
     "openclipart": (".parquet",),
+    "emoji": (".parquet",),
 }
 # img2dataset's output Parquet (output_format="parquet") carries these; the image is in jpg/png/webp.
 _IMG2DATASET_COLUMNS = {"key", "status", "error_message"}
@@ -206,7 +211,7 @@ def plan_input_shards(sources: Sequence[SourceConfig], base_dir: str | Path = ".
                 for k, off in enumerate(offsets):
                     add(file=str(path), display_file=display, start=k * per, stop=min(lines, (k + 1) * per), byte_offset=off)
                 continue
-            if source.kind in ("parquet", "openclipart"):
+            if source.kind in ("parquet", "openclipart", "emoji"):
                 rows, malformed = _count_parquet_rows(path), 0
             else:
                 rows, malformed = _count_csv_rows(path, source)
@@ -651,23 +656,53 @@ def _read_directory(shard: InputShard, rows: _Rows) -> None:
         rows.add(f"directory:{shard.display_file}/{rel}", caption, None, image, meta, error)
 
 
-def _read_openclipart(shard: InputShard, rows: _Rows) -> None:
-    from infra.openclipart import OPENCLIPART_SCHEMA, is_heldout
+def titled_caption(title: str, keywords: Sequence[str], with_keywords: bool) -> str:
+    """The caption of a titled source row: the title, then (``with_keywords``) the keywords not already in it."""
+    if not with_keywords:
+        return title
+    extra = [k for k in dict.fromkeys(k.strip() for k in keywords) if k and k.lower() != title.strip().lower()]
+    return ", ".join([title, *extra]) if title.strip() else ", ".join(extra)
 
+
+def _packaged_table(shard: InputShard, schema: pa.Schema, columns: list[str], what: str) -> pa.Table:
     path = Path(shard.file)
     pf = _open_parquet(path)
-    missing = [f.name for f in OPENCLIPART_SCHEMA if f.name not in pf.schema_arrow.names]
+    missing = [f.name for f in schema if f.name not in pf.schema_arrow.names]
     if missing:
-        raise ReaderError(f"{path}: column(s) {missing} of the Openclipart table not found "
-                          f"(regenerate it with python -m infra.openclipart)")
-    table = _parquet_rows(pf, path, ["id", "category", "title", "keywords", "description", "image"], shard.start, shard.stop)
+        raise ReaderError(f"{path}: column(s) {missing} of the {what} table not found "
+                          f"(regenerate it with python -m infra.{what.lower()})")
+    return _parquet_rows(pf, path, columns, shard.start, shard.stop)
+
+
+def _read_openclipart(shard: InputShard, rows: _Rows) -> None:
+    from infra.openclipart import OPENCLIPART_SCHEMA, excluded_from_training
+
+    table = _packaged_table(shard, OPENCLIPART_SCHEMA, ["id", "category", "title", "keywords", "description", "image"],
+                            "Openclipart")
     for r in table.to_pylist():
-        if is_heldout(r["id"]):
+        if excluded_from_training(r["id"], r["title"], r["keywords"]):
             rows.drop("heldout")
             continue
         meta = {"id": r["id"], "category": r["category"], "title": r["title"], "keywords": r["keywords"],
                 "description": r["description"], "file_name": _file_name_text(r["id"])}
-        rows.add(f"openclipart:{r['id']}", r["title"], None, r["image"], meta)
+        caption = titled_caption(r["title"], r["keywords"], shard.source.caption_keywords)
+        rows.add(f"openclipart:{r['id']}", caption, None, r["image"], meta)
+
+
+def _read_emoji(shard: InputShard, rows: _Rows) -> None:
+    from infra.emoji import is_heldout
+    from infra.schema import EMOJI_SCHEMA
+
+    table = _packaged_table(shard, EMOJI_SCHEMA, ["id", "unified", "name", "keywords", "category", "subcategory",
+                                                  "image"], "Emoji")
+    for r in table.to_pylist():
+        if is_heldout(r["unified"]):  # every vendor's drawing of a held-out emoji
+            rows.drop("heldout")
+            continue
+        meta = {"id": r["id"], "name": r["name"], "keywords": r["keywords"], "category": r["category"],
+                "subcategory": r["subcategory"]}
+        caption = titled_caption(r["name"], r["keywords"], shard.source.caption_keywords)
+        rows.add(f"emoji:{r['id']}", caption, None, r["image"], meta)
 
 
 def _file_name_text(path: str) -> str:
@@ -677,7 +712,8 @@ def _file_name_text(path: str) -> str:
 
 
 _READERS = {"parquet": _read_parquet, "csv": _read_csv, "tsv": _read_csv, "jsonl": _read_jsonl,
-            "webdataset": _read_webdataset, "directory": _read_directory, "openclipart": _read_openclipart}
+            "webdataset": _read_webdataset, "directory": _read_directory, "openclipart": _read_openclipart,
+            "emoji": _read_emoji}
 
 
 def read_input_shard_with_funnel(shard: InputShard) -> tuple[pa.Table, Funnel]:

@@ -180,3 +180,77 @@ def test_streams_a_dataset_from_s3(s3_store, tmp_path, pairs, dataset):
     from_disk = list(itertools.islice(iter(_stream(dataset)), 3))
     for a, b in zip(from_s3, from_disk):
         assert torch.equal(a["rows"], b["rows"]) and torch.equal(a["images"], b["images"])
+
+
+# ---- online balancing (MetaCLIP's per-epoch draw) ----------------------------------------------
+
+HEAD, T = 60, 10  # 60 rows match only the head query 0 (t = 10); the other 36 rows each a rare query
+
+
+@pytest.fixture(scope="module")
+def balanced_source(tmp_path_factory, pairs):
+    query_ids = [[0] if i < HEAD else [1 + i, 0] if i % 2 else [1 + i] for i in range(ROWS)]
+    table = pairs.append_column("query_ids", pa.array(query_ids, pa.list_(pa.int32())))
+    return load_manifest(str(write_dataset(tmp_path_factory.mktemp("bal"), table, rows_per_shard=20)))
+
+
+def _epoch_rows(source, balance, epoch: int) -> set[int]:
+    ds = _stream(source, balance=balance, micro_batch=1)
+    rows = set()
+    for b in ds._stream_batches(0, StreamState(epoch=epoch)):
+        if b["state"]["epoch"] != epoch:
+            return rows
+        rows |= set(b["rows"].tolist())
+    return rows
+
+
+def test_online_balance_redraws_the_head_each_epoch_and_keeps_the_tail(balanced_source):
+    from trainer.data import online_balance
+
+    balance = online_balance(balanced_source, T, seed=0)
+    head_count = HEAD + (ROWS - HEAD) // 2
+    assert balance.counts[0] == head_count and balance.counts[1 + HEAD] == 1
+    # Tail rows are always kept; head-only rows with probability t / count.
+    assert balance.expected_rows == pytest.approx((ROWS - HEAD) + HEAD * T / head_count)
+    epochs = [_epoch_rows(balanced_source, balance, e) for e in range(4)]
+    tail = set(range(HEAD, ROWS))
+    for rows in epochs:
+        assert tail <= rows and 0 < len(rows - tail) < 3 * T
+    assert epochs[0] != epochs[1]  # reseeded per epoch
+    assert _epoch_rows(balanced_source, balance, 1) == epochs[1]  # and reproducible
+    seen_head = set().union(*epochs) - tail
+    assert len(seen_head) > max(len(r - tail) for r in epochs)  # the head's long tail is seen across epochs
+    unbalanced = _epoch_rows(balanced_source, None, 0)
+    assert unbalanced == set(range(ROWS))
+
+
+def test_online_balance_uses_the_builds_coin_rule(balanced_source):
+    """One epoch's draw is the build's probability-mode balancing with that epoch's seed."""
+    from infra.config import BalanceConfig
+    from tasks.balance import balance_table
+    from trainer.data import online_balance
+
+    balance = online_balance(balanced_source, T, seed=3)
+    store = balanced_source.store()
+    table = pa.concat_tables([store.read_parquet(s.key, columns=["sample_id", "query_ids"])
+                              for s in balanced_source.shards])
+    kept = balance.keep(table.column("sample_id").to_pylist(), table.column("query_ids"), epoch=2)
+    build = balance_table(table, balance.counts, BalanceConfig(max_per_query=T, seed=balance.epoch_seed(2))).table
+    assert table.filter(pa.array(kept)).column("sample_id").to_pylist() == build.column("sample_id").to_pylist()
+
+
+def test_caption_sampling_draws_subsets_of_the_parts_per_epoch(dataset):
+    from trainer.data import sample_caption_parts
+
+    caption = "cat face, animal, cat, kitten, pet"
+    parts = set(caption.split(", "))
+    draws = [sample_caption_parts(caption, random.Random(i)) for i in range(200)]
+    assert all(d and set(d.split(", ")) <= parts for d in draws)
+    assert len(set(draws)) > 50 and "cat" in draws  # single words appear alone too
+    assert sample_caption_parts("no commas here", random.Random(0)) == "no commas here"
+    # In the stream: fixed by (seed, epoch, row), different across epochs, always a subset.
+    ds = _stream(dataset, caption_sampling=True)
+    a = ds._sample(3, 0, _png(Image.new("RGB", (8, 8))), caption)[1]
+    assert a == ds._sample(3, 0, _png(Image.new("RGB", (8, 8))), caption)[1]
+    epochs = {ds._sample(3, e, _png(Image.new("RGB", (8, 8))), caption)[1] for e in range(20)}
+    assert len(epochs) > 5 and all(set(c.split(", ")) <= parts for c in epochs)

@@ -1,4 +1,4 @@
-"""Dedup: hashing, multi-index hashing, the eval index, decontamination quality, within-dataset dups."""
+"""Dedup: hashing, multi-index hashing, within-dataset duplicates (decontamination: test_decontam.py)."""
 
 from __future__ import annotations
 
@@ -17,16 +17,11 @@ from infra.config import EvalSetConfig
 from infra.eval_sets import EvalSet, load_eval_set
 from infra.fanout import ShardFailures
 from infra.storage import ObjectStore
-from tasks.dedup.eval_index import EvalIndex, ensure_eval_index
-from tasks.dedup.eval_overlap import EVAL_MATCHES, filter_eval_overlap, overlap_report
 from tasks.dedup.hashing import THUMB_SIDE, hash_table
 from tasks.dedup.mih import MultiIndexHash, brute_force_search, choose_substrings
 from tasks.dedup.verify import pair_ncc, thumbs_of
 from tasks.dedup.within import (PartRef, near_duplicate_drops, within_dataset_duplicates,
                                 within_dataset_duplicates_distributed)
-
-TRANSFORMS = ("jpeg", "resize", "crop", "brightness")
-
 
 def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
@@ -34,33 +29,9 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _transform(png: bytes, kind: str, rng: np.random.Generator) -> bytes:
-    img = Image.open(io.BytesIO(png)).convert("L")
-    w, h = img.size
-    if kind == "jpeg":
-        buf = io.BytesIO()
-        img.convert("RGB").save(buf, "JPEG", quality=int(rng.integers(30, 91)))
-        return buf.getvalue()
-    if kind == "resize":
-        s = float(rng.uniform(0.5, 2.0))
-        return _png(img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR))
-    if kind == "crop":
-        f = float(rng.uniform(0.0, 0.05))
-        cw, ch = round(w * f), round(h * f)
-        x, y = int(rng.integers(0, cw + 1)), int(rng.integers(0, ch + 1))
-        return _png(img.crop((x, y, w - (cw - x), h - (ch - y))))
-    shift = float(rng.uniform(15, 40)) * (1 if rng.random() < 0.5 else -1)
-    return _png(Image.fromarray(np.clip(np.asarray(img, np.float32) + shift, 0, 255).astype(np.uint8)))
-
-
 @pytest.fixture(scope="module")
 def fashion_test() -> EvalSet:
     return load_eval_set(EvalSetConfig(name="fashion-mnist", kind="fashion-mnist"), max_images=300)
-
-
-@pytest.fixture(scope="module")
-def fashion_index(fashion_test) -> EvalIndex:
-    return EvalIndex.build([fashion_test], "phash")
 
 
 @pytest.fixture(scope="module")
@@ -142,106 +113,6 @@ def test_mih_small_sets_and_edge_cases():
     # Duplicated codes are all returned.
     dup = MultiIndexHash(np.array([5, 5, 5], np.uint64))
     assert sorted(dup.search(np.array([5], np.uint64), 0)[1].tolist()) == [0, 1, 2]
-
-
-# ------------------------------------------------------------------------------------------------
-# Decontamination quality (Fashion-MNIST; full numbers: bench/dedup_quality.py)
-# ------------------------------------------------------------------------------------------------
-
-
-def test_transformed_copies_are_caught_and_distinct_images_mostly_not(fashion_test, fashion_index):
-    train = load_eval_set(EvalSetConfig(name="train", kind="fashion-mnist", split="train"), max_images=400)
-    rng = np.random.default_rng(0)
-    src = rng.choice(len(fashion_test.ids), size=160, replace=False)
-    kinds = [TRANSFORMS[i % 4] for i in range(len(src))]
-    copies = [_transform(fashion_test.images[s], k, rng) for s, k in zip(src, kinds)]
-    ids = [f"train/{i}" for i in train.ids] + [f"copy/{i}" for i in range(len(copies))]
-    table = pa.table({"sample_id": ids, "image": pa.array(list(train.images) + copies, pa.binary())})
-    step = filter_eval_overlap(hash_table(table), fashion_index, 6)
-    kept, funnel, matches = step.table, step.funnel, step.side[EVAL_MATCHES]
-
-    dropped = set(ids) - set(kept.column("sample_id").to_pylist())
-    caught = np.array([f"copy/{i}" in dropped for i in range(len(copies))])
-    recall = caught.mean()
-    false_positive_rate = sum(1 for i in dropped if i.startswith("train/")) / len(train.ids)
-    per_kind = {k: caught[[j for j in range(len(kinds)) if kinds[j] == k]].mean() for k in TRANSFORMS}
-    print(f"recall={recall:.3f} fp_rate={false_positive_rate:.4f} per_kind={per_kind}")
-    assert recall >= 0.8
-    assert all(v >= 0.6 for v in per_kind.values())
-    assert false_positive_rate <= 0.02
-
-    # Every caught copy matched the eval image it was made from.
-    by_sample = {}
-    for sid, eid in zip(matches.column("sample_id").to_pylist(), matches.column("eval_id").to_pylist()):
-        by_sample.setdefault(sid, set()).add(eid)
-    for i in np.flatnonzero(caught):
-        assert fashion_test.ids[src[i]] in by_sample[f"copy/{i}"]
-    stage = funnel.stages["dedup_eval"]
-    assert stage.rows_in == len(ids) and stage.rows_out == kept.num_rows
-    assert stage.dropped == Counter({"eval_overlap:fashion-mnist": len(dropped)})
-
-    report = overlap_report(matches, fashion_index)["fashion-mnist"]
-    overlapping = len(set(matches.column("eval_id").to_pylist()))
-    assert report["eval_images"] == 300 and report["overlap"] == overlapping
-    assert report["overlap_pct"] == pytest.approx(100 * overlapping / 300, abs=1e-3)
-    assert report["candidates_matched"] == len(dropped)
-
-
-def test_verification_and_crop_variants_each_change_the_result(fashion_test, fashion_index):
-    """pHash alone (no verification) matches more distinct images; no crop variants misses crops."""
-    train = load_eval_set(EvalSetConfig(name="train", kind="fashion-mnist", split="train"), max_images=300)
-    table = hash_table(pa.table({"sample_id": train.ids, "image": pa.array(train.images, pa.binary())}))
-    verified = filter_eval_overlap(table, fashion_index, 8).side[EVAL_MATCHES]
-    unverified = filter_eval_overlap(table, fashion_index, 8, min_ncc=-1.0).side[EVAL_MATCHES]
-    assert len(set(unverified.column("sample_id").to_pylist())) > 3 * max(1, len(set(verified.column("sample_id").to_pylist())))
-
-    rng = np.random.default_rng(1)
-    crops = [_transform(fashion_test.images[i], "crop", rng) for i in range(60)]
-    crops_t = hash_table(pa.table({"sample_id": [f"c{i}" for i in range(60)], "image": pa.array(crops, pa.binary())}))
-    plain = EvalIndex.build([fashion_test], "phash", crop_variants=False)
-    with_variants = filter_eval_overlap(crops_t, fashion_index, 6).table.num_rows
-    without = filter_eval_overlap(crops_t, plain, 6).table.num_rows
-    assert with_variants < without  # fewer crops survive when the index has crop variants
-
-
-def test_filter_counts_unhashable_rows_and_keeps_low_information_ones(fashion_index):
-    blank = _png(Image.new("L", (28, 28), 0))
-    table = pa.table({"sample_id": ["blank", "broken"], "image": [blank, b"\x89PNG broken"]})
-    step = filter_eval_overlap(table, fashion_index, 8)  # hashes computed on demand
-    kept, funnel, matches = step.table, step.funnel, step.side[EVAL_MATCHES]
-    assert kept.column("sample_id").to_pylist() == ["blank"]
-    assert funnel.stages["dedup_eval"].dropped == Counter({"unhashable_image": 1})
-    assert matches.num_rows == 0
-
-
-# ------------------------------------------------------------------------------------------------
-# The index as a versioned artifact
-# ------------------------------------------------------------------------------------------------
-
-
-def test_index_save_load_and_versioning(tmp_path, fashion_test):
-    small = EvalSet(fashion_test.name, fashion_test.classes, (), fashion_test.ids[:40], fashion_test.images[:40],
-                    fashion_test.labels[:40])
-    store = ObjectStore(str(tmp_path / "eval_index"))
-    index, built = ensure_eval_index([small], store, "phash")
-    assert built and store.exists(f"{index.version}/index.json")
-    again, built_again = ensure_eval_index([small], store, "phash")
-    assert not built_again and again.version == index.version
-    assert np.array_equal(again.entry_codes, index.entry_codes) and again.image_ids == index.image_ids
-    assert np.array_equal(again.thumbs, index.thumbs) and again.params == index.params
-    queries = index.entry_codes[::7]
-    assert all(np.array_equal(a, b) for a, b in zip(again.lookup(queries, 4), index.lookup(queries, 4)))
-
-    changed = EvalSet(small.name, small.classes, (), list(small.ids), list(small.images), small.labels.copy())
-    changed.images[5] = _png(Image.new("L", (28, 28), 128))
-    other, built_other = ensure_eval_index([changed], store, "phash")
-    assert built_other and other.version != index.version
-    assert ensure_eval_index([small], store, "dhash")[0].version not in (index.version, other.version)
-    assert ensure_eval_index([small], store, "phash", min_ncc=0.9)[0].version != index.version
-    assert EvalIndex.build([small], "phash").version == index.version  # same content, same version
-    assert sorted(k.split("/")[0] for k in store.list() if k.endswith("index.json")) == sorted(
-        {index.version, other.version, ensure_eval_index([small], store, "dhash")[0].version,
-         ensure_eval_index([small], store, "phash", min_ncc=0.9)[0].version})
 
 
 # ------------------------------------------------------------------------------------------------

@@ -402,6 +402,10 @@ def test_runner_end_to_end_writes_results_table_and_plots(tiny_export, colour_fo
 
     md = (out / "results.md").read_text()
     assert "| colours | 3 | 18 | 33.3% |" in md and "broken" in md and "text → image" in md
+    zs = on_disk["eval_sets"]["colours"]["zeroshot"]
+    ratio = zs["ensemble"]["mean_per_class"] * 3
+    assert (f"| colours | 3 | 33.3% | {100 * zs['bare']['mean_per_class']:.1f}% |" in md
+            and f"| {ratio:.2f}x |" in md)  # mean per-class accuracy and its ratio to chance (1/K)
     with Image.open(out / "plots" / "colours.png") as im:
         assert im.format == "PNG" and im.size[0] >= 300
 
@@ -421,16 +425,23 @@ def test_plain_state_dict_loads_with_its_config(tiny_export, tmp_path):
     plain.write_bytes((tiny_export / "model.pt").read_bytes())
     exported = load_checkpoint(str(tiny_export))
     named = load_checkpoint(str(plain), model_config="tiny")
-    inferred = load_checkpoint(str(plain))  # no config: architecture from the tensor shapes
-    assert named.model_id == exported.model_id == inferred.model_id
+    assert named.model_id == exported.model_id
     assert named.weights_uri == str(plain) and exported.weights_uri == str(tiny_export / "model.pt")
     texts = ["a red square", "a photo of a dog"]
     reference = ClipEncoder(exported.model, 32).encode_texts(texts)
     np.testing.assert_allclose(ClipEncoder(named.model, 32).encode_texts(texts), reference, atol=1e-5)
     assert torch.equal(named.model.logit_scale, exported.model.logit_scale)
-    # Shapes fix every size but not the head counts (OpenAI's width/64 rule is assumed): why a bare
-    # state dict of a non-standard model needs its config.
-    assert inferred.model_config.embed_dim == 64 and inferred.model_config.image_size == 32
+    # Shapes fix every size but not the head counts (OpenAI's width/64 rule would give tiny 1 head,
+    # not 2): a bare state dict of a non-OpenAI model is refused, not loaded wrong.
+    from trainer.model import UnknownArchitecture
+
+    with pytest.raises(UnknownArchitecture, match="openai_layout.pt: no model_config.json.*evaluate.model_config"):
+        load_checkpoint(str(plain))
+    # The OpenCLIP config beside it is enough (as an export from another tool would bring).
+    (plain.parent / "open_clip_config.json").write_bytes((tiny_export / "open_clip_config.json").read_bytes())
+    beside = load_checkpoint(str(plain))
+    assert beside.model_config.resolved_vision_heads == 2
+    np.testing.assert_allclose(ClipEncoder(beside.model, 32).encode_texts(texts), reference, atol=1e-5)
 
     with pytest.raises(ValueError, match="do not fit model config 'ViT-B-32'"):
         load_checkpoint(str(plain), model_config="ViT-B-32")

@@ -16,6 +16,8 @@ from tasks.shards import write_shard
 QUERIES = {"uri": "/run/queries/queries.parquet", "sha256": "ab" * 32, "rows": 22}
 EVAL_INDEX = {"root": "/run/eval_index", "version": "v1", "sets": {"colours": 3}, "built": True}
 COUNTS = {"matched_queries": 3, "pairs": 12, "over_cap": 0}
+SOURCES = [{"kind": "emoji", "path": "tw.parquet", "files": [{"file": "tw.parquet", "bytes": 9, "licence": "CC-BY-4.0"}]}]
+HOLDOUT_CHECK = {"emoji-heldout": {"training_ids": 6, "in_shards": 0, "in_holdout": 0}}
 
 
 def rows(n: int, start: int = 0) -> pa.Table:
@@ -32,7 +34,7 @@ def built(tmp_path):
     held = [write_shard(store, 0, rows(2, start=8), prefix="holdout", plan_id="held")]
     manifest = build_manifest(config={"name": "t"}, shards=shards, funnel={"stages": []}, queries=QUERIES,
                               eval_index=EVAL_INDEX, holdout=held, work="/run/dataset/work/f-1/c-2",
-                              query_counts=COUNTS)
+                              query_counts=COUNTS, sources=SOURCES, eval_holdout=HOLDOUT_CHECK)
     return store, shards, held, manifest
 
 
@@ -42,7 +44,8 @@ def test_the_json_a_build_writes(built):
     assert uri == store.uri(MANIFEST_NAME)
     on_disk = json.loads(store.read_text(MANIFEST_NAME))
     assert list(on_disk) == ["schema_version", "shard_schema", "num_rows", "num_shards", "queries", "eval_index",
-                             "funnel", "shards", "holdout", "config", "work", "query_counts"]
+                             "funnel", "shards", "holdout", "config", "work", "query_counts", "sources",
+                             "eval_holdout"]
     assert on_disk["schema_version"] == SCHEMA_VERSION and on_disk["num_rows"] == 8 and on_disk["num_shards"] == 2
     assert on_disk["shard_schema"] == SHARD_SCHEMA.to_string(show_schema_metadata=False).splitlines()
     assert on_disk["shards"] == shards  # each shard's stats exactly as write_shard recorded them
@@ -50,6 +53,7 @@ def test_the_json_a_build_writes(built):
     assert all(s["path"].startswith("shards/") for s in on_disk["shards"])  # training reads only these
     assert (on_disk["queries"], on_disk["eval_index"], on_disk["query_counts"]) == (QUERIES, EVAL_INDEX, COUNTS)
     assert on_disk["work"] == "/run/dataset/work/f-1/c-2" and on_disk["config"] == {"name": "t"}
+    assert on_disk["sources"] == SOURCES and on_disk["eval_holdout"] == HOLDOUT_CHECK
 
 
 def test_read_back_is_the_same_manifest_and_the_same_json(built):
@@ -69,6 +73,7 @@ def test_no_holdout_and_no_extras_are_null():
     manifest = build_manifest(config={}, shards=[], funnel={}, queries=None, eval_index=None, holdout=[])
     data = manifest.to_dict()
     assert data["holdout"] is None and data["work"] is None and data["query_counts"] is None
+    assert data["sources"] == [] and data["eval_holdout"] == {}
     assert data["num_rows"] == 0 and data["shards"] == []
 
 

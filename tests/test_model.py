@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from trainer.model import (CLIP, ModelConfig, load_exported, load_model_config, load_openai_state_dict,
-                           openai_state_dict, save_exported)
+from trainer.model import (CLIP, ModelConfig, UnknownArchitecture, load_exported, load_model_config,
+                           load_openai_state_dict, openai_architecture, openai_state_dict, save_exported)
 from trainer.tokenizer import tokenize
 
 
@@ -145,11 +145,32 @@ def test_export_round_trip_and_bare_openai_file(tmp_path):
     assert config == model.config
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
-    # A bare .pt with no model_config.json beside it: architecture inferred from the weights.
-    bare = tmp_path / "bare.pt"
+    # A bare .pt with no config beside it: tiny's heads (2 of width 48) are not OpenAI's width/64
+    # rule (1 head), so it must not load with heads guessed.
+    bare = tmp_path / "bare" / "model.pt"
+    bare.parent.mkdir()
     torch.save(saved, bare)
+    assert ModelConfig.from_state_dict(saved).resolved_vision_heads == 1 != model.config.resolved_vision_heads
+    with pytest.raises(UnknownArchitecture, match="bare/model.pt: no model_config.json.*head counts cannot be inferred"):
+        load_exported(bare)
+    # With only the OpenCLIP config beside it, it loads with the right heads.
+    (bare.parent / "open_clip_config.json").write_bytes((tmp_path / "export" / "open_clip_config.json").read_bytes())
     inferred, inferred_config = load_exported(bare)
-    assert inferred_config.vision_width == 96 and inferred_config.vision_patch_size == 8
+    assert inferred_config.resolved_vision_heads == 2 and inferred_config.text_heads == 2
     assert math.isclose(inferred.logit_scale.item(), model.logit_scale.item())
+    images, tokens = torch.randn(2, 3, 32, 32), tokenize(["a cat", "a dog"])
+    assert torch.allclose(inferred.encode_image(images), model.eval().encode_image(images), atol=1e-6)
+    assert torch.allclose(inferred.encode_text(tokens), model.encode_text(tokens), atol=1e-6)
     with pytest.raises(FileNotFoundError):
         load_exported(tmp_path / "nowhere")
+
+
+def test_bare_openai_shapes_load_with_openais_head_rule(tmp_path):
+    """OpenAI's own released shapes are the case where width/64 is right: they still load bare."""
+    shapes = openai_vit_b32_shapes()
+    generator = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(s, generator=generator) if s else torch.tensor(4.6052) for k, s in shapes.items()}
+    assert openai_architecture(sd) == load_model_config("ViT-B-32")
+    torch.save(sd, tmp_path / "ViT-B-32.pt")
+    _, config = load_exported(tmp_path / "ViT-B-32.pt")
+    assert config == load_model_config("ViT-B-32") and config.resolved_vision_heads == 12

@@ -19,6 +19,7 @@ from infra.openclipart import (
     ClipartMetadata,
     OpenclipartError,
     build,
+    excluded_from_training,
     is_heldout,
     parse_svg_metadata,
     read_all_metadata,
@@ -232,8 +233,11 @@ def test_read_openclipart_splits_and_checks_columns(tmp_path: Path, sample_parqu
     train = read_openclipart(sample_parquet, "train", columns=["title"])
     held = read_openclipart(sample_parquet, "heldout", columns=["title"])
     assert train.num_rows + held.num_rows == pq.read_metadata(sample_parquet).num_rows
-    assert all(is_heldout(i) for i in held.column("id").to_pylist())
-    assert not any(is_heldout(i) for i in train.column("id").to_pylist())
+    table = pq.read_table(sample_parquet, columns=["id", "title", "keywords"]).to_pylist()
+    excluded = {r["id"] for r in table if excluded_from_training(r["id"], r["title"], r["keywords"])}
+    assert set(held.column("id").to_pylist()) == excluded
+    assert {r["id"] for r in table if is_heldout(r["id"])} < excluded  # and the concept set's images
+    assert not excluded & set(train.column("id").to_pylist())
     bad = tmp_path / "bad.parquet"
     pq.write_table(train.select(["id"]), bad)
     with pytest.raises(OpenclipartError, match="missing column.*category"):

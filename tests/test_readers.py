@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from infra.config import ConfigError, SourceConfig, config_from_dict
-from infra.openclipart import is_heldout
+from infra.openclipart import excluded_from_training, is_heldout
 from infra.schema import CANDIDATE_SCHEMA
 from tasks.readers import (
     READER_ERROR_KEY,
@@ -324,8 +324,10 @@ def test_directory_image_deleted_after_planning_keeps_a_null_row(tmp_path: Path)
 def test_openclipart_excludes_heldout_and_uses_titles(sample_parquet: Path) -> None:
     src = SourceConfig(kind="openclipart", path=str(sample_parquet), rows_per_input_shard=700)
     table, dropped = read_all([src], sample_parquet.parent)
-    ids = pq.read_table(sample_parquet, columns=["id", "title"])
-    heldout = sum(map(is_heldout, ids.column("id").to_pylist()))
+    ids = pq.read_table(sample_parquet, columns=["id", "title", "keywords"])
+    rows = ids.to_pylist()
+    heldout = sum(excluded_from_training(r["id"], r["title"], r["keywords"]) for r in rows)
+    assert heldout > sum(is_heldout(r["id"]) for r in rows)  # the concept set's images too
     assert dropped == {"heldout": heldout} and table.num_rows == ids.num_rows - heldout
     titles = dict(zip(ids.column("id").to_pylist(), ids.column("title").to_pylist()))
     for sid, caption, meta in zip(table.column("sample_id").to_pylist(), table.column("caption").to_pylist(),

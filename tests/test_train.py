@@ -144,8 +144,13 @@ def flow_run(prefect_harness, manifest, tmp_path_factory):
     """The uninterrupted reference: flows.train.train, 1 rank, ZeRO-2, under a real Prefect API."""
     from flows.train import train as train_flow
 
+    from infra.config import EvalSetConfig
+
     output = tmp_path_factory.mktemp("flowrun")
-    config = Config(output=str(output), train=TRAIN)
+    # The learning curve on: it must not change the run (the resume test compares losses with it).
+    curve = dataclasses.replace(TRAIN, curve_every_steps=4, curve_eval_sets=("oc",))
+    config = Config(output=str(output), train=curve,
+                    eval_sets=(EvalSetConfig(name="oc", kind="openclipart-heldout", max_images=48),))
     export_uri = train_flow(config, manifest=manifest)
     return Path(export_uri), output / "train"
 
@@ -174,7 +179,25 @@ def test_flow_one_process_zero2_learns_exports_and_publishes(flow_run):
             return {a.key for a in await client.read_artifacts()}
 
     import asyncio
-    assert {"train-curve", "train-summary"} <= asyncio.run(artifact_keys())
+    assert {"train-curve", "train-summary", "learning-curve", "learning-curve-plot"} <= asyncio.run(artifact_keys())
+
+
+@pytest.mark.slow
+def test_learning_curve_scores_held_out_sets_every_n_steps(flow_run):
+    from PIL import Image
+
+    from trainer.curve import CURVE_NAME, CURVE_PLOT_NAME, read_curve
+
+    export_dir, run_dir = flow_run
+    points = read_curve(run_dir / CURVE_NAME)
+    assert [p["step"] for p in points] == [0, 4, 8]
+    scores = points[-1]["sets"]["oc"]
+    assert scores["images"] == 48 and scores["chance"] == pytest.approx(1 / 22)
+    for variant in ("bare", "single", "ensemble"):
+        assert 0.0 <= scores[variant]["mean_per_class"] <= 1.0 and 0.0 <= scores[variant]["top1"] <= 1.0
+    assert points[0]["sets"]["oc"] != points[-1]["sets"]["oc"]  # the model changed between the points
+    assert read_curve(export_dir / CURVE_NAME) == points
+    assert Image.open(export_dir / CURVE_PLOT_NAME).size[0] > 0 and (run_dir / CURVE_PLOT_NAME).is_file()
 
 
 @pytest.mark.slow
@@ -220,3 +243,36 @@ def test_two_process_zero2_through_torchrun(prefect_harness, manifest, tmp_path)
                        weights_only=False)
     assert state["step"] == STEPS and state["position"]["batches"] == STEPS
     assert set(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*")) <= shm_before  # none leaked
+
+
+def test_curve_maths_on_known_predictions(tmp_path):
+    import numpy as np
+
+    from trainer.curve import mean_per_class_accuracy, read_curve, render_curve
+    from trainer.run import learning_curve_rows
+
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    predictions = np.array([0, 0, 0, 0, 0, 1])  # class 0: 4/4, class 1: 1/2
+    assert mean_per_class_accuracy(labels, predictions, 3) == pytest.approx(0.75)  # absent class 2 not counted
+    point = {"step": 5, "sets": {"s": {"chance": 0.5, "images": 6, **{
+        v: {"top1": 5 / 6, "mean_per_class": 0.75} for v in ("bare", "single", "ensemble")}}}}
+    (tmp_path / "curve.jsonl").write_text(json.dumps({**point, "step": 5, "stale": 1}) + "\n" + json.dumps(point) + "\n")
+    assert read_curve(tmp_path / "curve.jsonl") == [point]  # a resumed run's repeated step keeps its latest point
+    assert learning_curve_rows([point]) == [{"step": 5, "eval set": "s", "chance": 0.5, "bare mean per-class": 0.75,
+                                             "single mean per-class": 0.75, "ensemble mean per-class": 0.75,
+                                             "ensemble top-1": 0.8333}]
+    assert render_curve([point])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_curve_needs_named_eval_sets_and_no_zero3():
+    from infra.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="curve_eval_sets: \\['nope'\\] not among eval_sets"):
+        config_from_dict({"train": {"curve_every_steps": 5, "curve_eval_sets": ["nope"]}})
+    with pytest.raises(ConfigError, match="needs train.curve_eval_sets"):
+        config_from_dict({"train": {"curve_every_steps": 5}})
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        config_from_dict({"train": {"curve_every_steps": 5, "curve_eval_sets": ["a"], "zero_stage": 3},
+                          "eval_sets": [{"name": "a", "kind": "mnist"}]})
+    with pytest.raises(ConfigError, match="balance_online_t must be > 0"):
+        config_from_dict({"train": {"balance_online_t": 0}})

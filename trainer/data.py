@@ -13,22 +13,25 @@ counted per reason; they cost one sample, never a batch.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from infra.config import StorageConfig
-from infra.imaging import decode_rgb
+from infra.imaging import decode_rgb, to_rgb
 from infra.log import get_logger, log_event
 from infra.manifest import manifest_location, read_manifest
 from infra.storage import ObjectStore
@@ -51,18 +54,55 @@ def decode_image(data: bytes) -> Image.Image:
     return decode_rgb(data)
 
 
+# Modes the eval transform resizes as they are, converting to RGB after the crop (OpenCLIP's order).
+_AS_IS_MODES = ("RGB", "L", "CMYK", "YCbCr", "LAB", "HSV", "1")
+
+
+def eval_image(data: bytes) -> Image.Image:
+    """Decode for evaluation: RGB, L, CMYK (and other alpha-free 8-bit modes) stay as they are, so
+    the eval transform resizes them as OpenCLIP does before converting to RGB; images with alpha
+    (and palette images with transparency) are composited onto white, like training's images, and
+    16-bit/float greys go through ``infra.imaging``'s scaling — two deliberate differences from
+    OpenCLIP, which drops alpha (showing whatever colour hides under transparent pixels) and clips
+    16-bit values."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if im.mode in _AS_IS_MODES or (im.mode == "P" and "transparency" not in im.info):
+            return im.copy()
+        return to_rgb(im)
+
+
+def _to_normalised_tensor(image: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """torchvision's ToTensor then Normalize, operation for operation (uint8 -> /255 -> -mean -> /std)."""
+    pixels = torch.from_numpy(np.array(image, np.uint8, copy=True)).view(image.size[1], image.size[0], 3)
+    return pixels.permute((2, 0, 1)).contiguous().to(dtype=torch.float32).div(255).sub_(mean).div_(std)
+
+
+def shortest_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """torchvision ``Resize(size)``'s output (width, height): the short side becomes ``size``, the
+    long side ``int(size * long / short)`` (truncated, as torchvision does)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
 class ImageTransform:
     """CLIP's transforms without torchvision.
 
-    Train: random resized crop (scale 0.9-1.0, aspect 3/4-4/3, bicubic; open_clip's default) then
-    mean/std normalisation. Eval: bicubic resize of the shorter side, centre crop, normalisation.
+    Train: random resized crop (scale 0.9-1.0, aspect 3/4-4/3, bicubic; open_clip's default) of
+    the RGB image, then mean/std normalisation. Eval: OpenCLIP's ``image_transform(size,
+    is_train=False)`` step for step — torchvision ``Resize(size)`` (shortest side, bicubic, the
+    long side truncated, skipped when the size already fits), ``CenterCrop(size)`` (offsets
+    rounded), ``convert("RGB")`` after the crop, ``ToTensor``, ``Normalize`` — so its tensors equal
+    OpenCLIP's bit for bit on images :func:`eval_image` leaves as they are (tests/test_data.py
+    compares them with torchvision's own code).
     """
 
     def __init__(self, image_size: int, train: bool, scale: tuple[float, float] = (0.9, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3)):
         self.image_size, self.train, self.scale, self.ratio = image_size, train, scale, ratio
-        self._mean = np.asarray(CLIP_MEAN, dtype=np.float32)
-        self._std = np.asarray(CLIP_STD, dtype=np.float32)
+        self._mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(-1, 1, 1)
+        self._std = torch.tensor(CLIP_STD, dtype=torch.float32).view(-1, 1, 1)
 
     def _random_crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
         """torchvision's RandomResizedCrop.get_params, fed by ``rng``."""
@@ -87,21 +127,25 @@ class ImageTransform:
         left, top = (width - w) // 2, (height - h) // 2
         return left, top, left + w, top + h
 
-    def _center_crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
-        side = min(width, height)
-        left, top = (width - side) / 2, (height - side) / 2
-        return left, top, left + side, top + side
+    def eval_pixels(self, image: Image.Image) -> Image.Image:
+        """Resize (shortest side) + centre crop as torchvision does, then RGB: the eval image, uint8."""
+        size = self.image_size
+        new_size = shortest_side_size(image.width, image.height, size)
+        if new_size != image.size:
+            image = image.resize(new_size, Image.Resampling.BICUBIC)
+        top = int(round((image.height - size) / 2.0))
+        left = int(round((image.width - size) / 2.0))
+        image = image.crop((left, top, left + size, top + size))
+        return image if image.mode == "RGB" else image.convert("RGB")
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        image = image.convert("RGB") if image.mode != "RGB" else image
-        width, height = image.size
         if self.train:
-            box: tuple[float, ...] = self._random_crop_box(width, height, rng or random.Random())
+            image = image.convert("RGB") if image.mode != "RGB" else image
+            box = self._random_crop_box(image.width, image.height, rng or random.Random())
+            image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC, box=box)
         else:
-            box = self._center_crop_box(width, height)
-        image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC, box=box)
-        pixels = (np.asarray(image, dtype=np.float32) / 255.0 - self._mean) / self._std
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+            image = self.eval_pixels(image)
+        return _to_normalised_tensor(image, self._mean, self._std)
 
 
 def image_transform(image_size: int, train: bool) -> ImageTransform:
@@ -149,6 +193,67 @@ def load_manifest(manifest_uri: str, storage: StorageConfig | None = None) -> Da
 
 
 # --------------------------------------------------------------------------------------------
+# Online balancing (MetaCLIP's per-epoch draw)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OnlineBalance:
+    """MetaCLIP's balancing, redrawn every epoch in the loader.
+
+    A query matched by ``c`` training pairs keeps each with probability min(1, t / c), a pair is
+    kept if any of its queries keeps it, and the coins (``infra.coins``, the build's rule) are
+    reseeded per epoch: each epoch sees a different subset of the head queries' pairs, so their
+    long tail is seen across epochs instead of being cut once at build time. ``counts`` are over
+    the training shards (the pool this loader draws from).
+    """
+
+    max_per_query: int
+    seed: int
+    counts: np.ndarray  # pairs per query id
+    expected_rows: float  # rows an epoch keeps on average
+
+    def epoch_seed(self, epoch: int) -> int:
+        digest = hashlib.blake2b(f"{self.seed}:{epoch}:online-balance".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little")
+
+    def keep(self, sample_ids: Sequence[str], query_ids: pa.Array | pa.ChunkedArray, epoch: int) -> np.ndarray:
+        """Which rows this epoch's draw keeps (rows without query ids are always kept)."""
+        from infra.coins import keep_with_probability, pair_hashes, sample_hashes
+
+        flat, lengths = _flat_ids(query_ids)
+        rows = np.repeat(np.arange(len(sample_ids)), lengths)
+        hashes = pair_hashes(sample_hashes(list(sample_ids))[rows], flat, self.epoch_seed(epoch))
+        counts = self.counts if flat.size == 0 or flat.max() < self.counts.size else np.r_[
+            self.counts, np.zeros(flat.max() + 1 - self.counts.size, np.int64)]
+        return keep_with_probability(flat, hashes, rows, counts, self.max_per_query, len(sample_ids)) | (lengths == 0)
+
+
+def _flat_ids(query_ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(query_ids, pa.ChunkedArray):
+        query_ids = query_ids.combine_chunks() if query_ids.num_chunks else pa.array([], pa.list_(pa.int32()))
+    lengths = pc.fill_null(pc.list_value_length(query_ids), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return pc.list_flatten(query_ids).to_numpy(zero_copy_only=False).astype(np.int64), lengths
+
+
+def online_balance(source: "DatasetSource", max_per_query: int, seed: int) -> OnlineBalance:
+    """Count the training shards' pairs per query (one pass over ``query_ids``) for :class:`OnlineBalance`."""
+    store = source.store()
+    columns = [store.read_parquet(s.key, columns=["query_ids"]).column("query_ids") for s in source.shards]
+    flats = [_flat_ids(c) for c in columns]
+    ids = np.concatenate([f for f, _ in flats]) if flats else np.zeros(0, np.int64)
+    counts = np.bincount(ids, minlength=1).astype(np.int64)
+    expected = 0.0
+    for flat, lengths in flats:  # P(kept) = 1 - prod(1 - p) over a row's queries
+        p_drop = 1.0 - np.minimum(1.0, max_per_query / np.maximum(counts[flat], 1))
+        rows = np.repeat(np.arange(lengths.size), lengths)
+        drop = np.ones(lengths.size)
+        np.multiply.at(drop, rows, p_drop)
+        expected += float((1.0 - drop).sum())
+    return OnlineBalance(max_per_query, seed, counts, expected)
+
+
+# --------------------------------------------------------------------------------------------
 # The stream
 # --------------------------------------------------------------------------------------------
 
@@ -193,7 +298,9 @@ class ShardStream(IterableDataset):
 
     def __init__(self, source: DatasetSource, *, rank: int, world_size: int, micro_batch: int, image_size: int,
                  context_length: int = CONTEXT_LENGTH, shuffle_buffer: int = 1_000, seed: int = 0,
-                 num_streams: int = 1, position: dict[str, Any] | None = None, train: bool = True):
+                 num_streams: int = 1, position: dict[str, Any] | None = None, train: bool = True,
+                 balance: OnlineBalance | None = None, crop_scale: tuple[float, float] = (0.9, 1.0),
+                 caption_sampling: bool = False):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -204,7 +311,9 @@ class ShardStream(IterableDataset):
         if len(self.position["streams"]) != num_streams:
             raise ValueError(f"position has {len(self.position['streams'])} streams, loader has {num_streams}: "
                              "resume with the same train.num_workers")
-        self.transform = ImageTransform(image_size, train)
+        self.transform = ImageTransform(image_size, train, scale=crop_scale)
+        self.balance = balance
+        self.caption_sampling = caption_sampling
         # Whole shards per (rank, stream) when there are enough of them (no wasted reads);
         # otherwise every unit reads every shard and keeps its stride of rows.
         self.units = world_size * num_streams
@@ -234,7 +343,8 @@ class ShardStream(IterableDataset):
                     parquet = pq.ParquetFile(f)
                     if parquet.metadata.num_rows != shard.rows:
                         raise ValueError(f"{parquet.metadata.num_rows} rows, the manifest says {shard.rows}")
-                    for batch in parquet.iter_batches(batch_size=512, columns=_READ_COLUMNS):
+                    columns = _READ_COLUMNS + (["sample_id", "query_ids"] if self.balance else [])
+                    for batch in parquet.iter_batches(batch_size=512, columns=columns):
                         rows = np.arange(first_row, first_row + batch.num_rows)
                         first_row += batch.num_rows
                         if not self.split_by_shard:
@@ -245,6 +355,10 @@ class ShardStream(IterableDataset):
                                 continue
                             batch = batch.filter(pa.array(mine))
                             rows = rows[mine]
+                        if self.balance is not None:  # after the split: who owns a row does not change
+                            kept = self.balance.keep(batch.column("sample_id").to_pylist(),
+                                                     batch.column("query_ids"), epoch)
+                            batch, rows = batch.filter(pa.array(kept)), rows[kept]
                         sample_numbers = rows - shard_start + manifest_start[shard_index]
                         images = batch.column("image").to_pylist()
                         captions = batch.column("caption").to_pylist()
@@ -282,6 +396,8 @@ class ShardStream(IterableDataset):
         except Exception as e:  # PIL raises many types for corrupt data
             raise _BadSample("decode_error", f"{type(e).__name__}: {e}") from None
         rng = random.Random(f"{self.seed}:{epoch}:{row}:augment")
+        if self.caption_sampling:
+            caption = sample_caption_parts(caption, random.Random(f"{self.seed}:{epoch}:{row}:caption"))
         return self.transform(image, rng), caption
 
     def _stream_batches(self, stream: int, state: StreamState) -> Iterator[dict[str, Any]]:
@@ -326,6 +442,16 @@ class ShardStream(IterableDataset):
         # The loader hands out batches round-robin from worker 0; shift so global batch g comes from stream g % S.
         stream = (worker + self.position["batches"]) % self.num_streams
         return self._stream_batches(stream, StreamState.from_dict(self.position["streams"][stream]))
+
+
+def sample_caption_parts(caption: str, rng: random.Random) -> str:
+    """A random non-empty subset, in random order, of a caption's comma-separated parts ("cat face,
+    animal, cat, kitten" -> "kitten, cat face"): a title-and-keywords caption shows its words alone
+    and in new company each epoch. A caption without commas is kept as it is."""
+    parts = [p.strip() for p in caption.split(",") if p.strip()]
+    if len(parts) < 2:
+        return caption
+    return ", ".join(rng.sample(parts, rng.randint(1, len(parts))))
 
 
 class _BadSample(Exception):

@@ -80,9 +80,12 @@ def load_checkpoint(checkpoint: str, *, model_config: str | None = None, storage
 
     ``checkpoint`` may be a local path, ``file://`` or ``s3://`` URI. For a bare state dict the
     architecture comes from ``model_config`` (a named config or JSON path) when given, else from the
-    ``model_config.json`` beside it, else it is inferred from the tensor shapes.
+    ``model_config.json`` or ``open_clip_config.json`` beside it, else from the tensor shapes when
+    they are one of OpenAI's models (``trainer.model.exported_config``; others are refused: their
+    head counts are not in the weights).
     """
-    from trainer.model import CLIP, EXPORT_CONFIG_NAME, load_exported, load_model_config, load_openai_state_dict
+    from trainer.model import (CLIP, EXPORT_CONFIG_NAME, OPEN_CLIP_CONFIG_NAME, load_exported, load_model_config,
+                               load_openai_state_dict)
 
     directory, weights_name = _split_weights(checkpoint)
     store = ObjectStore(directory, storage)
@@ -109,9 +112,10 @@ def load_checkpoint(checkpoint: str, *, model_config: str | None = None, storage
                                  f"{str(e).splitlines()[0]}") from None
             model.eval()
         else:
-            if store.exists(EXPORT_CONFIG_NAME):
-                (Path(tmp) / EXPORT_CONFIG_NAME).write_bytes(store.read_bytes(EXPORT_CONFIG_NAME))
-            model, config = load_exported(local)
+            for name in (EXPORT_CONFIG_NAME, OPEN_CLIP_CONFIG_NAME):
+                if store.exists(name):
+                    (Path(tmp) / name).write_bytes(store.read_bytes(name))
+            model, config = load_exported(local, where=store.uri(weights_name))
     model.to(device)
     return LoadedCheckpoint(model=model, model_config=config, model_id=model_id, weights_uri=store.uri(weights_name))
 
@@ -122,16 +126,17 @@ def load_checkpoint(checkpoint: str, *, model_config: str | None = None, storage
 
 
 def decode_image(data: bytes | None):
-    """Encoded bytes -> RGB PIL image, decoded as in training (transparency on white);
+    """Encoded bytes -> PIL image for the eval transform (``trainer.data.eval_image``: RGB, L and
+    CMYK as decoded, so the transform matches OpenCLIP's; alpha on white, as in training);
     raises ValueError whose text starts with the drop reason."""
     from PIL import Image, UnidentifiedImageError
 
-    from trainer.data import decode_image as decode_like_training
+    from trainer.data import eval_image
 
     if not data:
         raise ValueError("empty_image")
     try:
-        return decode_like_training(data)
+        return eval_image(data)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"undecodable_image: {e}") from None
 

@@ -26,6 +26,13 @@ from torch.utils.checkpoint import checkpoint
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 EXPORT_WEIGHTS_NAME = "model.pt"
 EXPORT_CONFIG_NAME = "model_config.json"
+OPEN_CLIP_CONFIG_NAME = "open_clip_config.json"  # for open_clip.create_model("local-dir:<export>")
+# OpenAI's released architectures: the only shapes whose head counts OpenAI's rule (width / 64)
+# is known to give. Their configs are in model_configs/ under these names.
+OPENAI_MODELS = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336")
+# The eval preprocessing an export expects (OpenCLIP's preprocess_cfg): trainer.data's eval transform.
+_PREPROCESS = {"mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711),
+               "interpolation": "bicubic", "resize_mode": "shortest"}
 MAX_LOGIT_SCALE = 100.0
 # Keys OpenAI's JIT archives carry in their state dict that are not parameters.
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -118,6 +125,60 @@ class ModelConfig:
             text_heads=text_width // 64,
             text_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}),
             context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0])
+
+
+class UnknownArchitecture(ValueError):
+    """Weights whose architecture cannot be read from their shapes alone; the message says what to pass."""
+
+
+def open_clip_config(config: ModelConfig) -> dict[str, Any]:
+    """The model as an OpenCLIP model config (``model_configs/*.json``'s shape): ``open_clip``'s
+    ``CLIP(**cfg)`` builds the same modules, with the same parameter names and shapes."""
+    heads = config.resolved_vision_heads
+    # OpenCLIP derives heads as width // head_width (ViT) or width * 32 // head_width (ResNet).
+    vision_width = config.vision_width if config.is_vit else config.vision_width * 32
+    vision: dict[str, Any] = {
+        "image_size": config.image_size,
+        "layers": list(config.vision_layers) if isinstance(config.vision_layers, tuple) else config.vision_layers,
+        "width": config.vision_width, "patch_size": config.vision_patch_size, "head_width": vision_width // heads}
+    text = {"context_length": config.context_length, "vocab_size": config.vocab_size, "width": config.text_width,
+            "heads": config.text_heads, "layers": config.text_layers}
+    return {"embed_dim": config.embed_dim, "quick_gelu": config.quick_gelu, "vision_cfg": vision, "text_cfg": text}
+
+
+def from_open_clip_config(data: Mapping[str, Any]) -> ModelConfig:
+    """The inverse of :func:`open_clip_config` (also accepts an ``open_clip_config.json``'s ``model_cfg``)."""
+    cfg = data.get("model_cfg", data)
+    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
+    layers = vision["layers"]
+    patch = vision.get("patch_size")
+    head_width = vision.get("head_width", 64)
+    heads = (vision["width"] if patch is not None else vision["width"] * 32) // head_width
+    return ModelConfig(embed_dim=cfg["embed_dim"], image_size=vision["image_size"],
+                       vision_layers=tuple(layers) if isinstance(layers, list) else layers,
+                       vision_width=vision["width"], vision_patch_size=patch, vision_heads=heads,
+                       text_width=text["width"], text_heads=text["heads"], text_layers=text["layers"],
+                       context_length=text.get("context_length", 77), vocab_size=text.get("vocab_size", 49408),
+                       quick_gelu=bool(cfg.get("quick_gelu", False)))
+
+
+def openai_architecture(state_dict: Mapping[str, torch.Tensor], where: str = "weights") -> ModelConfig:
+    """The architecture of a bare OpenAI-layout state dict, when its shapes are one of OpenAI's models.
+
+    Head counts are not in the weights (``in_proj_weight`` is ``3w x w`` for any count); OpenAI's
+    ``build_model`` assumes width / 64, which is right for their models and wrong for others (the
+    ``tiny`` model has 2 heads of width 48). Any other shapes raise :class:`UnknownArchitecture`.
+    """
+    inferred = ModelConfig.from_state_dict(state_dict)
+    for name in OPENAI_MODELS:
+        if load_model_config(name) == inferred:
+            return inferred
+    shape = (f"{'ViT' if inferred.is_vit else 'ResNet'} width {inferred.vision_width}, text width "
+             f"{inferred.text_width}, embed {inferred.embed_dim}")
+    raise UnknownArchitecture(
+        f"{where}: no {EXPORT_CONFIG_NAME} or {OPEN_CLIP_CONFIG_NAME} beside it, and its shapes ({shape}) are not "
+        f"one of OpenAI's models ({', '.join(OPENAI_MODELS)}), so the attention head counts cannot be inferred: "
+        f"pass the architecture (evaluate.model_config=NAME or a JSON path) or put {EXPORT_CONFIG_NAME} beside it")
 
 
 def load_model_config(name_or_path: str | Path) -> ModelConfig:
@@ -420,24 +481,46 @@ def load_openai_state_dict(model: CLIP, state_dict: Mapping[str, torch.Tensor]) 
     model.load_state_dict(sd, strict=True)
 
 
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def save_exported(model: CLIP, export_dir: str | Path) -> Path:
-    """Write ``model.pt`` (OpenAI layout) and ``model_config.json`` into ``export_dir``."""
+    """Write ``model.pt`` (OpenAI layout), ``model_config.json`` and ``open_clip_config.json`` (the
+    same architecture for ``open_clip.create_model("local-dir:<export_dir>")`` and its eval
+    preprocessing) into ``export_dir``."""
     export_dir = Path(export_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
     tmp = export_dir / (EXPORT_WEIGHTS_NAME + ".tmp")
     torch.save(openai_state_dict(model), tmp)
     tmp.replace(export_dir / EXPORT_WEIGHTS_NAME)
-    tmp = export_dir / (EXPORT_CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-    tmp.replace(export_dir / EXPORT_CONFIG_NAME)
+    _write_json(export_dir / EXPORT_CONFIG_NAME, model.config.to_dict())
+    _write_json(export_dir / OPEN_CLIP_CONFIG_NAME, {
+        "model_cfg": open_clip_config(model.config),
+        "preprocess_cfg": {**_PREPROCESS, "size": model.config.image_size}})
     return export_dir
 
 
-def load_exported(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[CLIP, ModelConfig]:
-    """Load an export dir (``model.pt`` + ``model_config.json``) or a bare OpenAI-layout ``.pt``.
+def exported_config(weights: Path, state_dict: Mapping[str, torch.Tensor], where: str | None = None) -> ModelConfig:
+    """The architecture of exported weights: ``model_config.json`` beside them, else
+    ``open_clip_config.json``, else their shapes when they are one of OpenAI's models (else
+    :class:`UnknownArchitecture`)."""
+    if (weights.parent / EXPORT_CONFIG_NAME).is_file():
+        return load_model_config(weights.parent / EXPORT_CONFIG_NAME)
+    if (weights.parent / OPEN_CLIP_CONFIG_NAME).is_file():
+        return from_open_clip_config(json.loads((weights.parent / OPEN_CLIP_CONFIG_NAME).read_text()))
+    return openai_architecture({k.removeprefix("module."): v for k, v in state_dict.items()}, where or str(weights))
 
-    Without a ``model_config.json`` beside the weights the architecture is inferred from the
-    state dict, so OpenAI's own (non-JIT) checkpoints load too.
+
+def load_exported(path: str | Path, map_location: str | torch.device = "cpu",
+                  where: str | None = None) -> tuple[CLIP, ModelConfig]:
+    """Load an export dir (``model.pt`` + its config) or a bare OpenAI-layout ``.pt``.
+
+    The architecture comes from :func:`exported_config`: a bare state dict loads only when its
+    shapes are one of OpenAI's released models (their own non-JIT checkpoints load that way).
+    ``where`` names the weights in errors (e.g. the URI a local copy came from).
     """
     path = Path(path)
     weights = path / EXPORT_WEIGHTS_NAME if path.is_dir() else path
@@ -446,11 +529,7 @@ def load_exported(path: str | Path, map_location: str | torch.device = "cpu") ->
     state_dict = torch.load(weights, map_location=map_location, weights_only=True)
     if isinstance(state_dict, dict) and "state_dict" in state_dict:
         state_dict = state_dict["state_dict"]
-    config_path = weights.parent / EXPORT_CONFIG_NAME
-    if config_path.is_file():
-        config = load_model_config(config_path)
-    else:
-        config = ModelConfig.from_state_dict({k.removeprefix("module."): v for k, v in state_dict.items()})
+    config = exported_config(weights, state_dict, where)
     model = CLIP(config)
     load_openai_state_dict(model, state_dict)
     return model.eval(), config

@@ -25,6 +25,7 @@ def pct(x: float | None) -> str:
 SET_COLUMNS = ("eval set", "classes", "images", "chance", "bare name", '"a photo of a {}."', "ensemble (templates)",
                "ensemble top-5 (chance)", "linear probe (chance)")
 RETRIEVAL_COLUMNS = ("direction", "R@1", "R@5", "R@10", "chance R@1 / R@10")
+MEAN_PER_CLASS_COLUMNS = ("eval set", "K", "chance", "bare name", '"a photo of a {}."', "ensemble", "ensemble / chance")
 
 
 def result_rows(results: dict) -> list[dict[str, Any]]:
@@ -43,6 +44,23 @@ def result_rows(results: dict) -> list[dict[str, Any]]:
             pct(zs["single"].get("top1")) if "single" in zs else "-",
             f"{pct(ens.get('top1'))} ({r['templates']['count']})",
             f"{pct(ens.get('top5'))} ({pct(ens.get('chance_top5'))})", probe_cell))))
+    return rows
+
+
+def mean_per_class_rows(results: dict) -> list[dict[str, Any]]:
+    """One row per eval set (``MEAN_PER_CLASS_COLUMNS``): zero-shot mean per-class accuracy by prompt
+    variant, chance (1/K) and the ensemble's ratio to chance."""
+    rows = []
+    for name, r in results.get("eval_sets", {}).items():
+        zs = r.get("zeroshot", {})
+        if "ensemble" not in zs:
+            continue
+        chance = 1.0 / r["num_classes"]
+        ens = zs["ensemble"].get("mean_per_class")
+        rows.append(dict(zip(MEAN_PER_CLASS_COLUMNS, (
+            name, r["num_classes"], pct(chance),
+            *(pct(zs[v].get("mean_per_class")) if v in zs else "-" for v in ("bare", "single", "ensemble")),
+            "n/a" if ens is None or math.isnan(ens) else f"{ens / chance:.2f}x"))))
     return rows
 
 
@@ -66,6 +84,9 @@ def markdown_table(results: dict) -> str:
     """The results as markdown: zero-shot (with chance) per eval set, the sets that could not be
     evaluated, then retrieval."""
     lines = [f"### Evaluation of `{results.get('checkpoint', '?')}`", ""] + _markdown(SET_COLUMNS, result_rows(results))
+    if mean_per_class_rows(results):
+        lines += ["", "Zero-shot mean per-class accuracy (the mean over classes of each class's accuracy):", ""]
+        lines += _markdown(MEAN_PER_CLASS_COLUMNS, mean_per_class_rows(results))
     errors = results.get("errors", {})
     if errors:
         lines += [""] + [f"- **{name}** not evaluated: {err.splitlines()[0][:200]}" for name, err in errors.items()]

@@ -44,13 +44,15 @@ def run_ranks(config: Config, manifest_uri: str, run_dir: Path) -> Path:
 
 
 def _train_in_process(config: Config, manifest_uri: str, run_dir: Path) -> Path:
+    from trainer.curve import load_curve_sets
     from trainer.data import load_manifest
     from trainer.train import init_distributed, shutdown_distributed, train
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".venv" / "torch_extensions"))
     init_distributed(rank=0, world_size=1)
     try:
-        result = train(config.train, load_manifest(manifest_uri, config.storage), run_dir, rank=0, world_size=1)
+        result = train(config.train, load_manifest(manifest_uri, config.storage), run_dir, rank=0, world_size=1,
+                       curve_sets=load_curve_sets(config))
     finally:
         shutdown_distributed(rank=0)
     return result.export_dir
@@ -125,6 +127,17 @@ def curve_summary(records: list[dict[str, Any]], export_uri: str) -> str:
         f"- bad samples skipped (rank 0): {last.get('skipped') or 'none'}",
         f"- export: `{export_uri}`",
     ])
+
+
+def learning_curve_rows(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (step, eval set): zero-shot mean per-class accuracy of each variant, and chance."""
+    rows = []
+    for point in points:
+        for name, r in point["sets"].items():
+            rows.append({"step": point["step"], "eval set": name, "chance": round(r["chance"], 4),
+                         **{f"{v} mean per-class": round(r[v]["mean_per_class"], 4) for v in ("bare", "single", "ensemble")},
+                         "ensemble top-1": round(r["ensemble"]["top1"], 4)})
+    return rows
 
 
 def publish_export(export_dir: Path, target_uri: str, storage: StorageConfig) -> str:

@@ -88,6 +88,16 @@ CLIPART_TEMPLATES: tuple[str, ...] = (
     "art of a {}.",
 )
 
+# Emoji drawings, named by their CLDR names ("cat face", "red apple").
+EMOJI_TEMPLATES: tuple[str, ...] = (
+    "{}",
+    "{}.",
+    "an emoji of {}.",
+    "an icon of {}.",
+    "a cartoon of {}.",
+    "a drawing of {}.",
+)
+
 # Animal-MNIST: small greyscale animal pictures; context as CLIP's Oxford-Pets "a type of pet.".
 ANIMAL_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}, a type of animal.",
@@ -108,6 +118,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "mnist": MNIST_TEMPLATES,
     "fashion-mnist": FASHION_MNIST_TEMPLATES,
     "clipart": CLIPART_TEMPLATES,
+    "emoji": EMOJI_TEMPLATES,
     "animal": ANIMAL_TEMPLATES,
     "pets": PET_TEMPLATES,
 }
@@ -118,6 +129,8 @@ FAMILY_BY_KIND: dict[str, str] = {
     "fashion-mnist": "fashion-mnist",
     "animal-mnist": "animal",
     "openclipart-heldout": "clipart",
+    "openclipart-concepts": "clipart",
+    "emoji-heldout": "emoji",
 }
 
 DEFAULT_FAMILY = "imagenet"

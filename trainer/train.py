@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ import torch.distributed as dist
 from infra.config import EXPORT_DIR, TrainConfig
 from infra.log import get_logger, log_event
 from trainer.data import (DatasetSource, ShardStream, advance_position, initial_position, load_manifest,
-                          make_loader, skipped_total)
+                          make_loader, online_balance, skipped_total)
 from trainer.loss import ClipLoss
 from trainer.model import CLIP, ModelConfig, load_model_config, save_exported
 
@@ -271,12 +271,46 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _curve_hook(curve_sets: Sequence[Any], output_dir: Path, rank: int) -> Callable[[Any, int], None]:
+    """Rank 0 scores the learning curve's sets and appends the point to ``curve.jsonl``; all ranks wait."""
+    from trainer.curve import CURVE_NAME, curve_point
+
+    def record(module: Any, step: int) -> None:
+        if rank == 0:
+            point = curve_point(module, curve_sets, step)
+            with open(output_dir / CURVE_NAME, "a") as f:
+                f.write(json.dumps(point) + "\n")
+            log_event(log, "learning curve", step=step, **{
+                f"{name}/{v}": round(r[v]["mean_per_class"], 4) for name, r in point["sets"].items()
+                for v in ("bare", "ensemble")})
+        dist.barrier()
+    return record
+
+
+def _write_curve_plot(output_dir: Path, export_dir: Path | None) -> None:
+    from trainer.curve import CURVE_NAME, CURVE_PLOT_NAME, read_curve, render_curve
+
+    points = read_curve(output_dir / CURVE_NAME)
+    if not points:
+        return
+    png = render_curve(points)
+    for directory in filter(None, (output_dir, export_dir)):
+        if directory.is_dir():
+            tmp = directory / (CURVE_PLOT_NAME + ".tmp")
+            tmp.write_bytes(png)
+            tmp.replace(directory / CURVE_PLOT_NAME)
+    if export_dir is not None and export_dir.is_dir():
+        shutil.copyfile(output_dir / CURVE_NAME, export_dir / CURVE_NAME)
+
+
 def train(cfg: TrainConfig, source: DatasetSource, output_dir: str | Path, *, rank: int, world_size: int,
-          local_rank: int = 0, model_config: ModelConfig | None = None, stop_after: int | None = None) -> TrainResult:
+          local_rank: int = 0, model_config: ModelConfig | None = None, stop_after: int | None = None,
+          curve_sets: Sequence[Any] = ()) -> TrainResult:
     """Train (or resume) a CLIP model; every rank calls this with the process group up.
 
     ``stop_after`` ends this call after that many global steps without exporting (as if the
-    job were killed right after a checkpoint): tests use it to prove resumption.
+    job were killed right after a checkpoint): tests use it to prove resumption. ``curve_sets``
+    (``trainer.curve.CurveSet``, needed on rank 0) are scored every ``cfg.curve_every_steps``.
     """
     import deepspeed
 
@@ -287,7 +321,9 @@ def train(cfg: TrainConfig, source: DatasetSource, output_dir: str | Path, *, ra
         torch.cuda.set_device(device)
     ds_config = deepspeed_config(cfg, world_size, on_cuda)
     model_config = model_config or load_model_config(cfg.model)
-    steps = total_steps(cfg, source.num_rows)
+    balance = online_balance(source, cfg.balance_online_t, cfg.seed) if cfg.balance_online_t else None
+    # Online balancing draws ~expected_rows pairs per epoch: an epoch is that many samples.
+    steps = total_steps(cfg, int(balance.expected_rows) if balance else source.num_rows)
     run_config = {"train": dataclasses.asdict(cfg), "model": model_config.to_dict(), "train_batch": cfg.train_batch,
                   "total_steps": steps, "dataset_root": source.root, "dataset_rows": source.num_rows,
                   "deepspeed": ds_config}
@@ -319,7 +355,8 @@ def train(cfg: TrainConfig, source: DatasetSource, output_dir: str | Path, *, ra
             log_event(log, "resumed", checkpoint=tag, step=step)
     dataset = ShardStream(source, rank=rank, world_size=world_size, micro_batch=cfg.micro_batch,
                           image_size=model_config.image_size, context_length=model_config.context_length,
-                          shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, num_streams=num_streams, position=position)
+                          shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, num_streams=num_streams, position=position,
+                          balance=balance, crop_scale=cfg.crop_scale, caption_sampling=cfg.caption_sampling)
     batches = iter(make_loader(dataset, cfg.num_workers))
     loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
     log_file = open(output_dir / LOG_NAME, "a") if rank == 0 else None
@@ -328,6 +365,9 @@ def train(cfg: TrainConfig, source: DatasetSource, output_dir: str | Path, *, ra
     if rank == 0:
         log_event(log, "training", model=cfg.model, zero_stage=cfg.zero_stage, precision=cfg.precision,
                   world_size=world_size, train_batch=cfg.train_batch, steps=steps, start_step=step, device=str(device))
+    curve = _curve_hook(curve_sets, output_dir, rank) if cfg.curve_every_steps and curve_sets else None
+    if curve is not None and step == 0:
+        curve(engine.module, 0)
     try:
         while step < last_step:
             started = time.perf_counter()
@@ -360,11 +400,15 @@ def train(cfg: TrainConfig, source: DatasetSource, output_dir: str | Path, *, ra
                 log_file.flush()
                 if step % cfg.log_every_steps == 0 or step == 1 or step == last_step:
                     log_event(log, "step", **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()})
+            if curve is not None and (step % cfg.curve_every_steps == 0 or step == steps):
+                curve(engine.module, step)
             if step % cfg.save_every_steps == 0 or step == last_step:
                 save_checkpoint(engine, output_dir, step, position, rank, keep=cfg.keep_checkpoints)
         export_dir = output_dir / EXPORT_DIR
         if step >= steps:
             export_model(engine, export_dir, rank, zero_stage=cfg.zero_stage)
+        if rank == 0 and curve is not None:
+            _write_curve_plot(output_dir, export_dir if step >= steps else None)
         dist.barrier()
     finally:
         if log_file is not None:
@@ -409,6 +453,7 @@ def read_train_log(output_dir: Path) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     from infra.config import ConfigError, load_config
     from infra.log import setup_logging
+    from trainer.curve import load_curve_sets
 
     parser = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", "-c", type=Path, default=None, help="YAML config file")
@@ -437,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source = load_manifest(args.manifest or config.manifest_uri(), config.storage)
         result = train(config.train, source, args.output_dir or config.train_dir(), rank=rank,
-                       world_size=world_size, local_rank=local_rank, stop_after=args.stop_after)
+                       world_size=world_size, local_rank=local_rank, stop_after=args.stop_after,
+                       curve_sets=load_curve_sets(config) if rank == 0 else ())
         if rank == 0:
             log_event(log, "done", export_dir=str(result.export_dir), steps=result.steps, skipped=result.skipped)
     except Exception:

@@ -158,7 +158,7 @@ def _eval_dedup_step(ctx: CleanContext) -> Any:
     from tasks.dedup.eval_overlap import filter_eval_overlap
 
     index = eval_index(ctx.index, ctx.work.storage)
-    return lambda table: filter_eval_overlap(table, index, ctx.dedup.eval_radius)
+    return lambda table: filter_eval_overlap(table, index)  # the settings are the index's (part of its version)
 
 
 def _decontamination_steps(ctx: CleanContext) -> list[Any]:

@@ -14,6 +14,7 @@ import hashlib
 import io
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -66,16 +67,17 @@ def plan_inputs(sources: Sequence[SourceConfig], base_dir: str) -> list[Any]:
 
 def eval_index(eval_sets: Sequence[EvalSetConfig], root: str, storage: StorageConfig,
                dedup: DedupConfig) -> EvalIndexRef | None:
-    """Build (or reuse: it is versioned by content) the perceptual-hash index of every eval set."""
+    """Build (or reuse: it is versioned by content and detector) the copy-detection index of every eval set."""
     if not dedup.against_eval or not eval_sets:
         return None
     from infra.eval_sets import load_eval_set
     from tasks.dedup.eval_index import ensure_eval_index
 
     sets = [load_eval_set(e, max_images=e.max_images) for e in eval_sets]
-    index, built = ensure_eval_index(sets, ObjectStore(root, storage), dedup.hash_kind,
-                                     crop_variants=dedup.crop_variants, low_info_max_std=dedup.low_info_max_std,
-                                     min_ncc=dedup.verify_min_ncc)
+    index, built = ensure_eval_index(sets, ObjectStore(root, storage), views=dedup.eval_views,
+                                     min_score=dedup.eval_min_score, min_score_small=dedup.eval_min_score_small,
+                                     max_hue_shift=dedup.eval_max_hue_shift,
+                                     neighbours=dedup.eval_neighbours)
     log_event(log, "eval index", version=index.version, state="built" if built else "reused", **index.set_sizes())
     return EvalIndexRef(root, index.version, index.set_sizes(), built)
 
@@ -395,15 +397,76 @@ def build_funnel(filtered: FilterStage, clean: CleanStage, within: WithinResult)
     return funnel
 
 
+class EvalContamination(RuntimeError):
+    """Training shards hold rows an eval set shows; the message names the set and an id."""
+
+
+def source_provenance(sources: Sequence[SourceConfig], base_dir: str) -> list[dict]:
+    """Per source: kind, path, size, and the provenance a packaged table carries (origin, licence,
+    attribution: the ``witflow.*`` Parquet metadata infra/openclipart.py and infra/emoji.py write)."""
+    from tasks.readers import _resolve_files
+
+    out = []
+    for source in sources:
+        entry: dict[str, Any] = {"kind": source.kind, "path": source.path, "files": []}
+        if source.kind != "directory":
+            for path, display in _resolve_files(source, Path(base_dir).resolve()):
+                info: dict[str, Any] = {"file": display, "bytes": path.stat().st_size}
+                if path.suffix == ".parquet":
+                    meta = pq.read_schema(path).metadata or {}
+                    info.update({k.decode()[len("witflow."):]: v.decode() for k, v in meta.items()
+                                 if k.startswith(b"witflow.") and k not in (b"witflow.schema_version", b"witflow.table")})
+                entry["files"].append(info)
+        out.append(entry)
+    return out
+
+
+def eval_holdout_check(eval_sets: Sequence[EvalSetConfig], dataset_root: str, storage: StorageConfig,
+                       written: WrittenShards) -> dict[str, dict[str, int]]:
+    """Per eval set drawn from a training source: how many source rows it shows and how many of
+    them are in the training shards (must be 0: raises :class:`EvalContamination`) or the held-out
+    retrieval shards (reported)."""
+    from infra.eval_sets import EvalSetError, training_ids
+
+    store = ObjectStore(dataset_root, storage)
+
+    def ids(entries: Sequence[Any]) -> pa.Array:
+        cols = [store.read_parquet(e["path"], columns=["sample_id"]).column("sample_id") for e in entries]
+        return pa.chunked_array(cols, pa.string()).combine_chunks() if cols else pa.array([], pa.string())
+
+    train_ids, held_ids = ids(written.shards), ids(written.holdout)
+    report: dict[str, dict[str, int]] = {}
+    for cfg in eval_sets:
+        try:
+            held_out = training_ids(cfg)
+        except EvalSetError as e:  # the eval index stage already failed or reported it
+            log_event(log, "eval set not checked", name=cfg.name, error=str(e)[:200])
+            continue
+        if not held_out:
+            continue
+        wanted = pa.array(sorted(held_out), pa.string())
+        in_train = train_ids.filter(pc.is_in(train_ids, wanted))
+        report[cfg.name] = {"training_ids": len(held_out), "in_shards": len(in_train),
+                            "in_holdout": int(pc.sum(pc.is_in(held_ids, wanted)).as_py() or 0)}
+        if len(in_train):
+            raise EvalContamination(f"{store.root}: {len(in_train)} training rows are images of eval set "
+                                    f"{cfg.name!r} (e.g. {in_train[0].as_py()}): a reader lets them through")
+    return report
+
+
 def write_manifest(*, dataset_root: str, storage: StorageConfig, config: dict, written: WrittenShards,
                    filtered: FilterStage, clean: CleanStage, counts: QueryCountsSummary, within: WithinResult,
-                   queries: QueryListRef, index: EvalIndexRef | None) -> Manifest:
-    """Write ``manifest.json`` and the funnel reports (files and UI artifacts); returns the manifest."""
+                   queries: QueryListRef, index: EvalIndexRef | None, sources: list[dict] | None = None,
+                   eval_holdout: dict[str, dict[str, int]] | None = None) -> Manifest:
+    """Write ``manifest.json`` and the funnel reports (files and UI artifacts); returns the manifest.
+
+    ``sources``: :func:`source_provenance`; ``eval_holdout``: :func:`eval_holdout_check`."""
     store = ObjectStore(dataset_root, storage)
     funnel = build_funnel(filtered, clean, within)
     manifest = build_manifest(config=config, shards=written.shards, funnel=funnel.to_dict(),
                               queries=to_json(queries), eval_index=to_json(index) if index else None,
-                              holdout=written.holdout, work=clean.work.root, query_counts=to_json(counts))
+                              holdout=written.holdout, work=clean.work.root, query_counts=to_json(counts),
+                              sources=sources or [], eval_holdout=eval_holdout or {})
     store.write_json("reports/funnel.json", funnel.to_dict())
     store.write_parquet("reports/funnel.parquet", funnel.to_table())
     write_manifest_file(store, manifest)
@@ -415,13 +478,14 @@ def write_manifest(*, dataset_root: str, storage: StorageConfig, config: dict, w
 
 
 def reports(*, dataset_root: str, filtered: FilterStage, clean: CleanStage, queries: QueryListRef,
-            index: EvalIndexRef | None, max_per_query: int, captions: CaptionCounts | None = None,
-            manifest: Manifest | None = None) -> dict:
+            index: EvalIndexRef | None, max_per_query: int, eval_sets: Sequence[EvalSetConfig] = (),
+            captions: CaptionCounts | None = None, manifest: Manifest | None = None) -> dict:
     """Every report of a build: per-query counts, with an eval index the overlap report, and with
     the output's manifest the caption report."""
     uris = query_count_report(dataset_root=dataset_root, filtered=filtered, clean=clean, queries=queries,
                               max_per_query=max_per_query)
-    overlap = eval_overlap_report(dataset_root=dataset_root, clean=clean, index=index) if index else None
+    overlap = (eval_overlap_report(dataset_root=dataset_root, clean=clean, index=index, eval_sets=eval_sets)
+               if index else None)
     caption = caption_report(dataset_root=dataset_root, filtered=filtered, captions=captions, manifest=manifest) \
         if manifest is not None else None
     return {"query_counts": uris, "overlap": overlap, "captions": caption}
@@ -489,15 +553,35 @@ def query_count_report(*, dataset_root: str, filtered: FilterStage, clean: Clean
     return uris
 
 
-def eval_overlap_report(*, dataset_root: str, clean: CleanStage, index: EvalIndexRef) -> dict:
-    """Per eval set, how many eval images have a near-duplicate among the candidates (CLIP §5)."""
+def eval_overlap_report(*, dataset_root: str, clean: CleanStage, index: EvalIndexRef,
+                        eval_sets: Sequence[EvalSetConfig] = ()) -> dict:
+    """Per eval set, how many eval images have a near-copy among the candidates (CLIP §5); every
+    dropped row (``reports/eval_matches.parquet``) and a sheet of matches side by side
+    (``reports/eval_matches.png``, also a Prefect artifact). The sheet's eval images are read from
+    ``eval_sets`` (the index keeps thumbnails only)."""
     from tasks.build.jobs import eval_index
-    from tasks.dedup.eval_overlap import EVAL_MATCHES, overlap_report
+    from tasks.dedup.eval_overlap import EVAL_MATCHES, MATCHES_SCHEMA, overlap_report
+    from tasks.dedup.overlap_sheet import eval_images_by_id, match_sheet, matches_table
 
     store = clean.work.store
     tables = [store.read_parquet(WorkDir.side(EVAL_MATCHES, r.shard_id)) for r in clean.records if r.eval_matches]
-    report = overlap_report(tables, eval_index(index, clean.work.storage))
-    ObjectStore(dataset_root, clean.work.storage).write_json("reports/eval_overlap.json", report)
+    matches = pa.concat_tables([MATCHES_SCHEMA.empty_table(), *tables], promote_options="default")
+    report = overlap_report(matches, eval_index(index, clean.work.storage))
+    out = ObjectStore(dataset_root, clean.work.storage)
+    out.write_json("reports/eval_overlap.json", report)
+    out.write_parquet("reports/eval_matches.parquet", matches_table(matches))
     publish_table("eval-overlap", [{"eval_set": k, **v} for k, v in report.items()],
-                  "eval images with a near-duplicate among the candidates")
+                  "eval images with a near-copy among the candidates")
+    sheet = None
+    if matches.num_rows and eval_sets:
+        from infra.eval_sets import load_eval_set
+
+        wanted = set(matches.column("eval_set").to_pylist())
+        sets = [load_eval_set(e, max_images=e.max_images) for e in eval_sets if e.name in wanted]
+        sheet = match_sheet(matches, eval_images_by_id(sets))
+    if sheet is not None:
+        out.write_bytes("reports/eval_matches.png", sheet)
+        publish_image("eval-matches", sheet, "dropped candidates beside the eval image they copy, with the score")
+    elif out.exists("reports/eval_matches.png"):
+        out.delete("reports/eval_matches.png")  # an earlier build's sheet must not pass for this one's
     return report

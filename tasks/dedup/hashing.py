@@ -11,6 +11,8 @@ Why each piece is there (numbers: bench/dedup_quality.py, Fashion-MNIST):
   near-flat) are flagged: their hash bits are noise and collide, so no dedup step uses their hash.
 - **Thumbnails** (``THUMB_SIDE``² grey) and the decoded image's shorter side feed pixel
   verification (:mod:`tasks.dedup.verify`); ``pixels_sha256`` names exact duplicates by their pixels.
+- **Copy features** (:mod:`tasks.dedup.copy_detect`: ``copy_thumb``, ``copy_desc``, ``rgb_sha256``,
+  ``copy_flat``) for decontamination, from the same decode.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import pyarrow as pa
 from PIL import Image
 
 from infra.imaging import to_gray
+from tasks.dedup.copy_detect import CopyFeatures, copy_feature_columns, copy_features
 
 HASH_KINDS: dict[str, Callable[[Image.Image], imagehash.ImageHash]] = {
     "phash": imagehash.phash,
@@ -71,23 +74,26 @@ class ImageFeatures:
     std: float
     pixels_sha256: str
     min_side: int  # the decoded image's shorter side: how much detail the thumbnail can hold
+    copy: CopyFeatures  # the copy detector's features (decontamination)
 
 
 def image_features(data: bytes, kind: str = "phash") -> ImageFeatures:
-    """Decode once; hash, thumbnail, flatness and decoded-pixel digest."""
+    """Decode once; hash, thumbnail, flatness, decoded-pixel digest and copy features."""
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         digest = hashlib.sha256(f"{img.mode}:{img.size}:".encode() + img.tobytes()).hexdigest()
         gray = to_gray(img)
+        copy = copy_features(img)
     thumb = thumbnail(gray)
-    return ImageFeatures(hash_code(gray, kind), thumb, float(thumb.std()), digest, min(gray.size))
+    return ImageFeatures(hash_code(gray, kind), thumb, float(thumb.std()), digest, min(gray.size), copy)
 
 
 def hash_table(table: pa.Table, kind: str = "phash", *, image_column: str = "image",
                low_info_max_std: float = LOW_INFO_MAX_STD) -> pa.Table:
     """Add ``<kind>`` (uint64 hash), ``low_info`` (bool), ``thumb`` (32×32 grey bytes), ``min_side``
-    (int32) and ``pixels_sha256`` (digest of the decoded pixels). Undecodable images get nulls, not an error:
-    the dedup filters drop them with a reason."""
+    (int32), ``pixels_sha256`` (digest of the decoded pixels) and the copy detector's columns
+    (``copy_detect.copy_feature_columns``). Undecodable images get nulls, not an error: the dedup
+    filters drop them with a reason."""
     check_kind(kind)
     features: list[ImageFeatures | None] = []
     for data in table.column(image_column).to_pylist():
@@ -103,9 +109,11 @@ def hash_table(table: pa.Table, kind: str = "phash", *, image_column: str = "ima
     digests = [f.pixels_sha256 if f else None for f in features]
     sides = [f.min_side if f else None for f in features]
     out = table
-    for name, arr in ((kind, pa.array(codes, pa.uint64())), ("low_info", pa.array(low, pa.bool_())),
-                      ("thumb", pa.array(thumbs, pa.binary())), ("min_side", pa.array(sides, pa.int32())),
-                      ("pixels_sha256", pa.array(digests, pa.string()))):
+    columns = [(kind, pa.array(codes, pa.uint64())), ("low_info", pa.array(low, pa.bool_())),
+               ("thumb", pa.array(thumbs, pa.binary())), ("min_side", pa.array(sides, pa.int32())),
+               ("pixels_sha256", pa.array(digests, pa.string())),
+               *copy_feature_columns([f.copy if f else None for f in features]).items()]
+    for name, arr in columns:
         if name in out.column_names:
             out = out.set_column(out.column_names.index(name), name, arr)
         else:

@@ -1,0 +1,313 @@
+"""Emoji image sets from npm packages as captioned Parquet sources (Twemoji, Noto, OpenMoji).
+
+Reads one vendor's 64-px PNGs from iamcal's ``emoji-datasource-<vendor>`` npm package and its
+``emoji.json`` (code points, categories) — or OpenMoji's SVGs (rasterised by CairoSVG) and
+``openmoji.json`` from the ``openmoji`` package — and the English names and keywords of Unicode CLDR
+(``cldr-annotations-full`` and ``cldr-annotations-derived-full``), and writes one Parquet table
+(:data:`infra.schema.EMOJI_SCHEMA`):
+
+    python -m infra.emoji --vendor twitter runs/sources/emoji_twitter.parquet
+    python -m infra.emoji --vendor google  runs/sources/emoji_google.parquet
+    python -m infra.emoji --vendor openmoji runs/sources/emoji_openmoji.parquet
+
+``infra/setup.sh`` installs the packages into ``.venv/npm`` (``--npm-root``). Licences: the npm
+packages' own ``license`` field (MIT) covers iamcal's code and data; the images are the vendors'
+(:data:`VENDORS`: Twemoji CC-BY 4.0, Noto Apache 2.0, OpenMoji CC BY-SA 4.0 — ShareAlike: a
+dataset built from it is shared under the same licence), as the package README states — the build
+checks that statement is still there and records it in the file's metadata. Apple's and
+Facebook's sets are not openly licensed and are not offered.
+
+Rows: every Unicode emoji the vendor draws except the skin-tone swatches (category ``Component``)
+and OpenMoji's own non-Unicode extras; skin-tone variants are left out (the same concept recoloured).
+Ids and the ``unified`` column use :func:`emoji_key` (no FE0F), the same for every vendor. Images are composited onto white
+(as Openclipart's, see infra/openclipart.py) and stored as RGB PNG.
+
+Held out: :func:`is_heldout` marks ~15% of the emoji by a stable hash of their code points, the
+same emoji for every vendor. Readers (``kind: emoji``) leave them out of training; the
+``emoji-heldout`` eval set shows another vendor's drawings of them (style transfer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from infra.imaging import to_rgb
+from infra.log import get_logger, log_event
+from infra.schema import EMOJI_SCHEMA
+
+log = get_logger("witflow.emoji")
+
+NPM_ROOT = Path(__file__).resolve().parent.parent / ".venv" / "npm" / "node_modules"
+HELDOUT_FRACTION = 0.15
+IMAGE_SIDE = 64
+CLDR_PACKAGES = ("cldr-annotations-full", "cldr-annotations-derived-full")
+CLDR_LICENCE = "Unicode License v3 (Unicode CLDR annotations)"
+# Flags named after places: a picture teaches nothing about the name, so they are not eval classes.
+PLACE_FLAG_SUBCATEGORIES = ("country-flag", "subdivision-flag")
+
+
+class EmojiError(RuntimeError):
+    """An emoji package or file cannot be read; the message names it."""
+
+
+@dataclass(frozen=True)
+class Vendor:
+    """One openly licensed emoji set on the npm registry."""
+
+    name: str  # emoji-datasource's image folder and has_img_<name> flag; the row ids' prefix
+    package: str
+    drawing: str  # the set's own name
+    licence: str
+    licence_statement: str  # the line of the package README that grants it (checked at build time)
+    attribution: str
+    layout: str = "emoji-datasource"  # or "openmoji": data/openmoji.json + color/svg/<hexcode>.svg
+
+
+VENDORS: dict[str, Vendor] = {
+    "twitter": Vendor("twitter", "emoji-datasource-twitter", "Twemoji", "CC-BY-4.0",
+                      "Twitter images are available under the [Creative Commons Attribution 4.0 license]",
+                      "Twemoji graphics by Twitter, Inc. and other contributors, CC-BY 4.0 "
+                      "(https://github.com/jdecked/twemoji)"),
+    "google": Vendor("google", "emoji-datasource-google", "Noto Emoji", "Apache-2.0",
+                     "Android/Google/Noto images, are available under the [Apache License 2.0]",
+                     "Noto Emoji by Google, Apache License 2.0 (https://github.com/googlefonts/noto-emoji)"),
+    "openmoji": Vendor("openmoji", "openmoji", "OpenMoji", "CC-BY-SA-4.0",
+                       "OpenMoji graphics are licensed under the Creative Commons Share Alike License 4.0",
+                       "All emojis designed by OpenMoji, the open-source emoji and icon project, CC BY-SA 4.0 "
+                       "(https://openmoji.org/)", layout="openmoji"),
+}
+# OpenMoji's own additions (no Unicode code points, no CLDR names) and skin-tone swatches.
+_OPENMOJI_SKIPPED_GROUPS = ("extras-openmoji", "extras-unicode", "component")
+
+
+# ------------------------------------------------------------------------------------------------
+# Held-out split
+# ------------------------------------------------------------------------------------------------
+
+
+def emoji_key(unified: str) -> str:
+    """The emoji's code points, upper-case, without variation selector 16 (vendors differ on FE0F)."""
+    return "-".join(cp for cp in unified.upper().split("-") if cp != "FE0F")
+
+
+def is_heldout(unified: str) -> bool:
+    """True for the ~15% of emoji held out for evaluation (stable: the first 8 bytes of a sha1).
+
+    Keyed by :func:`emoji_key`, so every vendor's drawing of an emoji is held out together.
+    """
+    digest = hashlib.sha1(b"witflow-emoji:" + emoji_key(unified).encode("ascii")).digest()
+    return int.from_bytes(digest[:8], "big") < int(HELDOUT_FRACTION * 2**64)
+
+
+def emoji_id(vendor: str, unified: str) -> str:
+    """The row id: ``<vendor>/<emoji_key>`` (``twitter/1F431``)."""
+    return f"{vendor}/{emoji_key(unified)}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Package files
+# ------------------------------------------------------------------------------------------------
+
+
+def _package_dir(npm_root: Path, package: str) -> Path:
+    path = npm_root / package
+    if not (path / "package.json").is_file():
+        raise EmojiError(f"npm package {package} not found under {npm_root} (run infra/setup.sh, "
+                         f"or npm install --prefix {npm_root.parent} {package})")
+    return path
+
+
+def package_version(npm_root: Path, package: str) -> str:
+    """The installed version of an npm package (from its package.json)."""
+    return str(json.loads((_package_dir(npm_root, package) / "package.json").read_text())["version"])
+
+
+def check_licence(npm_root: Path, vendor: Vendor) -> None:
+    """Raise unless the package README still grants the images' licence as :data:`VENDORS` records it."""
+    readme = _package_dir(npm_root, vendor.package) / "README.md"
+    if vendor.licence_statement not in readme.read_text(encoding="utf-8", errors="replace"):
+        raise EmojiError(f"{readme}: the image licence statement {vendor.licence_statement!r} is not there: "
+                         "check the package's licence before using its images")
+
+
+def cldr_annotations(npm_root: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """English CLDR annotations: emoji string (without FE0F) -> (name, keywords)."""
+    out: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for package, top in zip(CLDR_PACKAGES, ("annotations", "annotationsDerived")):
+        path = _package_dir(npm_root, package) / top / "en" / "annotations.json"
+        try:
+            table = json.loads(path.read_text(encoding="utf-8"))[top]["annotations"]
+        except (OSError, KeyError, json.JSONDecodeError) as e:
+            raise EmojiError(f"{path}: unreadable CLDR annotations ({type(e).__name__}: {e})") from None
+        for chars, entry in table.items():
+            if entry.get("tts"):
+                out.setdefault(chars.replace("\ufe0f", ""), (entry["tts"][0], tuple(entry.get("default", ()))))
+    return out
+
+
+def _chars(unified: str) -> str:
+    return "".join(chr(int(cp, 16)) for cp in unified.split("-")).replace("\ufe0f", "")
+
+
+# ------------------------------------------------------------------------------------------------
+# The table
+# ------------------------------------------------------------------------------------------------
+
+
+def render_png(path: Path, side: int = IMAGE_SIDE) -> tuple[bytes, int, int]:
+    """The emoji composited onto white as an optimised RGB PNG, shrunk to ``side`` if larger (an
+    SVG is rasterised at ``side`` by CairoSVG)."""
+    if path.suffix == ".svg":
+        import cairosvg
+
+        try:
+            data = cairosvg.svg2png(url=str(path), output_width=side, output_height=side)
+        except Exception as e:  # CairoSVG raises many types for broken SVGs
+            raise ValueError(f"{type(e).__name__}: {e}") from None
+        path = io.BytesIO(data)  # type: ignore[assignment]
+    with Image.open(path) as im:
+        im.load()
+        rgba = im.convert("RGBA")
+    rgba.thumbnail((side, side), Image.Resampling.LANCZOS)
+    rgb = to_rgb(rgba)
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG", optimize=True)
+    return buf.getvalue(), rgb.width, rgb.height
+
+
+def _read_json(path: Path) -> list[dict]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise EmojiError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def _entries(vendor: Vendor, package: Path, skipped: Counter) -> list[dict]:
+    """The vendor's emoji as {unified, non_qualified, name, category, subcategory, image_path}."""
+    out = []
+    if vendor.layout == "openmoji":
+        for e in _read_json(package / "data" / "openmoji.json"):
+            if e.get("skintone"):
+                continue  # skin-tone variants: left out, as emoji-datasource's are
+            if e.get("group") in _OPENMOJI_SKIPPED_GROUPS:
+                skipped["component" if e.get("group") == "component" else "not_unicode"] += 1
+                continue
+            out.append({"unified": e["hexcode"], "non_qualified": None, "name": e.get("annotation") or e["hexcode"],
+                        "category": e["group"], "subcategory": e.get("subgroups") or "",
+                        "image_path": package / "color" / "svg" / f"{e['hexcode']}.svg"})
+        return out
+    for e in _read_json(package / "emoji.json"):
+        if e.get("category") == "Component":
+            skipped["component"] += 1
+            continue
+        if not e.get(f"has_img_{vendor.name}"):
+            skipped["not_drawn"] += 1
+            continue
+        out.append({"unified": e["unified"], "non_qualified": e.get("non_qualified"), "name": e["name"],
+                    "category": e["category"], "subcategory": e["subcategory"],
+                    "image_path": package / "img" / vendor.name / "64" / e["image"]})
+    return out
+
+
+def build_table(vendor: Vendor, npm_root: Path = NPM_ROOT) -> tuple[pa.Table, Counter]:
+    """Every emoji ``vendor`` draws as an EMOJI_SCHEMA table sorted by id; skips counted by reason."""
+    package = _package_dir(npm_root, vendor.package)
+    names = cldr_annotations(npm_root)
+    rows: dict[str, list] = {f.name: [] for f in EMOJI_SCHEMA}
+    skipped: Counter = Counter()
+    for entry in sorted(_entries(vendor, package, skipped), key=lambda e: e["unified"]):
+        image_path = entry["image_path"]
+        try:
+            data, width, height = render_png(image_path)
+        except (OSError, ValueError) as e:
+            skipped["unreadable_png"] += 1
+            log_event(log, "skipping unreadable emoji image", level=30, png=str(image_path), error=str(e))
+            continue
+        cldr = names.get(_chars(entry["unified"]))
+        if cldr is None and entry.get("non_qualified"):
+            cldr = names.get(_chars(entry["non_qualified"]))
+        name, keywords = cldr if cldr else (entry["name"].lower(), ())
+        if cldr is None:
+            skipped["named_without_cldr"] += 1  # counted, not dropped: the Unicode name stands in
+        rows["id"].append(emoji_id(vendor.name, entry["unified"]))
+        rows["unified"].append(emoji_key(entry["unified"]))
+        rows["vendor"].append(vendor.name)
+        rows["name"].append(name)
+        rows["keywords"].append([k for k in keywords if k != name])
+        rows["category"].append(entry["category"])
+        rows["subcategory"].append(entry["subcategory"])
+        rows["image"].append(data)
+        rows["width"].append(width)
+        rows["height"].append(height)
+    return pa.Table.from_pydict(rows, schema=EMOJI_SCHEMA), skipped
+
+
+def provenance(vendor: Vendor, npm_root: Path = NPM_ROOT) -> dict[str, str]:
+    """What the file is made of, under which licences (written into its Parquet metadata)."""
+    cldr = ", ".join(f"{p} {package_version(npm_root, p)}" for p in CLDR_PACKAGES)
+    return {"source": f"{vendor.drawing} via npm {vendor.package} {package_version(npm_root, vendor.package)}; "
+                      f"names and keywords from npm {cldr}",
+            "licence": f"images {vendor.licence}; names/keywords {CLDR_LICENCE}; emoji.json MIT (iamcal/emoji-data)",
+            "attribution": vendor.attribution,
+            "generator": f"python -m infra.emoji --vendor {vendor.name}"}
+
+
+def write_table(table: pa.Table, out: Path, meta: dict[str, str]) -> None:
+    """Write atomically (temp file + rename) with ``meta`` in the Parquet key-value metadata."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    schema_meta = dict(table.schema.metadata or {})
+    schema_meta.update({f"witflow.{k}".encode(): v.encode() for k, v in meta.items()})
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table.replace_schema_metadata(schema_meta), tmp, compression="zstd", row_group_size=256)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def build(vendor_name: str, out: Path, npm_root: Path = NPM_ROOT) -> tuple[pa.Table, Counter]:
+    """Check the licence, build ``vendor_name``'s table and write it to ``out``."""
+    if vendor_name not in VENDORS:
+        raise EmojiError(f"unknown emoji vendor {vendor_name!r} (openly licensed ones: {sorted(VENDORS)})")
+    vendor = VENDORS[vendor_name]
+    check_licence(npm_root, vendor)
+    table, skipped = build_table(vendor, npm_root)
+    write_table(table, out, provenance(vendor, npm_root))
+    log_event(log, "wrote emoji table", path=str(out), vendor=vendor_name, rows=table.num_rows,
+              heldout=sum(is_heldout(u) for u in table.column("unified").to_pylist()),
+              **{f"skipped_{k}": v for k, v in skipped.items()})
+    return table, skipped
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    from infra.log import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m infra.emoji", description=__doc__.split("\n")[0])
+    parser.add_argument("out", type=Path, help="output Parquet file")
+    parser.add_argument("--vendor", choices=sorted(VENDORS), required=True)
+    parser.add_argument("--npm-root", type=Path, default=NPM_ROOT, help="node_modules folder (default: %(default)s)")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    setup_logging("INFO")
+    try:
+        build(args.vendor, args.out, args.npm_root)
+    except EmojiError as e:
+        print(f"emoji: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Captioned sources beyond the sample (infra/emoji.py, the full Openclipart's concepts), their
+readers, the held-out concept eval sets and the build's provenance and hold-out checks."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from infra import emoji
+from infra.config import ConfigError, EvalSetConfig, SourceConfig, config_from_dict
+from infra.eval_sets import EvalSetError, in_split, load_eval_set, training_ids
+from infra.openclipart import (CONCEPT_CLASSES, OPENCLIPART_SCHEMA, concept_of, concepts_named,
+                               excluded_from_training, is_heldout, read_openclipart)
+from tasks.readers import plan_input_shards, read_input_shard_with_funnel, titled_caption
+
+# Code points whose emoji.is_heldout is True / False (a stable hash: these never change).
+HELD = [u for u in (f"1F{n:03X}" for n in range(0x300, 0x700)) if emoji.is_heldout(u)][:6]
+KEPT = [u for u in (f"1F{n:03X}" for n in range(0x300, 0x700)) if not emoji.is_heldout(u)][:10]
+
+
+def _png(colour: tuple[int, ...], size: tuple[int, int] = (72, 72), mode: str = "RGBA") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def fake_npm_root(root: Path, *, licence_ok: bool = True) -> Path:
+    """A node_modules tree shaped like the real packages: emoji.json, 64-px PNGs, README, CLDR files."""
+    nm = root / "node_modules"
+    codes = HELD + KEPT + ["1F3FB"]  # the last: a skin-tone swatch (category Component)
+    entries = []
+    for i, u in enumerate(codes):
+        entries.append({"unified": u, "non_qualified": None, "image": f"{u.lower()}.png",
+                        "name": f"THING {i}", "category": "Component" if u == "1F3FB" else "Objects",
+                        "subcategory": "country-flag" if i == 1 else "tool",
+                        "has_img_twitter": i != 2, "has_img_google": True})
+    for vendor in emoji.VENDORS.values():
+        pkg = nm / vendor.package
+        if vendor.layout == "openmoji":
+            _fake_openmoji(pkg, codes, vendor.licence_statement if licence_ok else "all rights reserved")
+            continue
+        (pkg / "img" / vendor.name / "64").mkdir(parents=True)
+        (pkg / "package.json").write_text(json.dumps({"name": vendor.package, "version": "16.0.0"}))
+        (pkg / "emoji.json").write_text(json.dumps(entries))
+        statement = vendor.licence_statement if licence_ok else "images: all rights reserved"
+        (pkg / "README.md").write_text(f"# emoji data\n\n* {statement}(https://example.invalid)\n")
+        for i, e in enumerate(entries):
+            (pkg / "img" / vendor.name / "64" / e["image"]).write_bytes(_png((i * 20 % 255, 10, 200, 255 if i % 2 else 0)))
+    annotations = {"".join(chr(int(c, 16)) for c in u.split("-")): {"default": ["kw", f"word{i}"], "tts": [f"thing {i}"]}
+                   for i, u in enumerate(codes) if i != 3}  # one emoji without a CLDR name
+    for package, top in zip(emoji.CLDR_PACKAGES, ("annotations", "annotationsDerived")):
+        path = nm / package / top / "en" / "annotations.json"
+        path.parent.mkdir(parents=True)
+        (nm / package / "package.json").write_text(json.dumps({"name": package, "version": "48.2.0"}))
+        path.write_text(json.dumps({top: {"annotations": annotations if top == "annotations" else {}}}))
+    return nm
+
+
+def _fake_openmoji(pkg: Path, codes: list[str], statement: str) -> None:
+    """OpenMoji's layout: data/openmoji.json and color/svg/<HEXCODE>.svg, with FE0F in some codes."""
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "color" / "svg").mkdir(parents=True)
+    (pkg / "package.json").write_text(json.dumps({"name": "openmoji", "version": "17.0.0"}))
+    (pkg / "README.md").write_text(f"## License\n{statement} ([CC BY-SA 4.0](https://example.invalid))\n")
+    entries = []
+    for i, u in enumerate(codes):
+        hexcode = f"{u}-FE0F" if i == 0 else u  # vendors differ on variation selectors
+        group = "component" if u == "1F3FB" else "objects"
+        entries.append({"hexcode": hexcode, "annotation": f"om {i}", "group": group, "subgroups": "tool",
+                        "skintone": ""})
+        (pkg / "color" / "svg" / f"{hexcode}.svg").write_text(
+            '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 72 72">'
+            f'<circle cx="36" cy="36" r="20" fill="#{(i * 40) % 256:02x}2060"/></svg>')
+    entries.append({"hexcode": "E000", "annotation": "openmoji's own", "group": "extras-openmoji",
+                    "subgroups": "x", "skintone": ""})
+    entries.append({"hexcode": f"{codes[5]}-1F3FB", "annotation": "toned", "group": "objects", "subgroups": "tool",
+                    "skintone": "1F3FB"})
+    (pkg / "data" / "openmoji.json").write_text(json.dumps(entries))
+
+
+@pytest.fixture
+def npm_root(tmp_path: Path) -> Path:
+    return fake_npm_root(tmp_path / "npm")
+
+
+def test_emoji_table_names_keywords_white_composite_and_provenance(tmp_path: Path, npm_root: Path) -> None:
+    table, skipped = emoji.build("twitter", tmp_path / "tw.parquet", npm_root)
+    rows = table.to_pylist()
+    # 17 entries: the swatch is left out, one emoji has no Twitter drawing.
+    assert skipped == {"component": 1, "not_drawn": 1, "named_without_cldr": 1} and len(rows) == 15
+    assert [r["id"] for r in rows] == sorted(r["id"] for r in rows)
+    first = next(r for r in rows if r["unified"] == HELD[0])
+    assert first["id"] == f"twitter/{HELD[0]}" and first["name"] == "thing 0" and first["keywords"] == ["kw", "word0"]
+    assert next(r for r in rows if r["unified"] == KEPT[0])["name"] == "thing 6"
+    image = Image.open(io.BytesIO(first["image"]))
+    assert image.mode == "RGB" and image.size == (64, 64) and image.getpixel((5, 5)) == (255, 255, 255)  # alpha 0
+    meta = pq.read_schema(tmp_path / "tw.parquet").metadata
+    assert b"CC-BY-4.0" in meta[b"witflow.licence"] and b"Unicode License v3" in meta[b"witflow.licence"]
+    assert b"emoji-datasource-twitter 16.0.0" in meta[b"witflow.source"] and meta[b"witflow.attribution"]
+
+
+def test_openmoji_svgs_are_rasterised_and_keyed_like_the_other_vendors(tmp_path: Path, npm_root: Path) -> None:
+    table, skipped = emoji.build("openmoji", tmp_path / "om.parquet", npm_root)
+    rows = {r["unified"]: r for r in table.to_pylist()}
+    # Swatch, OpenMoji's own extra and the skin-tone variant left out; FE0F dropped from the key.
+    assert skipped == {"component": 1, "not_unicode": 1, "named_without_cldr": 1}
+    assert sorted(rows) == sorted(HELD + KEPT) and rows[HELD[0]]["id"] == f"openmoji/{HELD[0]}"
+    assert rows[HELD[0]]["name"] == "thing 0" and rows[HELD[3]]["name"] == "om 3"  # CLDR name, else OpenMoji's
+    image = Image.open(io.BytesIO(rows[KEPT[0]]["image"]))
+    assert image.mode == "RGB" and image.size == (64, 64)
+    assert image.getpixel((1, 1)) == (255, 255, 255) and image.getpixel((32, 32)) != (255, 255, 255)
+    assert b"CC-BY-SA-4.0" in pq.read_schema(tmp_path / "om.parquet").metadata[b"witflow.licence"]
+
+
+def test_emoji_unicode_name_stands_in_without_cldr(tmp_path: Path, npm_root: Path) -> None:
+    table, _ = emoji.build("google", tmp_path / "g.parquet", npm_root)
+    row = next(r for r in table.to_pylist() if r["unified"] == HELD[3])
+    assert row["name"] == "thing 3" and row["keywords"] == []
+
+
+def test_emoji_build_refuses_a_package_whose_readme_no_longer_grants_the_licence(tmp_path: Path) -> None:
+    nm = fake_npm_root(tmp_path / "npm", licence_ok=False)
+    with pytest.raises(emoji.EmojiError, match="licence statement"):
+        emoji.build("twitter", tmp_path / "tw.parquet", nm)
+    with pytest.raises(emoji.EmojiError, match="not found.*setup.sh"):
+        emoji.build("twitter", tmp_path / "tw.parquet", tmp_path / "nowhere")
+    with pytest.raises(emoji.EmojiError, match="unknown emoji vendor 'apple'"):
+        emoji.build("apple", tmp_path / "a.parquet", nm)
+    assert not (tmp_path / "tw.parquet").exists()
+
+
+def test_emoji_holdout_is_by_code_point_for_every_vendor() -> None:
+    assert all(emoji.is_heldout(u) for u in HELD) and not any(emoji.is_heldout(u) for u in KEPT)
+    assert emoji.is_heldout(HELD[0].lower()) and emoji.emoji_id("google", HELD[0].lower()) == f"google/{HELD[0]}"
+    share = np.mean([emoji.is_heldout(f"{n:X}") for n in range(0x1F000, 0x1F000 + 4000)])
+    assert abs(share - emoji.HELDOUT_FRACTION) < 0.02
+
+
+def _read(source: SourceConfig, base: Path) -> tuple[pa.Table, dict]:
+    tables, dropped = [], {}
+    for shard in plan_input_shards([source], base):
+        table, funnel = read_input_shard_with_funnel(shard)
+        tables.append(table)
+        for k, v in funnel.stage("read").dropped.items():
+            dropped[k] = dropped.get(k, 0) + v
+    return pa.concat_tables(tables), dropped
+
+
+def test_emoji_reader_leaves_out_heldout_emoji_and_captions_with_keywords(tmp_path: Path, npm_root: Path) -> None:
+    emoji.build("twitter", tmp_path / "tw.parquet", npm_root)
+    plain, dropped = _read(SourceConfig(kind="emoji", path="tw.parquet", rows_per_input_shard=4), tmp_path)
+    held_drawn = [u for u in HELD if u != HELD[2]]  # HELD[2] has no Twitter drawing
+    assert dropped == {"heldout": len(held_drawn)} and plain.num_rows == len(KEPT)
+    assert all(s.startswith("emoji:twitter/") and s.split("/")[1] in KEPT for s in plain.column("sample_id").to_pylist())
+    assert plain.column("caption").to_pylist()[0] == "thing 6"
+    rich, _ = _read(SourceConfig(kind="emoji", path="tw.parquet", caption_keywords=True), tmp_path)
+    assert rich.column("caption").to_pylist()[0] == "thing 6, kw, word6"
+    assert json.loads(rich.column("meta").to_pylist()[0])["id"] == f"twitter/{KEPT[0]}"
+
+
+def test_titled_caption_appends_new_keywords_once() -> None:
+    assert titled_caption("Cartoon cat", ["cat", "cartoon cat", "cat", " pet "], True) == "Cartoon cat, cat, pet"
+    assert titled_caption("Cartoon cat", ["cat"], False) == "Cartoon cat"
+    assert titled_caption("", ["cat", "pet"], True) == "cat, pet"
+
+
+def test_caption_keywords_only_for_titled_kinds() -> None:
+    with pytest.raises(ConfigError, match="caption_keywords is for kinds openclipart and emoji"):
+        config_from_dict({"sources": [{"kind": "parquet", "path": "m.parquet", "caption_keywords": True}]})
+
+
+# ------------------------------------------------------------------------------------------------
+# Openclipart concepts
+# ------------------------------------------------------------------------------------------------
+
+
+def test_concepts_are_whole_words_with_plurals() -> None:
+    assert concepts_named("Two cats and a dog", []) == {"cat", "dog"}
+    assert concepts_named("Catfish", ["card", "scatter"]) == set()
+    assert concepts_named("Red thing", ["boxes", "Houses", "tree"]) == {"house", "tree"}
+
+
+def full_table(n: int = 400) -> pa.Table:
+    """An Openclipart-shaped table: every concept alone, some pairs, some none."""
+    rows = {f.name: [] for f in OPENCLIPART_SCHEMA}
+    for i in range(n):
+        concept = CONCEPT_CLASSES[i % len(CONCEPT_CLASSES)]
+        title = [f"A {concept}", f"{concept} and {CONCEPT_CLASSES[(i + 1) % 16]}", f"thing {i}"][i % 3]
+        rows["id"].append(f"svg/c/img_{i:04d}.svg")
+        rows["category"].append("c")
+        rows["title"].append(title)
+        rows["keywords"].append(["clip art"])
+        rows["description"].append(None)
+        rows["image"].append(_png((i % 255, 0, 0), (20 + i % 7, 16), "RGB"))
+        rows["width"].append(20 + i % 7)
+        rows["height"].append(16)
+    return pa.Table.from_pydict(rows, schema=OPENCLIPART_SCHEMA)
+
+
+def test_concept_set_holds_out_half_of_the_single_concept_images_and_readers_leave_them_out(tmp_path: Path) -> None:
+    table = full_table()
+    path = tmp_path / "full.parquet"
+    pq.write_table(table, path)
+    records = table.select(["id", "title", "keywords"]).to_pylist()
+    single = [r for r in records if len(concepts_named(r["title"], r["keywords"])) == 1]
+    held = [r for r in single if concept_of(r["id"], r["title"], r["keywords"])]
+    assert 0.4 < len(held) / len(single) < 0.7  # half, plus is_heldout's 10%
+    assert all(concept_of(r["id"], r["title"], r["keywords"]) is None for r in records
+               if len(concepts_named(r["title"], r["keywords"])) != 1)
+    tune = load_eval_set(EvalSetConfig(name="c", kind="openclipart-concepts", path=str(path), split="tune"))
+    final = load_eval_set(EvalSetConfig(name="c", kind="openclipart-concepts", path=str(path), split="final"))
+    assert tune.classes == list(CONCEPT_CLASSES) and set(tune.ids).isdisjoint(final.ids)
+    assert sorted(tune.ids + final.ids) == sorted(r["id"] for r in held)
+    by_id = {r["id"]: r for r in records}
+    assert all(CONCEPT_CLASSES[label] in by_id[i]["title"] for i, label in zip(tune.ids, tune.labels.tolist()))
+    assert tune.training_ids == {f"openclipart:{i}" for i in tune.ids}
+    read, dropped = _read(SourceConfig(kind="openclipart", path="full.parquet", rows_per_input_shard=150), tmp_path)
+    trained = set(read.column("sample_id").to_pylist())
+    assert trained.isdisjoint(tune.training_ids | final.training_ids)
+    excluded = [r for r in records if excluded_from_training(r["id"], r["title"], r["keywords"])]
+    assert dropped == {"heldout": len(excluded)} and read.num_rows == len(records) - len(excluded)
+    assert all(is_heldout(r["id"]) or concept_of(r["id"], r["title"], r["keywords"]) for r in excluded)
+    # read_openclipart's split is the same rule (the demo's HTTP path serves split="train").
+    train_ids = read_openclipart(path, "train", columns=["title"]).column("id").to_pylist()
+    assert {f"openclipart:{i}" for i in train_ids} == trained
+
+
+def test_splits_are_halves_and_unknown_splits_are_refused() -> None:
+    keys = [f"k{i}" for i in range(1000)]
+    tune = {k for k in keys if in_split("tune", k, "s")}
+    final = {k for k in keys if in_split("final", k, "s")}
+    assert tune.isdisjoint(final) and tune | final == set(keys) and 400 < len(tune) < 600
+    assert all(in_split("all", k, "s") and in_split("test", k, "s") for k in keys)
+    with pytest.raises(EvalSetError, match="split must be tune, final or all"):
+        in_split("validation", "k", "s")
+
+
+def test_emoji_heldout_set_is_another_vendors_drawings_of_heldout_emoji(tmp_path: Path, npm_root: Path) -> None:
+    emoji.build("google", tmp_path / "g.parquet", npm_root)
+    cfg = EvalSetConfig(name="e", kind="emoji-heldout", path=str(tmp_path / "g.parquet"), split="all")
+    s = load_eval_set(cfg)
+    # HELD[1] is a country flag: its name is a place, not an eval class.
+    expected = [u for u in HELD if u != HELD[1]]
+    assert sorted(i.split("/")[1] for i in s.ids) == sorted(expected)
+    assert all(i.startswith("google/") for i in s.ids) and len(s.classes) == len(expected)
+    assert sorted(s.labels.tolist()) == list(range(len(expected)))  # one drawing per name
+    assert s.training_ids == {f"emoji:{v}/{u}" for u in expected for v in emoji.VENDORS}
+    assert training_ids(cfg) == s.training_ids
+    assert training_ids(EvalSetConfig(name="f", kind="fashion-mnist")) == frozenset()
+    with pytest.raises(EvalSetError, match="path.*emoji table is required"):
+        load_eval_set(EvalSetConfig(name="e", kind="emoji-heldout"))
+
+
+# ------------------------------------------------------------------------------------------------
+# The build's provenance and hold-out check
+# ------------------------------------------------------------------------------------------------
+
+
+def _shard(store_root: Path, key: str, ids: list[str]) -> dict:
+    path = store_root / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"sample_id": pa.array(ids, pa.string())}), path)
+    return {"path": key, "rows": len(ids)}
+
+
+def test_holdout_check_counts_and_refuses_contaminated_shards(tmp_path: Path, npm_root: Path) -> None:
+    from tasks.build.records import WrittenShards
+    from tasks.build.stages import EvalContamination, eval_holdout_check
+
+    emoji.build("google", tmp_path / "g.parquet", npm_root)
+    sets = [EvalSetConfig(name="e", kind="emoji-heldout", path=str(tmp_path / "g.parquet"), split="all"),
+            EvalSetConfig(name="f", kind="fashion-mnist", path=str(tmp_path / "no-such-dir"))]
+    root = tmp_path / "ds"
+    clean = WrittenShards([_shard(root, "shards/part-00000.parquet", [f"emoji:twitter/{u}" for u in KEPT])],
+                          [_shard(root, "holdout/part-00000.parquet", [f"emoji:twitter/{HELD[0]}"])])
+    report = eval_holdout_check(sets, str(root), None, clean)
+    assert report == {"e": {"training_ids": len(emoji.VENDORS) * (len(HELD) - 1), "in_shards": 0, "in_holdout": 1}}
+    dirty = WrittenShards([_shard(root, "shards/part-00001.parquet", [f"emoji:google/{HELD[4]}"])], [])
+    with pytest.raises(EvalContamination, match=f"eval set 'e'.*emoji:google/{HELD[4]}"):
+        eval_holdout_check(sets, str(root), None, dirty)
+
+
+def test_source_provenance_reads_the_packaged_tables_metadata(tmp_path: Path, npm_root: Path) -> None:
+    from tasks.build.stages import source_provenance
+
+    emoji.build("twitter", tmp_path / "tw.parquet", npm_root)
+    pq.write_table(pa.table({"url": ["http://x/1"], "caption": ["c"]}), tmp_path / "m.parquet")
+    out = source_provenance([SourceConfig(kind="emoji", path="tw.parquet"),
+                             SourceConfig(kind="parquet", path="m.parquet")], str(tmp_path))
+    assert out[0]["kind"] == "emoji" and out[0]["files"][0]["file"] == "tw.parquet"
+    assert "CC-BY-4.0" in out[0]["files"][0]["licence"] and "Twemoji" in out[0]["files"][0]["attribution"]
+    assert out[1]["files"] == [{"file": "m.parquet", "bytes": (tmp_path / "m.parquet").stat().st_size}]
