@@ -1,6 +1,7 @@
 """The dataset build as a Prefect flow: one task per stage; the stages are ``tasks.build.stages``.
 
-read -> text filters -> query match -> [dedupe URLs, count] -> balance -> fetch + images -> eval dedup
+[count captions] -> read -> caption -> text filters -> query match -> [dedupe URLs, count] -> balance
+-> fetch + images -> eval dedup
 -> [dataset dedup] -> shards -> manifest -> reports
 
 Each stage is a Prefect task, so the UI draws the stages and their dependencies; inside a stage the
@@ -22,8 +23,8 @@ from infra.lease import OutputLease
 from infra.manifest import Manifest
 from infra.prefect_utils import ShardProgress, crash_orphaned_runs_quietly, retry_if_transient, track_flow_run
 from tasks.build import stages
-from tasks.build.records import (CleanStage, EvalIndexRef, FilterStage, QueryCountsSummary, QueryListRef, WithinResult,
-                                 WrittenShards)
+from tasks.build.records import (CaptionCounts, CleanStage, EvalIndexRef, FilterStage, QueryCountsSummary, QueryListRef,
+                                 WithinResult, WrittenShards)
 
 
 @task(name="plan-inputs")
@@ -37,12 +38,22 @@ def locate_queries(config: Config) -> QueryListRef | None:
     return stages.find_query_list(config.queries_uri(), config.storage)
 
 
+@task(name="count-captions")
+def caption_count_stage(config: Config, base_dir: str, shards: list[Any], queries: QueryListRef,
+                        lease: OutputLease) -> CaptionCounts | None:
+    """Captions repeated across many different images (boilerplate), counted before any filtering."""
+    return stages.caption_counts(shards, dataset_root=config.dataset_uri(), storage=config.storage,
+                                 sources=config.sources, base_dir=base_dir, text_filter=config.text_filter,
+                                 queries=queries, lease=lease)
+
+
 @task(name="read-filter-match")
 def filter_stage(config: Config, base_dir: str, shards: list[Any], queries: QueryListRef,
-                 lease: OutputLease) -> FilterStage:
+                 lease: OutputLease, captions: CaptionCounts | None) -> FilterStage:
     return stages.filter_stage(shards, dataset_root=config.dataset_uri(), storage=config.storage,
                                sources=config.sources, base_dir=base_dir, text_filter=config.text_filter,
-                               queries=queries, lease=lease, on_done=ShardProgress("read → text filters → query match"))
+                               queries=queries, captions=captions, lease=lease,
+                               on_done=ShardProgress("read → caption → text filters → query match"))
 
 
 @task(name="count-queries")
@@ -89,11 +100,12 @@ def manifest_stage(config: Config, written: WrittenShards, filtered: FilterStage
 
 @task(name="reports")
 def report_stage(config: Config, filtered: FilterStage, clean: CleanStage, queries: QueryListRef,
-                 index: EvalIndexRef | None) -> dict:
-    """Per-query counts before/after balancing (with the log-log plot) and the eval overlap report."""
+                 index: EvalIndexRef | None, captions: CaptionCounts | None, manifest: Manifest) -> dict:
+    """Per-query counts before/after balancing (with the log-log plot), the eval overlap report,
+    the most repeated captions and the caption lengths before/after."""
     return stages.reports(dataset_root=config.dataset_uri(), filtered=filtered, clean=clean,
                           queries=queries, index=index, max_per_query=config.balance.max_per_query,
-                          eval_sets=config.eval_sets)
+                          eval_sets=config.eval_sets, captions=captions, manifest=manifest)
 
 
 @flow(name="build_dataset", log_prints=True)
@@ -127,13 +139,14 @@ def _build(config: Config, base_dir: str, retry_failed: bool, lease: OutputLease
         get_run_logger().info("no query list at %s: building it first", config.queries_uri())
         build_queries(config)
         queries = locate_queries(config)
-    filtered = filter_stage(config, base_dir, shards, queries, lease)
+    captions = caption_count_stage(config, base_dir, shards, queries, lease)
+    filtered = filter_stage(config, base_dir, shards, queries, lease, captions)
     counts = count_stage(config, filtered, queries)
     index_ref = index.result()
     clean = clean_stage(config, filtered, counts, index_ref, retry_failed)
     within = within_stage(config, clean)
     written = shard_stage(config, clean, within)
     manifest = manifest_stage(config, written, filtered, clean, counts, within, queries, index_ref, base_dir)
-    report_stage(config, filtered, clean, queries, index_ref)
+    report_stage(config, filtered, clean, queries, index_ref, captions, manifest)
     print(f"dataset: {manifest.num_rows} rows in {manifest.num_shards} shards at {config.dataset_uri()}")
     return manifest

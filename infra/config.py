@@ -129,6 +129,32 @@ class QueriesConfig:
             raise ConfigError("queries.count_partitions and count_max_entries must be >= 1")
 
 
+# The named boilerplate patterns of tasks/captions.py (each a drop reason of the caption step).
+CAPTION_PATTERNS = ("date_stamp", "collection_stamp", "author_credit", "email_address", "converted_from")
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    """How a source's caption is made from its text fields (tasks/captions.py): the first of
+    ``fields`` that is not empty, not caught by a named pattern and not boilerplate, then each of
+    ``append`` that passes the same checks and has at most ``append_max_chars`` characters."""
+
+    fields: tuple[str, ...] = ("caption",)  # "caption": the caption column; other names: keys of the row's meta
+    append: tuple[str, ...] = ()
+    append_max_chars: int = 120
+    append_separator: str = ". "
+    patterns: tuple[str, ...] = CAPTION_PATTERNS
+
+    def __post_init__(self) -> None:
+        if not self.fields:
+            raise ConfigError("caption.fields must name at least one field")
+        unknown = sorted(set(self.patterns) - set(CAPTION_PATTERNS))
+        if unknown:
+            raise ConfigError(f"caption.patterns: unknown {unknown} (known: {list(CAPTION_PATTERNS)})")
+        if self.append_max_chars < 1:
+            raise ConfigError("caption.append_max_chars must be >= 1")
+
+
 @dataclass(frozen=True)
 class SourceConfig:
     """One input of (image, caption) pairs (tasks/readers.py)."""
@@ -144,6 +170,7 @@ class SourceConfig:
     # openclipart / emoji: the caption is the title (emoji: the CLDR name), then its keywords
     # ("cat face, animal, cat, face, kitten"); false: the title alone
     caption_keywords: bool = False
+    caption: CaptionConfig = field(default_factory=CaptionConfig)  # which text fields make the caption
 
     def __post_init__(self) -> None:
         if self.rows_per_input_shard <= 0:
@@ -204,11 +231,27 @@ class TextFilterConfig:
     english_min_prob: float = 0.5  # long captions: the detector's minimum P(en)
     vocab_min_count: int = 10_000  # English-Wikipedia count that makes a word English-known
     wordnet_dir: str | None = "auto"  # WordNet for the English lexicon (infra/wordnet.py); None: counts only
+    # Short captions by the evidence of their words (tasks/text_filter.ForeignWords): Zipf frequencies
+    # (wordfreq) of English and of these languages; empty: the share of English-known words alone.
+    foreign_languages: tuple[str, ...] = ("it", "fr", "es", "pt", "de", "nl")
+    foreign_margin: float = 2.0  # an English-known word this much more frequent elsewhere is foreign...
+    foreign_min_zipf: float = 3.5  # ...when it is this frequent there (a word not English-known: enough alone)
+    english_common_zipf: float = 3.5  # ...and rarer than this in English ("sole", "corps" stay English)
+    foreign_absent_min_zipf: float = 1.0  # a word English never uses, this frequent elsewhere, is foreign
+    # Settles short captions whose words disagree or are all unknown: fastText's lid.176 (it beat
+    # langdetect, lingua, CLD2 and py3langid in that role: bench/language_id.py), or none
+    short_detector: Literal["fasttext", "langdetect", "langdetect-rs", "none"] = "fasttext"
+    short_detector_min_prob: float = 0.3
+    # A caption (or caption field) on at least this many different images of the build is
+    # boilerplate ("gramastar" on 1,375 stars): the field is skipped (tasks/captions.py); None: off
+    boilerplate_min_images: int | None = 20
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_chars <= self.max_chars:
             raise ConfigError("text_filter: need 0 <= min_chars <= max_chars")
-        for name in ("english_min_coverage", "english_confident_coverage", "english_min_prob"):
+        if self.boilerplate_min_images is not None and self.boilerplate_min_images < 2:
+            raise ConfigError("text_filter.boilerplate_min_images must be >= 2 (or null: off)")
+        for name in ("english_min_coverage", "english_confident_coverage", "english_min_prob", "short_detector_min_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"text_filter.{name} must be in [0, 1]")
 

@@ -7,16 +7,19 @@ Source kinds (``SourceConfig.kind``):
 
 * ``parquet`` / ``csv`` / ``tsv`` / ``jsonl`` — manifests with a caption column and a URL, a local
   path (relative paths are relative to the manifest's folder) or inline image bytes (binary, or base64
-  text in CSV/JSONL). Column names are configurable; img2dataset's ``url``/``caption`` are the
+  text in CSV/JSONL). The columns the source's caption policy names (``caption.fields``/``append``:
+  title, alt text, keywords...) are kept in ``meta`` under their names. Column names are configurable; img2dataset's ``url``/``caption`` are the
   defaults, and img2dataset's own Parquet output (``key``, ``status``, ``jpg``...) is recognised.
   ``path`` is a file, a folder (every file with the kind's extension) or a glob.
 * ``webdataset`` — tar shards: members sharing a key (``dir/key.jpg`` + ``dir/key.txt``/``.json``).
 * ``directory`` — a folder of images with sidecar captions (``a/cat.jpg`` + ``a/cat.txt``).
 * ``openclipart`` — the bundled sample or the full Debian-built file (infra/openclipart.py): caption
   is the title as written (with ``caption_keywords``, then its keywords); every image an eval set
-  uses (``infra.openclipart.excluded_from_training``) is left out.
+  uses (``infra.openclipart.excluded_from_training``) is left out; ``meta`` has its text fields
+  (``title``, ``keywords``, ``description``, ``file_name``) for ``sources[].caption`` to compose from.
 * ``emoji`` — an emoji table built by infra/emoji.py: caption is the CLDR name (with
-  ``caption_keywords``, then its keywords); held-out emoji (``infra.emoji.is_heldout``) are left out.
+  ``caption_keywords``, then its keywords); held-out emoji (``infra.emoji.is_heldout``) are left out;
+  ``meta`` has ``name`` and ``keywords`` to compose from.
 
 Bad rows never fail a shard: a missing caption, an unreadable local path or a broken tar member
 keeps its row with a null caption/image (later stages count those) and a ``reader_error`` in
@@ -383,7 +386,7 @@ class _Columns:
     image: str | None
     path: str | None
     id: str | None
-    extra: tuple[str, ...]  # kept in meta (img2dataset's status/error_message)
+    extra: tuple[str, ...]  # kept in meta (img2dataset's status/error_message, the caption policy's fields)
 
     @property
     def names(self) -> list[str]:
@@ -404,6 +407,10 @@ def _columns_for(source: SourceConfig, available: Sequence[str], file: str) -> _
         id_column = id_column or "key"
         image = image or next((c for c in _IMG2DATASET_IMAGE_COLUMNS if c in have), None)
     caption = need(source.caption_column, "caption_column")
+    # The caption policy's other fields are columns too, kept in meta under their names (tasks/captions.py)
+    texts = tuple(need(f, "caption.fields") for f in dict.fromkeys((*source.caption.fields, *source.caption.append))
+                  if f != "caption" and f not in extra)
+    extra = (*extra, *texts)
     image = need(image, "image_column") if image else None
     path = need(source.path_column, "path_column") if source.path_column else None
     id_column = need(id_column, "id_column") if id_column else None
@@ -857,7 +864,7 @@ def _read_openclipart(shard: InputShard, rows: _Rows) -> None:
             rows.drop("heldout")
             continue
         meta = {"id": r["id"], "category": r["category"], "title": r["title"], "keywords": r["keywords"],
-                "description": r["description"]}
+                "description": r["description"], "file_name": _file_name_text(r["id"])}
         caption = titled_caption(r["title"], r["keywords"], shard.source.caption_keywords)
         rows.add(f"openclipart:{r['id']}", caption, None, r["image"], meta)
 
@@ -876,6 +883,12 @@ def _read_emoji(shard: InputShard, rows: _Rows) -> None:
                 "subcategory": r["subcategory"]}
         caption = titled_caption(r["name"], r["keywords"], shard.source.caption_keywords)
         rows.add(f"emoji:{r['id']}", caption, None, r["image"], meta)
+
+
+def _file_name_text(path: str) -> str:
+    """A file's name as caption text (a text field like the others): extension off, ``_``/``-`` as spaces."""
+    stem = path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    return " ".join(stem.replace("_", " ").replace("-", " ").split())
 
 
 _READERS = {"parquet": _read_parquet, "csv": _read_csv, "tsv": _read_csv, "jsonl": _read_jsonl,

@@ -110,6 +110,68 @@ def test_filter_stage_on_ray_equals_in_process(tmp_path, ray_local):
     assert {s.shard_id: store.read_text(WorkDir.filter_record(s.shard_id)) for s in shards} == stamp
 
 
+def test_repeated_captions_counted_across_shards_then_the_caption_falls_back(tmp_path, ray_local):
+    """The count stage's shuffle finds a title on many different images across shards (copies of
+    one image do not count); the filter stage then captions those rows from their keywords, with
+    the provenance in meta, and drops the rows with nothing else."""
+    import json
+
+    from tasks.captions import BOILERPLATE
+
+    from infra.openclipart import is_heldout
+    from infra.schema import OPENCLIPART_SCHEMA
+
+    n = 12
+    titles = ["gramastar"] * 6 + ["A lighthouse on a cliff"] * 4 + ["a red car", "a dog on the beach"]
+    keywords = [["star", "shape"]] * 5 + [[]] + [["lighthouse"]] * 4 + [["car"], ["dog"]]
+    images = [png(i) for i in range(6)] + [png(99)] * 4 + [png(7), png(8)]  # the lighthouse: 4 copies of one image
+    ids = [i for i in (f"svg/c/p{k:03d}.svg" for k in range(100)) if not is_heldout(i)][:n]
+    pairs = pa.table({"id": ids, "category": ["c"] * n, "title": titles, "keywords": keywords,
+                      "description": pa.nulls(n, pa.string()), "image": pa.array(images, pa.binary()),
+                      "width": pa.array([40] * n, pa.int32()), "height": pa.array([48] * n, pa.int32())},
+                     schema=OPENCLIPART_SCHEMA)
+    pq.write_table(pairs, tmp_path / "pairs.parquet")
+    queries = pa.table({"query_id": pa.array([0, 1, 2, 3], pa.int32()), "query": ["star", "lighthouse", "car", "dog"],
+                        "source": ["unigram"] * 4, "count": pa.array([1] * 4, pa.int64()),
+                        "pmi": pa.nulls(4, pa.float64()), "views": pa.nulls(4, pa.int64())})
+    pq.write_table(queries, tmp_path / "queries.parquet")
+    ref = stages.find_query_list(str(tmp_path), STORAGE)
+    from infra.config import CaptionConfig
+
+    source = SourceConfig(kind="openclipart", path=str(tmp_path / "pairs.parquet"), rows_per_input_shard=5,
+                          caption=CaptionConfig(fields=("title", "keywords")))
+    shards = stages.plan_inputs([source], str(tmp_path))
+    text_filter = TextFilterConfig(boilerplate_min_images=4)
+    results = {}
+    for use_ray in (False, True):
+        root = str(tmp_path / f"run-{use_ray}")
+        counts = stages.caption_counts(shards, dataset_root=root, storage=STORAGE, sources=[source],
+                                       base_dir=str(tmp_path), text_filter=text_filter, queries=ref, use_ray=use_ray)
+        assert counts is not None and counts.boilerplate == 2  # "gramastar" and its keywords "star, shape"
+        filtered = stages.filter_stage(shards, dataset_root=root, storage=STORAGE, sources=[source],
+                                       base_dir=str(tmp_path), text_filter=text_filter, queries=ref, captions=counts,
+                                       use_ray=use_ray)
+        table = pa.concat_tables([filtered.work.store.read_parquet(WorkDir.filtered(r.shard_id)) for r in filtered.records])
+        results[use_ray] = (table.select(["sample_id", "caption", "meta"]).to_pylist(),
+                            [r.funnel.to_dict() for r in filtered.records])
+        counted = filtered.work.store.read_parquet(counts.key).to_pylist()
+        assert {r["value"]: (r["rows"], r["images"], r["boilerplate"]) for r in counted} == \
+            {"gramastar": (6, 6, True), "a lighthouse on a cliff": (4, 1, False), "star shape": (5, 5, True),
+             "lighthouse": (4, 1, False)}
+    assert results[True] == results[False]
+    rows = {r["sample_id"].removeprefix("openclipart:"): r for r in results[True][0]}
+    assert not any(i in rows for i in ids[:6])  # gramastar: its keywords are on 5 different images too
+    meta = json.loads(rows[ids[6]]["meta"])  # copies of one image: not boilerplate
+    assert rows[ids[6]]["caption"] == "A lighthouse on a cliff" and meta["caption_fields"] == ["title"]
+    caption_drops = sum((s["dropped"].get(BOILERPLATE, 0) for f in results[True][1] for s in f["stages"]
+                         if s["stage"] == "caption"))
+    assert caption_drops == 6
+    off = stages.caption_counts(shards, dataset_root=str(tmp_path / "off"), storage=STORAGE, sources=[source],
+                                base_dir=str(tmp_path), text_filter=TextFilterConfig(boilerplate_min_images=None),
+                                queries=ref)
+    assert off is None
+
+
 # ------------------------------------------------------------------------------------------------
 # Balancing across shards: the counts reduce, the cap reduce, then the per-shard step
 # ------------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ EXPECTED_UPSTREAM: dict[str, set[str]] = {
     "queries": set(),
     "eval-index": set(),
     "plan-inputs": set(),
-    "read-filter-match": {"plan-inputs", "queries"},
+    "count-captions": {"plan-inputs", "queries"},
+    "read-filter-match": {"plan-inputs", "queries", "count-captions"},
     "count-queries": {"read-filter-match", "queries"},
     "balance-fetch-images-eval-dedup": {"read-filter-match", "count-queries", "eval-index"},
     "dedup-within-dataset": {"balance-fetch-images-eval-dedup"},
@@ -39,7 +40,8 @@ EXPECTED_UPSTREAM: dict[str, set[str]] = {
     # `manifest` too: Prefect links a task's inputs to upstream results (and the values one level
     # inside them) by object identity, and the manifest holds the clean stage's work root that reports
     # reads. The UI draws that edge; it also matches the order the flow runs them in.
-    "reports": {"read-filter-match", "balance-fetch-images-eval-dedup", "queries", "eval-index", "manifest"},
+    "reports": {"read-filter-match", "balance-fetch-images-eval-dedup", "queries", "eval-index", "manifest",
+                "count-captions"},
 }
 
 
@@ -161,6 +163,8 @@ def test_build_dataset_dag_through_the_api(prefect_server, ray_local, prefect_ap
     assert [r["path"] for r in shard_rows] == [s.path for s in manifest.shards]
     assert by_key["query-counts"].type == "markdown" and "data:image/png;base64," in by_key["query-counts"].data
     assert by_key["eval-overlap"].type == "table" and "openclipart-heldout" in str(by_key["eval-overlap"].data)
+    assert by_key["caption-lengths"].type == "markdown" and "data:image/png;base64," in by_key["caption-lengths"].data
+    assert by_key["repeated-captions"].type == "table" and "images_by_hash" in str(by_key["repeated-captions"].data)
     # Per-shard progress: one progress artifact per fanned-out stage, each finished at 100%.
     progress = [a for a in artifacts if a.type == "progress"]
     assert len(progress) == 3 and all(float(a.data) == 100.0 for a in progress)

@@ -107,6 +107,24 @@ def test_missing_columns_raise_naming_the_column_and_file(tmp_path: Path) -> Non
             read_input_shard(shard)
 
 
+def test_caption_policy_fields_are_read_into_meta(tmp_path: Path) -> None:
+    """The columns a source's caption policy names come along in meta (parquet keeps lists as lists,
+    CSV gives text), so tasks/captions.py can compose from them; a named column that is missing raises."""
+    from infra.config import CaptionConfig
+
+    policy = CaptionConfig(fields=("caption", "alt"), append=("tags",))
+    pq.write_table(pa.table({"url": ["http://a/1.png", "http://a/2.png"], "caption": ["logo", "A red car"],
+                             "alt": ["a lighthouse at dusk", None], "tags": [["sea", "light"], []]}), tmp_path / "m.parquet")
+    table, _ = read_all([SourceConfig(kind="parquet", path=str(tmp_path / "m.parquet"), caption=policy)], tmp_path)
+    assert [(m["alt"], m["tags"]) for m in metas(table)] == [("a lighthouse at dusk", ["sea", "light"]), (None, [])]
+    (tmp_path / "m.csv").write_text("url,caption,alt,tags\nhttp://a/1.png,logo,a lighthouse,\"sea, light\"\n")
+    table, _ = read_all([SourceConfig(kind="csv", path=str(tmp_path / "m.csv"), caption=policy)], tmp_path)
+    assert [(m["alt"], m["tags"]) for m in metas(table)] == [("a lighthouse", "sea, light")]
+    with pytest.raises(ReaderError, match="'alt_text'.*caption.fields"):
+        read_all([SourceConfig(kind="parquet", path=str(tmp_path / "m.parquet"),
+                               caption=CaptionConfig(fields=("alt_text",)))], tmp_path)
+
+
 def test_csv_with_local_paths_quoted_newlines_and_text_ids(tmp_path: Path) -> None:
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.png").write_bytes(png())

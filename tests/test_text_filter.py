@@ -10,9 +10,10 @@ import pyarrow as pa
 import pytest
 
 from infra.config import ConfigError, TextFilterConfig
-from tasks.text_filter import (BAD_UTF8, CONTROL_CHARS, EMPTY, MACHINE_MADE, NOT_ENGLISH, TOO_FEW_WORDS, TOO_LONG,
-                               TOO_SHORT, EnglishVocab, LanguageDetector, TextFilter, caption_words,
-                               clean_caption, english_verdict, machine_made, reason_examples)
+from tasks.text_filter import (BAD_UTF8, CONTROL_CHARS, EMPTY, ENGLISH, FOREIGN, MACHINE_MADE, NOT_ENGLISH,
+                               TOO_FEW_WORDS, TOO_LONG, TOO_SHORT, UNKNOWN, EnglishVocab, FastTextLID,
+                               LanguageDetector, TextFilter, caption_words, clean_caption, english_verdict,
+                               machine_made, reason_examples, short_caption_detector)
 
 LABELS = Path(__file__).parent / "data" / "openclipart_lang_labels.tsv"
 
@@ -27,11 +28,13 @@ def text_filter(vocab: EnglishVocab) -> TextFilter:
     return TextFilter(TextFilterConfig(), vocab)
 
 
-def load_labels() -> list[tuple[str, str]]:
+def load_labels(parts: tuple[str, ...] = ("tuning-1", "tuning-2")) -> list[tuple[str, str]]:
+    """(title, lang) of the labelled titles in ``parts`` (the final part is scored only by
+    bench/language_id.py and the test that pins what it measured there once)."""
     lines = [line for line in LABELS.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
     header, rows = lines[0].split("\t"), [line.split("\t") for line in lines[1:]]
-    assert header[:2] == ["title", "lang"]
-    return [(r[0], r[1]) for r in rows]
+    assert header[:3] == ["title", "lang", "part"]
+    return [(r[0], r[1]) for r in rows if r[2] in parts]
 
 
 # --- each reason ---------------------------------------------------------------------------------
@@ -174,14 +177,62 @@ def test_vocabulary_from_query_counts() -> None:
     assert not vocab.is_english_word("car")  # bigram rows are not word counts
 
 
-def test_short_captions_use_the_vocabulary_not_the_detector(vocab: EnglishVocab) -> None:
-    cfg, detector = TextFilterConfig(), LanguageDetector("langdetect-rs", 0)
+def test_short_captions_use_the_vocabulary_not_the_detector(text_filter: TextFilter) -> None:
+    detector = LanguageDetector("langdetect-rs", 0)
     for caption in ("card", "Cactus", "Bunny", "Blue Vacuum Cleaner"):
         assert detector.detect_langs(caption)[0][0] != "en"  # the detector alone gets these wrong
-        verdict = english_verdict(caption, vocab, detector, cfg)
+        verdict = _verdict(text_filter, caption)
         assert verdict.english and verdict.decided_by == "vocab" and verdict.p_english is None
-    assert not english_verdict("Pescetto arancione", vocab, detector, cfg).english
-    assert not english_verdict("direction à suivre", vocab, detector, cfg).english  # "à" counts, as foreign
+    for caption in ("Pescetto arancione", "Gatto", "Signore"):  # only foreign evidence
+        verdict = _verdict(text_filter, caption)
+        assert not verdict.english and verdict.decided_by == "vocab" and verdict.foreign >= 1, caption
+    for caption in ("direction à suivre", "protection obligatoire pieds"):  # mixed: the short detector says no
+        verdict = _verdict(text_filter, caption)
+        assert not verdict.english and verdict.decided_by == "short_detector", caption
+
+
+def _verdict(text_filter: TextFilter, caption: str):
+    return english_verdict(caption, text_filter.vocab, text_filter.detector, text_filter.cfg,
+                           foreign=text_filter.foreign, short_detector=text_filter.short_detector)
+
+
+def test_foreign_word_evidence(text_filter: TextFilter) -> None:
+    vocab, foreign = text_filter.vocab, text_filter.foreign
+    cases = {"apple": ENGLISH, "xylophone": ENGLISH, "sole": ENGLISH, "corps": ENGLISH, "direction": ENGLISH,
+             "signore": FOREIGN, "glace": FOREIGN, "gatto": FOREIGN, "frontale": FOREIGN, "ramarro": FOREIGN,
+             "della": FOREIGN, "manuscriot": UNKNOWN, "bowsaw": UNKNOWN}
+    assert {w: foreign.evidence(w, vocab.is_english_word(w)) for w in cases} == cases
+    english, italian = foreign.zipf("gatto")
+    assert italian > 4 > english
+    clone = pickle.loads(pickle.dumps(foreign))
+    assert clone._tables is None and clone.zipf("gatto") == (english, italian)
+
+
+def test_mixed_and_unknown_short_captions_go_to_the_short_detector(text_filter: TextFilter) -> None:
+    for caption, english in [("France - Picardie", True), ("Paesaggio marino", False), ("Nonno sport", False),
+                             ("Squeek!", True)]:
+        verdict = _verdict(text_filter, caption)
+        assert verdict.decided_by == "short_detector" and verdict.english is english, (caption, verdict)
+        assert verdict.p_english == text_filter.short_detector.english_probability(caption)
+
+
+def test_fasttext_lid176_is_offline_and_reads_lower_case_words() -> None:
+    lid = FastTextLID()
+    assert lid.english_probability("Woman Nurse") > 0.5  # lower-cased first: capitalised, the model shows its prior
+    assert lid.english_probability("Il gatto dorme sul divano") < 0.1
+    assert pickle.loads(pickle.dumps(lid)).english_probability("woman_nurse") == lid.english_probability("woman nurse")
+    assert isinstance(short_caption_detector("langdetect-rs"), LanguageDetector)
+    assert short_caption_detector("none") is None
+    with pytest.raises(ValueError, match="unknown short-caption detector"):
+        short_caption_detector("cld3")
+
+
+def test_without_word_frequencies_short_captions_follow_the_known_share(vocab: EnglishVocab) -> None:
+    plain = TextFilter(replace(TextFilterConfig(), foreign_languages=(), short_detector="none"), vocab)
+    assert plain.foreign is None and plain.short_detector is None
+    assert plain.check("Signore")[1] is None  # a WordNet lemma: the share rule alone keeps it
+    assert plain.check("Gatto nero")[1] is None  # 1 of 2 known
+    assert plain.check("Pescetto arancione")[1] == NOT_ENGLISH
 
 
 EN_SENTENCES = [
@@ -208,17 +259,11 @@ def test_long_captions(text_filter: TextFilter) -> None:
         assert not verdict.english and verdict.decided_by == "detector", caption
 
 
-def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter) -> None:
-    """Precision/recall of "keep as English" over the titles the language check sees.
-
-    Floors: the policy measures P 0.973, R 0.991 here (6 false positives, 2 false negatives among
-    ~245 titles). 0.95 leaves room for ~5 more errors either way and is still far above what
-    keeping everything gives (P 0.88) and what langdetect alone gives (R 0.45-0.51, asserted below).
-    """
+def _policy_scores(text_filter: TextFilter, labels: list[tuple[str, str]]) -> tuple[float, float, float]:
+    """Precision and recall of "keep as English", and the share of other-language titles dropped,
+    over the titles the language check sees."""
     tp = fp = fn = tn = 0
-    detector = LanguageDetector("langdetect-rs", 0)
-    detector_tp = 0
-    for title, lang in load_labels():
+    for title, lang in labels:
         cleaned, reason = text_filter.check(title)
         if lang == "neutral" or reason not in (None, NOT_ENGLISH):
             continue  # the language check never sees captions an earlier filter drops
@@ -227,18 +272,37 @@ def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter) -> 
         fp += keep and lang != "en"
         fn += (not keep) and lang == "en"
         tn += (not keep) and lang != "en"
-        if lang == "en":
-            langs = detector.detect_langs(clean_caption(title))
-            detector_tp += bool(langs) and langs[0][0] == "en"
-    precision, recall = tp / (tp + fp), tp / (tp + fn)
-    assert precision >= 0.95 and recall >= 0.95, (precision, recall)
-    assert tn / (tn + fp) >= 0.7  # most Italian/French/Dutch/Spanish titles are dropped
-    assert detector_tp / (tp + fn) < 0.6  # the problem the policy exists for
+    return tp / (tp + fp), tp / (tp + fn), tn / (tn + fp)
+
+
+def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+    """The tuning part (650 titles, 91 in other languages): the policy measures P 0.987, R 0.980,
+    84 of 91 dropped. The floors leave room for ~3 more errors either way; the share-of-known-words
+    rule alone (the previous policy) drops 64 of 91, and langdetect alone keeps < 60% of English."""
+    labels = load_labels()
+    precision, recall, rejected = _policy_scores(text_filter, labels)
+    assert precision >= 0.98 and recall >= 0.975 and rejected >= 0.89, (precision, recall, rejected)
+    share_only = TextFilter(replace(TextFilterConfig(), foreign_languages=(), short_detector="none"), vocab)
+    assert _policy_scores(share_only, labels)[2] < 0.75  # what the word evidence and fastText add
+    detector = LanguageDetector("langdetect-rs", 0)
+    english = [t for t, lang in labels if lang == "en"]
+    detector_tp = sum(bool(langs) and langs[0][0] == "en"
+                      for langs in (detector.detect_langs(clean_caption(t)) for t in english))
+    assert detector_tp / len(english) < 0.6  # the problem the policy exists for
+
+
+def test_policy_on_the_once_only_part(text_filter: TextFilter) -> None:
+    """The final part (450 titles drawn and labelled after the policy was fixed, scored once by
+    bench/language_id.py): P 0.978, R 0.952, 56 of 64 other-language titles dropped — short of
+    the issue's goal (R >= 0.98 at >= 90% dropped) there. These floors guard against regressions;
+    they were not tuned on (the policy's settings are the tuning part's)."""
+    precision, recall, rejected = _policy_scores(text_filter, load_labels(("final",)))
+    assert precision >= 0.96 and recall >= 0.94 and rejected >= 0.84, (precision, recall, rejected)
 
 
 def test_langdetect_rs_matches_langdetect_on_the_labelled_titles() -> None:
     py, rs = LanguageDetector("langdetect", 0), LanguageDetector("langdetect-rs", 0)
-    titles = [clean_caption(t) for t, _ in load_labels()]
+    titles = [clean_caption(t) for t, _ in load_labels(("tuning-1",))]
     assert [py.detect_langs(t) for t in titles] == [rs.detect_langs(t) for t in titles]
 
 
@@ -261,6 +325,8 @@ def test_switches_and_config_checks(vocab: EnglishVocab) -> None:
         TextFilterConfig(min_chars=10, max_chars=5)
     with pytest.raises(ConfigError):
         TextFilterConfig(english_min_prob=1.5)
+    with pytest.raises(ConfigError):
+        TextFilterConfig(short_detector_min_prob=-0.1)
 
 
 def test_pickled_filter_gives_the_same_answers(text_filter: TextFilter) -> None:

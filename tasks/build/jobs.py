@@ -21,7 +21,8 @@ import pyarrow as pa
 from infra.config import BalanceConfig, DedupConfig, GatherConfig, ImageConfig, StorageConfig, TextFilterConfig
 from infra.funnel import Funnel
 from infra.storage import ObjectStore
-from tasks.build.records import CleanRecord, EvalIndexRef, FilterRecord, QueryListRef, QueryMatchCounts, to_json
+from tasks.build.records import (CaptionCounts, CleanRecord, EvalIndexRef, FilterRecord, QueryListRef,
+                                 QueryMatchCounts, to_json)
 from tasks.build.workdir import WorkDir
 from tasks.step import StepOutput, run_steps
 
@@ -108,14 +109,24 @@ class FilterContext:
     work: WorkDir
     queries: QueryListRef
     text_filter: TextFilterConfig
+    captions: CaptionCounts | None = None  # the build's repeated-caption count (None: not counted)
+
+
+@functools.lru_cache(maxsize=2)
+def boilerplate_captions(work: WorkDir, key: str) -> frozenset[str]:
+    """The normalised captions the count stage found boilerplate (read once per worker)."""
+    from tasks.captions import boilerplate_values
+
+    return boilerplate_values(work.store.read_parquet(key))
 
 
 def filter_shard(shard: Any, ctx: FilterContext) -> FilterRecord:
-    """read -> text filters -> query match, for one input shard (``tasks.readers.InputShard``).
+    """read -> caption -> text filters -> query match, for one input shard (``tasks.readers.InputShard``).
 
     Text is filtered before anything is fetched: at web scale most candidates fail the text filters
     or match no query, and fetching their images first would waste most of the bandwidth.
     """
+    from tasks.captions import OUTCOMES, CaptionStep, length_histogram, primary_field_captions
     from tasks.readers import read_input_shard_with_funnel
 
     store = ctx.work.store
@@ -123,11 +134,17 @@ def filter_shard(shard: Any, ctx: FilterContext) -> FilterRecord:
     if store.exists(record_key):
         return FilterRecord.from_json(store.read_json(record_key))
     table, funnel = read_input_shard_with_funnel(shard)
+    policy = shard.source.caption
+    before = length_histogram(primary_field_captions(table, policy))
+    boilerplate = boilerplate_captions(ctx.work, ctx.captions.key) if ctx.captions else frozenset()
     matcher = query_matcher(ctx.work, ctx.queries)
-    out = run_steps(table, [text_filter_step(ctx.text_filter), matcher], funnel)
+    out = run_steps(table, [CaptionStep(policy, boilerplate), text_filter_step(ctx.text_filter), matcher], funnel)
+    outcomes = out.side.get(OUTCOMES)
+    if outcomes is not None and outcomes.num_rows:
+        store.write_parquet(WorkDir.side(OUTCOMES, shard.shard_id), outcomes)
     store.write_parquet(WorkDir.filtered(shard.shard_id), out.table)
     record = FilterRecord(shard.shard_id, out.table.num_rows, out.funnel,
-                          _match_counts(out.table.column("query_ids")))
+                          _match_counts(out.table.column("query_ids")), tuple(before))
     store.write_json(record_key, to_json(record))
     return record
 

@@ -54,11 +54,23 @@ class FilterRecord:
     rows: int
     funnel: Funnel = field(default_factory=Funnel, compare=False)
     matches: QueryMatchCounts = QueryMatchCounts()
+    caption_words: tuple[int, ...] = ()  # rows read by words in their first caption field (tasks.captions)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "FilterRecord":
         return cls(data["shard_id"], int(data["rows"]), Funnel.from_dict(data["funnel"]),
-                   QueryMatchCounts(tuple(data["matches"]["query_ids"]), tuple(data["matches"]["query_counts"])))
+                   QueryMatchCounts(tuple(data["matches"]["query_ids"]), tuple(data["matches"]["query_counts"])),
+                   tuple(data.get("caption_words", ())))
+
+
+@dataclass(frozen=True)
+class CaptionCounts:
+    """The repeated-caption count of a build (tasks.captions): where its table is, the threshold,
+    and how many values it found boilerplate."""
+
+    key: str  # in the filter stage's work directory: COUNTS_SCHEMA rows, boilerplate and the most repeated others
+    min_images: int | None
+    boilerplate: int
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ from infra.manifest import write_manifest as write_manifest_file
 from infra.prefect_utils import publish_image, publish_markdown, publish_table
 from infra.storage import ObjectStore
 from tasks.build.jobs import CleanContext, FilterContext, clean_shard, ensure_query_matcher, filter_shard, query_counts
-from tasks.build.records import (CleanStage, EvalIndexRef, FilterRecord, FilterStage, PartRows, QueryCountsSummary,
-                                 QueryListRef, WithinResult, WrittenShards, to_json)
+from tasks.build.records import (CaptionCounts, CleanStage, EvalIndexRef, FilterRecord, FilterStage, PartRows,
+                                 QueryCountsSummary, QueryListRef, WithinResult, WrittenShards, to_json)
 from tasks.build.workdir import WorkDir, fingerprint
 from tasks.queries.output import QUERIES_KEY
 
@@ -109,16 +109,73 @@ def record_config(dataset_root: str, storage: StorageConfig, resolved_yaml: str)
 # ------------------------------------------------------------------------------------------------
 
 
+CAPTION_VALUES_PER_PARTITION = 4_000_000  # a reduce of the repeated-caption count holds about this many values
+
+
+@dataclass(frozen=True)
+class _CaptionCountContext:
+    num_partitions: int
+    min_images: int
+
+
+def _caption_pieces(shard: Any, ctx: _CaptionCountContext) -> list[pa.Table]:
+    from tasks.captions import caption_pieces
+    from tasks.readers import read_input_shard
+
+    return caption_pieces(read_input_shard(shard), shard.source.caption, ctx.num_partitions)
+
+
+def _caption_counts(partition: int, pieces: list[pa.Table], ctx: _CaptionCountContext) -> pa.Table:
+    from tasks.captions import count_captions
+
+    return count_captions(pieces, ctx.min_images)
+
+
+def caption_counts(shards: Sequence[Any], *, dataset_root: str, storage: StorageConfig,
+                   sources: Sequence[SourceConfig], base_dir: str, text_filter: TextFilterConfig,
+                   queries: QueryListRef, lease: OutputLease | None = None, use_ray: bool = True) -> CaptionCounts | None:
+    """The repeated-caption count (tasks/captions.py): every caption field value of every input
+    shard, normalised, counted once per different image (URL or inline-bytes identity) on a
+    hash-partitioned shuffle through the work directory (resumable); the values on at least
+    ``text_filter.boilerplate_min_images`` images are boilerplate. It reads the inputs' text
+    before the filter stage does, so the caption step can fall back to another field; nothing is
+    fetched for it. None when ``boilerplate_min_images`` is off."""
+    from infra.fanout import shuffle
+    from tasks.captions import COUNTS_SCHEMA
+
+    if text_filter.boilerplate_min_images is None:
+        return None
+    work = WorkDir.for_filter(dataset_root, storage, sources, base_dir, text_filter, queries.sha256, lease)
+    store = work.store
+    if not store.exists(WorkDir.CAPTION_COUNTS):
+        rows = sum((s.stop or s.start + s.source.rows_per_input_shard) - s.start for s in shards)
+        partitions = max(1, min(1024, -(-rows // CAPTION_VALUES_PER_PARTITION)))
+        scratch = store.child(WorkDir.caption_scratch(partitions)).scratch()
+        keys = shuffle(_caption_pieces, _caption_counts, list(shards), num_partitions=partitions, scratch=scratch,
+                       context=_CaptionCountContext(partitions, text_filter.boilerplate_min_images),
+                       desc="count repeated captions", key=lambda s: s.shard_id, use_ray=use_ray)
+        counts = pa.concat_tables([COUNTS_SCHEMA.empty_table(), *(scratch.read_parquet(k) for k in keys)])
+        store.write_parquet(WorkDir.CAPTION_COUNTS, counts.sort_by([("images", "descending"), ("value", "ascending")]))
+    counts = store.read_parquet(WorkDir.CAPTION_COUNTS, columns=["boilerplate", "rows"])
+    flagged = counts.filter(counts.column("boilerplate"))
+    log_event(log, "repeated captions counted", boilerplate=flagged.num_rows,
+              rows_with_them=int(pc.sum(flagged.column("rows")).as_py() or 0))
+    return CaptionCounts(WorkDir.CAPTION_COUNTS, text_filter.boilerplate_min_images, flagged.num_rows)
+
+
 def filter_stage(shards: Sequence[Any], *, dataset_root: str, storage: StorageConfig, sources: Sequence[SourceConfig],
-                 base_dir: str, text_filter: TextFilterConfig, queries: QueryListRef, lease: OutputLease | None = None,
-                 on_done: Progress = None, use_ray: bool = True) -> FilterStage:
-    """read -> text filters -> query match per input shard; ``lease`` (from :func:`take_output`)
-    guards every write of this and the later stages, which inherit its work directory."""
+                 base_dir: str, text_filter: TextFilterConfig, queries: QueryListRef,
+                 captions: CaptionCounts | None = None, lease: OutputLease | None = None, on_done: Progress = None,
+                 use_ray: bool = True) -> FilterStage:
+    """read -> caption -> text filters -> query match per input shard; ``lease`` (from
+    :func:`take_output`) guards every write of this and the later stages, which inherit its work
+    directory."""
     work = WorkDir.for_filter(dataset_root, storage, sources, base_dir, text_filter, queries.sha256, lease)
     if shards:
         ensure_query_matcher(work, queries)
-    results = map_shards(filter_shard, shards, context=FilterContext(work, queries, text_filter),
-                         desc="read/filter/match", on_done=on_done, use_ray=use_ray)
+    ctx = FilterContext(work, queries, text_filter, captions)
+    results = map_shards(filter_shard, shards, context=ctx, desc="read/caption/filter/match", on_done=on_done,
+                         use_ray=use_ray)
     return FilterStage(work, tuple(values_or_raise("read-filter-match", results)))
 
 
@@ -636,13 +693,59 @@ def write_manifest(*, dataset_root: str, storage: StorageConfig, config: dict, w
 
 
 def reports(*, dataset_root: str, filtered: FilterStage, clean: CleanStage, queries: QueryListRef,
-            index: EvalIndexRef | None, max_per_query: int, eval_sets: Sequence[EvalSetConfig] = ()) -> dict:
-    """Every report of a build: per-query counts and, with an eval index, the overlap report."""
+            index: EvalIndexRef | None, max_per_query: int, eval_sets: Sequence[EvalSetConfig] = (),
+            captions: CaptionCounts | None = None, manifest: Manifest | None = None) -> dict:
+    """Every report of a build: per-query counts, with an eval index the overlap report, and with
+    the output's manifest the caption report."""
     uris = query_count_report(dataset_root=dataset_root, filtered=filtered, clean=clean, queries=queries,
                               max_per_query=max_per_query)
     overlap = (eval_overlap_report(dataset_root=dataset_root, clean=clean, index=index, eval_sets=eval_sets)
                if index else None)
-    return {"query_counts": uris, "overlap": overlap}
+    caption = caption_report(dataset_root=dataset_root, filtered=filtered, captions=captions, manifest=manifest) \
+        if manifest is not None else None
+    return {"query_counts": uris, "overlap": overlap, "captions": caption}
+
+
+def caption_report(*, dataset_root: str, filtered: FilterStage, captions: CaptionCounts | None,
+                   manifest: Manifest, top: int = 20) -> dict[str, str]:
+    """``reports/repeated_captions.parquet`` (the ``top`` most repeated caption values, what the
+    caption step did with their rows, their different perceptual hashes in the output) and
+    ``reports/caption_lengths.png`` + ``.parquet`` (words per caption as read and in the output),
+    also as UI artifacts; their URIs."""
+    from tasks.captions import (COUNTS_SCHEMA, MAX_WORDS_BUCKET, OUTCOMES, OUTCOMES_SCHEMA, final_caption_images,
+                                length_histogram, render_caption_lengths, repeated_caption_report)
+
+    work = filtered.work.store
+    out = ObjectStore(dataset_root, filtered.work.storage)
+    captions_out, metas, phashes = [], [], []
+    for shard in manifest.shards:
+        t = out.read_parquet(shard.path, columns=["caption", "meta", "phash"])
+        captions_out += t.column("caption").to_pylist()
+        metas += t.column("meta").to_pylist()
+        phashes += t.column("phash").to_pylist()
+    before = np.zeros(MAX_WORDS_BUCKET + 1, np.int64)
+    for r in filtered.records:
+        if r.caption_words:
+            before += np.asarray(r.caption_words, np.int64)
+    after = np.asarray(length_histogram(captions_out), np.int64)
+    out.write_parquet("reports/caption_lengths.parquet", pa.table({
+        "words": pa.array(range(MAX_WORDS_BUCKET + 1), pa.int32()), "as_read": pa.array(before), "output": pa.array(after)}))
+    out.write_bytes("reports/caption_lengths.png", render_caption_lengths(before.tolist(), after.tolist()))
+    publish_image("caption-lengths", out.read_bytes("reports/caption_lengths.png"),
+                  "words per caption: as read (first caption field) and in the output")
+    uris = {"lengths": out.uri("reports/caption_lengths.png")}
+    if captions is None:
+        return uris
+    counts = work.read_parquet(captions.key) if work.exists(captions.key) else COUNTS_SCHEMA.empty_table()
+    outcome_parts = [work.read_parquet(WorkDir.side(OUTCOMES, r.shard_id)) for r in filtered.records
+                     if work.exists(WorkDir.side(OUTCOMES, r.shard_id))]
+    outcomes = pa.concat_tables([OUTCOMES_SCHEMA.empty_table(), *outcome_parts])
+    table = repeated_caption_report(counts, outcomes, final_caption_images(captions_out, metas, phashes), top)
+    out.write_parquet("reports/repeated_captions.parquet", table)
+    publish_table("repeated-captions", table.to_pylist(),
+                  f"the {top} most repeated captions (different images); boilerplate at >= {captions.min_images}")
+    uris["repeated"] = out.uri("reports/repeated_captions.parquet")
+    return uris
 
 
 def query_count_report(*, dataset_root: str, filtered: FilterStage, clean: CleanStage, queries: QueryListRef,

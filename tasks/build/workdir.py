@@ -1,6 +1,9 @@
 """The build's work directory: every key it holds, and the fingerprints that name its parts.
 
-    <dataset>/work/f-<fp>/filtered/<shard>.parquet|.json       read -> text filters -> query match
+    <dataset>/work/f-<fp>/captions/counts.parquet              repeated captions (different images per caption)
+    <dataset>/work/f-<fp>/captions/p<n>/                       that count's shuffle (n partitions)
+    <dataset>/work/f-<fp>/filtered/<shard>.parquet|.json       read -> caption -> text filters -> query match
+    <dataset>/work/f-<fp>/caption_outcomes/<shard>.parquet     what rows with a boilerplate caption field got instead
     <dataset>/work/f-<fp>/url_dedup/p<n>/                      the URL shuffle's pieces and duplicates (n partitions)
     <dataset>/work/f-<fp>/query_matcher.pkl                    the query matcher, built once for every worker
     <dataset>/work/f-<fp>/query_counts.parquet                 global per-query counts (balancing)
@@ -97,6 +100,12 @@ class WorkDir:
 
     QUERY_COUNTS = "query_counts.parquet"
     QUERY_MATCHER = "query_matcher.pkl"  # the query list's matcher with its automaton, built once
+    CAPTION_COUNTS = "captions/counts.parquet"
+
+    @staticmethod
+    def caption_scratch(num_partitions: int) -> str:
+        return f"captions/p{num_partitions}"
+
     CAP_THRESHOLDS = "cap_thresholds.npy"
 
     @staticmethod

