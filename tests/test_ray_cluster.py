@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -29,6 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "infra" / "ray_cluster.sh"
 CLUSTER_YAML = REPO_ROOT / "infra" / "ray" / "cluster.yaml"
 DOCKERFILE = REPO_ROOT / "infra" / "ray" / "Dockerfile"
+NODE_JOIN_DEADLINE_S = 60  # a deadline for the head to hear from the worker, not an assertion about speed
 
 
 def _free_ports(n: int) -> list[int]:
@@ -157,7 +159,13 @@ def test_a_head_and_a_worker_from_the_script_run_a_driver_that_ships_the_code(tm
         worker = script("worker", f"127.0.0.1:{port}", *_node_args(head=False), environment=worker_env)
         assert worker.returncode == 0, worker.stdout + worker.stderr
 
-        status = script("status", environment={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, timeout=120)
+        # The worker's raylet has started; the head's autoscaler reports it once it has heard from it.
+        deadline = time.monotonic() + NODE_JOIN_DEADLINE_S
+        while True:
+            status = script("status", environment={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, timeout=120)
+            if status.returncode != 0 or status.stdout.count("node_") >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         assert status.returncode == 0 and status.stdout.count("node_") >= 2, status.stdout + status.stderr
         wrong = script("status", environment={**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_TOKEN": "wrong"},
                        timeout=120)
