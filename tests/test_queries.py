@@ -446,7 +446,7 @@ def test_queries_config_checks():
 # The flow, under a real (temporary) Prefect API
 # --------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # not session: its temporary API would stay the current one for every later module
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 
