@@ -297,27 +297,8 @@ class ObjectStore:
             yield buffer
             self.write_bytes(key, buffer.getbuffer())
             return
-        path = self.fs_path(key)
-        directory, name = os.path.split(path)
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}{_TMP_MARK}", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                yield f
-                f.flush()
-                if self.durable:
-                    os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            self._check_guard(key)  # again: the writing may have outlasted the writer's lease
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        if self.durable:
-            _fsync_directory(directory)
+        with _atomic_local_file(self.fs_path(key), lambda: self._check_guard(key), self.durable) as f:
+            yield f
 
     def _multipart_write(self, key: str, data: bytes, part_bytes: int) -> None:
         view = memoryview(data)
@@ -494,40 +475,23 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     return (BotoConnectionError, HTTPClientError, IncompleteReadError)
 
 
-def _atomic_local_copy(source: str, path: str, before_commit: Callable[[], None] = lambda: None) -> None:
-    directory, name = os.path.split(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}{_TMP_MARK}", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f, open(source, "rb") as src:
-            shutil.copyfileobj(src, f, 1 << 20)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        before_commit()
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(directory)
-
-
-def _atomic_local_write(path: str, data: bytes, before_commit: Callable[[], None] = lambda: None,
-                        durable: bool = True) -> None:
+@contextlib.contextmanager
+def _atomic_local_file(path: str, before_commit: Callable[[], None] = lambda: None,
+                       durable: bool = True) -> Iterator[BinaryIO]:
+    """A temp file beside ``path`` to write into; renamed over ``path`` when the block ends without
+    an error (``before_commit`` first: the write guard again, as writing may have outlasted the
+    writer's lease), removed otherwise. ``durable``: fsync the file and the directory entry."""
     directory, name = os.path.split(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}{_TMP_MARK}", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             if durable:
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; objects should read like any written file
-        before_commit()  # the guard again: the fsync may have outlasted the writer's lease
+        before_commit()
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -537,6 +501,17 @@ def _atomic_local_write(path: str, data: bytes, before_commit: Callable[[], None
         raise
     if durable:
         _fsync_directory(directory)
+
+
+def _atomic_local_copy(source: str, path: str, before_commit: Callable[[], None] = lambda: None) -> None:
+    with _atomic_local_file(path, before_commit) as f, open(source, "rb") as src:
+        shutil.copyfileobj(src, f, 1 << 20)
+
+
+def _atomic_local_write(path: str, data: bytes, before_commit: Callable[[], None] = lambda: None,
+                        durable: bool = True) -> None:
+    with _atomic_local_file(path, before_commit, durable) as f:
+        f.write(data)
 
 
 def _fsync_directory(directory: str) -> None:
