@@ -23,10 +23,11 @@ def sample_hashes(sample_ids: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.
                         for s in sample_ids), dtype=np.uint64, count=len(sample_ids))
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a bijective avalanche on uint64."""
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective avalanche on uint64 (the balancing coins, and the
+    partitions of the dedup's shuffles)."""
     with np.errstate(over="ignore"):
-        x = x.astype(np.uint64, copy=True)
+        x = np.asarray(x).astype(np.uint64, copy=True)
         x ^= x >> np.uint64(30)
         x *= np.uint64(0xBF58476D1CE4E5B9)
         x ^= x >> np.uint64(27)
@@ -38,8 +39,8 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 def pair_hashes(sample_hash: np.ndarray, query_ids: np.ndarray, seed: int) -> np.ndarray:
     """Hash of (seed, sample, query) per pair: the coin of probability mode, the rank of exact mode."""
     with np.errstate(over="ignore"):
-        key = _mix64(query_ids.astype(np.uint64) + _mix64(np.full(1, seed % 2**64, np.uint64)))
-        return _mix64(sample_hash.astype(np.uint64) ^ key)
+        key = mix64(query_ids.astype(np.uint64) + mix64(np.full(1, seed % 2**64, np.uint64)))
+        return mix64(sample_hash.astype(np.uint64) ^ key)
 
 
 def keep_with_probability(query_ids: np.ndarray, hashes: np.ndarray, rows: np.ndarray, counts: np.ndarray,

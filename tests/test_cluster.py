@@ -25,12 +25,10 @@ from pathlib import Path
 from typing import Iterator
 
 import psutil
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from tests.conftest import REPO_ROOT
+from tests.test_resume import _make_inputs as make_build_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -143,22 +141,11 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 def _make_inputs(tmp: Path, sample_parquet: Path) -> Path:
     """400 rows of the bundled sample in 16 input shards, a query list of their title words, a config."""
-    sample = pq.read_table(sample_parquet).slice(0, 400)
-    pq.write_table(sample, tmp / "pairs.parquet")
-    words = sorted({w for t in sample.column("title").to_pylist() if t for w in re.findall(r"[a-z]{3,}", t.lower())})
-    queries = pa.table({"query_id": pa.array(range(len(words)), pa.int32()), "query": words,
-                        "source": ["unigram"] * len(words), "count": pa.array([100] * len(words), pa.int64()),
-                        "pmi": pa.nulls(len(words), pa.float64()), "views": pa.nulls(len(words), pa.int64())})
-    (tmp / "queries").mkdir()
-    pq.write_table(queries, tmp / "queries" / "queries.parquet")
-    cfg = {"name": "cluster-test", "output": str(tmp / "run"), "ray": {"num_cpus": 2},
-           "sources": [{"kind": "openclipart", "path": str(tmp / "pairs.parquet"), "rows_per_input_shard": 25}],
-           "queries": {"output": str(tmp / "queries")}, "images": {"resize_longest_side": 64},
-           "balance": {"max_per_query": 10}, "dedup": {"against_eval": False},
-           "shards": {"rows_per_shard": 40, "holdout_rows": 20}}
-    path = tmp / "build.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return make_build_inputs(tmp, sample_parquet, rows=400, name="cluster-test",
+                             sources=[{"kind": "openclipart", "path": str(tmp / "pairs.parquet"),
+                                       "rows_per_input_shard": 25}],
+                             images={"encode_format": "keep"}, balance={"max_per_query": 10},
+                             shards={"rows_per_shard": 40, "holdout_rows": 20})
 
 
 def _start_build(config: Path, output: Path, env: dict[str, str]) -> tuple[subprocess.Popen, Path]:

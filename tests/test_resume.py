@@ -25,11 +25,12 @@ from tests.conftest import REPO_ROOT
 pytestmark = pytest.mark.slow
 
 
-def _make_inputs(tmp: Path, sample_parquet: Path) -> Path:
-    """A 240-row slice of the bundled sample and a query list of the words in its titles."""
+def _make_inputs(tmp: Path, sample_parquet: Path, rows: int = 240, **sections: dict) -> Path:
+    """A ``rows``-row slice of the bundled sample, a query list of the words in its titles and a
+    build config (``sections`` update its sections: ``shards={...}``, ``name="..."``)."""
     import re
 
-    sample = pq.read_table(sample_parquet).slice(0, 240)
+    sample = pq.read_table(sample_parquet).slice(0, rows)
     pq.write_table(sample, tmp / "pairs.parquet")
     words = sorted({w for t in sample.column("title").to_pylist() if t for w in re.findall(r"[a-z]{3,}", t.lower())})
     queries = pa.table({"query_id": pa.array(range(len(words)), pa.int32()), "query": words,
@@ -48,6 +49,8 @@ def _make_inputs(tmp: Path, sample_parquet: Path) -> Path:
         "dedup": {"against_eval": False},
         "shards": {"rows_per_shard": 25},
     }
+    for key, value in sections.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
     path = tmp / "build.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

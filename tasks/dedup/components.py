@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from infra.coins import mix64
 from infra.fanout import shuffle, split_by
 from infra.log import get_logger, log_event
 from infra.storage import ObjectStore
@@ -33,17 +34,6 @@ EDGE_SCHEMA = pa.schema([("a", pa.string()), ("a_node", pa.uint64()), ("b", pa.s
 _DIRECTED = pa.schema([("u", pa.string()), ("u_node", pa.uint64()), ("v", pa.string()), ("v_node", pa.uint64())])
 MAX_ROUNDS = 64  # Kiveris et al. bound rounds by O(log² n); 64 is far beyond any real graph
 _STAR_VIOLATIONS = b"star_violations"
-
-
-def mix64(keys: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a well-spread 64-bit hash of 64-bit keys (vectorised)."""
-    x = np.asarray(keys, dtype=np.uint64).copy()
-    x ^= x >> np.uint64(30)
-    x *= np.uint64(0xBF58476D1CE4E5B9)
-    x ^= x >> np.uint64(27)
-    x *= np.uint64(0x94D049BB133111EB)
-    x ^= x >> np.uint64(31)
-    return x
 
 
 def by_node(table: pa.Table, column: str, n: int) -> list[pa.Table]:
