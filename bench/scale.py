@@ -1,8 +1,9 @@
 """Scale: the build's global stages on Ray at 1M, 3M and 10M synthetic candidates, one memory budget.
 
-The global stages are the ones whose cost could grow faster than the data: the per-query counts
-and exact-mode cap thresholds (balancing), the within-dataset dedup (exact keys, hash bands,
-verification, connected components, drops by part group), the hold-out and the output plan. The
+The global stages are the ones whose cost could grow faster than the data: the URL dedup (2% of
+rows share an earlier row's URL), the per-query counts and exact-mode cap thresholds (balancing),
+the within-dataset dedup (exact keys, hash bands, verification, connected components, drops by
+part group), the hold-out and the output plan. The
 per-shard stages (text, fetch, images) are linear by construction and have their own benches.
 
 Synthetic candidates, as clean parts of ``--rows-per-part`` rows (no image bytes, no thumbnails:
@@ -57,6 +58,7 @@ from tasks.dedup.components import mix64  # noqa: E402
 QUERIES = REPO_ROOT / "runs" / "demo" / "queries" / "queries.parquet"
 EXACT, NEAR, HOT, LOW_INFO, NO_HASH = 0.04, 0.08, 0.03, 0.01, 0.005
 HOT_IMAGES = 1_000
+SHARED_URL = 0.02  # rows whose URL an earlier row has too (the URL dedup before fetching drops them)
 SEED = np.uint64(0x5EED)
 
 
@@ -113,9 +115,13 @@ def make_part(start: int, rows: int, total: int, queries: pa.Table, rng: np.rand
     texts = queries.column("query").take(pa.array(flat)).to_pylist()
     captions = [" and ".join(texts[offsets[i]:offsets[i + 1]]) for i in range(rows)]
     phash = pa.array(code, pa.uint64(), mask=rng.random(rows) < NO_HASH)
+    url_of = np.where(rng.random(rows) < SHARED_URL, original, index)
+    urls = [f"https://img.example/{u:x}.jpg" for u in url_of.tolist()]
     return pa.table({
         "sample_id": _hex(mix64(index.astype(np.uint64))[:, None], b"s"),  # id order unrelated to row order
         "caption": pa.array(captions, pa.string()),
+        "url": pa.array(urls, pa.string()),
+        "image": pa.nulls(rows, pa.binary()),
         "query_ids": query_ids,
         "phash": phash,
         "low_info": pa.array(rng.random(rows) < LOW_INFO),
