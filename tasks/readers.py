@@ -83,7 +83,7 @@ CSV_BLOCK_BYTES = 1 << 22  # pyarrow's CSV parse unit: one record batch per bloc
 # A row must fit in one parse block; a file with a longer row is parsed with larger blocks, up to this.
 CSV_MAX_BLOCK_BYTES = 1 << 30
 # Kinds whose files may be s3:// or http(s):// URIs (read through infra.remote); the others are local.
-REMOTE_KINDS = ("parquet", "csv", "tsv", "jsonl", "webdataset")
+REMOTE_KINDS = ("parquet", "csv", "tsv", "jsonl", "webdataset", "openclipart", "emoji")
 BAD_UTF8 = "bad_utf8"  # a caption that is not valid UTF-8: the row is dropped (text cannot hold it)
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
@@ -124,7 +124,10 @@ def _has_ext(name: str, exts: Sequence[str]) -> bool:
 
 
 def _remote_error(source: SourceConfig, e: OSError) -> ReaderError:
-    return ReaderError(f"source {source.kind}:{source.path}: {e}")
+    message = str(e)  # names the URI already; said once when it is the source's own path
+    if message.startswith(f"{source.path}: "):
+        return ReaderError(f"source {source.kind}:{message}")
+    return ReaderError(f"source {source.kind}:{source.path}: {message}")
 
 
 def _check_remote_kind(source: SourceConfig) -> None:

@@ -139,3 +139,178 @@ def test_http_inputs_from_a_server_without_ranges_are_downloaded_once():
             open_input(server.url("missing.parquet"))
         with pytest.raises(RemoteInputError, match=f"{server.url('forbidden/part.parquet')}: HTTP 403"):
             open_input(server.url("forbidden/part.parquet"))
+
+
+# ---- remote sources through the readers (tasks/readers.py) ---------------------------------------
+# A remote file's sample ids name it by its URI (`parquet:s3://bucket/k/pairs.parquet#p0`), a local
+# one by its path as configured (`parquet:pairs.parquet#p0`): the part after the file is the same.
+
+
+def _pairs(n: int = 7) -> pa.Table:
+    import base64
+
+    from tests.test_readers import png
+
+    return pa.table({"id": [f"p{i}" for i in range(n)], "caption": [f"a photo of thing {i}" for i in range(n)],
+                     "url": [f"http://example.com/{i}.jpg" if i % 2 else None for i in range(n)],
+                     "image": [base64.b64encode(png((i * 30 % 255, 0, 0))).decode() if i % 2 == 0 else None
+                               for i in range(n)]})
+
+
+def _read(sources, base, storage=None) -> pa.Table:
+    from tasks.readers import plan_input_shards, read_input_shard
+
+    shards = plan_input_shards(sources, base, storage)
+    assert shards, "no shards planned"
+    return pa.concat_tables(read_input_shard(s) for s in shards)
+
+
+def _same_rows(local: pa.Table, remote: pa.Table, local_file: str, remote_file: str) -> None:
+    assert remote.num_rows == local.num_rows > 0
+    for name in ("caption", "url", "image", "meta"):
+        assert remote.column(name).to_pylist() == local.column(name).to_pylist(), name
+    ids = [i.replace(remote_file, local_file, 1) for i in remote.column("sample_id").to_pylist()]
+    assert ids == local.column("sample_id").to_pylist()
+    assert all(remote_file in i for i in remote.column("sample_id").to_pylist())
+
+
+def _csv_bytes(table: pa.Table) -> bytes:
+    import io
+
+    import pyarrow.csv as pacsv
+
+    buf = io.BytesIO()
+    pacsv.write_csv(table, buf)
+    return buf.getvalue()
+
+
+def _jsonl_bytes(table: pa.Table) -> bytes:
+    import json
+
+    return "".join(json.dumps(r) + "\n" for r in table.to_pylist()).encode()
+
+
+def test_parquet_and_csv_sources_on_s3_read_as_the_local_files(tmp_path, s3_store):
+    import pyarrow.parquet as pq
+
+    from infra.config import SourceConfig
+
+    pairs = _pairs(9)
+    binary = pairs.set_column(3, "image", pa.array([None] * 9, pa.binary()))
+    pq.write_table(binary, tmp_path / "pairs.parquet", row_group_size=2)
+    (tmp_path / "pairs.csv").write_bytes(_csv_bytes(pairs))
+    s3_store.write_file("in/pairs.parquet", tmp_path / "pairs.parquet")
+    s3_store.write_file("in/pairs.csv", tmp_path / "pairs.csv")
+    storage = s3_store.config
+    for kind, ext in (("parquet", "parquet"), ("csv", "csv")):
+        common = dict(kind=kind, image_column="image", id_column="id", rows_per_input_shard=4)
+        local = _read([SourceConfig(path=f"pairs.{ext}", **common)], tmp_path)
+        uri = s3_store.uri(f"in/pairs.{ext}")
+        remote = _read([SourceConfig(path=uri, **common)], tmp_path, storage)
+        _same_rows(local, remote, f"pairs.{ext}", uri)
+    # A folder (prefix) of them, listed through the storage layer.
+    folder = _read([SourceConfig(kind="csv", path=s3_store.uri("in"), image_column="image", id_column="id")],
+                   tmp_path, storage)
+    assert folder.num_rows == 9
+
+
+def test_jsonl_csv_gz_and_webdataset_over_http_and_s3_read_as_the_local_files(tmp_path, s3_store):
+    import gzip
+
+    from infra.config import SourceConfig
+    from infra.http_server import serve_files
+    from tests.test_readers import png
+
+    pairs = _pairs(7)
+    files = {"m.jsonl": _jsonl_bytes(pairs), "m.csv.gz": gzip.compress(_csv_bytes(pairs)),
+             "shard.tar": _tar_bytes({"a/k1.png": png(), "a/k1.txt": b"one", "a/k2.png": png((0, 9, 0)),
+                                      "a/k2.json": b'{"caption": "two", "extra": 1}'})}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    s3_store.write_bytes("tars/shard.tar", files["shard.tar"])
+    with serve_files(files) as server:
+        for kind, name in (("jsonl", "m.jsonl"), ("csv", "m.csv.gz"), ("webdataset", "shard.tar")):
+            common = dict(kind=kind, rows_per_input_shard=3,
+                          **({} if kind == "webdataset" else {"image_column": "image", "id_column": "id"}))
+            local = _read([SourceConfig(path=name, **common)], tmp_path)
+            remote = _read([SourceConfig(path=server.url(name), **common)], tmp_path)
+            _same_rows(local, remote, name, server.url(name))
+        assert server.hits["/m.jsonl"] >= 2  # planned (offsets) and read by ranges, not from a local copy
+    uri = s3_store.uri("tars/shard.tar")
+    tar = _read([SourceConfig(kind="webdataset", path=uri)], tmp_path, s3_store.config)
+    assert tar.column("caption").to_pylist() == ["one", "two"]
+    assert tar.column("sample_id").to_pylist() == [f"webdataset:{uri}#a/k1", f"webdataset:{uri}#a/k2"]
+
+
+def test_a_missing_remote_source_is_one_line_naming_it_at_plan_time(tmp_path, s3_store):
+    from infra.config import SourceConfig
+    from infra.http_server import serve_files
+    from tasks.readers import ReaderError, check_source, plan_input_shards
+
+    s3_store.write_bytes("d/x.png", b"\x89PNG")
+    missing = s3_store.uri("in/nope.parquet")
+    with serve_files({}) as server:
+        url = server.url("gone.jsonl")
+        # A missing key could be a prefix: it is listed, and matches nothing.
+        cases = [(SourceConfig(kind="parquet", path=missing), missing, "matches no object"),
+                 (SourceConfig(kind="webdataset", path=s3_store.uri("tars/*.tar")), s3_store.uri("tars/*.tar"),
+                  "matches no object"),
+                 (SourceConfig(kind="jsonl", path=url), url, "no such file"),
+                 (SourceConfig(kind="webdataset", path=server.url("gone.tar")), server.url("gone.tar"), "HTTP 404"),
+                 (SourceConfig(kind="directory", path=s3_store.uri("d")), s3_store.uri("d"),
+                  "remote inputs are not supported for kind 'directory'")]
+        for source, uri, why in cases:
+            for check in (lambda: plan_input_shards([source], tmp_path, s3_store.config),
+                          lambda: check_source(source, tmp_path, s3_store.config)):
+                with pytest.raises(ReaderError) as info:
+                    check()
+                message = str(info.value)
+                assert "\n" not in message and uri in message and why in message, message
+
+
+def test_a_changed_remote_source_gets_a_new_identity(tmp_path, s3_store):
+    """The build's fingerprint of its sources takes a remote file's size and ETag (S3) or, from a
+    server that sends neither ETag nor Last-Modified, its digest: new bytes are never the old input."""
+    from infra.config import SourceConfig
+    from infra.http_server import serve_files
+    from tasks.build.stages import source_provenance
+    from tasks.build.workdir import sources_identity
+
+    s3_store.write_bytes("in/pairs.csv", b"caption,url\na,http://x/1.jpg\n")
+    source = SourceConfig(kind="csv", path=s3_store.uri("in/pairs.csv"))
+    before = sources_identity([source], str(tmp_path), s3_store.config)
+    assert before == sources_identity([source], str(tmp_path), s3_store.config)
+    s3_store.write_bytes("in/pairs.csv", b"caption,url\nb,http://x/1.jpg\n")  # same size, new content
+    after = sources_identity([source], str(tmp_path), s3_store.config)
+    (old,), (new,) = before[0][1], after[0][1]
+    assert dict(old)["bytes"] == dict(new)["bytes"] and dict(old)["etag"] != dict(new)["etag"]
+    (entry,) = source_provenance([source], str(tmp_path), s3_store.config)[0]["files"]
+    assert entry["file"] == source.path and entry["bytes"] == 29 and entry["etag"]
+    files = {"m.csv": b"caption,url\na,http://x/1.jpg\n"}
+    with serve_files(files) as server:
+        http = SourceConfig(kind="csv", path=server.url("m.csv"))
+        first = sources_identity([http], str(tmp_path))
+        files["m.csv"] = b"caption,url\nb,http://x/1.jpg\n"
+        with serve_files(files) as changed:
+            moved = SourceConfig(kind="csv", path=changed.url("m.csv"))
+            second = sources_identity([moved], str(tmp_path))
+        (old,), (new,) = first[0][1], second[0][1]  # this server sends no ETag: the content's digest
+        assert dict(old)["bytes"] == dict(new)["bytes"] and dict(old)["sha256"] != dict(new)["sha256"]
+
+
+def test_preflight_checks_remote_sources_with_the_storage_settings(tmp_path, s3_store):
+    import dataclasses
+
+    from flows.preflight import PreflightError, check_sources
+    from infra.config import config_from_dict
+
+    s3_store.write_bytes("in/pairs.csv", b"caption,url\na,http://x/1.jpg\n")
+    storage = s3_store.config
+    base = {"name": "remote-sources", "output": str(tmp_path / "out"),
+            "storage": {"endpoint_url": storage.endpoint_url, "access_key_id": storage.access_key_id.reveal(),
+                        "secret_access_key": storage.secret_access_key.reveal()}}
+    ok = config_from_dict({**base, "sources": [{"kind": "csv", "path": s3_store.uri("in/pairs.csv")}]})
+    check_sources(ok, tmp_path)
+    bad = dataclasses.replace(ok, sources=(dataclasses.replace(ok.sources[0], path=s3_store.uri("in/nope.csv")),))
+    with pytest.raises(PreflightError, match=r"sources\.0: .*in/nope\.csv: matches no object"):
+        check_sources(bad, tmp_path)
