@@ -1,6 +1,6 @@
 """Sources (readers): every input of (image, caption) pairs as CANDIDATE_SCHEMA tables, in input shards.
 
-    shards = plan_input_shards(config.sources, base_dir=".")   # cheap: metadata, line counts, listings
+    shards = plan_input_shards(config.sources, base_dir=".", storage=config.storage)   # metadata, line counts, listings
     table = read_input_shard(shards[0])                          # one Ray worker's unit of work
 
 Source kinds (``SourceConfig.kind``):
@@ -26,6 +26,10 @@ keeps its row with a null caption/image (later stages count those) and a ``reade
 ``meta``; rows with nothing to keep (a malformed JSONL line or CSV row) and held-out ids are dropped
 and counted in the ``read`` funnel stage. A wholly unreadable input file, or a configured column
 that is not there, raises :class:`ReaderError` naming the file and the column.
+
+A source's ``path`` may also be ``s3://`` (opened with the build's StorageConfig, which the shards
+carry to the Ray workers) or ``http(s)://`` for every kind but ``directory`` (infra/remote.py);
+each reader opens its file through :func:`_open`, local or remote alike.
 
 ``sample_id`` is stable across reruns and independent of shard sizes: ``<kind>:<file as
 configured>#<id column value or row number>``, ``webdataset:<tar>#<key>``,

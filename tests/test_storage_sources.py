@@ -368,3 +368,19 @@ def test_a_build_from_the_bundled_sample_on_s3_equals_the_local_build(tmp_path, 
     assert remote_info["bytes"] == local_info["bytes"] and remote_info["etag"] and remote_info["licence"]
     assert {k: v for k, v in remote_info.items() if k not in ("file", "bytes", "etag", "last_modified")} == \
            {k: v for k, v in local_info.items() if k not in ("file", "bytes")}
+
+
+def test_a_remote_source_without_credentials_fails_the_plan_naming_it(tmp_path, s3_server, monkeypatch):
+    import dataclasses
+
+    from infra.config import SourceConfig
+    from tasks.readers import ReaderError, plan_input_shards
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    storage = dataclasses.replace(s3_server.storage_config(), access_key_id=None, secret_access_key=None)
+    uri = s3_server.uri("pairs/part-0.parquet")
+    with pytest.raises(ReaderError, match=f"source parquet:{uri}: .*{uri} failed: no S3 credentials"):
+        plan_input_shards([SourceConfig(kind="parquet", path=uri)], tmp_path, storage)

@@ -14,6 +14,7 @@
     <dataset>/work/f-<fp>/c-<fp2>/within/w-<fp3>/              within-dataset shuffles (drops by part group), hold-out
 
 A fingerprint covers every input that changes a result (the sources with their sizes and mtimes,
+or a remote source's sizes and ETags,
 each stage's settings, the query list's and eval index's versions, and :data:`WORK_FORMAT`, the
 version of this layout and of the records' code), so a changed input or a new witflow never
 reuses stale parts: it works in a new directory beside the old.
