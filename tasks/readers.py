@@ -41,7 +41,6 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
-import dataclasses
 import glob
 import io
 import json
@@ -115,6 +114,7 @@ class InputShard:
     # s3:// files: the endpoint and credentials to open them with on a worker (None for local files).
     # It pickles with its secrets (Ray needs them); its repr never shows them.
     storage: StorageConfig | None = field(default=None, repr=False)
+    version: str = ""  # a remote file's size and ETag/Last-Modified when planned: checked again when read
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,6 +196,27 @@ def source_files(source: SourceConfig, base_dir: str | Path = ".",
         else:
             out.append({"file": display, "path": file, "bytes": os.path.getsize(file)})
     return out
+
+
+def _remote_version(source: SourceConfig, file: str, storage: StorageConfig | None) -> str:
+    """The planned version of a remote file: its size with ETag/Last-Modified ("" when the server
+    sends neither: it is then named by a digest in the fingerprint, which a read cannot check cheaply)."""
+    try:
+        identity = input_identity(file, storage)
+    except OSError as e:
+        raise _remote_error(source, e) from None
+    if not (identity.get("etag") or identity.get("last_modified")):
+        return ""
+    return json.dumps([identity.get("bytes"), identity.get("etag"), identity.get("last_modified")])
+
+
+def _check_version(shard: InputShard) -> None:
+    """A remote file must still be the one the shard was planned on: rows from a new version under
+    the old plan (and the old fingerprint) would pass stale offsets and counts as fresh."""
+    now = _remote_version(shard.source, shard.file, shard.storage)
+    if now != shard.version:
+        raise ReaderError(f"{shard.file}: changed since the build planned it (was {shard.version}, now {now}); "
+                          "rerun the build to plan the new version")
 
 
 @contextmanager
@@ -337,15 +358,16 @@ def plan_input_shards(sources: Sequence[SourceConfig], base_dir: str | Path = ".
                 add(file=str(folder), display_file=source.path.rstrip("/"), members=tuple(members[i:i + per]))
             continue
         for path, display in _resolve_files(source, base, storage):
+            # A remote file's version now (and a check that it is there: a tar is opened only on a worker).
+            version = _remote_version(source, path, storage) if remote else ""
             if source.kind == "webdataset":
-                if remote:  # a tar is only opened on a worker: check it is there now
-                    source_files(dataclasses.replace(source, path=path), base, storage)
-                add(file=str(path), display_file=display)
+                add(file=str(path), display_file=display, version=version)
                 continue
             if source.kind == "jsonl":
                 lines, offsets = _jsonl_line_offsets(path, per, opener)
                 for k, off in enumerate(offsets):
-                    add(file=str(path), display_file=display, start=k * per, stop=min(lines, (k + 1) * per), byte_offset=off)
+                    add(file=str(path), display_file=display, start=k * per, stop=min(lines, (k + 1) * per),
+                        byte_offset=off, version=version)
                 continue
             if source.kind in ("parquet", "openclipart", "emoji"):
                 rows, how = _count_parquet_rows(path, opener), _CsvPlan(0, 0, 0, False)
@@ -356,7 +378,7 @@ def plan_input_shards(sources: Sequence[SourceConfig], base_dir: str | Path = ".
                 # Malformed CSV rows have no row number: the file's first shard counts them all.
                 add(file=str(path), display_file=display, start=start, stop=start + per if start + per < rows else None,
                     malformed_rows=how.malformed if start == 0 else 0, csv_block_bytes=how.block_bytes,
-                    csv_strict=how.strict)
+                    csv_strict=how.strict, version=version)
     return shards
 
 
@@ -999,6 +1021,8 @@ _READERS = {"parquet": _read_parquet, "csv": _read_csv, "tsv": _read_csv, "jsonl
 def read_input_shard_with_funnel(shard: InputShard) -> tuple[pa.Table, Funnel]:
     """Read one input shard; the funnel's ``read`` stage counts rows seen, dropped (by reason) and kept."""
     rows = _Rows()
+    if shard.version:
+        _check_version(shard)
     _READERS[shard.source.kind](shard, rows)
     table = rows.table(shard.source_name)
     funnel = Funnel()

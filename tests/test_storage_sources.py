@@ -384,3 +384,22 @@ def test_a_remote_source_without_credentials_fails_the_plan_naming_it(tmp_path, 
     uri = s3_server.uri("pairs/part-0.parquet")
     with pytest.raises(ReaderError, match=f"source parquet:{uri}: .*{uri} failed: no S3 credentials"):
         plan_input_shards([SourceConfig(kind="parquet", path=uri)], tmp_path, storage)
+
+
+def test_a_remote_shard_carries_its_storage_unprinted_and_refuses_a_changed_file(tmp_path, s3_store):
+    import pickle
+
+    from infra.config import SourceConfig
+    from tasks.readers import ReaderError, plan_input_shards, read_input_shard
+
+    s3_store.write_bytes("in/pairs.csv", b"caption,url\na,http://x/1.jpg\nb,http://x/2.jpg\n")
+    uri = s3_store.uri("in/pairs.csv")
+    (shard,) = plan_input_shards([SourceConfig(kind="csv", path=uri)], tmp_path, s3_store.config)
+    secret = s3_store.config.secret_access_key.reveal()
+    assert secret not in repr(shard) and secret not in str(shard)
+    on_worker = pickle.loads(pickle.dumps(shard))  # as Ray ships it
+    assert on_worker.storage.secret_access_key.reveal() == secret
+    assert read_input_shard(on_worker).column("caption").to_pylist() == ["a", "b"]
+    s3_store.write_bytes("in/pairs.csv", b"caption,url\nc,http://x/1.jpg\nd,http://x/2.jpg\n")
+    with pytest.raises(ReaderError, match=f"{uri}: changed since the build planned it"):
+        read_input_shard(on_worker)
