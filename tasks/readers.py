@@ -716,6 +716,10 @@ _CODECS = {".gz": "gzip", ".tgz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
 def _text_stream(path: str, storage: StorageConfig | None) -> Iterator[pa.NativeFile]:
     """A CSV/TSV file as a decompressed stream (the codec by the file name's extension)."""
     codec = next((c for ext, c in _CODECS.items() if path.lower().endswith(ext)), None)
+    if not is_remote(path):  # Arrow's own file: half the time of a Python file object for a local CSV
+        with pa.input_stream(path, compression=codec) as stream:
+            yield stream
+        return
     with _open(path, storage) as f, pa.input_stream(f, compression=codec) as stream:
         yield stream
 
