@@ -29,7 +29,7 @@ from tasks.build.records import (CaptionCounts, CleanStage, EvalIndexRef, Filter
 
 @task(name="plan-inputs")
 def plan_inputs(config: Config, base_dir: str) -> list[Any]:
-    return stages.plan_inputs(config.sources, base_dir)
+    return stages.plan_inputs(config.sources, base_dir, config.storage)
 
 
 @task(name="queries", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
@@ -94,7 +94,7 @@ def manifest_stage(config: Config, written: WrittenShards, filtered: FilterStage
     return stages.write_manifest(dataset_root=root, storage=config.storage,
                                  config=to_dict(config), written=written, filtered=filtered, clean=clean,
                                  counts=counts, within=within, queries=queries, index=index,
-                                 sources=stages.source_provenance(config.sources, base_dir),
+                                 sources=stages.source_provenance(config.sources, base_dir, config.storage),
                                  eval_holdout=stages.eval_holdout_check(config.eval_sets, root, config.storage, written))
 
 

@@ -50,16 +50,15 @@ def check_output(uri: str, storage: StorageConfig) -> None:
 
 
 def check_sources(config: Config, base_dir: str | Path = ".") -> None:
-    """A build has at least one source, and every local one exists and can be read."""
+    """A build has at least one source, and every one exists and can be read (a remote one is listed
+    and asked for its size, with the storage section's endpoint and credentials for s3://)."""
     from tasks.readers import ReaderError, check_source
 
     if not config.sources:
         raise PreflightError("sources: a build needs at least one source (sources: [{kind: ..., path: ...}])")
     for i, source in enumerate(config.sources):
-        if _is_remote(source.path):
-            continue  # read through its scheme when the build runs
         try:
-            check_source(source, base_dir)
+            check_source(source, base_dir, _quick(config.storage))
         except ReaderError as e:
             raise PreflightError(f"sources.{i}: {e}") from None
 

@@ -15,6 +15,7 @@ names the URI.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import io
 import tempfile
 import time
@@ -128,6 +129,34 @@ def _open_http(url: str) -> BinaryIO:
     return spool  # type: ignore[return-value]
 
 
+class _NativeRaw(io.RawIOBase):
+    """A pyarrow file as a raw Python file (so it can be buffered and read by lines)."""
+
+    def __init__(self, native: Any) -> None:
+        super().__init__()
+        self.native = native
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.native.tell()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.native.seek(offset, whence)
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        return self.native.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.native.close()
+        super().close()
+
+
 # ---- the interface --------------------------------------------------------------------------
 
 
@@ -142,7 +171,9 @@ def open_input(uri: str, storage: StorageConfig | None = None) -> BinaryIO:
         try:
             if not store.exists(name):
                 raise FileNotFoundError(f"{uri}: no such object")
-            return store.filesystem.open_input_file(store.fs_path(name))  # type: ignore[return-value]
+            # Buffered: tar headers and JSONL lines are small reads, each would be an S3 request.
+            native = store.filesystem.open_input_file(store.fs_path(name))
+            return io.BufferedReader(_NativeRaw(native), buffer_size=_READ_BLOCK)  # type: ignore[return-value]
         except StorageError as e:
             raise RemoteInputError(str(e)) from None
         except OSError as e:  # pyarrow's own S3 errors
@@ -191,3 +222,32 @@ def expand_inputs(pattern: str, storage: StorageConfig | None = None,
     if not uris:
         raise FileNotFoundError(f"{pattern}: matches no object")
     return sorted(uris)
+
+
+def input_identity(uri: str, storage: StorageConfig | None = None) -> dict[str, Any]:
+    """What names one version of a remote input, without reading it: ``bytes`` and the S3 object's
+    ``etag`` and ``last_modified``, or the HTTP ``etag``/``last_modified`` headers. A server that
+    sends neither gets the content's ``sha256`` (one download): a changed input is never taken for
+    the old one. Errors name the URI (FileNotFoundError, RemoteInputError)."""
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme == "s3":
+        store, name = _s3_store(uri, storage)
+        try:
+            return {"file": uri, **store.head(name)}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{uri}: no such object") from None
+        except StorageError as e:
+            raise RemoteInputError(str(e)) from None
+    if scheme not in ("http", "https"):
+        raise ValueError(f"{uri}: not a remote URI")
+    with _http(uri, method="HEAD") as head:
+        size, etag, modified = (head.headers.get(h) for h in ("Content-Length", "ETag", "Last-Modified"))
+    identity: dict[str, Any] = {"file": uri, "bytes": int(size) if size is not None else None}
+    if etag or modified:
+        return {**identity, "etag": etag, "last_modified": modified}
+    digest, total = hashlib.sha256(), 0
+    with _http(uri) as response:
+        while block := response.read(_READ_BLOCK):
+            digest.update(block)
+            total += len(block)
+    return {**identity, "bytes": total, "sha256": digest.hexdigest()}

@@ -340,6 +340,21 @@ class ObjectStore:
             return False
         return True
 
+    def head(self, key: str) -> dict[str, Any]:
+        """An object's identity without its bytes: ``bytes`` and, on S3, ``etag`` and
+        ``last_modified`` (locally ``mtime``); :class:`FileNotFoundError` if it does not exist."""
+        uri = self.uri(key)
+        if not self.is_s3:
+            try:
+                st = os.stat(self.fs_path(key))
+            except FileNotFoundError:
+                raise FileNotFoundError(f"head {uri}: no such object") from None
+            return {"bytes": st.st_size, "mtime": int(st.st_mtime)}
+        bucket, s3_key = self.bucket, self._s3_key(key)
+        info = self._retry("head", uri, lambda: self.s3_client.head_object(Bucket=bucket, Key=s3_key))
+        return {"bytes": int(info["ContentLength"]), "etag": str(info.get("ETag", "")).strip('"'),
+                "last_modified": str(info.get("LastModified", ""))}
+
     def list(self, prefix: str = "") -> list[str]:
         """Keys (relative to the root, sorted) of every object whose key starts with ``prefix``."""
         if prefix and ".." in prefix.split("/"):

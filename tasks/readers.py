@@ -1,6 +1,6 @@
 """Sources (readers): every input of (image, caption) pairs as CANDIDATE_SCHEMA tables, in input shards.
 
-    shards = plan_input_shards(config.sources, base_dir=".")   # cheap: metadata, line counts, listings
+    shards = plan_input_shards(config.sources, base_dir=".", storage=config.storage)   # metadata, line counts, listings
     table = read_input_shard(shards[0])                          # one Ray worker's unit of work
 
 Source kinds (``SourceConfig.kind``):
@@ -27,6 +27,10 @@ keeps its row with a null caption/image (later stages count those) and a ``reade
 and counted in the ``read`` funnel stage. A wholly unreadable input file, or a configured column
 that is not there, raises :class:`ReaderError` naming the file and the column.
 
+A source's ``path`` may also be ``s3://`` (opened with the build's StorageConfig, which the shards
+carry to the Ray workers) or ``http(s)://`` for every kind but ``directory`` (infra/remote.py);
+each reader opens its file through :func:`_open`, local or remote alike.
+
 ``sample_id`` is stable across reruns and independent of shard sizes: ``<kind>:<file as
 configured>#<id column value or row number>``, ``webdataset:<tar>#<key>``,
 ``directory:<folder>/<image path>``, ``openclipart:<id>``, ``emoji:<vendor>/<code points>``.
@@ -45,18 +49,20 @@ import re
 import tarfile
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from infra.config import SourceConfig
+from infra.config import SourceConfig, StorageConfig
 from infra.funnel import Funnel
 from infra.log import get_logger, log_event
+from infra.remote import expand_inputs, input_identity, is_remote, open_input
 from infra.schema import CANDIDATE_SCHEMA
 
 log = get_logger("witflow.readers")
@@ -79,6 +85,8 @@ _IMG2DATASET_IMAGE_COLUMNS = ("jpg", "png", "webp")
 CSV_BLOCK_BYTES = 1 << 22  # pyarrow's CSV parse unit: one record batch per block
 # A row must fit in one parse block; a file with a longer row is parsed with larger blocks, up to this.
 CSV_MAX_BLOCK_BYTES = 1 << 30
+# Kinds whose files may be s3:// or http(s):// URIs (read through infra.remote); the others are local.
+REMOTE_KINDS = ("parquet", "csv", "tsv", "jsonl", "webdataset", "openclipart", "emoji")
 BAD_UTF8 = "bad_utf8"  # a caption that is not valid UTF-8: the row is dropped (text cannot hold it)
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
@@ -94,7 +102,7 @@ class InputShard:
     shard_id: str  # "s<source index>-<shard number:05d>", stable for the same sources
     source: SourceConfig
     source_name: str  # "<kind>:<path as configured>": the CANDIDATE `source` column
-    file: str  # absolute path: the manifest, tar or Parquet file, or the directory source's folder
+    file: str  # absolute path or URI: the manifest, tar or Parquet file, or the directory source's folder
     display_file: str  # the file as the config names it (stable across machines): in sample ids
     start: int = 0  # first row (line for JSONL); directory shards list their `members` instead
     stop: int | None = None  # exclusive; None: to the end
@@ -103,6 +111,10 @@ class InputShard:
     malformed_rows: int = 0  # CSV/TSV: lines of the file in rows the parser skipped (counted on its first shard)
     csv_block_bytes: int = 0  # CSV/TSV: the parse block that holds the file's longest row (0: CSV_BLOCK_BYTES)
     csv_strict: bool = False  # CSV/TSV: a row spans lines, so the file is parsed by the strict RFC 4180 reader
+    # s3:// files: the endpoint and credentials to open them with on a worker (None for local files).
+    # It pickles with its secrets (Ray needs them); its repr never shows them.
+    storage: StorageConfig | None = field(default=None, repr=False)
+    version: str = ""  # a remote file's size and ETag/Last-Modified when planned: checked again when read
 
 
 # ------------------------------------------------------------------------------------------------
@@ -115,13 +127,36 @@ def _has_ext(name: str, exts: Sequence[str]) -> bool:
     return any(lower.endswith(e) for e in exts)
 
 
-def _resolve_files(source: SourceConfig, base_dir: Path) -> list[tuple[Path, str]]:
-    """(absolute file, name as configured) pairs for a file/folder/glob source, sorted.
+def _remote_error(source: SourceConfig, e: OSError) -> ReaderError:
+    message = str(e)  # names the URI already; said once when it is the source's own path
+    if message.startswith(f"{source.path}: "):
+        return ReaderError(f"source {source.kind}:{message}")
+    return ReaderError(f"source {source.kind}:{source.path}: {message}")
+
+
+def _check_remote_kind(source: SourceConfig) -> None:
+    if source.kind not in REMOTE_KINDS:
+        raise ReaderError(f"source {source.kind}:{source.path}: remote inputs are not supported for kind "
+                          f"{source.kind!r} (only {', '.join(REMOTE_KINDS)}); use a local path")
+    if source.path_column:
+        raise ReaderError(f"source {source.kind}:{source.path}: path_column (local image paths) is not supported "
+                          "for a remote manifest; use url_column or image_column")
+
+
+def _resolve_files(source: SourceConfig, base_dir: Path,
+                   storage: StorageConfig | None = None) -> list[tuple[str, str]]:
+    """(absolute file or URI, name as configured) pairs for a file/folder/glob source, sorted.
 
     The name is relative to ``base_dir`` when the configured path is, so sample ids do not depend on
-    where the checkout lives.
+    where the checkout lives; a remote file's name is its URI.
     """
     configured = source.path
+    if is_remote(configured):
+        _check_remote_kind(source)
+        try:
+            return [(uri, uri) for uri in expand_inputs(configured, storage, MANIFEST_EXTENSIONS.get(source.kind, ()))]
+        except OSError as e:
+            raise _remote_error(source, e) from None
     relative = not os.path.isabs(configured)
     path = base_dir / configured if relative else Path(configured)
     exts = MANIFEST_EXTENSIONS.get(source.kind, ())
@@ -142,11 +177,63 @@ def _resolve_files(source: SourceConfig, base_dir: Path) -> list[tuple[Path, str
         files = [path]
     else:
         raise ReaderError(f"source {source.kind}:{configured}: {path} does not exist")
-    return [(f, name(f)) for f in files]
+    return [(str(f), name(f)) for f in files]
 
 
-def _count_parquet_rows(path: Path) -> int:
-    return _open_parquet(path).metadata.num_rows
+def source_files(source: SourceConfig, base_dir: str | Path = ".",
+                 storage: StorageConfig | None = None) -> list[dict[str, Any]]:
+    """Each file of a (non-directory) source, as configured, with what identifies its version
+    without reading it: ``file`` (the name in sample ids), ``bytes``, and for a remote file its
+    ``etag``/``last_modified`` (S3 HEAD or HTTP HEAD), for a local one ``path``."""
+    out = []
+    for file, display in _resolve_files(source, Path(base_dir).resolve(), storage):
+        if is_remote(file):
+            try:
+                identity = input_identity(file, storage)
+            except OSError as e:
+                raise _remote_error(source, e) from None
+            out.append({**identity, "file": display})
+        else:
+            out.append({"file": display, "path": file, "bytes": os.path.getsize(file)})
+    return out
+
+
+def _remote_version(source: SourceConfig, file: str, storage: StorageConfig | None) -> str:
+    """The planned version of a remote file: its size with ETag/Last-Modified ("" when the server
+    sends neither: it is then named by a digest in the fingerprint, which a read cannot check cheaply)."""
+    try:
+        identity = input_identity(file, storage)
+    except OSError as e:
+        raise _remote_error(source, e) from None
+    if not (identity.get("etag") or identity.get("last_modified")):
+        return ""
+    return json.dumps([identity.get("bytes"), identity.get("etag"), identity.get("last_modified")])
+
+
+def _check_version(shard: InputShard) -> None:
+    """A remote file must still be the one the shard was planned on: rows from a new version under
+    the old plan (and the old fingerprint) would pass stale offsets and counts as fresh."""
+    now = _remote_version(shard.source, shard.file, shard.storage)
+    if now != shard.version:
+        raise ReaderError(f"{shard.file}: changed since the build planned it (was {shard.version}, now {now}); "
+                          "rerun the build to plan the new version")
+
+
+@contextmanager
+def _open(file: str, storage: StorageConfig | None) -> Iterator[BinaryIO]:
+    """One input file for seekable binary reading, local or remote (infra.remote): every reader opens
+    its file here. A file that cannot be opened raises ReaderError naming it."""
+    try:
+        f = open_input(file, storage)
+    except OSError as e:
+        raise ReaderError(f"{file}: cannot read ({e})" if not is_remote(file) else str(e)) from None
+    with f:
+        yield f
+
+
+def _count_parquet_rows(file: str, storage: StorageConfig | None) -> int:
+    with _parquet(file, storage) as pf:
+        return pf.metadata.num_rows
 
 
 @dataclass(frozen=True)
@@ -157,7 +244,7 @@ class _CsvPlan:
     strict: bool
 
 
-def _count_csv_rows(path: Path, source: SourceConfig) -> _CsvPlan:
+def _count_csv_rows(path: str, source: SourceConfig, storage: StorageConfig | None = None) -> _CsvPlan:
     """How a CSV/TSV file is read, and its rows and malformed lines.
 
     pyarrow's parser is fast and lenient: the parse block starts at ``CSV_BLOCK_BYTES`` and grows
@@ -169,10 +256,10 @@ def _count_csv_rows(path: Path, source: SourceConfig) -> _CsvPlan:
     block = CSV_BLOCK_BYTES
     while True:
         try:
-            names = _csv_header(path, source, block)
+            names = _csv_header(path, source, block, storage)
             malformed, multiline = [0], [False]
             rows = sum(batch.num_rows for batch in _csv_batches(path, source, names, names, block, malformed,
-                                                                 multiline))
+                                                                 multiline, storage))
             break
         except _RowLongerThanBlock:
             if block >= CSV_MAX_BLOCK_BYTES:
@@ -181,17 +268,17 @@ def _count_csv_rows(path: Path, source: SourceConfig) -> _CsvPlan:
     if not multiline[0]:
         return _CsvPlan(rows, malformed[0], block, False)
     malformed = [0]
-    rows = sum(batch.num_rows for batch in _strict_csv_batches(path, source, names[:1], malformed))
+    rows = sum(batch.num_rows for batch in _strict_csv_batches(path, source, names[:1], malformed, storage))
     return _CsvPlan(rows, malformed[0], block, True)
 
 
-def _jsonl_line_offsets(path: Path, every: int) -> tuple[int, list[int]]:
+def _jsonl_line_offsets(path: str, every: int, storage: StorageConfig | None = None) -> tuple[int, list[int]]:
     """Number of lines, and the byte offset of every ``every``-th line (the shard starts)."""
     offsets: list[int] = []
     lines = 0
     pos = 0
     try:
-        with open(path, "rb") as f:
+        with _open(path, storage) as f:
             for line in f:
                 if lines % every == 0:
                     offsets.append(pos)
@@ -219,10 +306,13 @@ def _source_folder(source: SourceConfig, base: Path) -> Path:
     return folder
 
 
-def check_source(source: SourceConfig, base_dir: str | Path = ".") -> int:
+def check_source(source: SourceConfig, base_dir: str | Path = ".", storage: StorageConfig | None = None) -> int:
     """Check, without reading rows, that a source's files exist and are readable (ReaderError naming
-    the source and the file otherwise); returns the number of files (a folder source counts as one)."""
+    the source and the file otherwise); returns the number of files (a folder source counts as one).
+    A remote source's files are listed and asked for their identity (HEAD), with ``storage`` for s3://."""
     base = Path(base_dir).resolve()
+    if is_remote(source.path):
+        return len(source_files(source, base, storage))
     if source.kind == "directory":
         paths = [_source_folder(source, base)]
     else:
@@ -233,11 +323,13 @@ def check_source(source: SourceConfig, base_dir: str | Path = ".") -> int:
     return len(paths)
 
 
-def plan_input_shards(sources: Sequence[SourceConfig], base_dir: str | Path = ".") -> list[InputShard]:
+def plan_input_shards(sources: Sequence[SourceConfig], base_dir: str | Path = ".",
+                      storage: StorageConfig | None = None) -> list[InputShard]:
     """Split every source into input shards of ``rows_per_input_shard`` rows (one per tar file).
 
     Deterministic: the same sources and files give the same shard ids and slices. Relative source
-    paths are resolved against ``base_dir``.
+    paths are resolved against ``base_dir``; ``s3://`` paths are read with ``storage`` (the build's
+    endpoint and credentials), ``http(s)://`` ones directly. Every error is raised here, before any work.
     """
     base = Path(base_dir).resolve()
     shards: list[InputShard] = []
@@ -248,9 +340,15 @@ def plan_input_shards(sources: Sequence[SourceConfig], base_dir: str | Path = ".
             raise ReaderError(f"source {name}: rows_per_input_shard must be > 0")
         n = 0
 
+        remote = is_remote(source.path)
+        if remote:
+            _check_remote_kind(source)
+        opener = storage if remote else None
+
         def add(**kw: Any) -> None:
             nonlocal n
-            shards.append(InputShard(shard_id=f"s{index}-{n:05d}", source=source, source_name=name, **kw))
+            shards.append(InputShard(shard_id=f"s{index}-{n:05d}", source=source, source_name=name,
+                                     storage=opener, **kw))
             n += 1
 
         if source.kind == "directory":
@@ -259,25 +357,28 @@ def plan_input_shards(sources: Sequence[SourceConfig], base_dir: str | Path = ".
             for i in range(0, len(members), per):
                 add(file=str(folder), display_file=source.path.rstrip("/"), members=tuple(members[i:i + per]))
             continue
-        for path, display in _resolve_files(source, base):
+        for path, display in _resolve_files(source, base, storage):
+            # A remote file's version now (and a check that it is there: a tar is opened only on a worker).
+            version = _remote_version(source, path, storage) if remote else ""
             if source.kind == "webdataset":
-                add(file=str(path), display_file=display)
+                add(file=str(path), display_file=display, version=version)
                 continue
             if source.kind == "jsonl":
-                lines, offsets = _jsonl_line_offsets(path, per)
+                lines, offsets = _jsonl_line_offsets(path, per, opener)
                 for k, off in enumerate(offsets):
-                    add(file=str(path), display_file=display, start=k * per, stop=min(lines, (k + 1) * per), byte_offset=off)
+                    add(file=str(path), display_file=display, start=k * per, stop=min(lines, (k + 1) * per),
+                        byte_offset=off, version=version)
                 continue
             if source.kind in ("parquet", "openclipart", "emoji"):
-                rows, how = _count_parquet_rows(path), _CsvPlan(0, 0, 0, False)
+                rows, how = _count_parquet_rows(path, opener), _CsvPlan(0, 0, 0, False)
             else:
-                how = _count_csv_rows(path, source)
+                how = _count_csv_rows(path, source, opener)
                 rows = how.rows
             for start in range(0, max(rows, 1 if how.malformed else 0), per):
                 # Malformed CSV rows have no row number: the file's first shard counts them all.
                 add(file=str(path), display_file=display, start=start, stop=start + per if start + per < rows else None,
                     malformed_rows=how.malformed if start == 0 else 0, csv_block_bytes=how.block_bytes,
-                    csv_strict=how.strict)
+                    csv_strict=how.strict, version=version)
     return shards
 
 
@@ -550,14 +651,19 @@ def _manifest_columns(rows: _Rows, shard: InputShard, cols: _Columns, table: pa.
                      pa.array(meta, pa.string()) if isinstance(meta, list) else meta)
 
 
-def _open_parquet(path: Path) -> pq.ParquetFile:
-    try:
-        return pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise ReaderError(f"{path}: not a readable Parquet file ({e})") from None
+@contextmanager
+def _parquet(path: str, storage: StorageConfig | None) -> Iterator[pq.ParquetFile]:
+    """A Parquet file, open while the block runs (remote: the footer and row groups by ranged reads)."""
+    with _open(path, storage) as f:
+        try:
+            pf = pq.ParquetFile(f)
+        except (pa.ArrowException, OSError) as e:
+            raise ReaderError(f"{path}: not a readable Parquet file ({e})") from None
+        with pf:
+            yield pf
 
 
-def _parquet_rows(pf: pq.ParquetFile, path: Path, columns: list[str], start: int, stop: int | None) -> pa.Table:
+def _parquet_rows(pf: pq.ParquetFile, path: str, columns: list[str], start: int, stop: int | None) -> pa.Table:
     """Rows [start, stop) of a Parquet file, reading only the row groups that overlap them."""
     stop = pf.metadata.num_rows if stop is None else stop
     groups, first_row, offset = [], 0, 0
@@ -578,11 +684,10 @@ def _parquet_rows(pf: pq.ParquetFile, path: Path, columns: list[str], start: int
 
 
 def _read_parquet(shard: InputShard, rows: _Rows) -> None:
-    path = Path(shard.file)
-    pf = _open_parquet(path)
-    cols = _columns_for(shard.source, pf.schema_arrow.names, shard.file)
-    table = _parquet_rows(pf, path, cols.names, shard.start, shard.stop)
-    _manifest_columns(rows, shard, cols, table, shard.start, path.parent)
+    with _parquet(shard.file, shard.storage) as pf:
+        cols = _columns_for(shard.source, pf.schema_arrow.names, shard.file)
+        table = _parquet_rows(pf, shard.file, cols.names, shard.start, shard.stop)
+    _manifest_columns(rows, shard, cols, table, shard.start, Path(shard.file).parent)
 
 
 def _csv_parse_options(source: SourceConfig, on_invalid: Any) -> pacsv.ParseOptions:
@@ -598,24 +703,40 @@ def _read_options(block_bytes: int) -> pacsv.ReadOptions:
     return pacsv.ReadOptions(block_size=block_bytes or CSV_BLOCK_BYTES, use_threads=False)  # a Ray worker has one CPU
 
 
-def _csv_error(path: Path, source: SourceConfig, e: Exception) -> Exception:
+def _csv_error(path: str, source: SourceConfig, e: Exception) -> Exception:
     if "straddl" in str(e):  # pyarrow: "straddling object straddles two block boundaries"
         return _RowLongerThanBlock(str(e))
     return ReaderError(f"{path}: not a readable {source.kind.upper()} file ({e})")
 
 
-def _csv_header(path: Path, source: SourceConfig, block_bytes: int = 0) -> list[str]:
+_CODECS = {".gz": "gzip", ".tgz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
+
+
+@contextmanager
+def _text_stream(path: str, storage: StorageConfig | None) -> Iterator[pa.NativeFile]:
+    """A CSV/TSV file as a decompressed stream (the codec by the file name's extension)."""
+    codec = next((c for ext, c in _CODECS.items() if path.lower().endswith(ext)), None)
+    if not is_remote(path):  # Arrow's own file: half the time of a Python file object for a local CSV
+        with pa.input_stream(path, compression=codec) as stream:
+            yield stream
+        return
+    with _open(path, storage) as f, pa.input_stream(f, compression=codec) as stream:
+        yield stream
+
+
+def _csv_header(path: str, source: SourceConfig, block_bytes: int = 0,
+                storage: StorageConfig | None = None) -> list[str]:
     try:
-        with pa.input_stream(str(path), compression="detect") as stream:
+        with _text_stream(path, storage) as stream:
             return pacsv.open_csv(stream, read_options=_read_options(block_bytes),
                                   parse_options=_csv_parse_options(source, lambda row: "skip")).schema.names
     except (pa.ArrowInvalid, OSError) as e:
         raise _csv_error(path, source, e) from None
 
 
-def _csv_batches(path: Path, source: SourceConfig, names: Sequence[str], columns: Sequence[str],
+def _csv_batches(path: str, source: SourceConfig, names: Sequence[str], columns: Sequence[str],
                  block_bytes: int = 0, malformed: list[int] | None = None,
-                 multiline: list[bool] | None = None) -> Iterator[pa.RecordBatch]:
+                 multiline: list[bool] | None = None, storage: StorageConfig | None = None) -> Iterator[pa.RecordBatch]:
     """The file's record batches by pyarrow (the same rows on every call, whatever the block size).
 
     ``malformed[0]`` counts the lines of the rows the parser skipped (an unclosed quote merges the
@@ -634,7 +755,7 @@ def _csv_batches(path: Path, source: SourceConfig, names: Sequence[str], columns
     convert = pacsv.ConvertOptions(include_columns=list(columns), strings_can_be_null=True,
                                    column_types={n: pa.binary() for n in names})
     try:
-        with pa.input_stream(str(path), compression="detect") as stream:
+        with _text_stream(path, storage) as stream:
             for batch in pacsv.open_csv(stream, read_options=_read_options(block_bytes),
                                         parse_options=_csv_parse_options(source, on_invalid), convert_options=convert):
                 if multiline is not None and not multiline[0]:
@@ -647,8 +768,9 @@ def _csv_batches(path: Path, source: SourceConfig, names: Sequence[str], columns
 STRICT_BATCH_ROWS = 65_536
 
 
-def _strict_csv_batches(path: Path, source: SourceConfig, columns: Sequence[str],
-                        malformed: list[int] | None = None) -> Iterator[pa.RecordBatch]:
+def _strict_csv_batches(path: str, source: SourceConfig, columns: Sequence[str],
+                        malformed: list[int] | None = None,
+                        storage: StorageConfig | None = None) -> Iterator[pa.RecordBatch]:
     """The file's rows by Python's csv reader in strict mode (RFC 4180: a closing quote must end its
     field), as batches of bytes columns like :func:`_csv_batches`. A row it rejects, or one with the
     wrong number of fields, is skipped; ``malformed[0]`` counts the lines it took."""
@@ -657,7 +779,7 @@ def _strict_csv_batches(path: Path, source: SourceConfig, columns: Sequence[str]
     delimiter = "\t" if source.kind == "tsv" else ","
     bad = 0
     try:
-        with pa.input_stream(str(path), compression="detect") as stream:
+        with _text_stream(path, storage) as stream:
             # surrogateescape keeps bytes that are not UTF-8, so a bad caption costs its row only.
             text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="")
             reader = csv.reader(text, delimiter=delimiter, strict=True)
@@ -692,31 +814,32 @@ def _strict_csv_batches(path: Path, source: SourceConfig, columns: Sequence[str]
 
 
 def _read_csv(shard: InputShard, rows: _Rows) -> None:
-    path = Path(shard.file)
-    names = _csv_header(path, shard.source, shard.csv_block_bytes)
+    path = shard.file
+    names = _csv_header(path, shard.source, shard.csv_block_bytes, shard.storage)
     cols = _columns_for(shard.source, names, shard.file)
     if shard.malformed_rows:
         rows.drop("bad_csv_row", shard.malformed_rows)
     start, stop = shard.start, shard.stop
     row = 0  # index of the batch's first row in the file
-    batches = (_strict_csv_batches(path, shard.source, cols.names) if shard.csv_strict
-               else _csv_batches(path, shard.source, names, cols.names, shard.csv_block_bytes))
+    batches = (_strict_csv_batches(path, shard.source, cols.names, storage=shard.storage) if shard.csv_strict
+               else _csv_batches(path, shard.source, names, cols.names, shard.csv_block_bytes, storage=shard.storage))
     for batch in batches:
         if stop is not None and row >= stop:
             break
         n = batch.num_rows
         if row + n > start:  # CSV has no index: earlier shards' rows are parsed and skipped
             lo, hi = max(0, start - row), n if stop is None else min(n, stop - row)
-            _manifest_columns(rows, shard, cols, pa.Table.from_batches([batch.slice(lo, hi - lo)]), row + lo, path.parent)
+            _manifest_columns(rows, shard, cols, pa.Table.from_batches([batch.slice(lo, hi - lo)]), row + lo,
+                              Path(path).parent)
         row += n
 
 
 def _read_jsonl(shard: InputShard, rows: _Rows) -> None:
-    path = Path(shard.file)
+    path = Path(shard.file)  # a local manifest's folder: where its relative image paths start
     stop = shard.stop if shard.stop is not None else float("inf")
     records: list[tuple[int, dict]] = []
     try:
-        with open(path, "rb") as f:
+        with _open(shard.file, shard.storage) as f:
             f.seek(shard.byte_offset)
             line_no = shard.start
             for raw in f:
@@ -738,7 +861,7 @@ def _read_jsonl(shard: InputShard, rows: _Rows) -> None:
                     continue
                 records.append((line_no - 1, record))
     except OSError as e:
-        raise ReaderError(f"{path}: cannot read ({e})") from None
+        raise ReaderError(f"{shard.file}: cannot read ({e})") from None
     if not records:
         return
     keys = set().union(*(r.keys() for _, r in records))
@@ -755,13 +878,17 @@ def _split_key(member: str) -> tuple[str, str]:
 
 
 def _read_webdataset(shard: InputShard, rows: _Rows) -> None:
-    path = Path(shard.file)
+    with _open(shard.file, shard.storage) as f:
+        _read_tar(shard, f, rows)
+
+
+def _read_tar(shard: InputShard, f: BinaryIO, rows: _Rows) -> None:
     samples: dict[str, dict[str, Any]] = {}
     order: list[str] = []
     try:
-        tar = tarfile.open(path, mode="r:*")
+        tar = tarfile.open(fileobj=f, mode="r:*")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise ReaderError(f"{path}: not a readable tar file ({e})") from None
+        raise ReaderError(f"{shard.file}: not a readable tar file ({e})") from None
     with tar:
         try:
             for member in tar:
@@ -845,13 +972,12 @@ def titled_caption(title: str, keywords: Sequence[str], with_keywords: bool) -> 
 
 
 def _packaged_table(shard: InputShard, schema: pa.Schema, columns: list[str], what: str) -> pa.Table:
-    path = Path(shard.file)
-    pf = _open_parquet(path)
-    missing = [f.name for f in schema if f.name not in pf.schema_arrow.names]
-    if missing:
-        raise ReaderError(f"{path}: column(s) {missing} of the {what} table not found "
-                          f"(regenerate it with python -m infra.{what.lower()})")
-    return _parquet_rows(pf, path, columns, shard.start, shard.stop)
+    with _parquet(shard.file, shard.storage) as pf:
+        missing = [f.name for f in schema if f.name not in pf.schema_arrow.names]
+        if missing:
+            raise ReaderError(f"{shard.file}: column(s) {missing} of the {what} table not found "
+                              f"(regenerate it with python -m infra.{what.lower()})")
+        return _parquet_rows(pf, shard.file, columns, shard.start, shard.stop)
 
 
 def _read_openclipart(shard: InputShard, rows: _Rows) -> None:
@@ -899,6 +1025,8 @@ _READERS = {"parquet": _read_parquet, "csv": _read_csv, "tsv": _read_csv, "jsonl
 def read_input_shard_with_funnel(shard: InputShard) -> tuple[pa.Table, Funnel]:
     """Read one input shard; the funnel's ``read`` stage counts rows seen, dropped (by reason) and kept."""
     rows = _Rows()
+    if shard.version:
+        _check_version(shard)
     _READERS[shard.source.kind](shard, rows)
     table = rows.table(shard.source_name)
     funnel = Funnel()

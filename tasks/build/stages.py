@@ -14,7 +14,6 @@ import hashlib
 import io
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -57,11 +56,11 @@ def find_query_list(queries_root: str, storage: StorageConfig) -> QueryListRef |
     return QueryListRef(store.uri(QUERIES_KEY), hashlib.sha256(data).hexdigest(), rows)
 
 
-def plan_inputs(sources: Sequence[SourceConfig], base_dir: str) -> list[Any]:
-    """Every source cut into input shards (``tasks.readers.InputShard``)."""
+def plan_inputs(sources: Sequence[SourceConfig], base_dir: str, storage: StorageConfig | None = None) -> list[Any]:
+    """Every source cut into input shards (``tasks.readers.InputShard``); ``storage`` opens s3:// sources."""
     from tasks.readers import plan_input_shards
 
-    shards = plan_input_shards(sources, base_dir)
+    shards = plan_input_shards(sources, base_dir, storage)
     log_event(log, "planned input shards", shards=len(shards), sources=len(sources))
     return shards
 
@@ -616,19 +615,22 @@ class EvalContamination(RuntimeError):
     """Training shards hold rows an eval set shows; the message names the set and an id."""
 
 
-def source_provenance(sources: Sequence[SourceConfig], base_dir: str) -> list[dict]:
-    """Per source: kind, path, size, and the provenance a packaged table carries (origin, licence,
-    attribution: the ``witflow.*`` Parquet metadata infra/openclipart.py and infra/emoji.py write)."""
-    from tasks.readers import _resolve_files
+def source_provenance(sources: Sequence[SourceConfig], base_dir: str, storage: StorageConfig | None = None) -> list[dict]:
+    """Per source: kind, path, size (and a remote file's ETag/Last-Modified), and the provenance a
+    packaged table carries (origin, licence, attribution: the ``witflow.*`` Parquet metadata
+    infra/openclipart.py and infra/emoji.py write)."""
+    from infra.remote import open_input
+    from tasks.readers import source_files
 
     out = []
     for source in sources:
         entry: dict[str, Any] = {"kind": source.kind, "path": source.path, "files": []}
         if source.kind != "directory":
-            for path, display in _resolve_files(source, Path(base_dir).resolve()):
-                info: dict[str, Any] = {"file": display, "bytes": path.stat().st_size}
-                if path.suffix == ".parquet":
-                    meta = pq.read_schema(path).metadata or {}
+            for found in source_files(source, base_dir, storage):
+                info: dict[str, Any] = {k: v for k, v in found.items() if k != "path"}
+                if found["file"].endswith(".parquet"):
+                    with open_input(found.get("path", found["file"]), storage) as f:
+                        meta = pq.read_schema(f).metadata or {}
                     info.update({k.decode()[len("witflow."):]: v.decode() for k, v in meta.items()
                                  if k.startswith(b"witflow.") and k not in (b"witflow.schema_version", b"witflow.table")})
                 entry["files"].append(info)

@@ -14,6 +14,7 @@
     <dataset>/work/f-<fp>/c-<fp2>/within/w-<fp3>/              within-dataset shuffles (drops by part group), hold-out
 
 A fingerprint covers every input that changes a result (the sources with their sizes and mtimes,
+or a remote source's sizes and ETags,
 each stage's settings, the query list's and eval index's versions, and :data:`WORK_FORMAT`, the
 version of this layout and of the records' code), so a changed input or a new witflow never
 reuses stale parts: it works in a new directory beside the old.
@@ -30,6 +31,7 @@ from typing import Any, Sequence
 
 from infra.config import (BalanceConfig, DedupConfig, GatherConfig, ImageConfig, SourceConfig, StorageConfig,
                           TextFilterConfig, to_dict)
+from infra.remote import is_remote
 from infra.storage import ObjectStore
 
 WORK_FORMAT = 3  # bump when a record's fields or a key's content change
@@ -42,10 +44,16 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def sources_identity(sources: Sequence[SourceConfig], base_dir: str) -> list:
-    """The sources as configured, plus size and mtime of their local files: a changed input is a new build."""
+def sources_identity(sources: Sequence[SourceConfig], base_dir: str, storage: StorageConfig | None = None) -> list:
+    """The sources as configured, plus size and mtime of their local files, or size, ETag and
+    Last-Modified of their remote ones (HEAD; never a local stat): a changed input is a new build."""
+    from tasks.readers import source_files
+
     out = []
     for src in sources:
+        if is_remote(src.path):
+            out.append([to_dict(src), [sorted(f.items()) for f in source_files(src, base_dir, storage)]])
+            continue
         path = src.path if os.path.isabs(src.path) or "://" in src.path else os.path.join(base_dir, src.path)
         files = sorted(glob.glob(path)) if "://" not in path else []
         out.append([to_dict(src), [(f, os.path.getsize(f), int(os.path.getmtime(f))) for f in files if os.path.isfile(f)]])
@@ -73,7 +81,7 @@ class WorkDir:
     @classmethod
     def for_filter(cls, dataset_root: str, storage: StorageConfig, sources: Sequence[SourceConfig], base_dir: str,
                    text_filter: TextFilterConfig, queries_sha256: str, lease: Any = None) -> "WorkDir":
-        fp = fingerprint(WORK_FORMAT, sources_identity(sources, base_dir), to_dict(text_filter), queries_sha256)
+        fp = fingerprint(WORK_FORMAT, sources_identity(sources, base_dir, storage), to_dict(text_filter), queries_sha256)
         return cls(f"{dataset_root.rstrip('/')}/work/f-{fp}", storage, lease)
 
     def for_clean(self, balance: BalanceConfig, gather: GatherConfig, images: ImageConfig, dedup: DedupConfig,
