@@ -403,3 +403,23 @@ def test_a_remote_shard_carries_its_storage_unprinted_and_refuses_a_changed_file
     s3_store.write_bytes("in/pairs.csv", b"caption,url\nc,http://x/1.jpg\nd,http://x/2.jpg\n")
     with pytest.raises(ReaderError, match=f"{uri}: changed since the build planned it"):
         read_input_shard(on_worker)
+
+
+def test_a_changed_file_in_a_local_folder_source_gets_a_new_identity(tmp_path):
+    import os
+
+    from infra.config import SourceConfig
+    from tasks.build.workdir import sources_identity
+
+    folder = tmp_path / "images" / "a"
+    folder.mkdir(parents=True)
+    (folder / "cat.txt").write_text("a cat")
+    (folder / "cat.png").write_bytes(b"png")
+    source = SourceConfig(kind="directory", path=str(tmp_path / "images"))
+    before = sources_identity([source], str(tmp_path))
+    assert [f for f, _, _ in before[0][1]] == [str(folder / "cat.png"), str(folder / "cat.txt")]
+    (folder / "cat.txt").write_text("a black cat")
+    os.utime(folder / "cat.txt", (1, 1))
+    assert sources_identity([source], str(tmp_path)) != before
+    (folder / "dog.txt").write_text("a dog")
+    assert len(sources_identity([source], str(tmp_path))[0][1]) == 3

@@ -56,7 +56,19 @@ def sources_identity(sources: Sequence[SourceConfig], base_dir: str, storage: St
             continue
         path = src.path if os.path.isabs(src.path) or "://" in src.path else os.path.join(base_dir, src.path)
         files = sorted(glob.glob(path)) if "://" not in path else []
-        out.append([to_dict(src), [(f, os.path.getsize(f), int(os.path.getmtime(f))) for f in files if os.path.isfile(f)]])
+        out.append([to_dict(src), [(f, os.path.getsize(f), int(os.path.getmtime(f))) for f in _local_files(files)]])
+    return out
+
+
+def _local_files(paths: Sequence[str]) -> list[str]:
+    """The files of ``paths``, a folder's standing for every file below it (a folder source's
+    identity is its files', not the folder's own)."""
+    out: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            out.extend(sorted(os.path.join(d, name) for d, _, names in os.walk(path) for name in names))
+        elif os.path.isfile(path):
+            out.append(path)
     return out
 
 
