@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from infra.imaging import to_rgb
+from infra.imaging import png_on_white
 from infra.log import get_logger, log_event
 from infra.schema import EMOJI_SCHEMA
 
@@ -181,11 +181,7 @@ def render_png(path: Path, side: int = IMAGE_SIDE) -> tuple[bytes, int, int]:
     with Image.open(path) as im:
         im.load()
         rgba = im.convert("RGBA")
-    rgba.thumbnail((side, side), Image.Resampling.LANCZOS)
-    rgb = to_rgb(rgba)
-    buf = io.BytesIO()
-    rgb.save(buf, format="PNG", optimize=True)
-    return buf.getvalue(), rgb.width, rgb.height
+    return png_on_white(rgba, side)
 
 
 def _read_json(path: Path) -> list[dict]:

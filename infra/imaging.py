@@ -52,3 +52,15 @@ def decode_rgb(data: bytes) -> Image.Image:
         im.load()
         rgb = to_rgb(im)
         return im.copy() if rgb is im else rgb  # closing the file releases a loaded image's pixels
+
+
+def png_on_white(rgba: Image.Image, max_side: int) -> tuple[bytes, int, int]:
+    """Shrink an RGBA image in place (keep aspect, never enlarge) to ``max_side``, composite it onto white and
+    encode an optimised RGB PNG; returns (bytes, width, height). Pillow resizes RGBA premultiplied, so
+    shrinking first cannot bleed the colours hidden under transparent pixels into edges, and
+    compositing the small image is cheap."""
+    rgba.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    rgb = to_rgb(rgba)
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG", optimize=True)
+    return buf.getvalue(), rgb.width, rgb.height

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import os
 import re
 import subprocess
@@ -39,7 +38,7 @@ from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import iterparse as safe_iterparse
 from PIL import Image
 
-from infra.imaging import to_rgb
+from infra.imaging import png_on_white
 from infra.log import get_logger, log_event, progress
 from infra.schema import OPENCLIPART_SCHEMA
 
@@ -223,13 +222,7 @@ def render_png(png_path: Path, max_side: int = MAX_SIDE) -> tuple[bytes, int, in
         with Image.open(png_path) as im:
             im.load()
             rgba = im.convert("RGBA")
-    # Pillow resizes RGBA premultiplied, so shrinking first cannot bleed the colours hidden under
-    # transparent pixels into edges, and compositing the small image is cheap.
-    rgba.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    rgb = to_rgb(rgba)
-    buf = io.BytesIO()
-    rgb.save(buf, format="PNG", optimize=True)
-    return buf.getvalue(), rgb.width, rgb.height
+    return png_on_white(rgba, max_side)
 
 
 def build_table(records: Sequence[ClipartMetadata], root: Path = OPENCLIPART_ROOT,
