@@ -234,7 +234,7 @@ def run_size(total: int, rows_per_part: int, dedup: DedupConfig, holdout: int, q
     balance = BalanceConfig(mode="exact", max_per_query=20_000)
     with ProcessTree() as rss:
         started = time.perf_counter()
-        counts = stages.count_queries(filtered, queries.num_rows, balance)
+        counts = stages.count_queries(filtered, queries.num_rows, balance, task_memory_mb=dedup.task_memory_mb)
         counted = time.perf_counter()
         within = stages.within_dataset(clean, dedup, holdout)
         deduped = time.perf_counter()

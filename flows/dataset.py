@@ -59,7 +59,8 @@ def filter_stage(config: Config, base_dir: str, shards: list[Any], queries: Quer
 @task(name="count-queries")
 def count_stage(config: Config, filtered: FilterStage, queries: QueryListRef) -> QueryCountsSummary:
     """The global reduce after the text stage: URLs shared across shards, then per-query counts."""
-    return stages.count_queries(filtered, queries.rows, config.balance, dedupe_urls=config.gather.dedupe_urls)
+    return stages.count_queries(filtered, queries.rows, config.balance, dedupe_urls=config.gather.dedupe_urls,
+                                task_memory_mb=config.dedup.task_memory_mb)
 
 
 @task(name="eval-index", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)

@@ -338,7 +338,7 @@ class DedupConfig:
     # Within the dataset: hash groups up to this size compare all pairs; bigger ones are split by
     # sub-bands, and what cannot be split compares each row with this many neighbours (the cap).
     max_candidates: int = 16
-    task_memory_mb: int = 1024  # memory one shuffle task of the within-dataset dedup may use
+    task_memory_mb: int = 1024  # memory one task of a global shuffle may use (this dedup, the URL dedup, the caps)
 
     def __post_init__(self) -> None:
         if not 0 <= self.within_radius <= 32:

@@ -448,3 +448,12 @@ def test_a_build_that_leaves_nothing_to_train_on_fails_clearly(tmp_path, ray_loc
         stages.write_output(clean, within, dataset_root=str(tmp_path / "d2"), shards=ShardConfig(holdout_rows=4),
                             use_ray=False)
     assert not (tmp_path / "d2" / "holdout").exists()  # refused before anything is written
+
+
+def test_global_shuffles_size_their_partitions_by_the_task_memory_budget():
+    # 3M URL rows at 512 B each: a 256 MB reduce holds 524,288 of them -> 6 partitions; 1 GB -> 2
+    # (the 2M-row ceiling); a huge pool stops at 1,024 partitions; an empty one still has one.
+    assert stages.shuffle_partitions(3_000_000, stages.URL_ROWS_PER_PARTITION, stages.URL_ROW_BYTES, 256) == 6
+    assert stages.shuffle_partitions(3_000_000, stages.URL_ROWS_PER_PARTITION, stages.URL_ROW_BYTES, 1024) == 2
+    assert stages.shuffle_partitions(10**12, stages.URL_ROWS_PER_PARTITION, stages.URL_ROW_BYTES, 256) == 1024
+    assert stages.shuffle_partitions(0, stages.URL_ROWS_PER_PARTITION, stages.URL_ROW_BYTES, 256) == 1

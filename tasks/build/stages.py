@@ -183,7 +183,18 @@ URL_DROPS_SCHEMA = pa.schema([("sample_id", pa.string()), ("shard_id", pa.string
                               ("query_ids", pa.list_(pa.int32())), ("duplicate_of", pa.string())])
 _URL_PIECE_SCHEMA = pa.schema([("url", pa.string()), ("sample_id", pa.string()), ("shard_id", pa.string()),
                                ("query_ids", pa.list_(pa.int32()))])
-URL_ROWS_PER_PARTITION = 2_000_000  # a reduce holds about this many URLs
+URL_ROWS_PER_PARTITION = 2_000_000  # a reduce holds at most this many URLs, fewer when the budget says so
+# A URL reduce's memory per row (URL, sample id, shard id and query ids in Arrow, plus the sort's
+# indices and copy), measured at ~450 B with bench/scale.py's candidates.
+URL_ROW_BYTES = 512
+
+
+def shuffle_partitions(items: int, per_partition: int, item_bytes: int, task_memory_mb: int) -> int:
+    """Partitions of a global shuffle: at most ``per_partition`` items each and no more than
+    ``task_memory_mb`` of them in one reduce (``item_bytes`` each), 1 to 1024."""
+    per = max(1, min(per_partition, task_memory_mb * 2**20 // item_bytes))
+    return max(1, min(1024, -(-items // per)))
+
 
 
 @dataclass(frozen=True)
@@ -224,14 +235,15 @@ def _url_duplicates(partition: int, pieces: list[pa.Table], ctx: _UrlContext) ->
     return out.select(URL_DROPS_SCHEMA.names)
 
 
-def url_duplicates(filtered: FilterStage, *, use_ray: bool = True) -> pa.Table:
+def url_duplicates(filtered: FilterStage, *, task_memory_mb: int = 1024, use_ray: bool = True) -> pa.Table:
     """Rows whose URL another row also has, over all shards (URL_DROPS_SCHEMA; one row per dropped
     duplicate): a hash-partitioned shuffle through the work directory, resumable, and the same for
-    any number of workers. Each URL is then fetched once, for the row of smallest sample_id."""
+    any number of workers, each reduce within ``task_memory_mb``. Each URL is then fetched once, for
+    the row of smallest sample_id."""
     from infra.fanout import shuffle
 
     rows = sum(r.rows for r in filtered.records)
-    partitions = max(1, min(1024, -(-rows // URL_ROWS_PER_PARTITION)))
+    partitions = shuffle_partitions(rows, URL_ROWS_PER_PARTITION, URL_ROW_BYTES, task_memory_mb)
     store = filtered.work.store
     keys = shuffle(_url_pieces, _url_duplicates, list(filtered.records), num_partitions=partitions,
                    scratch=store.child(WorkDir.url_scratch(partitions)),
@@ -272,7 +284,8 @@ def _cap_reduce(partition: int, pieces: list[pa.Table], ctx: _CapContext) -> pa.
     return pa.table({"query_id": pa.array(queries, pa.int64()), "threshold": pa.array(cut, pa.uint64())})
 
 
-CAP_PAIRS_PER_PARTITION = 2_000_000  # (query, hash) pairs one cap reduce holds (~100 MB with its sort)
+CAP_PAIRS_PER_PARTITION = 2_000_000  # (query, hash) pairs one cap reduce holds at most
+CAP_PAIR_BYTES = 50  # a cap reduce's memory per pair, its sort included (~100 MB for 2M)
 
 
 def _without_url_drops(table: pa.Table, shard_id: str, drops: pa.Table) -> pa.Table:
@@ -281,14 +294,15 @@ def _without_url_drops(table: pa.Table, shard_id: str, drops: pa.Table) -> pa.Ta
 
 
 def count_queries(filtered: FilterStage, num_queries: int, balance: BalanceConfig, *, dedupe_urls: bool = True,
-                  use_ray: bool = True) -> QueryCountsSummary:
+                  task_memory_mb: int = 1024, use_ray: bool = True) -> QueryCountsSummary:
     """The global reduce after the text stage: rows whose URL another row has (``dedupe_urls``),
     then the global per-query counts of the rest (balancing's input); in exact mode also the
     per-query cut-off hashes: a shuffle by query over the shards' pairs of over-cap queries, so no
-    process holds more than a partition of them."""
+    process holds more than a partition of them. Each shuffle's reduce stays within ``task_memory_mb``."""
     from tasks.balance import sparse_query_counts
 
-    drops = url_duplicates(filtered, use_ray=use_ray) if dedupe_urls else URL_DROPS_SCHEMA.empty_table()
+    drops = (url_duplicates(filtered, task_memory_mb=task_memory_mb, use_ray=use_ray) if dedupe_urls
+             else URL_DROPS_SCHEMA.empty_table())
     counts = np.zeros(num_queries, dtype=np.int64)
     for r in filtered.records:
         np.add.at(counts, np.asarray(r.matches.query_ids, dtype=np.int64),
@@ -303,7 +317,7 @@ def count_queries(filtered: FilterStage, num_queries: int, balance: BalanceConfi
     if balance.mode == "exact":
         over = counts > balance.max_per_query
         pairs = int(np.minimum(counts[over], (balance.max_per_query + 1) * len(filtered.records)).sum())
-        partitions = max(1, min(1024, -(-pairs // CAP_PAIRS_PER_PARTITION)))
+        partitions = shuffle_partitions(pairs, CAP_PAIRS_PER_PARTITION, CAP_PAIR_BYTES, task_memory_mb)
         # Pieces are named by what makes them: the settings and the counts (which queries are over the cap).
         name = fingerprint(to_dict(balance), partitions, hashlib.sha256(counts.tobytes()).hexdigest(),
                            drops.num_rows)
@@ -334,7 +348,8 @@ def clean_stage(filtered: FilterStage, *, balance: BalanceConfig, gather: Gather
     """drop URL duplicates -> balance -> fetch + images -> hash -> eval-set dedup, per filtered shard.
     The URL duplicates are the count stage's (its shuffle's outputs are read back, not redone)."""
     work = filtered.work.for_clean(balance, gather, images, dedup, index.version if index else None)
-    drops = url_duplicates(filtered, use_ray=use_ray) if gather.dedupe_urls else URL_DROPS_SCHEMA.empty_table()
+    drops = (url_duplicates(filtered, task_memory_mb=dedup.task_memory_mb, use_ray=use_ray) if gather.dedupe_urls
+             else URL_DROPS_SCHEMA.empty_table())
     by_shard = {k: tuple(v) for k, v in _ids_by_shard(drops).items()}
     ctx = CleanContext(filtered.work, work, balance, gather, images, dedup, index, retry_failed, by_shard)
     results = map_shards(clean_shard, filtered.records, context=ctx, desc="balance/fetch/images/eval-dedup",
