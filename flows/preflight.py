@@ -63,19 +63,24 @@ def check_sources(config: Config, base_dir: str | Path = ".") -> None:
             raise PreflightError(f"sources.{i}: {e}") from None
 
 
-def check_manifest(uri: str, storage: StorageConfig) -> None:
-    """A dataset manifest exists at ``uri`` (a manifest or a dataset directory)."""
-    from infra.manifest import manifest_location
-
-    root, name = manifest_location(uri)
+def _require(root: str, name: str, storage: StorageConfig, missing: str) -> None:
+    """``name`` exists under ``root``; else ``missing`` (a format with one ``{}``: its URI). An
+    unreachable store is its own one-line error."""
     store = ObjectStore(root, _quick(storage))
     try:
         found = store.exists(name)
     except (StorageError, ValueError) as e:
         raise PreflightError(str(e)) from None
     if not found:
-        raise PreflightError(f"no dataset manifest at {store.uri(name)}: run `witflow build` first "
-                             "(or pass --manifest URI)")
+        raise PreflightError(missing.format(store.uri(name)))
+
+
+def check_manifest(uri: str, storage: StorageConfig) -> None:
+    """A dataset manifest exists at ``uri`` (a manifest or a dataset directory)."""
+    from infra.manifest import manifest_location
+
+    root, name = manifest_location(uri)
+    _require(root, name, storage, "no dataset manifest at {}: run `witflow build` first (or pass --manifest URI)")
 
 
 def check_checkpoint(checkpoint: str, storage: StorageConfig, default: bool = False) -> None:
@@ -87,13 +92,7 @@ def check_checkpoint(checkpoint: str, storage: StorageConfig, default: bool = Fa
     is_weights = stripped.endswith(WEIGHTS_SUFFIXES)
     if _is_remote(checkpoint):
         parent, _, name = stripped.rpartition("/") if is_weights else (stripped, "", EXPORT_WEIGHTS_NAME)
-        store = ObjectStore(parent, _quick(storage))
-        try:
-            found = store.exists(name)
-        except (StorageError, ValueError) as e:
-            raise PreflightError(str(e)) from None
-        if not found:
-            raise PreflightError(f"no checkpoint weights at {store.uri(name)}{hint}")
+        _require(parent, name, storage, "no checkpoint weights at {}" + hint)
         return
     path = Path(checkpoint.removeprefix("file://"))
     if not path.exists():

@@ -82,16 +82,21 @@ def test_s3_inputs_open_seek_and_list_through_the_storage_layer(s3_store):
         expand_inputs(s3_store.uri("elsewhere/*.tar"), storage)
 
 
-def test_s3_inputs_without_credentials_name_the_uri(s3_server, monkeypatch):
+def _without_credentials(s3_server, monkeypatch):
+    """The server's storage settings with no credentials anywhere (config, environment, files)."""
     import dataclasses
-
-    from infra.remote import RemoteInputError, open_input
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    storage = dataclasses.replace(s3_server.storage_config(), access_key_id=None, secret_access_key=None)
+    return dataclasses.replace(s3_server.storage_config(), access_key_id=None, secret_access_key=None)
+
+
+def test_s3_inputs_without_credentials_name_the_uri(s3_server, monkeypatch):
+    from infra.remote import RemoteInputError, open_input
+
+    storage = _without_credentials(s3_server, monkeypatch)
     uri = s3_server.uri("pairs/part-0.parquet")
     with pytest.raises(RemoteInputError, match=f"{uri} failed: no S3 credentials"):
         open_input(uri, storage)
@@ -371,16 +376,10 @@ def test_a_build_from_the_bundled_sample_on_s3_equals_the_local_build(tmp_path, 
 
 
 def test_a_remote_source_without_credentials_fails_the_plan_naming_it(tmp_path, s3_server, monkeypatch):
-    import dataclasses
-
     from infra.config import SourceConfig
     from tasks.readers import ReaderError, plan_input_shards
 
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    storage = dataclasses.replace(s3_server.storage_config(), access_key_id=None, secret_access_key=None)
+    storage = _without_credentials(s3_server, monkeypatch)
     uri = s3_server.uri("pairs/part-0.parquet")
     with pytest.raises(ReaderError, match=f"source parquet:{uri}: .*{uri} failed: no S3 credentials"):
         plan_input_shards([SourceConfig(kind="parquet", path=uri)], tmp_path, storage)
