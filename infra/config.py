@@ -304,7 +304,7 @@ class EvalSetConfig:
 
     name: str
     kind: Literal["imagefolder", "parquet", "fashion-mnist", "mnist", "animal-mnist", "openclipart-heldout",
-                  "openclipart-concepts", "emoji-heldout"]
+                  "openclipart-concepts", "openclipart-concepts-b", "emoji-heldout"]
     path: str | None = None
     split: str = "test"
     classes: tuple[str, ...] = ()  # empty: taken from the source
@@ -397,6 +397,11 @@ class TrainConfig:
     crop_scale: tuple[float, float] = (0.9, 1.0)  # random resized crop: area range (open_clip's default)
     # Each epoch, a random subset of a caption's comma-separated parts (title, keywords) in random order
     caption_sampling: bool = False
+    # Sentence frames ("a picture of {}"): each epoch a sample's caption is put in a random one with
+    # probability caption_frame_prob, so captions that are keyword lists also read as the sentences
+    # web alt-texts are (and prompt templates are). Chosen per (seed, epoch, row); () = off.
+    caption_frames: tuple[str, ...] = ()
+    caption_frame_prob: float = 0.5
     seed: int = 0
     save_every_steps: int = 100
     log_every_steps: int = 10
@@ -419,6 +424,11 @@ class TrainConfig:
             raise ConfigError("train.balance_online_t must be > 0 (or null for no online balancing)")
         if self.curve_every_steps < 0:
             raise ConfigError("train.curve_every_steps must be >= 0")
+        for frame in self.caption_frames:
+            if not isinstance(frame, str) or frame.count("{}") != 1 or "{" in frame.replace("{}", ""):
+                raise ConfigError(f"train.caption_frames: {frame!r} needs exactly one '{{}}' for the caption")
+        if not 0 <= self.caption_frame_prob <= 1:
+            raise ConfigError("train.caption_frame_prob must be in [0, 1]")
         if self.curve_every_steps and not self.curve_eval_sets:
             raise ConfigError("train.curve_every_steps needs train.curve_eval_sets (eval set names)")
         if self.curve_every_steps and self.zero_stage == 3:

@@ -14,6 +14,9 @@ names, prompt templates, stable image ids, encoded PNG images and int64 labels. 
 - ``openclipart-concepts``: zero-shot on concepts named in captions — the full Openclipart's images
   whose title and keywords name exactly one of ``infra.openclipart.CONCEPT_CLASSES`` and that are
   held out (``infra.openclipart.concept_of``); classes are those nouns
+- ``openclipart-concepts-b``: the same for a second, disjoint set of 16 nouns
+  (``infra.openclipart.CONCEPT_CLASSES_B``, images naming none of the first set), kept for one look
+  per reported recipe, at the end: read it with split ``all``
 - ``emoji-heldout``: style transfer — one vendor's drawings (the table at ``path``, built by
   infra/emoji.py) of the held-out emoji (``infra.emoji.is_heldout``, never trained on in any
   vendor's drawing), classified among their CLDR names; flags named after places are left out
@@ -108,7 +111,8 @@ def load_eval_set(cfg: EvalSetConfig, *, max_images: int | None = None) -> EvalS
     """Load one eval set; ``max_images`` (or ``cfg.max_images``) keeps a stratified, deterministic subset."""
     loaders = {"imagefolder": _imagefolder, "parquet": _parquet, "fashion-mnist": _fashion_mnist,
                "mnist": _mnist, "animal-mnist": _animal_mnist, "openclipart-heldout": _openclipart_heldout,
-               "openclipart-concepts": _openclipart_concepts, "emoji-heldout": _emoji_heldout}
+               "openclipart-concepts": _openclipart_concepts, "openclipart-concepts-b": _openclipart_concepts,
+               "emoji-heldout": _emoji_heldout}
     if cfg.kind not in loaders:
         raise EvalSetError(f"eval set {cfg.name!r}: unknown kind {cfg.kind!r} (known: {sorted(loaders)})")
     source = loaders[cfg.kind](cfg)
@@ -398,14 +402,16 @@ def _table_file(cfg: EvalSetConfig, what: str, how: str) -> Path:
 
 
 def _openclipart_concepts(cfg: EvalSetConfig) -> _Source:
-    from infra.openclipart import CONCEPT_CLASSES, concept_of
+    from infra.openclipart import CONCEPT_CLASSES, CONCEPT_CLASSES_B, concept_b_of, concept_of
 
+    classes, class_of = ((CONCEPT_CLASSES_B, concept_b_of) if cfg.kind == "openclipart-concepts-b"
+                         else (CONCEPT_CLASSES, concept_of))
     path = _table_file(cfg, "full Openclipart table", "python -m infra.openclipart --full OUT.parquet")
     table = pq.read_table(path, columns=["id", "title", "keywords", "image"])
     ids, labels, rows = [], [], []
-    lookup = {c: i for i, c in enumerate(CONCEPT_CLASSES)}
+    lookup = {c: i for i, c in enumerate(classes)}
     for i, (id_, title, keywords) in enumerate(zip(*(table.column(c).to_pylist() for c in ("id", "title", "keywords")))):
-        concept = concept_of(id_, title, keywords)
+        concept = class_of(id_, title, keywords)
         if concept is not None and in_split(cfg.split, id_, cfg.name):
             ids.append(id_)
             labels.append(lookup[concept])
@@ -414,7 +420,7 @@ def _openclipart_concepts(cfg: EvalSetConfig) -> _Source:
         raise EvalSetError(f"eval set {cfg.name!r}: no image of {path} names exactly one concept: "
                            "is it the full Openclipart table?")
     images = table.column("image")
-    return _Source(ids, np.asarray(labels, np.int64), list(CONCEPT_CLASSES),
+    return _Source(ids, np.asarray(labels, np.int64), list(classes),
                    lambda j: to_png(images[rows[j]].as_py(), f"{path} id {ids[j]}"),
                    frozenset(f"openclipart:{i}" for i in ids))
 
@@ -442,4 +448,5 @@ def _emoji_heldout(cfg: EvalSetConfig) -> _Source:
 
 _TRAINING_SOURCE_KINDS: dict[str, Callable[[EvalSetConfig], _Source]] = {
     "openclipart-heldout": _openclipart_heldout, "openclipart-concepts": _openclipart_concepts,
+    "openclipart-concepts-b": _openclipart_concepts,
     "emoji-heldout": _emoji_heldout}

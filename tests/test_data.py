@@ -239,6 +239,35 @@ def test_online_balance_uses_the_builds_coin_rule(balanced_source):
     assert table.filter(pa.array(kept)).column("sample_id").to_pylist() == build.column("sample_id").to_pylist()
 
 
+def test_caption_frames_put_a_share_of_captions_in_sentences_per_epoch(dataset):
+    from trainer.data import frame_caption
+
+    frames = ("a picture of {}", "{} clip art")
+    draws = [frame_caption("cat, kitten", frames, 0.5, random.Random(i)) for i in range(400)]
+    framed = [d for d in draws if d != "cat, kitten"]
+    assert set(framed) == {"a picture of cat, kitten", "cat, kitten clip art"}
+    assert 150 < len(framed) < 250  # about half
+    assert frame_caption("cat", frames, 0.0, random.Random(0)) == "cat"
+    assert frame_caption("cat", frames, 1.0, random.Random(0)) in {"a picture of cat", "cat clip art"}
+    # In the stream: fixed by (seed, epoch, row), after caption sampling, varying across epochs.
+    ds = _stream(dataset, caption_sampling=True, caption_frames=frames, caption_frame_prob=1.0)
+    image = _png(Image.new("RGB", (8, 8)))
+    assert ds._sample(3, 0, image, "cat, kitten")[1] == ds._sample(3, 0, image, "cat, kitten")[1]
+    epochs = {ds._sample(3, e, image, "cat, kitten")[1] for e in range(20)}
+    assert len(epochs) > 3 and all(c.startswith("a picture of ") or c.endswith(" clip art") for c in epochs)
+
+
+def test_caption_frames_are_checked_at_config_load():
+    from infra.config import ConfigError, TrainConfig
+
+    assert TrainConfig(caption_frames=("a picture of {}",)).caption_frames == ("a picture of {}",)
+    for bad in (("no slot",), ("{} and {}",), ("{0} named",)):
+        with pytest.raises(ConfigError, match="caption_frames"):
+            TrainConfig(caption_frames=bad)
+    with pytest.raises(ConfigError, match="caption_frame_prob"):
+        TrainConfig(caption_frame_prob=1.5)
+
+
 def test_caption_sampling_draws_subsets_of_the_parts_per_epoch(dataset):
     from trainer.data import sample_caption_parts
 

@@ -16,7 +16,8 @@ from PIL import Image
 from infra import emoji
 from infra.config import ConfigError, EvalSetConfig, SourceConfig, config_from_dict
 from infra.eval_sets import EvalSetError, in_split, load_eval_set, training_ids
-from infra.openclipart import (CONCEPT_CLASSES, OPENCLIPART_SCHEMA, concept_of, concepts_named,
+from infra.openclipart import (CONCEPT_CLASSES, CONCEPT_CLASSES_B, OPENCLIPART_SCHEMA, concept_b_of, concept_of,
+                               concepts_named,
                                excluded_from_training, is_heldout, read_openclipart)
 from tasks.readers import plan_input_shards, read_input_shard_with_funnel, titled_caption
 
@@ -230,6 +231,35 @@ def test_concept_set_holds_out_half_of_the_single_concept_images_and_readers_lea
     # read_openclipart's split is the same rule (the demo's HTTP path serves split="train").
     train_ids = read_openclipart(path, "train", columns=["title"]).column("id").to_pylist()
     assert {f"openclipart:{i}" for i in train_ids} == trained
+
+
+def test_second_concept_set_is_disjoint_from_the_first_and_left_out_of_training(tmp_path: Path) -> None:
+    assert not set(CONCEPT_CLASSES) & set(CONCEPT_CLASSES_B) and len(CONCEPT_CLASSES_B) == 16
+    table = full_table(64)
+    rows = {name: table.column(name).to_pylist() for name in table.column_names}
+    for i in range(200):  # set B alone, set B with a set A concept, two of set B
+        concept = CONCEPT_CLASSES_B[i % 16]
+        rows["id"].append(f"svg/b/img_{i:04d}.svg")
+        rows["title"].append([f"My {concept}", f"{concept} and a cat", f"{concept}s, {CONCEPT_CLASSES_B[(i + 1) % 16]}"][i % 3])
+        for name in ("category", "keywords", "description", "image", "width", "height"):
+            rows[name].append(rows[name][0])
+    table = pa.Table.from_pydict(rows, schema=OPENCLIPART_SCHEMA)
+    path = tmp_path / "full.parquet"
+    pq.write_table(table, path)
+    records = table.select(["id", "title", "keywords"]).to_pylist()
+    held_b = [r for r in records if concept_b_of(r["id"], r["title"], r["keywords"])]
+    alone = [r for r in records if r["id"].startswith("svg/b/") and int(r["id"][-8:-4]) % 3 == 0]
+    assert held_b and all(r in alone for r in held_b) and 0.4 < len(held_b) / len(alone) < 0.7
+    b = load_eval_set(EvalSetConfig(name="b", kind="openclipart-concepts-b", path=str(path), split="all"))
+    assert b.classes == list(CONCEPT_CLASSES_B) and sorted(b.ids) == sorted(r["id"] for r in held_b)
+    assert all(CONCEPT_CLASSES_B[label] in i_title for i_title, label in
+               zip([{r["id"]: r["title"] for r in records}[i] for i in b.ids], b.labels.tolist()))
+    a = load_eval_set(EvalSetConfig(name="a", kind="openclipart-concepts", path=str(path), split="all"))
+    assert set(a.ids).isdisjoint(b.ids)
+    read, _ = _read(SourceConfig(kind="openclipart", path="full.parquet", rows_per_input_shard=150), tmp_path)
+    assert set(read.column("sample_id").to_pylist()).isdisjoint(b.training_ids)
+    assert b.templates == load_eval_set(EvalSetConfig(name="a", kind="openclipart-concepts", path=str(path),
+                                                      split="all")).templates
 
 
 def test_splits_are_halves_and_unknown_splits_are_refused() -> None:

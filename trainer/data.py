@@ -300,7 +300,8 @@ class ShardStream(IterableDataset):
                  context_length: int = CONTEXT_LENGTH, shuffle_buffer: int = 1_000, seed: int = 0,
                  num_streams: int = 1, position: dict[str, Any] | None = None, train: bool = True,
                  balance: OnlineBalance | None = None, crop_scale: tuple[float, float] = (0.9, 1.0),
-                 caption_sampling: bool = False):
+                 caption_sampling: bool = False, caption_frames: Sequence[str] = (),
+                 caption_frame_prob: float = 0.5):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -314,6 +315,7 @@ class ShardStream(IterableDataset):
         self.transform = ImageTransform(image_size, train, scale=crop_scale)
         self.balance = balance
         self.caption_sampling = caption_sampling
+        self.caption_frames, self.caption_frame_prob = tuple(caption_frames), caption_frame_prob
         # Whole shards per (rank, stream) when there are enough of them (no wasted reads);
         # otherwise every unit reads every shard and keeps its stride of rows.
         self.units = world_size * num_streams
@@ -398,6 +400,9 @@ class ShardStream(IterableDataset):
         rng = random.Random(f"{self.seed}:{epoch}:{row}:augment")
         if self.caption_sampling:
             caption = sample_caption_parts(caption, random.Random(f"{self.seed}:{epoch}:{row}:caption"))
+        if self.caption_frames:
+            caption = frame_caption(caption, self.caption_frames, self.caption_frame_prob,
+                                    random.Random(f"{self.seed}:{epoch}:{row}:frame"))
         return self.transform(image, rng), caption
 
     def _stream_batches(self, stream: int, state: StreamState) -> Iterator[dict[str, Any]]:
@@ -452,6 +457,13 @@ def sample_caption_parts(caption: str, rng: random.Random) -> str:
     if len(parts) < 2:
         return caption
     return ", ".join(rng.sample(parts, rng.randint(1, len(parts))))
+
+
+def frame_caption(caption: str, frames: Sequence[str], prob: float, rng: random.Random) -> str:
+    """With probability ``prob``, ``caption`` put in one of ``frames`` ("a picture of {}"), else as it is."""
+    if rng.random() >= prob:
+        return caption
+    return rng.choice(frames).format(caption)
 
 
 class _BadSample(Exception):

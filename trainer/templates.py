@@ -130,6 +130,7 @@ FAMILY_BY_KIND: dict[str, str] = {
     "animal-mnist": "animal",
     "openclipart-heldout": "clipart",
     "openclipart-concepts": "clipart",
+    "openclipart-concepts-b": "clipart",
     "emoji-heldout": "emoji",
 }
 

@@ -434,7 +434,8 @@ def train(cfg: TrainConfig, source: DatasetSource, output_dir: str | Path, *, ra
     dataset = ShardStream(source, rank=rank, world_size=world_size, micro_batch=cfg.micro_batch,
                           image_size=model_config.image_size, context_length=model_config.context_length,
                           shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, num_streams=num_streams, position=position,
-                          balance=balance, crop_scale=cfg.crop_scale, caption_sampling=cfg.caption_sampling)
+                          balance=balance, crop_scale=cfg.crop_scale, caption_sampling=cfg.caption_sampling,
+                          caption_frames=cfg.caption_frames, caption_frame_prob=cfg.caption_frame_prob)
     batches = iter(make_loader(dataset, cfg.num_workers))
     loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
     log_file = open(output_dir / LOG_NAME, "a") if rank == 0 else None
