@@ -234,10 +234,21 @@ class TextFilterConfig:
     # Short captions by the evidence of their words (tasks/text_filter.ForeignWords): Zipf frequencies
     # (wordfreq) of English and of these languages; empty: the share of English-known words alone.
     foreign_languages: tuple[str, ...] = ("it", "fr", "es", "pt", "de", "nl")
-    foreign_margin: float = 2.0  # an English-known word this much more frequent elsewhere is foreign...
+    foreign_margin: float = 1.75  # an English-known word this much more frequent elsewhere is foreign...
     foreign_min_zipf: float = 3.5  # ...when it is this frequent there (a word not English-known: enough alone)
     english_common_zipf: float = 3.5  # ...and rarer than this in English ("sole", "corps" stay English)
     foreign_absent_min_zipf: float = 1.0  # a word English never uses, this frequent elsewhere, is foreign
+    # ...and so is an English-known word (a compound, a name in Wikipedia) English never uses, when it
+    # is this frequent elsewhere ("puntine": pun + tine); None: English-known words are exempt
+    foreign_absent_known_min_zipf: float | None = 2.0
+    # A word at least this much more frequent in English than in every foreign language is distinctly
+    # English ("scissors", "bags"; not "figure", "protection"): a short caption with one is English even
+    # beside foreign words (an English title with a gloss); None: mixed captions go to the detector
+    english_lead_zipf: float | None = 0.5
+    # Long captions: the known-word share decides only while at most this share of the words is
+    # foreign evidence, and no foreign evidence with english_min_coverage English words is English;
+    # None: the known-word share alone (no word evidence for long captions)
+    long_max_foreign_share: float | None = 0.25
     # Settles short captions whose words disagree or are all unknown: fastText's lid.176 (it beat
     # langdetect, lingua, CLD2 and py3langid in that role: bench/language_id.py), or none
     short_detector: Literal["fasttext", "langdetect", "langdetect-rs", "none"] = "fasttext"
@@ -254,6 +265,12 @@ class TextFilterConfig:
         for name in ("english_min_coverage", "english_confident_coverage", "english_min_prob", "short_detector_min_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"text_filter.{name} must be in [0, 1]")
+        if self.long_max_foreign_share is not None and not 0.0 <= self.long_max_foreign_share <= 1.0:
+            raise ConfigError("text_filter.long_max_foreign_share must be in [0, 1] (or null: off)")
+        for name in ("english_lead_zipf", "foreign_absent_known_min_zipf"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 9.0:
+                raise ConfigError(f"text_filter.{name} must be a Zipf value in [0, 9] (or null: off)")
 
 
 @dataclass(frozen=True)
