@@ -344,6 +344,15 @@ def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter, voc
     assert detector_tp / len(english) < 0.6  # the problem the policy exists for
 
 
+def test_policy_on_the_once_only_part(text_filter: TextFilter) -> None:
+    """The fresh part (300 titles drawn and labelled after the policy was fixed, scored once by
+    bench/language_id.py): P 0.958, R 0.980, 33 of 44 other-language titles dropped — the recall
+    goal met there, the rejection goal (>= 90%) not. These floors guard against regressions (~2
+    more errors either way); they were not tuned on (the policy's settings are the tuning parts')."""
+    precision, recall, rejected = _policy_scores(text_filter, load_labels(("fresh-1",)))
+    assert precision >= 0.94 and recall >= 0.97 and rejected >= 0.70, (precision, recall, rejected)
+
+
 def test_langdetect_rs_matches_langdetect_on_the_labelled_titles() -> None:
     py, rs = LanguageDetector("langdetect", 0), LanguageDetector("langdetect-rs", 0)
     titles = [clean_caption(t) for t, _ in load_labels(("tuning-1",))]
