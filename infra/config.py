@@ -137,9 +137,14 @@ CAPTION_PATTERNS = ("date_stamp", "collection_stamp", "author_credit", "email_ad
 class CaptionConfig:
     """How a source's caption is made from its text fields (tasks/captions.py): the first of
     ``fields`` that is not empty, not caught by a named pattern and not boilerplate, then each of
-    ``append`` that passes the same checks and has at most ``append_max_chars`` characters."""
+    ``append`` that passes the same checks and has at most ``append_max_chars`` characters.
 
-    fields: tuple[str, ...] = ("caption",)  # "caption": the caption column; other names: keys of the row's meta
+    A name may join fields with ``+`` ("caption+keywords"): one field, the first one's text then
+    the others' items (a list's elements) that neither repeat an earlier item nor, ignoring case,
+    the first one's text, joined with ", "."""
+
+    # "caption": the caption column; other names: keys of the row's meta; "a+b": joined (above)
+    fields: tuple[str, ...] = ("caption",)
     append: tuple[str, ...] = ()
     append_max_chars: int = 120
     append_separator: str = ". "
@@ -148,6 +153,9 @@ class CaptionConfig:
     def __post_init__(self) -> None:
         if not self.fields:
             raise ConfigError("caption.fields must name at least one field")
+        for name in (*self.fields, *self.append):
+            if not all(part.strip() for part in name.split("+")):
+                raise ConfigError(f"caption: field name {name!r} has an empty part (join fields as a+b)")
         unknown = sorted(set(self.patterns) - set(CAPTION_PATTERNS))
         if unknown:
             raise ConfigError(f"caption.patterns: unknown {unknown} (known: {list(CAPTION_PATTERNS)})")
@@ -167,8 +175,8 @@ class SourceConfig:
     path_column: str | None = None  # local image path, relative to the manifest's folder
     id_column: str | None = None  # stable row ids (default: row number in the file)
     rows_per_input_shard: int = 2_000  # WebDataset: one input shard per tar instead
-    # openclipart / emoji: the caption is the title (emoji: the CLDR name), then its keywords
-    # ("cat face, animal, cat, face, kitten"); false: the title alone
+    # openclipart / emoji: a preset of ``caption``: its field "caption" (the title; emoji: the CLDR
+    # name) becomes "caption+keywords" ("cat face, animal, cat, face, kitten"); false: the title alone
     caption_keywords: bool = False
     caption: CaptionConfig = field(default_factory=CaptionConfig)  # which text fields make the caption
 
@@ -179,6 +187,17 @@ class SourceConfig:
             raise ConfigError(f"sources.{self.kind}: path must not be empty")
         if self.caption_keywords and self.kind not in ("openclipart", "emoji"):
             raise ConfigError(f"sources.{self.kind}:{self.path}: caption_keywords is for kinds openclipart and emoji")
+        if self.caption_keywords:  # the preset, resolved here: one caption mechanism downstream
+            object.__setattr__(self, "caption", with_keywords(self.caption))
+
+
+def with_keywords(policy: CaptionConfig) -> CaptionConfig:
+    """The ``caption_keywords`` preset: the caption field is the caption then its keywords
+    (idempotent: a resolved config loads to the same policy)."""
+    def joined(names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple("caption+keywords" if n == "caption" else n for n in names)
+
+    return dataclasses.replace(policy, fields=joined(policy.fields), append=joined(policy.append))
 
 
 @dataclass(frozen=True)
