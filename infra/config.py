@@ -243,7 +243,8 @@ class TextFilterConfig:
     drop_machine_made: bool = True
     unescape_html: bool = True  # "&amp;" -> "&" once, before the filters
     # English policy (tasks/text_filter.py): captions of <= short_caption_words words are decided by
-    # the English vocabulary alone; longer ones by it when confident, else by the detector.
+    # the evidence of their words (the short detector settles the mixed and unknown ones); longer
+    # ones by the words when confident, else by the detector (langdetect).
     short_caption_words: int = 4
     english_min_coverage: float = 0.5  # short captions: share of words that must be English-known
     english_confident_coverage: float = 0.7  # long captions: English without asking the detector
