@@ -9,20 +9,23 @@ each detector — langdetect (the design's, via langdetect-rs: the same answers)
   best recall);
 * inside the policy: tasks/text_filter.py's vocabulary and word evidence, with the detector
   settling the short captions whose words disagree or are unknown (its threshold chosen the same
-  way); plus the policy with no detector and the previous policy (share of English-known words).
+  way); plus the policy with no detector, the policy before its latest round (``ROUND_2``: no
+  distinctly-English words, no word evidence on long captions, foreign margin 2.0) and the first
+  policy (share of English-known words).
 
 Precision and recall are of "keep as English"; "rejected" is the share of other-language titles
-dropped. Each row gives the tuning part (tuning-1 + tuning-2, where thresholds are chosen) and the
-final part (a separate draw never tuned on) apart. Speed: captions/s/core (CPU seconds of this
+dropped. Each row gives the tuning part (tuning-1..3, where thresholds are chosen) and the fresh
+part (fresh-1: a separate draw labelled first and scored once, never tuned on) apart. Speed: captions/s/core (CPU seconds of this
 single-threaded process) of the detector alone and of the whole English check, on the distinct
 titles of the Openclipart sample (or --titles-from a full table), best of interleaved repeats.
 Every detector gets the caption's words lower-cased and space-joined (``caption_words``), the
 form the policy hands its short-caption detector.
 
     .venv/bin/python bench/language_id.py [--quick] [--titles-from runs/sources/openclipart_full.parquet]
+                                          [--labels other.tsv]
 
-The last line compares the chosen policy's rejection of other-language titles on the final part
-with the previous policy's (``ratio=``, higher is better); their recalls are printed beside it.
+The last line compares the chosen policy's rejection of other-language titles on the fresh part
+with the round-2 policy's (``ratio=``, higher is better); their recalls are printed beside it.
 """
 
 from __future__ import annotations
@@ -43,8 +46,11 @@ os.environ.setdefault("WITFLOW_PROGRESS", "0")
 
 LABELS = REPO / "tests" / "data" / "openclipart_lang_labels.tsv"
 SAMPLE = REPO / "infra" / "data" / "openclipart_sample.parquet"
-TUNING, FINAL = ("tuning-1", "tuning-2"), ("final",)
+TUNING, FRESH = ("tuning-1", "tuning-2", "tuning-3"), ("fresh-1",)
 MIN_RECALL = 0.98
+# The policy before its latest round (what bench rows call "round-2 policy")
+ROUND_2 = dict(foreign_margin=2.0, english_lead_zipf=None, foreign_absent_known_min_zipf=None,
+               long_max_foreign_share=None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -115,8 +121,8 @@ class Labelled:
     part: str
 
 
-def load_labels() -> list[Labelled]:
-    lines = [line for line in LABELS.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
+def load_labels(path: Path = LABELS) -> list[Labelled]:
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
     rows = [line.split("\t") for line in lines[1:]]
     return [Labelled(r[0], r[1] == "en", r[2]) for r in rows if r[1] != "neutral"]
 
@@ -159,6 +165,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer titles for the speed columns, one repeat")
     ap.add_argument("--titles-from", type=Path, default=SAMPLE, help="Openclipart table for the speed columns")
+    ap.add_argument("--labels", type=Path, default=LABELS, help="labelled titles (the TSV's format)")
     args = ap.parse_args()
 
     from infra.config import TextFilterConfig
@@ -171,22 +178,24 @@ def main() -> None:
     vocab = EnglishVocab.load(cfg.wordnet_dir, cfg.vocab_min_count)
     chosen = TextFilter(cfg, vocab)
     previous = TextFilter(replace(cfg, foreign_languages=(), short_detector="none"), vocab)
+    round_2 = TextFilter(replace(cfg, **ROUND_2), vocab)
     no_detector = TextFilter(replace(cfg, short_detector="none"), vocab)
     print(f"setup {time.perf_counter() - t0:.0f}s (lingua's models are most of it)")
 
     # The titles the language check sees: earlier filters (machine-made, too short) drop the others.
-    labels = [lab for lab in load_labels() if chosen.check(lab.title)[1] in (None, NOT_ENGLISH)]
+    labels = [lab for lab in load_labels(args.labels) if chosen.check(lab.title)[1] in (None, NOT_ENGLISH)]
+    labels = [lab for lab in labels if lab.part in TUNING + FRESH]
     n_tune = sum(lab.part in TUNING for lab in labels)
-    n_final = len(labels) - n_tune
-    other = {p: sum(not lab.english for lab in labels if lab.part in parts) for p, parts in (("t", TUNING), ("f", FINAL))}
+    n_fresh = len(labels) - n_tune
+    other = {p: sum(not lab.english for lab in labels if lab.part in parts) for p, parts in (("t", TUNING), ("f", FRESH))}
     print(f"labelled titles the language check sees: tuning {n_tune} ({other['t']} other-language), "
-          f"final {n_final} ({other['f']} other-language)")
+          f"fresh {n_fresh} ({other['f']} other-language)")
     texts = [" ".join(caption_words(clean_caption(lab.title))) for lab in labels]
 
     rows: list[tuple[str, str, Any, tuple, tuple]] = []
 
     def add(name: str, role: str, threshold: Any, keep: list[bool]) -> None:
-        rows.append((name, role, threshold, scores(keep, labels, TUNING), scores(keep, labels, FINAL)))
+        rows.append((name, role, threshold, scores(keep, labels, TUNING), scores(keep, labels, FRESH)))
 
     for name, langs_of in detectors.items():
         out = [langs_of(t) for t in texts]
@@ -196,6 +205,8 @@ def main() -> None:
 
     add("(none)", "previous policy: share of English-known words", "-",
         [previous.check(lab.title)[1] is None for lab in labels])
+    add(cfg.short_detector, "round-2 policy (before the latest round)", cfg.short_detector_min_prob,
+        [round_2.check(lab.title)[1] is None for lab in labels])
     add("(none)", "policy: word evidence, no detector", "-", [no_detector.check(lab.title)[1] is None for lab in labels])
     for name, langs_of in detectors.items():
         probe = TextFilter(replace(cfg, short_detector="none"), vocab)
@@ -219,27 +230,28 @@ def main() -> None:
     for _ in range(repeats):  # interleaved, best of each
         for name, langs_of in detectors.items():
             best[name] = min(best.get(name, float("inf")), cpu_seconds(lambda f=langs_of: [f(t) for t in norm]))
-        for name, tf in (("policy:chosen", chosen), ("policy:previous", previous)):
+        for name, tf in (("policy:chosen", chosen), ("policy:round-2", round_2), ("policy:previous", previous)):
             tf.vocab._cache.clear()
             best[name] = min(best.get(name, float("inf")), cpu_seconds(lambda tf=tf: [tf.check(t) for t in titles]))
     rate = {k: len(titles) / v for k, v in best.items()}
 
     print(f"\nEnglish filter on hand-labelled titles (P, R of 'keep as English'; rej = other-language titles "
           f"dropped); speed on {len(titles)} distinct titles of {args.titles_from.name}")
-    print("| detector | role | t | tuning P | R | rej | final P | R | rej | captions/s/core |")
+    print("| detector | role | t | tuning P | R | rej | fresh P | R | rej | captions/s/core |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, role, t, tune, fin in rows:
         speed = rate.get(name) if "alone" in role else rate["policy:previous"] if role.startswith("previous") else \
+            rate["policy:round-2"] if role.startswith("round-2") else \
             rate["policy:chosen"] if role.startswith("CHOSEN") else None
         print(f"| {name} | {role} | {t} | {tune[0]:.3f} | {tune[1]:.3f} | {tune[2]:.3f} | {fin[0]:.3f} | {fin[1]:.3f} | "
               f"{fin[2]:.3f} | {f'{speed:,.0f}' if speed else '-'} |")
     rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB (+{rss:,.0f} MiB for the detectors "
           f"and word lists)")
-    ours, base = rows[-1][4], next(r[4] for r in rows if r[1].startswith("previous"))
-    print(f"language_id: ours rejected={ours[2]:.3f} recall={ours[1]:.3f} previous rejected={base[2]:.3f} "
-          f"recall={base[1]:.3f} (final part; ours {rate['policy:chosen']:,.0f} captions/s/core, previous "
-          f"{rate['policy:previous']:,.0f}) ratio={ours[2] / max(base[2], 1e-9):.2f}")
+    ours, base = rows[-1][4], next(r[4] for r in rows if r[1].startswith("round-2"))
+    print(f"language_id: ours rejected={ours[2]:.3f} recall={ours[1]:.3f} round-2 rejected={base[2]:.3f} "
+          f"recall={base[1]:.3f} (fresh part; ours {rate['policy:chosen']:,.0f} captions/s/core, round-2 "
+          f"{rate['policy:round-2']:,.0f}) ratio={ours[2] / max(base[2], 1e-9):.2f}")
 
 
 if __name__ == "__main__":

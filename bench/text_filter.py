@@ -143,7 +143,7 @@ def main() -> None:
         if line.startswith("#") or line.startswith("title\t"):
             continue
         title, lang, part = line.split("\t")[:3]
-        if part == "final":  # scored by bench/language_id.py, apart from the tuning titles
+        if not part.startswith("tuning"):  # fresh parts: scored by bench/language_id.py, apart
             continue
         cleaned, reason = text_filter.check(title)
         if lang == "neutral" or reason not in (None, NOT_ENGLISH):

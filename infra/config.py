@@ -137,9 +137,14 @@ CAPTION_PATTERNS = ("date_stamp", "collection_stamp", "author_credit", "email_ad
 class CaptionConfig:
     """How a source's caption is made from its text fields (tasks/captions.py): the first of
     ``fields`` that is not empty, not caught by a named pattern and not boilerplate, then each of
-    ``append`` that passes the same checks and has at most ``append_max_chars`` characters."""
+    ``append`` that passes the same checks and has at most ``append_max_chars`` characters.
 
-    fields: tuple[str, ...] = ("caption",)  # "caption": the caption column; other names: keys of the row's meta
+    A name may join fields with ``+`` ("caption+keywords"): one field, the first one's text then
+    the others' items (a list's elements) that neither repeat an earlier item nor, ignoring case,
+    the first one's text, joined with ", "."""
+
+    # "caption": the caption column; other names: keys of the row's meta; "a+b": joined (above)
+    fields: tuple[str, ...] = ("caption",)
     append: tuple[str, ...] = ()
     append_max_chars: int = 120
     append_separator: str = ". "
@@ -148,6 +153,9 @@ class CaptionConfig:
     def __post_init__(self) -> None:
         if not self.fields:
             raise ConfigError("caption.fields must name at least one field")
+        for name in (*self.fields, *self.append):
+            if not all(part.strip() for part in name.split("+")):
+                raise ConfigError(f"caption: field name {name!r} has an empty part (join fields as a+b)")
         unknown = sorted(set(self.patterns) - set(CAPTION_PATTERNS))
         if unknown:
             raise ConfigError(f"caption.patterns: unknown {unknown} (known: {list(CAPTION_PATTERNS)})")
@@ -167,8 +175,8 @@ class SourceConfig:
     path_column: str | None = None  # local image path, relative to the manifest's folder
     id_column: str | None = None  # stable row ids (default: row number in the file)
     rows_per_input_shard: int = 2_000  # WebDataset: one input shard per tar instead
-    # openclipart / emoji: the caption is the title (emoji: the CLDR name), then its keywords
-    # ("cat face, animal, cat, face, kitten"); false: the title alone
+    # openclipart / emoji: a preset of ``caption``: its field "caption" (the title; emoji: the CLDR
+    # name) becomes "caption+keywords" ("cat face, animal, cat, face, kitten"); false: the title alone
     caption_keywords: bool = False
     caption: CaptionConfig = field(default_factory=CaptionConfig)  # which text fields make the caption
 
@@ -179,6 +187,17 @@ class SourceConfig:
             raise ConfigError(f"sources.{self.kind}: path must not be empty")
         if self.caption_keywords and self.kind not in ("openclipart", "emoji"):
             raise ConfigError(f"sources.{self.kind}:{self.path}: caption_keywords is for kinds openclipart and emoji")
+        if self.caption_keywords:  # the preset, resolved here: one caption mechanism downstream
+            object.__setattr__(self, "caption", with_keywords(self.caption))
+
+
+def with_keywords(policy: CaptionConfig) -> CaptionConfig:
+    """The ``caption_keywords`` preset: the caption field is the caption then its keywords
+    (idempotent: a resolved config loads to the same policy)."""
+    def joined(names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple("caption+keywords" if n == "caption" else n for n in names)
+
+    return dataclasses.replace(policy, fields=joined(policy.fields), append=joined(policy.append))
 
 
 @dataclass(frozen=True)
@@ -224,7 +243,8 @@ class TextFilterConfig:
     drop_machine_made: bool = True
     unescape_html: bool = True  # "&amp;" -> "&" once, before the filters
     # English policy (tasks/text_filter.py): captions of <= short_caption_words words are decided by
-    # the English vocabulary alone; longer ones by it when confident, else by the detector.
+    # the evidence of their words (the short detector settles the mixed and unknown ones); longer
+    # ones by the words when confident, else by the detector (langdetect).
     short_caption_words: int = 4
     english_min_coverage: float = 0.5  # short captions: share of words that must be English-known
     english_confident_coverage: float = 0.7  # long captions: English without asking the detector
@@ -234,10 +254,21 @@ class TextFilterConfig:
     # Short captions by the evidence of their words (tasks/text_filter.ForeignWords): Zipf frequencies
     # (wordfreq) of English and of these languages; empty: the share of English-known words alone.
     foreign_languages: tuple[str, ...] = ("it", "fr", "es", "pt", "de", "nl")
-    foreign_margin: float = 2.0  # an English-known word this much more frequent elsewhere is foreign...
+    foreign_margin: float = 1.75  # an English-known word this much more frequent elsewhere is foreign...
     foreign_min_zipf: float = 3.5  # ...when it is this frequent there (a word not English-known: enough alone)
     english_common_zipf: float = 3.5  # ...and rarer than this in English ("sole", "corps" stay English)
     foreign_absent_min_zipf: float = 1.0  # a word English never uses, this frequent elsewhere, is foreign
+    # ...and so is an English-known word (a compound, a name in Wikipedia) English never uses, when it
+    # is this frequent elsewhere ("puntine": pun + tine); None: English-known words are exempt
+    foreign_absent_known_min_zipf: float | None = 2.0
+    # A word at least this much more frequent in English than in every foreign language is distinctly
+    # English ("scissors", "bags"; not "figure", "protection"): a short caption with one is English even
+    # beside foreign words (an English title with a gloss); None: mixed captions go to the detector
+    english_lead_zipf: float | None = 0.5
+    # Long captions: the known-word share decides only while at most this share of the words is
+    # foreign evidence, and no foreign evidence with english_min_coverage English words is English;
+    # None: the known-word share alone (no word evidence for long captions)
+    long_max_foreign_share: float | None = 0.25
     # Settles short captions whose words disagree or are all unknown: fastText's lid.176 (it beat
     # langdetect, lingua, CLD2 and py3langid in that role: bench/language_id.py), or none
     short_detector: Literal["fasttext", "langdetect", "langdetect-rs", "none"] = "fasttext"
@@ -254,6 +285,12 @@ class TextFilterConfig:
         for name in ("english_min_coverage", "english_confident_coverage", "english_min_prob", "short_detector_min_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"text_filter.{name} must be in [0, 1]")
+        if self.long_max_foreign_share is not None and not 0.0 <= self.long_max_foreign_share <= 1.0:
+            raise ConfigError("text_filter.long_max_foreign_share must be in [0, 1] (or null: off)")
+        for name in ("english_lead_zipf", "foreign_absent_known_min_zipf"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 9.0:
+                raise ConfigError(f"text_filter.{name} must be a Zipf value in [0, 9] (or null: off)")
 
 
 @dataclass(frozen=True)

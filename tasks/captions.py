@@ -137,6 +137,29 @@ def field_text(value: Any) -> str | None:
     return text if text.strip() else None
 
 
+def _items(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if v is not None and str(v).strip()]
+    return [str(value).strip()] if str(value).strip() else []
+
+
+def policy_field_text(fields: Mapping[str, Any], name: str) -> str | None:
+    """The text of one field a policy names (``CaptionConfig``): ``field_text`` of it, or for a
+    joined name ("caption+keywords") the first field's text, then the other fields' items that
+    repeat neither an earlier item nor, ignoring case, the first text, all joined with ", "."""
+    if "+" not in name:
+        return field_text(fields.get(name))
+    first, *rest = name.split("+")
+    head = field_text(fields.get(first))
+    seen = {head.strip().lower()} if head else set()
+    extra = [item for item in dict.fromkeys(i for part in rest for i in _items(fields.get(part)))
+             if item.lower() not in seen]
+    text = ", ".join([head, *extra]) if head else ", ".join(extra)
+    return text or None
+
+
 def row_fields(caption: str | None, meta: str | None) -> dict[str, Any]:
     """A row's text fields: its ``meta`` keys and its caption column (``CAPTION_COLUMN``)."""
     fields: dict[str, Any] = {}
@@ -181,7 +204,7 @@ def compose(fields: Mapping[str, Any], policy: CaptionConfig, boilerplate: froze
     skipped: dict[str, tuple[str, str]] = {}
     caption, used = None, []
     for name in policy.fields:
-        raw = field_text(fields.get(name))
+        raw = policy_field_text(fields, name)
         text, reason = _usable(raw, policy, boilerplate)
         if text:
             caption, used = text, [name]
@@ -192,7 +215,7 @@ def compose(fields: Mapping[str, Any], policy: CaptionConfig, boilerplate: froze
         first = next(iter(skipped.values()), None)
         return Composed(None, (), skipped, first[0] if first else None)
     for name in policy.append:
-        raw = field_text(fields.get(name))
+        raw = policy_field_text(fields, name)
         text, reason = _usable(raw, policy, boilerplate)
         if reason:
             skipped[name] = (reason, raw or "")
@@ -272,7 +295,7 @@ def caption_pieces(table: pa.Table, policy: CaptionConfig, num_partitions: int) 
         identity = image_identity(url, image, sample_id)
         seen = set()
         for name in (*policy.fields, *policy.append):
-            raw = field_text(fields.get(name))
+            raw = policy_field_text(fields, name)
             text, reason = apply_patterns(" ".join(raw.split()), policy.patterns) if raw else (None, None)
             value = normalise(text) if text else ""
             if value and value not in seen:
@@ -335,7 +358,7 @@ def length_histogram(captions: Iterable[str | None]) -> list[int]:
 def primary_field_captions(table: pa.Table, policy: CaptionConfig) -> list[str | None]:
     """The first field the policy names, as written (the caption before composition)."""
     name = policy.fields[0] if policy.fields else CAPTION_COLUMN
-    return [field_text(row_fields(c, m).get(name))
+    return [policy_field_text(row_fields(c, m), name)
             for c, m in zip(table.column("caption").to_pylist(), table.column("meta").to_pylist())]
 
 

@@ -14,11 +14,12 @@ Source kinds (``SourceConfig.kind``):
 * ``webdataset`` — tar shards: members sharing a key (``dir/key.jpg`` + ``dir/key.txt``/``.json``).
 * ``directory`` — a folder of images with sidecar captions (``a/cat.jpg`` + ``a/cat.txt``).
 * ``openclipart`` — the bundled sample or the full Debian-built file (infra/openclipart.py): caption
-  is the title as written (with ``caption_keywords``, then its keywords); every image an eval set
+  is the title as written (``caption_keywords``, a preset of ``sources[].caption``, adds the
+  keywords in the caption step: "caption+keywords"); every image an eval set
   uses (``infra.openclipart.excluded_from_training``) is left out; ``meta`` has its text fields
   (``title``, ``keywords``, ``description``, ``file_name``) for ``sources[].caption`` to compose from.
-* ``emoji`` — an emoji table built by infra/emoji.py: caption is the CLDR name (with
-  ``caption_keywords``, then its keywords); held-out emoji (``infra.emoji.is_heldout``) are left out;
+* ``emoji`` — an emoji table built by infra/emoji.py: caption is the CLDR name (keywords
+  likewise with ``caption_keywords``); held-out emoji (``infra.emoji.is_heldout``) are left out;
   ``meta`` has ``name`` and ``keywords`` to compose from.
 
 Bad rows never fail a shard: a missing caption, an unreadable local path or a broken tar member
@@ -509,8 +510,8 @@ def _columns_for(source: SourceConfig, available: Sequence[str], file: str) -> _
         image = image or next((c for c in _IMG2DATASET_IMAGE_COLUMNS if c in have), None)
     caption = need(source.caption_column, "caption_column")
     # The caption policy's other fields are columns too, kept in meta under their names (tasks/captions.py)
-    texts = tuple(need(f, "caption.fields") for f in dict.fromkeys((*source.caption.fields, *source.caption.append))
-                  if f != "caption" and f not in extra)
+    names = (part for name in (*source.caption.fields, *source.caption.append) for part in name.split("+"))
+    texts = tuple(need(f, "caption.fields") for f in dict.fromkeys(names) if f != "caption" and f not in extra)
     extra = (*extra, *texts)
     image = need(image, "image_column") if image else None
     path = need(source.path_column, "path_column") if source.path_column else None
@@ -963,14 +964,6 @@ def _read_directory(shard: InputShard, rows: _Rows) -> None:
         rows.add(f"directory:{shard.display_file}/{rel}", caption, None, image, meta, error)
 
 
-def titled_caption(title: str, keywords: Sequence[str], with_keywords: bool) -> str:
-    """The caption of a titled source row: the title, then (``with_keywords``) the keywords not already in it."""
-    if not with_keywords:
-        return title
-    extra = [k for k in dict.fromkeys(k.strip() for k in keywords) if k and k.lower() != title.strip().lower()]
-    return ", ".join([title, *extra]) if title.strip() else ", ".join(extra)
-
-
 def _packaged_table(shard: InputShard, schema: pa.Schema, columns: list[str], what: str) -> pa.Table:
     with _parquet(shard.file, shard.storage) as pf:
         missing = [f.name for f in schema if f.name not in pf.schema_arrow.names]
@@ -991,8 +984,7 @@ def _read_openclipart(shard: InputShard, rows: _Rows) -> None:
             continue
         meta = {"id": r["id"], "category": r["category"], "title": r["title"], "keywords": r["keywords"],
                 "description": r["description"], "file_name": _file_name_text(r["id"])}
-        caption = titled_caption(r["title"], r["keywords"], shard.source.caption_keywords)
-        rows.add(f"openclipart:{r['id']}", caption, None, r["image"], meta)
+        rows.add(f"openclipart:{r['id']}", r["title"], None, r["image"], meta)
 
 
 def _read_emoji(shard: InputShard, rows: _Rows) -> None:
@@ -1007,8 +999,7 @@ def _read_emoji(shard: InputShard, rows: _Rows) -> None:
             continue
         meta = {"id": r["id"], "name": r["name"], "keywords": r["keywords"], "category": r["category"],
                 "subcategory": r["subcategory"]}
-        caption = titled_caption(r["name"], r["keywords"], shard.source.caption_keywords)
-        rows.add(f"emoji:{r['id']}", caption, None, r["image"], meta)
+        rows.add(f"emoji:{r['id']}", r["name"], None, r["image"], meta)
 
 
 def _file_name_text(path: str) -> str:

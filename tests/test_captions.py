@@ -8,11 +8,11 @@ import json
 import pyarrow as pa
 import pytest
 
-from infra.config import CaptionConfig, ConfigError, SourceConfig
+from infra.config import CaptionConfig, ConfigError, SourceConfig, config_from_dict, to_dict
 from tasks.captions import (AUTHOR_CREDIT, BOILERPLATE, COLLECTION_STAMP, CONVERTED_FROM, DATE_STAMP, EMAIL_ADDRESS,
                             OUTCOMES, PATTERNS, CaptionStep, apply_patterns, boilerplate_values, caption_pieces,
                             compose, count_captions, final_caption_images, image_identity, length_histogram,
-                            normalise, render_caption_lengths, repeated_caption_report)
+                            normalise, policy_field_text, render_caption_lengths, repeated_caption_report)
 
 ALL = PATTERNS
 
@@ -53,6 +53,37 @@ def test_patterns_are_per_source_and_checked_in_config() -> None:
     with pytest.raises(ConfigError):
         CaptionConfig(fields=())
     assert SourceConfig(kind="openclipart", path="x").caption == CaptionConfig()
+
+
+def test_joined_fields_append_new_keywords_once() -> None:
+    """A "+" name is one field: the first text, then the others' items that are new (the
+    ``caption_keywords`` preset is "caption+keywords")."""
+    fields = {"caption": "Cartoon cat", "keywords": ["cat", "cartoon cat", "cat", " pet ", None]}
+    assert policy_field_text(fields, "caption+keywords") == "Cartoon cat, cat, pet"
+    assert policy_field_text({"caption": " ", "keywords": ["cat", "pet"]}, "caption+keywords") == "cat, pet"
+    assert policy_field_text({"caption": "Tux", "keywords": [], "alt": "penguin"}, "caption+keywords+alt") == "Tux, penguin"
+    assert policy_field_text({"caption": None, "keywords": []}, "caption+keywords") is None
+    assert policy_field_text(fields, "caption") == "Cartoon cat"
+    # one field for the patterns and the boilerplate count: a stamp anywhere drops it
+    out = compose({"caption": "Sun", "keywords": ["Wed Aug 25 23:29:46 2004"]}, CaptionConfig(fields=("caption+keywords",)))
+    assert out.caption is None and out.reason == DATE_STAMP
+    out = compose(fields, CaptionConfig(fields=("caption+keywords",)))
+    assert out.caption == "Cartoon cat, cat, pet" and out.fields == ("caption+keywords",)
+
+
+def test_caption_keywords_is_a_preset_of_the_caption_policy() -> None:
+    preset = SourceConfig(kind="openclipart", path="x", caption_keywords=True)
+    assert preset.caption == CaptionConfig(fields=("caption+keywords",))
+    explicit = SourceConfig(kind="emoji", path="x", caption=CaptionConfig(fields=("title", "caption"), append=("caption",)),
+                            caption_keywords=True)
+    assert explicit.caption.fields == ("title", "caption+keywords") and explicit.caption.append == ("caption+keywords",)
+    # idempotent: the resolved config (as saved beside the outputs) loads to the same policy
+    again = config_from_dict({"sources": [to_dict(preset)]}).sources[0]
+    assert again == preset
+    with pytest.raises(ConfigError, match="empty part"):
+        CaptionConfig(fields=("caption+",))
+    with pytest.raises(ConfigError, match="empty part"):
+        CaptionConfig(append=("+keywords",))
 
 
 def test_normalise() -> None:

@@ -19,7 +19,8 @@ from infra.eval_sets import EvalSetError, in_split, load_eval_set, training_ids
 from infra.openclipart import (CONCEPT_CLASSES, CONCEPT_CLASSES_B, OPENCLIPART_SCHEMA, concept_b_of, concept_of,
                                concepts_named,
                                excluded_from_training, is_heldout, read_openclipart)
-from tasks.readers import plan_input_shards, read_input_shard_with_funnel, titled_caption
+from tasks.captions import CaptionStep
+from tasks.readers import plan_input_shards, read_input_shard_with_funnel
 
 # Code points whose emoji.is_heldout is True / False (a stable hash: these never change).
 HELD = [u for u in (f"1F{n:03X}" for n in range(0x300, 0x700)) if emoji.is_heldout(u)][:6]
@@ -161,15 +162,14 @@ def test_emoji_reader_leaves_out_heldout_emoji_and_captions_with_keywords(tmp_pa
     assert dropped == {"heldout": len(held_drawn)} and plain.num_rows == len(KEPT)
     assert all(s.startswith("emoji:twitter/") and s.split("/")[1] in KEPT for s in plain.column("sample_id").to_pylist())
     assert plain.column("caption").to_pylist()[0] == "thing 6"
-    rich, _ = _read(SourceConfig(kind="emoji", path="tw.parquet", caption_keywords=True), tmp_path)
-    assert rich.column("caption").to_pylist()[0] == "thing 6, kw, word6"
-    assert json.loads(rich.column("meta").to_pylist()[0])["id"] == f"twitter/{KEPT[0]}"
-
-
-def test_titled_caption_appends_new_keywords_once() -> None:
-    assert titled_caption("Cartoon cat", ["cat", "cartoon cat", "cat", " pet "], True) == "Cartoon cat, cat, pet"
-    assert titled_caption("Cartoon cat", ["cat"], False) == "Cartoon cat"
-    assert titled_caption("", ["cat", "pet"], True) == "cat, pet"
+    # caption_keywords: the reader gives the name, the caption step (its preset policy) adds the keywords
+    source = SourceConfig(kind="emoji", path="tw.parquet", caption_keywords=True)
+    rich, _ = _read(source, tmp_path)
+    assert rich.column("caption").to_pylist() == plain.column("caption").to_pylist()
+    composed = CaptionStep(source.caption)(rich).table
+    assert composed.column("caption").to_pylist()[0] == "thing 6, kw, word6"
+    meta = json.loads(composed.column("meta").to_pylist()[0])
+    assert meta["id"] == f"twitter/{KEPT[0]}" and meta["caption_fields"] == ["caption+keywords"]
 
 
 def test_caption_keywords_only_for_titled_kinds() -> None:

@@ -28,8 +28,11 @@ def text_filter(vocab: EnglishVocab) -> TextFilter:
     return TextFilter(TextFilterConfig(), vocab)
 
 
-def load_labels(parts: tuple[str, ...] = ("tuning-1", "tuning-2")) -> list[tuple[str, str]]:
-    """(title, lang) of the labelled titles in ``parts`` (the final part is scored only by
+TUNING = ("tuning-1", "tuning-2", "tuning-3")
+
+
+def load_labels(parts: tuple[str, ...] = TUNING) -> list[tuple[str, str]]:
+    """(title, lang) of the labelled titles in ``parts`` (the fresh part is scored only by
     bench/language_id.py and the test that pins what it measured there once)."""
     lines = [line for line in LABELS.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
     header, rows = lines[0].split("\t"), [line.split("\t") for line in lines[1:]]
@@ -216,6 +219,50 @@ def test_mixed_and_unknown_short_captions_go_to_the_short_detector(text_filter: 
         assert verdict.p_english == text_filter.short_detector.english_probability(caption)
 
 
+def test_a_distinctly_english_word_beside_foreign_ones_is_a_gloss(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+    foreign = text_filter.foreign
+    assert foreign.distinctly_english("teapot") and foreign.distinctly_english("snail")
+    for word in ("figure", "protection", "france", "teiera", "qwzx"):  # shared, foreign or absent
+        assert not foreign.distinctly_english(word), word
+    for caption in ("Teiera teapot", "Lumaca - snail"):
+        verdict = _verdict(text_filter, caption)
+        assert verdict.english and verdict.decided_by == "vocab" and verdict.foreign == 1, (caption, verdict)
+    # only shared words beside the foreign one: no gloss, the short detector decides (and says no)
+    verdict = _verdict(text_filter, "protection obligatoire figure")
+    assert verdict.decided_by == "short_detector", verdict
+    # the rule switched off: the mixed caption goes to the short detector again
+    off = TextFilter(replace(TextFilterConfig(), english_lead_zipf=None), vocab)
+    assert not off.foreign.distinctly_english("teapot")
+    assert _verdict(off, "Teiera teapot").decided_by == "short_detector"
+
+
+def test_english_known_words_english_never_uses_are_foreign(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+    """"lattine" (cans) is English-known only as a split (lat + tine), absent from English's word
+    frequencies and used in Italian, though too rarely for the margin rule: foreign; a compound
+    English does not use elsewhere either ("meatgrinder") stays English."""
+    english, italian = text_filter.foreign.zipf("lattine")
+    assert vocab.is_english_word("lattine") and english == 0.0 and 2.0 <= italian < 3.5
+    assert text_filter.foreign.evidence("lattine", True) == FOREIGN
+    assert text_filter.foreign.evidence("meatgrinder", vocab.is_english_word("meatgrinder")) == ENGLISH
+    off = TextFilter(replace(TextFilterConfig(), foreign_absent_known_min_zipf=None), vocab)
+    assert off.foreign.evidence("lattine", True) == ENGLISH
+
+
+def test_long_captions_use_word_evidence(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+    # no foreign evidence and at least half English words: English, without langdetect
+    verdict = _verdict(text_filter, "Kowalski Nowak and the blue kettle")
+    assert verdict.english and verdict.decided_by == "vocab" and verdict.p_english is None, verdict
+    # most words English-known, but a third of them foreign evidence: langdetect decides (no)
+    caption = "Stemma comune Saint Vincent Valle Italy"
+    assert vocab.coverage(caption_words(caption)) == (6, 6)
+    verdict = _verdict(text_filter, caption)
+    assert not verdict.english and verdict.decided_by == "detector" and verdict.foreign == 2, verdict
+    # switched off: the known-word share alone, as before
+    off = TextFilter(replace(TextFilterConfig(), long_max_foreign_share=None), vocab)
+    assert _verdict(off, caption).english and _verdict(off, caption).decided_by == "vocab"
+    assert _verdict(off, "Kowalski Nowak and the blue kettle").decided_by == "detector"
+
+
 def test_fasttext_lid176_is_offline_and_reads_lower_case_words() -> None:
     lid = FastTextLID()
     assert lid.english_probability("Woman Nurse") > 0.5  # lower-cased first: capitalised, the model shows its prior
@@ -276,12 +323,18 @@ def _policy_scores(text_filter: TextFilter, labels: list[tuple[str, str]]) -> tu
 
 
 def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter, vocab: EnglishVocab) -> None:
-    """The tuning part (650 titles, 91 in other languages): the policy measures P 0.987, R 0.980,
-    84 of 91 dropped. The floors leave room for ~3 more errors either way; the share-of-known-words
-    rule alone (the previous policy) drops 64 of 91, and langdetect alone keeps < 60% of English."""
+    """The tuning parts (1,100 titles, 155 of those the language check sees in other languages):
+    the policy measures P 0.987, R 0.984, 143 of 155 dropped, the issue's goal (R >= 0.98 at
+    >= 90% dropped). The floors leave room for ~3 more errors either way; the round before
+    (no distinctly-English words, no word evidence on long captions, margin 2.0) measured R 0.969,
+    140 of 155; the share-of-known-words rule alone drops 103 of 155, and langdetect alone keeps
+    < 60% of English."""
     labels = load_labels()
     precision, recall, rejected = _policy_scores(text_filter, labels)
-    assert precision >= 0.98 and recall >= 0.975 and rejected >= 0.89, (precision, recall, rejected)
+    assert precision >= 0.98 and recall >= 0.98 and rejected >= 0.90, (precision, recall, rejected)
+    round_2 = TextFilter(replace(TextFilterConfig(), foreign_margin=2.0, english_lead_zipf=None,
+                                 foreign_absent_known_min_zipf=None, long_max_foreign_share=None), vocab)
+    assert _policy_scores(round_2, labels)[1] < 0.975  # what this round's rules add: recall
     share_only = TextFilter(replace(TextFilterConfig(), foreign_languages=(), short_detector="none"), vocab)
     assert _policy_scores(share_only, labels)[2] < 0.75  # what the word evidence and fastText add
     detector = LanguageDetector("langdetect-rs", 0)
@@ -292,12 +345,12 @@ def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter, voc
 
 
 def test_policy_on_the_once_only_part(text_filter: TextFilter) -> None:
-    """The final part (450 titles drawn and labelled after the policy was fixed, scored once by
-    bench/language_id.py): P 0.978, R 0.952, 56 of 64 other-language titles dropped — short of
-    the issue's goal (R >= 0.98 at >= 90% dropped) there. These floors guard against regressions;
-    they were not tuned on (the policy's settings are the tuning part's)."""
-    precision, recall, rejected = _policy_scores(text_filter, load_labels(("final",)))
-    assert precision >= 0.96 and recall >= 0.94 and rejected >= 0.84, (precision, recall, rejected)
+    """The fresh part (300 titles drawn and labelled after the policy was fixed, scored once by
+    bench/language_id.py): P 0.958, R 0.980, 33 of 44 other-language titles dropped — the recall
+    goal met there, the rejection goal (>= 90%) not. These floors guard against regressions (~2
+    more errors either way); they were not tuned on (the policy's settings are the tuning parts')."""
+    precision, recall, rejected = _policy_scores(text_filter, load_labels(("fresh-1",)))
+    assert precision >= 0.94 and recall >= 0.97 and rejected >= 0.70, (precision, recall, rejected)
 
 
 def test_langdetect_rs_matches_langdetect_on_the_labelled_titles() -> None:
@@ -327,6 +380,14 @@ def test_switches_and_config_checks(vocab: EnglishVocab) -> None:
         TextFilterConfig(english_min_prob=1.5)
     with pytest.raises(ConfigError):
         TextFilterConfig(short_detector_min_prob=-0.1)
+    with pytest.raises(ConfigError, match="long_max_foreign_share"):
+        TextFilterConfig(long_max_foreign_share=1.5)
+    with pytest.raises(ConfigError, match="english_lead_zipf"):
+        TextFilterConfig(english_lead_zipf=-0.5)
+    with pytest.raises(ConfigError, match="foreign_absent_known_min_zipf"):
+        TextFilterConfig(foreign_absent_known_min_zipf=12.0)
+    off = TextFilterConfig(english_lead_zipf=None, foreign_absent_known_min_zipf=None, long_max_foreign_share=None)
+    assert off.english_lead_zipf is None and off.long_max_foreign_share is None
 
 
 def test_pickled_filter_gives_the_same_answers(text_filter: TextFilter) -> None:
