@@ -265,6 +265,15 @@ class TextFilterConfig:
     # English ("scissors", "bags"; not "figure", "protection"): a short caption with one is English even
     # beside foreign words (an English title with a gloss); None: mixed captions go to the detector
     english_lead_zipf: float | None = 0.5
+    # ...and a word this frequent in a foreign language needs as much more lead for each Zipf above
+    # it (French "issue" is not a gloss; "and", far more English, still is); None: the lead alone
+    gloss_max_foreign_zipf: float | None = 4.3
+    # A word no list has but one of foreign_languages uses at least this much, and foreign_margin more
+    # than English, is foreign ("rondelle", "securite" without its accent); None: unknown, as before
+    foreign_unknown_min_zipf: float | None = 2.5
+    # English-known words shorter than this are English evidence only when English leads by
+    # english_lead_zipf ("of", "uk"; not "bw", "cd", "ak": abbreviations every language uses); 1: all
+    english_min_letters: int = 3
     # Long captions: the known-word share decides only while at most this share of the words is
     # foreign evidence, and no foreign evidence with english_min_coverage English words is English;
     # None: the known-word share alone (no word evidence for long captions)
@@ -287,7 +296,10 @@ class TextFilterConfig:
                 raise ConfigError(f"text_filter.{name} must be in [0, 1]")
         if self.long_max_foreign_share is not None and not 0.0 <= self.long_max_foreign_share <= 1.0:
             raise ConfigError("text_filter.long_max_foreign_share must be in [0, 1] (or null: off)")
-        for name in ("english_lead_zipf", "foreign_absent_known_min_zipf"):
+        if self.english_min_letters < 1:
+            raise ConfigError("text_filter.english_min_letters must be >= 1 (1: every English-known word counts)")
+        for name in ("english_lead_zipf", "foreign_absent_known_min_zipf", "gloss_max_foreign_zipf",
+                     "foreign_unknown_min_zipf"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 9.0:
                 raise ConfigError(f"text_filter.{name} must be a Zipf value in [0, 9] (or null: off)")

@@ -28,7 +28,7 @@ def text_filter(vocab: EnglishVocab) -> TextFilter:
     return TextFilter(TextFilterConfig(), vocab)
 
 
-TUNING = ("tuning-1", "tuning-2", "tuning-3")
+TUNING = ("tuning-1", "tuning-2", "tuning-3", "tuning-4")
 
 
 def load_labels(parts: tuple[str, ...] = TUNING) -> list[tuple[str, str]]:
@@ -236,6 +236,59 @@ def test_a_distinctly_english_word_beside_foreign_ones_is_a_gloss(text_filter: T
     assert _verdict(off, "Teiera teapot").decided_by == "short_detector"
 
 
+def test_a_word_common_in_a_foreign_language_is_no_gloss(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+    """French "issue" (exit) leads French by 0.6 Zipf but is common there (4.6): no gloss, so a
+    French sign title with it goes to the short detector; "and" is common in foreign text too but
+    English leads it by far more than the cap asks, so it stays distinctly English."""
+    foreign = text_filter.foreign
+    english, french = foreign.zipf("issue")
+    assert english - french >= 0.5 and french >= text_filter.cfg.gloss_max_foreign_zipf
+    assert not foreign.distinctly_english("issue")
+    assert foreign.distinctly_english("and") and foreign.distinctly_english("teapot")
+    verdict = _verdict(text_filter, "sortie issue secours")
+    assert verdict.decided_by == "short_detector" and verdict.foreign == 2, verdict
+    # switched off: the lead alone makes "issue" a gloss and the French title English
+    off = TextFilter(replace(TextFilterConfig(), gloss_max_foreign_zipf=None), vocab)
+    assert off.foreign.distinctly_english("issue")
+    verdict = _verdict(off, "sortie issue secours")
+    assert verdict.english and verdict.decided_by == "vocab", verdict
+
+
+def test_a_word_no_list_has_but_a_foreign_language_uses_is_foreign(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+    """"rondelle" (a slice) is neither English-known nor in French at min_zipf, but French uses it
+    2 Zipf more than English: foreign, so beside the shared "orange" the short detector decides;
+    a name no language uses ("bowsaw", "manuscriot") stays unknown."""
+    foreign = text_filter.foreign
+    assert not vocab.is_english_word("rondelle")
+    english, french = foreign.zipf("rondelle")
+    assert 2.5 <= french < 3.5 and french - english >= 1.75
+    assert foreign.evidence("rondelle", False) == FOREIGN
+    assert foreign.evidence("bowsaw", False) == UNKNOWN and foreign.evidence("manuscriot", False) == UNKNOWN
+    assert _verdict(text_filter, "Rondelle orange").decided_by == "short_detector"
+    off = TextFilter(replace(TextFilterConfig(), foreign_unknown_min_zipf=None), vocab)
+    assert off.foreign.evidence("rondelle", False) == UNKNOWN
+    verdict = _verdict(off, "Rondelle orange")
+    assert verdict.english and verdict.decided_by == "vocab", verdict  # one English word of two: kept
+
+
+def test_two_letter_words_are_english_evidence_only_when_english_leads(text_filter: TextFilter,
+                                                                        vocab: EnglishVocab) -> None:
+    """"bw" (black and white) is English-known but German uses it more: an abbreviation, no
+    English evidence, so "glace bw" has foreign evidence only; "of" still counts; digits and
+    underscores are word breaks, so "glace_06_bw" is the same caption."""
+    foreign = text_filter.foreign
+    assert vocab.is_english_word("bw") and not foreign.leads("bw") and foreign.leads("of")
+    assert caption_words("glace_06_bw") == ["glace", "bw"]
+    for caption in ("glace bw", "glace_06_bw"):
+        verdict = _verdict(text_filter, caption)
+        assert not verdict.english and verdict.decided_by == "vocab" and verdict.foreign == 1, (caption, verdict)
+    verdict = _verdict(text_filter, "mug of tea")
+    assert verdict.english and verdict.decided_by == "vocab", verdict
+    # switched off (every English-known word counts): English against foreign, the short detector decides
+    off = TextFilter(replace(TextFilterConfig(), english_min_letters=1), vocab)
+    assert _verdict(off, "glace bw").decided_by == "short_detector"
+
+
 def test_english_known_words_english_never_uses_are_foreign(text_filter: TextFilter, vocab: EnglishVocab) -> None:
     """"lattine" (cans) is English-known only as a split (lat + tine), absent from English's word
     frequencies and used in Italian, though too rarely for the margin rule: foreign; a compound
@@ -323,18 +376,20 @@ def _policy_scores(text_filter: TextFilter, labels: list[tuple[str, str]]) -> tu
 
 
 def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter, vocab: EnglishVocab) -> None:
-    """The tuning parts (1,100 titles, 155 of those the language check sees in other languages):
-    the policy measures P 0.987, R 0.984, 143 of 155 dropped, the issue's goal (R >= 0.98 at
-    >= 90% dropped). The floors leave room for ~3 more errors either way; the round before
-    (no distinctly-English words, no word evidence on long captions, margin 2.0) measured R 0.969,
-    140 of 155; the share-of-known-words rule alone drops 103 of 155, and langdetect alone keeps
-    < 60% of English."""
+    """The tuning parts tuning-1..4 (1,400 titles, 199 of those the language check sees in other
+    languages): the policy measures P 0.986, R 0.982, 182 of 199 dropped, the issue's goal (R >=
+    0.98 at >= 90% dropped). The floors leave room for ~2 more errors either way. Round 3 (no
+    gloss cap, no foreign unknown words, two-letter words counted) drops 176 of 199; round 2 (no
+    distinctly-English words, no word evidence on long captions, margin 2.0) measures R 0.970; the
+    share-of-known-words rule alone drops 128 of 199, and langdetect alone keeps 37% of English."""
     labels = load_labels()
     precision, recall, rejected = _policy_scores(text_filter, labels)
     assert precision >= 0.98 and recall >= 0.98 and rejected >= 0.90, (precision, recall, rejected)
-    round_2 = TextFilter(replace(TextFilterConfig(), foreign_margin=2.0, english_lead_zipf=None,
+    round_3 = dict(gloss_max_foreign_zipf=None, foreign_unknown_min_zipf=None, english_min_letters=1)
+    assert _policy_scores(TextFilter(replace(TextFilterConfig(), **round_3), vocab), labels)[2] < 0.895
+    round_2 = TextFilter(replace(TextFilterConfig(), **round_3, foreign_margin=2.0, english_lead_zipf=None,
                                  foreign_absent_known_min_zipf=None, long_max_foreign_share=None), vocab)
-    assert _policy_scores(round_2, labels)[1] < 0.975  # what this round's rules add: recall
+    assert _policy_scores(round_2, labels)[1] < 0.975  # what round 3's rules added: recall
     share_only = TextFilter(replace(TextFilterConfig(), foreign_languages=(), short_detector="none"), vocab)
     assert _policy_scores(share_only, labels)[2] < 0.75  # what the word evidence and fastText add
     detector = LanguageDetector("langdetect-rs", 0)
@@ -345,12 +400,14 @@ def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter, voc
 
 
 def test_policy_on_the_once_only_part(text_filter: TextFilter) -> None:
-    """The fresh part (300 titles drawn and labelled after the policy was fixed, scored once by
-    bench/language_id.py): P 0.958, R 0.980, 33 of 44 other-language titles dropped — the recall
-    goal met there, the rejection goal (>= 90%) not. These floors guard against regressions (~2
-    more errors either way); they were not tuned on (the policy's settings are the tuning parts')."""
-    precision, recall, rejected = _policy_scores(text_filter, load_labels(("fresh-1",)))
-    assert precision >= 0.94 and recall >= 0.97 and rejected >= 0.70, (precision, recall, rejected)
+    """The fresh part fresh-2 (300 titles drawn and labelled after the round-4 policy was committed,
+    scored once by bench/language_id.py): P 0.975, R 0.928, 41 of 47 dropped as scored; with the two
+    Italian titles the labelling pass had left at en fixed afterwards, P 0.975, R 0.935, 43 of 49
+    (0.878). Neither goal is met there: the recall is lost on proper names (Niue, Murcia, Velocette,
+    French regions) that neither the word lists nor fastText know as English. These floors guard
+    against regressions (~2 more errors either way); they were not tuned on."""
+    precision, recall, rejected = _policy_scores(text_filter, load_labels(("fresh-2",)))
+    assert precision >= 0.96 and recall >= 0.925 and rejected >= 0.83, (precision, recall, rejected)
 
 
 def test_langdetect_rs_matches_langdetect_on_the_labelled_titles() -> None:
@@ -386,6 +443,12 @@ def test_switches_and_config_checks(vocab: EnglishVocab) -> None:
         TextFilterConfig(english_lead_zipf=-0.5)
     with pytest.raises(ConfigError, match="foreign_absent_known_min_zipf"):
         TextFilterConfig(foreign_absent_known_min_zipf=12.0)
+    with pytest.raises(ConfigError, match="gloss_max_foreign_zipf"):
+        TextFilterConfig(gloss_max_foreign_zipf=-1.0)
+    with pytest.raises(ConfigError, match="foreign_unknown_min_zipf"):
+        TextFilterConfig(foreign_unknown_min_zipf=10.0)
+    with pytest.raises(ConfigError, match="english_min_letters"):
+        TextFilterConfig(english_min_letters=0)
     off = TextFilterConfig(english_lead_zipf=None, foreign_absent_known_min_zipf=None, long_max_foreign_share=None)
     assert off.english_lead_zipf is None and off.long_max_foreign_share is None
 
