@@ -37,7 +37,7 @@ def curves_png(x: Sequence[float], panels: Mapping[str, Series], *, title: str, 
                            label=label)
         if name in log_y:
             ax.set_yscale("log")
-        ax.set_ylabel(name)
+        ax.set_title(name, fontsize=10, loc="left")  # a title, not a y label: long names would overlap
         ax.grid(True, alpha=0.3)
         if len(panels[name]) > 1 or lines is not None:
             ax.legend(fontsize=8, loc="best")

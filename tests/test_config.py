@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,22 @@ def test_demo_config_loads(repo_root: Path):
     assert cfg.name == "demo"
     assert cfg.sources and cfg.sources[0].kind == "openclipart"
     assert {e.name for e in cfg.eval_sets} >= {"openclipart-heldout"}
+
+
+def test_zeroshot_config_loads_with_its_frames_and_the_second_concept_set(repo_root: Path):
+    cfg = load_config(repo_root / "configs" / "zeroshot.yaml")
+    assert cfg.train.caption_frames and all(f.count("{}") == 1 for f in cfg.train.caption_frames)
+    kinds = {e.name: (e.kind, e.split) for e in cfg.eval_sets}
+    assert kinds["openclipart-concepts-b"] == ("openclipart-concepts-b", "all")
+    assert "openclipart-concepts-b" not in cfg.train.curve_eval_sets  # looked at once, at the end
+    from trainer.templates import FAMILIES
+
+    def plain(text: str) -> str:  # up to punctuation and articles
+        return " ".join(w for w in re.sub(r"[^\w{}]+", " ", text.lower()).split() if w not in ("a", "an", "the"))
+
+    prompts = {plain(t) for family in FAMILIES.values() for t in family}
+    assert not {plain(f) for f in cfg.train.caption_frames} & prompts  # no frame is an eval prompt
+    assert plain("A drawing of {}.") in prompts  # the check sees through articles and the full stop
 
 
 def test_unknown_key_is_rejected_with_its_path(tmp_path: Path):

@@ -98,6 +98,16 @@ EMOJI_TEMPLATES: tuple[str, ...] = (
     "a drawing of {}.",
 )
 
+# Caption-shaped prompts for models trained on "title, keywords" captions (configs/zeroshot.yaml):
+# the bare name, then the name followed by a keyword as the captions have them. Chosen on the tune
+# splits of openclipart-concepts / emoji-heldout (2026-12-01: 7 and 3 families tried, README).
+CLIPART_CAPTION_TEMPLATES: tuple[str, ...] = (
+    "{}", "{}, clip art", "{}, drawing", "{}, icon", "{}, cartoon", "{}, illustration",
+)
+EMOJI_CAPTION_TEMPLATES: tuple[str, ...] = (
+    "{}", "{}, emoji", "{}, icon", "{}, symbol", "{}, cartoon", "{}, drawing",
+)
+
 # Animal-MNIST: small greyscale animal pictures; context as CLIP's Oxford-Pets "a type of pet.".
 ANIMAL_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}, a type of animal.",
@@ -119,6 +129,8 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "fashion-mnist": FASHION_MNIST_TEMPLATES,
     "clipart": CLIPART_TEMPLATES,
     "emoji": EMOJI_TEMPLATES,
+    "clipart-caption": CLIPART_CAPTION_TEMPLATES,
+    "emoji-caption": EMOJI_CAPTION_TEMPLATES,
     "animal": ANIMAL_TEMPLATES,
     "pets": PET_TEMPLATES,
 }
