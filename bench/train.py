@@ -144,8 +144,8 @@ def main() -> None:
         engines = {"plain": plain_engine(cfg, steps + warmup)}
         for label, ds_cfg in configs.items():
             engines[label] = deepspeed_engine(ds_cfg, steps + warmup, json.loads(args.zero_options))
-            print(f"{label}: zero_optimization {json.dumps(deepspeed_config(ds_cfg, 1, False)['zero_optimization'])}",
-                  flush=True)
+            zero = {**deepspeed_config(ds_cfg, 1, False)["zero_optimization"], **json.loads(args.zero_options)}
+            print(f"{label}: zero_optimization {json.dumps(zero)}", flush=True)
         phases = {name: Phases() for name in engines}
         warm = {name: Phases() for name in engines}
         names = list(engines)
