@@ -134,6 +134,8 @@ def test_deepspeed_steps_take_the_plain_loops_losses():
             torch.manual_seed(cfg.seed)
             engine, _ = build_engine(ds_cfg, model_config, deepspeed_config(ds_cfg, 1, on_cuda=False), 10)
             assert engine.zero_optimization_stage() == ds_cfg.effective_zero_stage
+            # Stage 0 on one rank skips the all-reduce over itself (an identity): the losses show it is one.
+            assert engine.enable_backward_allreduce == (ds_cfg.effective_zero_stage != 0)
             losses = []
             for images, tokens in batches:
                 loss = loss_fn(*engine(images, tokens))
