@@ -1,14 +1,18 @@
 """Training throughput: DeepSpeed (ZeRO, our engine set-up) vs a plain PyTorch loop, same run.
 
-Both train the same model (same initial weights) on the same batches, decoded once from shards of
+All train the same model (same initial weights) on the same batches, decoded once from shards of
 the bundled Openclipart sample and replayed from memory, so the numbers compare the engines, not
-the data pipeline. Both use AdamW with the same param groups, cosine schedule, grad clipping and
-ClipLoss. Both engines live side by side and their steps alternate (ABBA), so machine load hits
-them alike; each step's forward, backward and optimizer step are timed (wall and CPU) and the
-medians are compared: what DeepSpeed adds (or saves) in each phase. The last line is the headline:
-``... ratio=<deepspeed / plain>`` of the median step.
+the data pipeline. All use AdamW with the same param groups, cosine schedule, grad clipping and
+ClipLoss. Three engines live side by side and their steps alternate (forward, then reversed
+order), so machine load hits them alike: the plain loop; DeepSpeed at ``--zero-stage`` with
+``trainer.train.deepspeed_config`` (what ``train.zero_stage`` gets); and DeepSpeed as
+``train.single_rank_zero_stage: 0`` runs it on one rank (stage 0: ZeRO partitions nothing across
+one rank). Each step's forward, backward and optimizer step are timed (wall and CPU) and the
+medians are compared: what DeepSpeed adds (or saves) in each phase. One ``ratio=`` line per
+DeepSpeed engine (DeepSpeed / plain, median step); the last line is the headline: the stage asked
+for, ``--zero-stage``.
 
-    .venv/bin/python bench/train.py [--quick] [--model tiny] [--zero-stage 2] [--precision fp32]
+    .venv/bin/python bench/train.py [--quick] [--model tiny] [--zero-stage 2] [--precision fp32] [--threads N]
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ from tests.trainer_fixtures import sample_pairs, write_dataset  # noqa: E402
 from trainer.data import ShardStream, load_manifest  # noqa: E402
 from trainer.loss import ClipLoss  # noqa: E402
 from trainer.model import CLIP, load_model_config  # noqa: E402
-from trainer.train import (cosine_with_warmup, deepspeed_config, init_distributed, param_groups,  # noqa: E402
-                           shutdown_distributed)
+from trainer.train import (build_engine, cosine_with_warmup, deepspeed_config, init_distributed,  # noqa: E402
+                           param_groups, shutdown_distributed)
 
 
 def make_batches(model_name: str, micro_batch: int, count: int, work: Path) -> list[dict]:
@@ -100,13 +104,10 @@ def plain_engine(cfg: TrainConfig, total: int) -> Callable[[dict, Phases], None]
 
 
 def deepspeed_engine(cfg: TrainConfig, total: int, zero_options: dict) -> Callable[[dict, Phases], None]:
-    import deepspeed
-
-    model, optimizer, scheduler = _model_and_optimizer(cfg, total)
+    torch.manual_seed(cfg.seed)
     config = deepspeed_config(cfg, 1, on_cuda=False)
     config["zero_optimization"].update(zero_options)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=config, dist_init_required=False)
+    engine, _ = build_engine(cfg, load_model_config(cfg.model), config, total)
     loss_fn = ClipLoss()
 
     def step(batch: dict, phases: Phases) -> None:
@@ -124,7 +125,10 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per engine (default 40)")
     parser.add_argument("--zero-options", default="{}", help="extra zero_optimization settings, JSON (experiments)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     steps = args.steps or (8 if args.quick else 40)
     warmup = 2 if args.quick else 4
     cfg = TrainConfig(model=args.model, zero_stage=args.zero_stage, precision=args.precision,
@@ -132,29 +136,39 @@ def main() -> None:
     batches = make_batches(args.model, args.micro_batch, count=8, work=REPO_ROOT / ".bench" / "train-data")
     print(f"model={args.model} micro_batch={args.micro_batch} steps={steps} (+{warmup} warm-up) each, alternating "
           f"threads={torch.get_num_threads()} cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f}", flush=True)
+    asked = f"deepspeed zero-{args.zero_stage} {args.precision}"
+    one_rank = f"deepspeed zero-{args.zero_stage} run as zero-0 (train.single_rank_zero_stage=0) {args.precision}"
+    configs = {asked: cfg, one_rank: dataclasses.replace(cfg, single_rank_zero_stage=0)}
     init_distributed(rank=0, world_size=1)
     try:
-        engines = {"plain": plain_engine(cfg, steps + warmup),
-                   "deepspeed": deepspeed_engine(dataclasses.replace(cfg), steps + warmup, json.loads(args.zero_options))}
+        engines = {"plain": plain_engine(cfg, steps + warmup)}
+        for label, ds_cfg in configs.items():
+            engines[label] = deepspeed_engine(ds_cfg, steps + warmup, json.loads(args.zero_options))
+            zero = {**deepspeed_config(ds_cfg, 1, False)["zero_optimization"], **json.loads(args.zero_options)}
+            print(f"{label}: zero_optimization {json.dumps(zero)}", flush=True)
         phases = {name: Phases() for name in engines}
         warm = {name: Phases() for name in engines}
+        names = list(engines)
         for i, batch in enumerate(itertools.islice(itertools.cycle(batches), steps + warmup)):
-            order = ("plain", "deepspeed") if i % 2 == 0 else ("deepspeed", "plain")
-            for name in order:
+            for name in (names if i % 2 == 0 else names[::-1]):
                 engines[name](batch, (warm if i < warmup else phases)[name])
     finally:
         shutdown_distributed(rank=0)
-    plain, ours = phases["plain"], phases["deepspeed"]
-    label = f"deepspeed zero-{args.zero_stage} {args.precision}"
-    print(f"{'median ms':<12}{'plain wall':>12}{'ds wall':>10}{'plain CPU':>12}{'ds CPU':>10}")
-    for name in ("forward", "backward", "step", "total"):
-        print(f"{name:<12}{plain.median(name) * 1e3:>12.1f}{ours.median(name) * 1e3:>10.1f}"
-              f"{plain.median(name, True) * 1e3:>12.1f}{ours.median(name, True) * 1e3:>10.1f}")
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (both engines, one process)")
-    plain_rate, ours_rate = cfg.micro_batch / plain.median("total"), cfg.micro_batch / ours.median("total")
-    cpu_ratio = plain.median("total", True) / ours.median("total", True)
-    print(f"train {args.model}: {label} {ours_rate:.1f} samples/s, plain pytorch {plain_rate:.1f} samples/s "
-          f"(median step; CPU ratio {cpu_ratio:.2f}), ratio={ours_rate / plain_rate:.2f}")
+    plain = phases["plain"]
+    short = {"plain": "plain", asked: f"zero-{args.zero_stage}", one_rank: "zero-0"}
+    print(f"{'median ms':<12}" + "".join(f"{short[n] + ' wall':>13}" for n in names)
+          + "".join(f"{short[n] + ' CPU':>12}" for n in names))
+    for phase in ("forward", "backward", "step", "total"):
+        print(f"{phase:<12}" + "".join(f"{phases[n].median(phase) * 1e3:>13.1f}" for n in names)
+              + "".join(f"{phases[n].median(phase, True) * 1e3:>12.1f}" for n in names))
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (all engines, one process)")
+    plain_rate = cfg.micro_batch / plain.median("total")
+    for label in (one_rank, asked):
+        ours = phases[label]
+        ours_rate = cfg.micro_batch / ours.median("total")
+        cpu_ratio = plain.median("total", True) / ours.median("total", True)
+        print(f"train {args.model}: {label} {ours_rate:.1f} samples/s, plain pytorch {plain_rate:.1f} samples/s "
+              f"(median step; CPU ratio {cpu_ratio:.2f}), ratio={ours_rate / plain_rate:.2f}")
 
 
 if __name__ == "__main__":

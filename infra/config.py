@@ -428,6 +428,10 @@ class TrainConfig:
     output: str = "train"  # relative to Config.output unless it is a full URI
     model: str = "tiny"  # a named model config (trainer/model_configs)
     zero_stage: Literal[0, 1, 2, 3] = 2
+    # The ZeRO stage to run instead when training on one rank (world_size 1), where ZeRO partitions
+    # nothing: 0 skips ZeRO-2's gradient buckets and second fp32 weight copy for the same maths
+    # (bench/train.py); logged at start. None: zero_stage on any world size.
+    single_rank_zero_stage: Literal[0] | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     micro_batch: int = 32
     grad_accum: int = 1
@@ -499,6 +503,13 @@ class TrainConfig:
     @property
     def train_batch(self) -> int:
         return self.micro_batch * self.grad_accum * self.world_size
+
+    @property
+    def effective_zero_stage(self) -> int:
+        """The ZeRO stage DeepSpeed runs: ``single_rank_zero_stage`` on one rank when set, else ``zero_stage``."""
+        if self.world_size == 1 and self.single_rank_zero_stage is not None:
+            return self.single_rank_zero_stage
+        return self.zero_stage
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,27 @@ def test_a_shard_without_marker_is_rewritten_identically(tmp_path):
     assert second["sha256"] == first["sha256"]
 
 
+def test_a_streamed_shard_starts_its_writeback_chunk_by_chunk_and_hashes_the_whole(tmp_path, monkeypatch):
+    import tasks.shards
+    from infra.storage import start_writeback
+
+    ranges: list[tuple[int, int]] = []
+
+    def recording(fd: int, offset: int, nbytes: int) -> None:
+        ranges.append((offset, nbytes))
+        start_writeback(fd, offset, nbytes)  # the real call, on the real temp file
+    monkeypatch.setattr(tasks.shards, "start_writeback", recording)
+    monkeypatch.setattr(tasks.shards, "_WRITEBACK_BYTES", 512)
+    store = ObjectStore(str(tmp_path))
+    stats = write_shard(store, 0, rows(200), row_group_rows=20)
+    data = store.read_bytes(shard_key(0))
+    assert len(ranges) > 3 and ranges[0][0] == 0
+    assert all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:]))  # contiguous, nothing twice
+    assert ranges[-1][0] + ranges[-1][1] <= len(data)
+    assert stats["sha256"] == hashlib.sha256(data).hexdigest() and stats["bytes"] == len(data)
+    assert store.read_parquet(shard_key(0)).num_rows == 200
+
+
 def test_missing_required_column_is_a_clear_error(tmp_path):
     store = ObjectStore(str(tmp_path))
     with pytest.raises(ValueError, match="caption"):

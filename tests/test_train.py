@@ -18,8 +18,8 @@ import torch
 
 from infra.config import Config, TrainConfig
 from tests.trainer_fixtures import sample_pairs, write_dataset
-from trainer.train import (clear_stale_op_locks, cosine_with_warmup, deepspeed_config, init_distributed, param_groups,
-                           shutdown_distributed, total_steps, train)
+from trainer.train import (build_engine, clear_stale_op_locks, cosine_with_warmup, deepspeed_config, init_distributed,
+                           param_groups, shutdown_distributed, total_steps, train)
 
 STEPS = 8
 TRAIN = TrainConfig(model="tiny", zero_stage=2, micro_batch=16, max_steps=STEPS, lr=2e-3, warmup_steps=2,
@@ -70,6 +70,81 @@ def test_batch_arithmetic_and_precision_are_checked():
     assert deepspeed_config(dataclasses.replace(TRAIN, precision="fp16"), 1, on_cuda=True)["fp16"]["loss_scale"] == 0
     assert deepspeed_config(dataclasses.replace(TRAIN, precision="bf16"), 1, on_cuda=False)["bf16"]["enabled"]
     assert total_steps(dataclasses.replace(TRAIN, max_steps=None, epochs=3), num_rows=100) == 3 * (100 // 16)
+
+
+def test_single_rank_zero_stage_applies_on_one_rank_only_and_is_validated():
+    from infra.config import ConfigError, config_from_dict
+
+    fast = dataclasses.replace(TRAIN, single_rank_zero_stage=0)
+    assert (TRAIN.effective_zero_stage, fast.effective_zero_stage) == (2, 0)
+    assert deepspeed_config(fast, 1, on_cuda=False)["zero_optimization"] == {"stage": 0}
+    two = dataclasses.replace(fast, world_size=2, micro_batch=8)
+    assert two.effective_zero_stage == 2 and deepspeed_config(two, 2, on_cuda=False)["zero_optimization"]["stage"] == 2
+    # ZeRO-2 on CPU: no contiguous-gradient bucket; on CUDA DeepSpeed's defaults stay.
+    assert deepspeed_config(TRAIN, 1, on_cuda=False)["zero_optimization"] == {"stage": 2, "contiguous_gradients": False}
+    assert deepspeed_config(TRAIN, 1, on_cuda=True)["zero_optimization"] == {"stage": 2}
+    assert config_from_dict({"train": {"single_rank_zero_stage": 0}}).train.effective_zero_stage == 0
+    with pytest.raises(ConfigError, match="single_rank_zero_stage"):
+        config_from_dict({"train": {"single_rank_zero_stage": 1}})
+
+
+def test_a_run_of_another_zero_stage_is_not_resumed(tmp_path):
+    from trainer.train import RUN_CONFIG_NAME, _check_resumable
+
+    def run_config(cfg: TrainConfig) -> dict:
+        return {"train": dataclasses.asdict(cfg), "model": {"name": "tiny"}, "train_batch": cfg.train_batch,
+                "deepspeed": deepspeed_config(cfg, 1, on_cuda=False)}
+    (tmp_path / RUN_CONFIG_NAME).write_text(json.dumps(run_config(TRAIN)))
+    _check_resumable(tmp_path, run_config(TRAIN))  # the same stage resumes
+    with pytest.raises(ValueError, match="ZeRO stage 2, this run's is 0"):
+        _check_resumable(tmp_path, run_config(dataclasses.replace(TRAIN, single_rank_zero_stage=0)))
+
+
+def test_deepspeed_steps_take_the_plain_loops_losses():
+    """Our engine set-up (build_engine + deepspeed_config) trains like a plain PyTorch loop: ZeRO-2
+    as configured and the one-rank stage 0, same seed, same batches, the same first losses."""
+    from trainer.loss import ClipLoss
+    from trainer.model import CLIP, load_model_config
+
+    cfg = dataclasses.replace(TRAIN, micro_batch=8, max_steps=None, grad_clip=0.05)  # a clip that bites
+    model_config = load_model_config(cfg.model)
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(cfg.micro_batch, 3, 32, 32, generator=generator),
+                torch.randint(1, 49407, (cfg.micro_batch, 77), generator=generator)) for _ in range(4)]
+    loss_fn = ClipLoss()
+
+    torch.manual_seed(cfg.seed)
+    model = CLIP(model_config)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, 10))
+    plain = []
+    for images, tokens in batches:
+        loss = loss_fn(*model(images, tokens))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        plain.append(loss.item())
+    assert plain[-1] < plain[0]  # it learns: the steps did something
+
+    init_distributed(rank=0, world_size=1)
+    try:
+        for ds_cfg in (cfg, dataclasses.replace(cfg, single_rank_zero_stage=0)):
+            torch.manual_seed(cfg.seed)
+            engine, _ = build_engine(ds_cfg, model_config, deepspeed_config(ds_cfg, 1, on_cuda=False), 10)
+            assert engine.zero_optimization_stage() == ds_cfg.effective_zero_stage
+            # Stage 0 on one rank skips the all-reduce over itself (an identity): the losses show it is one.
+            assert engine.enable_backward_allreduce == (ds_cfg.effective_zero_stage != 0)
+            losses = []
+            for images, tokens in batches:
+                loss = loss_fn(*engine(images, tokens))
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.item())
+            assert losses == pytest.approx(plain, rel=1e-5), (ds_cfg.effective_zero_stage, losses, plain)
+    finally:
+        shutdown_distributed(rank=0)
 
 
 def test_weight_decay_skips_gains_biases_embeddings_and_logit_scale():
@@ -235,6 +310,17 @@ def test_resumed_run_continues_the_same_loss_trajectory(flow_run, manifest, tmp_
     with pytest.raises(ValueError, match="micro_batch changed"):
         _run_in_process(dataclasses.replace(TRAIN, micro_batch=8, grad_accum=2, max_steps=STEPS + 2), manifest,
                         tmp_path)
+
+
+@pytest.mark.slow
+def test_one_rank_stage0_trains_the_zero2_runs_trajectory(flow_run, manifest, tmp_path, caplog):
+    reference = [r["loss"] for r in _records(flow_run[1])]
+    with caplog.at_level("INFO", logger="witflow.trainer"):
+        result = _run_in_process(dataclasses.replace(TRAIN, single_rank_zero_stage=0), manifest, tmp_path)
+    assert list(result.losses) == pytest.approx(reference, rel=1e-4, abs=1e-5)
+    assert "train.single_rank_zero_stage" in caplog.text  # the changed stage is said, not silent
+    saved = json.loads((tmp_path / "train_config.json").read_text())
+    assert saved["deepspeed"]["zero_optimization"]["stage"] == 0 and saved["train"]["zero_stage"] == 2
 
 
 @pytest.mark.slow

@@ -171,16 +171,39 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, on_cuda: bool) -> dict[s
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": cfg.effective_zero_stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if cfg.effective_zero_stage in (1, 2) and not on_cuda:
+        # Contiguous gradients copy every gradient, in its backward hook, into a bucket DeepSpeed
+        # allocates afresh each step (reduce_bucket_size elements, 2 GB of fp32): against GPU
+        # memory fragmentation, of no use on CPU, where it cost ~10% of a step (bench/train.py).
+        config["zero_optimization"]["contiguous_gradients"] = False
     if cfg.precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif cfg.precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000}
     return config
+
+
+def build_engine(cfg: TrainConfig, model_config: ModelConfig, ds_config: dict[str, Any], steps: int) -> tuple[Any, Any]:
+    """The CLIP model, AdamW and the cosine schedule under DeepSpeed (``ds_config``); seed first.
+    Returns the engine and its scheduler."""
+    import deepspeed
+
+    model = CLIP(model_config)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, steps))
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config, dist_init_required=False)
+    if dist.get_world_size() == 1 and engine.zero_optimization_stage() == 0:
+        # An all-reduce over one rank is the identity, which DeepSpeed runs anyway (flatten, gloo,
+        # unflatten: ~7% of a CPU step, bench/train.py); this is its own switch for "no reduction".
+        engine.enable_backward_allreduce = False
+    return engine, scheduler
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -291,6 +314,11 @@ def _check_resumable(output_dir: Path, run_config: dict[str, Any], on_dataset_ch
         if saved.get(key) != run_config.get(key):
             raise ValueError(f"{output_dir} holds a run with a different {key} ({saved.get(key)} vs "
                              f"{run_config.get(key)}): use a new train.output or delete it")
+    saved_stage = saved.get("deepspeed", {}).get("zero_optimization", {}).get("stage")
+    stage = run_config["deepspeed"]["zero_optimization"]["stage"]
+    if saved_stage is not None and saved_stage != stage:
+        raise ValueError(f"{output_dir}: its checkpoints are of ZeRO stage {saved_stage}, this run's is {stage} "
+                         "(train.zero_stage / train.single_rank_zero_stage): use a new train.output")
     for key in ("micro_batch", "grad_accum", "world_size", "num_workers", "seed"):
         if saved["train"].get(key) != run_config["train"].get(key):
             raise ValueError(f"{output_dir}: train.{key} changed since the checkpoint "
@@ -384,8 +412,6 @@ def train(cfg: TrainConfig, source: DatasetSource, output_dir: str | Path, *, ra
     job were killed right after a checkpoint): tests use it to prove resumption. ``curve_sets``
     (``trainer.curve.CurveSet``, needed on rank 0) are scored every ``cfg.curve_every_steps``.
     """
-    import deepspeed
-
     output_dir = Path(output_dir)
     on_cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if on_cuda else torch.device("cpu")
@@ -417,12 +443,7 @@ def train(cfg: TrainConfig, source: DatasetSource, output_dir: str | Path, *, ra
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    model = CLIP(model_config)
-    model.set_grad_checkpointing(cfg.grad_checkpointing)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, steps))
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=ds_config, dist_init_required=False)
+    engine, scheduler = build_engine(cfg, model_config, ds_config, steps)
 
     num_streams = max(1, cfg.num_workers)
     step, position = 0, initial_position(num_streams)
@@ -442,7 +463,10 @@ def train(cfg: TrainConfig, source: DatasetSource, output_dir: str | Path, *, ra
     losses: list[float] = []
     last_step = steps if stop_after is None else min(steps, stop_after)
     if rank == 0:
-        log_event(log, "training", model=cfg.model, zero_stage=cfg.zero_stage, precision=cfg.precision,
+        if cfg.effective_zero_stage != cfg.zero_stage:
+            log_event(log, "one rank: ZeRO stage changed by train.single_rank_zero_stage", zero_stage=cfg.zero_stage,
+                      runs_stage=cfg.effective_zero_stage, reason="ZeRO partitions nothing across one rank")
+        log_event(log, "training", model=cfg.model, zero_stage=cfg.effective_zero_stage, precision=cfg.precision,
                   world_size=world_size, train_batch=cfg.train_batch, steps=steps, start_step=step, device=str(device))
     curve = _curve_hook(curve_sets, output_dir, rank) if cfg.curve_every_steps and curve_sets else None
     if curve is not None and step == 0:
@@ -485,7 +509,7 @@ def train(cfg: TrainConfig, source: DatasetSource, output_dir: str | Path, *, ra
                 save_checkpoint(engine, output_dir, step, position, rank, keep=cfg.keep_checkpoints)
         export_dir = output_dir / EXPORT_DIR
         if step >= steps:
-            export_model(engine, export_dir, rank, zero_stage=cfg.zero_stage)
+            export_model(engine, export_dir, rank, zero_stage=cfg.effective_zero_stage)
         if rank == 0 and curve is not None:
             _write_curve_plot(output_dir, export_dir if step >= steps else None)
         dist.barrier()
