@@ -381,6 +381,20 @@ def test_a_url_in_two_input_shards_is_fetched_once_and_counted_duplicate_url(tmp
     assert drops == {"duplicate_url": 1}
 
 
+def test_query_match_counts_are_packed_and_round_trip_through_json_and_pickle():
+    import json
+    import pickle
+
+    record = FilterRecord("s0", 5, matches=QueryMatchCounts((2, 7, 410_000), (3, 1, 2)))
+    data = json.loads(json.dumps(to_json(record)))
+    assert data["matches"] == {"query_ids": [2, 7, 410_000], "query_counts": [3, 1, 2]}
+    assert FilterRecord.from_json(data) == record == pickle.loads(pickle.dumps(record))
+    assert record.matches != QueryMatchCounts((2, 7, 410_000), (3, 1, 3))
+    assert record.matches.query_ids.dtype == np.int32 and not record.matches.query_ids.flags.writeable
+    with pytest.raises(ValueError, match=r"\(3,\) ids for \(1,\) counts"):
+        QueryMatchCounts((1, 2, 3), (1,))
+
+
 def test_url_drops_are_stored_by_shard_group_and_read_per_shard(tmp_path, monkeypatch):
     monkeypatch.setattr(stages, "URL_ROWS_PER_PARTITION", 7)  # several URL partitions, so several shard groups
     rng = np.random.default_rng(11)

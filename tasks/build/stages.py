@@ -3,8 +3,9 @@
 Each fans its per-shard jobs (``tasks.build.jobs``) out through ``infra.fanout`` or runs one of
 the global reduces between them: the per-query counts and cap thresholds (balancing), the
 within-dataset duplicates and the hold-out, the output-shard plan, the manifest and the reports.
-No reduce holds a per-sample list on the driver: the within-dataset drops stay in storage by part
-group, and the hold-out is merged on workers; the driver sees counts and keys.
+No reduce holds a per-sample list on the driver: the URL duplicates and the within-dataset drops
+stay in storage by shard (part) group, read per shard by the workers that need them, and the
+hold-out is merged on workers; the driver sees counts and keys.
 """
 
 from __future__ import annotations
@@ -239,9 +240,9 @@ class _UrlRouteContext:
     num_groups: int
 
 
-def _url_route_pieces(key: str, ctx: _UrlRouteContext) -> list[pa.Table]:
-    """One URL reduce's drops, by the group of their shard."""
-    store, name = key
+def _url_route_pieces(output: tuple[ObjectStore, str], ctx: _UrlRouteContext) -> list[pa.Table]:
+    """One URL reduce's drops (``(scratch, key)``), by the group of their shard."""
+    store, name = output
     table = store.read_parquet(name)
     shards = pc.dictionary_encode(table.column("shard_id")).combine_chunks()
     group_of = np.array([shard_group(s, ctx.num_groups) for s in shards.dictionary.to_pylist()], np.int64)
@@ -380,7 +381,7 @@ def _cap_reduce(partition: int, pieces: list[pa.Table], ctx: _CapContext) -> pa.
     got = np.bincount(np.searchsorted(queries, caps.query_ids), minlength=len(queries))[:len(queries)]
     short = got <= ctx.balance.max_per_query
     cut = caps.thresholds(int(queries.max()) + 1 if len(queries) else 0)[queries]
-    return pa.table([pa.array(queries, pa.int64()), pa.array(np.where(short, 0, cut), pa.uint64()),
+    return pa.table([pa.array(queries, pa.int64()), pa.array(np.where(short, np.uint64(0), cut), pa.uint64()),
                      pa.array(short)], schema=_CAP_CUTS)
 
 
