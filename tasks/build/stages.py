@@ -770,32 +770,34 @@ def eval_holdout_check(eval_sets: Sequence[EvalSetConfig], dataset_root: str, st
                        written: WrittenShards) -> dict[str, dict[str, int]]:
     """Per eval set drawn from a training source: how many source rows it shows and how many of
     them are in the training shards (must be 0: raises :class:`EvalContamination`) or the held-out
-    retrieval shards (reported)."""
+    retrieval shards (reported). The shards are read one at a time (their ids, never all at once)."""
     from infra.eval_sets import EvalSetError, training_ids
 
     store = ObjectStore(dataset_root, storage)
-
-    def ids(entries: Sequence[Any]) -> pa.Array:
-        cols = [store.read_parquet(e["path"], columns=["sample_id"]).column("sample_id") for e in entries]
-        return pa.chunked_array(cols, pa.string()).combine_chunks() if cols else pa.array([], pa.string())
-
-    train_ids, held_ids = ids(written.shards), ids(written.holdout)
-    report: dict[str, dict[str, int]] = {}
+    wanted: dict[str, pa.Array] = {}
     for cfg in eval_sets:
         try:
             held_out = training_ids(cfg)
         except EvalSetError as e:  # the eval index stage already failed or reported it
             log_event(log, "eval set not checked", name=cfg.name, error=str(e)[:200])
             continue
-        if not held_out:
-            continue
-        wanted = pa.array(sorted(held_out), pa.string())
-        in_train = train_ids.filter(pc.is_in(train_ids, wanted))
-        report[cfg.name] = {"training_ids": len(held_out), "in_shards": len(in_train),
-                            "in_holdout": int(pc.sum(pc.is_in(held_ids, wanted)).as_py() or 0)}
-        if len(in_train):
-            raise EvalContamination(f"{store.root}: {len(in_train)} training rows are images of eval set "
-                                    f"{cfg.name!r} (e.g. {in_train[0].as_py()}): a reader lets them through")
+        if held_out:
+            wanted[cfg.name] = pa.array(sorted(held_out), pa.string())
+    report = {name: {"training_ids": len(ids), "in_shards": 0, "in_holdout": 0} for name, ids in wanted.items()}
+    if not wanted:
+        return report
+    first: dict[str, str] = {}
+    for field, entries in (("in_shards", written.shards), ("in_holdout", written.holdout)):
+        for entry in entries:
+            ids = store.read_parquet(entry["path"], columns=["sample_id"]).column("sample_id")
+            for name, eval_ids in wanted.items():
+                found = ids.filter(pc.is_in(ids, eval_ids))
+                report[name][field] += len(found)
+                if field == "in_shards" and len(found) and name not in first:
+                    first[name] = found[0].as_py()
+    for name in (n for n in wanted if n in first):  # the first contaminated set, in config order
+        raise EvalContamination(f"{store.root}: {report[name]['in_shards']} training rows are images of eval set "
+                                f"{name!r} (e.g. {first[name]}): a reader lets them through")
     return report
 
 
