@@ -327,7 +327,8 @@ class CapSample:
     def bounds(self, counts: np.ndarray) -> np.ndarray:
         """Per query, the largest pair hash its pieces keep (uint64)."""
         share = self.sizes(counts) / np.maximum(counts, 1).astype(np.float64)
-        return np.where(share >= 1.0, _U64_MAX, (np.minimum(share, 1.0) * 2.0**64).astype(np.uint64))
+        below = np.minimum(share * 2.0**64, np.nextafter(2.0**64, 0))  # a double that fits in uint64
+        return np.where(share >= 1.0, _U64_MAX, below.astype(np.uint64))
 
 
 @dataclass(frozen=True)
