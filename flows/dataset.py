@@ -72,7 +72,7 @@ def eval_index_stage(config: Config) -> EvalIndexRef | None:
 def clean_stage(config: Config, filtered: FilterStage, counts: QueryCountsSummary, index: EvalIndexRef | None,
                 retry_failed: bool = False) -> CleanStage:
     return stages.clean_stage(filtered, balance=config.balance, gather=config.gather, images=config.images,
-                              dedup=config.dedup, index=index, retry_failed=retry_failed,
+                              dedup=config.dedup, index=index, retry_failed=retry_failed, url_drops=counts.url_drops,
                               on_done=ShardProgress("balance → fetch + images → eval-set dedup"))
 
 

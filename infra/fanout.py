@@ -185,12 +185,29 @@ def _node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
+def release_memory() -> None:
+    """Hand the memory freed by a finished job back to the OS (Arrow's pool, then glibc's heap), so
+    a long-lived worker's footprint is its current job's, not the largest job it ever ran."""
+    import ctypes
+
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator keeps its own policy
+        pass
+
+
 def _run_one(fn: Callable[[Any, Any], Any], key: str, item: Any, context: Any, on_ray: bool = False) -> ShardResult:
     node = _node_id() if on_ray else None
     try:
         return ShardResult(key, True, fn(item, context), node=node)
     except Exception as e:  # noqa: BLE001 - one shard's failure is reported, not raised
         return ShardResult(key, False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}", node=node)
+    finally:
+        if on_ray:
+            release_memory()
 
 
 def map_shards(fn: Callable[[T, C], R], items: Sequence[T], *, context: C = None, desc: str,

@@ -22,7 +22,7 @@ from infra.storage import ObjectStore
 from tasks.balance import CapHashes, balance_table, count_queries
 from tasks.build import stages
 from tasks.build.jobs import CleanContext, clean_shard
-from tasks.build.records import FilterRecord, FilterStage, QueryMatchCounts
+from tasks.build.records import FilterRecord, FilterStage, QueryMatchCounts, to_json
 from tasks.build.workdir import WorkDir
 from tasks.shards import select_holdout
 
@@ -177,11 +177,15 @@ def test_repeated_captions_counted_across_shards_then_the_caption_falls_back(tmp
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode,cap_partitions", [("probability", 1), ("exact", 1), ("exact", 3)])
+@pytest.mark.parametrize("mode,cap_partitions,tight", [("probability", 1, False), ("exact", 1, False),
+                                                        ("exact", 3, False), ("exact", 3, True)])
 def test_balancing_across_shards_equals_balancing_the_whole_pool(tmp_path, ray_local, monkeypatch, mode,
-                                                                 cap_partitions):
+                                                                 cap_partitions, tight):
     if cap_partitions > 1:  # the cap thresholds' shuffle by query over several partitions
         monkeypatch.setattr(stages, "CAP_PAIRS_PER_PARTITION", 60)
+    if tight:  # bounds that let fewer than t + 1 pairs of every over-cap query through: later rounds widen them
+        monkeypatch.setattr(stages, "CAP_SAMPLE_SIGMAS", -6.0)
+        monkeypatch.setattr(stages, "CAP_SAMPLE_EXTRA", 0)
     rng = np.random.default_rng(3)
     n = 400
     ids = [f"s{i:04d}" for i in range(n)]
@@ -197,6 +201,9 @@ def test_balancing_across_shards_equals_balancing_the_whole_pool(tmp_path, ray_l
     counts = count_queries(whole.column("query_ids"), 4)
     assert (summary.pairs, summary.matched_queries) == (int(counts.sum()), 4)
     assert summary.over_cap == int((counts > 60).sum()) and summary.over_cap >= 2
+    if mode == "exact":  # one shuffle per round: the first only when its bounds let t + 1 pairs through
+        rounds = len(list((tmp_path / "f" / "caps").iterdir()))
+        assert rounds > 1 if tight else rounds == 1
     clean = stages.clean_stage(filtered, balance=balance, gather=GatherConfig(),
                                images=ImageConfig(resize_longest_side=None, encode_format="keep", min_side=1),
                                dedup=DedupConfig(against_eval=False), index=None)
@@ -372,6 +379,53 @@ def test_a_url_in_two_input_shards_is_fetched_once_and_counted_duplicate_url(tmp
             for reason, n in s.dropped.items():
                 drops[reason] = drops.get(reason, 0) + n
     assert drops == {"duplicate_url": 1}
+
+
+def test_query_match_counts_are_packed_and_round_trip_through_json_and_pickle():
+    import json
+    import pickle
+
+    record = FilterRecord("s0", 5, matches=QueryMatchCounts((2, 7, 410_000), (3, 1, 2)))
+    data = json.loads(json.dumps(to_json(record)))
+    assert data["matches"] == {"query_ids": [2, 7, 410_000], "query_counts": [3, 1, 2]}
+    assert FilterRecord.from_json(data) == record == pickle.loads(pickle.dumps(record))
+    assert record.matches != QueryMatchCounts((2, 7, 410_000), (3, 1, 3))
+    assert record.matches.query_ids.dtype == np.int32 and not record.matches.query_ids.flags.writeable
+    with pytest.raises(ValueError, match=r"\(3,\) ids for \(1,\) counts"):
+        QueryMatchCounts((1, 2, 3), (1,))
+
+
+def test_url_drops_are_stored_by_shard_group_and_read_per_shard(tmp_path, monkeypatch):
+    monkeypatch.setattr(stages, "URL_ROWS_PER_PARTITION", 7)  # several URL partitions, so several shard groups
+    rng = np.random.default_rng(11)
+    urls = [f"https://img.example/{int(u)}.jpg" for u in rng.integers(0, 40, 120)]
+    parts = {f"s{k}": filtered_part([f"id{k}-{i:03d}" for i in range(20)], [[k % 3]] * 20, urls=urls[20 * k:20 * k + 20])
+             for k in range(6)}
+    filtered = filter_stage_of(WorkDir(str(tmp_path / "f"), STORAGE), parts)
+    summary = stages.count_queries(filtered, 3, BalanceConfig(max_per_query=1000), use_ray=False)
+    drops = summary.url_drops
+    assert len(drops.keys) > 1
+    kept_of: dict[str, str] = {}  # each URL kept by its smallest sample_id
+    for shard, t in parts.items():
+        for sid, url in zip(t.column("sample_id").to_pylist(), t.column("url").to_pylist()):
+            kept_of[url] = min(kept_of.get(url, sid), sid)
+    for shard, t in parts.items():
+        expected = sorted(sid for sid, url in zip(t.column("sample_id").to_pylist(), t.column("url").to_pylist())
+                          if kept_of[url] != sid)
+        assert drops.of_shard(shard).column("sample_id").to_pylist() == expected
+    assert drops.total == summary.url_duplicates == 120 - len(kept_of)
+    assert summary.pairs == len(kept_of)  # the duplicates' pairs are not counted
+    assert "url_drops" not in to_json(summary)  # a pointer for the clean stage, not part of the manifest
+
+    def again(*args, **kwargs):
+        raise AssertionError("the clean stage redid the URL shuffles it was handed")
+
+    monkeypatch.setattr(stages, "url_duplicates", again)
+    clean = stages.clean_stage(filtered, balance=BalanceConfig(max_per_query=1000), gather=GatherConfig(retries=0),
+                               images=ImageConfig(), dedup=DedupConfig(against_eval=False), index=None,
+                               url_drops=drops, use_ray=False)
+    dropped = sum(r.funnel.stages["dedup_url"].dropped["duplicate_url"] for r in clean.records)
+    assert dropped == drops.total
 
 
 @pytest.fixture()

@@ -12,8 +12,8 @@ from __future__ import annotations
 import functools
 import io
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +22,7 @@ from infra.config import BalanceConfig, DedupConfig, GatherConfig, ImageConfig, 
 from infra.funnel import Funnel
 from infra.storage import ObjectStore
 from tasks.build.records import (CaptionCounts, CleanRecord, EvalIndexRef, FilterRecord, QueryListRef,
-                                 QueryMatchCounts, to_json)
+                                 QueryMatchCounts, UrlDrops, to_json)
 from tasks.build.workdir import WorkDir
 from tasks.step import StepOutput, run_steps
 
@@ -96,7 +96,7 @@ def _match_counts(query_ids: pa.ChunkedArray | pa.Array) -> QueryMatchCounts:
     from tasks.balance import sparse_query_counts
 
     ids, counts = sparse_query_counts(query_ids)
-    return QueryMatchCounts(tuple(ids.tolist()), tuple(counts.tolist()))
+    return QueryMatchCounts(ids, counts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,20 +164,20 @@ class CleanContext:
     dedup: DedupConfig
     index: EvalIndexRef | None
     retry_failed: bool = False
-    url_drops: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # shard -> rows another row's URL has
+    url_drops: UrlDrops | None = None  # rows another row's URL has, read per shard (None: URLs not deduped)
 
 
 URL_STAGE = "dedup_url"
 DUPLICATE_URL = "duplicate_url"
 
 
-def _url_dedup_step(drops: tuple[str, ...]) -> Any:
+def _url_dedup_step(drops: pa.Array) -> Any:
     """Drop the rows whose URL a row of smaller sample_id has (found across all shards by the count stage)."""
     import pyarrow.compute as pc
 
     def step(table: pa.Table) -> StepOutput:
         funnel = Funnel()
-        keep = pc.invert(pc.is_in(table.column("sample_id"), pa.array(drops, pa.string())))
+        keep = pc.invert(pc.is_in(table.column("sample_id"), drops))
         return StepOutput(funnel.apply_mask(URL_STAGE, table, keep, DUPLICATE_URL), funnel)
 
     return step
@@ -221,7 +221,8 @@ def clean_shard(record: FilterRecord, ctx: CleanContext) -> CleanRecord:
     thresholds = cap_thresholds(ctx.filter_work) if ctx.balance.mode == "exact" else None
     counts = query_counts(ctx.filter_work)
     steps = [
-        _url_dedup_step(ctx.url_drops.get(shard_id, ())),
+        _url_dedup_step(ctx.url_drops.of_shard(shard_id).column("sample_id") if ctx.url_drops is not None
+                        else pa.array([], pa.string())),
         lambda t: balance_table(t, counts, ctx.balance, thresholds=thresholds),
         # Fetch rows that have a URL and no inline image, then decode/validate/hash/encode every image.
         lambda t: gather_images(t, ctx.gather, ctx.images, features=_hash_features(ctx.dedup)),

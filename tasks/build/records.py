@@ -6,17 +6,29 @@ completion record), so a rerun returns the record instead of redoing the shard.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from infra.config import to_dict
 from infra.funnel import Funnel
 
 
 def to_json(record: Any) -> dict:
-    """A record as plain JSON data (funnels as their dicts)."""
-    return to_dict(record)
+    """A record as plain JSON data (funnels as their dicts), without its fields marked
+    ``metadata={"json": False}`` (pointers into the work directory, for the next stage only)."""
+    data = to_dict(record)
+    if dataclasses.is_dataclass(record):
+        for f in dataclasses.fields(record):
+            if f.metadata.get("json", True) is False:
+                data.pop(f.name, None)
+    return data
 
 
 @dataclass(frozen=True)
@@ -38,12 +50,45 @@ class EvalIndexRef:
     built: bool
 
 
-@dataclass(frozen=True)
 class QueryMatchCounts:
-    """Per-shard match counts of the queries that matched (sparse: ids and their counts)."""
+    """Per-shard match counts of the queries that matched (sparse: ids and their counts), as JSON
+    ``{"query_ids": [...], "query_counts": [...]}``.
 
-    query_ids: tuple[int, ...] = ()
-    query_counts: tuple[int, ...] = ()
+    Kept packed (int32 ids, int64 counts: 12 bytes a query), not as tuples of Python ints (~50):
+    the driver holds one per shard of each stage's records, tens of thousands of queries each."""
+
+    __slots__ = ("_ids", "_counts")
+
+    def __init__(self, query_ids: Any = (), query_counts: Any = ()) -> None:
+        ids, counts = np.asarray(query_ids, np.int32), np.asarray(query_counts, np.int64)
+        if ids.shape != counts.shape or ids.ndim != 1:
+            raise ValueError(f"query match counts: {ids.shape} ids for {counts.shape} counts")
+        self._ids, self._counts = ids.tobytes(), counts.tobytes()
+
+    @property
+    def query_ids(self) -> np.ndarray:
+        return np.frombuffer(self._ids, np.int32)
+
+    @property
+    def query_counts(self) -> np.ndarray:
+        return np.frombuffer(self._counts, np.int64)
+
+    def to_dict(self) -> dict:
+        return {"query_ids": self.query_ids.tolist(), "query_counts": self.query_counts.tolist()}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, QueryMatchCounts):
+            return NotImplemented
+        return (self._ids, self._counts) == (other._ids, other._counts)
+
+    def __hash__(self) -> int:
+        return hash((self._ids, self._counts))
+
+    def __repr__(self) -> str:
+        return f"QueryMatchCounts({len(self._ids) // 4} queries, {int(self.query_counts.sum())} pairs)"
+
+    def __reduce__(self) -> tuple:
+        return QueryMatchCounts, (self.query_ids, self.query_counts)
 
 
 @dataclass(frozen=True)
@@ -59,7 +104,7 @@ class FilterRecord:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "FilterRecord":
         return cls(data["shard_id"], int(data["rows"]), Funnel.from_dict(data["funnel"]),
-                   QueryMatchCounts(tuple(data["matches"]["query_ids"]), tuple(data["matches"]["query_counts"])),
+                   QueryMatchCounts(data["matches"]["query_ids"], data["matches"]["query_counts"]),
                    tuple(data.get("caption_words", ())))
 
 
@@ -88,7 +133,7 @@ class CleanRecord:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "CleanRecord":
         return cls(data["shard_id"], int(data["rows"]), int(data["bytes"]), Funnel.from_dict(data["funnel"]),
-                   QueryMatchCounts(tuple(data["matches"]["query_ids"]), tuple(data["matches"]["query_counts"])),
+                   QueryMatchCounts(data["matches"]["query_ids"], data["matches"]["query_counts"]),
                    int(data["eval_matches"]), int(data["transient_failures"]))
 
 
@@ -108,15 +153,56 @@ class CleanStage:
     records: tuple[CleanRecord, ...]
 
 
+# Rows of a URL duplicate: which row, in which filtered shard, its queries, and the row kept instead.
+URL_DROPS_SCHEMA = pa.schema([("sample_id", pa.string()), ("shard_id", pa.string()),
+                              ("query_ids", pa.list_(pa.int32())), ("duplicate_of", pa.string())])
+
+
+def shard_group(shard_id: str, num_groups: int) -> int:
+    """The group of a shard's URL drops: a hash of its id, so no process needs the list of shards."""
+    return zlib.crc32(shard_id.encode()) % num_groups
+
+
+@functools.lru_cache(maxsize=4)
+def _url_group_table(store: Any, key: str) -> pa.Table:
+    """One group's URL drops, read once per worker (it is complete before any job reads it)."""
+    return store.read_parquet(key)
+
+
+@dataclass(frozen=True)
+class UrlDrops:
+    """The URL duplicates in storage, by shard group: the rows of shard ``s`` are in file
+    ``keys[shard_group(s, len(keys))]`` of ``store`` (URL_DROPS_SCHEMA, by sample_id). Each
+    worker reads the group of the shard it works on; nothing holds the whole list."""
+
+    store: Any  # infra.storage.ObjectStore
+    keys: tuple[str, ...]
+    total: int
+
+    def of_shard(self, shard_id: str) -> pa.Table:
+        """URL_DROPS_SCHEMA rows of one shard, by sample_id."""
+        if not self.keys or not self.total:
+            return URL_DROPS_SCHEMA.empty_table()
+        table = _url_group_table(self.store, self.keys[shard_group(shard_id, len(self.keys))])
+        return table.filter(pc.equal(table.column("shard_id"), shard_id))
+
+    def table(self) -> pa.Table:
+        """Every drop, sorted by sample_id (small builds and tests)."""
+        return pa.concat_tables([URL_DROPS_SCHEMA.empty_table(), *(self.store.read_parquet(k) for k in self.keys)]
+                                ).sort_by("sample_id")
+
+
 @dataclass(frozen=True)
 class QueryCountsSummary:
     """What the global reduce after the text stage found (also in the manifest's ``query_counts``):
-    the per-query counts, and the rows dropped because another shard's row has the same URL."""
+    the per-query counts, and the rows dropped because another shard's row has the same URL
+    (``url_drops``: where they are, for the clean stage; not in the manifest)."""
 
     matched_queries: int
     pairs: int
     over_cap: int
     url_duplicates: int = 0
+    url_drops: UrlDrops | None = field(default=None, compare=False, metadata={"json": False})
 
 
 @dataclass(frozen=True)

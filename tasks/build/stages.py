@@ -3,12 +3,14 @@
 Each fans its per-shard jobs (``tasks.build.jobs``) out through ``infra.fanout`` or runs one of
 the global reduces between them: the per-query counts and cap thresholds (balancing), the
 within-dataset duplicates and the hold-out, the output-shard plan, the manifest and the reports.
-No reduce holds a per-sample list on the driver: the within-dataset drops stay in storage by part
-group, and the hold-out is merged on workers; the driver sees counts and keys.
+No reduce holds a per-sample list on the driver: the URL duplicates and the within-dataset drops
+stay in storage by shard (part) group, read per shard by the workers that need them, and the
+hold-out is merged on workers; the driver sees counts and keys.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io
@@ -32,8 +34,9 @@ from infra.manifest import write_manifest as write_manifest_file
 from infra.prefect_utils import publish_image, publish_markdown, publish_table
 from infra.storage import ObjectStore
 from tasks.build.jobs import CleanContext, FilterContext, clean_shard, ensure_query_matcher, filter_shard, query_counts
-from tasks.build.records import (CaptionCounts, CleanStage, EvalIndexRef, FilterRecord, FilterStage, PartRows,
-                                 QueryCountsSummary, QueryListRef, WithinResult, WrittenShards, to_json)
+from tasks.build.records import (URL_DROPS_SCHEMA, CaptionCounts, CleanStage, EvalIndexRef, FilterRecord, FilterStage,
+                                 PartRows, QueryCountsSummary, QueryListRef, UrlDrops, WithinResult, WrittenShards,
+                                 shard_group, to_json)
 from tasks.build.workdir import WorkDir, fingerprint
 from tasks.queries.output import QUERIES_KEY
 
@@ -178,9 +181,6 @@ def filter_stage(shards: Sequence[Any], *, dataset_root: str, storage: StorageCo
     return FilterStage(work, tuple(values_or_raise("read-filter-match", results)))
 
 
-# Rows of a URL duplicate: which row, in which filtered shard, its queries, and the row kept instead.
-URL_DROPS_SCHEMA = pa.schema([("sample_id", pa.string()), ("shard_id", pa.string()),
-                              ("query_ids", pa.list_(pa.int32())), ("duplicate_of", pa.string())])
 _URL_PIECE_SCHEMA = pa.schema([("url", pa.string()), ("sample_id", pa.string()), ("shard_id", pa.string()),
                                ("query_ids", pa.list_(pa.int32()))])
 URL_ROWS_PER_PARTITION = 2_000_000  # a reduce holds at most this many URLs, fewer when the budget says so
@@ -235,62 +235,193 @@ def _url_duplicates(partition: int, pieces: list[pa.Table], ctx: _UrlContext) ->
     return out.select(URL_DROPS_SCHEMA.names)
 
 
-def url_duplicates(filtered: FilterStage, *, task_memory_mb: int = 1024, use_ray: bool = True) -> pa.Table:
-    """Rows whose URL another row also has, over all shards (URL_DROPS_SCHEMA; one row per dropped
-    duplicate): a hash-partitioned shuffle through the work directory, resumable, and the same for
-    any number of workers, each reduce within ``task_memory_mb``. Each URL is then fetched once, for
-    the row of smallest sample_id."""
-    from infra.fanout import shuffle
+@dataclass(frozen=True)
+class _UrlRouteContext:
+    num_groups: int
 
+
+def _url_route_pieces(output: tuple[ObjectStore, str], ctx: _UrlRouteContext) -> list[pa.Table]:
+    """One URL reduce's drops (``(scratch, key)``), by the group of their shard."""
+    store, name = output
+    table = store.read_parquet(name)
+    shards = pc.dictionary_encode(table.column("shard_id")).combine_chunks()
+    group_of = np.array([shard_group(s, ctx.num_groups) for s in shards.dictionary.to_pylist()], np.int64)
+    groups = group_of[shards.indices.to_numpy(zero_copy_only=False)] if len(group_of) else np.zeros(0, np.int64)
+    return split_by(table, groups, ctx.num_groups)
+
+
+def _url_route_reduce(group: int, pieces: list[pa.Table], ctx: _UrlRouteContext) -> pa.Table:
+    return pa.concat_tables([URL_DROPS_SCHEMA.empty_table(), *pieces]).sort_by("sample_id")
+
+
+def _url_group_pairs(key: str, drops: UrlDrops) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """One group's drops' pairs per query (sparse: ids, counts)."""
+    from tasks.balance import sparse_query_counts
+
+    ids, counts = sparse_query_counts(drops.store.read_parquet(key, columns=["query_ids"]).column("query_ids"))
+    return tuple(ids.tolist()), tuple(counts.tolist())
+
+
+def url_drop_pairs(drops: UrlDrops, num_queries: int, *, use_ray: bool = True) -> np.ndarray:
+    """Pairs per query of the URL drops (int64, ``num_queries`` long), counted by workers per group."""
+    out = np.zeros(num_queries, np.int64)
+    if drops.total:
+        for ids, counts in values_or_raise("dedupe URLs", map_shards(_url_group_pairs, list(drops.keys), context=drops,
+                                                                      desc="dedupe URLs: pairs", key=str,
+                                                                      use_ray=use_ray)):
+            np.add.at(out, np.asarray(ids, np.int64), np.asarray(counts, np.int64))
+    return out
+
+
+def url_duplicates(filtered: FilterStage, *, task_memory_mb: int = 1024, use_ray: bool = True) -> UrlDrops:
+    """Rows whose URL another row also has, over all shards (one URL_DROPS_SCHEMA row per dropped
+    duplicate): a hash-partitioned shuffle by URL, then one by shard group (so each shard's drops
+    are read by the worker of that shard: :class:`UrlDrops`), both through the work directory,
+    resumable, the same for any number of workers, each reduce within ``task_memory_mb``. Each URL
+    is then fetched once, for the row of smallest sample_id."""
     rows = sum(r.rows for r in filtered.records)
     partitions = shuffle_partitions(rows, URL_ROWS_PER_PARTITION, URL_ROW_BYTES, task_memory_mb)
-    store = filtered.work.store
+    scratch = filtered.work.store.child(WorkDir.url_scratch(partitions))
     keys = shuffle(_url_pieces, _url_duplicates, list(filtered.records), num_partitions=partitions,
-                   scratch=store.child(WorkDir.url_scratch(partitions)),
-                   context=_UrlContext(filtered.work, partitions), desc="dedupe URLs", use_ray=use_ray)
-    scratch = store.child(WorkDir.url_scratch(partitions))
-    drops = pa.concat_tables([URL_DROPS_SCHEMA.empty_table(), *(scratch.read_parquet(k) for k in keys)])
-    return drops.sort_by("sample_id")
+                   scratch=scratch, context=_UrlContext(filtered.work, partitions), desc="dedupe URLs", use_ray=use_ray)
+    # A group holds the drops of about 1/groups of the shards: no more rows than a URL reduce.
+    groups = max(1, min(partitions, len(filtered.records)))
+    by_shard = scratch.child(WorkDir.url_groups(groups))
+    group_keys = shuffle(_url_route_pieces, _url_route_reduce, [(scratch, k) for k in keys], num_partitions=groups,
+                         scratch=by_shard, context=_UrlRouteContext(groups), desc="dedupe URLs: by shard",
+                         key=lambda item: item[1].rsplit("/", 1)[-1].removesuffix(".parquet"), use_ray=use_ray)
+    return UrlDrops(by_shard, tuple(group_keys), sum(_footer_rows(by_shard, k) for k in group_keys))
+
+
+def _footer_rows(store: ObjectStore, key: str) -> int:
+    with store.filesystem.open_input_file(store.fs_path(key)) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+CAP_PAIRS_PER_PARTITION = 250_000  # (query, hash) pairs one cap reduce holds at most (~12 MB)
+CAP_PAIR_BYTES = 50  # a cap reduce's memory per pair, its sort included
+# An over-cap query's map pieces keep its pairs of hash below a bound that about
+# t + 1 + CAP_SAMPLE_SIGMAS·sqrt(t + 1) + CAP_SAMPLE_EXTRA of its c pairs pass (hashes are
+# uniform): its t + 1 smallest, with 8 standard deviations to spare, whatever c is.
+CAP_SAMPLE_SIGMAS = 8.0
+CAP_SAMPLE_EXTRA = 64
+_U64_MAX = np.uint64(2**64 - 1)
+
+
+@dataclass(frozen=True)
+class CapSample:
+    """Which of an over-cap query's pairs the cap shuffle carries: those of hash below a bound that
+    about ``scale · (t + 1 + sigmas·sqrt(t + 1) + extra)`` of its ``c`` pairs pass."""
+
+    max_per_query: int
+    scale: float = 1.0
+    sigmas: float = CAP_SAMPLE_SIGMAS
+    extra: int = CAP_SAMPLE_EXTRA
+
+    def sizes(self, counts: np.ndarray) -> np.ndarray:
+        """Pairs per query expected below its bound (``counts``: the queries' pairs)."""
+        t1 = self.max_per_query + 1
+        wanted = np.ceil(self.scale * (t1 + self.sigmas * np.sqrt(t1) + self.extra))
+        return np.minimum(counts, max(wanted, 1.0)).astype(np.int64)
+
+    def bounds(self, counts: np.ndarray) -> np.ndarray:
+        """Per query, the largest pair hash its pieces keep (uint64)."""
+        share = self.sizes(counts) / np.maximum(counts, 1).astype(np.float64)
+        below = np.minimum(share * 2.0**64, np.nextafter(2.0**64, 0))  # a double that fits in uint64
+        return np.where(share >= 1.0, _U64_MAX, below.astype(np.uint64))
 
 
 @dataclass(frozen=True)
 class _CapContext:
     work: WorkDir
     balance: BalanceConfig
-    url_drops: pa.Table
+    url_drops: UrlDrops | None
     num_partitions: int
+    sample: CapSample  # this round's bounds (scale 1, then 4, 16, ... for queries a round found short)
+    pending: tuple[int, ...] | None  # the queries of this round (None: every over-cap query)
+
+    def queries(self) -> np.ndarray:
+        """This round's queries, ascending: query ``queries()[i]`` goes to partition ``i % num_partitions``."""
+        if self.pending is not None:
+            return np.asarray(self.pending, np.int64)
+        return np.flatnonzero(query_counts(self.work) > self.balance.max_per_query).astype(np.int64)
 
 
 def _cap_pieces(record: FilterRecord, ctx: _CapContext) -> list[pa.Table]:
-    """Shuffle map: one shard's (query_id, pair hash) of over-cap queries, at most t + 1 per query
-    (the shard's smallest), partitioned by query."""
+    """Shuffle map: one shard's (query_id, pair hash) of this round's queries below their bound,
+    at most t + 1 per query (the shard's smallest), partitioned by query."""
     from tasks.balance import CapHashes
 
     table = ctx.work.store.read_parquet(WorkDir.filtered(record.shard_id), columns=["sample_id", "query_ids"])
-    caps = CapHashes.from_table(_without_url_drops(table, record.shard_id, ctx.url_drops), query_counts(ctx.work),
-                                ctx.balance)
-    pairs = pa.table({"query_id": pa.array(caps.query_ids, pa.int64()), "hash": pa.array(caps.hashes, pa.uint64())})
-    return split_by(pairs, (caps.query_ids % ctx.num_partitions).astype(np.int64), ctx.num_partitions)
+    if ctx.url_drops is not None and ctx.url_drops.total:
+        ids = ctx.url_drops.of_shard(record.shard_id).column("sample_id")
+        if len(ids):
+            table = table.filter(pc.invert(pc.is_in(table.column("sample_id"), ids)))
+    counts = query_counts(ctx.work)
+    caps = CapHashes.from_table(table, counts, ctx.balance)
+    queries = ctx.queries()
+    rank = np.searchsorted(queries, caps.query_ids)
+    mine = np.isin(caps.query_ids, queries) & (caps.hashes <= ctx.sample.bounds(counts[caps.query_ids]))
+    pairs = pa.table({"query_id": pa.array(caps.query_ids[mine], pa.int64()),
+                      "hash": pa.array(caps.hashes[mine], pa.uint64())})
+    return split_by(pairs, (rank[mine] % ctx.num_partitions).astype(np.int64), ctx.num_partitions)
+
+
+_CAP_CUTS = pa.schema([("query_id", pa.int64()), ("threshold", pa.uint64()), ("short", pa.bool_())])
 
 
 def _cap_reduce(partition: int, pieces: list[pa.Table], ctx: _CapContext) -> pa.Table:
-    """Shuffle reduce: every pair hash of this partition's queries is here; their cut-offs."""
+    """Shuffle reduce: each query of this partition with its t + 1 smallest pair hashes here gets
+    its cut-off; one with fewer (its bound was too tight) is marked short, for the next round."""
     from tasks.balance import CapHashes
 
     t = pa.concat_tables([pa.schema([("query_id", pa.int64()), ("hash", pa.uint64())]).empty_table(), *pieces])
     caps = CapHashes(ctx.balance.max_per_query, t.column("query_id").to_numpy(), t.column("hash").to_numpy())
-    queries = np.unique(caps.query_ids)
+    queries = ctx.queries()
+    queries = queries[np.arange(len(queries)) % ctx.num_partitions == partition]
+    got = np.bincount(np.searchsorted(queries, caps.query_ids), minlength=len(queries))[:len(queries)]
+    short = got <= ctx.balance.max_per_query
     cut = caps.thresholds(int(queries.max()) + 1 if len(queries) else 0)[queries]
-    return pa.table({"query_id": pa.array(queries, pa.int64()), "threshold": pa.array(cut, pa.uint64())})
+    return pa.table([pa.array(queries, pa.int64()), pa.array(np.where(short, np.uint64(0), cut), pa.uint64()),
+                     pa.array(short)], schema=_CAP_CUTS)
 
 
-CAP_PAIRS_PER_PARTITION = 2_000_000  # (query, hash) pairs one cap reduce holds at most
-CAP_PAIR_BYTES = 50  # a cap reduce's memory per pair, its sort included (~100 MB for 2M)
-
-
-def _without_url_drops(table: pa.Table, shard_id: str, drops: pa.Table) -> pa.Table:
-    ids = drops.filter(pc.equal(drops.column("shard_id"), shard_id)).column("sample_id")
-    return table.filter(pc.invert(pc.is_in(table.column("sample_id"), ids))) if len(ids) else table
+def _cap_thresholds(filtered: FilterStage, counts: np.ndarray, balance: BalanceConfig, drops: UrlDrops | None,
+                    task_memory_mb: int, use_ray: bool) -> np.ndarray:
+    """Exact mode's cut-off hash per query (max for queries under the cap): rounds of a shuffle by
+    query of the over-cap queries' pairs below a bound, each query's t + 1 smallest expected to pass
+    (so a reduce's memory does not grow with the pool), until every query had them."""
+    store = filtered.work.store
+    thresholds = np.full(len(counts), _U64_MAX, np.uint64)
+    pending: tuple[int, ...] | None = None
+    sample, rounds = CapSample(balance.max_per_query, 1.0, CAP_SAMPLE_SIGMAS, CAP_SAMPLE_EXTRA), 0
+    while True:
+        queries = np.flatnonzero(counts > balance.max_per_query) if pending is None else np.asarray(pending, np.int64)
+        if not len(queries):
+            return thresholds
+        pairs = int(sample.sizes(counts[queries]).sum())
+        partitions = min(len(queries), shuffle_partitions(pairs, CAP_PAIRS_PER_PARTITION, CAP_PAIR_BYTES,
+                                                          task_memory_mb))
+        # Pieces are named by what makes them: the settings, the counts (which queries are over the cap), the round.
+        name = fingerprint(to_dict(balance), partitions, hashlib.sha256(counts.tobytes()).hexdigest(),
+                           drops.total if drops else 0, to_dict(sample), hashlib.sha256(queries.tobytes()).hexdigest())
+        scratch = store.child(f"caps/{name}").scratch()
+        ctx = _CapContext(filtered.work, balance, drops, partitions, sample, pending)
+        keys = shuffle(_cap_pieces, _cap_reduce, list(filtered.records), num_partitions=partitions, scratch=scratch,
+                       context=ctx, desc="cap thresholds" + (f" (round {rounds + 1})" if rounds else ""),
+                       use_ray=use_ray)
+        short = []
+        for key in keys:
+            cut = scratch.read_parquet(key)
+            ok = cut.filter(pc.invert(cut.column("short")))
+            thresholds[ok.column("query_id").to_numpy()] = ok.column("threshold").to_numpy()
+            short += cut.filter(cut.column("short")).column("query_id").to_pylist()
+        if not short:
+            return thresholds
+        log_event(log, "cap thresholds: queries short of t + 1 pairs below their bound, widened",
+                  queries=len(short), round=rounds + 1)
+        pending, rounds = tuple(sorted(short)), rounds + 1
+        sample = dataclasses.replace(sample, scale=sample.scale * 4)
 
 
 def count_queries(filtered: FilterStage, num_queries: int, balance: BalanceConfig, *, dedupe_urls: bool = True,
@@ -299,42 +430,27 @@ def count_queries(filtered: FilterStage, num_queries: int, balance: BalanceConfi
     then the global per-query counts of the rest (balancing's input); in exact mode also the
     per-query cut-off hashes: a shuffle by query over the shards' pairs of over-cap queries, so no
     process holds more than a partition of them. Each shuffle's reduce stays within ``task_memory_mb``."""
-    from tasks.balance import sparse_query_counts
-
-    drops = (url_duplicates(filtered, task_memory_mb=task_memory_mb, use_ray=use_ray) if dedupe_urls
-             else URL_DROPS_SCHEMA.empty_table())
+    drops = url_duplicates(filtered, task_memory_mb=task_memory_mb, use_ray=use_ray) if dedupe_urls else None
     counts = np.zeros(num_queries, dtype=np.int64)
     for r in filtered.records:
         np.add.at(counts, np.asarray(r.matches.query_ids, dtype=np.int64),
                   np.asarray(r.matches.query_counts, dtype=np.int64))
-    if drops.num_rows:  # a duplicate is not a pair of the pool
-        ids, dropped = sparse_query_counts(drops.column("query_ids"))
-        np.subtract.at(counts, ids.astype(np.int64), dropped.astype(np.int64))
+    if drops is not None and drops.total:  # a duplicate is not a pair of the pool
+        counts -= url_drop_pairs(drops, num_queries, use_ray=use_ray)
     nz = np.flatnonzero(counts)
     table = pa.table({"query_id": pa.array(nz, pa.int32()), "count_before": pa.array(counts[nz], pa.int64())})
     store = filtered.work.store
     store.write_parquet(WorkDir.QUERY_COUNTS, table.replace_schema_metadata({"num_queries": str(num_queries)}))
     if balance.mode == "exact":
-        over = counts > balance.max_per_query
-        pairs = int(np.minimum(counts[over], (balance.max_per_query + 1) * len(filtered.records)).sum())
-        partitions = shuffle_partitions(pairs, CAP_PAIRS_PER_PARTITION, CAP_PAIR_BYTES, task_memory_mb)
-        # Pieces are named by what makes them: the settings and the counts (which queries are over the cap).
-        name = fingerprint(to_dict(balance), partitions, hashlib.sha256(counts.tobytes()).hexdigest(),
-                           drops.num_rows)
-        scratch = store.child(f"caps/{name}").scratch()
-        keys = shuffle(_cap_pieces, _cap_reduce, list(filtered.records), num_partitions=partitions, scratch=scratch,
-                       context=_CapContext(filtered.work, balance, drops, partitions), desc="cap thresholds", use_ray=use_ray)
-        thresholds = np.full(num_queries, np.iinfo(np.uint64).max, np.uint64)
-        for key in keys:
-            cut = scratch.read_parquet(key)
-            thresholds[cut.column("query_id").to_numpy()] = cut.column("threshold").to_numpy()
+        thresholds = _cap_thresholds(filtered, counts, balance, drops, task_memory_mb, use_ray)
         buf = io.BytesIO()
         np.save(buf, thresholds)
         store.write_bytes(WorkDir.CAP_THRESHOLDS, buf.getvalue())
-    if drops.num_rows:
-        log_event(log, "URLs shared by rows of several shards: fetched once", duplicates=drops.num_rows)
+    duplicates = drops.total if drops is not None else 0
+    if duplicates:
+        log_event(log, "URLs shared by rows of several shards: fetched once", duplicates=duplicates)
     return QueryCountsSummary(int((counts > 0).sum()), int(counts.sum()), int((counts > balance.max_per_query).sum()),
-                              drops.num_rows)
+                              duplicates, drops)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -344,24 +460,18 @@ def count_queries(filtered: FilterStage, num_queries: int, balance: BalanceConfi
 
 def clean_stage(filtered: FilterStage, *, balance: BalanceConfig, gather: GatherConfig, images: ImageConfig,
                 dedup: DedupConfig, index: EvalIndexRef | None, retry_failed: bool = False,
-                on_done: Progress = None, use_ray: bool = True) -> CleanStage:
+                url_drops: UrlDrops | None = None, on_done: Progress = None, use_ray: bool = True) -> CleanStage:
     """drop URL duplicates -> balance -> fetch + images -> hash -> eval-set dedup, per filtered shard.
-    The URL duplicates are the count stage's (its shuffle's outputs are read back, not redone)."""
+    The URL duplicates are the count stage's: ``url_drops`` (its ``QueryCountsSummary.url_drops``),
+    else its shuffles' outputs are found again (resumed, not redone); each worker reads its shard's."""
     work = filtered.work.for_clean(balance, gather, images, dedup, index.version if index else None)
-    drops = (url_duplicates(filtered, task_memory_mb=dedup.task_memory_mb, use_ray=use_ray) if gather.dedupe_urls
-             else URL_DROPS_SCHEMA.empty_table())
-    by_shard = {k: tuple(v) for k, v in _ids_by_shard(drops).items()}
-    ctx = CleanContext(filtered.work, work, balance, gather, images, dedup, index, retry_failed, by_shard)
+    if gather.dedupe_urls and url_drops is None:
+        url_drops = url_duplicates(filtered, task_memory_mb=dedup.task_memory_mb, use_ray=use_ray)
+    ctx = CleanContext(filtered.work, work, balance, gather, images, dedup, index, retry_failed,
+                       url_drops if gather.dedupe_urls else None)
     results = map_shards(clean_shard, filtered.records, context=ctx, desc="balance/fetch/images/eval-dedup",
                          on_done=on_done, use_ray=use_ray)
     return CleanStage(work, tuple(values_or_raise("balance-fetch-images-eval-dedup", results)))
-
-
-def _ids_by_shard(drops: pa.Table) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for shard_id, sample_id in zip(drops.column("shard_id").to_pylist(), drops.column("sample_id").to_pylist()):
-        out.setdefault(shard_id, []).append(sample_id)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -424,11 +534,15 @@ class _MergeJob:
 
 
 def _merge_candidates(job: _MergeJob, ctx: _SurvivorContext) -> dict[str, int]:
-    """The ``holdout_rows`` smallest ranks of some candidate files; returns them counted per part."""
+    """The ``holdout_rows`` smallest ranks of some candidate files; returns them counted per part.
+    One file at a time joins the best so far (ranks are distinct), so a merge holds two files' rows,
+    not ``HOLDOUT_FAN_IN``."""
     store = ctx.work.store
     if not store.exists(job.output):
-        table = pa.concat_tables([HOLDOUT_SCHEMA.empty_table(), *(store.read_parquet(k) for k in job.inputs)])
-        store.write_parquet(job.output, table.sort_by("rank").slice(0, ctx.holdout_rows))
+        best = HOLDOUT_SCHEMA.empty_table()
+        for key in job.inputs:
+            best = pa.concat_tables([best, store.read_parquet(key)]).sort_by("rank").slice(0, ctx.holdout_rows)
+        store.write_parquet(job.output, best)
     return dict(Counter(store.read_parquet(job.output, columns=["part"]).column("part").to_pylist()))
 
 
@@ -657,32 +771,34 @@ def eval_holdout_check(eval_sets: Sequence[EvalSetConfig], dataset_root: str, st
                        written: WrittenShards) -> dict[str, dict[str, int]]:
     """Per eval set drawn from a training source: how many source rows it shows and how many of
     them are in the training shards (must be 0: raises :class:`EvalContamination`) or the held-out
-    retrieval shards (reported)."""
+    retrieval shards (reported). The shards are read one at a time (their ids, never all at once)."""
     from infra.eval_sets import EvalSetError, training_ids
 
     store = ObjectStore(dataset_root, storage)
-
-    def ids(entries: Sequence[Any]) -> pa.Array:
-        cols = [store.read_parquet(e["path"], columns=["sample_id"]).column("sample_id") for e in entries]
-        return pa.chunked_array(cols, pa.string()).combine_chunks() if cols else pa.array([], pa.string())
-
-    train_ids, held_ids = ids(written.shards), ids(written.holdout)
-    report: dict[str, dict[str, int]] = {}
+    wanted: dict[str, pa.Array] = {}
     for cfg in eval_sets:
         try:
             held_out = training_ids(cfg)
         except EvalSetError as e:  # the eval index stage already failed or reported it
             log_event(log, "eval set not checked", name=cfg.name, error=str(e)[:200])
             continue
-        if not held_out:
-            continue
-        wanted = pa.array(sorted(held_out), pa.string())
-        in_train = train_ids.filter(pc.is_in(train_ids, wanted))
-        report[cfg.name] = {"training_ids": len(held_out), "in_shards": len(in_train),
-                            "in_holdout": int(pc.sum(pc.is_in(held_ids, wanted)).as_py() or 0)}
-        if len(in_train):
-            raise EvalContamination(f"{store.root}: {len(in_train)} training rows are images of eval set "
-                                    f"{cfg.name!r} (e.g. {in_train[0].as_py()}): a reader lets them through")
+        if held_out:
+            wanted[cfg.name] = pa.array(sorted(held_out), pa.string())
+    report = {name: {"training_ids": len(ids), "in_shards": 0, "in_holdout": 0} for name, ids in wanted.items()}
+    if not wanted:
+        return report
+    first: dict[str, str] = {}
+    for field, entries in (("in_shards", written.shards), ("in_holdout", written.holdout)):
+        for entry in entries:
+            ids = store.read_parquet(entry["path"], columns=["sample_id"]).column("sample_id")
+            for name, eval_ids in wanted.items():
+                found = ids.filter(pc.is_in(ids, eval_ids))
+                report[name][field] += len(found)
+                if field == "in_shards" and len(found) and name not in first:
+                    first[name] = found[0].as_py()
+    for name in (n for n in wanted if n in first):  # the first contaminated set, in config order
+        raise EvalContamination(f"{store.root}: {report[name]['in_shards']} training rows are images of eval set "
+                                f"{name!r} (e.g. {first[name]}): a reader lets them through")
     return report
 
 

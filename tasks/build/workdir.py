@@ -5,6 +5,7 @@
     <dataset>/work/f-<fp>/filtered/<shard>.parquet|.json       read -> caption -> text filters -> query match
     <dataset>/work/f-<fp>/caption_outcomes/<shard>.parquet     what rows with a boilerplate caption field got instead
     <dataset>/work/f-<fp>/url_dedup/p<n>/                      the URL shuffle's pieces and duplicates (n partitions)
+    <dataset>/work/f-<fp>/url_dedup/p<n>/by_shard/g<g>/        those duplicates by shard group (read per shard)
     <dataset>/work/f-<fp>/query_matcher.pkl                    the query matcher, built once for every worker
     <dataset>/work/f-<fp>/query_counts.parquet                 global per-query counts (balancing)
     <dataset>/work/f-<fp>/cap_thresholds.npy                   exact-mode balancing cut per query
@@ -132,6 +133,11 @@ class WorkDir:
     def url_scratch(num_partitions: int) -> str:
         """The URL shuffle's pieces and reduce outputs (named by its partition count)."""
         return f"url_dedup/p{num_partitions}"
+
+    @staticmethod
+    def url_groups(num_groups: int) -> str:
+        """Under :meth:`url_scratch`: the URL drops routed to ``num_groups`` shard groups."""
+        return f"by_shard/g{num_groups}"
 
     @staticmethod
     def clean(shard_id: str) -> str:
