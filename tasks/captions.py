@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from infra.config import CAPTION_PATTERNS, CaptionConfig
+from infra.fanout import split_by
 from infra.funnel import Funnel
 from tasks.step import StepOutput
 
@@ -371,6 +372,19 @@ REPORT_SCHEMA = pa.schema([("rank", pa.int32()), ("caption", pa.string()), ("val
                            ("outcome", pa.string()), ("rows_out", pa.int64()), ("images_by_hash", pa.int64())])
 
 
+IMAGE_PIECE_SCHEMA = pa.schema([("value", pa.string()), ("phash", pa.uint64())])
+IMAGES_SCHEMA = pa.schema([("value", pa.string()), ("images", pa.int64())])
+
+
+def carried_values(caption: str | None, meta: str | None) -> set[str]:
+    """The normalised values an output row carries: its caption and the fields the caption step skipped."""
+    values = {normalise(caption)} if caption else set()
+    if meta and '"caption_skipped"' in meta:
+        skipped = json.loads(meta).get("caption_skipped", {})
+        values.update(normalise(text) for _, text in skipped.values() if text)
+    return values
+
+
 def final_caption_images(captions: Iterable[str | None], metas: Iterable[str | None],
                          phashes: Iterable[int | None]) -> dict[str, set[int]]:
     """Per normalised value, the perceptual hashes of the output rows that carry it: as their
@@ -379,21 +393,46 @@ def final_caption_images(captions: Iterable[str | None], metas: Iterable[str | N
     for caption, meta, phash in zip(captions, metas, phashes):
         if phash is None:
             continue
-        values = {normalise(caption)} if caption else set()
-        if meta and '"caption_skipped"' in meta:
-            skipped = json.loads(meta).get("caption_skipped", {})
-            values.update(normalise(text) for _, text in skipped.values() if text)
-        for v in values:
+        for v in carried_values(caption, meta):
             images.setdefault(v, set()).add(phash)
     return images
 
 
-def repeated_caption_report(counts: pa.Table, outcomes: pa.Table, final_images: Mapping[str, set[int]],
+def caption_image_pieces(table: pa.Table, values: frozenset[str], num_partitions: int) -> list[pa.Table]:
+    """One output shard's distinct (value, phash) pairs for ``values`` (``carried_values``), split
+    into ``num_partitions`` pieces by phash: a value's different hashes are then counted exactly,
+    partition by partition, without every hash in one place."""
+    pairs = set()
+    columns = (table.column(c).to_pylist() for c in ("caption", "meta", "phash"))
+    for caption, meta, phash in zip(*columns):
+        if phash is not None:
+            pairs.update((v, phash) for v in carried_values(caption, meta) & values)
+    ordered = sorted(pairs)
+    hashes = np.array([p for _, p in ordered], np.uint64)
+    piece = pa.table({"value": pa.array([v for v, _ in ordered], pa.string()), "phash": pa.array(hashes, pa.uint64())},
+                     schema=IMAGE_PIECE_SCHEMA)
+    return split_by(piece, (hashes % np.uint64(num_partitions)).astype(np.int64), num_partitions)
+
+
+def count_caption_images(pieces: Sequence[pa.Table]) -> pa.Table:
+    """Per value of one partition: its different perceptual hashes (``IMAGES_SCHEMA``)."""
+    table = pa.concat_tables([IMAGE_PIECE_SCHEMA.empty_table(), *pieces])
+    distinct = table.group_by(["value", "phash"]).aggregate([])
+    counts = distinct.group_by("value").aggregate([("phash", "count")]).rename_columns(["value", "images"])
+    return counts.select(IMAGES_SCHEMA.names).cast(IMAGES_SCHEMA)
+
+
+def report_head(counts: pa.Table, top: int) -> pa.Table:
+    """The ``top`` most repeated values of a count table (by different images, then value)."""
+    return counts.sort_by([("images", "descending"), ("value", "ascending")]).slice(0, top)
+
+
+def repeated_caption_report(counts: pa.Table, outcomes: pa.Table, images_by_hash: Mapping[str, int],
                             top: int = 20) -> pa.Table:
     """The ``top`` most repeated caption values (by different images): how often, what the caption
-    step did with their rows (``outcome``: the fields they got instead, or dropped), and the
-    different perceptual hashes among their rows in the output (``images_by_hash``)."""
-    head = counts.sort_by([("images", "descending"), ("value", "ascending")]).slice(0, top)
+    step did with their rows (``outcome``: the fields they got instead, or dropped), and
+    ``images_by_hash``: per value, the different perceptual hashes among its rows in the output."""
+    head = report_head(counts, top)
     by_value: dict[str, Counter] = {}
     for v, o, n in zip(*(outcomes.column(c).to_pylist() for c in ("value", "outcome", "rows"))):
         by_value.setdefault(v, Counter())[o] += n
@@ -405,7 +444,7 @@ def repeated_caption_report(counts: pa.Table, outcomes: pa.Table, final_images: 
         rows.append({"rank": rank, "caption": r["example"], "value": r["value"], "rows": r["rows"], "images": r["images"],
                      "boilerplate": r["boilerplate"], "outcome": outcome,
                      "rows_out": sum(n for k, n in done.items() if k != "dropped") if done else None,
-                     "images_by_hash": len(final_images.get(r["value"], ()))})
+                     "images_by_hash": images_by_hash.get(r["value"], 0)})
     return pa.Table.from_pylist(rows, schema=REPORT_SCHEMA)
 
 

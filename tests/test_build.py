@@ -172,6 +172,60 @@ def test_repeated_captions_counted_across_shards_then_the_caption_falls_back(tmp
     assert off is None
 
 
+@pytest.mark.parametrize("use_ray,rows_per_partition", [(False, 4_000_000), (False, 3), (True, 3)])
+def test_caption_report_from_shard_workers_equals_the_whole_output_read_at_once(tmp_path, ray_local, monkeypatch,
+                                                                                use_ray, rows_per_partition):
+    """Workers count the report values' different hashes on a (value, phash) shuffle and the
+    caption lengths per shard; the driver merges counts, and the report is the one the whole
+    output read at once gives (duplicate hashes across shards, skipped fields, null hashes)."""
+    import json
+
+    from infra.manifest import Manifest, ShardEntry
+    from tasks.build.records import CaptionCounts
+    from tasks.captions import (BOILERPLATE, COUNTS_SCHEMA, MAX_WORDS_BUCKET, OUTCOMES, OUTCOMES_SCHEMA,
+                                final_caption_images, length_histogram, repeated_caption_report)
+
+    monkeypatch.setattr(stages, "CAPTION_REPORT_ROWS_PER_PARTITION", rows_per_partition)
+    skipped = json.dumps({"caption_skipped": {"title": [BOILERPLATE, "Gramastar"]}})
+    shards = [  # (caption, meta, phash)
+        [("star", skipped, 1), ("Star shape", skipped, 2), ("a red car", None, 5), ("A red car!", None, 5)],
+        [("stars", skipped, 1), ("shape", skipped, None), ("a red car", None, 6), ("", None, 7)],
+        [("star", skipped, 3), ("a dog " * 45, None, 8), ("a red car", None, 5)],
+    ]
+    root = tmp_path / "out"
+    out = ObjectStore(str(root), STORAGE)
+    entries = []
+    for k, rows in enumerate(shards):
+        table = pa.table({"caption": [r[0] for r in rows], "meta": pa.array([r[1] for r in rows], pa.string()),
+                          "phash": pa.array([r[2] for r in rows], pa.uint64())})
+        out.write_parquet(f"shards/{k:05d}.parquet", table)
+        entries.append(ShardEntry(f"shards/{k:05d}.parquet", len(rows), 0, f"sha-{k}", None, f"plan-{k}"))
+    manifest = Manifest(1, ("caption", "meta", "phash"), 11, 3, None, None, {}, tuple(entries), None, {}, None, None)
+    work = WorkDir(str(tmp_path / "work"), STORAGE)
+    counts = pa.table({"value": ["gramastar", "a red car", "star", "never output"], "rows": pa.array([5, 4, 3, 2]),
+                       "images": pa.array([5, 3, 2, 2]), "example": ["Gramastar", "a red car", "star", "never"],
+                       "boilerplate": [True, False, False, False]}, schema=COUNTS_SCHEMA)
+    work.store.write_parquet("captions/counts.parquet", counts)
+    outcomes = pa.table({"value": ["gramastar", "gramastar"], "outcome": ["keywords", "dropped"],
+                         "rows": pa.array([5, 1])}, schema=OUTCOMES_SCHEMA)
+    work.store.write_parquet(WorkDir.side(OUTCOMES, "p0"), outcomes)
+    filtered = FilterStage(work, (FilterRecord("p0", 12, caption_words=(1,) * (MAX_WORDS_BUCKET + 1)),))
+
+    stages.caption_report(dataset_root=str(root), filtered=filtered, captions=CaptionCounts("captions/counts.parquet", 4, 1),
+                          manifest=manifest, top=4, use_ray=use_ray)
+
+    every = [r for rows in shards for r in rows]
+    whole = final_caption_images([r[0] for r in every], [r[1] for r in every], [r[2] for r in every])
+    expected = repeated_caption_report(counts, outcomes, {v: len(h) for v, h in whole.items()}, top=4)
+    report = out.read_parquet("reports/repeated_captions.parquet")
+    assert report.to_pylist() == expected.to_pylist()
+    assert [(r["value"], r["images_by_hash"]) for r in report.to_pylist()] == \
+        [("gramastar", 3), ("a red car", 2), ("never output", 0), ("star", 2)]  # hash 1 twice; 5 on three rows
+    lengths = out.read_parquet("reports/caption_lengths.parquet")
+    assert lengths.column("output").to_pylist() == length_histogram([r[0] for r in every])
+    assert lengths.column("as_read").to_pylist() == [1] * (MAX_WORDS_BUCKET + 1)
+
+
 # ------------------------------------------------------------------------------------------------
 # Balancing across shards: the counts reduce, the cap reduce, then the per-shard step
 # ------------------------------------------------------------------------------------------------

@@ -173,12 +173,13 @@ def test_report_and_histogram() -> None:
     metas = [json.dumps({"caption_skipped": {"title": [BOILERPLATE, "gramastar"]}})] * 3 + [None, None]
     images = final_caption_images(["star", "star", "stars", "card", "Card"], metas, [1, 1, 2, 7, 8])
     assert images["gramastar"] == {1, 2} and images["card"] == {7, 8}
-    table = repeated_caption_report(counts, outcomes, images)
+    by_hash = {v: len(hashes) for v, hashes in images.items()}
+    table = repeated_caption_report(counts, outcomes, by_hash)
     assert table.to_pylist()[0] | {} == {"rank": 1, "caption": "gramastar", "value": "gramastar", "rows": 4, "images": 4,
                                          "boilerplate": True, "outcome": "keywords 3; dropped 1", "rows_out": 3,
                                          "images_by_hash": 2}
     assert table.to_pylist()[1]["outcome"] == "kept" and table.to_pylist()[1]["rows_out"] is None
     flagged = counts.set_column(4, "boilerplate", pa.array([True, True]))
-    assert repeated_caption_report(flagged, outcomes, images).to_pylist()[1]["outcome"].startswith("never the caption")
+    assert repeated_caption_report(flagged, outcomes, by_hash).to_pylist()[1]["outcome"].startswith("never the caption")
     assert length_histogram(["a b", None, "x " * 50])[:3] == [1, 0, 1] and length_histogram(["x " * 50])[-1] == 1
     assert render_caption_lengths(length_histogram(["a"]), length_histogram(["a b"]))[:4] == b"\x89PNG"

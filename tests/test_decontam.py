@@ -20,7 +20,8 @@ from tasks.dedup import ann
 from tasks.dedup import eval_index as eval_index_module
 from tasks.dedup.alterations import FAMILIES, alter
 from tasks.dedup.copy_detect import (DEFAULT_MAX_HUE_SHIFT, DEFAULT_MIN_SCORE, DEFAULT_MIN_SCORE_SMALL,
-                                     copy_features, copy_features_from_bytes, verify)
+                                     copy_features, copy_features_from_bytes)
+from tasks.dedup.copy_verify import verify
 from tasks.dedup.eval_index import EvalIndex, ensure_eval_index
 from tasks.dedup.eval_overlap import EVAL_MATCHES, filter_eval_overlap, match_eval, overlap_report
 from tasks.dedup.hashing import hash_table
@@ -156,7 +157,7 @@ def test_recoloured_drawings_are_not_copies_but_jittered_ones_are():
 def test_only_alignments_a_copy_family_makes_are_plausible():
     import torch
 
-    from tasks.dedup.copy_detect import plausible
+    from tasks.dedup.copy_verify import plausible
 
     def params(a11, a12, a21, a22):
         return torch.tensor([[0.0, 0.0, a11 - 1, a12, a21, a22 - 1]])

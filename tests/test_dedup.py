@@ -482,3 +482,27 @@ def test_spanning_stars_keep_the_components_in_fewer_edges(tmp_path):
     members = dict(zip(stars.column("b").to_pylist(), stars.column("a").to_pylist()))
     assert members == _components_reference(edges)
     assert spanning_stars(table.slice(0, 1)).equals(table.slice(0, 1))
+
+
+def _imports_torch(module: str) -> bool:
+    """Whether importing ``module`` in a fresh interpreter loads torch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1] == "True"
+
+
+@pytest.mark.parametrize("module", ["tasks.dedup.hashing", "tasks.dedup.within", "tasks.dedup.eval_index",
+                                    "tasks.dedup.eval_overlap", "tasks.build.jobs"])
+def test_hashing_and_dedup_workers_do_not_import_torch(module):
+    # torch costs a worker ~200 MB and seconds of imports; only verifying copy pairs needs it.
+    assert not _imports_torch(module)
+
+
+def test_copy_verification_is_what_loads_torch():
+    # The check above can fail: the module that verifies copy pairs does load torch.
+    assert _imports_torch("tasks.dedup.copy_verify")

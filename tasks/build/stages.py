@@ -839,28 +839,79 @@ def reports(*, dataset_root: str, filtered: FilterStage, clean: CleanStage, quer
     return {"query_counts": uris, "overlap": overlap, "captions": caption}
 
 
+CAPTION_REPORT_ROWS_PER_PARTITION = 4_000_000  # output rows whose (value, phash) pairs one reduce counts
+
+
+@dataclass(frozen=True)
+class _CaptionReportContext:
+    dataset_root: str
+    storage: StorageConfig
+    values: frozenset[str] = frozenset()  # the report's values: only their hashes are counted
+    num_partitions: int = 1
+
+
+def _output_caption_lengths(shard: Any, ctx: _CaptionReportContext) -> list[int]:
+    from tasks.captions import length_histogram
+
+    table = ObjectStore(ctx.dataset_root, ctx.storage).read_parquet(shard.path, columns=["caption"])
+    return length_histogram(table.column("caption").to_pylist())
+
+
+def _caption_image_pieces(shard: Any, ctx: _CaptionReportContext) -> list[pa.Table]:
+    from tasks.captions import caption_image_pieces
+
+    table = ObjectStore(ctx.dataset_root, ctx.storage).read_parquet(shard.path, columns=["caption", "meta", "phash"])
+    return caption_image_pieces(table, ctx.values, ctx.num_partitions)
+
+
+def _caption_images(partition: int, pieces: list[pa.Table], ctx: _CaptionReportContext) -> pa.Table:
+    from tasks.captions import count_caption_images
+
+    return count_caption_images(pieces)
+
+
+def _images_by_hash(work: ObjectStore, manifest: Manifest, ctx: _CaptionReportContext, use_ray: bool) -> dict[str, int]:
+    """Per report value, the different perceptual hashes of the output rows carrying it: a shuffle
+    of (value, phash) pairs by phash, so the driver only sums ``len(values)`` counts per partition.
+    Its scratch is named by the output shards' digests and the values: a new output counts afresh."""
+    from tasks.captions import IMAGES_SCHEMA
+
+    if not ctx.values or not manifest.shards:
+        return {}
+    name = fingerprint(sorted(ctx.values), [s.sha256 for s in manifest.shards], ctx.num_partitions)
+    scratch = work.child(WorkDir.caption_report_scratch(name)).scratch()
+    keys = shuffle(_caption_image_pieces, _caption_images, list(manifest.shards), num_partitions=ctx.num_partitions,
+                   scratch=scratch, context=ctx, desc="count report captions' images", key=lambda s: s.sha256,
+                   use_ray=use_ray)
+    counts = pa.concat_tables([IMAGES_SCHEMA.empty_table(), *(scratch.read_parquet(k) for k in keys)])
+    total: Counter = Counter()
+    for value, images in zip(counts.column("value").to_pylist(), counts.column("images").to_pylist()):
+        total[value] += images  # partitions hold different hashes: their counts add up
+    return dict(total)
+
+
 def caption_report(*, dataset_root: str, filtered: FilterStage, captions: CaptionCounts | None,
-                   manifest: Manifest, top: int = 20) -> dict[str, str]:
+                   manifest: Manifest, top: int = 20, use_ray: bool = True) -> dict[str, str]:
     """``reports/repeated_captions.parquet`` (the ``top`` most repeated caption values, what the
     caption step did with their rows, their different perceptual hashes in the output) and
     ``reports/caption_lengths.png`` + ``.parquet`` (words per caption as read and in the output),
-    also as UI artifacts; their URIs."""
-    from tasks.captions import (COUNTS_SCHEMA, MAX_WORDS_BUCKET, OUTCOMES, OUTCOMES_SCHEMA, final_caption_images,
-                                length_histogram, render_caption_lengths, repeated_caption_report)
+    also as UI artifacts; their URIs. Workers read the output shards; the driver merges per-shard
+    histograms and per-partition counts of the ``top`` values, never the rows."""
+    from tasks.captions import (COUNTS_SCHEMA, MAX_WORDS_BUCKET, OUTCOMES, OUTCOMES_SCHEMA, render_caption_lengths,
+                                repeated_caption_report, report_head)
 
     work = filtered.work.store
     out = ObjectStore(dataset_root, filtered.work.storage)
-    captions_out, metas, phashes = [], [], []
-    for shard in manifest.shards:
-        t = out.read_parquet(shard.path, columns=["caption", "meta", "phash"])
-        captions_out += t.column("caption").to_pylist()
-        metas += t.column("meta").to_pylist()
-        phashes += t.column("phash").to_pylist()
+    ctx = _CaptionReportContext(dataset_root, filtered.work.storage)
     before = np.zeros(MAX_WORDS_BUCKET + 1, np.int64)
     for r in filtered.records:
         if r.caption_words:
             before += np.asarray(r.caption_words, np.int64)
-    after = np.asarray(length_histogram(captions_out), np.int64)
+    after = np.zeros(MAX_WORDS_BUCKET + 1, np.int64)
+    for hist in values_or_raise("caption lengths", map_shards(_output_caption_lengths, list(manifest.shards), context=ctx,
+                                                              desc="caption lengths", key=lambda s: s.sha256,
+                                                              use_ray=use_ray)):
+        after += np.asarray(hist, np.int64)
     out.write_parquet("reports/caption_lengths.parquet", pa.table({
         "words": pa.array(range(MAX_WORDS_BUCKET + 1), pa.int32()), "as_read": pa.array(before), "output": pa.array(after)}))
     out.write_bytes("reports/caption_lengths.png", render_caption_lengths(before.tolist(), after.tolist()))
@@ -873,7 +924,10 @@ def caption_report(*, dataset_root: str, filtered: FilterStage, captions: Captio
     outcome_parts = [work.read_parquet(WorkDir.side(OUTCOMES, r.shard_id)) for r in filtered.records
                      if work.exists(WorkDir.side(OUTCOMES, r.shard_id))]
     outcomes = pa.concat_tables([OUTCOMES_SCHEMA.empty_table(), *outcome_parts])
-    table = repeated_caption_report(counts, outcomes, final_caption_images(captions_out, metas, phashes), top)
+    partitions = max(1, min(1024, -(-sum(s.rows for s in manifest.shards) // CAPTION_REPORT_ROWS_PER_PARTITION)))
+    values = frozenset(report_head(counts, top).column("value").to_pylist())
+    ctx = dataclasses.replace(ctx, values=values, num_partitions=partitions)
+    table = repeated_caption_report(counts, outcomes, _images_by_hash(work, manifest, ctx, use_ray), top)
     out.write_parquet("reports/repeated_captions.parquet", table)
     publish_table("repeated-captions", table.to_pylist(),
                   f"the {top} most repeated captions (different images); boilerplate at >= {captions.min_images}")

@@ -127,6 +127,11 @@ class WorkDir:
     def caption_scratch(num_partitions: int) -> str:
         return f"captions/p{num_partitions}"
 
+    @staticmethod
+    def caption_report_scratch(name: str) -> str:
+        """The caption report's (value, phash) shuffle, named by what it counts (its output shards)."""
+        return f"captions/report-{name}"
+
     CAP_THRESHOLDS = "cap_thresholds.npy"
 
     @staticmethod

@@ -2,7 +2,8 @@
 
 One module per job: ``hashing`` (hashes, thumbnails, flatness, and the copy features, from one
 decode), ``mih`` (Hamming-radius search), ``verify`` (thumbnail correlation, within the dataset),
-``copy_detect`` (the decontamination detector's features and colour-aware verification),
+``copy_detect`` (the decontamination detector's features), ``copy_verify`` (its alignment and
+colour-aware verification: the only dedup job on torch),
 ``align`` (affine alignment of thumbnail pairs), ``ann`` (the descriptor lookup), ``alterations``
 (the CLIP-paper alteration families the detector is measured against), ``eval_index`` (the
 versioned eval-set index), ``eval_overlap`` (matching candidates against it and dropping them),

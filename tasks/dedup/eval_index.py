@@ -31,7 +31,6 @@ from PIL import Image
 
 from infra.imaging import to_rgb
 from infra.log import get_logger, log_event, progress
-from tasks.dedup import align as _align_module
 from tasks.dedup import ann as _ann_module
 from tasks.dedup import copy_detect
 from tasks.dedup.ann import DescriptorIndex
@@ -50,9 +49,12 @@ def detector_digest() -> str:
     """sha256 of the detector's source (features, alignment, lookup, decision, this module): any
     change to how images are described or compared makes a new index version."""
     h = hashlib.sha256()
-    for module in (copy_detect, _align_module, _ann_module):
+    for module in (copy_detect, _ann_module):
         h.update(Path(module.__file__).read_bytes())
     here = Path(__file__)
+    # By path, not by import: alignment and verification need torch, building the index does not.
+    for path in (here.with_name("align.py"), here.with_name("copy_verify.py")):
+        h.update(path.read_bytes())
     for path in (here, here.with_name("eval_overlap.py")):  # the lookup and the decision
         h.update(path.read_bytes())
     return h.hexdigest()

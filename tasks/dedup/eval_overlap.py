@@ -7,7 +7,7 @@ Why each step is there (numbers: ``bench/dedup_quality.py``):
 - **Nearest eval images** by descriptor (:meth:`EvalIndex.lookup`: the ``neighbours`` nearest,
   crop views included); flat or undecodable candidates are never looked up (undecodable rows are
   dropped with a reason, flat ones kept unless identical).
-- **Verification** of each of those pairs (:func:`tasks.dedup.copy_detect.verify`): alignment, then
+- **Verification** of each of those pairs (:func:`tasks.dedup.copy_verify.verify`): alignment, then
   the structure score ≥ ``min_score`` and colours consistent with jitter (``method = "aligned"``).
 """
 
@@ -23,7 +23,7 @@ from PIL import Image
 
 from infra.funnel import Funnel
 from tasks.dedup.copy_detect import (COPY_COLUMNS, DEFAULT_MAX_HUE_SHIFT, DEFAULT_MIN_SCORE, DEFAULT_MIN_SCORE_SMALL,
-                                     SIDE, descriptors_from_column, thumbs_from_column, verify)
+                                     SIDE, descriptors_from_column, thumbs_from_column)
 from tasks.dedup.eval_index import EvalIndex
 from tasks.dedup.hashing import hash_table
 from tasks.step import StepOutput
@@ -87,6 +87,10 @@ def candidate_scores(table: pa.Table, index: EvalIndex, *, neighbours: int | Non
     qi, img, sim = qi[gate], img[gate], sim[gate]
     rows_a = usable[qi] if len(usable) else np.zeros(0, np.int64)
     if len(rows_a):
+        # Imported here: torch is for verifying pairs; a clean worker that only writes this module's
+        # side outputs (``EVAL_MATCHES``), or has no candidates, never loads it.
+        from tasks.dedup.copy_verify import verify
+
         thumbs = thumbs_from_column(table.column("copy_thumb").take(pa.array(rows_a)))
         sides = np.minimum(table.column("min_side").take(pa.array(rows_a)).fill_null(0).to_numpy(), index.image_sides[img])
         small_a = index.image_sides[img] < SIDE
