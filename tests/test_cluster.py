@@ -204,7 +204,9 @@ def test_a_build_on_a_two_node_cluster_equals_a_local_build(tmp_path: Path, samp
     log = _build(config, tmp_path / "cluster", {**cluster.env, "PREFECT_API_URL": prefect_server.api_url})
     per_node = _tasks_per_node(log)
     print(f"\ntasks per node (cluster build): {per_node}")
-    assert len(per_node) == 2 and min(per_node.values()) >= sum(per_node.values()) // 5, per_node  # both did work
+    # Both nodes did real work. Ray's default (hybrid) policy fills the driver's node first, so the
+    # split follows the machine's load (159 tasks split 130 / 29 in one CI run): a tenth, not a half.
+    assert len(per_node) == 2 and min(per_node.values()) >= max(3, sum(per_node.values()) // 10), per_node
     assert _checksums(tmp_path / "cluster") == want
 
     # The worker node's raylet dies once the fetch/image stage is under way: its tasks are retried
