@@ -171,13 +171,12 @@ URL_STAGE = "dedup_url"
 DUPLICATE_URL = "duplicate_url"
 
 
-def _url_dedup_step(drops: pa.Array) -> Any:
+def _url_dedup_step(drops: UrlDrops | None, shard_id: str) -> Any:
     """Drop the rows whose URL a row of smaller sample_id has (found across all shards by the count stage)."""
-    import pyarrow.compute as pc
 
     def step(table: pa.Table) -> StepOutput:
         funnel = Funnel()
-        keep = pc.invert(pc.is_in(table.column("sample_id"), drops))
+        keep = drops.kept(table, shard_id) if drops is not None else pa.array(np.ones(table.num_rows, bool))
         return StepOutput(funnel.apply_mask(URL_STAGE, table, keep, DUPLICATE_URL), funnel)
 
     return step
@@ -221,8 +220,7 @@ def clean_shard(record: FilterRecord, ctx: CleanContext) -> CleanRecord:
     thresholds = cap_thresholds(ctx.filter_work) if ctx.balance.mode == "exact" else None
     counts = query_counts(ctx.filter_work)
     steps = [
-        _url_dedup_step(ctx.url_drops.of_shard(shard_id).column("sample_id") if ctx.url_drops is not None
-                        else pa.array([], pa.string())),
+        _url_dedup_step(ctx.url_drops, shard_id),
         lambda t: balance_table(t, counts, ctx.balance, thresholds=thresholds),
         # Fetch rows that have a URL and no inline image, then decode/validate/hash/encode every image.
         lambda t: gather_images(t, ctx.gather, ctx.images, features=_hash_features(ctx.dedup)),

@@ -186,6 +186,12 @@ class UrlDrops:
         table = _url_group_table(self.store, self.keys[shard_group(shard_id, len(self.keys))])
         return table.filter(pc.equal(table.column("shard_id"), shard_id))
 
+    def kept(self, table: pa.Table, shard_id: str) -> pa.BooleanArray:
+        """Which rows of shard ``shard_id``'s ``table`` (a ``sample_id`` column) are not URL drops."""
+        ids = self.of_shard(shard_id).column("sample_id")
+        return pc.invert(pc.is_in(table.column("sample_id"), ids)) if len(ids) else pa.array(
+            np.ones(table.num_rows, bool))
+
     def table(self) -> pa.Table:
         """Every drop, sorted by sample_id (small builds and tests)."""
         return pa.concat_tables([URL_DROPS_SCHEMA.empty_table(), *(self.store.read_parquet(k) for k in self.keys)]

@@ -353,10 +353,8 @@ def _cap_pieces(record: FilterRecord, ctx: _CapContext) -> list[pa.Table]:
     from tasks.balance import CapHashes
 
     table = ctx.work.store.read_parquet(WorkDir.filtered(record.shard_id), columns=["sample_id", "query_ids"])
-    if ctx.url_drops is not None and ctx.url_drops.total:
-        ids = ctx.url_drops.of_shard(record.shard_id).column("sample_id")
-        if len(ids):
-            table = table.filter(pc.invert(pc.is_in(table.column("sample_id"), ids)))
+    if ctx.url_drops is not None:
+        table = table.filter(ctx.url_drops.kept(table, record.shard_id))
     counts = query_counts(ctx.work)
     caps = CapHashes.from_table(table, counts, ctx.balance)
     queries = ctx.queries()
