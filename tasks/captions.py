@@ -385,19 +385,6 @@ def carried_values(caption: str | None, meta: str | None) -> set[str]:
     return values
 
 
-def final_caption_images(captions: Iterable[str | None], metas: Iterable[str | None],
-                         phashes: Iterable[int | None]) -> dict[str, set[int]]:
-    """Per normalised value, the perceptual hashes of the output rows that carry it: as their
-    caption, or in a field the caption step skipped (the hash confirmation of the text count)."""
-    images: dict[str, set[int]] = {}
-    for caption, meta, phash in zip(captions, metas, phashes):
-        if phash is None:
-            continue
-        for v in carried_values(caption, meta):
-            images.setdefault(v, set()).add(phash)
-    return images
-
-
 def caption_image_pieces(table: pa.Table, values: frozenset[str], num_partitions: int) -> list[pa.Table]:
     """One output shard's distinct (value, phash) pairs for ``values`` (``carried_values``), split
     into ``num_partitions`` pieces by phash: a value's different hashes are then counted exactly,

@@ -183,7 +183,7 @@ def test_caption_report_from_shard_workers_equals_the_whole_output_read_at_once(
     from infra.manifest import Manifest, ShardEntry
     from tasks.build.records import CaptionCounts
     from tasks.captions import (BOILERPLATE, COUNTS_SCHEMA, MAX_WORDS_BUCKET, OUTCOMES, OUTCOMES_SCHEMA,
-                                final_caption_images, length_histogram, repeated_caption_report)
+                                carried_values, length_histogram, repeated_caption_report)
 
     monkeypatch.setattr(stages, "CAPTION_REPORT_ROWS_PER_PARTITION", rows_per_partition)
     skipped = json.dumps({"caption_skipped": {"title": [BOILERPLATE, "Gramastar"]}})
@@ -215,7 +215,10 @@ def test_caption_report_from_shard_workers_equals_the_whole_output_read_at_once(
                           manifest=manifest, top=4, use_ray=use_ray)
 
     every = [r for rows in shards for r in rows]
-    whole = final_caption_images([r[0] for r in every], [r[1] for r in every], [r[2] for r in every])
+    whole: dict[str, set[int]] = {}  # the whole output at once, as the report was computed before
+    for caption, meta, phash in every:
+        for value in carried_values(caption, meta) if phash is not None else ():
+            whole.setdefault(value, set()).add(phash)
     expected = repeated_caption_report(counts, outcomes, {v: len(h) for v, h in whole.items()}, top=4)
     report = out.read_parquet("reports/repeated_captions.parquet")
     assert report.to_pylist() == expected.to_pylist()

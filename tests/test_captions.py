@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from infra.config import CaptionConfig, ConfigError, SourceConfig, config_from_dict, to_dict
 from tasks.captions import (AUTHOR_CREDIT, BOILERPLATE, COLLECTION_STAMP, CONVERTED_FROM, DATE_STAMP, EMAIL_ADDRESS,
                             OUTCOMES, PATTERNS, CaptionStep, apply_patterns, boilerplate_values, caption_pieces,
-                            compose, count_captions, final_caption_images, image_identity, length_histogram,
-                            normalise, policy_field_text, render_caption_lengths, repeated_caption_report)
+                            caption_image_pieces, compose, count_caption_images, count_captions, image_identity,
+                            length_histogram, normalise, policy_field_text, render_caption_lengths, repeated_caption_report)
 
 ALL = PATTERNS
 
@@ -171,9 +172,12 @@ def test_report_and_histogram() -> None:
     outcomes = pa.table({"value": ["gramastar", "gramastar"], "outcome": ["keywords", "dropped"],
                          "rows": pa.array([3, 1], pa.int64())})
     metas = [json.dumps({"caption_skipped": {"title": [BOILERPLATE, "gramastar"]}})] * 3 + [None, None]
-    images = final_caption_images(["star", "star", "stars", "card", "Card"], metas, [1, 1, 2, 7, 8])
-    assert images["gramastar"] == {1, 2} and images["card"] == {7, 8}
-    by_hash = {v: len(hashes) for v, hashes in images.items()}
+    output = pa.table({"caption": ["star", "star", "stars", "card", "Card"], "meta": metas,
+                       "phash": pa.array([1, 1, 2, 7, 8], pa.uint64())})
+    pieces = caption_image_pieces(output, frozenset({"gramastar", "card", "star"}), 2)
+    assert all(set(np.asarray(p.column("phash")) % 2) <= {k} for k, p in enumerate(pieces))  # split by hash
+    by_hash = dict(zip(*count_caption_images(pieces).to_pydict().values()))
+    assert by_hash == {"gramastar": 2, "card": 2, "star": 1}  # distinct hashes: 1 twice counts once
     table = repeated_caption_report(counts, outcomes, by_hash)
     assert table.to_pylist()[0] | {} == {"rank": 1, "caption": "gramastar", "value": "gramastar", "rows": 4, "images": 4,
                                          "boilerplate": True, "outcome": "keywords 3; dropped 1", "rows_out": 3,
