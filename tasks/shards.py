@@ -120,14 +120,6 @@ def parquet_options(compression: str) -> dict:
             "write_statistics": _STATISTICS}
 
 
-def encode_shard(table: pa.Table, row_group_rows: int, compression: str) -> bytes:
-    """The Parquet bytes of one shard (row groups sized for streaming reads)."""
-    buf = io.BytesIO()
-    pq.write_table(conform(table, SHARD_SCHEMA), buf, row_group_size=max(1, row_group_rows),
-                   **parquet_options(compression))
-    return buf.getvalue()
-
-
 _WRITEBACK_BYTES = 8 << 20  # start the disk writeback of a local shard every 8 MB written
 
 
