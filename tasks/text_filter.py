@@ -408,11 +408,11 @@ class ForeignWords:
     (``_word_evidence``). Picklable: a worker reloads the lists.
     """
 
-    def __init__(self, languages: Sequence[str], margin: float = 1.75, min_zipf: float = 3.5,
-                 english_common_zipf: float = 3.5, absent_min_zipf: float = 1.0,
-                 absent_known_min_zipf: float | None = 2.0, english_lead: float | None = 0.5,
-                 lead_max_foreign_zipf: float | None = 4.3, unknown_min_zipf: float | None = 2.5,
-                 english_min_letters: int = 3) -> None:
+    def __init__(self, languages: Sequence[str], margin: float, min_zipf: float, english_common_zipf: float,
+                 absent_min_zipf: float, absent_known_min_zipf: float | None, english_lead: float | None,
+                 lead_max_foreign_zipf: float | None, unknown_min_zipf: float | None,
+                 english_min_letters: int) -> None:
+        # No defaults: the values are TextFilterConfig's (text_filter.foreign_* and friends), one source.
         self.languages = tuple(languages)
         self.margin, self.min_zipf = margin, min_zipf
         self.english_common_zipf, self.absent_min_zipf = english_common_zipf, absent_min_zipf
@@ -453,22 +453,20 @@ class ForeignWords:
             return FOREIGN
         return UNKNOWN
 
-    def leads(self, word: str) -> bool:
+    def leads(self, word: str, *, common_elsewhere: bool = False) -> bool:
         """``word`` is at least ``english_lead`` Zipf more frequent in English than in every one of
-        the languages (no cap: for two-letter words, where "of" must still count)."""
+        the languages; with ``common_elsewhere``, more still by what it is above
+        ``lead_max_foreign_zipf`` in one of them ("issue" in French)."""
         english, foreign = self.zipf(word)
-        return english > 0.0 and english - foreign >= (self.english_lead or 0.0)
+        needed = self.english_lead or 0.0
+        if common_elsewhere and self.lead_max_foreign_zipf is not None:
+            needed += max(0.0, foreign - self.lead_max_foreign_zipf)
+        return english > 0.0 and english - foreign >= needed
 
     def distinctly_english(self, word: str) -> bool:
-        """``word`` leads every one of the languages by ``english_lead`` Zipf, more where it is
-        common in one of them (``lead_max_foreign_zipf``); False when the lead rule is off."""
-        if self.english_lead is None:
-            return False
-        english, foreign = self.zipf(word)
-        needed = self.english_lead
-        if self.lead_max_foreign_zipf is not None:
-            needed += max(0.0, foreign - self.lead_max_foreign_zipf)  # common elsewhere too ("issue" in French)
-        return english > 0.0 and english - foreign >= needed
+        """``word`` leads every one of the languages, common elsewhere or not (:meth:`leads`);
+        False when the lead rule is off."""
+        return self.english_lead is not None and self.leads(word, common_elsewhere=True)
 
 
 # ------------------------------------------------------------------------------------------------
