@@ -40,9 +40,9 @@ from infra.config import TrainConfig  # noqa: E402
 from tests.trainer_fixtures import sample_pairs, write_dataset  # noqa: E402
 from trainer.data import ShardStream, load_manifest  # noqa: E402
 from trainer.loss import ClipLoss  # noqa: E402
-from trainer.model import CLIP, load_model_config  # noqa: E402
-from trainer.train import (build_engine, cosine_with_warmup, deepspeed_config, init_distributed,  # noqa: E402
-                           param_groups, shutdown_distributed)
+from trainer.model import load_model_config  # noqa: E402
+from trainer.train import (build_engine, deepspeed_config, init_distributed, model_and_optimizer,  # noqa: E402
+                           shutdown_distributed)
 
 
 def make_batches(model_name: str, micro_batch: int, count: int, work: Path) -> list[dict]:
@@ -57,10 +57,7 @@ def make_batches(model_name: str, micro_batch: int, count: int, work: Path) -> l
 
 def _model_and_optimizer(cfg: TrainConfig, total_steps: int):
     torch.manual_seed(cfg.seed)
-    model = CLIP(load_model_config(cfg.model))
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, total_steps))
-    return model, optimizer, scheduler
+    return model_and_optimizer(cfg, load_model_config(cfg.model), total_steps)
 
 
 class Phases:

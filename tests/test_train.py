@@ -18,7 +18,7 @@ import torch
 
 from infra.config import Config, TrainConfig
 from tests.trainer_fixtures import sample_pairs, write_dataset
-from trainer.train import (build_engine, clear_stale_op_locks, cosine_with_warmup, deepspeed_config, init_distributed,
+from trainer.train import (build_engine, clear_stale_op_locks, model_and_optimizer, cosine_with_warmup, deepspeed_config, init_distributed,
                            param_groups, shutdown_distributed, total_steps, train)
 
 STEPS = 8
@@ -104,7 +104,7 @@ def test_deepspeed_steps_take_the_plain_loops_losses():
     """Our engine set-up (build_engine + deepspeed_config) trains like a plain PyTorch loop: ZeRO-2
     as configured and the one-rank stage 0, same seed, same batches, the same first losses."""
     from trainer.loss import ClipLoss
-    from trainer.model import CLIP, load_model_config
+    from trainer.model import load_model_config
 
     cfg = dataclasses.replace(TRAIN, micro_batch=8, max_steps=None, grad_clip=0.05)  # a clip that bites
     model_config = load_model_config(cfg.model)
@@ -114,9 +114,7 @@ def test_deepspeed_steps_take_the_plain_loops_losses():
     loss_fn = ClipLoss()
 
     torch.manual_seed(cfg.seed)
-    model = CLIP(model_config)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, 10))
+    model, optimizer, scheduler = model_and_optimizer(cfg, model_config, 10)
     plain = []
     for images, tokens in batches:
         loss = loss_fn(*model(images, tokens))

@@ -188,15 +188,21 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, on_cuda: bool) -> dict[s
     return config
 
 
+def model_and_optimizer(cfg: TrainConfig, model_config: ModelConfig, steps: int) -> tuple[CLIP, Any, Any]:
+    """The CLIP model, its AdamW (``param_groups``) and the cosine schedule over ``steps``: what
+    :func:`build_engine` hands DeepSpeed, and what a plain PyTorch loop steps itself."""
+    model = CLIP(model_config)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, steps))
+
+
 def build_engine(cfg: TrainConfig, model_config: ModelConfig, ds_config: dict[str, Any], steps: int) -> tuple[Any, Any]:
     """The CLIP model, AdamW and the cosine schedule under DeepSpeed (``ds_config``); seed first.
     Returns the engine and its scheduler."""
     import deepspeed
 
-    model = CLIP(model_config)
-    model.set_grad_checkpointing(cfg.grad_checkpointing)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, steps))
+    model, optimizer, scheduler = model_and_optimizer(cfg, model_config, steps)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config, dist_init_required=False)
     if dist.get_world_size() == 1 and engine.zero_optimization_stage() == 0:
