@@ -46,7 +46,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -223,7 +223,7 @@ def render_png(image: Path | bytes, side: int = IMAGE_SIDE) -> tuple[bytes, int,
     return png_on_white(rgba, side)
 
 
-def _read_json(path: Path):
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
