@@ -19,7 +19,7 @@ demo-s3: setup
 	$(VENV)/bin/witflow demo --s3
 
 # Captioned sources built from the Debian and npm packages setup installs (built once; a few minutes).
-SOURCES := runs/sources/openclipart_full.parquet $(foreach v,twitter google openmoji,runs/sources/emoji_$(v).parquet)
+SOURCES := runs/sources/openclipart_full.parquet $(foreach v,twitter google openmoji fluent,runs/sources/emoji_$(v).parquet)
 
 sources: setup $(SOURCES)
 

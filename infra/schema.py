@@ -43,7 +43,7 @@ EMOJI_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),  # "<vendor>/<code points>", e.g. "twitter/1F431"
         pa.field("unified", pa.string(), nullable=False),  # code points, upper-case hex joined by "-"
-        pa.field("vendor", pa.string(), nullable=False),  # emoji-datasource's image set: twitter | google
+        pa.field("vendor", pa.string(), nullable=False),  # infra.emoji.VENDORS: twitter | google | openmoji | fluent
         pa.field("name", pa.string(), nullable=False),  # CLDR English name ("cat face")
         pa.field("keywords", pa.list_(pa.string()), nullable=False),  # CLDR English keywords
         pa.field("category", pa.string(), nullable=False),

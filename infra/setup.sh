@@ -44,8 +44,9 @@ fi
 
 # Emoji images and their CLDR names (infra/emoji.py), from the npm registry into .venv/npm. The
 # packages' own "license" fields cover their code (MIT) and the CLDR data (Unicode-3.0); the
-# images' licences (Twemoji CC-BY 4.0, Noto Apache 2.0, OpenMoji CC BY-SA 4.0) are checked at build time.
-NPM_PACKAGES="emoji-datasource-twitter@16.0.0 emoji-datasource-google@16.0.0 openmoji@17.0.0 cldr-annotations-full@48.2.0 cldr-annotations-derived-full@48.2.0"
+# images' licences (Twemoji CC-BY 4.0, Noto Apache 2.0, OpenMoji CC BY-SA 4.0, Fluent Emoji Flat
+# MIT) are checked at build time.
+NPM_PACKAGES="emoji-datasource-twitter@16.0.0 emoji-datasource-google@16.0.0 openmoji@17.0.0 @iconify-json/fluent-emoji-flat@1.2.6 cldr-annotations-full@48.2.0 cldr-annotations-derived-full@48.2.0"
 npm_stamp=$VENV/npm/.witflow-npm-$(echo "$NPM_PACKAGES" | sha256sum | cut -c1-16)
 if [ ! -f "$npm_stamp" ]; then
   if ! command -v npm >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

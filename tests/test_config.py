@@ -49,6 +49,14 @@ def test_zeroshot_config_loads_with_its_frames_and_the_second_concept_set(repo_r
     assert plain("A drawing of {}.") in prompts  # the check sees through articles and the full stop
 
 
+def test_zeroshot_config_registers_the_fresh_fluent_set_outside_the_curve(repo_root: Path):
+    cfg = load_config(repo_root / "configs" / "zeroshot.yaml")
+    fresh = {e.name: e for e in cfg.eval_sets}["emoji-heldout-fluent"]
+    assert (fresh.kind, fresh.path, fresh.split) == ("emoji-heldout", "runs/sources/emoji_fluent.parquet", "all")
+    assert fresh.templates == ("@emoji-caption",) and fresh.name not in cfg.train.curve_eval_sets
+    assert not any("fluent" in s.path for s in cfg.sources)  # eval only: never a training source
+
+
 def test_unknown_key_is_rejected_with_its_path(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"train\.zero_stgae"):
         load_config(write(tmp_path, "train:\n  zero_stgae: 2\n"))

@@ -48,6 +48,9 @@ def fake_npm_root(root: Path, *, licence_ok: bool = True) -> Path:
         if vendor.layout == "openmoji":
             _fake_openmoji(pkg, codes, vendor.licence_statement if licence_ok else "all rights reserved")
             continue
+        if vendor.layout == "iconify":
+            _fake_iconify(pkg, codes, vendor)
+            continue
         (pkg / "img" / vendor.name / "64").mkdir(parents=True)
         (pkg / "package.json").write_text(json.dumps({"name": vendor.package, "version": "16.0.0"}))
         (pkg / "emoji.json").write_text(json.dumps(entries))
@@ -87,6 +90,30 @@ def _fake_openmoji(pkg: Path, codes: list[str], statement: str) -> None:
     (pkg / "data" / "openmoji.json").write_text(json.dumps(entries))
 
 
+# The fake Iconify package's code points past the plain ones: a skin-tone variant, one unknown to
+# emoji.json, one drawn by a flipped icon (HELD[4]: not drawn by a plain icon).
+ICONIFY_TONED, ICONIFY_UNKNOWN = f"{KEPT[0]}-1F3FB", "1FAE8"
+
+
+def _fake_iconify(pkg: Path, codes: list[str], vendor: emoji.Vendor) -> None:
+    """An Iconify JSON package: icons.json (SVG bodies, a 32-px set), chars.json, info.json, package.json."""
+    pkg.mkdir(parents=True)
+    (pkg / "package.json").write_text(json.dumps({"name": vendor.package, "version": "1.2.6",
+                                                  "license": vendor.licence}))
+    (pkg / "info.json").write_text(json.dumps({"prefix": "fake", "name": vendor.drawing, "license": {
+        "title": vendor.licence, "spdx": vendor.licence, "url": vendor.licence_statement}}))
+    icons, chars = {}, {}
+    for i, u in enumerate(codes + [ICONIFY_TONED, ICONIFY_UNKNOWN]):
+        icons[f"icon-{i}"] = {"body": f'<circle cx="16" cy="16" r="9" fill="#{(i * 40) % 256:02x}2060"/>'}
+        chars[u.lower()] = f"icon-{i}"  # lower case, no FE0F, as the real chars.json
+    icons["icon-0"]["width"] = 36  # a wider box than the set's (as some real icons)
+    icons[f"icon-{codes.index(HELD[4])}"]["hFlip"] = True
+    icons["old-name"] = {"body": "<path d='M0 0h32v32z'/>", "hidden": True}  # no code point maps to it
+    (pkg / "icons.json").write_text(json.dumps({"prefix": "fake", "icons": icons, "width": 32, "height": 32,
+                                               "aliases": {"icon-1-alias": {"parent": "icon-1"}}}))
+    (pkg / "chars.json").write_text(json.dumps(chars))
+
+
 @pytest.fixture
 def npm_root(tmp_path: Path) -> Path:
     return fake_npm_root(tmp_path / "npm")
@@ -119,6 +146,81 @@ def test_openmoji_svgs_are_rasterised_and_keyed_like_the_other_vendors(tmp_path:
     assert image.mode == "RGB" and image.size == (64, 64)
     assert image.getpixel((1, 1)) == (255, 255, 255) and image.getpixel((32, 32)) != (255, 255, 255)
     assert b"CC-BY-SA-4.0" in pq.read_schema(tmp_path / "om.parquet").metadata[b"witflow.licence"]
+
+
+def test_iconify_svgs_are_keyed_by_their_chars_map_and_rasterised(tmp_path: Path, npm_root: Path) -> None:
+    table, skipped = emoji.build("fluent", tmp_path / "fl.parquet", npm_root)
+    rows = {r["unified"]: r for r in table.to_pylist()}
+    # Left out: the toned variant, the swatch, the code point emoji.json lacks, the flipped icon, and
+    # the hidden icon and alias no code point maps to; HELD[3] has no CLDR name (counted, kept).
+    assert skipped == {"skin_tone": 1, "component": 1, "not_in_emoji_data": 1, "no_plain_icon": 1,
+                       "no_code_point": 2, "named_without_cldr": 1}
+    assert sorted(rows) == sorted(u for u in HELD + KEPT if u != HELD[4])
+    assert rows[HELD[0]]["id"] == f"fluent/{HELD[0]}" and rows[HELD[0]]["vendor"] == "fluent"
+    assert rows[KEPT[0]]["name"] == "thing 6" and rows[KEPT[0]]["keywords"] == ["kw", "word6"]
+    assert rows[HELD[3]]["name"] == "thing 3"  # emoji.json's Unicode name stands in
+    assert rows[HELD[1]]["subcategory"] == "country-flag" and rows[KEPT[0]]["category"] == "Objects"
+    for u in (HELD[0], KEPT[0]):  # HELD[0]'s icon has a 36-wide box: still 64 x 64, letterboxed
+        image = Image.open(io.BytesIO(rows[u]["image"]))
+        assert image.mode == "RGB" and image.size == (64, 64)
+        assert image.getpixel((1, 1)) == (255, 255, 255) and image.getpixel((32, 32)) != (255, 255, 255)
+    assert rows[HELD[0]]["image"] != rows[KEPT[0]]["image"]
+    meta = pq.read_schema(tmp_path / "fl.parquet").metadata
+    assert b"images MIT" in meta[b"witflow.licence"] and b"Microsoft" in meta[b"witflow.attribution"]
+    assert b"@iconify-json/fluent-emoji-flat 1.2.6" in meta[b"witflow.source"]
+    assert b"emoji-datasource-google 16.0.0 emoji.json" in meta[b"witflow.source"]
+    again, _ = emoji.build("fluent", tmp_path / "fl2.parquet", npm_root)
+    assert again.equals(table)  # deterministic
+
+
+@pytest.mark.parametrize("field", ["package.json", "spdx", "url"])
+def test_iconify_build_refuses_a_changed_licence(tmp_path: Path, npm_root: Path, field: str) -> None:
+    pkg = npm_root / emoji.VENDORS["fluent"].package
+    name = "package.json" if field == "package.json" else "info.json"
+    doc = json.loads((pkg / name).read_text())
+    if field == "package.json":
+        doc["license"] = "CC-BY-NC-4.0"
+    else:
+        doc["license"][field] = "CC-BY-NC-4.0"
+    (pkg / name).write_text(json.dumps(doc))
+    with pytest.raises(emoji.EmojiError, match=f"fluent-emoji-flat: .*{'license' if name == 'package.json' else field}"
+                                               r" is 'CC-BY-NC-4.0'.*check the package's licence"):
+        emoji.build("fluent", tmp_path / "fl.parquet", npm_root)
+    assert not (tmp_path / "fl.parquet").exists()
+
+
+def test_iconify_build_refuses_a_package_without_a_chars_map(tmp_path: Path, npm_root: Path) -> None:
+    (npm_root / emoji.VENDORS["fluent"].package / "chars.json").write_text("{}")  # as fxemoji's, emojione's
+    with pytest.raises(emoji.EmojiError, match="chars.json: no code point map"):
+        emoji.build("fluent", tmp_path / "fl.parquet", npm_root)
+
+
+REAL_NPM_ROOT = emoji.NPM_ROOT
+
+
+@pytest.mark.skipif(not (REAL_NPM_ROOT / emoji.VENDORS["fluent"].package / "chars.json").is_file()
+                    or not (REAL_NPM_ROOT / emoji.EMOJI_DATA_PACKAGE / "emoji.json").is_file(),
+                    reason="npm @iconify-json/fluent-emoji-flat / emoji-datasource-google not in .venv/npm "
+                           "(infra/setup.sh installs them)")
+def test_real_fluent_package_licence_and_every_icon_accounted_for() -> None:
+    from collections import Counter
+
+    vendor = emoji.VENDORS["fluent"]
+    emoji.check_licence(REAL_NPM_ROOT, vendor)
+    pkg = REAL_NPM_ROOT / vendor.package
+    icon_set = json.loads((pkg / "icons.json").read_text())
+    chars = json.loads((pkg / "chars.json").read_text())
+    skipped: Counter = Counter()
+    entries = emoji._entries(vendor, pkg, REAL_NPM_ROOT, skipped)
+    assert skipped["not_in_emoji_data"] == 0 and skipped["no_plain_icon"] == 0  # every code point known
+    assert len(entries) + sum(skipped.values()) - skipped["no_code_point"] == len(chars)
+    assert skipped["no_code_point"] == len(set(icon_set["icons"]) | set(icon_set.get("aliases", {}))) - len(set(chars.values()))
+    keys = [e["unified"] for e in entries]
+    assert len(set(keys)) == len(keys) and sum(map(emoji.is_heldout, keys)) > 150
+    for e in entries[:: len(entries) // 4]:
+        data, width, height = emoji.render_png(e["image"])
+        pixels = np.asarray(Image.open(io.BytesIO(data)))
+        assert (width, height) == (64, 64) and (pixels < 250).any(axis=-1).mean() > 0.1  # drawn, not blank
 
 
 def test_emoji_unicode_name_stands_in_without_cldr(tmp_path: Path, npm_root: Path) -> None:
@@ -270,6 +372,24 @@ def test_splits_are_halves_and_unknown_splits_are_refused() -> None:
     assert all(in_split("all", k, "s") and in_split("test", k, "s") for k in keys)
     with pytest.raises(EvalSetError, match="split must be tune, final or all"):
         in_split("validation", "k", "s")
+
+
+def test_fresh_fluent_set_is_its_drawings_of_heldout_emoji_without_place_flags(tmp_path: Path, npm_root: Path) -> None:
+    emoji.build("fluent", tmp_path / "fl.parquet", npm_root)
+    cfg = EvalSetConfig(name="emoji-heldout-fluent", kind="emoji-heldout", path=str(tmp_path / "fl.parquet"), split="all")
+    s = load_eval_set(cfg)
+    # Fluent draws HELD[1] (a country flag: no eval class) and every KEPT emoji (not held out); HELD[4]
+    # only as a flipped icon (not in the table).
+    expected = [u for u in HELD if u not in (HELD[1], HELD[4])]
+    assert sorted(i.split("/")[1] for i in s.ids) == sorted(expected) and all(i.startswith("fluent/") for i in s.ids)
+    assert len(s.classes) == len(expected) and sorted(s.labels.tolist()) == list(range(len(expected)))
+    assert [s.classes[k] for k in s.labels.tolist()] == [f"thing {HELD.index(i.split('/')[1])}" for i in s.ids]
+    assert s.training_ids == {f"emoji:{v}/{u}" for u in expected for v in emoji.VENDORS}
+    assert "fluent" in emoji.VENDORS and training_ids(cfg) == s.training_ids
+    assert load_eval_set(cfg).checksum() == s.checksum()  # deterministic
+    # No reader trains on it: kind emoji leaves every held-out code point out.
+    read, dropped = _read(SourceConfig(kind="emoji", path="fl.parquet"), tmp_path)
+    assert dropped == {"heldout": len(HELD) - 1} and set(read.column("sample_id").to_pylist()).isdisjoint(s.training_ids)
 
 
 def test_emoji_heldout_set_is_another_vendors_drawings_of_heldout_emoji(tmp_path: Path, npm_root: Path) -> None:
