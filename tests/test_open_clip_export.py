@@ -44,7 +44,7 @@ def test_openai_architectures_match_open_clips_own_configs(name: str) -> None:
     assert ours == theirs
 
 
-@pytest.mark.parametrize("name", ["tiny", "zeroshot-s", *OPENAI_MODELS])
+@pytest.mark.parametrize("name", ["tiny", "zeroshot-s", "zeroshot-rn", *OPENAI_MODELS])
 def test_open_clip_config_round_trips(name: str) -> None:
     config = load_model_config(name)
     back = from_open_clip_config(open_clip_config(config))
@@ -76,12 +76,13 @@ data = np.load(out + ".in.npz")
 with torch.no_grad():
     image = model.encode_image(torch.from_numpy(data["images"])).numpy()
     text = model.encode_text(torch.from_numpy(data["tokens"])).numpy()
-np.savez(out, image=image, text=text, scale=model.logit_scale.exp().item(),
-         heads=model.visual.transformer.resblocks[0].attn.num_heads)
+visual = model.visual
+heads = visual.attnpool.num_heads if hasattr(visual, "attnpool") else visual.transformer.resblocks[0].attn.num_heads
+np.savez(out, image=image, text=text, scale=model.logit_scale.exp().item(), heads=heads)
 '''
 
 
-@pytest.mark.parametrize("name", ["tiny", "zeroshot-s"])
+@pytest.mark.parametrize("name", ["tiny", "zeroshot-s", "zeroshot-rn"])
 def test_export_loads_into_open_clip_with_the_same_features(tmp_path: Path, name: str) -> None:
     root = _reference_tree(tmp_path)
     tvonly = tmp_path / "reference" / "tvonly"  # torchvision only: the installed open_clip is imported
