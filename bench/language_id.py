@@ -15,9 +15,9 @@ each detector — langdetect (the design's, via langdetect-rs: the same answers)
   2.0) and the first policy (share of English-known words).
 
 Precision and recall are of "keep as English"; "rejected" is the share of other-language titles
-dropped. Each row gives the tuning part (tuning-1..4, where thresholds are chosen) and the fresh
-part (fresh-2: a separate draw labelled first and scored once, never tuned on) apart. Speed: captions/s/core (CPU seconds of this
-single-threaded process) of the detector alone and of the whole English check, on the distinct
+dropped. Each row gives the tuning part (tuning-1..5, where thresholds are chosen) and the fresh
+part (fresh-3: a separate draw labelled first and scored once, never tuned on) apart; "-" where a
+part has no titles. Speed: captions/s/core (CPU seconds of this single-threaded process) of the detector alone and of the whole English check, on the distinct
 titles of the Openclipart sample (or --titles-from a full table), best of interleaved repeats.
 Every detector gets the caption's words lower-cased and space-joined (``caption_words``), the
 form the policy hands its short-caption detector.
@@ -32,6 +32,7 @@ with the round-3 policy's (``ratio=``, higher is better); their recalls are prin
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import resource
 import sys
@@ -47,7 +48,7 @@ os.environ.setdefault("WITFLOW_PROGRESS", "0")
 
 LABELS = REPO / "tests" / "data" / "openclipart_lang_labels.tsv"
 SAMPLE = REPO / "infra" / "data" / "openclipart_sample.parquet"
-TUNING, FRESH = ("tuning-1", "tuning-2", "tuning-3", "tuning-4"), ("fresh-2",)
+TUNING, FRESH = ("tuning-1", "tuning-2", "tuning-3", "tuning-4", "tuning-5"), ("fresh-3",)
 MIN_RECALL = 0.98
 # The policy before its latest round (round 4: the gloss cap, foreign unknown words, two-letter words)
 ROUND_3 = dict(gloss_max_foreign_zipf=None, foreign_unknown_min_zipf=None, english_min_letters=1)
@@ -131,14 +132,20 @@ def load_labels(path: Path = LABELS) -> list[Labelled]:
 
 
 def scores(keep: list[bool], labels: list[Labelled], parts: tuple[str, ...]) -> tuple[float, float, float]:
-    """(precision, recall, rejected) over the labelled titles of ``parts``."""
+    """(precision, recall, rejected) over the labelled titles of ``parts``; NaN where it has none."""
     tp = fp = fn = tn = 0
     for k, lab in zip(keep, labels):
         if lab.part not in parts:
             continue
         tp, fp = tp + (k and lab.english), fp + (k and not lab.english)
         fn, tn = fn + (not k and lab.english), tn + (not k and not lab.english)
+    if tp + fp + fn + tn == 0:
+        return math.nan, math.nan, math.nan
     return tp / max(tp + fp, 1), tp / max(tp + fn, 1), tn / max(tn + fp, 1)
+
+
+def figure(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.3f}"
 
 
 def choose_threshold(decide: Callable[[float], list[bool]], labels: list[Labelled]) -> float:
@@ -251,14 +258,15 @@ def main() -> None:
             rate["policy:round-2"] if role.startswith("round-2") else \
             rate["policy:round-3"] if role.startswith("round-3") else \
             rate["policy:chosen"] if role.startswith("CHOSEN") else None
-        print(f"| {name} | {role} | {t} | {tune[0]:.3f} | {tune[1]:.3f} | {tune[2]:.3f} | {fin[0]:.3f} | {fin[1]:.3f} | "
-              f"{fin[2]:.3f} | {f'{speed:,.0f}' if speed else '-'} |")
+        print(f"| {name} | {role} | {t} | {' | '.join(figure(x) for x in (*tune, *fin))} | "
+              f"{f'{speed:,.0f}' if speed else '-'} |")
     rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB (+{rss:,.0f} MiB for the detectors "
           f"and word lists)")
-    ours, base = rows[-1][4], next(r[4] for r in rows if r[1].startswith("round-3"))
+    column, part = (4, "fresh part") if n_fresh else (3, "tuning part: no fresh titles")
+    ours, base = rows[-1][column], next(r[column] for r in rows if r[1].startswith("round-3"))
     print(f"language_id: ours rejected={ours[2]:.3f} recall={ours[1]:.3f} round-3 rejected={base[2]:.3f} "
-          f"recall={base[1]:.3f} (fresh part; ours {rate['policy:chosen']:,.0f} captions/s/core, round-3 "
+          f"recall={base[1]:.3f} ({part}; ours {rate['policy:chosen']:,.0f} captions/s/core, round-3 "
           f"{rate['policy:round-3']:,.0f}) ratio={ours[2] / max(base[2], 1e-9):.2f}")
 
 
