@@ -33,7 +33,7 @@ TUNING = ("tuning-1", "tuning-2", "tuning-3", "tuning-4", "tuning-5")
 
 
 def load_labels(parts: tuple[str, ...] = TUNING) -> list[tuple[str, str]]:
-    """(title, lang) of the labelled titles in ``parts`` (the fresh part is scored only by
+    """(title, lang) of the labelled titles in ``parts`` (the fresh part fresh-3 is scored only by
     bench/language_id.py and the test that pins what it measured there once)."""
     lines = [line for line in LABELS.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
     header, rows = lines[0].split("\t"), [line.split("\t") for line in lines[1:]]
@@ -469,6 +469,22 @@ def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter, voc
     detector_tp = sum(bool(langs) and langs[0][0] == "en"
                       for langs in (detector.detect_langs(clean_caption(t)) for t in english))
     assert detector_tp / len(english) < 0.6  # the problem the policy exists for
+
+
+def test_policy_on_the_once_only_part(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+    """The fresh part fresh-3 (500 titles drawn and labelled after the place-name policy was
+    committed, scored once by bench/language_id.py; 415 English and 76 other-language titles the
+    language check sees): P 0.978, R 0.966, 67 of 76 dropped (0.882). Neither goal is met there:
+    the recall is lost on names and words no list knows as English (Kexi, Mirjam Meijer, Chav,
+    joypad, nunchaku) and on Italian titles with an English gloss; the rejection on French sign
+    titles and on words English shares ("Leone", "Reunion", "Cassette video"). Round 4 (no place
+    names) keeps two English titles fewer (timor_leste, Catalunya). These floors guard against
+    regressions (~2 more errors either way); they were not tuned on."""
+    labels = load_labels(("fresh-3",))
+    precision, recall, rejected = _policy_scores(text_filter, labels)
+    assert precision >= 0.97 and recall >= 0.96 and rejected >= 0.855, (precision, recall, rejected)
+    round_4 = TextFilter(replace(TextFilterConfig(), place_name_max_foreign_lead=None), vocab)
+    assert _policy_scores(round_4, labels)[1] < recall
 
 
 def test_langdetect_rs_matches_langdetect_on_the_labelled_titles() -> None:
