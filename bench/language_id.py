@@ -9,29 +9,34 @@ each detector — langdetect (the design's, via langdetect-rs: the same answers)
   best recall);
 * inside the policy: tasks/text_filter.py's vocabulary and word evidence, with the detector
   settling the short captions whose words disagree or are unknown (its threshold chosen the same
-  way); plus the policy with no detector, the policy before its latest round (``ROUND_3``: no
-  gloss cap, no foreign unknown words, two-letter words counted), the one before that
-  (``ROUND_2``: no distinctly-English words, no word evidence on long captions, foreign margin
-  2.0) and the first policy (share of English-known words).
+  way); plus the policy with no detector, the policy before its latest round (``ROUND_4``: no
+  place names), the one before that (``ROUND_3``: no gloss cap, no foreign unknown words,
+  two-letter words counted), the one before that (``ROUND_2``: no distinctly-English words, no
+  word evidence on long captions, foreign margin 2.0) and the first policy (share of
+  English-known words).
 
 Precision and recall are of "keep as English"; "rejected" is the share of other-language titles
-dropped. Each row gives the tuning part (tuning-1..4, where thresholds are chosen) and the fresh
-part (fresh-2: a separate draw labelled first and scored once, never tuned on) apart. Speed: captions/s/core (CPU seconds of this
-single-threaded process) of the detector alone and of the whole English check, on the distinct
-titles of the Openclipart sample (or --titles-from a full table), best of interleaved repeats.
-Every detector gets the caption's words lower-cased and space-joined (``caption_words``), the
-form the policy hands its short-caption detector.
+dropped. Each row gives the tuning part (tuning-1..5, where thresholds are chosen) and the fresh
+part (fresh-3: a separate draw labelled first and scored once, never tuned on) apart; "-" where a
+part has no titles. Speed: captions/s/core (CPU seconds of this single-threaded process) of the
+detector alone and of the whole English check, on the distinct titles of the Openclipart sample
+(or --titles-from a full table), best of interleaved repeats. Every detector gets the caption's
+words lower-cased and space-joined (``caption_words``), the form the policy hands its
+short-caption detector.
 
     .venv/bin/python bench/language_id.py [--quick] [--titles-from runs/sources/openclipart_full.parquet]
                                           [--labels other.tsv]
 
-The last line compares the chosen policy's rejection of other-language titles on the fresh part
-with the round-3 policy's (``ratio=``, higher is better); their recalls are printed beside it.
+The last line compares the chosen policy's recall of English titles on the fresh part (the
+tuning part while there is none) with the round-4 policy's (``ratio=``, higher is better: place
+names are what the latest round adds, and they can only keep more); their rejections beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import os
 import resource
 import sys
@@ -47,10 +52,12 @@ os.environ.setdefault("WITFLOW_PROGRESS", "0")
 
 LABELS = REPO / "tests" / "data" / "openclipart_lang_labels.tsv"
 SAMPLE = REPO / "infra" / "data" / "openclipart_sample.parquet"
-TUNING, FRESH = ("tuning-1", "tuning-2", "tuning-3", "tuning-4"), ("fresh-2",)
+TUNING, FRESH = ("tuning-1", "tuning-2", "tuning-3", "tuning-4", "tuning-5"), ("fresh-3",)
 MIN_RECALL = 0.98
-# The policy before its latest round (round 4: the gloss cap, foreign unknown words, two-letter words)
-ROUND_3 = dict(gloss_max_foreign_zipf=None, foreign_unknown_min_zipf=None, english_min_letters=1)
+# The policy before its latest round (round 5: place names)
+ROUND_4 = dict(place_name_max_foreign_lead=None)
+# ...before round 4 (the gloss cap, foreign unknown words, two-letter words)
+ROUND_3 = dict(ROUND_4, gloss_max_foreign_zipf=None, foreign_unknown_min_zipf=None, english_min_letters=1)
 # ...and the round before that (no distinctly-English words, no word evidence on long captions)
 ROUND_2 = dict(ROUND_3, foreign_margin=2.0, english_lead_zipf=None, foreign_absent_known_min_zipf=None,
                long_max_foreign_share=None)
@@ -131,14 +138,20 @@ def load_labels(path: Path = LABELS) -> list[Labelled]:
 
 
 def scores(keep: list[bool], labels: list[Labelled], parts: tuple[str, ...]) -> tuple[float, float, float]:
-    """(precision, recall, rejected) over the labelled titles of ``parts``."""
+    """(precision, recall, rejected) over the labelled titles of ``parts``; NaN where it has none."""
     tp = fp = fn = tn = 0
     for k, lab in zip(keep, labels):
         if lab.part not in parts:
             continue
         tp, fp = tp + (k and lab.english), fp + (k and not lab.english)
         fn, tn = fn + (not k and lab.english), tn + (not k and not lab.english)
+    if tp + fp + fn + tn == 0:
+        return math.nan, math.nan, math.nan
     return tp / max(tp + fp, 1), tp / max(tp + fn, 1), tn / max(tn + fp, 1)
+
+
+def figure(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.3f}"
 
 
 def choose_threshold(decide: Callable[[float], list[bool]], labels: list[Labelled]) -> float:
@@ -183,6 +196,7 @@ def main() -> None:
     previous = TextFilter(replace(cfg, foreign_languages=(), short_detector="none"), vocab)
     round_2 = TextFilter(replace(cfg, **ROUND_2), vocab)
     round_3 = TextFilter(replace(cfg, **ROUND_3), vocab)
+    round_4 = TextFilter(replace(cfg, **ROUND_4), vocab)
     no_detector = TextFilter(replace(cfg, short_detector="none"), vocab)
     print(f"setup {time.perf_counter() - t0:.0f}s (lingua's models are most of it)")
 
@@ -209,19 +223,22 @@ def main() -> None:
 
     add("(none)", "previous policy: share of English-known words", "-",
         [previous.check(lab.title)[1] is None for lab in labels])
-    add(cfg.short_detector, "round-2 policy (two rounds before)", cfg.short_detector_min_prob,
+    add(cfg.short_detector, "round-2 policy (three rounds before)", cfg.short_detector_min_prob,
         [round_2.check(lab.title)[1] is None for lab in labels])
-    add(cfg.short_detector, "round-3 policy (before the latest round)", cfg.short_detector_min_prob,
+    add(cfg.short_detector, "round-3 policy (two rounds before)", cfg.short_detector_min_prob,
         [round_3.check(lab.title)[1] is None for lab in labels])
+    add(cfg.short_detector, "round-4 policy (before the latest round: no place names)", cfg.short_detector_min_prob,
+        [round_4.check(lab.title)[1] is None for lab in labels])
     add("(none)", "policy: word evidence, no detector", "-", [no_detector.check(lab.title)[1] is None for lab in labels])
+    probe = TextFilter(replace(cfg, short_detector="none"), vocab)
+    cleaned = [clean_caption(lab.title) for lab in labels]
     for name, langs_of in detectors.items():
-        probe = TextFilter(replace(cfg, short_detector="none"), vocab)
-        probe.short_detector = Adapter(langs_of)
-        verdicts = [english_verdict(clean_caption(lab.title), vocab, probe.detector, cfg, foreign=probe.foreign,
-                                    short_detector=probe.short_detector) for lab in labels]
+        adapter = Adapter(functools.lru_cache(maxsize=None)(langs_of))  # each title asked once, whatever t
 
-        def decide(th: float, verdicts=verdicts) -> list[bool]:
-            return [v.p_english >= th if v.decided_by == "short_detector" else v.english for v in verdicts]
+        def decide(th: float, adapter=adapter) -> list[bool]:
+            at = replace(cfg, short_detector_min_prob=th)
+            return [english_verdict(c, vocab, probe.detector, at, foreign=probe.foreign, short_detector=adapter,
+                                    names=probe.names).english for c in cleaned]
 
         t = choose_threshold(decide, labels)
         add(name, "policy + short-caption detector", t, decide(t))
@@ -236,8 +253,8 @@ def main() -> None:
     for _ in range(repeats):  # interleaved, best of each
         for name, langs_of in detectors.items():
             best[name] = min(best.get(name, float("inf")), cpu_seconds(lambda f=langs_of: [f(t) for t in norm]))
-        for name, tf in (("policy:chosen", chosen), ("policy:round-3", round_3), ("policy:round-2", round_2),
-                         ("policy:previous", previous)):
+        for name, tf in (("policy:chosen", chosen), ("policy:round-4", round_4), ("policy:round-3", round_3),
+                         ("policy:round-2", round_2), ("policy:previous", previous)):
             tf.vocab._cache.clear()
             best[name] = min(best.get(name, float("inf")), cpu_seconds(lambda tf=tf: [tf.check(t) for t in titles]))
     rate = {k: len(titles) / v for k, v in best.items()}
@@ -250,16 +267,18 @@ def main() -> None:
         speed = rate.get(name) if "alone" in role else rate["policy:previous"] if role.startswith("previous") else \
             rate["policy:round-2"] if role.startswith("round-2") else \
             rate["policy:round-3"] if role.startswith("round-3") else \
+            rate["policy:round-4"] if role.startswith("round-4") else \
             rate["policy:chosen"] if role.startswith("CHOSEN") else None
-        print(f"| {name} | {role} | {t} | {tune[0]:.3f} | {tune[1]:.3f} | {tune[2]:.3f} | {fin[0]:.3f} | {fin[1]:.3f} | "
-              f"{fin[2]:.3f} | {f'{speed:,.0f}' if speed else '-'} |")
+        print(f"| {name} | {role} | {t} | {' | '.join(figure(x) for x in (*tune, *fin))} | "
+              f"{f'{speed:,.0f}' if speed else '-'} |")
     rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB (+{rss:,.0f} MiB for the detectors "
           f"and word lists)")
-    ours, base = rows[-1][4], next(r[4] for r in rows if r[1].startswith("round-3"))
-    print(f"language_id: ours rejected={ours[2]:.3f} recall={ours[1]:.3f} round-3 rejected={base[2]:.3f} "
-          f"recall={base[1]:.3f} (fresh part; ours {rate['policy:chosen']:,.0f} captions/s/core, round-3 "
-          f"{rate['policy:round-3']:,.0f}) ratio={ours[2] / max(base[2], 1e-9):.2f}")
+    column, part = (4, "fresh part") if n_fresh else (3, "tuning part: no fresh titles")
+    ours, base = rows[-1][column], next(r[column] for r in rows if r[1].startswith("round-4"))
+    print(f"language_id: ours recall={ours[1]:.3f} rejected={ours[2]:.3f} round-4 recall={base[1]:.3f} "
+          f"rejected={base[2]:.3f} ({part}; ours {rate['policy:chosen']:,.0f} captions/s/core, round-4 "
+          f"{rate['policy:round-4']:,.0f}) ratio={ours[1] / max(base[1], 1e-9):.3f}")
 
 
 if __name__ == "__main__":

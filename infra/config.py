@@ -278,6 +278,12 @@ class TextFilterConfig:
     # foreign evidence, and no foreign evidence with english_min_coverage English words is English;
     # None: the known-word share alone (no word evidence for long captions)
     long_max_foreign_share: float | None = 0.25
+    # Place names (ISO 3166 countries and subdivisions, from pycountry's data) are no evidence of a
+    # language: their words that are not English evidence are left out of the verdict, and a caption
+    # of names only is English ("Murcia", "Spain - Extremadura"). A name whose every word is at
+    # least this many Zipf more frequent in a foreign language than in English reads as that
+    # language ("Piemonte", "Bretagne", "Castilla y León") and is judged as before; None: off
+    place_name_max_foreign_lead: float | None = 2.02
     # Settles short captions whose words disagree or are all unknown: fastText's lid.176 (it beat
     # langdetect, lingua, CLD2 and py3langid in that role: bench/language_id.py), or none
     short_detector: Literal["fasttext", "langdetect", "langdetect-rs", "none"] = "fasttext"
@@ -299,7 +305,7 @@ class TextFilterConfig:
         if self.english_min_letters < 1:
             raise ConfigError("text_filter.english_min_letters must be >= 1 (1: every English-known word counts)")
         for name in ("english_lead_zipf", "foreign_absent_known_min_zipf", "gloss_max_foreign_zipf",
-                     "foreign_unknown_min_zipf"):
+                     "foreign_unknown_min_zipf", "place_name_max_foreign_lead"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 9.0:
                 raise ConfigError(f"text_filter.{name} must be a Zipf value in [0, 9] (or null: off)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,8 +13,8 @@ import pytest
 from infra.config import ConfigError, TextFilterConfig
 from tasks.text_filter import (BAD_UTF8, CONTROL_CHARS, EMPTY, ENGLISH, FOREIGN, MACHINE_MADE, NOT_ENGLISH,
                                TOO_FEW_WORDS, TOO_LONG, TOO_SHORT, UNKNOWN, EnglishVocab, FastTextLID,
-                               LanguageDetector, TextFilter, caption_words, clean_caption, english_verdict,
-                               machine_made, reason_examples, short_caption_detector)
+                               LanguageDetector, PlaceNames, TextFilter, caption_words, clean_caption,
+                               english_verdict, machine_made, reason_examples, short_caption_detector)
 
 LABELS = Path(__file__).parent / "data" / "openclipart_lang_labels.tsv"
 
@@ -28,11 +29,11 @@ def text_filter(vocab: EnglishVocab) -> TextFilter:
     return TextFilter(TextFilterConfig(), vocab)
 
 
-TUNING = ("tuning-1", "tuning-2", "tuning-3", "tuning-4")
+TUNING = ("tuning-1", "tuning-2", "tuning-3", "tuning-4", "tuning-5")
 
 
 def load_labels(parts: tuple[str, ...] = TUNING) -> list[tuple[str, str]]:
-    """(title, lang) of the labelled titles in ``parts`` (the fresh part is scored only by
+    """(title, lang) of the labelled titles in ``parts`` (the fresh part fresh-3 is scored only by
     bench/language_id.py and the test that pins what it measured there once)."""
     lines = [line for line in LABELS.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
     header, rows = lines[0].split("\t"), [line.split("\t") for line in lines[1:]]
@@ -196,7 +197,8 @@ def test_short_captions_use_the_vocabulary_not_the_detector(text_filter: TextFil
 
 def _verdict(text_filter: TextFilter, caption: str):
     return english_verdict(caption, text_filter.vocab, text_filter.detector, text_filter.cfg,
-                           foreign=text_filter.foreign, short_detector=text_filter.short_detector)
+                           foreign=text_filter.foreign, short_detector=text_filter.short_detector,
+                           names=text_filter.names)
 
 
 def test_foreign_word_evidence(text_filter: TextFilter) -> None:
@@ -316,6 +318,71 @@ def test_long_captions_use_word_evidence(text_filter: TextFilter, vocab: English
     assert _verdict(off, "Kowalski Nowak and the blue kettle").decided_by == "detector"
 
 
+def test_place_names_are_found_as_words(text_filter: TextFilter) -> None:
+    """ISO 3166 names from pycountry, looked up with case, accents, ``_``/``-`` and apostrophes
+    (as breaks or left out) ignored, the longest name first; ISO 3166-2's "Name, Type" and
+    "Name [Other name]" forms are both found."""
+    names = text_filter.names
+    assert len(names) > 4_000
+    assert names.spans(caption_words("cote_divoire")) == [(0, 2)]
+    assert names.spans(caption_words("Côte d'Ivoire")) == [(0, 3)]
+    assert names.spans(caption_words("Map of Papua New Guinea")) == [(2, 5)]
+    assert names.spans(caption_words("baden_wurttemberg")) == [(0, 2)]
+    assert names.spans(caption_words("Baden-Württemberg")) == [(0, 2)]
+    assert names.spans(caption_words("Región de Murcia")) == [(0, 3)]  # ISO 3166-2: "Murcia, Región de"
+    assert names.spans(caption_words("Cataluña")) == names.spans(caption_words("Catalunya")) == [(0, 1)]
+    assert names.spans(caption_words("a red apple on a table")) == []
+    clone = pickle.loads(pickle.dumps(names))
+    assert clone.spans(caption_words("Côte d'Ivoire")) == [(0, 3)] and len(clone) == len(names)
+
+
+def test_place_names_are_no_language_evidence(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+    """A caption of place names only is English (usable as a caption, as the labels have it); a
+    name beside other words leaves them to decide, so a foreign sentence with a name in it is
+    still foreign; a name English writes otherwise ("Piemonte" for Piedmont) stays foreign."""
+    for caption in ("Extremadura", "Murcia", "Niue", "Navarra"):
+        verdict = _verdict(text_filter, caption)
+        assert verdict.english and verdict.decided_by == "names" and verdict.names >= 1, (caption, verdict)
+        assert text_filter.check(caption) == (caption, None)
+    for caption in ("cote_divoire", "Baden-Württemberg", "El Salvador"):  # "cote", "baden", "salvador" stay, decide
+        verdict = _verdict(text_filter, caption)
+        assert verdict.english and verdict.decided_by == "vocab" and verdict.names == 1, (caption, verdict)
+    verdict = _verdict(text_filter, "France - Provence Alpes Cote d'Azur")
+    assert verdict.english and verdict.decided_by == "vocab" and verdict.names == 3, verdict  # alpes, d, azur left out
+    for caption in ("Carte de la France", "Bandiera di Murcia", "Mapa de Extremadura", "Karte von Niue",
+                    "Una foto della cattedrale di Murcia al tramonto"):
+        assert text_filter.check(caption)[1] == NOT_ENGLISH, caption
+    assert _verdict(text_filter, "Bandiera di Murcia").names == 1  # judged again without "murcia": still foreign
+    foreign = text_filter.foreign
+    for caption in ("Piemonte", "Bretagne", "Castilla y León"):
+        assert text_filter.names.reads_foreign(caption_words(caption), foreign), caption
+        assert text_filter.check(caption)[1] == NOT_ENGLISH, caption
+    assert not text_filter.names.reads_foreign(caption_words("Baden-Württemberg"), foreign)  # "baden" is not
+    # names only ever rescue: an English caption with a name is decided as before, without the lookup
+    verdict = _verdict(text_filter, "Map of Extremadura with its provinces and main roads")
+    assert verdict.english and verdict.names == 0, verdict
+    # switched off: the names are foreign words again
+    off = TextFilter(replace(TextFilterConfig(), place_name_max_foreign_lead=None), vocab)
+    assert off.names is None
+    for caption in ("Extremadura", "Murcia", "cote_divoire", "El Salvador"):
+        assert off.check(caption)[1] == NOT_ENGLISH, caption
+    table = pa.table({"caption": ["Murcia", "Bandiera di Murcia", "Niue"]})
+    assert text_filter(table).table.column("caption").to_pylist() == ["Murcia", "Niue"]
+
+
+def test_place_names_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="no place names"):
+        PlaceNames([], 2.0)
+    with pytest.raises(ValueError, match="no place names"):
+        PlaceNames(["Ao", "Ré"], 2.0)  # two letters: too short to tell from a word
+    monkeypatch.setitem(sys.modules, "pycountry", None)  # not installed
+    with pytest.raises(ModuleNotFoundError, match="place names need pycountry"):
+        PlaceNames.load(2.0)
+    with pytest.raises(ModuleNotFoundError, match="pycountry"):
+        TextFilter(TextFilterConfig())
+    assert TextFilter(replace(TextFilterConfig(), place_name_max_foreign_lead=None)).names is None
+
+
 def test_fasttext_lid176_is_offline_and_reads_lower_case_words() -> None:
     lid = FastTextLID()
     assert lid.english_probability("Woman Nurse") > 0.5  # lower-cased first: capitalised, the model shows its prior
@@ -376,20 +443,25 @@ def _policy_scores(text_filter: TextFilter, labels: list[tuple[str, str]]) -> tu
 
 
 def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter, vocab: EnglishVocab) -> None:
-    """The tuning parts tuning-1..4 (1,400 titles, 199 of those the language check sees in other
-    languages): the policy measures P 0.986, R 0.982, 182 of 199 dropped, the issue's goal (R >=
-    0.98 at >= 90% dropped). The floors leave room for ~2 more errors either way. Round 3 (no
-    gloss cap, no foreign unknown words, two-letter words counted) drops 176 of 199; round 2 (no
-    distinctly-English words, no word evidence on long captions, margin 2.0) measures R 0.970; the
-    share-of-known-words rule alone drops 128 of 199, and langdetect alone keeps 37% of English."""
+    """The tuning parts tuning-1..5 (1,700 titles, 1,431 English and 248 other-language ones the
+    language check sees): the policy measures P 0.984, R 0.981, 225 of 248 dropped (0.907), the
+    issue's goal (R >= 0.98 at >= 90% dropped). The floors leave room for ~3 more errors either
+    way. Round 4 (no place names) measures R 0.974 at the same 225 dropped: the names rescue 10
+    English titles (Murcia, Extremadura, Niue, Suriname ...) and drop nothing. Round 3 (no gloss
+    cap, no foreign unknown words, two-letter words counted) drops 215 of 248; round 2 (no
+    distinctly-English words, no word evidence on long captions, margin 2.0) measures R 0.964; the
+    share-of-known-words rule alone drops 161 of 248, and langdetect alone keeps 44% of English."""
     labels = load_labels()
     precision, recall, rejected = _policy_scores(text_filter, labels)
-    assert precision >= 0.98 and recall >= 0.98 and rejected >= 0.90, (precision, recall, rejected)
-    round_3 = dict(gloss_max_foreign_zipf=None, foreign_unknown_min_zipf=None, english_min_letters=1)
-    assert _policy_scores(TextFilter(replace(TextFilterConfig(), **round_3), vocab), labels)[2] < 0.895
+    assert precision >= 0.98 and recall >= 0.978 and rejected >= 0.895, (precision, recall, rejected)
+    round_4 = TextFilter(replace(TextFilterConfig(), place_name_max_foreign_lead=None), vocab)
+    assert _policy_scores(round_4, labels)[1] < 0.976  # what the place names add: recall
+    round_3 = dict(gloss_max_foreign_zipf=None, foreign_unknown_min_zipf=None, english_min_letters=1,
+                   place_name_max_foreign_lead=None)
+    assert _policy_scores(TextFilter(replace(TextFilterConfig(), **round_3), vocab), labels)[2] < 0.89
     round_2 = TextFilter(replace(TextFilterConfig(), **round_3, foreign_margin=2.0, english_lead_zipf=None,
                                  foreign_absent_known_min_zipf=None, long_max_foreign_share=None), vocab)
-    assert _policy_scores(round_2, labels)[1] < 0.975  # what round 3's rules added: recall
+    assert _policy_scores(round_2, labels)[1] < 0.97  # what round 3's rules added: recall
     share_only = TextFilter(replace(TextFilterConfig(), foreign_languages=(), short_detector="none"), vocab)
     assert _policy_scores(share_only, labels)[2] < 0.75  # what the word evidence and fastText add
     detector = LanguageDetector("langdetect-rs", 0)
@@ -399,15 +471,20 @@ def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter, voc
     assert detector_tp / len(english) < 0.6  # the problem the policy exists for
 
 
-def test_policy_on_the_once_only_part(text_filter: TextFilter) -> None:
-    """The fresh part fresh-2 (300 titles drawn and labelled after the round-4 policy was committed,
-    scored once by bench/language_id.py): P 0.975, R 0.928, 41 of 47 dropped as scored; with the two
-    Italian titles the labelling pass had left at en fixed afterwards, P 0.975, R 0.935, 43 of 49
-    (0.878). Neither goal is met there: the recall is lost on proper names (Niue, Murcia, Velocette,
-    French regions) that neither the word lists nor fastText know as English. These floors guard
-    against regressions (~2 more errors either way); they were not tuned on."""
-    precision, recall, rejected = _policy_scores(text_filter, load_labels(("fresh-2",)))
-    assert precision >= 0.96 and recall >= 0.925 and rejected >= 0.83, (precision, recall, rejected)
+def test_policy_on_the_once_only_part(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+    """The fresh part fresh-3 (500 titles drawn and labelled after the place-name policy was
+    committed, scored once by bench/language_id.py; 415 English and 76 other-language titles the
+    language check sees): P 0.978, R 0.966, 67 of 76 dropped (0.882). Neither goal is met there:
+    the recall is lost on names and words no list knows as English (Kexi, Mirjam Meijer, Chav,
+    joypad, nunchaku) and on Italian titles with an English gloss; the rejection on French sign
+    titles and on words English shares ("Leone", "Reunion", "Cassette video"). Round 4 (no place
+    names) keeps two English titles fewer (timor_leste, Catalunya). These floors guard against
+    regressions (~2 more errors either way); they were not tuned on."""
+    labels = load_labels(("fresh-3",))
+    precision, recall, rejected = _policy_scores(text_filter, labels)
+    assert precision >= 0.97 and recall >= 0.96 and rejected >= 0.855, (precision, recall, rejected)
+    round_4 = TextFilter(replace(TextFilterConfig(), place_name_max_foreign_lead=None), vocab)
+    assert _policy_scores(round_4, labels)[1] < recall
 
 
 def test_langdetect_rs_matches_langdetect_on_the_labelled_titles() -> None:
@@ -449,6 +526,8 @@ def test_switches_and_config_checks(vocab: EnglishVocab) -> None:
         TextFilterConfig(foreign_unknown_min_zipf=10.0)
     with pytest.raises(ConfigError, match="english_min_letters"):
         TextFilterConfig(english_min_letters=0)
+    with pytest.raises(ConfigError, match="place_name_max_foreign_lead"):
+        TextFilterConfig(place_name_max_foreign_lead=-1.0)
     off = TextFilterConfig(english_lead_zipf=None, foreign_absent_known_min_zipf=None, long_max_foreign_share=None)
     assert off.english_lead_zipf is None and off.long_max_foreign_share is None
 
