@@ -12,6 +12,8 @@ Each shard is written atomically, then its stats, then its marker; the marker re
 identity of the rows that go into the shard), and a rerun skips shards completed for the same plan.
 Shard contents are a deterministic function of the build's inputs, so a shard rewritten after a
 crash is byte-for-byte the one an uninterrupted build writes; a changed config rewrites them.
+A :class:`ShardWriter` writes shards in sequence, each one's durable commit overlapping the
+encoding of the next.
 """
 
 from __future__ import annotations
