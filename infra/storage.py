@@ -543,11 +543,10 @@ class _PendingLocalFile:
             _fsync_directory(os.path.dirname(self.path))
 
     def discard(self) -> None:
-        self.file.close()
-        try:
+        with contextlib.suppress(OSError):  # closing flushes, which fails again where writing failed
+            self.file.close()
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
 
 
 class PendingObject:
