@@ -2,8 +2,9 @@
 
 All train the same model (same initial weights) on the same batches, decoded once from shards of
 the bundled Openclipart sample and replayed from memory, so the numbers compare the engines, not
-the data pipeline. All use AdamW with the same param groups, cosine schedule, grad clipping and
-ClipLoss. Three engines live side by side and their steps alternate (forward, then reversed
+the data pipeline. All use the one optimizer construction (``trainer.train.model_and_optimizer``:
+torch's AdamW with its fused kernel, the same param groups), cosine schedule, grad clipping and
+ClipLoss; the optimizer each side steps is printed. Three engines live side by side and their steps alternate (forward, then reversed
 order), so machine load hits them alike: the plain loop; DeepSpeed at ``--zero-stage`` with
 ``trainer.train.deepspeed_config`` (what ``train.zero_stage`` gets); and DeepSpeed as
 ``train.single_rank_zero_stage: 0`` runs it on one rank (stage 0: ZeRO partitions nothing across
@@ -85,6 +86,14 @@ class Phases:
         return statistics.median((self.cpu if cpu else self.wall)[name])
 
 
+def describe(optimizer) -> str:
+    """What an engine steps: the optimizer's class, its fused flag, and what it wraps (ZeRO)."""
+    inner = getattr(optimizer, "optimizer", None)
+    if inner is not None and inner is not optimizer:
+        return f"{type(optimizer).__name__} over {describe(inner)}"
+    return f"{type(optimizer).__name__}(fused={optimizer.defaults.get('fused')})"
+
+
 def plain_engine(cfg: TrainConfig, total: int) -> Callable[[dict, Phases], None]:
     model, optimizer, scheduler = _model_and_optimizer(cfg, total)
     loss_fn = ClipLoss()
@@ -97,6 +106,7 @@ def plain_engine(cfg: TrainConfig, total: int) -> Callable[[dict, Phases], None]
             optimizer.zero_grad(set_to_none=True)
         phases.run(lambda: loss_fn(*model(batch["images"], batch["tokens"])), lambda loss: loss.backward(), update)
 
+    step.optimizer = describe(optimizer)
     return step
 
 
@@ -110,6 +120,7 @@ def deepspeed_engine(cfg: TrainConfig, total: int, zero_options: dict) -> Callab
     def step(batch: dict, phases: Phases) -> None:
         phases.run(lambda: loss_fn(*engine(batch["images"], batch["tokens"])), engine.backward, engine.step)
 
+    step.optimizer = describe(engine.optimizer)
     return step
 
 
@@ -143,6 +154,8 @@ def main() -> None:
             engines[label] = deepspeed_engine(ds_cfg, steps + warmup, json.loads(args.zero_options))
             zero = {**deepspeed_config(ds_cfg, 1, False)["zero_optimization"], **json.loads(args.zero_options)}
             print(f"{label}: zero_optimization {json.dumps(zero)}", flush=True)
+        for name, engine in engines.items():
+            print(f"{name}: steps {engine.optimizer}", flush=True)
         phases = {name: Phases() for name in engines}
         warm = {name: Phases() for name in engines}
         names = list(engines)

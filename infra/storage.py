@@ -293,14 +293,23 @@ class ObjectStore:
         """A binary file to stream ``key``'s content into; the object appears, whole, only when the
         block ends without an error (locally: a temp file, fsynced once, renamed; on S3: one PUT or
         a multipart upload of what was written)."""
+        with self.open_pending(key) as pending:
+            yield pending.file
+        pending.commit()
+
+    @contextlib.contextmanager
+    def open_pending(self, key: str) -> Iterator[PendingObject]:
+        """Like :meth:`open_atomic`, but the block only writes ``pending.file``: the object appears,
+        whole, when ``pending.commit()`` runs (later, on another thread if need be: a writer can
+        encode its next object while this one's fsync waits for the disk), and never if the block
+        raises or ``pending.discard()`` runs instead."""
         self._check_guard(key)
-        if self.is_s3:
-            buffer = io.BytesIO()
-            yield buffer
-            self.write_bytes(key, buffer.getbuffer())
-            return
-        with _atomic_local_file(self.fs_path(key), lambda: self._check_guard(key), self.durable) as f:
-            yield f
+        pending = PendingObject(self, key)
+        try:
+            yield pending
+        except BaseException:
+            pending.discard()
+            raise
 
     def _multipart_write(self, key: str, data: bytes, part_bytes: int) -> None:
         view = memoryview(data)
@@ -498,26 +507,73 @@ def _atomic_local_file(path: str, before_commit: Callable[[], None] = lambda: No
     """A temp file beside ``path`` to write into; renamed over ``path`` when the block ends without
     an error (``before_commit`` first: the write guard again, as writing may have outlasted the
     writer's lease), removed otherwise. ``durable``: fsync the file and the directory entry."""
-    directory, name = os.path.split(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}{_TMP_MARK}", dir=directory)
+    pending = _PendingLocalFile(path, before_commit, durable)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; objects should read like any written file
-        before_commit()
-        os.replace(tmp, path)
+        yield pending.file
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        pending.discard()
         raise
-    if durable:
-        _fsync_directory(directory)
+    pending.commit()
+
+
+class _PendingLocalFile:
+    """A temp file beside ``path``; :meth:`commit` fsyncs it (``durable``), checks ``before_commit``
+    and renames it over ``path`` (then fsyncs the directory entry); :meth:`discard` removes it."""
+
+    def __init__(self, path: str, before_commit: Callable[[], None], durable: bool) -> None:
+        self.path, self.before_commit, self.durable = path, before_commit, durable
+        directory, name = os.path.split(path)
+        os.makedirs(directory, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{name}{_TMP_MARK}", dir=directory)
+        self.file: BinaryIO = os.fdopen(fd, "wb")
+
+    def commit(self) -> None:
+        try:
+            self.file.flush()
+            if self.durable:
+                os.fsync(self.file.fileno())
+            self.file.close()
+            os.chmod(self.tmp, 0o644)  # mkstemp makes 0600 files; objects should read like any written file
+            self.before_commit()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        if self.durable:
+            _fsync_directory(os.path.dirname(self.path))
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):  # closing flushes, which fails again where writing failed
+            self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+
+class PendingObject:
+    """An object written but not yet visible (:meth:`ObjectStore.open_pending`). ``file``: where
+    its bytes go. :meth:`commit` makes it durable and visible (locally: fsync, rename, fsync of the
+    directory; on S3: one PUT or a multipart upload); :meth:`discard` drops it. Either, once."""
+
+    def __init__(self, store: ObjectStore, key: str) -> None:
+        self.store, self.key = store, key
+        self._local = None if store.is_s3 else _PendingLocalFile(
+            store.fs_path(key), lambda: store._check_guard(key), store.durable)
+        self.file: BinaryIO = io.BytesIO() if self._local is None else self._local.file
+
+    def commit(self) -> None:
+        if self._local is not None:
+            self._local.commit()
+            return
+        try:
+            self.store.write_bytes(self.key, self.file.getvalue())
+        finally:
+            self.file.close()
+
+    def discard(self) -> None:
+        if self._local is not None:
+            self._local.discard()
+        else:
+            self.file.close()
 
 
 def _atomic_local_copy(source: str, path: str, before_commit: Callable[[], None] = lambda: None) -> None:

@@ -12,6 +12,8 @@ Each shard is written atomically, then its stats, then its marker; the marker re
 identity of the rows that go into the shard), and a rerun skips shards completed for the same plan.
 Shard contents are a deterministic function of the build's inputs, so a shard rewritten after a
 crash is byte-for-byte the one an uninterrupted build writes; a changed config rewrites them.
+A :class:`ShardWriter` writes shards in sequence, each one's durable commit overlapping the
+encoding of the next.
 """
 
 from __future__ import annotations
@@ -20,15 +22,20 @@ import hashlib
 import heapq
 import io
 import json
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from infra.log import get_logger, log_event
 from infra.schema import SHARD_SCHEMA, conform
 from infra.storage import start_writeback
+
+log = get_logger(__name__)
 
 
 def shard_key(index: int, prefix: str = "shards") -> str:
@@ -178,34 +185,88 @@ def is_complete(store: Any, index: int, plan_id: str = "", prefix: str = "shards
 
 def write_shard(store: Any, index: int, table: pa.Table, row_group_rows: int = 1_000,
                 compression: str = "zstd", prefix: str = "shards", plan_id: str = "") -> dict:
-    """Write shard ``index`` (atomic), then its stats, then its marker. Skips a shard completed for
-    the same ``plan_id`` (an identity of the rows that go into it); another plan's shard is rewritten.
+    """Write shard ``index`` (atomic), then its stats, then its marker, and return the stats. Skips
+    a shard completed for the same ``plan_id`` (an identity of the rows that go into it); another
+    plan's shard is rewritten. One shard of a :class:`ShardWriter`, which says how."""
+    with ShardWriter(store, row_group_rows, compression, prefix) as writer:
+        writer.write(index, table, plan_id)
+    return writer.stats[0]
 
-    The Parquet bytes stream into the object and through the sha256 as they are encoded, and only
-    the shard is fsynced: the marker carries the stats itself (plan on its first line, stats on the
-    second), so a marker that did not reach the disk whole never matches a plan and the shard is
-    written again; ``_stats.json`` is for people and tools.
+
+class ShardWriter:
+    """Writes shards one after another; each shard's durable commit (fsync, rename, stats, marker)
+    runs on a background thread while the caller encodes the next shard, so the wait for the disk
+    overlaps CPU work (the fsync releases the GIL). At most one commit is in flight.
+
+    The Parquet bytes stream into a hidden temp object and through the sha256 as they are encoded;
+    only the shard is fsynced: the marker carries the stats itself (plan on its first line, stats on
+    the second), so a marker that did not reach the disk whole never matches a plan and the shard
+    is written again; ``_stats.json`` is for people and tools. A shard counts only once it is
+    durable: :attr:`stats` (in write order) is complete after the ``with`` block, whose end waits
+    for the last commit; a failed commit raises from the next :meth:`write` or from the block's end.
+    A crash at any point leaves complete, checksummed shards and hidden temp files, nothing else.
     """
-    done = completed_stats(store, index, plan_id, prefix)
-    if done is not None:
-        return done
-    table = conform(table, SHARD_SCHEMA)
-    with store.open_atomic(shard_key(index, prefix)) as f:
-        sink = _Sha256Writer(f)
-        pq.write_table(table, sink, row_group_size=max(1, row_group_rows), **parquet_options(compression))
-    stats = {
-        "path": shard_key(index, prefix),
-        "rows": table.num_rows,
-        "bytes": sink.size,
-        "sha256": sink.digest.hexdigest(),
-        "image_bytes": int(pc.sum(table.column("image_bytes")).as_py() or 0)
-        if "image_bytes" in table.column_names else None,
-        "plan": plan_id,
-    }
-    after = store.scratch()  # the shard is durable; these two need no fsync of their own (see above)
-    after.write_json(stats_key(index, prefix), stats)
-    after.write_text(marker_key(index, prefix), plan_id + "\n" + json.dumps(stats, sort_keys=True) + "\n")
-    return stats
+
+    def __init__(self, store: Any, row_group_rows: int = 1_000, compression: str = "zstd",
+                 prefix: str = "shards") -> None:
+        self.store, self.row_group_rows, self.compression, self.prefix = store, row_group_rows, compression, prefix
+        self.stats: list[dict] = []
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-commit")
+        self._in_flight: Future | None = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc is None:
+                self._wait()
+            elif self._in_flight is not None and self._in_flight.exception() is not None:
+                # The block's own error propagates; this shard was not committed, a rerun writes it.
+                log_event(log, "shard commit failed", logging.WARNING, error=str(self._in_flight.exception()))
+        finally:
+            self._pool.shutdown()
+
+    def write(self, index: int, table: pa.Table | Callable[[], pa.Table], plan_id: str = "") -> None:
+        """Encode shard ``index`` (``table``, or what calling it returns) into a temp object, then
+        queue its commit once the previous one is durable. Skips a shard completed for the same
+        ``plan_id`` (an identity of the rows that go into it) without calling ``table``."""
+        done = completed_stats(self.store, index, plan_id, self.prefix)
+        if done is not None:
+            self._wait()
+            self.stats.append(done)
+            return
+        table = conform(table() if callable(table) else table, SHARD_SCHEMA)
+        key = shard_key(index, self.prefix)
+        with self.store.open_pending(key) as pending:
+            sink = _Sha256Writer(pending.file)
+            pq.write_table(table, sink, row_group_size=max(1, self.row_group_rows),
+                           **parquet_options(self.compression))
+            stats = {
+                "path": key,
+                "rows": table.num_rows,
+                "bytes": sink.size,
+                "sha256": sink.digest.hexdigest(),
+                "image_bytes": int(pc.sum(table.column("image_bytes")).as_py() or 0)
+                if "image_bytes" in table.column_names else None,
+                "plan": plan_id,
+            }
+            self._wait()  # inside the block: a failed previous commit discards this one too
+        self._in_flight = self._pool.submit(self._commit, pending, index, stats)
+
+    def _commit(self, pending: Any, index: int, stats: dict) -> dict:
+        pending.commit()
+        after = self.store.scratch()  # the shard is durable; these two need no fsync of their own
+        after.write_json(stats_key(index, self.prefix), stats)
+        after.write_text(marker_key(index, self.prefix), stats["plan"] + "\n" + json.dumps(stats, sort_keys=True) + "\n")
+        return stats
+
+    def _wait(self) -> None:
+        """Wait for the commit in flight; record its stats or raise its error."""
+        if self._in_flight is None:
+            return
+        future, self._in_flight = self._in_flight, None
+        self.stats.append(future.result())
 
 
 def remove_stale_shards(store: Any, keep: int, prefix: str = "shards") -> list[str]:

@@ -302,6 +302,7 @@ def test_within_dataset_holdout_and_output_shards(tmp_path, ray_local, monkeypat
 
     shard_cfg = ShardConfig(rows_per_shard=8, holdout_rows=5)
     dataset = str(tmp_path / "dataset")
+    monkeypatch.setattr(stages, "cluster_cpus", lambda default=1: 1)  # one worker: the 3 shards are one run
     written = stages.write_output(clean, within, dataset_root=dataset, shards=shard_cfg)
     out = ObjectStore(dataset)
     train_ids = [s for w in written.shards for s in out.read_parquet(w["path"]).column("sample_id").to_pylist()]
@@ -319,6 +320,17 @@ def test_within_dataset_holdout_and_output_shards(tmp_path, ray_local, monkeypat
     bigger = stages.write_output(clean, within, dataset_root=dataset, shards=ShardConfig(rows_per_shard=50))
     assert [w["rows"] for w in bigger.shards] == [22]
     assert sorted(k for k in out.list("shards/") if k.endswith(".parquet")) == ["shards/part-00000.parquet"]
+
+
+def test_output_runs_cover_every_shard_once_in_order_one_prefix_a_run():
+    jobs = [stages.OutputShard(f"shards/part-{i:05d}", i, "shards", (), f"p{i}") for i in range(20)]
+    jobs.append(stages.OutputShard("holdout/part-00000", 0, "holdout", (), "h"))
+    for workers, sizes in [(1, [8, 8, 4, 1]), (4, [5, 5, 5, 5, 1]), (64, [1] * 21)]:
+        runs = stages.output_runs(jobs, workers)
+        assert [len(r.jobs) for r in runs] == sizes
+        assert [j for r in runs for j in r.jobs] == jobs and all({j.prefix for j in r.jobs} == {r.prefix} for r in runs)
+        assert len({r.key for r in runs}) == len(runs)
+    assert stages.output_runs(jobs, 1)[0].key == "shards/part-00000..00007"
 
 
 def test_manifest_funnel_adds_up(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -136,3 +137,116 @@ def test_a_shard_of_another_plan_is_rewritten_and_extra_shards_removed(tmp_path)
     removed = remove_stale_shards(store, keep=2)
     assert sorted(removed) == [marker_key(2), shard_key(2), stats_key(2)]
     assert is_complete(store, 0, "plan-b") and is_complete(store, 1, "plan-a") and not store.exists(shard_key(2))
+
+
+def _temp_files(root) -> list[str]:
+    return sorted(p.name for p in root.rglob("*") if p.is_file() and ".tmp-" in p.name)
+
+
+def test_a_shard_writer_writes_what_write_shard_writes_and_reports_in_order(tmp_path):
+    from tasks.shards import ShardWriter
+
+    tables = [rows(30, start=30 * i) for i in range(4)]
+    alone = ObjectStore(str(tmp_path / "alone"))
+    expected = [write_shard(alone, i, t, row_group_rows=10, plan_id=f"p{i}") for i, t in enumerate(tables)]
+    store = ObjectStore(str(tmp_path / "piped"))
+    write_shard(store, 2, tables[2], row_group_rows=10, plan_id="p2")  # complete already: skipped, in its place
+    called = []
+
+    def table_of(i: int):
+        return lambda: called.append(i) or tables[i]
+    with ShardWriter(store, row_group_rows=10) as writer:
+        for i in range(4):
+            writer.write(i, table_of(i), plan_id=f"p{i}")
+    assert writer.stats == expected and called == [0, 1, 3]  # a complete shard's rows are never built
+    for i in range(4):
+        assert store.read_bytes(shard_key(i)) == alone.read_bytes(shard_key(i))
+        assert is_complete(store, i, f"p{i}") and store.read_json(stats_key(i)) == expected[i]
+    assert _temp_files(tmp_path) == []
+
+
+def test_a_failed_commit_leaves_only_complete_shards_and_a_rerun_finishes(tmp_path, monkeypatch):
+    import infra.storage
+    from tasks.shards import ShardWriter
+
+    tables = [rows(20, start=20 * i) for i in range(3)]
+    reference = ObjectStore(str(tmp_path / "reference"))
+    expected = [write_shard(reference, i, t) for i, t in enumerate(tables)]
+    store = ObjectStore(str(tmp_path / "out"))
+    real_fsync, synced = os.fsync, []
+
+    def failing_fsync(fd: int) -> None:
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".part-00001.parquet"):
+            raise OSError(5, "Input/output error (injected)")
+        synced.append(fd)
+        real_fsync(fd)
+    monkeypatch.setattr(infra.storage.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="injected"):
+        with ShardWriter(store) as writer:
+            for i, t in enumerate(tables):
+                writer.write(i, t)
+    assert synced  # shard 0's commit ran through the real fsync
+    assert is_complete(store, 0) and store.read_bytes(shard_key(0)) == reference.read_bytes(shard_key(0))
+    # Shard 1 failed its commit and shard 2 was encoded behind it: neither is visible, and no temp is left.
+    for i in (1, 2):
+        assert not store.exists(shard_key(i)) and not store.exists(marker_key(i)) and not store.exists(stats_key(i))
+    assert _temp_files(tmp_path) == [] and writer.stats == [expected[0]]
+    monkeypatch.setattr(infra.storage.os, "fsync", real_fsync)
+    with ShardWriter(store) as writer:
+        for i, t in enumerate(tables):
+            writer.write(i, t)
+    assert writer.stats == expected
+    assert [store.read_bytes(shard_key(i)) for i in range(3)] == [reference.read_bytes(shard_key(i)) for i in range(3)]
+
+
+_KILLED_WRITER = """
+import os, sys, time
+sys.path.insert(0, os.getcwd())
+import infra.storage
+from tests.test_shards import rows
+from infra.storage import ObjectStore
+from tasks.shards import ShardWriter
+
+real_fsync = os.fsync
+def fsync(fd):
+    if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".part-00001.parquet"):
+        open(sys.argv[2], "w").close()  # shard 1 is written, its commit has begun: kill me now
+        time.sleep(600)
+    real_fsync(fd)
+infra.storage.os.fsync = fsync
+with ShardWriter(ObjectStore(sys.argv[1])) as writer:
+    for i in range(3):
+        writer.write(i, rows(20, start=20 * i))
+"""
+
+
+def test_a_writer_killed_between_write_and_commit_leaves_only_complete_checksummed_shards(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tasks.shards import ShardWriter, completed_stats
+
+    out, ready = tmp_path / "out", tmp_path / "ready"
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(out), str(ready)],
+                             cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()})
+    deadline = time.monotonic() + 120
+    while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), f"the writer never reached shard 1's commit (exit {child.poll()})"
+    time.sleep(0.5)  # let it encode shard 2 behind the blocked commit
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    store = ObjectStore(str(out))
+    visible = sorted(store.list("shards/"))
+    assert visible == [marker_key(0), shard_key(0), stats_key(0)]  # the killed shards left no visible object
+    stats = completed_stats(store, 0)
+    assert stats["sha256"] == hashlib.sha256(store.read_bytes(shard_key(0))).hexdigest()
+    assert _temp_files(out)  # what the kill interrupted stays hidden (temp names), never read as a shard
+    with ShardWriter(store) as writer:
+        for i in range(3):
+            writer.write(i, rows(20, start=20 * i))
+    assert writer.stats[0] == stats and all(is_complete(store, i) for i in range(3))
+    for s in writer.stats:
+        assert s["sha256"] == hashlib.sha256(store.read_bytes(s["path"])).hexdigest()

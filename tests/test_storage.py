@@ -668,6 +668,26 @@ def test_streamed_writes_appear_whole_or_not_at_all(store: ObjectStore) -> None:
     assert store.list("a/") == ["a/streamed.bin"]  # no temp file left behind
 
 
+def test_a_pending_write_appears_only_at_its_commit_which_may_run_on_another_thread(store: ObjectStore) -> None:
+    import threading
+
+    with store.open_pending("a/pending.bin") as pending:
+        pending.file.write(b"written")
+    assert not store.exists("a/pending.bin") and store.list("a/") == []  # written, not yet committed
+    committer = threading.Thread(target=pending.commit)
+    committer.start()
+    committer.join()
+    assert store.read_bytes("a/pending.bin") == b"written"
+    with store.open_pending("a/dropped.bin") as dropped:
+        dropped.file.write(b"never")
+    dropped.discard()
+    with pytest.raises(RuntimeError):
+        with store.open_pending("a/failed.bin") as failed:
+            failed.file.write(b"half")
+            raise RuntimeError("writer died")
+    assert store.list("a/") == ["a/pending.bin"]  # nothing of the dropped or failed writes, no temp file
+
+
 def test_scratch_writes_skip_fsync_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import infra.storage
 

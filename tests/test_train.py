@@ -113,18 +113,25 @@ def test_deepspeed_steps_take_the_plain_loops_losses():
                 torch.randint(1, 49407, (cfg.micro_batch, 77), generator=generator)) for _ in range(4)]
     loss_fn = ClipLoss()
 
-    torch.manual_seed(cfg.seed)
-    model, optimizer, scheduler = model_and_optimizer(cfg, model_config, 10)
-    plain = []
-    for images, tokens in batches:
-        loss = loss_fn(*model(images, tokens))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        plain.append(loss.item())
+    def plain_losses(unfused: bool = False) -> list[float]:
+        torch.manual_seed(cfg.seed)
+        model, optimizer, scheduler = model_and_optimizer(cfg, model_config, 10)
+        if unfused:  # torch's default per-tensor AdamW loop, as before the fused kernel
+            for group in optimizer.param_groups:
+                group["fused"] = None
+        losses = []
+        for images, tokens in batches:
+            loss = loss_fn(*model(images, tokens))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return losses
+    plain = plain_losses()
     assert plain[-1] < plain[0]  # it learns: the steps did something
+    assert plain_losses(unfused=True) == pytest.approx(plain, rel=1e-5)  # the fused AdamW: the same update
 
     init_distributed(rank=0, world_size=1)
     try:

@@ -193,7 +193,11 @@ def model_and_optimizer(cfg: TrainConfig, model_config: ModelConfig, steps: int)
     :func:`build_engine` hands DeepSpeed, and what a plain PyTorch loop steps itself."""
     model = CLIP(model_config)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    # fused: one kernel over each parameter instead of a dozen tensor ops; on CPU 6x faster than the
+    # default per-tensor loop (3.3 vs 19.6 ms for the tiny model), ~25% of a training step, the same
+    # update to float rounding (bench/train.py). DeepSpeed steps this optimizer as it is.
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                  fused=True)
     return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, steps))
 
 

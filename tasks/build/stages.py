@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 
 from infra.config import (BalanceConfig, DedupConfig, EvalSetConfig, GatherConfig, ImageConfig, ShardConfig,
                           SourceConfig, StorageConfig, TextFilterConfig, to_dict)
-from infra.fanout import map_shards, shuffle, split_by, values_or_raise
+from infra.fanout import cluster_cpus, map_shards, shuffle, split_by, values_or_raise
 from infra.funnel import Funnel
 from infra.lease import OutputLease
 from infra.log import get_logger, log_event
@@ -627,17 +628,38 @@ def _held_of_part(work: WorkDir, prefix: str, shard_id: str) -> pa.Array:
     return table.filter(pc.equal(table.column("part"), shard_id)).column("sample_id").combine_chunks()
 
 
-def _write_output_shard(job: OutputShard, ctx: _WriteContext) -> dict:
-    """Assemble one output shard from slices of clean parts and write it (skips if complete).
+@dataclass(frozen=True)
+class OutputRun:
+    """Consecutive output shards that one task writes with one ``tasks.shards.ShardWriter``: each
+    shard's durable commit (its fsync) overlaps the reading and encoding of the next."""
+
+    key: str  # "shards/part-00000..00007"
+    prefix: str
+    jobs: tuple[OutputShard, ...]
+
+
+_SHARDS_PER_RUN = 8  # the last shard's fsync is the only one left waited for: 1/8 of a run's
+
+
+def output_runs(jobs: Sequence[OutputShard], workers: int) -> list[OutputRun]:
+    """The jobs in runs of consecutive shards of one prefix: up to 8 a run, fewer where that would
+    leave some of the ``workers`` without a run."""
+    runs = []
+    for prefix in dict.fromkeys(j.prefix for j in jobs):
+        same = [j for j in jobs if j.prefix == prefix]
+        size = max(1, min(_SHARDS_PER_RUN, len(same) // max(workers, 1)))
+        for start in range(0, len(same), size):
+            run = tuple(same[start:start + size])
+            name = run[0].key if len(run) == 1 else f"{run[0].key}..{run[-1].index:05d}"
+            runs.append(OutputRun(name, prefix, run))
+    return runs
+
+
+def _output_table(job: OutputShard, ctx: _WriteContext) -> pa.Table:
+    """One output shard's rows, from slices of clean parts.
 
     Slices index the rows of a part left after dropping the duplicates and the held-out rows
     (the training shards), or the part's held-out rows (the held-out shard)."""
-    from tasks.shards import completed_stats, write_shard
-
-    out = ctx.work.store_at(ctx.dataset_root)
-    done = completed_stats(out, job.index, job.plan_id, job.prefix)
-    if done is not None:
-        return done
     pieces = []
     for s in job.slices:
         table = ctx.work.store.read_parquet(WorkDir.clean(s.part))
@@ -653,7 +675,18 @@ def _write_output_shard(job: OutputShard, ctx: _WriteContext) -> dict:
     table = pa.concat_tables(pieces, promote_options="default")
     if "status" not in table.column_names:
         table = table.append_column("status", pa.array(["ok"] * table.num_rows, pa.string()))
-    return write_shard(out, job.index, table, ctx.row_group_rows, ctx.compression, job.prefix, job.plan_id)
+    return table
+
+
+def _write_output_run(run: OutputRun, ctx: _WriteContext) -> list[dict]:
+    """Write a run's shards in order (a complete one is skipped without reading its inputs); their
+    stats, each returned only once its shard is durable."""
+    from tasks.shards import ShardWriter
+
+    with ShardWriter(ctx.work.store_at(ctx.dataset_root), ctx.row_group_rows, ctx.compression, run.prefix) as writer:
+        for job in run.jobs:
+            writer.write(job.index, functools.partial(_output_table, job, ctx), job.plan_id)
+    return writer.stats
 
 
 def plan_output(clean: CleanStage, within: WithinResult, shards: ShardConfig) -> list[OutputShard]:
@@ -709,10 +742,11 @@ def write_output(clean: CleanStage, within: WithinResult, *, dataset_root: str, 
         raise NothingToTrainOn(_nothing_to_train_on(clean, within, dataset_root, shards.holdout_rows))
     ctx = _WriteContext(clean.work, within.key, within.duplicates, any(p.held for p in within.parts), dataset_root,
                         shards.row_group_rows, shards.compression)
-    written = values_or_raise("write-shards", map_shards(_write_output_shard, jobs, context=ctx, desc="write shards",
+    runs = output_runs(jobs, cluster_cpus(os.cpu_count() or 1) if use_ray else 1)
+    written = values_or_raise("write-shards", map_shards(_write_output_run, runs, context=ctx, desc="write shards",
                                                          on_done=on_done, use_ray=use_ray))
-    train = [w for j, w in zip(jobs, written) if j.prefix == "shards"]
-    held = [w for j, w in zip(jobs, written) if j.prefix == "holdout"]
+    train = [w for run, stats in zip(runs, written) if run.prefix == "shards" for w in stats]
+    held = [w for run, stats in zip(runs, written) if run.prefix == "holdout" for w in stats]
     store = clean.work.store_at(dataset_root)
     stale = remove_stale_shards(store, len(train)) + remove_stale_shards(store, len(held), "holdout")
     if stale:
