@@ -53,7 +53,9 @@ def test_zeroshot_config_registers_the_fresh_fluent_set_outside_the_curve(repo_r
     cfg = load_config(repo_root / "configs" / "zeroshot.yaml")
     fresh = {e.name: e for e in cfg.eval_sets}["emoji-heldout-fluent"]
     assert (fresh.kind, fresh.path, fresh.split) == ("emoji-heldout", "runs/sources/emoji_fluent.parquet", "all")
-    assert fresh.templates == ("@emoji-caption",) and fresh.name not in cfg.train.curve_eval_sets
+    emoji_tune = {e.name: e for e in cfg.eval_sets}["emoji-heldout"]
+    assert fresh.templates == emoji_tune.templates  # the prompts chosen on the tune split, unchanged
+    assert fresh.name not in cfg.train.curve_eval_sets
     assert not any("fluent" in s.path for s in cfg.sources)  # eval only: never a training source
 
 
