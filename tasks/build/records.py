@@ -192,11 +192,6 @@ class UrlDrops:
         return pc.invert(pc.is_in(table.column("sample_id"), ids)) if len(ids) else pa.array(
             np.ones(table.num_rows, bool))
 
-    def table(self) -> pa.Table:
-        """Every drop, sorted by sample_id (small builds and tests)."""
-        return pa.concat_tables([URL_DROPS_SCHEMA.empty_table(), *(self.store.read_parquet(k) for k in self.keys)]
-                                ).sort_by("sample_id")
-
 
 @dataclass(frozen=True)
 class QueryCountsSummary:
