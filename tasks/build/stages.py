@@ -152,7 +152,7 @@ def caption_counts(shards: Sequence[Any], *, dataset_root: str, storage: Storage
     store = work.store
     if not store.exists(WorkDir.CAPTION_COUNTS):
         rows = sum((s.stop or s.start + s.source.rows_per_input_shard) - s.start for s in shards)
-        partitions = max(1, min(1024, -(-rows // CAPTION_VALUES_PER_PARTITION)))
+        partitions = shuffle_partitions(rows, CAPTION_VALUES_PER_PARTITION)
         scratch = store.child(WorkDir.caption_scratch(partitions)).scratch()
         keys = shuffle(_caption_pieces, _caption_counts, list(shards), num_partitions=partitions, scratch=scratch,
                        context=_CaptionCountContext(partitions, text_filter.boilerplate_min_images),
@@ -190,10 +190,11 @@ URL_ROWS_PER_PARTITION = 2_000_000  # a reduce holds at most this many URLs, few
 URL_ROW_BYTES = 512
 
 
-def shuffle_partitions(items: int, per_partition: int, item_bytes: int, task_memory_mb: int) -> int:
-    """Partitions of a global shuffle: at most ``per_partition`` items each and no more than
-    ``task_memory_mb`` of them in one reduce (``item_bytes`` each), 1 to 1024."""
-    per = max(1, min(per_partition, task_memory_mb * 2**20 // item_bytes))
+def shuffle_partitions(items: int, per_partition: int, item_bytes: int | None = None,
+                       task_memory_mb: int | None = None) -> int:
+    """Partitions of a global shuffle: at most ``per_partition`` items each and, given their size,
+    no more than ``task_memory_mb`` of them in one reduce (``item_bytes`` each), 1 to 1024."""
+    per = per_partition if item_bytes is None else max(1, min(per_partition, task_memory_mb * 2**20 // item_bytes))
     return max(1, min(1024, -(-items // per)))
 
 
@@ -820,9 +821,11 @@ def eval_holdout_check(eval_sets: Sequence[EvalSetConfig], dataset_root: str, st
     if not wanted:
         return report
     first: dict[str, str] = {}
+    any_eval = pa.concat_arrays(list(wanted.values())).unique()  # one lookup per shard; sets only for its hits
     for field, entries in (("in_shards", written.shards), ("in_holdout", written.holdout)):
         for entry in entries:
             ids = store.read_parquet(entry["path"], columns=["sample_id"]).column("sample_id")
+            ids = ids.filter(pc.is_in(ids, any_eval))
             for name, eval_ids in wanted.items():
                 found = ids.filter(pc.is_in(ids, eval_ids))
                 report[name][field] += len(found)
@@ -956,7 +959,7 @@ def caption_report(*, dataset_root: str, filtered: FilterStage, captions: Captio
     outcome_parts = [work.read_parquet(WorkDir.side(OUTCOMES, r.shard_id)) for r in filtered.records
                      if work.exists(WorkDir.side(OUTCOMES, r.shard_id))]
     outcomes = pa.concat_tables([OUTCOMES_SCHEMA.empty_table(), *outcome_parts])
-    partitions = max(1, min(1024, -(-sum(s.rows for s in manifest.shards) // CAPTION_REPORT_ROWS_PER_PARTITION)))
+    partitions = shuffle_partitions(sum(s.rows for s in manifest.shards), CAPTION_REPORT_ROWS_PER_PARTITION)
     values = frozenset(report_head(counts, top).column("value").to_pylist())
     ctx = dataclasses.replace(ctx, values=values, num_partitions=partitions)
     table = repeated_caption_report(counts, outcomes, _images_by_hash(work, manifest, ctx, use_ray), top)
