@@ -15,6 +15,7 @@ skips every map and reduce whose output is already complete.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -185,18 +186,26 @@ def _node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, loaded once per process; None when the allocator is not glibc's."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: its allocator keeps its own policy
+        return None
+
+
 def release_memory() -> None:
     """Hand the memory freed by a finished job back to the OS (Arrow's pool, then glibc's heap), so
     a long-lived worker's footprint is its current job's, not the largest job it ever ran."""
-    import ctypes
-
     import pyarrow as pa
 
     pa.default_memory_pool().release_unused()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: its allocator keeps its own policy
-        pass
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _run_one(fn: Callable[[Any, Any], Any], key: str, item: Any, context: Any, on_ray: bool = False) -> ShardResult:
