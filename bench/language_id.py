@@ -230,15 +230,14 @@ def main() -> None:
     add(cfg.short_detector, "round-4 policy (before the latest round: no place names)", cfg.short_detector_min_prob,
         [round_4.check(lab.title)[1] is None for lab in labels])
     add("(none)", "policy: word evidence, no detector", "-", [no_detector.check(lab.title)[1] is None for lab in labels])
-    probe = TextFilter(replace(cfg, short_detector="none"), vocab)
     cleaned = [clean_caption(lab.title) for lab in labels]
     for name, langs_of in detectors.items():
         adapter = Adapter(functools.lru_cache(maxsize=None)(langs_of))  # each title asked once, whatever t
 
         def decide(th: float, adapter=adapter) -> list[bool]:
             at = replace(cfg, short_detector_min_prob=th)
-            return [english_verdict(c, vocab, probe.detector, at, foreign=probe.foreign, short_detector=adapter,
-                                    names=probe.names).english for c in cleaned]
+            return [english_verdict(c, vocab, no_detector.detector, at, foreign=no_detector.foreign,
+                                    short_detector=adapter, names=no_detector.names).english for c in cleaned]
 
         t = choose_threshold(decide, labels)
         add(name, "policy + short-caption detector", t, decide(t))

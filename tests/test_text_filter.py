@@ -455,7 +455,7 @@ def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter, voc
     precision, recall, rejected = _policy_scores(text_filter, labels)
     assert precision >= 0.98 and recall >= 0.978 and rejected >= 0.895, (precision, recall, rejected)
     round_4 = TextFilter(replace(TextFilterConfig(), place_name_max_foreign_lead=None), vocab)
-    assert _policy_scores(round_4, labels)[1] < 0.976  # what the place names add: recall
+    assert _policy_scores(round_4, labels)[1] < recall  # what the place names add: recall
     round_3 = dict(gloss_max_foreign_zipf=None, foreign_unknown_min_zipf=None, english_min_letters=1,
                    place_name_max_foreign_lead=None)
     assert _policy_scores(TextFilter(replace(TextFilterConfig(), **round_3), vocab), labels)[2] < 0.89
@@ -528,8 +528,8 @@ def test_switches_and_config_checks(vocab: EnglishVocab) -> None:
         TextFilterConfig(english_min_letters=0)
     with pytest.raises(ConfigError, match="place_name_max_foreign_lead"):
         TextFilterConfig(place_name_max_foreign_lead=-1.0)
-    off = TextFilterConfig(english_lead_zipf=None, foreign_absent_known_min_zipf=None, long_max_foreign_share=None)
-    assert off.english_lead_zipf is None and off.long_max_foreign_share is None
+    # None turns each rule off: accepted at load (the loop above shows a bad value is not)
+    TextFilterConfig(english_lead_zipf=None, foreign_absent_known_min_zipf=None, long_max_foreign_share=None)
 
 
 def test_pickled_filter_gives_the_same_answers(text_filter: TextFilter) -> None:
