@@ -98,9 +98,10 @@ EMOJI_TEMPLATES: tuple[str, ...] = (
     "a drawing of {}.",
 )
 
-# Caption-shaped prompts for models trained on "title, keywords" captions (configs/zeroshot.yaml):
-# the bare name, then the name followed by a keyword as the captions have them. Chosen on the tune
-# splits of openclipart-concepts / emoji-heldout (2026-12-01: 7 and 3 families tried, README).
+# Caption-shaped prompts for models trained on "title, keywords" captions, half of them unframed:
+# the bare name, then the name followed by a keyword as the captions have them. The first zero-shot
+# recipe's prompts (README "The previous recipe"); the current one frames every caption and uses
+# the sentence families above ("clipart", "emoji").
 CLIPART_CAPTION_TEMPLATES: tuple[str, ...] = (
     "{}", "{}, clip art", "{}, drawing", "{}, icon", "{}, cartoon", "{}, illustration",
 )
