@@ -610,10 +610,25 @@ def english_verdict(caption: str, vocab: EnglishVocab, detector: LanguageDetecto
     known, rest_counted = vocab.coverage(rest)
     if rest_counted == 0:
         return EnglishVerdict(True, "names", 0, 0, None, 0, left_out)
-    # short or long by the caption's own words: the detectors' reliability goes with its length
+    # short or long by the caption's own words: the detectors' reliability goes with its length, so
+    # the second pass asks the same detector about the same caption: its answer is the first one's
+    if verdict.decided_by == "detector":
+        detector = _Answered(verdict.p_english)
+    elif verdict.decided_by == "short_detector":
+        short_detector = _Answered(verdict.p_english)
     verdict = _evidence_verdict(caption, rest, vocab, detector, cfg, foreign, short_detector, known, rest_counted,
                                 counted)
     return replace(verdict, names=left_out)
+
+
+@dataclass(frozen=True)
+class _Answered:
+    """A detector's answer already given for this caption (``english_probability``, not asked again)."""
+
+    p_english: float
+
+    def english_probability(self, caption: str) -> float:
+        return self.p_english
 
 
 def _evidence_verdict(caption: str, words: list[str], vocab: EnglishVocab, detector: LanguageDetector | None,

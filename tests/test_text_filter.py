@@ -541,3 +541,24 @@ def test_pickled_filter_gives_the_same_answers(text_filter: TextFilter) -> None:
 def test_reason_examples() -> None:
     examples = reason_examples(["a", "b", "a", "c", "x" * 300], ["r1", "r1", "r1", None, "r2"], per_reason=5)
     assert examples == {"r1": ["a", "b"], "r2": ["x" * 117 + "..."]}
+
+
+def test_place_names_pass_does_not_ask_the_detector_again(text_filter: TextFilter) -> None:
+    class Counting:
+        def __init__(self, inner: object) -> None:
+            self.inner, self.asked = inner, []
+
+        def english_probability(self, caption: str) -> float:
+            self.asked.append(caption)
+            return self.inner.english_probability(caption)
+
+    cfg, vocab = text_filter.cfg, text_filter.vocab
+    caption = "Una foto della cattedrale di Murcia al tramonto"  # long: the long-caption detector decides
+    detector = Counting(text_filter.detector)
+    with_names = english_verdict(caption, vocab, detector, cfg, foreign=text_filter.foreign,
+                                 short_detector=text_filter.short_detector, names=text_filter.names)
+    assert with_names.names > 0 and not with_names.english  # judged twice: with and without "Murcia"
+    assert detector.asked == [caption]  # one question for the two passes
+    without = english_verdict(caption, vocab, text_filter.detector, cfg, foreign=text_filter.foreign,
+                              short_detector=text_filter.short_detector)
+    assert with_names.p_english == without.p_english
