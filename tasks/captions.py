@@ -132,13 +132,13 @@ def field_text(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, (list, tuple)):
-        items = [str(v).strip() for v in value if v is not None and str(v).strip()]
-        return ", ".join(dict.fromkeys(items)) or None
+        return ", ".join(dict.fromkeys(_items(value))) or None
     text = str(value)
     return text if text.strip() else None
 
 
 def _items(value: Any) -> list[str]:
+    """A field's non-empty items, stripped: a list's elements, or a string as one item."""
     if value is None:
         return []
     if isinstance(value, (list, tuple)):
