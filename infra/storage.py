@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import io
 import json
 import logging
@@ -64,6 +65,13 @@ def _check_key(key: str) -> str:
     if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in key.split("/")):
         raise ValueError(f"invalid storage key {key!r}: expected a relative 'a/b/c' path without '.', '..' or '//'")
     return key
+
+
+@functools.lru_cache(maxsize=4)
+def read_parquet_once(store: "ObjectStore", key: str) -> pa.Table:
+    """``store.read_parquet(key)``, read once per process: for files that are complete before any
+    job reads them and never change (a shuffle's group files, read by many jobs of one worker)."""
+    return store.read_parquet(key)
 
 
 class ObjectStore:

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from infra.config import to_dict
 from infra.funnel import Funnel
+from infra.storage import read_parquet_once
 
 
 def to_json(record: Any) -> dict:
@@ -163,12 +164,6 @@ def shard_group(shard_id: str, num_groups: int) -> int:
     return zlib.crc32(shard_id.encode()) % num_groups
 
 
-@functools.lru_cache(maxsize=4)
-def _url_group_table(store: Any, key: str) -> pa.Table:
-    """One group's URL drops, read once per worker (it is complete before any job reads it)."""
-    return store.read_parquet(key)
-
-
 @dataclass(frozen=True)
 class UrlDrops:
     """The URL duplicates in storage, by shard group: the rows of shard ``s`` are in file
@@ -183,7 +178,7 @@ class UrlDrops:
         """URL_DROPS_SCHEMA rows of one shard, by sample_id."""
         if not self.keys or not self.total:
             return URL_DROPS_SCHEMA.empty_table()
-        table = _url_group_table(self.store, self.keys[shard_group(shard_id, len(self.keys))])
+        table = read_parquet_once(self.store, self.keys[shard_group(shard_id, len(self.keys))])
         return table.filter(pc.equal(table.column("shard_id"), shard_id))
 
     def kept(self, table: pa.Table, shard_id: str) -> pa.BooleanArray:

@@ -36,7 +36,6 @@ images sharing 13 hash bits, is the one thing that still grows a task.)
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -51,7 +50,7 @@ import pyarrow.parquet as pq
 
 from infra.fanout import cluster_cpus, map_shards, shuffle, split_by, values_or_raise
 from infra.log import get_logger, log_event
-from infra.storage import ObjectStore
+from infra.storage import ObjectStore, read_parquet_once
 from tasks.dedup.bands import PairStats, band_values, bands, candidate_pairs, compact_ids
 from tasks.dedup.components import EDGE_SCHEMA, FileRef, by_node, components, mix64, rank_stars, spanning_stars
 from tasks.dedup.hashing import check_kind
@@ -371,12 +370,6 @@ def _route(refs: Sequence[FileRef], plan: _Plan, name: str, node_column: str, us
     return [FileRef(f"{name}-{k}", store, k) for k in keys]
 
 
-@functools.lru_cache(maxsize=4)
-def _group_table(store: ObjectStore, key: str) -> pa.Table:
-    """A part group's file, read once per worker (it is complete before any job reads it)."""
-    return store.read_parquet(key)
-
-
 def _rows_of_part(table: pa.Table, index: int) -> pa.Table:
     parts = (table.column("node").to_numpy() >> _NODE_SHIFT).astype(np.int64)
     return table.filter(pa.array(parts == index))
@@ -401,7 +394,7 @@ def _map_bands(job: _PartJob, spec: _BandSpec) -> list[pa.Table]:
         ok = pc.and_(ok, pc.invert(table.column("low_info").fill_null(True)))
     nodes = _nodes(job.index, table.num_rows)
     group = spec.exact_groups[job.index % plan.num_groups]
-    exact = _rows_of_part(_group_table(group.store, group.path), job.index).column("node")
+    exact = _rows_of_part(read_parquet_once(group.store, group.path), job.index).column("node")
     if len(exact):
         ok = pc.and_(ok, pc.invert(pc.is_in(nodes, exact)))
     ok = ok.combine_chunks() if isinstance(ok, pa.ChunkedArray) else ok
@@ -577,7 +570,7 @@ class DuplicateSets:
             return DROPS_SCHEMA.empty_table()
         index = self.parts.index(part_key)
         ref = self.groups[index % len(self.groups)]
-        return _rows_of_part(_group_table(ref.store, ref.path), index)
+        return _rows_of_part(read_parquet_once(ref.store, ref.path), index)
 
     def table(self) -> pa.Table:
         """Every drop (DUPLICATES_SCHEMA), sorted by sample_id."""
