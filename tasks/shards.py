@@ -12,15 +12,14 @@ Each shard is written atomically, then its stats, then its marker; the marker re
 identity of the rows that go into the shard), and a rerun skips shards completed for the same plan.
 Shard contents are a deterministic function of the build's inputs, so a shard rewritten after a
 crash is byte-for-byte the one an uninterrupted build writes; a changed config rewrites them.
-A :class:`ShardWriter` writes shards in sequence, each one's durable commit overlapping the
-encoding of the next.
+A :class:`ShardWriter` writes shards in sequence, each one's checksum and durable commit
+overlapping the encoding of the next.
 """
 
 from __future__ import annotations
 
 import hashlib
 import heapq
-import io
 import json
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,7 +32,6 @@ import pyarrow.parquet as pq
 
 from infra.log import get_logger, log_event
 from infra.schema import SHARD_SCHEMA, conform
-from infra.storage import start_writeback
 
 log = get_logger(__name__)
 
@@ -127,40 +125,6 @@ def parquet_options(compression: str) -> dict:
             "write_statistics": _STATISTICS}
 
 
-_WRITEBACK_BYTES = 8 << 20  # start the disk writeback of a local shard every 8 MB written
-
-
-class _Sha256Writer:
-    """A write-only file that hashes what passes through it (the checksum costs no second pass)
-    and, over a local file, starts the disk writeback of each 8 MB as soon as it is written, so
-    the commit's fsync waits for the last few MB, not the whole shard. (Hashing on a thread of
-    its own measured slower on a loaded machine: bench/shards.py.)"""
-
-    def __init__(self, sink: Any) -> None:
-        self.sink, self.digest, self.size, self.written_back = sink, hashlib.sha256(), 0, 0
-        self.fd = sink.fileno() if isinstance(sink, io.BufferedWriter) else None
-
-    def write(self, data: bytes) -> int:
-        self.digest.update(data)
-        self.size += len(data)
-        written = self.sink.write(data)
-        if self.fd is not None and self.size - self.written_back >= _WRITEBACK_BYTES:
-            self.sink.flush()
-            start_writeback(self.fd, self.written_back, self.size - self.written_back)
-            self.written_back = self.size
-        return written
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        self.sink.flush()
-
-    @property
-    def closed(self) -> bool:
-        return False
-
-
 def completed_stats(store: Any, index: int, plan_id: str = "", prefix: str = "shards") -> dict | None:
     """The stats of shard ``index`` if it is complete for this plan, else None (a marker left by
     another plan, or a marker without its stats line, does not count)."""
@@ -194,17 +158,21 @@ def write_shard(store: Any, index: int, table: pa.Table, row_group_rows: int = 1
 
 
 class ShardWriter:
-    """Writes shards one after another; each shard's durable commit (fsync, rename, stats, marker)
-    runs on a background thread while the caller encodes the next shard, so the wait for the disk
-    overlaps CPU work (the fsync releases the GIL). At most one commit is in flight.
+    """Writes shards one after another; each shard's commit (its sha256, fsync, rename, stats,
+    marker) runs on a background thread while the caller encodes the next shard, so the checksum
+    and the wait for the disk overlap the next encoding (hashlib and the fsync release the GIL).
+    At most one commit is in flight.
 
-    The Parquet bytes stream into a hidden temp object and through the sha256 as they are encoded;
-    only the shard is fsynced: the marker carries the stats itself (plan on its first line, stats on
-    the second), so a marker that did not reach the disk whole never matches a plan and the shard
-    is written again; ``_stats.json`` is for people and tools. A shard counts only once it is
-    durable: :attr:`stats` (in write order) is complete after the ``with`` block, whose end waits
-    for the last commit; a failed commit raises from the next :meth:`write` or from the block's end.
-    A crash at any point leaves complete, checksummed shards and hidden temp files, nothing else.
+    The encoder writes the Parquet bytes straight into a hidden temp object (Arrow's own file I/O,
+    no Python in between, as a plain ``pq.write_table`` to a path does). The commit starts the
+    disk writeback, hashes the bytes read back from the page cache while the disk writes them,
+    then fsyncs and renames; only the shard is fsynced: the marker carries the stats itself (plan
+    on its first line, stats on the second), so a marker that did not reach the disk whole never
+    matches a plan and the shard is written again; ``_stats.json`` is for people and tools. A
+    shard's checksum and stats exist only once it is durable: :attr:`stats` (in write order) is
+    complete after the ``with`` block, whose end waits for the last commit; a failed commit raises
+    from the next :meth:`write` or from the block's end. A crash at any point leaves complete,
+    checksummed shards and hidden temp files, nothing else.
     """
 
     def __init__(self, store: Any, row_group_rows: int = 1_000, compression: str = "zstd",
@@ -239,14 +207,12 @@ class ShardWriter:
         table = conform(table() if callable(table) else table, SHARD_SCHEMA)
         key = shard_key(index, self.prefix)
         with self.store.open_pending(key) as pending:
-            sink = _Sha256Writer(pending.file)
-            pq.write_table(table, sink, row_group_size=max(1, self.row_group_rows),
+            pq.write_table(table, pending.native_file(), row_group_size=max(1, self.row_group_rows),
                            **parquet_options(self.compression))
+            # Everything of the stats but the bytes' size and checksum, which the commit measures.
             stats = {
                 "path": key,
                 "rows": table.num_rows,
-                "bytes": sink.size,
-                "sha256": sink.digest.hexdigest(),
                 "image_bytes": int(pc.sum(table.column("image_bytes")).as_py() or 0)
                 if "image_bytes" in table.column_names else None,
                 "plan": plan_id,
@@ -254,8 +220,11 @@ class ShardWriter:
             self._wait()  # inside the block: a failed previous commit discards this one too
         self._in_flight = self._pool.submit(self._commit, pending, index, stats)
 
-    def _commit(self, pending: Any, index: int, stats: dict) -> dict:
-        pending.commit()
+    def _commit(self, pending: Any, index: int, known: dict) -> dict:
+        digest = hashlib.sha256()
+        size = pending.commit(digest)
+        stats = {"path": known["path"], "rows": known["rows"], "bytes": size, "sha256": digest.hexdigest(),
+                 "image_bytes": known["image_bytes"], "plan": known["plan"]}
         after = self.store.scratch()  # the shard is durable; these two need no fsync of their own
         after.write_json(stats_key(index, self.prefix), stats)
         after.write_text(marker_key(index, self.prefix), stats["plan"] + "\n" + json.dumps(stats, sort_keys=True) + "\n")
