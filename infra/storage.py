@@ -526,8 +526,9 @@ def _atomic_local_file(path: str, before_commit: Callable[[], None] = lambda: No
 
 
 class _PendingLocalFile:
-    """A temp file beside ``path``; :meth:`commit` fsyncs it (``durable``), checks ``before_commit``
-    and renames it over ``path`` (then fsyncs the directory entry); :meth:`discard` removes it."""
+    """A temp file beside ``path``; :meth:`finish` ends the writing, :meth:`commit` fsyncs it
+    (``durable``), checks ``before_commit`` and renames it over ``path`` (then fsyncs the directory
+    entry); :meth:`discard` removes it."""
 
     def __init__(self, path: str, before_commit: Callable[[], None], durable: bool) -> None:
         self.path, self.before_commit, self.durable = path, before_commit, durable
@@ -536,25 +537,34 @@ class _PendingLocalFile:
         fd, self.tmp = tempfile.mkstemp(prefix=f".{name}{_TMP_MARK}", dir=directory)
         self.file: BinaryIO = os.fdopen(fd, "wb")
         self.native: pa.NativeFile | None = None
+        self.size: int | None = None
 
     def native_file(self) -> pa.NativeFile:
         if self.native is None:
             self.native = pa.OSFile(self.tmp, "wb")  # the same (empty) temp file, written by Arrow's own I/O
         return self.native
 
-    def commit(self, digest: Any = None) -> int:
+    def finish(self, digest: Any = None) -> int:
         try:
             if self.native is not None:
                 self.native.close()
             self.file.flush()
             fd = self.file.fileno()
-            size = os.fstat(fd).st_size
+            self.size = os.fstat(fd).st_size
             if self.durable:
-                start_writeback(fd, 0, size)  # the disk writes while the digest reads
+                start_writeback(fd, 0, self.size)  # the disk writes while the digest reads and the caller goes on
             if digest is not None:
-                _digest_file(fd, size, digest)
+                _digest_file(fd, self.size, digest)
+        except BaseException:
+            self.discard()
+            raise
+        return self.size
+
+    def commit(self) -> int:
+        size = self.finish() if self.size is None else self.size
+        try:
             if self.durable:
-                os.fsync(fd)
+                os.fsync(self.file.fileno())
             self.file.close()
             os.chmod(self.tmp, 0o644)  # mkstemp makes 0600 files; objects should read like any written file
             self.before_commit()
@@ -592,8 +602,9 @@ def _digest_file(fd: int, size: int, digest: Any) -> None:
 class PendingObject:
     """An object written but not yet visible (:meth:`ObjectStore.open_pending`). Its bytes go to
     ``file`` or, for writers that encode natively, to :meth:`native_file` (one of the two).
-    :meth:`commit` makes it durable and visible (locally: fsync, rename, fsync of the directory; on
-    S3: one PUT or a multipart upload); :meth:`discard` drops it. Either, once."""
+    :meth:`finish` ends the writing (and can hash what was written); :meth:`commit` makes the
+    object durable and visible (locally: fsync, rename, fsync of the directory; on S3: one PUT or
+    a multipart upload), possibly on another thread; :meth:`discard` drops it. Either, once."""
 
     def __init__(self, store: ObjectStore, key: str) -> None:
         self.store, self.key = store, key
@@ -601,6 +612,7 @@ class PendingObject:
             store.fs_path(key), lambda: store._check_guard(key), store.durable)
         self.file: BinaryIO = io.BytesIO() if self._local is None else self._local.file
         self._buffer: pa.BufferOutputStream | None = None
+        self._data: bytes | memoryview | None = None
 
     def native_file(self) -> pa.NativeFile:
         """An Arrow output stream onto the object, in place of ``file``: ``pq.write_table`` into it
@@ -612,18 +624,31 @@ class PendingObject:
             self._buffer = pa.BufferOutputStream()
         return self._buffer
 
-    def commit(self, digest: Any = None) -> int:
-        """Make the object durable and visible; its size. ``digest`` (a ``hashlib`` object) is fed
-        the object's bytes first, as read back from what was written (locally from the page cache,
-        while the disk writes them), so a checksum is computed where the commit runs, not by the writer."""
+    def finish(self, digest: Any = None) -> int:
+        """No more writes; the object's size. Locally this starts the disk writeback, so the commit's
+        fsync waits for the tail. ``digest`` (a ``hashlib`` object) is fed the bytes as read back
+        from what was written (locally mapped from the page cache, just written and still in the
+        CPU's cache, no copy; on S3 the buffer): a checksum of exactly what the commit publishes."""
         if self._local is not None:
-            return self._local.commit(digest)
+            return self._local.finish(digest)
         try:
-            data = memoryview(self._buffer.getvalue()) if self._buffer is not None else self.file.getvalue()
+            if self._data is None:
+                self._data = memoryview(self._buffer.getvalue()) if self._buffer is not None else self.file.getvalue()
             if digest is not None:
-                digest.update(data)
-            self.store.write_bytes(self.key, data)
-            return len(data)
+                digest.update(self._data)
+        except BaseException:
+            self.discard()
+            raise
+        return len(self._data)
+
+    def commit(self) -> int:
+        """Make the object durable and visible (after :meth:`finish`, which it calls if need be); its size."""
+        if self._local is not None:
+            return self._local.commit()
+        try:
+            size = self.finish()
+            self.store.write_bytes(self.key, self._data)
+            return size
         finally:
             self.discard()
 
@@ -631,6 +656,7 @@ class PendingObject:
         if self._local is not None:
             self._local.discard()
             return
+        self._data = None
         if self._buffer is not None:
             self._buffer.close()
         self.file.close()

@@ -87,7 +87,7 @@ def big_rows(n: int, image_bytes: int) -> pa.Table:
     return rows(n).set_column(3, "image", pa.array([os.urandom(image_bytes) for _ in range(n)], pa.binary()))
 
 
-def test_a_shard_commit_starts_the_writeback_hashes_on_the_commit_thread_then_fsyncs(tmp_path, monkeypatch):
+def test_a_shard_is_hashed_as_read_back_once_its_writeback_starts_then_fsynced_in_the_commit(tmp_path, monkeypatch):
     import mmap
     import threading
 
@@ -109,7 +109,7 @@ def test_a_shard_commit_starts_the_writeback_hashes_on_the_commit_thread_then_fs
 
     def fsync(fd: int) -> None:
         if is_shard(fd):
-            events.append(("fsync",))
+            events.append(("fsync", threading.current_thread().name.split("_")[0]))
         real_fsync(fd)
     monkeypatch.setattr(infra.storage, "start_writeback", writeback)
     monkeypatch.setattr(infra.storage, "_digest_file", digest_file)
@@ -119,7 +119,7 @@ def test_a_shard_commit_starts_the_writeback_hashes_on_the_commit_thread_then_fs
     stats = write_shard(store, 0, big_rows(200, 1_000), row_group_rows=20)
     data = store.read_bytes(shard_key(0))
     assert len(data) > 10 * mmap.ALLOCATIONGRANULARITY
-    assert events[:3] == [("writeback", 0, len(data)), ("checksum", "shard-commit", len(data)), ("fsync",)]
+    assert events == [("writeback", 0, len(data)), ("checksum", "MainThread", len(data)), ("fsync", "shard-commit")]
     assert stats["sha256"] == hashlib.sha256(data).hexdigest() and stats["bytes"] == len(data)
     assert store.read_parquet(shard_key(0)).num_rows == 200
 

@@ -688,8 +688,8 @@ def test_a_pending_write_appears_only_at_its_commit_which_may_run_on_another_thr
     assert store.list("a/") == ["a/pending.bin"]  # nothing of the dropped or failed writes, no temp file
 
 
-def test_a_natively_written_pending_object_is_hashed_and_sized_at_its_commit(store: ObjectStore,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_natively_written_pending_object_is_hashed_as_read_back_then_committed(store: ObjectStore,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import hashlib
     import mmap
 
@@ -703,12 +703,17 @@ def test_a_natively_written_pending_object_is_hashed_and_sized_at_its_commit(sto
         out.write(data[1000:])
     assert not store.exists("a/native.bin") and store.list("a/") == []  # written, not yet committed
     digest = hashlib.sha256()
-    assert pending.commit(digest) == len(data)
-    assert digest.hexdigest() == hashlib.sha256(data).hexdigest() and store.read_bytes("a/native.bin") == data
+    assert pending.finish(digest) == len(data) and not store.exists("a/native.bin")
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+    committer = threading.Thread(target=pending.commit)  # as a ShardWriter commits
+    committer.start()
+    committer.join()
+    assert store.read_bytes("a/native.bin") == data
     with store.open_pending("a/empty.bin") as empty:
         empty.native_file()
     digest = hashlib.sha256()
-    assert empty.commit(digest) == 0 and digest.hexdigest() == hashlib.sha256(b"").hexdigest()
+    assert empty.finish(digest) == 0 and digest.hexdigest() == hashlib.sha256(b"").hexdigest()
+    assert empty.commit() == 0
     with store.open_pending("a/dropped.bin") as dropped:
         dropped.native_file().write(b"never")
     dropped.discard()
