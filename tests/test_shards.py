@@ -196,6 +196,22 @@ def test_a_shard_writer_writes_what_write_shard_writes_and_reports_in_order(tmp_
     assert _temp_files(tmp_path) == []
 
 
+def test_a_shard_writer_on_s3_writes_the_local_bytes_and_checksums(tmp_path, s3_store):
+    from tasks.shards import ShardWriter, completed_stats
+
+    tables = [rows(30, start=30 * i) for i in range(3)]
+    local = ObjectStore(str(tmp_path))
+    expected = [write_shard(local, i, t, row_group_rows=10) for i, t in enumerate(tables)]
+    with ShardWriter(s3_store, row_group_rows=10) as writer:
+        for i, t in enumerate(tables):
+            writer.write(i, t)
+    assert writer.stats == expected
+    for i, stats in enumerate(writer.stats):
+        data = s3_store.read_bytes(shard_key(i))
+        assert data == local.read_bytes(shard_key(i)) and stats["sha256"] == hashlib.sha256(data).hexdigest()
+        assert completed_stats(s3_store, i) == stats
+
+
 @pytest.mark.parametrize("fault", ["fsync", "checksum read"])
 def test_a_failed_commit_leaves_only_complete_shards_and_a_rerun_finishes(tmp_path, monkeypatch, fault):
     import infra.storage
