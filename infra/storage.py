@@ -627,8 +627,9 @@ class PendingObject:
     def finish(self, digest: Any = None) -> int:
         """No more writes; the object's size. Locally this starts the disk writeback, so the commit's
         fsync waits for the tail. ``digest`` (a ``hashlib`` object) is fed the bytes as read back
-        from what was written (locally mapped from the page cache, just written and still in the
-        CPU's cache, no copy; on S3 the buffer): a checksum of exactly what the commit publishes."""
+        from what was written (locally mapped from the page cache, no copy, right after the writing,
+        when much of it is still in the CPU's cache; on S3 the buffer): a checksum of exactly what
+        the commit publishes."""
         if self._local is not None:
             return self._local.finish(digest)
         try:

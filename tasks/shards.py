@@ -166,13 +166,14 @@ class ShardWriter:
     no Python in between, as a plain ``pq.write_table`` to a path does); then the object's disk
     writeback starts and its sha256 is taken on the bytes read back (mapped from the page cache,
     no copy) right after they were written, much of them still in the CPU's cache. (On a loaded
-    machine the sha256 on the commit thread, overlapping the next encoding, measured slower in wall
-    and in CPU; so did hashing row group by row group as they stream.) Only the shard is fsynced: the marker carries the stats itself (plan on its first line, stats
-    on the second), so a marker that did not reach the disk whole never matches a plan and the
-    shard is written again; ``_stats.json`` is for people and tools. A shard counts only once it is
-    durable: :attr:`stats` (every durable shard, in write order) is complete after the ``with``
-    block, whose end waits for the last commit; a failed commit raises from the next :meth:`write`
-    or from the block's end.
+    machine the sha256 on the commit thread, overlapping the next encoding, measured slower in
+    wall and in CPU; so did hashing row group by row group as they stream.) Only the shard is
+    fsynced: the marker carries the stats itself (plan on its first line, stats on the second), so
+    a marker that did not reach the disk whole never matches a plan and the shard is written
+    again; ``_stats.json`` is for people and tools. A shard counts only once it is durable:
+    :attr:`stats` (every durable shard, in write order) is complete after the ``with`` block,
+    whose end waits for the last commit; a failed commit raises from the next :meth:`write` or
+    from the block's end, a failed write or checksum read from that :meth:`write`.
     A crash at any point leaves complete, checksummed shards and hidden temp files, nothing else.
     """
 
