@@ -17,6 +17,7 @@ import functools
 import io
 import json
 import logging
+import mmap
 import os
 import random
 import shutil
@@ -525,8 +526,9 @@ def _atomic_local_file(path: str, before_commit: Callable[[], None] = lambda: No
 
 
 class _PendingLocalFile:
-    """A temp file beside ``path``; :meth:`commit` fsyncs it (``durable``), checks ``before_commit``
-    and renames it over ``path`` (then fsyncs the directory entry); :meth:`discard` removes it."""
+    """A temp file beside ``path``; :meth:`finish` ends the writing, :meth:`commit` fsyncs it
+    (``durable``), checks ``before_commit`` and renames it over ``path`` (then fsyncs the directory
+    entry); :meth:`discard` removes it."""
 
     def __init__(self, path: str, before_commit: Callable[[], None], durable: bool) -> None:
         self.path, self.before_commit, self.durable = path, before_commit, durable
@@ -534,10 +536,33 @@ class _PendingLocalFile:
         os.makedirs(directory, exist_ok=True)
         fd, self.tmp = tempfile.mkstemp(prefix=f".{name}{_TMP_MARK}", dir=directory)
         self.file: BinaryIO = os.fdopen(fd, "wb")
+        self.native: pa.NativeFile | None = None
+        self.size: int | None = None
 
-    def commit(self) -> None:
+    def native_file(self) -> pa.NativeFile:
+        if self.native is None:
+            self.native = pa.OSFile(self.tmp, "wb")  # the same (empty) temp file, written by Arrow's own I/O
+        return self.native
+
+    def finish(self, digest: Any = None) -> int:
         try:
+            if self.native is not None:
+                self.native.close()
             self.file.flush()
+            fd = self.file.fileno()
+            self.size = os.fstat(fd).st_size
+            if self.durable:
+                start_writeback(fd, 0, self.size)  # the disk writes while the digest reads and the caller goes on
+            if digest is not None:
+                _digest_file(fd, self.size, digest)
+        except BaseException:
+            self.discard()
+            raise
+        return self.size
+
+    def commit(self) -> int:
+        size = self.finish() if self.size is None else self.size
+        try:
             if self.durable:
                 os.fsync(self.file.fileno())
             self.file.close()
@@ -549,39 +574,93 @@ class _PendingLocalFile:
             raise
         if self.durable:
             _fsync_directory(os.path.dirname(self.path))
+        return size
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):  # closing flushes, which fails again where writing failed
+            if self.native is not None:
+                self.native.close()
+        with contextlib.suppress(OSError):
             self.file.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
 
 
+_READBACK_BYTES = 8 << 20  # a multiple of mmap.ALLOCATIONGRANULARITY; bounds what one mapping adds to RSS
+
+
+def _digest_file(fd: int, size: int, digest: Any) -> None:
+    """Feed the first ``size`` bytes of the file ``fd`` to ``digest.update``, mapped from the page
+    cache a window at a time (no copy into the process; hashlib releases the GIL while it hashes)."""
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # one fault-in per window, not one per page
+    for offset in range(0, size, _READBACK_BYTES):
+        with mmap.mmap(fd, min(_READBACK_BYTES, size - offset), flags=flags, prot=mmap.PROT_READ,
+                       offset=offset) as window:
+            digest.update(window)
+
+
 class PendingObject:
-    """An object written but not yet visible (:meth:`ObjectStore.open_pending`). ``file``: where
-    its bytes go. :meth:`commit` makes it durable and visible (locally: fsync, rename, fsync of the
-    directory; on S3: one PUT or a multipart upload); :meth:`discard` drops it. Either, once."""
+    """An object written but not yet visible (:meth:`ObjectStore.open_pending`). Its bytes go to
+    ``file`` or, for writers that encode natively, to :meth:`native_file` (one of the two).
+    :meth:`finish` ends the writing (and can hash what was written); :meth:`commit` makes the
+    object durable and visible (locally: fsync, rename, fsync of the directory; on S3: one PUT or
+    a multipart upload), possibly on another thread; :meth:`discard` drops it. Either, once."""
 
     def __init__(self, store: ObjectStore, key: str) -> None:
         self.store, self.key = store, key
         self._local = None if store.is_s3 else _PendingLocalFile(
             store.fs_path(key), lambda: store._check_guard(key), store.durable)
         self.file: BinaryIO = io.BytesIO() if self._local is None else self._local.file
+        self._buffer: pa.BufferOutputStream | None = None
+        self._data: bytes | memoryview | None = None
 
-    def commit(self) -> None:
+    def native_file(self) -> pa.NativeFile:
+        """An Arrow output stream onto the object, in place of ``file``: ``pq.write_table`` into it
+        writes its bytes without passing them through Python (locally into the temp file itself, on
+        S3 into an Arrow buffer)."""
         if self._local is not None:
-            self._local.commit()
-            return
+            return self._local.native_file()
+        if self._buffer is None:
+            self._buffer = pa.BufferOutputStream()
+        return self._buffer
+
+    def finish(self, digest: Any = None) -> int:
+        """No more writes; the object's size. Locally this starts the disk writeback, so the commit's
+        fsync waits for the tail. ``digest`` (a ``hashlib`` object) is fed the bytes as read back
+        from what was written (locally mapped from the page cache, no copy, right after the writing,
+        when much of it is still in the CPU's cache; on S3 the buffer): a checksum of exactly what
+        the commit publishes."""
+        if self._local is not None:
+            return self._local.finish(digest)
         try:
-            self.store.write_bytes(self.key, self.file.getvalue())
+            if self._data is None:
+                self._data = memoryview(self._buffer.getvalue()) if self._buffer is not None else self.file.getvalue()
+            if digest is not None:
+                digest.update(self._data)
+        except BaseException:
+            self.discard()
+            raise
+        return len(self._data)
+
+    def commit(self) -> int:
+        """Make the object durable and visible (after :meth:`finish`, which it calls if need be); its size."""
+        if self._local is not None:
+            return self._local.commit()
+        try:
+            size = self.finish()
+            self.store.write_bytes(self.key, self._data)
+            return size
         finally:
-            self.file.close()
+            self.discard()
 
     def discard(self) -> None:
         if self._local is not None:
             self._local.discard()
-        else:
-            self.file.close()
+            return
+        self._data = None
+        if self._buffer is not None:
+            self._buffer.close()
+        self.file.close()
 
 
 def _atomic_local_copy(source: str, path: str, before_commit: Callable[[], None] = lambda: None) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import io
 import json
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,7 +32,6 @@ import pyarrow.parquet as pq
 
 from infra.log import get_logger, log_event
 from infra.schema import SHARD_SCHEMA, conform
-from infra.storage import start_writeback
 
 log = get_logger(__name__)
 
@@ -127,40 +125,6 @@ def parquet_options(compression: str) -> dict:
             "write_statistics": _STATISTICS}
 
 
-_WRITEBACK_BYTES = 8 << 20  # start the disk writeback of a local shard every 8 MB written
-
-
-class _Sha256Writer:
-    """A write-only file that hashes what passes through it (the checksum costs no second pass)
-    and, over a local file, starts the disk writeback of each 8 MB as soon as it is written, so
-    the commit's fsync waits for the last few MB, not the whole shard. (Hashing on a thread of
-    its own measured slower on a loaded machine: bench/shards.py.)"""
-
-    def __init__(self, sink: Any) -> None:
-        self.sink, self.digest, self.size, self.written_back = sink, hashlib.sha256(), 0, 0
-        self.fd = sink.fileno() if isinstance(sink, io.BufferedWriter) else None
-
-    def write(self, data: bytes) -> int:
-        self.digest.update(data)
-        self.size += len(data)
-        written = self.sink.write(data)
-        if self.fd is not None and self.size - self.written_back >= _WRITEBACK_BYTES:
-            self.sink.flush()
-            start_writeback(self.fd, self.written_back, self.size - self.written_back)
-            self.written_back = self.size
-        return written
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        self.sink.flush()
-
-    @property
-    def closed(self) -> bool:
-        return False
-
-
 def completed_stats(store: Any, index: int, plan_id: str = "", prefix: str = "shards") -> dict | None:
     """The stats of shard ``index`` if it is complete for this plan, else None (a marker left by
     another plan, or a marker without its stats line, does not count)."""
@@ -198,12 +162,18 @@ class ShardWriter:
     runs on a background thread while the caller encodes the next shard, so the wait for the disk
     overlaps CPU work (the fsync releases the GIL). At most one commit is in flight.
 
-    The Parquet bytes stream into a hidden temp object and through the sha256 as they are encoded;
-    only the shard is fsynced: the marker carries the stats itself (plan on its first line, stats on
-    the second), so a marker that did not reach the disk whole never matches a plan and the shard
-    is written again; ``_stats.json`` is for people and tools. A shard counts only once it is
-    durable: :attr:`stats` (in write order) is complete after the ``with`` block, whose end waits
-    for the last commit; a failed commit raises from the next :meth:`write` or from the block's end.
+    The encoder writes the Parquet bytes straight into a hidden temp object (Arrow's own file I/O,
+    no Python in between, as a plain ``pq.write_table`` to a path does); then the object's disk
+    writeback starts and its sha256 is taken on the bytes read back (mapped from the page cache,
+    no copy) right after they were written, much of them still in the CPU's cache. (On a loaded
+    machine the sha256 on the commit thread, overlapping the next encoding, measured slower in
+    wall and in CPU; so did hashing row group by row group as they stream.) Only the shard is
+    fsynced: the marker carries the stats itself (plan on its first line, stats on the second), so
+    a marker that did not reach the disk whole never matches a plan and the shard is written
+    again; ``_stats.json`` is for people and tools. A shard counts only once it is durable:
+    :attr:`stats` (every durable shard, in write order) is complete after the ``with`` block,
+    whose end waits for the last commit; a failed commit raises from the next :meth:`write` or
+    from the block's end, a failed write or checksum read from that :meth:`write`.
     A crash at any point leaves complete, checksummed shards and hidden temp files, nothing else.
     """
 
@@ -224,6 +194,8 @@ class ShardWriter:
             elif self._in_flight is not None and self._in_flight.exception() is not None:
                 # The block's own error propagates; this shard was not committed, a rerun writes it.
                 log_event(log, "shard commit failed", logging.WARNING, error=str(self._in_flight.exception()))
+            elif self._in_flight is not None:
+                self._wait()  # durable although the block failed: listed, as every durable shard is
         finally:
             self._pool.shutdown()
 
@@ -239,14 +211,15 @@ class ShardWriter:
         table = conform(table() if callable(table) else table, SHARD_SCHEMA)
         key = shard_key(index, self.prefix)
         with self.store.open_pending(key) as pending:
-            sink = _Sha256Writer(pending.file)
-            pq.write_table(table, sink, row_group_size=max(1, self.row_group_rows),
+            pq.write_table(table, pending.native_file(), row_group_size=max(1, self.row_group_rows),
                            **parquet_options(self.compression))
+            digest = hashlib.sha256()
+            size = pending.finish(digest)  # hashed as read back, right after the encoder wrote it
             stats = {
                 "path": key,
                 "rows": table.num_rows,
-                "bytes": sink.size,
-                "sha256": sink.digest.hexdigest(),
+                "bytes": size,
+                "sha256": digest.hexdigest(),
                 "image_bytes": int(pc.sum(table.column("image_bytes")).as_py() or 0)
                 if "image_bytes" in table.column_names else None,
                 "plan": plan_id,

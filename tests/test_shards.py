@@ -83,25 +83,56 @@ def test_a_shard_without_marker_is_rewritten_identically(tmp_path):
     assert second["sha256"] == first["sha256"]
 
 
-def test_a_streamed_shard_starts_its_writeback_chunk_by_chunk_and_hashes_the_whole(tmp_path, monkeypatch):
-    import tasks.shards
-    from infra.storage import start_writeback
+def big_rows(n: int, image_bytes: int) -> pa.Table:
+    return rows(n).set_column(3, "image", pa.array([os.urandom(image_bytes) for _ in range(n)], pa.binary()))
 
-    ranges: list[tuple[int, int]] = []
 
-    def recording(fd: int, offset: int, nbytes: int) -> None:
-        ranges.append((offset, nbytes))
-        start_writeback(fd, offset, nbytes)  # the real call, on the real temp file
-    monkeypatch.setattr(tasks.shards, "start_writeback", recording)
-    monkeypatch.setattr(tasks.shards, "_WRITEBACK_BYTES", 512)
+def test_a_shard_is_hashed_as_read_back_once_its_writeback_starts_then_fsynced_in_the_commit(tmp_path, monkeypatch):
+    import mmap
+    import threading
+
+    import infra.storage
+
+    events: list[tuple] = []
+    real_writeback, real_digest, real_fsync = infra.storage.start_writeback, infra.storage._digest_file, os.fsync
+
+    def is_shard(fd: int) -> bool:
+        return os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".part-00000.parquet")
+
+    def writeback(fd: int, offset: int, nbytes: int) -> None:
+        events.append(("writeback", offset, nbytes))
+        real_writeback(fd, offset, nbytes)  # the real calls, on the real temp file
+
+    def digest_file(fd: int, size: int, digest) -> None:
+        events.append(("checksum", threading.current_thread().name.split("_")[0], size))
+        real_digest(fd, size, digest)
+
+    def fsync(fd: int) -> None:
+        if is_shard(fd):
+            events.append(("fsync", threading.current_thread().name.split("_")[0]))
+        real_fsync(fd)
+    monkeypatch.setattr(infra.storage, "start_writeback", writeback)
+    monkeypatch.setattr(infra.storage, "_digest_file", digest_file)
+    monkeypatch.setattr(infra.storage.os, "fsync", fsync)
+    monkeypatch.setattr(infra.storage, "_READBACK_BYTES", mmap.ALLOCATIONGRANULARITY)  # many windows
     store = ObjectStore(str(tmp_path))
-    stats = write_shard(store, 0, rows(200), row_group_rows=20)
+    stats = write_shard(store, 0, big_rows(200, 1_000), row_group_rows=20)
     data = store.read_bytes(shard_key(0))
-    assert len(ranges) > 3 and ranges[0][0] == 0
-    assert all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:]))  # contiguous, nothing twice
-    assert ranges[-1][0] + ranges[-1][1] <= len(data)
+    assert len(data) > 10 * mmap.ALLOCATIONGRANULARITY
+    assert events == [("writeback", 0, len(data)), ("checksum", "MainThread", len(data)), ("fsync", "shard-commit")]
     assert stats["sha256"] == hashlib.sha256(data).hexdigest() and stats["bytes"] == len(data)
     assert store.read_parquet(shard_key(0)).num_rows == 200
+
+
+def test_a_shard_is_byte_for_byte_what_write_table_writes_with_its_options(tmp_path):
+    from infra.schema import conform
+    from tasks.shards import parquet_options
+
+    table = big_rows(120, 300)
+    write_shard(ObjectStore(str(tmp_path)), 0, table, row_group_rows=25, compression="zstd")
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(conform(table, SHARD_SCHEMA), plain, row_group_size=25, **parquet_options("zstd"))
+    assert (tmp_path / "shards" / "part-00000.parquet").read_bytes() == plain.read_bytes()
 
 
 def test_missing_required_column_is_a_clear_error(tmp_path):
@@ -165,7 +196,24 @@ def test_a_shard_writer_writes_what_write_shard_writes_and_reports_in_order(tmp_
     assert _temp_files(tmp_path) == []
 
 
-def test_a_failed_commit_leaves_only_complete_shards_and_a_rerun_finishes(tmp_path, monkeypatch):
+def test_a_shard_writer_on_s3_writes_the_local_bytes_and_checksums(tmp_path, s3_store):
+    from tasks.shards import ShardWriter, completed_stats
+
+    tables = [rows(30, start=30 * i) for i in range(3)]
+    local = ObjectStore(str(tmp_path))
+    expected = [write_shard(local, i, t, row_group_rows=10) for i, t in enumerate(tables)]
+    with ShardWriter(s3_store, row_group_rows=10) as writer:
+        for i, t in enumerate(tables):
+            writer.write(i, t)
+    assert writer.stats == expected
+    for i, stats in enumerate(writer.stats):
+        data = s3_store.read_bytes(shard_key(i))
+        assert data == local.read_bytes(shard_key(i)) and stats["sha256"] == hashlib.sha256(data).hexdigest()
+        assert completed_stats(s3_store, i) == stats
+
+
+@pytest.mark.parametrize("fault", ["fsync", "checksum read"])
+def test_a_failed_commit_leaves_only_complete_shards_and_a_rerun_finishes(tmp_path, monkeypatch, fault):
     import infra.storage
     from tasks.shards import ShardWriter
 
@@ -173,14 +221,23 @@ def test_a_failed_commit_leaves_only_complete_shards_and_a_rerun_finishes(tmp_pa
     reference = ObjectStore(str(tmp_path / "reference"))
     expected = [write_shard(reference, i, t) for i, t in enumerate(tables)]
     store = ObjectStore(str(tmp_path / "out"))
-    real_fsync, synced = os.fsync, []
+    real_fsync, real_digest, synced = os.fsync, infra.storage._digest_file, []
+
+    def is_shard_1(fd: int) -> bool:
+        return os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".part-00001.parquet")
 
     def failing_fsync(fd: int) -> None:
-        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".part-00001.parquet"):
+        if fault == "fsync" and is_shard_1(fd):
             raise OSError(5, "Input/output error (injected)")
         synced.append(fd)
         real_fsync(fd)
+
+    def failing_digest(fd: int, size: int, digest) -> None:
+        if fault == "checksum read" and is_shard_1(fd):
+            raise OSError(5, "Input/output error (injected)")
+        real_digest(fd, size, digest)
     monkeypatch.setattr(infra.storage.os, "fsync", failing_fsync)
+    monkeypatch.setattr(infra.storage, "_digest_file", failing_digest)
     with pytest.raises(OSError, match="injected"):
         with ShardWriter(store) as writer:
             for i, t in enumerate(tables):
@@ -192,6 +249,7 @@ def test_a_failed_commit_leaves_only_complete_shards_and_a_rerun_finishes(tmp_pa
         assert not store.exists(shard_key(i)) and not store.exists(marker_key(i)) and not store.exists(stats_key(i))
     assert _temp_files(tmp_path) == [] and writer.stats == [expected[0]]
     monkeypatch.setattr(infra.storage.os, "fsync", real_fsync)
+    monkeypatch.setattr(infra.storage, "_digest_file", real_digest)
     with ShardWriter(store) as writer:
         for i, t in enumerate(tables):
             writer.write(i, t)

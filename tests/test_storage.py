@@ -688,6 +688,44 @@ def test_a_pending_write_appears_only_at_its_commit_which_may_run_on_another_thr
     assert store.list("a/") == ["a/pending.bin"]  # nothing of the dropped or failed writes, no temp file
 
 
+def test_a_natively_written_pending_object_is_hashed_as_read_back_then_committed(store: ObjectStore,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+    import mmap
+
+    import infra.storage
+
+    monkeypatch.setattr(infra.storage, "_READBACK_BYTES", mmap.ALLOCATIONGRANULARITY)  # read back in several windows
+    data = os.urandom(3 * mmap.ALLOCATIONGRANULARITY + 123)
+    with store.open_pending("a/native.bin") as pending:
+        out = pending.native_file()
+        out.write(data[:1000])
+        out.write(data[1000:])
+    assert not store.exists("a/native.bin") and store.list("a/") == []  # written, not yet committed
+    digest = hashlib.sha256()
+    assert pending.finish(digest) == len(data) and not store.exists("a/native.bin")
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+    committer = threading.Thread(target=pending.commit)  # as a ShardWriter commits
+    committer.start()
+    committer.join()
+    assert store.read_bytes("a/native.bin") == data
+    with store.open_pending("a/empty.bin") as empty:
+        empty.native_file()
+    digest = hashlib.sha256()
+    assert empty.finish(digest) == 0 and digest.hexdigest() == hashlib.sha256(b"").hexdigest()
+    assert empty.commit() == 0
+    with store.open_pending("a/dropped.bin") as dropped:
+        dropped.native_file().write(b"never")
+    dropped.discard()
+    with pytest.raises(RuntimeError):
+        with store.open_pending("a/failed.bin") as failed:
+            failed.native_file().write(b"half")
+            raise RuntimeError("writer died")
+    assert store.list("a/") == ["a/empty.bin", "a/native.bin"]
+    if not store.is_s3:
+        assert [n for _, _, names in os.walk(store.prefix) for n in names if ".tmp-" in n] == []
+
+
 def test_scratch_writes_skip_fsync_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import infra.storage
 
