@@ -553,6 +553,22 @@ def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter, voc
     assert detector_tp / len(english) < 0.6  # the problem the policy exists for
 
 
+def test_policy_on_the_once_only_part(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+    """The fresh part fresh-4 (500 titles drawn and labelled after the round-6 policy was committed,
+    scored once by bench/language_id.py; 423 English and 70 other-language titles the language
+    check sees): P 0.977, R 0.986, 60 of 70 dropped (0.857). The recall goal is met there, the
+    rejection goal is not: kept are French and Italian titles fastText reads as English ("eau non
+    potable", "charge lourde", "Camicia in seta"), words English shares ("Flan", "Rana02",
+    "olivier_one", "Antilope") and two words no list has ("Ambulans", Polish; "Formicona", an
+    Italian augmentative) that the neutral-word rule keeps. Round 5 measures R 0.976 at the same
+    0.857. These floors guard against regressions (~2 more errors either way); they were not tuned on."""
+    labels = load_labels(("fresh-4",))
+    precision, recall, rejected = _policy_scores(text_filter, labels)
+    assert precision >= 0.97 and recall >= 0.98 and rejected >= 0.825, (precision, recall, rejected)
+    round_5 = TextFilter(replace(TextFilterConfig(), **ROUND_5), vocab)
+    assert _policy_scores(round_5, labels)[1] < recall
+
+
 def test_langdetect_rs_matches_langdetect_on_the_labelled_titles() -> None:
     py, rs = LanguageDetector("langdetect", 0), LanguageDetector("langdetect-rs", 0)
     titles = [clean_caption(t) for t, _ in load_labels(("tuning-1",))]
