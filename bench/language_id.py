@@ -17,9 +17,9 @@ each detector — langdetect (the design's, via langdetect-rs: the same answers)
   English-known words).
 
 Precision and recall are of "keep as English"; "rejected" is the share of other-language titles
-dropped. Each row gives the tuning part (tuning-1..6, where thresholds are chosen) and the fresh
-part (fresh-4: a separate draw labelled first and scored once, never tuned on) apart; "-" where a
-part has no titles. Speed: captions/s/core (CPU seconds of this single-threaded process) of the
+dropped. Each row gives the tuning part (tuning-1..7, where thresholds are chosen) and the fresh
+part (a separate draw labelled first and scored once, never tuned on; none at present: fresh-4 is
+tuning-7 since the gloss rule changed after its one scoring) apart; "-" where a part has no titles. Speed: captions/s/core (CPU seconds of this single-threaded process) of the
 detector alone and of the whole English check, on the distinct titles of the Openclipart sample
 (or --titles-from a full table), best of interleaved repeats. Every detector gets the caption's
 words lower-cased and space-joined (``caption_words``), the form the policy hands its
@@ -53,7 +53,10 @@ os.environ.setdefault("WITFLOW_PROGRESS", "0")
 
 LABELS = REPO / "tests" / "data" / "openclipart_lang_labels.tsv"
 SAMPLE = REPO / "infra" / "data" / "openclipart_sample.parquet"
-TUNING, FRESH = ("tuning-1", "tuning-2", "tuning-3", "tuning-4", "tuning-5", "tuning-6"), ("fresh-4",)
+# fresh-4 (scored once with round 6) is tuning-7 since the gloss rule changed after that score;
+# no fresh part until the next draw (only ~80 unlabelled titles are left in the full Openclipart)
+TUNING = tuple(f"tuning-{i}" for i in range(1, 8))
+FRESH: tuple[str, ...] = ()
 MIN_RECALL = 0.98
 # The policy before its latest round (round 6: accent folding, neutral words, gloss segments, threshold)
 ROUND_5 = dict(foreign_fold_accents=False, neutral_max_zipf=None, gloss_segments=False, short_detector_min_prob=0.3)

@@ -283,8 +283,9 @@ class TextFilterConfig:
     # turned down is judged again without such words (and place names), one of them only is English;
     # None: they go to the short detector as before
     neutral_max_zipf: float | None = 2.5
-    # A caption the rules turn down is English when one of its segments (split at " - ", " / ", commas,
-    # brackets ...) is English evidence only: a gloss ("Cani e gatti, Cat and dog", "Lens, lente")
+    # A caption the rules turn down is English when it has exactly two segments (split at " - ", " / ",
+    # commas, colons, brackets) and one is English evidence only, as many words as the other or more: a
+    # gloss ("Cani e gatti, Cat and dog", "Lens, lente"); not a title + keywords ("Vacca pezzata, mammal")
     gloss_segments: bool = True
     # Long captions: the known-word share decides only while at most this share of the words is
     # foreign evidence, and no foreign evidence with english_min_coverage English words is English;

@@ -57,10 +57,12 @@ The English policy (measured on hand-labelled Openclipart titles, tests/data/ope
   rules above turn down is judged again without such words (and without its place names), and
   one of such words only is English. Not neutral: a word that is two words of one foreign
   language (``ForeignWords.compound``: German "ampelfrau", "ampelmaennchen").
-* Gloss segments (``gloss_segments``): a caption still turned down is English when one of its
-  segments (split at " - ", " / ", commas, colons, brackets) is English evidence only, at least
-  ``english_min_coverage`` of it: an English gloss beside the other language ("Cani e gatti, Cat
-  and dog", "Lens, lente", "France - Nivernais").
+* Gloss segments (``gloss_segments``): a caption still turned down is English when it has exactly
+  two segments (split at " - ", " / ", commas, colons, brackets) and one is English evidence only,
+  at least ``english_min_coverage`` of it, with at least as many words as the other: an English
+  gloss beside the other language, about as long as what it translates ("Cani e gatti, Cat and
+  dog", "Lens, lente", "France - Nivernais"). A keyword list is no gloss: the composed caption
+  "Vacca pezzata rossa valdostana, mammal" (title, keywords joined with ", ") stays foreign.
 * A foreign word that is also an English word as common ("sole", Italian for sun) cannot be told
   apart from text alone and is kept.
 
@@ -707,18 +709,26 @@ _SEGMENT_BREAK = re.compile(r"\s[-\u2013\u2014/|]\s|[,;:()\[\]]")
 
 
 def english_segment(caption: str, vocab: EnglishVocab, foreign: ForeignWords, min_coverage: float) -> bool:
-    """A caption of two or more segments (``_SEGMENT_BREAK``) has one whose words are English
-    evidence only, at least ``min_coverage`` of them: an English gloss beside the other
-    language ("Cani e gatti, Cat and dog", "Lens, lente")."""
-    segments = _SEGMENT_BREAK.split(caption)
-    if len(segments) < 2:
+    """A caption of exactly two segments (``_SEGMENT_BREAK``; segments without words do not count)
+    one of which is English evidence only, at least ``min_coverage`` of it, and has at least as many
+    words as the other: an English gloss beside the other language, about as long as what it
+    translates ("Cani e gatti, Cat and dog", "Lens, lente", "France - Nivernais"). Not a gloss: a
+    keyword list after a title ("Vacca pezzata rossa valdostana, mammal", "direction à suivre 1,
+    symbol, sign, arrow": tasks/captions.py joins keywords with ", ")."""
+    segments = [words for words in (_segment_words(s) for s in _SEGMENT_BREAK.split(caption)) if words]
+    if len(segments) != 2:
         return False
-    for segment in segments:
-        words = [w for w in caption_words(segment) if len(w) > 1 or w in FOREIGN_FUNCTION_WORDS]
-        evidence = _word_evidence(words, vocab, foreign)
-        if words and evidence.foreign == 0 and evidence.english / len(words) >= min_coverage:
-            return True
+    for words, other in ((segments[0], segments[1]), (segments[1], segments[0])):
+        if len(words) >= len(other):
+            evidence = _word_evidence(words, vocab, foreign)
+            if evidence.foreign == 0 and evidence.english / len(words) >= min_coverage:
+                return True
     return False
+
+
+def _segment_words(segment: str) -> list[str]:
+    """The words of a segment that are evidence (single letters only as function words: "e", "à")."""
+    return [w for w in caption_words(segment) if len(w) > 1 or w in FOREIGN_FUNCTION_WORDS]
 
 
 def _second_pass(caption: str, words: list[str], verdict: EnglishVerdict, vocab: EnglishVocab,

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 from infra.config import ConfigError, TextFilterConfig
+from tasks.captions import policy_field_text
 from tasks.text_filter import (BAD_UTF8, CONTROL_CHARS, EMPTY, ENGLISH, FOREIGN, MACHINE_MADE, NOT_ENGLISH,
                                TOO_FEW_WORDS, TOO_LONG, TOO_SHORT, UNKNOWN, EnglishVocab, FastTextLID,
                                LanguageDetector, PlaceNames, TextFilter, caption_words, clean_caption,
@@ -30,12 +31,12 @@ def text_filter(vocab: EnglishVocab) -> TextFilter:
     return TextFilter(TextFilterConfig(), vocab)
 
 
-TUNING = ("tuning-1", "tuning-2", "tuning-3", "tuning-4", "tuning-5", "tuning-6")
+TUNING = tuple(f"tuning-{i}" for i in range(1, 8))  # no fresh part now: fresh-4 is tuning-7
 
 
 def load_labels(parts: tuple[str, ...] = TUNING) -> list[tuple[str, str]]:
-    """(title, lang) of the labelled titles in ``parts`` (the fresh part fresh-4 is scored only by
-    bench/language_id.py and the test that pins what it measured there once)."""
+    """(title, lang) of the labelled titles in ``parts`` (a fresh part, when there is one, is scored
+    only by bench/language_id.py, once)."""
     lines = [line for line in LABELS.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
     header, rows = lines[0].split("\t"), [line.split("\t") for line in lines[1:]]
     assert header[:3] == ["title", "lang", "part"]
@@ -360,19 +361,40 @@ def test_words_no_language_uses_are_neutral(text_filter: TextFilter, vocab: Engl
 
 
 def test_an_english_segment_is_a_gloss(text_filter: TextFilter, vocab: EnglishVocab) -> None:
-    """A caption turned down with a segment of English evidence only is English ("Cani e gatti ,
-    Cat and dog", "Lens, lente", "France - Picardie"); no segment, foreign segments, or a segment
-    with a foreign word in it, and it stays turned down."""
-    for caption in ("Cani e gatti , Cat and dog", "Lens, lente", "France - Picardie"):
+    """A caption turned down of exactly two segments, one of English evidence only and at least as
+    long as the other, is English ("Cani e gatti , Cat and dog", "Lens, lente", "France -
+    Picardie"); one segment, foreign segments, a segment with a foreign word in it, or an English
+    segment shorter than the other, and it stays turned down."""
+    for caption in ("Cani e gatti , Cat and dog", "Lens, lente", "France - Picardie",
+                    "Forbici e pettine - scissors and comb"):
         verdict = _verdict(text_filter, caption)
         assert verdict.english and verdict.decided_by == "gloss" and verdict.foreign >= 1, (caption, verdict)
-    assert english_segment("Lens, lente", vocab, text_filter.foreign, 0.5)
-    for caption in ("Bicicletta Cycle", "Tazza di caffe - tazza", "Gatto, black gatto", "Gatto - a", "Pomodori"):
+        assert english_segment(caption, vocab, text_filter.foreign, 0.5), caption
+    for caption in ("Bicicletta Cycle", "Tazza di caffe - tazza", "Gatto, black gatto", "Gatto - a", "Pomodori",
+                    "Gatto nero - animal"):
         assert not english_segment(caption, vocab, text_filter.foreign, 0.5), caption
         assert text_filter.check(caption)[1] == NOT_ENGLISH, caption
     off = TextFilter(replace(TextFilterConfig(), gloss_segments=False), vocab)
     for caption in ("Cani e gatti , Cat and dog", "Lens, lente"):
         assert off.check(caption)[1] == NOT_ENGLISH, caption
+
+
+def test_keywords_after_a_foreign_title_are_no_gloss(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+    """The zero-shot build judges title + keywords captions (tasks/captions.py joins them with ", "):
+    English keywords after a foreign title are no gloss of it, one keyword or several. Round 6's
+    rule (any segment of English evidence) kept these; over the full Openclipart it let all but 8
+    of 202 such foreign captions through."""
+    cases = [("Vacca pezzata rossa valdostana", ["mammal"]), ("direction à suivre 1", ["symbol", "sign", "arrow"]),
+             ("Cani e gatti", ["cat", "dog", "pet"]), ("Gatto nero", ["animal"])]
+    for title, keywords in cases:
+        caption = policy_field_text({"caption": title, "keywords": keywords}, "caption+keywords")
+        assert caption.startswith(f"{title}, "), caption
+        assert text_filter.check(caption)[1] == NOT_ENGLISH, caption
+        assert not english_segment(caption, vocab, text_filter.foreign, 0.5), caption
+    # a two-segment gloss stays English when composed with nothing to add, and so does an English title
+    assert text_filter.check(policy_field_text({"caption": "Cani e gatti, Cat and dog"}, "caption+keywords"))[1] is None
+    english = policy_field_text({"caption": "Red cow", "keywords": ["mammal", "farm"]}, "caption+keywords")
+    assert text_filter.check(english)[1] is None, english
 
 
 def test_long_captions_use_word_evidence(text_filter: TextFilter, vocab: EnglishVocab) -> None:
@@ -525,19 +547,21 @@ ROUND_2 = dict(ROUND_3, foreign_margin=2.0, english_lead_zipf=None, foreign_abse
 
 
 def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter, vocab: EnglishVocab) -> None:
-    """The tuning parts tuning-1..6 (2,200 titles, 1,846 English and 324 other-language ones the
-    language check sees): the policy measures P 0.985, R 0.986, 297 of 324 dropped (0.917), the
+    """The tuning parts tuning-1..7 (2,700 titles, 2,269 English and 394 other-language ones the
+    language check sees): the policy measures P 0.984, R 0.984, 357 of 394 dropped (0.906), the
     issue's goal (R >= 0.98 at >= 90% dropped). The floors leave room for ~3 more errors either
     way. Round 5 (no accent folding, neutral words or gloss segments, fastText at 0.3) measures
-    P 0.983, R 0.978, 292 dropped (0.901): net, the neutral words and segments keep 16 more English
-    titles (Kexi, joypad, Perogies, "Cani e gatti , Cat and dog", "France - Nivernais" ...), and
-    accents and the threshold drop 5 more foreign ones ("entree interdite", "defense de fumer").
-    Round 4 (no place names) measures R 0.971; round 3 drops 275 of 324 (0.849); round 2
-    measures R 0.963; the share-of-known-words rule alone drops 0.627, and langdetect alone keeps
-    36% of English."""
+    P 0.981, R 0.978, 352 dropped (0.893): net, the neutral words and two-segment glosses keep more
+    English titles (Kexi, joypad, Perogies, "Cani e gatti , Cat and dog", "France - Nivernais" ...),
+    and accents and the threshold drop more foreign ones ("entree interdite", "defense de fumer").
+    Round 4 (no place names) measures R 0.971; round 3 drops 335 of 394 (0.850); round 2 measures
+    R 0.962; the share-of-known-words rule alone drops 0.619, and langdetect alone keeps 36% of
+    English. tuning-7 was fresh-4, scored once with round 6 (P 0.977, R 0.986, 60 of 70 dropped);
+    the gloss rule changed after that, so it is tuning data now (the two-segment rule changes none
+    of its verdicts)."""
     labels = load_labels()
     precision, recall, rejected = _policy_scores(text_filter, labels)
-    assert precision >= 0.98 and recall >= 0.983 and rejected >= 0.905, (precision, recall, rejected)
+    assert precision >= 0.98 and recall >= 0.982 and rejected >= 0.898, (precision, recall, rejected)
     round_5 = _policy_scores(TextFilter(replace(TextFilterConfig(), **ROUND_5), vocab), labels)
     assert round_5[1] < recall and round_5[2] < rejected  # what round 6 adds: both
     round_4 = TextFilter(replace(TextFilterConfig(), **ROUND_4), vocab)
@@ -551,22 +575,6 @@ def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter, voc
     detector_tp = sum(bool(langs) and langs[0][0] == "en"
                       for langs in (detector.detect_langs(clean_caption(t)) for t in english))
     assert detector_tp / len(english) < 0.6  # the problem the policy exists for
-
-
-def test_policy_on_the_once_only_part(text_filter: TextFilter, vocab: EnglishVocab) -> None:
-    """The fresh part fresh-4 (500 titles drawn and labelled after the round-6 policy was committed,
-    scored once by bench/language_id.py; 423 English and 70 other-language titles the language
-    check sees): P 0.977, R 0.986, 60 of 70 dropped (0.857). The recall goal is met there, the
-    rejection goal is not: kept are French and Italian titles fastText reads as English ("eau non
-    potable", "charge lourde", "Camicia in seta"), words English shares ("Flan", "Rana02",
-    "olivier_one", "Antilope") and two words no list has ("Ambulans", Polish; "Formicona", an
-    Italian augmentative) that the neutral-word rule keeps. Round 5 measures R 0.976 at the same
-    0.857. These floors guard against regressions (~2 more errors either way); they were not tuned on."""
-    labels = load_labels(("fresh-4",))
-    precision, recall, rejected = _policy_scores(text_filter, labels)
-    assert precision >= 0.97 and recall >= 0.98 and rejected >= 0.825, (precision, recall, rejected)
-    round_5 = TextFilter(replace(TextFilterConfig(), **ROUND_5), vocab)
-    assert _policy_scores(round_5, labels)[1] < recall
 
 
 def test_langdetect_rs_matches_langdetect_on_the_labelled_titles() -> None:
