@@ -274,6 +274,19 @@ class TextFilterConfig:
     # English-known words shorter than this are English evidence only when English leads by
     # english_lead_zipf ("of", "uk"; not "bw", "cd", "ak": abbreviations every language uses); 1: all
     english_min_letters: int = 3
+    # The accentless spelling of a word of foreign_languages is that word too ("entree", "telephone",
+    # "eteindre" for entrée, téléphone, éteindre) where a margin rule guards it, and for the
+    # distinctly-English lead; false: words are looked up as written
+    foreign_fold_accents: bool = True
+    # A word that is neither English nor foreign evidence and is used under this Zipf in English and
+    # in every foreign language (made-up names, brands: "Kexi", "Perogies") is no evidence: a caption
+    # turned down is judged again without such words (and place names), one of them only is English;
+    # None: they go to the short detector as before
+    neutral_max_zipf: float | None = 2.5
+    # A caption the rules turn down is English when it has exactly two segments (split at " - ", " / ",
+    # commas, colons, brackets) and one is English evidence only, as many words as the other or more: a
+    # gloss ("Cani e gatti, Cat and dog", "Lens, lente"); not a title + keywords ("Vacca pezzata, mammal")
+    gloss_segments: bool = True
     # Long captions: the known-word share decides only while at most this share of the words is
     # foreign evidence, and no foreign evidence with english_min_coverage English words is English;
     # None: the known-word share alone (no word evidence for long captions)
@@ -287,7 +300,7 @@ class TextFilterConfig:
     # Settles short captions whose words disagree or are all unknown: fastText's lid.176 (it beat
     # langdetect, lingua, CLD2 and py3langid in that role: bench/language_id.py), or none
     short_detector: Literal["fasttext", "langdetect", "langdetect-rs", "none"] = "fasttext"
-    short_detector_min_prob: float = 0.3
+    short_detector_min_prob: float = 0.45
     # A caption (or caption field) on at least this many different images of the build is
     # boilerplate ("gramastar" on 1,375 stars): the field is skipped (tasks/captions.py); None: off
     boilerplate_min_images: int | None = 20
@@ -305,10 +318,14 @@ class TextFilterConfig:
         if self.english_min_letters < 1:
             raise ConfigError("text_filter.english_min_letters must be >= 1 (1: every English-known word counts)")
         for name in ("english_lead_zipf", "foreign_absent_known_min_zipf", "gloss_max_foreign_zipf",
-                     "foreign_unknown_min_zipf", "place_name_max_foreign_lead"):
+                     "foreign_unknown_min_zipf", "place_name_max_foreign_lead", "neutral_max_zipf"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 9.0:
                 raise ConfigError(f"text_filter.{name} must be a Zipf value in [0, 9] (or null: off)")
+        if self.neutral_max_zipf is not None and self.neutral_max_zipf > self.foreign_min_zipf:
+            # a word that frequent in a foreign language is foreign evidence: "neutral" would be a contradiction
+            raise ConfigError(f"text_filter.neutral_max_zipf ({self.neutral_max_zipf}) must be <= foreign_min_zipf "
+                              f"({self.foreign_min_zipf})")
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,12 @@ import pyarrow as pa
 import pytest
 
 from infra.config import ConfigError, TextFilterConfig
+from tasks.captions import policy_field_text
 from tasks.text_filter import (BAD_UTF8, CONTROL_CHARS, EMPTY, ENGLISH, FOREIGN, MACHINE_MADE, NOT_ENGLISH,
                                TOO_FEW_WORDS, TOO_LONG, TOO_SHORT, UNKNOWN, EnglishVocab, FastTextLID,
                                LanguageDetector, PlaceNames, TextFilter, caption_words, clean_caption,
-                               english_verdict, machine_made, reason_examples, short_caption_detector)
+                               english_segment, english_verdict, machine_made, reason_examples,
+                               short_caption_detector)
 
 LABELS = Path(__file__).parent / "data" / "openclipart_lang_labels.tsv"
 
@@ -29,12 +31,12 @@ def text_filter(vocab: EnglishVocab) -> TextFilter:
     return TextFilter(TextFilterConfig(), vocab)
 
 
-TUNING = ("tuning-1", "tuning-2", "tuning-3", "tuning-4", "tuning-5")
+TUNING = tuple(f"tuning-{i}" for i in range(1, 8))  # no fresh part now: fresh-4 is tuning-7
 
 
 def load_labels(parts: tuple[str, ...] = TUNING) -> list[tuple[str, str]]:
-    """(title, lang) of the labelled titles in ``parts`` (the fresh part fresh-3 is scored only by
-    bench/language_id.py and the test that pins what it measured there once)."""
+    """(title, lang) of the labelled titles in ``parts`` (a fresh part, when there is one, is scored
+    only by bench/language_id.py, once)."""
     lines = [line for line in LABELS.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
     header, rows = lines[0].split("\t"), [line.split("\t") for line in lines[1:]]
     assert header[:3] == ["title", "lang", "part"]
@@ -214,8 +216,8 @@ def test_foreign_word_evidence(text_filter: TextFilter) -> None:
 
 
 def test_mixed_and_unknown_short_captions_go_to_the_short_detector(text_filter: TextFilter) -> None:
-    for caption, english in [("France - Picardie", True), ("Paesaggio marino", False), ("Nonno sport", False),
-                             ("Squeek!", True)]:
+    for caption, english in [("Paesaggio marino", False), ("Nonno sport", False), ("Squeek!", True),
+                             ("telephone sauvetage", False)]:
         verdict = _verdict(text_filter, caption)
         assert verdict.decided_by == "short_detector" and verdict.english is english, (caption, verdict)
         assert verdict.p_english == text_filter.short_detector.english_probability(caption)
@@ -303,6 +305,98 @@ def test_english_known_words_english_never_uses_are_foreign(text_filter: TextFil
     assert off.foreign.evidence("lattine", True) == ENGLISH
 
 
+def test_accentless_spellings_of_foreign_words_are_those_words(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+    """French "entrée" written "entree" leans French by the margin: foreign; "telephone" (French
+    "téléphone") is no longer distinctly English, so beside a French word it is no gloss; a name
+    every language writes ("cedric", French "cédric") gains no foreign evidence; German umlauts
+    written as vowel + e ("gruene") are folded too."""
+    foreign = text_filter.foreign
+    english, plain = foreign.zipf("entree")
+    assert foreign.folded_zipf("entree") - english >= text_filter.cfg.foreign_margin > plain - english
+    assert foreign.evidence("entree", vocab.is_english_word("entree")) == FOREIGN
+    assert not foreign.distinctly_english("telephone") and foreign.distinctly_english("teapot")
+    assert foreign.evidence("cedric", vocab.is_english_word("cedric")) != FOREIGN
+    assert foreign.folded_zipf("gruene") > foreign.zipf("gruene")[1] + 1
+    assert foreign.folded_zipf("qwzx") == 0.0
+    assert text_filter.check("entree interdite")[1] == NOT_ENGLISH
+    verdict = _verdict(text_filter, "telephone sauvetage")
+    assert not verdict.english and verdict.decided_by == "short_detector", verdict
+    clone = pickle.loads(pickle.dumps(foreign))
+    assert clone._folded_max == {} and clone.folded_zipf("entree") == foreign.folded_zipf("entree")
+    # switched off: words as written, "entree" is English, "telephone" a gloss again
+    off = TextFilter(replace(TextFilterConfig(), foreign_fold_accents=False), vocab)
+    assert off.foreign.folded_zipf("entree") == off.foreign.zipf("entree")[1]
+    assert off.foreign.evidence("entree", True) == ENGLISH and off.foreign.distinctly_english("telephone")
+    assert off.check("entree interdite")[1] is None
+    assert _verdict(off, "telephone sauvetage").decided_by == "vocab"
+
+
+def test_words_no_language_uses_are_neutral(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+    """Made-up names and brands ("Kexi", "Perogies", "joypad", "CFbulb-notlit") are in no list and
+    rare in every language: fastText turns them down, the second pass leaves them out and keeps a
+    caption of them only; beside foreign words they decide nothing ("Gatto kexi" is Italian); a
+    word a foreign language uses, or two German words run together, is not neutral."""
+    foreign = text_filter.foreign
+    for caption in ("Kexi", "Perogies", "joypad", "CFbulb-notlit"):
+        assert text_filter.short_detector.english_probability(caption) < text_filter.cfg.short_detector_min_prob
+        verdict = _verdict(text_filter, caption)
+        assert verdict.english and verdict.decided_by == "names" and verdict.neutral >= 1, (caption, verdict)
+    verdict = _verdict(text_filter, "Gatto kexi")
+    assert not verdict.english and verdict.neutral == 1 and verdict.foreign == 1, verdict
+    assert not foreign.neutral("gatto", UNKNOWN)  # frequent in Italian
+    assert not foreign.neutral("kexi", ENGLISH)  # only words that are no evidence either way
+    assert not foreign.neutral("القط", UNKNOWN) and text_filter.check("القط")[1] == NOT_ENGLISH  # another script
+    assert foreign.compound("ampelfrau") and not foreign.compound("joypad")  # ampel + frau; joy + pad is English
+    assert foreign.neutral("kexi", UNKNOWN) and not foreign.neutral("ampelfrau", UNKNOWN)
+    assert text_filter.check("Ampelfrau")[1] == NOT_ENGLISH
+    # switched off: the short detector's no stands
+    off = TextFilter(replace(TextFilterConfig(), neutral_max_zipf=None), vocab)
+    assert not off.foreign.neutral("kexi", UNKNOWN)
+    for caption in ("Kexi", "Perogies"):
+        assert off.check(caption)[1] == NOT_ENGLISH, caption
+    with pytest.raises(ConfigError, match="neutral_max_zipf .* foreign_min_zipf"):
+        TextFilterConfig(neutral_max_zipf=4.0, foreign_min_zipf=3.5)
+    with pytest.raises(ConfigError, match="neutral_max_zipf"):
+        TextFilterConfig(neutral_max_zipf=-1.0)
+
+
+def test_an_english_segment_is_a_gloss(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+    """A caption turned down of exactly two segments, one of English evidence only and at least as
+    long as the other, is English ("Cani e gatti , Cat and dog", "Lens, lente", "France -
+    Picardie"); one segment, foreign segments, a segment with a foreign word in it, or an English
+    segment shorter than the other, and it stays turned down."""
+    for caption in ("Cani e gatti , Cat and dog", "Lens, lente", "France - Picardie",
+                    "Forbici e pettine - scissors and comb"):
+        verdict = _verdict(text_filter, caption)
+        assert verdict.english and verdict.decided_by == "gloss" and verdict.foreign >= 1, (caption, verdict)
+        assert english_segment(caption, vocab, text_filter.foreign, 0.5), caption
+    for caption in ("Bicicletta Cycle", "Tazza di caffe - tazza", "Gatto, black gatto", "Gatto - a", "Pomodori",
+                    "Gatto nero - animal"):
+        assert not english_segment(caption, vocab, text_filter.foreign, 0.5), caption
+        assert text_filter.check(caption)[1] == NOT_ENGLISH, caption
+    off = TextFilter(replace(TextFilterConfig(), gloss_segments=False), vocab)
+    for caption in ("Cani e gatti , Cat and dog", "Lens, lente"):
+        assert off.check(caption)[1] == NOT_ENGLISH, caption
+
+
+def test_keywords_after_a_foreign_title_are_no_gloss(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+    """The zero-shot build judges title + keywords captions (tasks/captions.py joins them with ", "):
+    English keywords after a foreign title are no gloss of it, one keyword or several. Round 6's
+    rule (any segment of English evidence) kept these; over the full Openclipart it let all but 8
+    of 202 such foreign captions through."""
+    cases = [("Vacca pezzata rossa valdostana", ["mammal"]), ("direction à suivre 1", ["symbol", "sign", "arrow"]),
+             ("Cani e gatti", ["cat", "dog", "pet"]), ("Gatto nero", ["animal"])]
+    for title, keywords in cases:
+        caption = policy_field_text({"caption": title, "keywords": keywords}, "caption+keywords")
+        assert caption.startswith(f"{title}, "), caption
+        assert text_filter.check(caption)[1] == NOT_ENGLISH, caption
+        assert not english_segment(caption, vocab, text_filter.foreign, 0.5), caption
+    # a two-segment gloss stays English when composed with nothing to add, and so does an English title
+    assert text_filter.check(policy_field_text({"caption": "Cani e gatti, Cat and dog"}, "caption+keywords"))[1] is None
+    english = policy_field_text({"caption": "Red cow", "keywords": ["mammal", "farm"]}, "caption+keywords")
+    assert text_filter.check(english)[1] is None, english
+
+
 def test_long_captions_use_word_evidence(text_filter: TextFilter, vocab: EnglishVocab) -> None:
     # no foreign evidence and at least half English words: English, without langdetect
     verdict = _verdict(text_filter, "Kowalski Nowak and the blue kettle")
@@ -344,11 +438,13 @@ def test_place_names_are_no_language_evidence(text_filter: TextFilter, vocab: En
         verdict = _verdict(text_filter, caption)
         assert verdict.english and verdict.decided_by == "names" and verdict.names >= 1, (caption, verdict)
         assert text_filter.check(caption) == (caption, None)
-    for caption in ("cote_divoire", "Baden-Württemberg", "El Salvador"):  # "cote", "baden", "salvador" stay, decide
+    for caption in ("Baden-Württemberg", "El Salvador"):  # "baden", "salvador" stay, decide
         verdict = _verdict(text_filter, caption)
         assert verdict.english and verdict.decided_by == "vocab" and verdict.names == 1, (caption, verdict)
+    verdict = _verdict(text_filter, "cote_divoire")  # "cote" is French "côte" (accents folded): a name's word too
+    assert verdict.english and verdict.decided_by == "names" and verdict.names == 2, verdict
     verdict = _verdict(text_filter, "France - Provence Alpes Cote d'Azur")
-    assert verdict.english and verdict.decided_by == "vocab" and verdict.names == 3, verdict  # alpes, d, azur left out
+    assert verdict.english and verdict.decided_by == "vocab" and verdict.names == 4, verdict  # alpes, cote, d, azur left out
     for caption in ("Carte de la France", "Bandiera di Murcia", "Mapa de Extremadura", "Karte von Niue",
                     "Una foto della cattedrale di Murcia al tramonto"):
         assert text_filter.check(caption)[1] == NOT_ENGLISH, caption
@@ -442,26 +538,36 @@ def _policy_scores(text_filter: TextFilter, labels: list[tuple[str, str]]) -> tu
     return tp / (tp + fp), tp / (tp + fn), tn / (tn + fp)
 
 
+# The policy before round 6 (accent folding, neutral words, gloss segments, fastText at 0.45), and earlier
+ROUND_5 = dict(foreign_fold_accents=False, neutral_max_zipf=None, gloss_segments=False, short_detector_min_prob=0.3)
+ROUND_4 = dict(ROUND_5, place_name_max_foreign_lead=None)
+ROUND_3 = dict(ROUND_4, gloss_max_foreign_zipf=None, foreign_unknown_min_zipf=None, english_min_letters=1)
+ROUND_2 = dict(ROUND_3, foreign_margin=2.0, english_lead_zipf=None, foreign_absent_known_min_zipf=None,
+               long_max_foreign_share=None)
+
+
 def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter, vocab: EnglishVocab) -> None:
-    """The tuning parts tuning-1..5 (1,700 titles, 1,431 English and 248 other-language ones the
-    language check sees): the policy measures P 0.984, R 0.981, 225 of 248 dropped (0.907), the
+    """The tuning parts tuning-1..7 (2,700 titles, 2,269 English and 394 other-language ones the
+    language check sees): the policy measures P 0.984, R 0.984, 357 of 394 dropped (0.906), the
     issue's goal (R >= 0.98 at >= 90% dropped). The floors leave room for ~3 more errors either
-    way. Round 4 (no place names) measures R 0.974 at the same 225 dropped: the names rescue 10
-    English titles (Murcia, Extremadura, Niue, Suriname ...) and drop nothing. Round 3 (no gloss
-    cap, no foreign unknown words, two-letter words counted) drops 215 of 248; round 2 (no
-    distinctly-English words, no word evidence on long captions, margin 2.0) measures R 0.964; the
-    share-of-known-words rule alone drops 161 of 248, and langdetect alone keeps 44% of English."""
+    way. Round 5 (no accent folding, neutral words or gloss segments, fastText at 0.3) measures
+    P 0.981, R 0.978, 352 dropped (0.893): net, the neutral words and two-segment glosses keep more
+    English titles (Kexi, joypad, Perogies, "Cani e gatti , Cat and dog", "France - Nivernais" ...),
+    and accents and the threshold drop more foreign ones ("entree interdite", "defense de fumer").
+    Round 4 (no place names) measures R 0.971; round 3 drops 335 of 394 (0.850); round 2 measures
+    R 0.962; the share-of-known-words rule alone drops 0.619, and langdetect alone keeps 36% of
+    English. tuning-7 was fresh-4, scored once with round 6 (P 0.977, R 0.986, 60 of 70 dropped);
+    the gloss rule changed after that, so it is tuning data now (the two-segment rule changes none
+    of its verdicts)."""
     labels = load_labels()
     precision, recall, rejected = _policy_scores(text_filter, labels)
-    assert precision >= 0.98 and recall >= 0.978 and rejected >= 0.895, (precision, recall, rejected)
-    round_4 = TextFilter(replace(TextFilterConfig(), place_name_max_foreign_lead=None), vocab)
-    assert _policy_scores(round_4, labels)[1] < recall  # what the place names add: recall
-    round_3 = dict(gloss_max_foreign_zipf=None, foreign_unknown_min_zipf=None, english_min_letters=1,
-                   place_name_max_foreign_lead=None)
-    assert _policy_scores(TextFilter(replace(TextFilterConfig(), **round_3), vocab), labels)[2] < 0.89
-    round_2 = TextFilter(replace(TextFilterConfig(), **round_3, foreign_margin=2.0, english_lead_zipf=None,
-                                 foreign_absent_known_min_zipf=None, long_max_foreign_share=None), vocab)
-    assert _policy_scores(round_2, labels)[1] < 0.97  # what round 3's rules added: recall
+    assert precision >= 0.98 and recall >= 0.982 and rejected >= 0.898, (precision, recall, rejected)
+    round_5 = _policy_scores(TextFilter(replace(TextFilterConfig(), **ROUND_5), vocab), labels)
+    assert round_5[1] < recall and round_5[2] < rejected  # what round 6 adds: both
+    round_4 = TextFilter(replace(TextFilterConfig(), **ROUND_4), vocab)
+    assert _policy_scores(round_4, labels)[1] < round_5[1]  # what the place names add: recall
+    assert _policy_scores(TextFilter(replace(TextFilterConfig(), **ROUND_3), vocab), labels)[2] < 0.87
+    assert _policy_scores(TextFilter(replace(TextFilterConfig(), **ROUND_2), vocab), labels)[1] < 0.97
     share_only = TextFilter(replace(TextFilterConfig(), foreign_languages=(), short_detector="none"), vocab)
     assert _policy_scores(share_only, labels)[2] < 0.75  # what the word evidence and fastText add
     detector = LanguageDetector("langdetect-rs", 0)
@@ -469,22 +575,6 @@ def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter, voc
     detector_tp = sum(bool(langs) and langs[0][0] == "en"
                       for langs in (detector.detect_langs(clean_caption(t)) for t in english))
     assert detector_tp / len(english) < 0.6  # the problem the policy exists for
-
-
-def test_policy_on_the_once_only_part(text_filter: TextFilter, vocab: EnglishVocab) -> None:
-    """The fresh part fresh-3 (500 titles drawn and labelled after the place-name policy was
-    committed, scored once by bench/language_id.py; 415 English and 76 other-language titles the
-    language check sees): P 0.978, R 0.966, 67 of 76 dropped (0.882). Neither goal is met there:
-    the recall is lost on names and words no list knows as English (Kexi, Mirjam Meijer, Chav,
-    joypad, nunchaku) and on Italian titles with an English gloss; the rejection on French sign
-    titles and on words English shares ("Leone", "Reunion", "Cassette video"). Round 4 (no place
-    names) keeps two English titles fewer (timor_leste, Catalunya). These floors guard against
-    regressions (~2 more errors either way); they were not tuned on."""
-    labels = load_labels(("fresh-3",))
-    precision, recall, rejected = _policy_scores(text_filter, labels)
-    assert precision >= 0.97 and recall >= 0.96 and rejected >= 0.855, (precision, recall, rejected)
-    round_4 = TextFilter(replace(TextFilterConfig(), place_name_max_foreign_lead=None), vocab)
-    assert _policy_scores(round_4, labels)[1] < recall
 
 
 def test_langdetect_rs_matches_langdetect_on_the_labelled_titles() -> None:
