@@ -441,7 +441,7 @@ class ForeignWords:
     def __init__(self, languages: Sequence[str], margin: float, min_zipf: float, english_common_zipf: float,
                  absent_min_zipf: float, absent_known_min_zipf: float | None, english_lead: float | None,
                  lead_max_foreign_zipf: float | None, unknown_min_zipf: float | None,
-                 english_min_letters: int, fold_accents: bool = False, neutral_max_zipf: float | None = None) -> None:
+                 english_min_letters: int, fold_accents: bool, neutral_max_zipf: float | None) -> None:
         # No defaults: the values are TextFilterConfig's (text_filter.foreign_* and friends), one source.
         self.languages = tuple(languages)
         self.margin, self.min_zipf = margin, min_zipf
@@ -732,8 +732,14 @@ def english_segment(caption: str, vocab: EnglishVocab, foreign: ForeignWords, mi
 
 
 def _segment_words(segment: str) -> list[str]:
-    """The words of a segment that are evidence (single letters only as function words: "e", "à")."""
-    return [w for w in caption_words(segment) if len(w) > 1 or w in FOREIGN_FUNCTION_WORDS]
+    """The words of a segment that can be evidence (``_can_be_evidence``)."""
+    return [w for w in caption_words(segment) if _can_be_evidence(w)]
+
+
+def _can_be_evidence(word: str) -> bool:
+    """A word of two letters or more, or a single-letter foreign function word ("e", "à"): an
+    initial or a label letter is no language's evidence."""
+    return len(word) > 1 or word in FOREIGN_FUNCTION_WORDS
 
 
 def _second_pass(caption: str, words: list[str], verdict: EnglishVerdict, vocab: EnglishVocab,
@@ -822,7 +828,7 @@ def _without_names_and_neutral_words(words: list[str], vocab: EnglishVocab, fore
 def _word_evidence(words: Sequence[str], vocab: EnglishVocab, foreign: ForeignWords) -> WordEvidence:
     english = other = distinct = 0
     for w in words:
-        if len(w) == 1 and w not in FOREIGN_FUNCTION_WORDS:
+        if not _can_be_evidence(w):
             continue
         kind = _word_kind(w, vocab, foreign)
         if kind == ENGLISH:
