@@ -133,6 +133,11 @@ class QueriesConfig:
 CAPTION_PATTERNS = ("date_stamp", "collection_stamp", "author_credit", "email_address", "converted_from")
 
 
+def caption_field_parts(name: str) -> tuple[str, ...]:
+    """The fields a caption field name joins: "caption+keywords" -> ("caption", "keywords")."""
+    return tuple(name.split("+"))
+
+
 @dataclass(frozen=True)
 class CaptionConfig:
     """How a source's caption is made from its text fields (tasks/captions.py): the first of
@@ -150,11 +155,15 @@ class CaptionConfig:
     append_separator: str = ". "
     patterns: tuple[str, ...] = CAPTION_PATTERNS
 
+    def text_fields(self) -> tuple[str, ...]:
+        """Every field the policy reads (the parts of joined names too), once each, in order."""
+        return tuple(dict.fromkeys(part for name in (*self.fields, *self.append) for part in caption_field_parts(name)))
+
     def __post_init__(self) -> None:
         if not self.fields:
             raise ConfigError("caption.fields must name at least one field")
         for name in (*self.fields, *self.append):
-            if not all(part.strip() for part in name.split("+")):
+            if not all(part.strip() for part in caption_field_parts(name)):
                 raise ConfigError(f"caption: field name {name!r} has an empty part (join fields as a+b)")
         unknown = sorted(set(self.patterns) - set(CAPTION_PATTERNS))
         if unknown:
