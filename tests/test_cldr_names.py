@@ -54,8 +54,8 @@ def fake_cldr(root: Path) -> Path:
 
 def test_builder_is_deterministic_and_labels_english_and_other(tmp_path: Path) -> None:
     nm = fake_cldr(tmp_path)
-    a = cldr_names.build_language_set(nm, ("fr", "de"), per_locale=20, seed=3)
-    assert a == cldr_names.build_language_set(nm, ("fr", "de"), per_locale=20, seed=3)
+    a = cldr_names.build_language_set(nm, ("fr", "de"), per_locale=20, seed=3, part=None)
+    assert a == cldr_names.build_language_set(nm, ("fr", "de"), per_locale=20, seed=3, part=None)
     english = a.of_kind(cldr_names.ENGLISH_TTS)
     assert [c.text for c in english] == ["cat face", "dog face", "omega", "pizza"] and all(c.english for c in english)
     # keywords apart; "Ω" has a non-Latin letter
@@ -71,7 +71,7 @@ def test_builder_is_deterministic_and_labels_english_and_other(tmp_path: Path) -
 
 
 def test_builder_drops_english_equal_non_latin_and_repeated_names(tmp_path: Path) -> None:
-    data = cldr_names.build_language_set(fake_cldr(tmp_path), ("fr", "de"), per_locale=20)
+    data = cldr_names.build_language_set(fake_cldr(tmp_path), ("fr", "de"), per_locale=20, part=None)
     fr = sorted(c.text for c in data.captions if c.locale == "fr")
     assert fr == sorted(["chien", "renard", "poisson", "oiseau", "cheval", "chèvre", "dé à jouer"])
     assert data.drawn["fr"] == len(FR) and data.kept("fr") == 7
@@ -81,6 +81,24 @@ def test_builder_drops_english_equal_non_latin_and_repeated_names(tmp_path: Path
     assert "| fr | 12 | 7 | 3 | 1 | 1 |" in lines and lines[-1] == "| other languages | 15 | 9 | 4 | 1 | 1 |"
     with pytest.raises(ValueError, match="English"):
         cldr_names.build_language_set(fake_cldr(tmp_path / "b"), ("fr", "en-GB"))
+
+
+def test_tune_and_fresh_parts_are_disjoint_and_split_english_by_emoji(tmp_path: Path) -> None:
+    nm = fake_cldr(tmp_path)
+    everything = cldr_names.build_language_set(nm, ("fr", "de"), per_locale=20, part=None)
+    tune = cldr_names.build_language_set(nm, ("fr", "de"), per_locale=5)
+    assert tune.part == cldr_names.TUNE
+    fresh = cldr_names.build_language_set(nm, ("fr", "de"), per_locale=5, part=cldr_names.FRESH)
+    for kind in (cldr_names.ENGLISH_TTS, cldr_names.ENGLISH_KEYWORD):  # the halves partition English
+        a, b = {c.text for c in tune.of_kind(kind)}, {c.text for c in fresh.of_kind(kind)}
+        assert not a & b and a | b == {c.text for c in everything.of_kind(kind)}
+    assert {c.text for c in tune.of_kind("tts")} == {c.text for c in cldr_names.build_language_set(
+        nm, ("fr", "de"), per_locale=5, part=None).of_kind("tts")}  # draw 1 is the tuning part's
+    assert not {(c.locale, c.text) for c in tune.of_kind("tts")} & {(c.locale, c.text) for c in fresh.of_kind("tts")}
+    assert fresh.drawn["fr"] == 5 and fresh.drawn["de"] == 0  # de has 3 emoji, all drawn in draw 1
+    assert {cldr_names.english_half(k) for k in ("a", "b", "c", "d", "e", "f")} == set(cldr_names.PARTS)
+    with pytest.raises(ValueError, match="part"):
+        cldr_names.build_language_set(nm, ("fr",), part="fresh")
 
 
 def test_missing_package_fails_in_one_line_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -104,6 +122,9 @@ def test_real_packages_licence_and_a_full_draw() -> None:
     for package in CLDR_PACKAGES:
         assert json.loads((NPM_ROOT / package / "package.json").read_text())["license"] == "Unicode-3.0"
     data = cldr_names.build_language_set()
+    fresh = cldr_names.build_language_set(part=cldr_names.FRESH)
+    assert all(fresh.drawn[loc] == cldr_names.PER_LOCALE for loc in cldr_names.LOCALES)
+    assert not {(c.locale, c.text) for c in data.captions} & {(c.locale, c.text) for c in fresh.captions}
     assert set(data.drawn) == {cldr_names.ENGLISH_TTS, cldr_names.ENGLISH_KEYWORD, *cldr_names.LOCALES}
     assert all(data.drawn[loc] == cldr_names.PER_LOCALE for loc in cldr_names.LOCALES)
     english = cldr_names.english_strings(NPM_ROOT)
