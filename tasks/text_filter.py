@@ -450,26 +450,33 @@ class ForeignWords:
         self.lead_max_foreign_zipf, self.unknown_min_zipf = lead_max_foreign_zipf, unknown_min_zipf
         self.english_min_letters = english_min_letters
         self.fold_accents, self.neutral_max_zipf = fold_accents, neutral_max_zipf
-        self._tables: list[dict[str, float]] | None = None
-        self._folded: list[dict[str, float]] = []  # per language: accentless spelling -> frequency
-        self._folded_max: dict[str, float] = {}  # the same, the highest over the languages (one lookup)
+        # Loaded once (``_load``), as few tables as the rules need: English; the highest frequency over
+        # the languages of each word and of each accentless spelling; and, for ``compound`` only, each
+        # language's words at least ``min_zipf`` there (a compound's parts must be that frequent).
+        self._english: dict[str, float] | None = None
+        self._foreign_max: dict[str, float] = {}
+        self._folded_max: dict[str, float] = {}  # accentless spelling -> the highest frequency over the languages
+        self._common: list[dict[str, float]] = []  # per language: words (and accentless spellings) >= min_zipf
         self._cache: dict[str, tuple[float, float, float]] = {}  # word -> _zipfs (captions repeat words)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_tables": None, "_folded": [], "_folded_max": {}, "_cache": {}}
+        return {**self.__dict__, "_english": None, "_foreign_max": {}, "_folded_max": {}, "_common": [], "_cache": {}}
 
-    def _load(self) -> list[dict[str, float]]:
-        if self._tables is None:
-            import wordfreq
-
-            self._tables = [wordfreq.get_frequency_dict(lang, wordlist="large") for lang in ("en", *self.languages)]
-            if self.fold_accents:
-                self._folded = [_folded_frequencies(t) for t in self._tables[1:]]
-                for folded in self._folded:
-                    for word, frequency in folded.items():
-                        if frequency > self._folded_max.get(word, 0.0):
-                            self._folded_max[word] = frequency
-        return self._tables
+    def _load(self) -> dict[str, float]:
+        """English's frequencies (the other tables are filled on the way)."""
+        if self._english is None:
+            english = wordfreq_table("en")
+            floor = 10 ** (self.min_zipf - 9)
+            for language in self.languages:  # one at a time: only the merged tables stay
+                table = wordfreq_table(language)
+                _update_max(self._foreign_max, table)
+                folded = _folded_frequencies(table, umlauts=language == "de") if self.fold_accents else {}
+                _update_max(self._folded_max, folded)
+                common = {w: f for w, f in table.items() if f >= floor}
+                _update_max(common, {w: f for w, f in folded.items() if f >= floor})
+                self._common.append(common)
+            self._english = english
+        return self._english
 
     def zipf(self, word: str) -> tuple[float, float]:
         """(Zipf frequency in English, highest Zipf frequency in ``languages``); 0 where absent."""
@@ -484,33 +491,28 @@ class ForeignWords:
         """(``zipf``'s two, ``folded_zipf``), cached per instance."""
         hit = self._cache.get(word)
         if hit is None:
-            tables = self._load()
-            english = tables[0].get(word, 0.0)
-            foreign = max((t.get(word, 0.0) for t in tables[1:]), default=0.0)
+            english = self._load().get(word, 0.0)
+            foreign = self._foreign_max.get(word, 0.0)
             hit = _zipf(english), _zipf(foreign), _zipf(max(foreign, self._folded_max.get(word, 0.0)))
             if len(self._cache) > 1_000_000:  # bound the memory of a long-lived worker
                 self._cache.clear()
             self._cache[word] = hit
         return hit
 
-    def _language_zipf(self, word: str, language: int) -> float:
-        frequency = self._load()[1 + language].get(word, 0.0)
-        return _zipf(max(frequency, self._folded[language].get(word, 0.0)) if self._folded else frequency)
-
     def compound(self, word: str) -> bool:
         """``word`` is two words of one of the languages, each at least ``min_zipf`` there and
         ``margin`` above English ("ampelfrau", "ampelmaennchen": German compounds no list has)."""
-        english = self._load()[0]
+        english = self._load()
         for i in range(3, len(word) - 2):
             head, tail = word[:i], word[i:]
             head_needs = max(self.min_zipf, _zipf(english.get(head, 0.0)) + self.margin)
             tail_needs: float | None = None  # looked up only when a head passes (most do not)
-            for language in range(len(self.languages)):
-                if self._language_zipf(head, language) < head_needs:
+            for common in self._common:
+                if _zipf(common.get(head, 0.0)) < head_needs:
                     continue
                 if tail_needs is None:
                     tail_needs = max(self.min_zipf, _zipf(english.get(tail, 0.0)) + self.margin)
-                if self._language_zipf(tail, language) >= tail_needs:
+                if _zipf(common.get(tail, 0.0)) >= tail_needs:
                     return True
         return False
 
@@ -562,14 +564,38 @@ def _zipf(frequency: float) -> float:
 _UMLAUTS = str.maketrans({"ä": "ae", "ö": "oe", "ü": "ue", "ß": "ss"})
 
 
-def _folded_frequencies(table: Mapping[str, float]) -> dict[str, float]:
+def wordfreq_table(language: str) -> dict[str, float]:
+    """word -> frequency of wordfreq's "best" list of ``language`` (the large one where it has one,
+    else the small one: Filipino, Malay...), read from its file in the wheel without wordfreq's
+    caches (``get_frequency_dict`` keeps every list it ever read: 26 of them are over a GB)."""
+    import wordfreq
+
+    path = wordfreq.available_languages("best").get(language)
+    if path is None:
+        raise ValueError(f"text_filter.foreign_languages: wordfreq has no list for {language!r}")
+    table: dict[str, float] = {}
+    for index, bucket in enumerate(wordfreq.read_cBpack(str(path))):
+        frequency = wordfreq.cB_to_freq(-index)  # one float per centibel bucket, shared by its words
+        for word in bucket:
+            table[word] = frequency
+    return table
+
+
+def _update_max(into: dict[str, float], table: Mapping[str, float]) -> None:
+    for word, frequency in table.items():
+        if frequency > into.get(word, 0.0):
+            into[word] = frequency
+
+
+def _folded_frequencies(table: Mapping[str, float], umlauts: bool) -> dict[str, float]:
     """The ASCII spellings of a table's other words -> the highest frequency of a word spelt so:
-    accents left out ("entree" -> French "entrée") and German umlauts as vowel + e ("gruene",
-    "maennchen")."""
+    accents left out ("entree" -> French "entrée") and, with ``umlauts`` (German), umlauts as
+    vowel + e too ("gruene", "maennchen")."""
     folded: dict[str, float] = {}
     for word, frequency in table.items():
         if not word.isascii():
-            for key in {fold_accents(word), fold_accents(word.translate(_UMLAUTS))}:
+            keys = {fold_accents(word), fold_accents(word.translate(_UMLAUTS))} if umlauts else {fold_accents(word)}
+            for key in keys:
                 if key != word and frequency > folded.get(key, 0.0):
                     folded[key] = frequency
     return folded

@@ -212,7 +212,7 @@ def test_foreign_word_evidence(text_filter: TextFilter) -> None:
     english, italian = foreign.zipf("gatto")
     assert italian > 4 > english
     clone = pickle.loads(pickle.dumps(foreign))
-    assert clone._tables is None and clone.zipf("gatto") == (english, italian)
+    assert clone._english is None and clone.zipf("gatto") == (english, italian)
 
 
 def test_mixed_and_unknown_short_captions_go_to_the_short_detector(text_filter: TextFilter) -> None:
