@@ -457,21 +457,36 @@ class ForeignWords:
         self._english: dict[str, float] | None = None  # loaded once (``_load``)
         self._tables: list[dict[str, float]] = []  # per language: word -> frequency
         self._folded: list[dict[str, float]] = []  # per language: accentless spelling -> frequency
+        self._common: list[dict[str, float]] = []  # per language, for compound: both, only >= min_zipf
+        # the highest frequency over the languages of each word, and of each accentless spelling: two
+        # lookups per word instead of 52 (the per-language tables are read for mixed captions only)
+        self._foreign_max: dict[str, float] = {}
+        self._folded_max: dict[str, float] = {}
         self._cache: dict[str, tuple[float, float, float]] = {}  # word -> _zipfs (captions repeat words)
         self._language_cache: dict[str, tuple[float, ...]] = {}  # word -> language_zipfs
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_english": None, "_tables": [], "_folded": [], "_cache": {}, "_language_cache": {}}
+        return {**self.__dict__, "_english": None, "_tables": [], "_folded": [], "_common": [], "_foreign_max": {},
+                "_folded_max": {}, "_cache": {}, "_language_cache": {}}
 
     def _load(self) -> dict[str, float]:
         """English's frequencies (the languages' tables are filled on the way)."""
         if self._english is None:
             english = wordfreq_table("en")
+            floor = 10 ** (self.min_zipf - 9)  # a compound's parts must be that frequent
             for language in self.languages:
                 table = wordfreq_table(language)
                 self._tables.append(table)
+                folded = _folded_frequencies(table, umlauts=language == "de") if self.fold_accents else {}
                 if self.fold_accents:
-                    self._folded.append(_folded_frequencies(table, umlauts=language == "de"))
+                    self._folded.append(folded)
+                common = {w: f for w, f in table.items() if f >= floor}
+                for w, f in folded.items():
+                    if f >= floor and f > common.get(w, 0.0):
+                        common[w] = f
+                self._common.append(common)
+                _update_max(self._foreign_max, table)
+                _update_max(self._folded_max, folded)
             self._english = english
         return self._english
 
@@ -489,8 +504,8 @@ class ForeignWords:
         hit = self._cache.get(word)
         if hit is None:
             english = self._load().get(word, 0.0)
-            foreign = max((t.get(word, 0.0) for t in self._tables), default=0.0)
-            folded = max((t.get(word, 0.0) for t in self._folded), default=0.0)
+            foreign = self._foreign_max.get(word, 0.0)
+            folded = self._folded_max.get(word, 0.0)
             hit = _zipf(english), _zipf(foreign), _zipf(max(foreign, folded))
             if len(self._cache) > 1_000_000:  # bound the memory of a long-lived worker
                 self._cache.clear()
@@ -537,12 +552,12 @@ class ForeignWords:
             head, tail = word[:i], word[i:]
             head_needs = max(self.min_zipf, _zipf(english.get(head, 0.0)) + self.margin)
             tail_needs: float | None = None  # looked up only when a head passes (most do not)
-            for language, z in enumerate(self.language_zipfs(head)):
-                if z < head_needs:
+            for common in self._common:  # only words >= min_zipf: what a part needs anyway
+                if _zipf(common.get(head, 0.0)) < head_needs:
                     continue
                 if tail_needs is None:
                     tail_needs = max(self.min_zipf, _zipf(english.get(tail, 0.0)) + self.margin)
-                if self.language_zipfs(tail)[language] >= tail_needs:
+                if _zipf(common.get(tail, 0.0)) >= tail_needs:
                     return True
         return False
 
@@ -609,6 +624,12 @@ def wordfreq_table(language: str) -> dict[str, float]:
         for word in bucket:
             table[word] = frequency
     return table
+
+
+def _update_max(into: dict[str, float], table: Mapping[str, float]) -> None:
+    for word, frequency in table.items():
+        if frequency > into.get(word, 0.0):
+            into[word] = frequency
 
 
 def _folded_frequencies(table: Mapping[str, float], umlauts: bool) -> dict[str, float]:
