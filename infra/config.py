@@ -241,6 +241,13 @@ class GatherConfig:
             raise ConfigError("gather.retries, max_redirects, backoff_s and max_backoff_s must be >= 0")
 
 
+# wordfreq 3.x available_languages("best") written in the Latin alphabet (checked by script: >= 99.9%
+# of the letters of each list's top 3,000 words are LATIN), English left out; "sh": Serbo-Croatian in
+# Latin letters, "nb": Norwegian Bokmål, "fil": Filipino
+LATIN_SCRIPT_WORDFREQ_LANGUAGES = ("ca", "cs", "da", "de", "es", "fi", "fil", "fr", "hu", "id", "is", "it", "lt", "lv",
+                                   "ms", "nb", "nl", "pl", "pt", "ro", "sh", "sk", "sl", "sv", "tr", "vi")
+
+
 @dataclass(frozen=True)
 class TextFilterConfig:
     min_chars: int = 3
@@ -262,7 +269,9 @@ class TextFilterConfig:
     wordnet_dir: str | None = "auto"  # WordNet for the English lexicon (infra/wordnet.py); None: counts only
     # Short captions by the evidence of their words (tasks/text_filter.ForeignWords): Zipf frequencies
     # (wordfreq) of English and of these languages; empty: the share of English-known words alone.
-    foreign_languages: tuple[str, ...] = ("it", "fr", "es", "pt", "de", "nl")
+    # Default: every language of wordfreq's "best" lists written in the Latin alphabet, but English
+    # (rounds 1-6 had it fr es pt de nl only: Swedish, Czech... words were no evidence).
+    foreign_languages: tuple[str, ...] = LATIN_SCRIPT_WORDFREQ_LANGUAGES
     foreign_margin: float = 1.75  # an English-known word this much more frequent elsewhere is foreign...
     foreign_min_zipf: float = 3.5  # ...when it is this frequent there (a word not English-known: enough alone)
     english_common_zipf: float = 3.5  # ...and rarer than this in English ("sole", "corps" stay English)
