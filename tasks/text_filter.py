@@ -473,24 +473,12 @@ class ForeignWords:
                 "_folded_max": {}, "_cache": {}, "_language_cache": {}}
 
     def _load(self) -> dict[str, float]:
-        """English's frequencies (the languages' tables are filled on the way)."""
+        """English's frequencies (the languages' tables are filled on the way, shared in the process)."""
         if self._english is None:
-            english = wordfreq_table("en")
-            floor = 10 ** (self.min_zipf - 9)  # a compound's parts must be that frequent
-            for language in self.languages:
-                table = wordfreq_table(language)
-                self._tables.append(table)
-                folded = _folded_frequencies(table, umlauts=language == "de") if self.fold_accents else {}
-                if self.fold_accents:
-                    self._folded.append(folded)
-                common = {w: f for w, f in table.items() if f >= floor}
-                for w, f in folded.items():
-                    if f >= floor and f > common.get(w, 0.0):
-                        common[w] = f
-                self._common.append(common)
-                _update_max(self._foreign_max, table)
-                _update_max(self._folded_max, folded)
-            self._english = english
+            tables = _frequency_tables(self.languages, self.min_zipf, self.fold_accents)
+            self._tables, self._folded, self._common = tables.tables, tables.folded, tables.common
+            self._foreign_max, self._folded_max = tables.foreign_max, tables.folded_max
+            self._english = tables.english
         return self._english
 
     def zipf(self, word: str) -> tuple[float, float]:
@@ -603,6 +591,44 @@ class ForeignWords:
         """``word`` leads every one of the languages, common elsewhere or not (:meth:`leads`);
         False when the lead rule is off."""
         return self.english_lead is not None and self.leads(word, common_elsewhere=True)
+
+
+@dataclass(frozen=True)
+class _FrequencyTables:
+    """What :class:`ForeignWords` reads: English's table, each language's (and its accentless
+    spellings', and its words >= min_zipf for ``compound``), and the highest frequency over them."""
+
+    english: dict[str, float]
+    tables: list[dict[str, float]]
+    folded: list[dict[str, float]]
+    common: list[dict[str, float]]
+    foreign_max: dict[str, float]
+    folded_max: dict[str, float]
+
+
+@functools.lru_cache(maxsize=2)
+def _frequency_tables(languages: tuple[str, ...], min_zipf: float, fold_accents: bool) -> _FrequencyTables:
+    """Built once per process for each (languages, min_zipf, fold_accents) and shared by every
+    filter that asks (26 languages are ~500 MB: a process holding several filters, as a test run
+    or a worker rebuilt with the same config, would otherwise hold a copy each); read-only."""
+    floor = 10 ** (min_zipf - 9)  # a compound's parts must be that frequent
+    tables, folded_tables, commons = [], [], []
+    foreign_max: dict[str, float] = {}
+    folded_max: dict[str, float] = {}
+    for language in languages:
+        table = wordfreq_table(language)
+        tables.append(table)
+        folded = _folded_frequencies(table, umlauts=language == "de") if fold_accents else {}
+        if fold_accents:
+            folded_tables.append(folded)
+        common = {w: f for w, f in table.items() if f >= floor}
+        for w, f in folded.items():
+            if f >= floor and f > common.get(w, 0.0):
+                common[w] = f
+        commons.append(common)
+        _update_max(foreign_max, table)
+        _update_max(folded_max, folded)
+    return _FrequencyTables(wordfreq_table("en"), tables, folded_tables, commons, foreign_max, folded_max)
 
 
 def _zipf(frequency: float) -> float:
