@@ -27,6 +27,15 @@ short-caption detector.
 
     .venv/bin/python bench/language_id.py [--quick] [--titles-from runs/sources/openclipart_full.parquet]
                                           [--labels other.tsv]
+    .venv/bin/python bench/language_id.py --cldr [--part cldr-tune|cldr-fresh] [--policy-only]
+
+``--cldr`` instead scores the build's English check (``tasks.build.jobs.text_filter_step`` with
+configs/zeroshot.yaml's ``text_filter``), the same check with the six ``foreign_languages`` of
+rounds 1-6 (``SIX_LANGUAGES``) and each detector alone (top language English) on Unicode CLDR emoji
+names (infra/cldr_names.py: English ``tts`` names, keywords apart, against other Latin-script
+locales' names): P, R, rejected, per locale, and captions/s/core on its distinct captions.
+``--part cldr-tune`` (the default) is tuned on; ``--part cldr-fresh`` is scored once
+(bench/cldr_language_check.md records the sizes and the scorings). ``--policy-only``: no detectors alone.
 
 The last line compares the chosen policy's recall of English titles on the fresh part (the
 tuning part while there is none) with the round-5 policy's (``ratio=``, higher is better: neutral
@@ -183,12 +192,152 @@ def distinct_titles(path: Path, limit: int | None) -> list[str]:
     return titles[:limit] if limit else titles
 
 
+# ------------------------------------------------------------------------------------------------
+# --cldr: the once-only check on Unicode CLDR emoji names (infra/cldr_names.py)
+# ------------------------------------------------------------------------------------------------
+
+ZEROSHOT_CONFIG = REPO / "configs" / "zeroshot.yaml"
+GOAL_REJECTED = 0.90
+# foreign_languages of rounds 1-6 (to h22): the policy before every Latin-script wordfreq language
+SIX_LANGUAGES = ("it", "fr", "es", "pt", "de", "nl")
+
+
+def keep_scores(keep: list[bool], english: list[bool]) -> tuple[float, float, float]:
+    """(precision, recall, rejected) of "keep as English" over captions labelled ``english``."""
+    tp = sum(k and e for k, e in zip(keep, english))
+    fp = sum(k and not e for k, e in zip(keep, english))
+    n_en, n_other = sum(english), len(english) - sum(english)
+    return (tp / (tp + fp) if tp + fp else math.nan, tp / n_en if n_en else math.nan,
+            (n_other - fp) / n_other if n_other else math.nan)
+
+
+def cldr_main(quick: bool, part: str, policy_only: bool) -> None:
+    """Score the build's English check, its six-language form and every detector alone on one part
+    of the CLDR names."""
+    from collections import Counter
+
+    from infra.cldr_names import ENGLISH_KEYWORD, ENGLISH_TTS, build_language_set, sizes_report
+    from infra.config import load_config
+    from tasks.build.jobs import text_filter_step
+    from tasks.text_filter import NOT_ENGLISH, TextFilter, caption_words, clean_caption, english_verdict
+
+    data = build_language_set(part=part)
+    print("\n".join(sizes_report(data)))
+    cfg = load_config(ZEROSHOT_CONFIG).text_filter
+    t0 = time.perf_counter()
+    step = text_filter_step(cfg)  # the TextFilter the build's filter jobs run
+    six = TextFilter(replace(cfg, foreign_languages=SIX_LANGUAGES), step.vocab)
+    detectors = {} if policy_only else load_detectors()
+    print(f"setup {time.perf_counter() - t0:.0f}s; English check: tasks.build.jobs.text_filter_step("
+          f"load_config({ZEROSHOT_CONFIG.relative_to(REPO)}).text_filter), the defaults: {cfg == type(cfg)()}")
+
+    import pyarrow as pa
+
+    captions = list(data.captions)
+    # the build's path: the step's split of a table (TextFilter.__call__), rows traced by a row column
+    _, rejects, _ = step.split(pa.table({"caption": [c.text for c in captions], "row": range(len(captions))}))
+    reasons: list[str | None] = [None] * len(captions)
+    for row, reason in zip(rejects.column("row").to_pylist(), rejects.column("reason").to_pylist()):
+        reasons[row] = reason
+    earlier = Counter((c.kind, r) for c, r in zip(captions, reasons) if r not in (None, NOT_ENGLISH))
+    print(f"left out before the English check: {dict(earlier) or 'none'}")
+    seen = [(c, r is None) for c, r in zip(captions, reasons) if r in (None, NOT_ENGLISH)]
+    texts = [" ".join(caption_words(clean_caption(c.text))) for c, _ in seen]
+    keeps: dict[str, list[bool]] = {}
+    for name, langs_of in detectors.items():
+        out = [langs_of(t) for t in texts]
+        keeps[name] = [bool(d) and max(d, key=d.get) == "en" for d in out]
+    keeps["CHOSEN"] = [k for _, k in seen]
+    keeps["six"] = [six.check(c.text)[1] is None for c, _ in seen]
+
+    def scored(keep: list[bool], kinds: tuple[str, ...]) -> tuple[float, float, float]:
+        pairs = [(k, c.english) for k, (c, _) in zip(keep, seen) if c.kind in kinds]
+        return keep_scores([k for k, _ in pairs], [e for _, e in pairs])
+
+    # speed: each detector alone, and the whole English check (cold caches), on the distinct captions
+    distinct = sorted({c.text for c in captions})
+    if quick:
+        distinct = distinct[:400]
+    norm = [" ".join(caption_words(clean_caption(t))) for t in distinct]
+    best: dict[str, float] = {}
+    for _ in range(1 if quick else 3):
+        for name, langs_of in detectors.items():
+            best[name] = min(best.get(name, math.inf), cpu_seconds(lambda f=langs_of: [f(t) for t in norm]))
+        step.vocab._cache.clear()
+        if step.foreign is not None:
+            step.foreign._cache.clear()
+        best["CHOSEN"] = min(best.get("CHOSEN", math.inf), cpu_seconds(lambda: [step.check(t) for t in distinct]))
+        six.vocab._cache.clear()
+        six.foreign._cache.clear()
+        best["six"] = min(best.get("six", math.inf), cpu_seconds(lambda: [six.check(t) for t in distinct]))
+    rate = {k: len(distinct) / v for k, v in best.items()}
+
+    n_en = sum(c.kind == ENGLISH_TTS for c, _ in seen)
+    n_kw = sum(c.kind == ENGLISH_KEYWORD for c, _ in seen)
+    n_other = sum(not c.english for c, _ in seen)
+    print(f"\nCLDR names ({part}): P, R of 'keep as English' over {n_en} English tts names and {n_other} "
+          f"other-language names; rej = other-language names dropped; keywords R = {n_kw} English keywords "
+          f"kept; speed on {len(distinct)} distinct captions")
+    print("| detector | role | P | R | rej | keywords R | captions/s/core |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name in (*detectors, "six", "CHOSEN"):
+        role = "alone: top language en" if name in detectors else \
+            f"six foreign_languages ({' '.join(SIX_LANGUAGES)}), the rest as CHOSEN" if name == "six" else \
+            f"CHOSEN: the build's English check ({cfg.short_detector} at {cfg.short_detector_min_prob}; " \
+            f"{len(cfg.foreign_languages)} foreign_languages)"
+        p, r, rej = scored(keeps[name], (ENGLISH_TTS, "tts"))
+        kw = scored(keeps[name], (ENGLISH_KEYWORD,))[1]
+        print(f"| {name if name in detectors else cfg.short_detector} | {role} | {figure(p)} | {figure(r)} | "
+              f"{figure(rej)} | {figure(kw)} | {rate[name]:,.0f} |")
+
+    locales = [k for k in data.drawn if k not in (ENGLISH_TTS, ENGLISH_KEYWORD)]
+    print("\nother-language names dropped per locale (CHOSEN: the build's English check; six: with the six "
+          "foreign_languages; then each detector alone)")
+    print("| locale | n | CHOSEN | six |" + "".join(f" {name} |" for name in detectors))
+    print("|---|---:|---:|---:|" + "---:|" * len(detectors))
+    for locale in locales:
+        rows = [i for i, (c, _) in enumerate(seen) if c.locale == locale]
+        share = {name: sum(not keep[i] for i in rows) / len(rows) if rows else math.nan for name, keep in keeps.items()}
+        print(f"| {locale} | {len(rows)} | {figure(share['CHOSEN'])} | {figure(share['six'])} |"
+              + "".join(f" {figure(share[name])} |" for name in detectors))
+
+    # how the check decided the other-language names it kept, and the English names it dropped
+    decided: Counter = Counter()
+    examples: dict[tuple[bool, str], list[str]] = {}
+    for (c, k) in seen:
+        if k != c.english:
+            v = english_verdict(clean_caption(c.text), step.vocab, step.detector, cfg, foreign=step.foreign,
+                                short_detector=step.short_detector, names=step.names)
+            assert v.english == k
+            decided[("kept other" if k else "dropped English", c.kind, v.decided_by)] += 1
+            examples.setdefault((k, c.kind), []).append(f"{c.text} ({c.locale})" if k else c.text)
+    print(f"\nCHOSEN's errors by the rule that decided them: {dict(sorted(decided.items()))}")
+    for (k, kind), shown in sorted(examples.items()):
+        print(f"{'kept, other-language' if k else 'dropped, English ' + kind} ({len(shown)}): {'; '.join(shown[:40])}")
+    p, r, rej = scored(keeps["CHOSEN"], (ENGLISH_TTS, "tts"))
+    met = r >= MIN_RECALL and rej >= GOAL_REJECTED
+    p6, r6, rej6 = scored(keeps["six"], (ENGLISH_TTS, "tts"))
+    print(f"language_id --cldr ({part}): six foreign_languages: recall={r6:.3f} rejected={rej6:.3f} precision={p6:.3f} "
+          f"keywords_recall={scored(keeps['six'], (ENGLISH_KEYWORD,))[1]:.3f}; {rate['six']:,.0f} captions/s/core")
+    print(f"language_id --cldr ({part}): recall={r:.3f} rejected={rej:.3f} precision={p:.3f} keywords_recall="
+          f"{scored(keeps['CHOSEN'], (ENGLISH_KEYWORD,))[1]:.3f} goal (rejected >= {GOAL_REJECTED} at recall >= "
+          f"{MIN_RECALL}): {'met' if met else 'not met'}; {rate['CHOSEN']:,.0f} captions/s/core")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer titles for the speed columns, one repeat")
     ap.add_argument("--titles-from", type=Path, default=SAMPLE, help="Openclipart table for the speed columns")
     ap.add_argument("--labels", type=Path, default=LABELS, help="labelled titles (the TSV's format)")
+    ap.add_argument("--cldr", action="store_true",
+                    help="instead: the check on Unicode CLDR emoji names (infra/cldr_names.py)")
+    ap.add_argument("--part", default="cldr-tune", choices=("cldr-tune", "cldr-fresh"),
+                    help="--cldr: which part (cldr-fresh: scored once)")
+    ap.add_argument("--policy-only", action="store_true", help="--cldr: no detectors alone (quicker)")
     args = ap.parse_args()
+    if args.cldr:
+        cldr_main(args.quick, args.part, args.policy_only)
+        return
 
     from infra.config import TextFilterConfig
     from tasks.text_filter import NOT_ENGLISH, EnglishVocab, TextFilter, caption_words, clean_caption, english_verdict

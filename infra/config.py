@@ -133,6 +133,11 @@ class QueriesConfig:
 CAPTION_PATTERNS = ("date_stamp", "collection_stamp", "author_credit", "email_address", "converted_from")
 
 
+def caption_field_parts(name: str) -> tuple[str, ...]:
+    """The fields a caption field name joins: "caption+keywords" -> ("caption", "keywords")."""
+    return tuple(name.split("+"))
+
+
 @dataclass(frozen=True)
 class CaptionConfig:
     """How a source's caption is made from its text fields (tasks/captions.py): the first of
@@ -150,11 +155,15 @@ class CaptionConfig:
     append_separator: str = ". "
     patterns: tuple[str, ...] = CAPTION_PATTERNS
 
+    def text_fields(self) -> tuple[str, ...]:
+        """Every field the policy reads (the parts of joined names too), once each, in order."""
+        return tuple(dict.fromkeys(part for name in (*self.fields, *self.append) for part in caption_field_parts(name)))
+
     def __post_init__(self) -> None:
         if not self.fields:
             raise ConfigError("caption.fields must name at least one field")
         for name in (*self.fields, *self.append):
-            if not all(part.strip() for part in name.split("+")):
+            if not all(part.strip() for part in caption_field_parts(name)):
                 raise ConfigError(f"caption: field name {name!r} has an empty part (join fields as a+b)")
         unknown = sorted(set(self.patterns) - set(CAPTION_PATTERNS))
         if unknown:
@@ -232,6 +241,13 @@ class GatherConfig:
             raise ConfigError("gather.retries, max_redirects, backoff_s and max_backoff_s must be >= 0")
 
 
+# wordfreq 3.x available_languages("best") written in the Latin alphabet (checked by script: >= 99.9%
+# of the letters of each list's top 3,000 words are LATIN), English left out; "sh": Serbo-Croatian in
+# Latin letters, "nb": Norwegian Bokmål, "fil": Filipino
+LATIN_SCRIPT_WORDFREQ_LANGUAGES = ("ca", "cs", "da", "de", "es", "fi", "fil", "fr", "hu", "id", "is", "it", "lt", "lv",
+                                   "ms", "nb", "nl", "pl", "pt", "ro", "sh", "sk", "sl", "sv", "tr", "vi")
+
+
 @dataclass(frozen=True)
 class TextFilterConfig:
     min_chars: int = 3
@@ -253,7 +269,9 @@ class TextFilterConfig:
     wordnet_dir: str | None = "auto"  # WordNet for the English lexicon (infra/wordnet.py); None: counts only
     # Short captions by the evidence of their words (tasks/text_filter.ForeignWords): Zipf frequencies
     # (wordfreq) of English and of these languages; empty: the share of English-known words alone.
-    foreign_languages: tuple[str, ...] = ("it", "fr", "es", "pt", "de", "nl")
+    # Default: every language of wordfreq's "best" lists written in the Latin alphabet, but English
+    # (rounds 1-6 had it fr es pt de nl only: Swedish, Czech... words were no evidence).
+    foreign_languages: tuple[str, ...] = LATIN_SCRIPT_WORDFREQ_LANGUAGES
     foreign_margin: float = 1.75  # an English-known word this much more frequent elsewhere is foreign...
     foreign_min_zipf: float = 3.5  # ...when it is this frequent there (a word not English-known: enough alone)
     english_common_zipf: float = 3.5  # ...and rarer than this in English ("sole", "corps" stay English)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -587,6 +588,15 @@ class _PendingLocalFile:
 
 
 _READBACK_BYTES = 8 << 20  # a multiple of mmap.ALLOCATIONGRANULARITY; bounds what one mapping adds to RSS
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 8 << 20) -> str:
+    """sha256 of a local file, read in chunks (inputs' and exports' checksums for the manifest)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _digest_file(fd: int, size: int, digest: Any) -> None:

@@ -44,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from infra.config import CAPTION_PATTERNS, CaptionConfig
+from infra.config import CAPTION_PATTERNS, CaptionConfig, caption_field_parts
 from infra.fanout import split_by
 from infra.funnel import Funnel
 from tasks.step import StepOutput
@@ -150,9 +150,9 @@ def policy_field_text(fields: Mapping[str, Any], name: str) -> str | None:
     """The text of one field a policy names (``CaptionConfig``): ``field_text`` of it, or for a
     joined name ("caption+keywords") the first field's text, then the other fields' items that
     repeat neither an earlier item nor, ignoring case, the first text, all joined with ", "."""
-    if "+" not in name:
+    first, *rest = caption_field_parts(name)
+    if not rest:
         return field_text(fields.get(name))
-    first, *rest = name.split("+")
     head = field_text(fields.get(first))
     seen = {head.strip().lower()} if head else set()
     extra = [item for item in dict.fromkeys(i for part in rest for i in _items(fields.get(part)))

@@ -43,7 +43,7 @@ from infra.fanout import map_shards, values_or_raise
 from infra.imaging import decode_rgb
 from infra.log import get_logger, log_event
 from infra.manifest import ShardEntry, manifest_location, read_manifest
-from infra.storage import ObjectStore
+from infra.storage import ObjectStore, file_sha256
 
 log = get_logger(__name__)
 
@@ -159,14 +159,6 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_tar(job: ExportJob, dataset: ObjectStore, out: ObjectStore,
                left_out: Counter[str]) -> tuple[int, int, str, int]:
     index = int(job.key)
@@ -183,7 +175,7 @@ def _write_tar(job: ExportJob, dataset: ObjectStore, out: ObjectStore,
                 _add_member(tar, f"{key}.json", json.dumps(_metadata(key, row), ensure_ascii=False,
                                                           sort_keys=True).encode("utf-8"))
                 rows += 1
-        size, sha = os.path.getsize(path), _sha256_file(path)
+        size, sha = os.path.getsize(path), file_sha256(path)
         out.write_file(f"{job.key}.tar", path)
     return rows, size, sha, reencoded
 

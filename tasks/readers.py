@@ -510,8 +510,7 @@ def _columns_for(source: SourceConfig, available: Sequence[str], file: str) -> _
         image = image or next((c for c in _IMG2DATASET_IMAGE_COLUMNS if c in have), None)
     caption = need(source.caption_column, "caption_column")
     # The caption policy's other fields are columns too, kept in meta under their names (tasks/captions.py)
-    names = (part for name in (*source.caption.fields, *source.caption.append) for part in name.split("+"))
-    texts = tuple(need(f, "caption.fields") for f in dict.fromkeys(names) if f != "caption" and f not in extra)
+    texts = tuple(need(f, "caption.fields") for f in source.caption.text_fields() if f != "caption" and f not in extra)
     extra = (*extra, *texts)
     image = need(image, "image_column") if image else None
     path = need(source.path_column, "path_column") if source.path_column else None

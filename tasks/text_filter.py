@@ -16,7 +16,8 @@ The English policy (measured on hand-labelled Openclipart titles, tests/data/ope
 * Each word is then English (English-known and not far more frequent elsewhere), foreign
   ("signore", "glace", "gatto", the function words, an English-known split English never uses:
   "puntine", a word no list has that French uses: "rondelle") or unknown (names, typos), by
-  wordfreq's frequencies of English and of ``foreign_languages`` (``ForeignWords``); an English
+  wordfreq's frequencies of English and of ``foreign_languages`` (``ForeignWords``; by default every
+  Latin-script language of wordfreq's "best" lists, 26: rounds 1-6 had six); an English
   word at least ``english_lead_zipf`` Zipf more frequent in English than in every one of them,
   and more still where another language uses it commonly too (``gloss_max_foreign_zipf``), is
   *distinctly English* ("scissors", "bags"; not the shared "figure", "protection", "France", nor
@@ -26,7 +27,9 @@ The English policy (measured on hand-labelled Openclipart titles, tests/data/ope
   "glace_06_bw" are looked up, and given to fastText, as "rana" and "glace bw".
 * Short captions (at most ``short_caption_words`` words): only English words, at least
   ``english_min_coverage`` of them: English. Only foreign evidence: not English. Foreign words
-  beside a distinctly English one (an English title with a gloss: "Lumaca - snail"): English.
+  beside a distinctly English one (an English title with a gloss: "Lumaca - snail"), or beside an
+  English word that leads in the languages that use those foreign words most ("Gatto Cat": "cat"
+  against Italian; some one of 26 languages uses nearly every English word, Romanian "cât"): English.
   Foreign words beside shared ones only, or unknown words alone ("France - Picardie",
   "manuscriot"): the short-caption detector settles it (fastText's lid.176, P(en) >=
   ``short_detector_min_prob``). langdetect is not consulted here: on one- to four-word titles it
@@ -44,10 +47,11 @@ The English policy (measured on hand-labelled Openclipart titles, tests/data/ope
   still judged by "carte de la". A name whose every content word is at least
   ``place_name_max_foreign_lead`` Zipf more frequent in a foreign language than in English is
   that language's form of a name English writes otherwise ("Piemonte", "Bretagne", "Castilla y
-  León") and stays foreign evidence.
+  León") and stays foreign evidence; ISO 3166-1's English country names never are ("Moldova",
+  "Oman", "Andorra": Romanian, Finnish, Catalan use them far more).
 * Accents (``foreign_fold_accents``): a foreign word written without its accents, or with a
   German umlaut as vowel + e, is that word too ("entree", "telephone", "eteindre", "gruene" for
-  entrée, téléphone, éteindre, grüne) wherever a margin over English guards the verdict (an
+  entrée, téléphone, éteindre, grüne; umlauts as vowel + e for German only) wherever a margin over English guards the verdict (an
   English-known word that leans foreign, a word English never uses, the unknown-word margin) and
   in the distinctly-English lead ("telephone" is no gloss beside French); a name every language
   writes ("cedric", French "cédric") does not turn foreign by it.
@@ -67,8 +71,11 @@ The English policy (measured on hand-labelled Openclipart titles, tests/data/ope
   apart from text alone and is kept.
 
 On the hand-labelled titles (tests/data/openclipart_lang_labels.tsv; bench/language_id.py has the
-table per detector), tuning parts tuning-1..7: precision 0.984, recall 0.984 for "English", 357
-of 394 other-language titles dropped (0.906; round 5, without accent folding, neutral words and
+table per detector), tuning parts tuning-1..7, h23 (26 languages): precision 0.985, recall 0.981 for
+"English", 360 of 394 other-language titles dropped (0.914); on the CLDR emoji names
+(bench/cldr_language_check.md) cldr-tune R 0.993, 0.836 rejected, and cldr-fresh, scored once:
+R 0.989, 0.838 rejected (six languages: 0.475). Round 6 (six languages): P 0.984, R 0.984, 357
+of 394 dropped (0.906; round 5, without accent folding, neutral words and
 gloss segments, fastText at 0.3: P 0.981, R 0.978, 0.893). tuning-7 was the once-only part
 fresh-4, scored once with round 6 as first committed (any English segment a gloss): P 0.977,
 R 0.986, 60 of 70 dropped (0.857); the gloss rule was narrowed after that, so there is no
@@ -450,26 +457,29 @@ class ForeignWords:
         self.lead_max_foreign_zipf, self.unknown_min_zipf = lead_max_foreign_zipf, unknown_min_zipf
         self.english_min_letters = english_min_letters
         self.fold_accents, self.neutral_max_zipf = fold_accents, neutral_max_zipf
-        self._tables: list[dict[str, float]] | None = None
+        self._english: dict[str, float] | None = None  # loaded once (``_load``)
+        self._tables: list[dict[str, float]] = []  # per language: word -> frequency
         self._folded: list[dict[str, float]] = []  # per language: accentless spelling -> frequency
-        self._folded_max: dict[str, float] = {}  # the same, the highest over the languages (one lookup)
+        self._common: list[dict[str, float]] = []  # per language, for compound: both, only >= min_zipf
+        # the highest frequency over the languages of each word, and of each accentless spelling: two
+        # lookups per word instead of 52 (the per-language tables are read for mixed captions only)
+        self._foreign_max: dict[str, float] = {}
+        self._folded_max: dict[str, float] = {}
         self._cache: dict[str, tuple[float, float, float]] = {}  # word -> _zipfs (captions repeat words)
+        self._language_cache: dict[str, tuple[float, ...]] = {}  # word -> language_zipfs
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_tables": None, "_folded": [], "_folded_max": {}, "_cache": {}}
+        return {**self.__dict__, "_english": None, "_tables": [], "_folded": [], "_common": [], "_foreign_max": {},
+                "_folded_max": {}, "_cache": {}, "_language_cache": {}}
 
-    def _load(self) -> list[dict[str, float]]:
-        if self._tables is None:
-            import wordfreq
-
-            self._tables = [wordfreq.get_frequency_dict(lang, wordlist="large") for lang in ("en", *self.languages)]
-            if self.fold_accents:
-                self._folded = [_folded_frequencies(t) for t in self._tables[1:]]
-                for folded in self._folded:
-                    for word, frequency in folded.items():
-                        if frequency > self._folded_max.get(word, 0.0):
-                            self._folded_max[word] = frequency
-        return self._tables
+    def _load(self) -> dict[str, float]:
+        """English's frequencies (the languages' tables are filled on the way, shared in the process)."""
+        if self._english is None:
+            tables = _frequency_tables(self.languages, self.min_zipf, self.fold_accents)
+            self._tables, self._folded, self._common = tables.tables, tables.folded, tables.common
+            self._foreign_max, self._folded_max = tables.foreign_max, tables.folded_max
+            self._english = tables.english
+        return self._english
 
     def zipf(self, word: str) -> tuple[float, float]:
         """(Zipf frequency in English, highest Zipf frequency in ``languages``); 0 where absent."""
@@ -484,33 +494,61 @@ class ForeignWords:
         """(``zipf``'s two, ``folded_zipf``), cached per instance."""
         hit = self._cache.get(word)
         if hit is None:
-            tables = self._load()
-            english = tables[0].get(word, 0.0)
-            foreign = max((t.get(word, 0.0) for t in tables[1:]), default=0.0)
-            hit = _zipf(english), _zipf(foreign), _zipf(max(foreign, self._folded_max.get(word, 0.0)))
+            english = self._load().get(word, 0.0)
+            foreign = self._foreign_max.get(word, 0.0)
+            folded = self._folded_max.get(word, 0.0)
+            hit = _zipf(english), _zipf(foreign), _zipf(max(foreign, folded))
             if len(self._cache) > 1_000_000:  # bound the memory of a long-lived worker
                 self._cache.clear()
             self._cache[word] = hit
         return hit
 
-    def _language_zipf(self, word: str, language: int) -> float:
-        frequency = self._load()[1 + language].get(word, 0.0)
-        return _zipf(max(frequency, self._folded[language].get(word, 0.0)) if self._folded else frequency)
+    def language_zipfs(self, word: str) -> tuple[float, ...]:
+        """The Zipf frequency of ``word`` in each of ``languages`` (its accentless spelling's too,
+        with ``fold_accents``), cached per instance."""
+        hit = self._language_cache.get(word)
+        if hit is None:
+            self._load()
+            folded = self._folded or [{}] * len(self._tables)
+            hit = tuple(_zipf(max(t.get(word, 0.0), f.get(word, 0.0))) for t, f in zip(self._tables, folded))
+            if len(self._language_cache) > 1_000_000:
+                self._language_cache.clear()
+            self._language_cache[word] = hit
+        return hit
+
+    def home_languages(self, word: str) -> frozenset[int]:
+        """The languages (indices) that use ``word`` the most; empty when none has it."""
+        zipfs = self.language_zipfs(word)
+        top = max(zipfs, default=0.0)
+        return frozenset(i for i, z in enumerate(zipfs) if z == top) if top > 0.0 else frozenset()
+
+    def leads_in(self, word: str, languages: Iterable[int]) -> bool:
+        """:meth:`distinctly_english` against ``languages`` (indices) only: the gloss beside words
+        of those languages ("Gatto Cat": "cat" against Italian, not against Romanian "cât")."""
+        if self.english_lead is None:
+            return False
+        english = self._zipfs(word)[0]
+        zipfs = self.language_zipfs(word)
+        foreign = max((zipfs[i] for i in languages), default=0.0)
+        needed = self.english_lead
+        if self.lead_max_foreign_zipf is not None:
+            needed += max(0.0, foreign - self.lead_max_foreign_zipf)
+        return english > 0.0 and english - foreign >= needed
 
     def compound(self, word: str) -> bool:
         """``word`` is two words of one of the languages, each at least ``min_zipf`` there and
         ``margin`` above English ("ampelfrau", "ampelmaennchen": German compounds no list has)."""
-        english = self._load()[0]
+        english = self._load()
         for i in range(3, len(word) - 2):
             head, tail = word[:i], word[i:]
             head_needs = max(self.min_zipf, _zipf(english.get(head, 0.0)) + self.margin)
             tail_needs: float | None = None  # looked up only when a head passes (most do not)
-            for language in range(len(self.languages)):
-                if self._language_zipf(head, language) < head_needs:
+            for common in self._common:  # only words >= min_zipf: what a part needs anyway
+                if _zipf(common.get(head, 0.0)) < head_needs:
                     continue
                 if tail_needs is None:
                     tail_needs = max(self.min_zipf, _zipf(english.get(tail, 0.0)) + self.margin)
-                if self._language_zipf(tail, language) >= tail_needs:
+                if _zipf(common.get(tail, 0.0)) >= tail_needs:
                     return True
         return False
 
@@ -555,6 +593,44 @@ class ForeignWords:
         return self.english_lead is not None and self.leads(word, common_elsewhere=True)
 
 
+@dataclass(frozen=True)
+class _FrequencyTables:
+    """What :class:`ForeignWords` reads: English's table, each language's (and its accentless
+    spellings', and its words >= min_zipf for ``compound``), and the highest frequency over them."""
+
+    english: dict[str, float]
+    tables: list[dict[str, float]]
+    folded: list[dict[str, float]]
+    common: list[dict[str, float]]
+    foreign_max: dict[str, float]
+    folded_max: dict[str, float]
+
+
+@functools.lru_cache(maxsize=2)
+def _frequency_tables(languages: tuple[str, ...], min_zipf: float, fold_accents: bool) -> _FrequencyTables:
+    """Built once per process for each (languages, min_zipf, fold_accents) and shared by every
+    filter that asks (26 languages are ~500 MB: a process holding several filters, as a test run
+    or a worker rebuilt with the same config, would otherwise hold a copy each); read-only."""
+    floor = 10 ** (min_zipf - 9)  # a compound's parts must be that frequent
+    tables, folded_tables, commons = [], [], []
+    foreign_max: dict[str, float] = {}
+    folded_max: dict[str, float] = {}
+    for language in languages:
+        table = wordfreq_table(language)
+        tables.append(table)
+        folded = _folded_frequencies(table, umlauts=language == "de") if fold_accents else {}
+        if fold_accents:
+            folded_tables.append(folded)
+        common = {w: f for w, f in table.items() if f >= floor}
+        for w, f in folded.items():
+            if f >= floor and f > common.get(w, 0.0):
+                common[w] = f
+        commons.append(common)
+        _update_max(foreign_max, table)
+        _update_max(folded_max, folded)
+    return _FrequencyTables(wordfreq_table("en"), tables, folded_tables, commons, foreign_max, folded_max)
+
+
 def _zipf(frequency: float) -> float:
     return math.log10(frequency) + 9 if frequency else 0.0
 
@@ -562,14 +638,38 @@ def _zipf(frequency: float) -> float:
 _UMLAUTS = str.maketrans({"ä": "ae", "ö": "oe", "ü": "ue", "ß": "ss"})
 
 
-def _folded_frequencies(table: Mapping[str, float]) -> dict[str, float]:
+def wordfreq_table(language: str) -> dict[str, float]:
+    """word -> frequency of wordfreq's "best" list of ``language`` (the large one where it has one,
+    else the small one: Filipino, Malay...), read from its file in the wheel without wordfreq's
+    caches (``get_frequency_dict`` keeps every list it ever read: 26 of them are over a GB)."""
+    import wordfreq
+
+    path = wordfreq.available_languages("best").get(language)
+    if path is None:
+        raise ValueError(f"text_filter.foreign_languages: wordfreq has no list for {language!r}")
+    table: dict[str, float] = {}
+    for index, bucket in enumerate(wordfreq.read_cBpack(str(path))):
+        frequency = wordfreq.cB_to_freq(-index)  # one float per centibel bucket, shared by its words
+        for word in bucket:
+            table[word] = frequency
+    return table
+
+
+def _update_max(into: dict[str, float], table: Mapping[str, float]) -> None:
+    for word, frequency in table.items():
+        if frequency > into.get(word, 0.0):
+            into[word] = frequency
+
+
+def _folded_frequencies(table: Mapping[str, float], umlauts: bool) -> dict[str, float]:
     """The ASCII spellings of a table's other words -> the highest frequency of a word spelt so:
-    accents left out ("entree" -> French "entrée") and German umlauts as vowel + e ("gruene",
-    "maennchen")."""
+    accents left out ("entree" -> French "entrée") and, with ``umlauts`` (German), umlauts as
+    vowel + e too ("gruene", "maennchen")."""
     folded: dict[str, float] = {}
     for word, frequency in table.items():
         if not word.isascii():
-            for key in {fold_accents(word), fold_accents(word.translate(_UMLAUTS))}:
+            keys = {fold_accents(word), fold_accents(word.translate(_UMLAUTS))} if umlauts else {fold_accents(word)}
+            for key in keys:
                 if key != word and frequency > folded.get(key, 0.0):
                     folded[key] = frequency
     return folded
@@ -598,19 +698,19 @@ def _name_variants(name: str) -> set[str]:
     return variants
 
 
-def pycountry_place_names() -> list[str]:
-    """Country names (ISO 3166-1: name, official and common name; ISO 3166-3: former countries) and
-    subdivision names (ISO 3166-2, as the countries write them), from pycountry's copy of Debian's
-    iso-codes data (in its wheel)."""
+def pycountry_place_names(countries: bool = True, subdivisions: bool = True) -> list[str]:
+    """Country names (ISO 3166-1: name, official and common name, in English; ISO 3166-3: former
+    countries) and subdivision names (ISO 3166-2, as the countries write them), from pycountry's
+    copy of Debian's iso-codes data (in its wheel)."""
     try:
         import pycountry
     except ImportError as exc:
         raise ModuleNotFoundError("text_filter.place_name_max_foreign_lead: place names need pycountry "
                                   "(requirements.lock); null turns them off") from exc
     names = [getattr(c, f) for c in pycountry.countries for f in ("name", "official_name", "common_name")
-             if hasattr(c, f)]
-    names += [c.name for c in pycountry.historic_countries]
-    names += [s.name for s in pycountry.subdivisions]
+             if hasattr(c, f)] if countries else []
+    names += [c.name for c in pycountry.historic_countries] if countries else []
+    names += [s.name for s in pycountry.subdivisions] if subdivisions else []
     return names
 
 
@@ -620,27 +720,39 @@ class PlaceNames:
 
     ``max_foreign_lead``: a name whose every content word (three letters or more, not a foreign
     function word) is at least this many Zipf more frequent in one of ``ForeignWords``' languages
-    than in English reads as that language ("Piemonte", "Castilla y León") and is no name here.
+    than in English reads as that language ("Piemonte", "Castilla y León") and is no name here;
+    except ``english_names`` (ISO 3166-1's English country names): "Moldova", "Oman", "Andorra" are
+    English's names even where Romanian, Finnish or Catalan use them far more.
     """
 
-    def __init__(self, names: Iterable[str], max_foreign_lead: float) -> None:
+    def __init__(self, names: Iterable[str], max_foreign_lead: float, english_names: Iterable[str] = ()) -> None:
         self.max_foreign_lead = max_foreign_lead
         self._keys: set[tuple[str, ...]] = set()
+        self._english_keys: set[tuple[str, ...]] = set()
         self._longest: dict[str, int] = {}  # first word -> the most words a name starting with it has
+        for name in english_names:
+            self._english_keys.update(self._add(name))
         for name in names:
-            for variant in _name_variants(name):
-                for form in (variant, re.sub(r"['’ʼ]", "", variant)):
-                    key = tuple(fold_accents(w) for w in caption_words(form.lower()))  # "dIvoire": no camel split
-                    if key and max(map(len, key)) >= 3:  # "Ao", "Ré": too short to tell from a word
-                        self._keys.add(key)
-                        self._longest[key[0]] = max(self._longest.get(key[0], 0), len(key))
+            self._add(name)
         if not self._keys:
             raise ValueError("PlaceNames: no place names given")
 
+    def _add(self, name: str) -> set[tuple[str, ...]]:
+        added = set()
+        for variant in _name_variants(name):
+            for form in (variant, re.sub(r"['’ʼ]", "", variant)):
+                key = tuple(fold_accents(w) for w in caption_words(form.lower()))  # "dIvoire": no camel split
+                if key and max(map(len, key)) >= 3:  # "Ao", "Ré": too short to tell from a word
+                    self._keys.add(key)
+                    added.add(key)
+                    self._longest[key[0]] = max(self._longest.get(key[0], 0), len(key))
+        return added
+
     @classmethod
     def load(cls, max_foreign_lead: float) -> "PlaceNames":
-        """The names of ``pycountry_place_names``."""
-        return cls(pycountry_place_names(), max_foreign_lead)
+        """The names of ``pycountry_place_names``, its country names English's."""
+        return cls(pycountry_place_names(countries=False), max_foreign_lead,
+                   english_names=pycountry_place_names(subdivisions=False))
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -661,7 +773,10 @@ class PlaceNames:
         return out
 
     def reads_foreign(self, words: Sequence[str], foreign: "ForeignWords") -> bool:
-        """Every content word of the name ``words`` leans to a foreign language by ``max_foreign_lead``."""
+        """Every content word of the name ``words`` leans to a foreign language by ``max_foreign_lead``,
+        and it is not one of ``english_names``."""
+        if tuple(fold_accents(w) for w in words) in self._english_keys:
+            return False
         content = [w for w in words if len(w) >= 3 and w not in FOREIGN_FUNCTION_WORDS]
         return bool(content) and all(f - e >= self.max_foreign_lead for e, f in map(foreign.zipf, content))
 
@@ -838,6 +953,23 @@ def _word_evidence(words: Sequence[str], vocab: EnglishVocab, foreign: ForeignWo
     return WordEvidence(english, other, distinct)
 
 
+def _glossed(caption: str, words: Sequence[str], vocab: EnglishVocab, foreign: ForeignWords) -> bool:
+    """No comma (tasks/captions.py joins a title and its keywords with ", ": "Gatto nero, animal" is no
+    gloss), and an English word that leads, by ``ForeignWords.leads_in``,
+    in the languages that use the caption's foreign words most: an English title with a gloss
+    ("Gatto Cat", "Valigie bags", "heart-ballons"). With 26 languages some one uses nearly every
+    English word ("cat": Romanian "cât"; "bags", "icon": Filipino), so few are distinctly English
+    against all."""
+    if "," in caption:
+        return False
+    kinds = [(w, _word_kind(w, vocab, foreign)) for w in words if _can_be_evidence(w)]
+    homes: set[int] = set()
+    for w, kind in kinds:
+        if kind == FOREIGN:
+            homes |= foreign.home_languages(w)
+    return bool(homes) and any(kind == ENGLISH and foreign.leads_in(w, homes) for w, kind in kinds)
+
+
 def _short_verdict(caption: str, words: Sequence[str], vocab: EnglishVocab, foreign: ForeignWords,
                    short_detector: Any, cfg: TextFilterConfig, known: int, counted: int) -> EnglishVerdict:
     """One-sided evidence decides, and so does a distinctly English word beside foreign ones (a
@@ -849,7 +981,7 @@ def _short_verdict(caption: str, words: Sequence[str], vocab: EnglishVocab, fore
         return EnglishVerdict(True, "vocab", known, counted, None, other)
     if english == 0 and other > 0:
         return EnglishVerdict(False, "vocab", known, counted, None, other)
-    if evidence.distinct > 0:
+    if evidence.distinct > 0 or _glossed(caption, words, vocab, foreign):
         return EnglishVerdict(True, "vocab", known, counted, None, other)
     if short_detector is None:
         return EnglishVerdict(english > other and english / counted >= cfg.english_min_coverage, "vocab", known,

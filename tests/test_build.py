@@ -576,7 +576,11 @@ def test_a_build_that_leaves_nothing_to_train_on_fails_clearly(tmp_path, ray_loc
 def test_global_shuffles_size_their_partitions_by_the_task_memory_budget():
     # 3M URL rows at 512 B each: a 256 MB reduce holds 524,288 of them -> 6 partitions; 1 GB -> 2
     # (the 2M-row ceiling); a huge pool stops at 1,024 partitions; an empty one still has one.
-    assert stages.shuffle_partitions(3_000_000, stages.URL_ROWS_PER_PARTITION, stages.URL_ROW_BYTES, 256) == 6
-    assert stages.shuffle_partitions(3_000_000, stages.URL_ROWS_PER_PARTITION, stages.URL_ROW_BYTES, 1024) == 2
-    assert stages.shuffle_partitions(10**12, stages.URL_ROWS_PER_PARTITION, stages.URL_ROW_BYTES, 256) == 1024
-    assert stages.shuffle_partitions(0, stages.URL_ROWS_PER_PARTITION, stages.URL_ROW_BYTES, 256) == 1
+    assert stages.shuffle_partitions(3_000_000, stages.URL_ROWS_PER_PARTITION, item_bytes=stages.URL_ROW_BYTES, task_memory_mb=256) == 6
+    assert stages.shuffle_partitions(3_000_000, stages.URL_ROWS_PER_PARTITION, item_bytes=stages.URL_ROW_BYTES, task_memory_mb=1024) == 2
+    assert stages.shuffle_partitions(10**12, stages.URL_ROWS_PER_PARTITION, item_bytes=stages.URL_ROW_BYTES, task_memory_mb=256) == 1024
+    assert stages.shuffle_partitions(0, stages.URL_ROWS_PER_PARTITION, item_bytes=stages.URL_ROW_BYTES, task_memory_mb=256) == 1
+    # Without a budget, only the per-partition ceiling; half a budget is refused, naming both.
+    assert stages.shuffle_partitions(3_000_000, stages.URL_ROWS_PER_PARTITION) == 2
+    with pytest.raises(ValueError, match=r"item_bytes \(512\) and task_memory_mb \(None\) go together"):
+        stages.shuffle_partitions(3_000_000, stages.URL_ROWS_PER_PARTITION, item_bytes=stages.URL_ROW_BYTES)

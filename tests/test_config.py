@@ -26,6 +26,20 @@ def test_defaults_are_the_recipe_values():
     assert cfg.train.train_batch == cfg.train.micro_batch * cfg.train.grad_accum * cfg.train.world_size
 
 
+def test_foreign_languages_default_is_every_latin_script_wordfreq_language():
+    import unicodedata
+
+    import wordfreq
+
+    languages = load_config(None).text_filter.foreign_languages
+    assert len(languages) == 26 and "en" not in languages and {"sv", "cs", "fi", "pl", "it", "de"} <= set(languages)
+    for language, path in wordfreq.available_languages("best").items():  # decided by script, not by scores
+        top = wordfreq.top_n_list(language, 300)
+        letters = [ch for w in top for ch in w if ch.isalpha()]
+        latin = sum(unicodedata.name(ch, "").startswith("LATIN") for ch in letters) / len(letters)
+        assert (language in languages) == (latin > 0.99 and language != "en"), (language, latin)
+
+
 def test_demo_config_loads(repo_root: Path):
     cfg = load_config(repo_root / "configs" / "demo.yaml")
     assert cfg.name == "demo"

@@ -31,6 +31,14 @@ def text_filter(vocab: EnglishVocab) -> TextFilter:
     return TextFilter(TextFilterConfig(), vocab)
 
 
+@pytest.fixture(scope="module")
+def six_filter(vocab: EnglishVocab) -> TextFilter:
+    """The policy with the six foreign_languages of rounds 1-6: the rule tests whose example words
+    collide in one of the 26 ("snail", "and" and "cedric" are common in Filipino or Malay lists,
+    "kexi" is Icelandic) show each rule's mechanics on it."""
+    return TextFilter(replace(TextFilterConfig(), foreign_languages=("it", "fr", "es", "pt", "de", "nl")), vocab)
+
+
 TUNING = tuple(f"tuning-{i}" for i in range(1, 8))  # no fresh part now: fresh-4 is tuning-7
 
 
@@ -212,7 +220,7 @@ def test_foreign_word_evidence(text_filter: TextFilter) -> None:
     english, italian = foreign.zipf("gatto")
     assert italian > 4 > english
     clone = pickle.loads(pickle.dumps(foreign))
-    assert clone._tables is None and clone.zipf("gatto") == (english, italian)
+    assert clone._english is None and clone.zipf("gatto") == (english, italian)
 
 
 def test_mixed_and_unknown_short_captions_go_to_the_short_detector(text_filter: TextFilter) -> None:
@@ -223,7 +231,8 @@ def test_mixed_and_unknown_short_captions_go_to_the_short_detector(text_filter: 
         assert verdict.p_english == text_filter.short_detector.english_probability(caption)
 
 
-def test_a_distinctly_english_word_beside_foreign_ones_is_a_gloss(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+def test_a_distinctly_english_word_beside_foreign_ones_is_a_gloss(six_filter: TextFilter, vocab: EnglishVocab) -> None:
+    text_filter = six_filter
     foreign = text_filter.foreign
     assert foreign.distinctly_english("teapot") and foreign.distinctly_english("snail")
     for word in ("figure", "protection", "france", "teiera", "qwzx"):  # shared, foreign or absent
@@ -240,10 +249,11 @@ def test_a_distinctly_english_word_beside_foreign_ones_is_a_gloss(text_filter: T
     assert _verdict(off, "Teiera teapot").decided_by == "short_detector"
 
 
-def test_a_word_common_in_a_foreign_language_is_no_gloss(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+def test_a_word_common_in_a_foreign_language_is_no_gloss(six_filter: TextFilter, vocab: EnglishVocab) -> None:
     """French "issue" (exit) leads French by 0.6 Zipf but is common there (4.6): no gloss, so a
     French sign title with it goes to the short detector; "and" is common in foreign text too but
     English leads it by far more than the cap asks, so it stays distinctly English."""
+    text_filter = six_filter
     foreign = text_filter.foreign
     english, french = foreign.zipf("issue")
     assert english - french >= 0.5 and french >= text_filter.cfg.gloss_max_foreign_zipf
@@ -275,11 +285,12 @@ def test_a_word_no_list_has_but_a_foreign_language_uses_is_foreign(text_filter: 
     assert verdict.english and verdict.decided_by == "vocab", verdict  # one English word of two: kept
 
 
-def test_two_letter_words_are_english_evidence_only_when_english_leads(text_filter: TextFilter,
+def test_two_letter_words_are_english_evidence_only_when_english_leads(six_filter: TextFilter,
                                                                         vocab: EnglishVocab) -> None:
     """"bw" (black and white) is English-known but German uses it more: an abbreviation, no
     English evidence, so "glace bw" has foreign evidence only; "of" still counts; digits and
     underscores are word breaks, so "glace_06_bw" is the same caption."""
+    text_filter = six_filter
     foreign = text_filter.foreign
     assert vocab.is_english_word("bw") and not foreign.leads("bw") and foreign.leads("of")
     assert caption_words("glace_06_bw") == ["glace", "bw"]
@@ -288,9 +299,10 @@ def test_two_letter_words_are_english_evidence_only_when_english_leads(text_filt
         assert not verdict.english and verdict.decided_by == "vocab" and verdict.foreign == 1, (caption, verdict)
     verdict = _verdict(text_filter, "mug of tea")
     assert verdict.english and verdict.decided_by == "vocab", verdict
-    # switched off (every English-known word counts): English against foreign, the short detector decides
-    off = TextFilter(replace(TextFilterConfig(), english_min_letters=1), vocab)
-    assert _verdict(off, "glace bw").decided_by == "short_detector"
+    # switched off (every English-known word counts): English against foreign, no longer foreign evidence
+    # only: the short detector decides, or "bw" leading French makes it a gloss (_glossed)
+    off = _verdict(TextFilter(replace(TextFilterConfig(), english_min_letters=1), vocab), "glace bw")
+    assert off.english or off.decided_by == "short_detector", off
 
 
 def test_english_known_words_english_never_uses_are_foreign(text_filter: TextFilter, vocab: EnglishVocab) -> None:
@@ -305,11 +317,12 @@ def test_english_known_words_english_never_uses_are_foreign(text_filter: TextFil
     assert off.foreign.evidence("lattine", True) == ENGLISH
 
 
-def test_accentless_spellings_of_foreign_words_are_those_words(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+def test_accentless_spellings_of_foreign_words_are_those_words(six_filter: TextFilter, vocab: EnglishVocab) -> None:
     """French "entrée" written "entree" leans French by the margin: foreign; "telephone" (French
     "téléphone") is no longer distinctly English, so beside a French word it is no gloss; a name
     every language writes ("cedric", French "cédric") gains no foreign evidence; German umlauts
     written as vowel + e ("gruene") are folded too."""
+    text_filter = six_filter
     foreign = text_filter.foreign
     english, plain = foreign.zipf("entree")
     assert foreign.folded_zipf("entree") - english >= text_filter.cfg.foreign_margin > plain - english
@@ -322,7 +335,7 @@ def test_accentless_spellings_of_foreign_words_are_those_words(text_filter: Text
     verdict = _verdict(text_filter, "telephone sauvetage")
     assert not verdict.english and verdict.decided_by == "short_detector", verdict
     clone = pickle.loads(pickle.dumps(foreign))
-    assert clone._folded_max == {} and clone.folded_zipf("entree") == foreign.folded_zipf("entree")
+    assert clone._folded == [] and clone._folded_max == {} and clone.folded_zipf("entree") == foreign.folded_zipf("entree")
     # switched off: words as written, "entree" is English, "telephone" a gloss again
     off = TextFilter(replace(TextFilterConfig(), foreign_fold_accents=False), vocab)
     assert off.foreign.folded_zipf("entree") == off.foreign.zipf("entree")[1]
@@ -331,11 +344,12 @@ def test_accentless_spellings_of_foreign_words_are_those_words(text_filter: Text
     assert _verdict(off, "telephone sauvetage").decided_by == "vocab"
 
 
-def test_words_no_language_uses_are_neutral(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+def test_words_no_language_uses_are_neutral(six_filter: TextFilter, vocab: EnglishVocab) -> None:
     """Made-up names and brands ("Kexi", "Perogies", "joypad", "CFbulb-notlit") are in no list and
     rare in every language: fastText turns them down, the second pass leaves them out and keeps a
     caption of them only; beside foreign words they decide nothing ("Gatto kexi" is Italian); a
     word a foreign language uses, or two German words run together, is not neutral."""
+    text_filter = six_filter
     foreign = text_filter.foreign
     for caption in ("Kexi", "Perogies", "joypad", "CFbulb-notlit"):
         assert text_filter.short_detector.english_probability(caption) < text_filter.cfg.short_detector_min_prob
@@ -373,7 +387,12 @@ def test_an_english_segment_is_a_gloss(text_filter: TextFilter, vocab: EnglishVo
     for caption in ("Bicicletta Cycle", "Tazza di caffe - tazza", "Gatto, black gatto", "Gatto - a", "Pomodori",
                     "Gatto nero - animal"):
         assert not english_segment(caption, vocab, text_filter.foreign, 0.5), caption
+    for caption in ("Tazza di caffe - tazza", "Gatto, black gatto", "Gatto - a", "Pomodori"):
         assert text_filter.check(caption)[1] == NOT_ENGLISH, caption
+    # no segment gloss, but an English word leading the foreign word's language (_glossed, h23): English
+    # ("Bicicletta Cycle" is labelled English in Openclipart; "Gatto nero - animal" is a cost of it)
+    for caption in ("Bicicletta Cycle", "Gatto nero - animal"):
+        assert text_filter.check(caption)[1] is None, caption
     off = TextFilter(replace(TextFilterConfig(), gloss_segments=False), vocab)
     for caption in ("Cani e gatti , Cat and dog", "Lens, lente"):
         assert off.check(caption)[1] == NOT_ENGLISH, caption
@@ -397,7 +416,8 @@ def test_keywords_after_a_foreign_title_are_no_gloss(text_filter: TextFilter, vo
     assert text_filter.check(english)[1] is None, english
 
 
-def test_long_captions_use_word_evidence(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+def test_long_captions_use_word_evidence(six_filter: TextFilter, vocab: EnglishVocab) -> None:
+    text_filter = six_filter
     # no foreign evidence and at least half English words: English, without langdetect
     verdict = _verdict(text_filter, "Kowalski Nowak and the blue kettle")
     assert verdict.english and verdict.decided_by == "vocab" and verdict.p_english is None, verdict
@@ -445,9 +465,11 @@ def test_place_names_are_no_language_evidence(text_filter: TextFilter, vocab: En
     assert verdict.english and verdict.decided_by == "names" and verdict.names == 2, verdict
     verdict = _verdict(text_filter, "France - Provence Alpes Cote d'Azur")
     assert verdict.english and verdict.decided_by == "vocab" and verdict.names == 4, verdict  # alpes, cote, d, azur left out
-    for caption in ("Carte de la France", "Bandiera di Murcia", "Mapa de Extremadura", "Karte von Niue",
+    for caption in ("Bandiera di Murcia", "Mapa de Extremadura", "Karte von Niue",
                     "Una foto della cattedrale di Murcia al tramonto"):
         assert text_filter.check(caption)[1] == NOT_ENGLISH, caption
+    # a cost of _glossed (h23): "france" leads French more than "carte" is French evidence
+    assert text_filter.check("Carte de la France")[1] is None
     assert _verdict(text_filter, "Bandiera di Murcia").names == 1  # judged again without "murcia": still foreign
     foreign = text_filter.foreign
     for caption in ("Piemonte", "Bretagne", "Castilla y León"):
@@ -561,7 +583,8 @@ def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter, voc
     of its verdicts)."""
     labels = load_labels()
     precision, recall, rejected = _policy_scores(text_filter, labels)
-    assert precision >= 0.98 and recall >= 0.982 and rejected >= 0.898, (precision, recall, rejected)
+    # h23 (26 foreign_languages, English country names, _glossed): P 0.985, R 0.981, 360 of 394 dropped
+    assert precision >= 0.98 and recall >= 0.98 and rejected >= 0.912, (precision, recall, rejected)
     round_5 = _policy_scores(TextFilter(replace(TextFilterConfig(), **ROUND_5), vocab), labels)
     assert round_5[1] < recall and round_5[2] < rejected  # what round 6 adds: both
     round_4, round_3, round_2 = (_policy_scores(TextFilter(replace(TextFilterConfig(), **r), vocab), labels)
@@ -653,3 +676,32 @@ def test_place_names_pass_does_not_ask_the_detector_again(text_filter: TextFilte
     without = english_verdict(caption, vocab, text_filter.detector, cfg, foreign=text_filter.foreign,
                               short_detector=text_filter.short_detector)
     assert with_names.p_english == without.p_english
+
+
+def test_languages_beyond_the_six_are_foreign_evidence(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+    # rounds 1-6 knew it fr es pt de nl only: these were neutral words, so English
+    six = TextFilter(replace(TextFilterConfig(), foreign_languages=("it", "fr", "es", "pt", "de", "nl")), vocab)
+    for caption in ("tandborste", "gravid kvinna", "blyertspenna", "hammasharja"):
+        assert six.check(caption)[1] is None, caption
+        assert text_filter.check(caption)[1] == NOT_ENGLISH, caption
+    for caption in ("toothbrush", "pregnant woman", "pencil", "a red apple on a table"):
+        assert text_filter.check(caption)[1] is None, caption
+
+
+def test_english_country_names_never_read_foreign(text_filter: TextFilter) -> None:
+    # Romanian, Finnish, Catalan use these far more than English, but they are English's names
+    for caption in ("Moldova", "Oman", "Andorra", "Palau", "flag of Moldova"):
+        assert text_filter.check(caption)[1] is None, caption
+    foreign = text_filter.foreign
+    assert text_filter.names.reads_foreign(["piemonte"], foreign) and not text_filter.names.reads_foreign(["moldova"], foreign)
+
+
+def test_a_gloss_leads_in_the_languages_of_the_foreign_words(text_filter: TextFilter) -> None:
+    foreign = text_filter.foreign
+    # "cat" is not distinctly English among 26 languages (Romanian "cât" folds to it), but it leads Italian
+    assert not foreign.distinctly_english("cat")
+    italian = foreign.home_languages("gatto")
+    assert italian == {foreign.languages.index("it")} and foreign.leads_in("cat", italian)
+    for caption in ("Gatto Cat", "Valigie bags", "heart-ballons"):
+        assert text_filter.check(caption)[1] is None, caption
+    assert foreign.home_languages("qwzxq") == frozenset() and foreign.language_zipfs("gatto")[foreign.languages.index("it")] > 4

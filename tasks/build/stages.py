@@ -190,10 +190,14 @@ URL_ROWS_PER_PARTITION = 2_000_000  # a reduce holds at most this many URLs, few
 URL_ROW_BYTES = 512
 
 
-def shuffle_partitions(items: int, per_partition: int, item_bytes: int | None = None,
+def shuffle_partitions(items: int, per_partition: int, *, item_bytes: int | None = None,
                        task_memory_mb: int | None = None) -> int:
     """Partitions of a global shuffle: at most ``per_partition`` items each and, given their size,
-    no more than ``task_memory_mb`` of them in one reduce (``item_bytes`` each), 1 to 1024."""
+    no more than ``task_memory_mb`` of them in one reduce (``item_bytes`` each), 1 to 1024.
+    ``item_bytes`` and ``task_memory_mb`` are one budget: both or neither."""
+    if (item_bytes is None) != (task_memory_mb is None):
+        raise ValueError(f"shuffle_partitions: item_bytes ({item_bytes}) and task_memory_mb ({task_memory_mb}) "
+                         "go together: give both or neither")
     per = per_partition if item_bytes is None else max(1, min(per_partition, task_memory_mb * 2**20 // item_bytes))
     return max(1, min(1024, -(-items // per)))
 
@@ -282,7 +286,8 @@ def url_duplicates(filtered: FilterStage, *, task_memory_mb: int = 1024, use_ray
     resumable, the same for any number of workers, each reduce within ``task_memory_mb``. Each URL
     is then fetched once, for the row of smallest sample_id."""
     rows = sum(r.rows for r in filtered.records)
-    partitions = shuffle_partitions(rows, URL_ROWS_PER_PARTITION, URL_ROW_BYTES, task_memory_mb)
+    partitions = shuffle_partitions(rows, URL_ROWS_PER_PARTITION, item_bytes=URL_ROW_BYTES,
+                                    task_memory_mb=task_memory_mb)
     scratch = filtered.work.store.child(WorkDir.url_scratch(partitions))
     keys = shuffle(_url_pieces, _url_duplicates, list(filtered.records), num_partitions=partitions,
                    scratch=scratch, context=_UrlContext(filtered.work, partitions), desc="dedupe URLs", use_ray=use_ray)
@@ -400,8 +405,8 @@ def _cap_thresholds(filtered: FilterStage, counts: np.ndarray, balance: BalanceC
         if not len(queries):
             return thresholds
         pairs = int(sample.sizes(counts[queries]).sum())
-        partitions = min(len(queries), shuffle_partitions(pairs, CAP_PAIRS_PER_PARTITION, CAP_PAIR_BYTES,
-                                                          task_memory_mb))
+        partitions = min(len(queries), shuffle_partitions(pairs, CAP_PAIRS_PER_PARTITION, item_bytes=CAP_PAIR_BYTES,
+                                                          task_memory_mb=task_memory_mb))
         # Pieces are named by what makes them: the settings, the counts (which queries are over the cap), the round.
         name = fingerprint(to_dict(balance), partitions, hashlib.sha256(counts.tobytes()).hexdigest(),
                            drops.total if drops else 0, to_dict(sample), hashlib.sha256(queries.tobytes()).hexdigest())
@@ -949,8 +954,9 @@ def caption_report(*, dataset_root: str, filtered: FilterStage, captions: Captio
         after += np.asarray(hist, np.int64)
     out.write_parquet("reports/caption_lengths.parquet", pa.table({
         "words": pa.array(range(MAX_WORDS_BUCKET + 1), pa.int32()), "as_read": pa.array(before), "output": pa.array(after)}))
-    out.write_bytes("reports/caption_lengths.png", render_caption_lengths(before.tolist(), after.tolist()))
-    publish_image("caption-lengths", out.read_bytes("reports/caption_lengths.png"),
+    png = render_caption_lengths(before.tolist(), after.tolist())
+    out.write_bytes("reports/caption_lengths.png", png)
+    publish_image("caption-lengths", png,
                   "words per caption: as read (first caption field) and in the output")
     uris = {"lengths": out.uri("reports/caption_lengths.png")}
     if captions is None:

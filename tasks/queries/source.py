@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from infra.storage import file_sha256
 
 
 @dataclass
@@ -19,15 +20,6 @@ class SourceResult:
     report: dict[str, Any] = field(default_factory=dict)
     inputs: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-
-def file_sha256(path: str | os.PathLike, chunk_bytes: int = 8 << 20) -> str:
-    """sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def input_record(path: str | os.PathLike) -> dict:

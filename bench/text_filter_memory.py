@@ -1,0 +1,41 @@
+"""Peak RSS of a process that builds the English filter (``TextFilter(TextFilterConfig())``) and
+checks a few captions, so every word list, table and model it needs is loaded: what one worker holds.
+
+    .venv/bin/python bench/text_filter_memory.py [--languages it fr es pt de nl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--languages", nargs="*", help="foreign_languages instead of the default")
+    args = ap.parse_args()
+    from infra.config import TextFilterConfig
+    from tasks.text_filter import TextFilter
+
+    cfg = TextFilterConfig()
+    if args.languages is not None:
+        cfg = replace(cfg, foreign_languages=tuple(args.languages))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    tf = TextFilter(cfg)
+    for caption in ("a red apple", "tandborste", "Cani e gatti, Cat and dog", "ampelmaennchen", "Extremadura"):
+        tf.check(caption)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"text_filter_memory: {len(cfg.foreign_languages)} foreign_languages ({' '.join(cfg.foreign_languages)}): "
+          f"peak RSS {peak / 1024:,.0f} MiB (ru_maxrss; {before / 1024:,.0f} MiB after imports); "
+          f"built in {time.perf_counter() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Unicode CLDR emoji names in many languages as a labelled set of short captions (English or not).
+
+A check of the English filter on data it was never tuned on (bench/language_id.py ``--cldr``):
+CLDR's annotations (npm ``cldr-annotations-full``, ``cldr-annotations-derived-full``; Unicode
+License v3, :data:`infra.emoji.CLDR_LICENCE`) give each emoji and symbol a short name (``tts``) and
+keywords in ~170 locales, translated by people, one to five words: the length of the captions the
+filter finds hardest.
+
+* Two disjoint parts (:data:`PARTS`): ``cldr-tune`` (draw 1, the set h22 scored once; tuned on since)
+  and ``cldr-fresh`` (draw 2, scored once with the final policy; never tuned on).
+* English: the distinct ``tts`` names of the ``en`` locale (``english_tts``), and, reported apart,
+  its distinct keywords (``english_keyword``), split in two halves by a hash of the emoji key
+  (:func:`english_half`; a string on several emoji, as name or keyword, goes with its first key):
+  one half per part, no English string in both.
+* Other languages: :data:`PER_LOCALE` emoji drawn per locale of :data:`LOCALES` (Latin-script, no
+  English variant) with ``random.Random(f"{seed}:{locale}")`` over the sorted emoji keys of the
+  base annotations (draw 1), and for ``cldr-fresh`` with ``random.Random(f"{seed + 1}:{locale}")``
+  over the sorted keys draw 1 did not pick (draw 2); their ``tts`` names. Dropped, and counted per locale and reason: a name that
+  is English too (:data:`AMBIGUOUS`: case-folded and stripped of punctuation, it equals an English
+  ``tts`` name or keyword of ``en`` or an ``en-*`` variant, base or derived: "pizza", "taxi", or
+  CLDR's untranslated English), a name with a non-Latin letter (:data:`NON_LATIN`), a name the
+  locale already gave a drawn emoji (:data:`REPEATED`; in ``cldr-fresh``, an emoji of draw 1 too).
+
+Names come from the base annotations only: the derived ones are templated sequences ("boy: medium
+skin tone", "flag: France") that would repeat one pattern hundreds of times.
+
+    python -m infra.cldr_names [--part cldr-tune|cldr-fresh]   # the sizes, per locale kept and dropped
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from infra.emoji import CLDR_LICENCE, CLDR_PACKAGES, NPM_ROOT, EmojiError, _package_dir, package_version
+
+# Latin-script locales of the package, none an English variant; "no" is Norwegian Bokmål's
+# (CLDR has no "nb" annotations), "fil" Filipino (Tagalog).
+LOCALES = ("fr", "de", "es", "it", "pt", "nl", "sv", "da", "no", "fi", "pl", "cs", "sk", "hu", "ro", "hr",
+           "sl", "tr", "id", "vi", "ca", "et", "lv", "lt", "ga", "cy", "eu", "gl", "ms", "fil")
+PER_LOCALE = 60
+SEED = 0
+ENGLISH = "en"
+AMBIGUOUS, NON_LATIN, REPEATED = "ambiguous", "non_latin", "repeated"
+DROP_REASONS = (AMBIGUOUS, NON_LATIN, REPEATED)
+ENGLISH_TTS, ENGLISH_KEYWORD = "english_tts", "english_keyword"
+TUNE, FRESH = "cldr-tune", "cldr-fresh"
+PARTS = (TUNE, FRESH)
+
+
+@dataclass(frozen=True)
+class NamedCaption:
+    text: str
+    english: bool
+    locale: str  # "en" for the English ones
+    kind: str  # ENGLISH_TTS, ENGLISH_KEYWORD or "tts" (another language's name)
+
+
+@dataclass(frozen=True)
+class LanguageSet:
+    """The captions, and per locale how many drawn names were kept and dropped (by reason)."""
+
+    captions: tuple[NamedCaption, ...]
+    drawn: dict[str, int]  # per locale; for English, per kind (ENGLISH_TTS, ENGLISH_KEYWORD): distinct strings
+    dropped: dict[str, Counter]  # the same keys
+    per_locale: int
+    seed: int
+    version: str
+    part: str | None = None  # TUNE, FRESH, or None: draw 1 with every English name (the set h22 scored)
+
+    def of_kind(self, *kinds: str) -> list[NamedCaption]:
+        return [c for c in self.captions if c.kind in kinds]
+
+    def kept(self, key: str) -> int:
+        """How many captions of a locale (or of an English kind) are in the set."""
+        return sum(c.kind == key if c.locale == ENGLISH else c.locale == key for c in self.captions)
+
+
+def _annotations(npm_root: Path, package: str, top: str, locale: str, required: bool) -> dict[str, dict]:
+    path = _package_dir(npm_root, package) / top / locale / "annotations.json"
+    if not path.is_file() and not required:
+        return {}  # a variant locale need not have derived names (en-GB has none)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))[top]["annotations"]
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise EmojiError(f"{path}: unreadable CLDR annotations ({type(e).__name__}: {e})") from None
+
+
+def folded(text: str) -> str:
+    """Case-folded, punctuation (and symbols) as spaces, whitespace collapsed: the form the
+    ambiguity check compares ("T-Shirt" and "t shirt" are one)."""
+    chars = (" " if unicodedata.category(ch)[0] in "PSZ" else ch for ch in text.casefold())
+    return " ".join("".join(chars).split())
+
+
+def has_non_latin_letter(text: str) -> bool:
+    return any(ch.isalpha() and not unicodedata.name(ch, "").startswith("LATIN") for ch in text)
+
+
+def _english_locales(npm_root: Path) -> list[str]:
+    base = _package_dir(npm_root, CLDR_PACKAGES[0]) / "annotations"
+    return sorted(p.name for p in base.iterdir() if p.name == ENGLISH or p.name.startswith(ENGLISH + "-"))
+
+
+def english_strings(npm_root: Path) -> frozenset[str]:
+    """Every ``tts`` name and keyword of ``en`` and its variants, base and derived, :func:`folded`."""
+    out: set[str] = set()
+    for locale in _english_locales(npm_root):
+        for package, top in zip(CLDR_PACKAGES, ("annotations", "annotationsDerived")):
+            for entry in _annotations(npm_root, package, top, locale, required=locale == ENGLISH).values():
+                out.update(folded(s) for s in (*entry.get("tts", ()), *entry.get("default", ())))
+    out.discard("")
+    return frozenset(out)
+
+
+def english_half(key: str) -> str:
+    """The part (TUNE or FRESH) an English emoji's names belong to: the low bit of its key's SHA-256."""
+    return PARTS[hashlib.sha256(key.encode("utf-8")).digest()[0] & 1]
+
+
+def _english_names(english: dict[str, dict], field: str, first_only: bool, part: str | None) -> set[str]:
+    """The distinct names of ``field`` ("tts": the first only; "default": keywords) in ``part`` (None:
+    all). A string goes with the first emoji key (sorted) that has it as a name or a keyword, so the
+    parts share no English string."""
+    first: dict[str, str] = {}
+    for key in sorted(english):
+        for s in (*english[key].get("tts", ())[:1], *english[key].get("default", ())):
+            first.setdefault(s, key)
+    names = {s for e in english.values() for s in (e.get(field, ())[:1] if first_only else e.get(field, ()))}
+    return {s for s in names if part is None or english_half(first[s]) == part}
+
+
+def build_language_set(npm_root: Path = NPM_ROOT, locales: Iterable[str] = LOCALES, per_locale: int = PER_LOCALE,
+                       seed: int = SEED, part: str | None = TUNE) -> LanguageSet:
+    """The labelled captions of ``part`` (TUNE, FRESH; None: draw 1 with every English name, the
+    set h22 scored); deterministic: a function of the package files and the arguments."""
+    if part is not None and part not in PARTS:
+        raise ValueError(f"part {part!r}: one of {PARTS} or None")
+    locales = tuple(locales)
+    if ENGLISH in locales or any(loc.startswith(ENGLISH + "-") for loc in locales):
+        raise ValueError(f"{locales}: other-language locales must not be English or a variant of it")
+    base_pkg = CLDR_PACKAGES[0]
+    english = _annotations(npm_root, base_pkg, "annotations", ENGLISH, required=True)
+    captions: list[NamedCaption] = []
+    drawn: dict[str, int] = {}
+    dropped: dict[str, Counter] = {}
+    for kind, strings in ((ENGLISH_TTS, _english_names(english, "tts", True, part)),
+                          (ENGLISH_KEYWORD, _english_names(english, "default", False, part))):
+        drawn[kind], dropped[kind] = len(strings), Counter()
+        for s in sorted(strings):
+            if has_non_latin_letter(s):
+                dropped[kind][NON_LATIN] += 1
+            else:
+                captions.append(NamedCaption(s, True, ENGLISH, kind))
+    ambiguous = english_strings(npm_root)
+    for locale in locales:
+        table = _annotations(npm_root, base_pkg, "annotations", locale, required=True)
+        keys = sorted(k for k, e in table.items() if e.get("tts"))
+        picked = random.Random(f"{seed}:{locale}").sample(keys, min(per_locale, len(keys)))
+        seen: set[str] = set()
+        if part == FRESH:  # draw 2: over the keys draw 1 did not pick; draw 1's names count as repeated
+            taken = set(picked)
+            seen = {table[k]["tts"][0] for k in picked}
+            rest = [k for k in keys if k not in taken]
+            picked = random.Random(f"{seed + 1}:{locale}").sample(rest, min(per_locale, len(rest)))
+        drawn[locale], dropped[locale] = len(picked), Counter()
+        for key in picked:
+            name = table[key]["tts"][0]
+            reason = (NON_LATIN if has_non_latin_letter(name) else AMBIGUOUS if folded(name) in ambiguous
+                      else REPEATED if name in seen else None)
+            seen.add(name)
+            if reason:
+                dropped[locale][reason] += 1
+            else:
+                captions.append(NamedCaption(name, False, locale, "tts"))
+    return LanguageSet(tuple(captions), drawn, dropped, per_locale, seed, package_version(npm_root, base_pkg), part)
+
+
+def sizes_report(data: LanguageSet) -> list[str]:
+    """The set's sizes as lines: English names and keywords, then per locale drawn, kept, dropped."""
+    others = [k for k in data.drawn if k not in (ENGLISH_TTS, ENGLISH_KEYWORD)]
+    which = {None: "draw 1, every English name", TUNE: f"{TUNE}: draw 1, English half {TUNE}",
+             FRESH: f"{FRESH}: draw 2 (seed {data.seed + 1}, keys draw 1 did not pick), English half {FRESH}"}
+    lines = [f"CLDR annotations {data.version} ({CLDR_LICENCE}); {which[data.part]}; English: en; other languages: "
+             f"{len(others)} locales, {data.per_locale} emoji drawn per locale (seed {data.seed})",
+             "| names | drawn | kept | " + " | ".join(DROP_REASONS) + " |",
+             "|---|---:|---:|" + "---:|" * len(DROP_REASONS)]
+    total: Counter = Counter()
+    for key, n in data.drawn.items():
+        lines.append(f"| {key} | {n} | {data.kept(key)} | "
+                     + " | ".join(str(data.dropped[key][r]) for r in DROP_REASONS) + " |")
+        if key in others:
+            total.update(data.dropped[key])
+    lines.append(f"| other languages | {sum(data.drawn[k] for k in others)} | {len(data.of_kind('tts'))} | "
+                 + " | ".join(str(total[r]) for r in DROP_REASONS) + " |")
+    return lines
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infra.cldr_names", description=__doc__.split("\n")[0])
+    parser.add_argument("--npm-root", type=Path, default=NPM_ROOT, help="node_modules folder (default: %(default)s)")
+    parser.add_argument("--part", choices=PARTS, default=TUNE, help="which part (default: %(default)s)")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        data = build_language_set(args.npm_root, part=args.part)
+    except EmojiError as e:
+        parser.exit(1, f"{e}\n")
+    print("\n".join(sizes_report(data)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

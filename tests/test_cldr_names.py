@@ -1,0 +1,132 @@
+"""The CLDR emoji-name language set (infra/cldr_names.py): deterministic, drops English-equal,
+non-Latin and repeated names, fails in one line without its npm packages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from infra import cldr_names
+from infra.emoji import CLDR_PACKAGES, NPM_ROOT, EmojiError
+
+FR = {  # emoji key -> tts name
+    "\U0001F355": "Pizza!",  # English too ("pizza"): ambiguous
+    "\U0001F431": "chat",  # "chat" is an English *keyword* of the fake en: ambiguous
+    "\U0001F436": "chien",
+    "\U0001F98A": "renard",
+    "\U0001F41F": "poisson",
+    "\U0001F426": "oiseau",
+    "\U0001F40E": "cheval",
+    "\U0001F410": "chèvre",
+    "\U0001F3B2": "dé à jouer",
+    "\u03A9": "oméga Ω",  # a Greek letter: non-Latin
+    "\U0001F40F": "chèvre",  # the locale's name of another emoji: repeated
+    "\U0001F697": "T-Shirt",  # equals en-GB's keyword "t shirt" once folded: ambiguous
+}
+DE = {"\U0001F355": "Pizza", "\U0001F436": "Hund", "\U0001F431": "Katze"}
+
+
+def _write(nm: Path, package: str, top: str, locale: str, table: dict[str, dict]) -> None:
+    path = nm / package / top / locale / "annotations.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (nm / package / "package.json").write_text(json.dumps({"name": package, "version": "48.2.0",
+                                                           "license": "Unicode-3.0"}))
+    path.write_text(json.dumps({top: {"identity": {"language": locale}, "annotations": table}}))
+
+
+def fake_cldr(root: Path) -> Path:
+    nm = root / "node_modules"
+    base, derived = zip(CLDR_PACKAGES, ("annotations", "annotationsDerived"))
+    english = {"\U0001F355": {"tts": ["pizza"], "default": ["pizza", "slice"]},
+               "\U0001F431": {"tts": ["cat face"], "default": ["cat", "chat", "face"]},
+               "\U0001F436": {"tts": ["dog face"], "default": ["dog", "face"]},
+               "\u03A9": {"tts": ["omega"], "default": ["Ω", "omega"]}}
+    _write(nm, *base, "en", english)
+    _write(nm, *base, "en-GB", {"\U0001F697": {"default": ["t shirt"]}})  # a variant: keywords only
+    _write(nm, *derived, "en", {"\U0001F44B\U0001F3FB": {"tts": ["waving hand: light skin tone"],
+                                                          "default": ["hand", "wave"]}})
+    _write(nm, *base, "fr", {k: {"tts": [v], "default": [v]} for k, v in FR.items()})
+    _write(nm, *base, "de", {k: {"tts": [v], "default": [v]} for k, v in DE.items()})
+    return nm
+
+
+def test_builder_is_deterministic_and_labels_english_and_other(tmp_path: Path) -> None:
+    nm = fake_cldr(tmp_path)
+    a = cldr_names.build_language_set(nm, ("fr", "de"), per_locale=20, seed=3, part=None)
+    assert a == cldr_names.build_language_set(nm, ("fr", "de"), per_locale=20, seed=3, part=None)
+    english = a.of_kind(cldr_names.ENGLISH_TTS)
+    assert [c.text for c in english] == ["cat face", "dog face", "omega", "pizza"] and all(c.english for c in english)
+    # keywords apart; "Ω" has a non-Latin letter
+    assert [c.text for c in a.of_kind(cldr_names.ENGLISH_KEYWORD)] == ["cat", "chat", "dog", "face", "omega",
+                                                                       "pizza", "slice"]
+    assert a.dropped[cldr_names.ENGLISH_KEYWORD] == {cldr_names.NON_LATIN: 1}
+    other = a.of_kind("tts")
+    assert not any(c.english for c in other) and {c.locale for c in other} == {"fr", "de"}
+    # a smaller draw is seeded per locale over the sorted keys: the same for the same seed
+    small = [c.text for c in cldr_names.build_language_set(nm, ("fr",), per_locale=5, seed=3).of_kind("tts")]
+    assert small == [c.text for c in cldr_names.build_language_set(nm, ("fr",), per_locale=5, seed=3).of_kind("tts")]
+    assert len(small) <= 5
+
+
+def test_builder_drops_english_equal_non_latin_and_repeated_names(tmp_path: Path) -> None:
+    data = cldr_names.build_language_set(fake_cldr(tmp_path), ("fr", "de"), per_locale=20, part=None)
+    fr = sorted(c.text for c in data.captions if c.locale == "fr")
+    assert fr == sorted(["chien", "renard", "poisson", "oiseau", "cheval", "chèvre", "dé à jouer"])
+    assert data.drawn["fr"] == len(FR) and data.kept("fr") == 7
+    assert data.dropped["fr"] == {cldr_names.AMBIGUOUS: 3, cldr_names.NON_LATIN: 1, cldr_names.REPEATED: 1}
+    assert data.dropped["de"] == {cldr_names.AMBIGUOUS: 1}  # "Pizza"
+    lines = cldr_names.sizes_report(data)
+    assert "| fr | 12 | 7 | 3 | 1 | 1 |" in lines and lines[-1] == "| other languages | 15 | 9 | 4 | 1 | 1 |"
+    with pytest.raises(ValueError, match="English"):
+        cldr_names.build_language_set(fake_cldr(tmp_path / "b"), ("fr", "en-GB"))
+
+
+def test_tune_and_fresh_parts_are_disjoint_and_split_english_by_emoji(tmp_path: Path) -> None:
+    nm = fake_cldr(tmp_path)
+    everything = cldr_names.build_language_set(nm, ("fr", "de"), per_locale=20, part=None)
+    tune = cldr_names.build_language_set(nm, ("fr", "de"), per_locale=5)
+    assert tune.part == cldr_names.TUNE
+    fresh = cldr_names.build_language_set(nm, ("fr", "de"), per_locale=5, part=cldr_names.FRESH)
+    for kind in (cldr_names.ENGLISH_TTS, cldr_names.ENGLISH_KEYWORD):  # the halves partition English
+        a, b = {c.text for c in tune.of_kind(kind)}, {c.text for c in fresh.of_kind(kind)}
+        assert not a & b and a | b == {c.text for c in everything.of_kind(kind)}
+    assert {c.text for c in tune.of_kind("tts")} == {c.text for c in cldr_names.build_language_set(
+        nm, ("fr", "de"), per_locale=5, part=None).of_kind("tts")}  # draw 1 is the tuning part's
+    assert not {(c.locale, c.text) for c in tune.of_kind("tts")} & {(c.locale, c.text) for c in fresh.of_kind("tts")}
+    assert fresh.drawn["fr"] == 5 and fresh.drawn["de"] == 0  # de has 3 emoji, all drawn in draw 1
+    assert {cldr_names.english_half(k) for k in ("a", "b", "c", "d", "e", "f")} == set(cldr_names.PARTS)
+    with pytest.raises(ValueError, match="part"):
+        cldr_names.build_language_set(nm, ("fr",), part="fresh")
+
+
+def test_missing_package_fails_in_one_line_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(EmojiError, match=f"npm package {CLDR_PACKAGES[0]} not found under .*nowhere") as e:
+        cldr_names.build_language_set(tmp_path / "nowhere")
+    assert "\n" not in str(e.value)
+    nm = fake_cldr(tmp_path)
+    (nm / CLDR_PACKAGES[0] / "annotations" / "fr" / "annotations.json").unlink()
+    with pytest.raises(EmojiError, match=r"fr/annotations\.json: unreadable"):
+        cldr_names.build_language_set(nm, ("fr",))
+    with pytest.raises(SystemExit) as exit_:
+        cldr_names.main(["--npm-root", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.count("\n") == 1 and "nowhere" in err
+
+
+@pytest.mark.skipif(not all((NPM_ROOT / p / "package.json").is_file() for p in CLDR_PACKAGES),
+                    reason="npm cldr-annotations-full / cldr-annotations-derived-full not in .venv/npm "
+                           "(infra/setup.sh installs them)")
+def test_real_packages_licence_and_a_full_draw() -> None:
+    for package in CLDR_PACKAGES:
+        assert json.loads((NPM_ROOT / package / "package.json").read_text())["license"] == "Unicode-3.0"
+    data = cldr_names.build_language_set()
+    fresh = cldr_names.build_language_set(part=cldr_names.FRESH)
+    assert all(fresh.drawn[loc] == cldr_names.PER_LOCALE for loc in cldr_names.LOCALES)
+    assert not {(c.locale, c.text) for c in data.captions} & {(c.locale, c.text) for c in fresh.captions}
+    assert set(data.drawn) == {cldr_names.ENGLISH_TTS, cldr_names.ENGLISH_KEYWORD, *cldr_names.LOCALES}
+    assert all(data.drawn[loc] == cldr_names.PER_LOCALE for loc in cldr_names.LOCALES)
+    english = cldr_names.english_strings(NPM_ROOT)
+    assert not any(cldr_names.folded(c.text) in english for c in data.of_kind("tts"))
+    assert data == cldr_names.build_language_set()
