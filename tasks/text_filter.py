@@ -457,29 +457,18 @@ class ForeignWords:
         self.lead_max_foreign_zipf, self.unknown_min_zipf = lead_max_foreign_zipf, unknown_min_zipf
         self.english_min_letters = english_min_letters
         self.fold_accents, self.neutral_max_zipf = fold_accents, neutral_max_zipf
-        self._english: dict[str, float] | None = None  # loaded once (``_load``)
-        self._tables: list[dict[str, float]] = []  # per language: word -> frequency
-        self._folded: list[dict[str, float]] = []  # per language: accentless spelling -> frequency
-        self._common: list[dict[str, float]] = []  # per language, for compound: both, only >= min_zipf
-        # the highest frequency over the languages of each word, and of each accentless spelling: two
-        # lookups per word instead of 52 (the per-language tables are read for mixed captions only)
-        self._foreign_max: dict[str, float] = {}
-        self._folded_max: dict[str, float] = {}
+        self._freq: _FrequencyTables | None = None  # the process's shared tables (``_load``)
         self._cache: dict[str, tuple[float, float, float]] = {}  # word -> _zipfs (captions repeat words)
         self._language_cache: dict[str, tuple[float, ...]] = {}  # word -> language_zipfs
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_english": None, "_tables": [], "_folded": [], "_common": [], "_foreign_max": {},
-                "_folded_max": {}, "_cache": {}, "_language_cache": {}}
+        return {**self.__dict__, "_freq": None, "_cache": {}, "_language_cache": {}}
 
-    def _load(self) -> dict[str, float]:
-        """English's frequencies (the languages' tables are filled on the way, shared in the process)."""
-        if self._english is None:
-            tables = _frequency_tables(self.languages, self.min_zipf, self.fold_accents)
-            self._tables, self._folded, self._common = tables.tables, tables.folded, tables.common
-            self._foreign_max, self._folded_max = tables.foreign_max, tables.folded_max
-            self._english = tables.english
-        return self._english
+    def _load(self) -> _FrequencyTables:
+        """The frequency tables, built once per process and shared (:func:`_frequency_tables`)."""
+        if self._freq is None:
+            self._freq = _frequency_tables(self.languages, self.min_zipf, self.fold_accents)
+        return self._freq
 
     def zipf(self, word: str) -> tuple[float, float]:
         """(Zipf frequency in English, highest Zipf frequency in ``languages``); 0 where absent."""
@@ -494,9 +483,10 @@ class ForeignWords:
         """(``zipf``'s two, ``folded_zipf``), cached per instance."""
         hit = self._cache.get(word)
         if hit is None:
-            english = self._load().get(word, 0.0)
-            foreign = self._foreign_max.get(word, 0.0)
-            folded = self._folded_max.get(word, 0.0)
+            freq = self._load()
+            english = freq.english.get(word, 0.0)
+            foreign = freq.foreign_max.get(word, 0.0)
+            folded = freq.folded_max.get(word, 0.0)
             hit = _zipf(english), _zipf(foreign), _zipf(max(foreign, folded))
             if len(self._cache) > 1_000_000:  # bound the memory of a long-lived worker
                 self._cache.clear()
@@ -508,9 +498,9 @@ class ForeignWords:
         with ``fold_accents``), cached per instance."""
         hit = self._language_cache.get(word)
         if hit is None:
-            self._load()
-            folded = self._folded or [{}] * len(self._tables)
-            hit = tuple(_zipf(max(t.get(word, 0.0), f.get(word, 0.0))) for t, f in zip(self._tables, folded))
+            freq = self._load()
+            folded = freq.folded or [{}] * len(freq.tables)
+            hit = tuple(_zipf(max(t.get(word, 0.0), f.get(word, 0.0))) for t, f in zip(freq.tables, folded))
             if len(self._language_cache) > 1_000_000:
                 self._language_cache.clear()
             self._language_cache[word] = hit
@@ -538,12 +528,13 @@ class ForeignWords:
     def compound(self, word: str) -> bool:
         """``word`` is two words of one of the languages, each at least ``min_zipf`` there and
         ``margin`` above English ("ampelfrau", "ampelmaennchen": German compounds no list has)."""
-        english = self._load()
+        freq = self._load()
+        english = freq.english
         for i in range(3, len(word) - 2):
             head, tail = word[:i], word[i:]
             head_needs = max(self.min_zipf, _zipf(english.get(head, 0.0)) + self.margin)
             tail_needs: float | None = None  # looked up only when a head passes (most do not)
-            for common in self._common:  # only words >= min_zipf: what a part needs anyway
+            for common in freq.common:  # only words >= min_zipf: what a part needs anyway
                 if _zipf(common.get(head, 0.0)) < head_needs:
                     continue
                 if tail_needs is None:
