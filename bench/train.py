@@ -52,7 +52,8 @@ def make_batches(model_name: str, micro_batch: int, count: int, work: Path) -> l
                                                 micro_batch * count), rows_per_shard=256)
     config = load_model_config(model_name)
     stream = ShardStream(load_manifest(str(manifest)), rank=0, world_size=1, micro_batch=micro_batch,
-                         image_size=config.image_size, shuffle_buffer=256)
+                         image_size=config.image_size, context_length=config.context_length,
+                         shuffle_buffer=256)
     return list(itertools.islice(iter(stream), count))
 
 
