@@ -28,6 +28,7 @@ import pyarrow as pa  # noqa: E402
 
 from tests.trainer_fixtures import sample_pairs, write_dataset  # noqa: E402
 from trainer.data import ShardStream, load_manifest, online_balance  # noqa: E402
+from trainer.tokenizer import CONTEXT_LENGTH  # noqa: E402
 
 T = 100
 
@@ -41,7 +42,8 @@ def _dataset(rows: int, work: Path):
 
 
 def _rows_per_s(source, balance, batches: int) -> float:
-    stream = ShardStream(source, rank=0, world_size=1, micro_batch=64, image_size=64, shuffle_buffer=256,
+    stream = ShardStream(source, rank=0, world_size=1, micro_batch=64, image_size=64,
+                         context_length=CONTEXT_LENGTH, shuffle_buffer=256,
                          balance=balance)
     started = time.perf_counter()
     rows = sum(len(b["rows"]) for b in itertools.islice(iter(stream), batches))

@@ -6,6 +6,7 @@ import io
 import itertools
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +20,7 @@ from infra.storage import ObjectStore
 from tests.trainer_fixtures import sample_pairs, write_dataset
 from trainer.data import (CLIP_MEAN, CLIP_STD, ShardStream, StreamState, advance_position, decode_image, image_transform,
                           initial_position, load_manifest, make_loader, skipped_total)
-from trainer.tokenizer import tokenize
+from trainer.tokenizer import CONTEXT_LENGTH, tokenize
 
 ROWS = 96
 
@@ -41,7 +42,8 @@ def _png(image: Image.Image) -> bytes:
 
 
 def _stream(source, **kwargs) -> ShardStream:
-    args = dict(rank=0, world_size=1, micro_batch=8, image_size=32, shuffle_buffer=16, seed=0)
+    args = dict(rank=0, world_size=1, micro_batch=8, image_size=32, context_length=CONTEXT_LENGTH, shuffle_buffer=16,
+                seed=0)
     return ShardStream(source, **{**args, **kwargs})
 
 
@@ -283,3 +285,29 @@ def test_caption_sampling_draws_subsets_of_the_parts_per_epoch(dataset):
     assert a == ds._sample(3, 0, _png(Image.new("RGB", (8, 8))), caption)[1]
     epochs = {ds._sample(3, e, _png(Image.new("RGB", (8, 8))), caption)[1] for e in range(20)}
     assert len(epochs) > 5 and all(set(c.split(", ")) <= parts for c in epochs)
+
+
+def test_stream_tokenizes_to_the_context_length_it_is_given(dataset):
+    """The model fixes the context length (``zeroshot-rn``: 24, not the tokenizer's 77); ShardStream has no
+    default for it, so no caller can feed a 24-token model 77-token batches by leaving it out."""
+    short = next(iter(_stream(dataset, context_length=24)))
+    assert short["tokens"].shape == (8, 24)
+    full = next(iter(_stream(dataset)))
+    assert torch.equal(short["tokens"][:, :23], full["tokens"][:, :23])
+    with pytest.raises(TypeError, match="context_length"):
+        ShardStream(dataset, rank=0, world_size=1, micro_batch=8, image_size=32)
+
+
+def test_train_bench_batches_fit_the_benched_model(tmp_path):
+    """bench/train.py's replayed batches carry the model's context length (it once took 77 for every model)."""
+    import importlib.util
+
+    from trainer.model import load_model_config
+
+    spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).resolve().parent.parent / "bench" / "train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    batches = bench.make_batches("zeroshot-rn", micro_batch=4, count=1, work=tmp_path / "batches")
+    config = load_model_config("zeroshot-rn")
+    assert batches[0]["tokens"].shape == (4, config.context_length) and config.context_length != 77
+    assert batches[0]["images"].shape[-1] == config.image_size

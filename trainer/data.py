@@ -35,7 +35,7 @@ from infra.imaging import decode_rgb, to_rgb
 from infra.log import get_logger, log_event
 from infra.manifest import manifest_location, read_manifest
 from infra.storage import ObjectStore
-from trainer.tokenizer import CONTEXT_LENGTH, tokenize
+from trainer.tokenizer import tokenize
 
 log = get_logger("witflow.trainer.data")
 
@@ -297,7 +297,7 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, source: DatasetSource, *, rank: int, world_size: int, micro_batch: int, image_size: int,
-                 context_length: int = CONTEXT_LENGTH, shuffle_buffer: int = 1_000, seed: int = 0,
+                 context_length: int, shuffle_buffer: int = 1_000, seed: int = 0,
                  num_streams: int = 1, position: dict[str, Any] | None = None, train: bool = True,
                  balance: OnlineBalance | None = None, crop_scale: tuple[float, float] = (0.9, 1.0),
                  caption_sampling: bool = False, caption_frames: Sequence[str] = (),
