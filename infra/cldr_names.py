@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import random
 import unicodedata
 from collections import Counter
@@ -39,7 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from infra.emoji import CLDR_LICENCE, CLDR_PACKAGES, NPM_ROOT, EmojiError, _package_dir, package_version
+from infra.emoji import (CLDR_LICENCE, CLDR_PACKAGES, NPM_ROOT, EmojiError, _package_dir, package_version,
+                         read_cldr_annotations)
 
 # Latin-script locales of the package, none an English variant; "no" is Norwegian Bokmål's
 # (CLDR has no "nb" annotations), "fil" Filipino (Tagalog).
@@ -83,16 +83,6 @@ class LanguageSet:
         return sum(c.kind == key if c.locale == ENGLISH else c.locale == key for c in self.captions)
 
 
-def _annotations(npm_root: Path, package: str, top: str, locale: str, required: bool) -> dict[str, dict]:
-    path = _package_dir(npm_root, package) / top / locale / "annotations.json"
-    if not path.is_file() and not required:
-        return {}  # a variant locale need not have derived names (en-GB has none)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))[top]["annotations"]
-    except (OSError, KeyError, json.JSONDecodeError) as e:
-        raise EmojiError(f"{path}: unreadable CLDR annotations ({type(e).__name__}: {e})") from None
-
-
 def folded(text: str) -> str:
     """Case-folded, punctuation (and symbols) as spaces, whitespace collapsed: the form the
     ambiguity check compares ("T-Shirt" and "t shirt" are one)."""
@@ -114,7 +104,7 @@ def english_strings(npm_root: Path) -> frozenset[str]:
     out: set[str] = set()
     for locale in _english_locales(npm_root):
         for package, top in zip(CLDR_PACKAGES, ("annotations", "annotationsDerived")):
-            for entry in _annotations(npm_root, package, top, locale, required=locale == ENGLISH).values():
+            for entry in read_cldr_annotations(npm_root, package, top, locale, required=locale == ENGLISH).values():
                 out.update(folded(s) for s in (*entry.get("tts", ()), *entry.get("default", ())))
     out.discard("")
     return frozenset(out)
@@ -147,7 +137,7 @@ def build_language_set(npm_root: Path = NPM_ROOT, locales: Iterable[str] = LOCAL
     if ENGLISH in locales or any(loc.startswith(ENGLISH + "-") for loc in locales):
         raise ValueError(f"{locales}: other-language locales must not be English or a variant of it")
     base_pkg = CLDR_PACKAGES[0]
-    english = _annotations(npm_root, base_pkg, "annotations", ENGLISH, required=True)
+    english = read_cldr_annotations(npm_root, base_pkg, "annotations", ENGLISH, required=True)
     captions: list[NamedCaption] = []
     drawn: dict[str, int] = {}
     dropped: dict[str, Counter] = {}
@@ -161,7 +151,7 @@ def build_language_set(npm_root: Path = NPM_ROOT, locales: Iterable[str] = LOCAL
                 captions.append(NamedCaption(s, True, ENGLISH, kind))
     ambiguous = english_strings(npm_root)
     for locale in locales:
-        table = _annotations(npm_root, base_pkg, "annotations", locale, required=True)
+        table = read_cldr_annotations(npm_root, base_pkg, "annotations", locale, required=True)
         keys = sorted(k for k, e in table.items() if e.get("tts"))
         picked = random.Random(f"{seed}:{locale}").sample(keys, min(per_locale, len(keys)))
         seen: set[str] = set()
