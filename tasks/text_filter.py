@@ -517,13 +517,8 @@ class ForeignWords:
         of those languages ("Gatto Cat": "cat" against Italian, not against Romanian "cât")."""
         if self.english_lead is None:
             return False
-        english = self._zipfs(word)[0]
         zipfs = self.language_zipfs(word)
-        foreign = max((zipfs[i] for i in languages), default=0.0)
-        needed = self.english_lead
-        if self.lead_max_foreign_zipf is not None:
-            needed += max(0.0, foreign - self.lead_max_foreign_zipf)
-        return english > 0.0 and english - foreign >= needed
+        return self._leads_over(word, max((zipfs[i] for i in languages), default=0.0), common_elsewhere=True)
 
     def compound(self, word: str) -> bool:
         """``word`` is two words of one of the languages, each at least ``min_zipf`` there and
@@ -564,7 +559,12 @@ class ForeignWords:
         """``word`` is at least ``english_lead`` Zipf more frequent in English than in every one of
         the languages; with ``common_elsewhere``, more still by what it is above
         ``lead_max_foreign_zipf`` in one of them ("issue" in French)."""
-        english, _, foreign = self._zipfs(word)  # "telephone": French "téléphone"
+        return self._leads_over(word, self._zipfs(word)[2], common_elsewhere)  # "telephone": French "téléphone"
+
+    def _leads_over(self, word: str, foreign: float, common_elsewhere: bool) -> bool:
+        """English uses ``word`` at least ``english_lead`` Zipf more than ``foreign`` (a foreign Zipf
+        of it), plus, with ``common_elsewhere``, what ``foreign`` is above ``lead_max_foreign_zipf``."""
+        english = self._zipfs(word)[0]
         needed = self.english_lead or 0.0
         if common_elsewhere and self.lead_max_foreign_zipf is not None:
             needed += max(0.0, foreign - self.lead_max_foreign_zipf)
@@ -906,6 +906,7 @@ class WordEvidence:
     english: int
     foreign: int
     distinct: int  # English words that are distinctly English (ForeignWords.distinctly_english)
+    kinds: tuple[tuple[str, str], ...] = ()  # (word, ENGLISH | FOREIGN | UNKNOWN) of the words that can be evidence
 
 
 def _word_kind(word: str, vocab: EnglishVocab, foreign: ForeignWords) -> str:
@@ -932,33 +933,26 @@ def _without_names_and_neutral_words(words: list[str], vocab: EnglishVocab, fore
 
 
 def _word_evidence(words: Sequence[str], vocab: EnglishVocab, foreign: ForeignWords) -> WordEvidence:
-    english = other = distinct = 0
-    for w in words:
-        if not _can_be_evidence(w):
-            continue
-        kind = _word_kind(w, vocab, foreign)
-        if kind == ENGLISH:
-            english += 1
-            distinct += foreign.distinctly_english(w)
-        other += kind == FOREIGN
-    return WordEvidence(english, other, distinct)
+    kinds = tuple((w, _word_kind(w, vocab, foreign)) for w in words if _can_be_evidence(w))
+    english = sum(kind == ENGLISH for _, kind in kinds)
+    distinct = sum(foreign.distinctly_english(w) for w, kind in kinds if kind == ENGLISH)
+    return WordEvidence(english, sum(kind == FOREIGN for _, kind in kinds), distinct, kinds)
 
 
-def _glossed(caption: str, words: Sequence[str], vocab: EnglishVocab, foreign: ForeignWords) -> bool:
+def _glossed(caption: str, evidence: WordEvidence, foreign: ForeignWords) -> bool:
     """No comma (tasks/captions.py joins a title and its keywords with ", ": "Gatto nero, animal" is no
     gloss), and an English word that leads, by ``ForeignWords.leads_in``,
     in the languages that use the caption's foreign words most: an English title with a gloss
     ("Gatto Cat", "Valigie bags", "heart-ballons"). With 26 languages some one uses nearly every
     English word ("cat": Romanian "cât"; "bags", "icon": Filipino), so few are distinctly English
-    against all."""
+    against all. ``evidence``: the caption's words as :func:`_word_evidence` classified them."""
     if "," in caption:
         return False
-    kinds = [(w, _word_kind(w, vocab, foreign)) for w in words if _can_be_evidence(w)]
     homes: set[int] = set()
-    for w, kind in kinds:
+    for w, kind in evidence.kinds:
         if kind == FOREIGN:
             homes |= foreign.home_languages(w)
-    return bool(homes) and any(kind == ENGLISH and foreign.leads_in(w, homes) for w, kind in kinds)
+    return bool(homes) and any(kind == ENGLISH and foreign.leads_in(w, homes) for w, kind in evidence.kinds)
 
 
 def _short_verdict(caption: str, words: Sequence[str], vocab: EnglishVocab, foreign: ForeignWords,
@@ -972,7 +966,7 @@ def _short_verdict(caption: str, words: Sequence[str], vocab: EnglishVocab, fore
         return EnglishVerdict(True, "vocab", known, counted, None, other)
     if english == 0 and other > 0:
         return EnglishVerdict(False, "vocab", known, counted, None, other)
-    if evidence.distinct > 0 or _glossed(caption, words, vocab, foreign):
+    if evidence.distinct > 0 or _glossed(caption, evidence, foreign):
         return EnglishVerdict(True, "vocab", known, counted, None, other)
     if short_detector is None:
         return EnglishVerdict(english > other and english / counted >= cfg.english_min_coverage, "vocab", known,
