@@ -312,7 +312,7 @@ def cldr_main(quick: bool, part: str, policy_only: bool) -> None:
     for (c, k) in seen:
         if k != c.english:
             v = english_verdict(clean_caption(c.text), step.vocab, step.detector, cfg, foreign=step.foreign,
-                                short_detector=step.short_detector, names=step.names)
+                                short_detector=step.short_detector, names=step.names, neutral_lid=step.neutral_lid)
             assert v.english == k
             decided[("kept other" if k else "dropped English", c.kind, v.decided_by)] += 1
             examples.setdefault((k, c.kind), []).append(f"{c.text} ({c.locale})" if k else c.text)
@@ -408,7 +408,8 @@ def main() -> None:
         def decide(th: float, adapter=adapter) -> list[bool]:
             at = replace(cfg, short_detector_min_prob=th)
             return [english_verdict(c, vocab, no_detector.detector, at, foreign=no_detector.foreign,
-                                    short_detector=adapter, names=no_detector.names).english for c in cleaned]
+                                    short_detector=adapter, names=no_detector.names,
+                                    neutral_lid=no_detector.neutral_lid).english for c in cleaned]
 
         t = choose_threshold(decide, labels)
         add(name, "policy + short-caption detector", t, decide(t))
