@@ -286,7 +286,8 @@ def cldr_main(quick: bool, part: str, policy_only: bool) -> None:
         role = "alone: top language en" if name in detectors else \
             f"six foreign_languages ({' '.join(SIX_LANGUAGES)}), the rest as CHOSEN" if name == "six" else \
             f"CHOSEN: the build's English check ({cfg.short_detector} at {cfg.short_detector_min_prob}; " \
-            f"{len(cfg.foreign_languages)} foreign_languages)"
+            f"{len(cfg.foreign_languages)} foreign_languages; neutral words: lingua " \
+            f"{' '.join(cfg.neutral_lid_languages) or 'off'} at {cfg.neutral_lid_min_prob})"
         p, r, rej = scored(keeps[name], (*ENGLISH_NAME_KINDS, "tts"))
         kw = scored(keeps[name], (ENGLISH_KEYWORD,))[1]
         print(f"| {name if name in detectors else cfg.short_detector} | {role} | {figure(p)} | {figure(r)} | "
