@@ -27,15 +27,15 @@ short-caption detector.
 
     .venv/bin/python bench/language_id.py [--quick] [--titles-from runs/sources/openclipart_full.parquet]
                                           [--labels other.tsv]
-    .venv/bin/python bench/language_id.py --cldr [--part cldr-tune|cldr-fresh] [--policy-only]
+    .venv/bin/python bench/language_id.py --cldr [--part cldr-tune|cldr-fresh|cldr-fresh-2] [--policy-only]
 
 ``--cldr`` instead scores the build's English check (``tasks.build.jobs.text_filter_step`` with
 configs/zeroshot.yaml's ``text_filter``), the same check with the six ``foreign_languages`` of
 rounds 1-6 (``SIX_LANGUAGES``) and each detector alone (top language English) on Unicode CLDR emoji
-names (infra/cldr_names.py: English ``tts`` names, keywords apart, against other Latin-script
-locales' names): P, R, rejected, per locale, and captions/s/core on its distinct captions.
-``--part cldr-tune`` (the default) is tuned on; ``--part cldr-fresh`` is scored once
-(bench/cldr_language_check.md records the sizes and the scorings). ``--policy-only``: no detectors alone.
+names (infra/cldr_names.py: English names, keywords apart, against other Latin-script
+locales' names): P, R, rejected, per locale and locale group, and captions/s/core on its distinct
+captions. ``--part cldr-tune`` (the default) and ``cldr-fresh`` (since h24) are tuned on;
+``--part cldr-fresh-2`` is scored once (bench/cldr_language_check.md records the sizes and the scorings). ``--policy-only``: no detectors alone.
 
 The last line compares the chosen policy's recall of English titles on the fresh part (the
 tuning part while there is none) with the round-5 policy's (``ratio=``, higher is better: neutral
@@ -200,6 +200,8 @@ ZEROSHOT_CONFIG = REPO / "configs" / "zeroshot.yaml"
 GOAL_REJECTED = 0.90
 # foreign_languages of rounds 1-6 (to h22): the policy before every Latin-script wordfreq language
 SIX_LANGUAGES = ("it", "fr", "es", "pt", "de", "nl")
+# CLDR locales wordfreq has no list for (Estonian, Irish, Welsh, Basque, Galician)
+NO_WORDFREQ_LOCALES = ("et", "ga", "cy", "eu", "gl")
 
 
 def keep_scores(keep: list[bool], english: list[bool]) -> tuple[float, float, float]:
@@ -216,7 +218,7 @@ def cldr_main(quick: bool, part: str, policy_only: bool) -> None:
     of the CLDR names."""
     from collections import Counter
 
-    from infra.cldr_names import ENGLISH_KEYWORD, ENGLISH_TTS, build_language_set, sizes_report
+    from infra.cldr_names import ENGLISH_KEYWORD, ENGLISH_NAME_KINDS, build_language_set, sizes_report
     from infra.config import load_config
     from tasks.build.jobs import text_filter_step
     from tasks.text_filter import NOT_ENGLISH, TextFilter, caption_words, clean_caption, english_verdict
@@ -272,10 +274,10 @@ def cldr_main(quick: bool, part: str, policy_only: bool) -> None:
         best["six"] = min(best.get("six", math.inf), cpu_seconds(lambda: [six.check(t) for t in distinct]))
     rate = {k: len(distinct) / v for k, v in best.items()}
 
-    n_en = sum(c.kind == ENGLISH_TTS for c, _ in seen)
+    n_en = sum(c.kind in ENGLISH_NAME_KINDS for c, _ in seen)
     n_kw = sum(c.kind == ENGLISH_KEYWORD for c, _ in seen)
     n_other = sum(not c.english for c, _ in seen)
-    print(f"\nCLDR names ({part}): P, R of 'keep as English' over {n_en} English tts names and {n_other} "
+    print(f"\nCLDR names ({part}): P, R of 'keep as English' over {n_en} English names ({', '.join(k for k in ENGLISH_NAME_KINDS if k in data.drawn)}) and {n_other} "
           f"other-language names; rej = other-language names dropped; keywords R = {n_kw} English keywords "
           f"kept; speed on {len(distinct)} distinct captions")
     print("| detector | role | P | R | rej | keywords R | captions/s/core |")
@@ -284,13 +286,17 @@ def cldr_main(quick: bool, part: str, policy_only: bool) -> None:
         role = "alone: top language en" if name in detectors else \
             f"six foreign_languages ({' '.join(SIX_LANGUAGES)}), the rest as CHOSEN" if name == "six" else \
             f"CHOSEN: the build's English check ({cfg.short_detector} at {cfg.short_detector_min_prob}; " \
-            f"{len(cfg.foreign_languages)} foreign_languages)"
-        p, r, rej = scored(keeps[name], (ENGLISH_TTS, "tts"))
+            f"{len(cfg.foreign_languages)} foreign_languages; neutral words: lingua " \
+            f"{' '.join(cfg.neutral_lid_languages) or 'off'} at {cfg.neutral_lid_min_prob})"
+        p, r, rej = scored(keeps[name], (*ENGLISH_NAME_KINDS, "tts"))
         kw = scored(keeps[name], (ENGLISH_KEYWORD,))[1]
         print(f"| {name if name in detectors else cfg.short_detector} | {role} | {figure(p)} | {figure(r)} | "
               f"{figure(rej)} | {figure(kw)} | {rate[name]:,.0f} |")
 
-    locales = [k for k in data.drawn if k not in (ENGLISH_TTS, ENGLISH_KEYWORD)]
+    if sum(k in data.drawn for k in ENGLISH_NAME_KINDS) > 1:
+        print("English names kept per kind (CHOSEN): " + ", ".join(
+            f"{k} {figure(scored(keeps['CHOSEN'], (k,))[1])}" for k in ENGLISH_NAME_KINDS if k in data.drawn))
+    locales = [k for k in data.drawn if k not in (*ENGLISH_NAME_KINDS, ENGLISH_KEYWORD)]
     print("\nother-language names dropped per locale (CHOSEN: the build's English check; six: with the six "
           "foreign_languages; then each detector alone)")
     print("| locale | n | CHOSEN | six |" + "".join(f" {name} |" for name in detectors))
@@ -307,16 +313,24 @@ def cldr_main(quick: bool, part: str, policy_only: bool) -> None:
     for (c, k) in seen:
         if k != c.english:
             v = english_verdict(clean_caption(c.text), step.vocab, step.detector, cfg, foreign=step.foreign,
-                                short_detector=step.short_detector, names=step.names)
+                                short_detector=step.short_detector, names=step.names, neutral_lid=step.neutral_lid)
             assert v.english == k
             decided[("kept other" if k else "dropped English", c.kind, v.decided_by)] += 1
             examples.setdefault((k, c.kind), []).append(f"{c.text} ({c.locale})" if k else c.text)
     print(f"\nCHOSEN's errors by the rule that decided them: {dict(sorted(decided.items()))}")
     for (k, kind), shown in sorted(examples.items()):
         print(f"{'kept, other-language' if k else 'dropped, English ' + kind} ({len(shown)}): {'; '.join(shown[:40])}")
-    p, r, rej = scored(keeps["CHOSEN"], (ENGLISH_TTS, "tts"))
+    groups = {"six": SIX_LANGUAGES, "other covered": tuple(x for x in locales if x not in SIX_LANGUAGES
+                                                            and x not in NO_WORDFREQ_LOCALES),
+              "et ga cy eu gl": NO_WORDFREQ_LOCALES}
+    for name in ("CHOSEN", "six"):
+        print(f"other-language names dropped per group ({name}): " + "; ".join(
+            f"{g} {sum(not keeps[name][i] for i in rows)}/{len(rows)} = {figure(sum(not keeps[name][i] for i in rows) / len(rows))}"
+            for g, members in groups.items()
+            for rows in [[i for i, (c, _) in enumerate(seen) if c.locale in members]] if rows))
+    p, r, rej = scored(keeps["CHOSEN"], (*ENGLISH_NAME_KINDS, "tts"))
     met = r >= MIN_RECALL and rej >= GOAL_REJECTED
-    p6, r6, rej6 = scored(keeps["six"], (ENGLISH_TTS, "tts"))
+    p6, r6, rej6 = scored(keeps["six"], (*ENGLISH_NAME_KINDS, "tts"))
     print(f"language_id --cldr ({part}): six foreign_languages: recall={r6:.3f} rejected={rej6:.3f} precision={p6:.3f} "
           f"keywords_recall={scored(keeps['six'], (ENGLISH_KEYWORD,))[1]:.3f}; {rate['six']:,.0f} captions/s/core")
     print(f"language_id --cldr ({part}): recall={r:.3f} rejected={rej:.3f} precision={p:.3f} keywords_recall="
@@ -331,8 +345,8 @@ def main() -> None:
     ap.add_argument("--labels", type=Path, default=LABELS, help="labelled titles (the TSV's format)")
     ap.add_argument("--cldr", action="store_true",
                     help="instead: the check on Unicode CLDR emoji names (infra/cldr_names.py)")
-    ap.add_argument("--part", default="cldr-tune", choices=("cldr-tune", "cldr-fresh"),
-                    help="--cldr: which part (cldr-fresh: scored once)")
+    ap.add_argument("--part", default="cldr-tune", choices=("cldr-tune", "cldr-fresh", "cldr-fresh-2"),
+                    help="--cldr: which part (cldr-fresh-2: scored once; cldr-tune and cldr-fresh are tuned on)")
     ap.add_argument("--policy-only", action="store_true", help="--cldr: no detectors alone (quicker)")
     args = ap.parse_args()
     if args.cldr:
@@ -395,7 +409,8 @@ def main() -> None:
         def decide(th: float, adapter=adapter) -> list[bool]:
             at = replace(cfg, short_detector_min_prob=th)
             return [english_verdict(c, vocab, no_detector.detector, at, foreign=no_detector.foreign,
-                                    short_detector=adapter, names=no_detector.names).english for c in cleaned]
+                                    short_detector=adapter, names=no_detector.names,
+                                    neutral_lid=no_detector.neutral_lid).english for c in cleaned]
 
         t = choose_threshold(decide, labels)
         add(name, "policy + short-caption detector", t, decide(t))

@@ -6,32 +6,39 @@ License v3, :data:`infra.emoji.CLDR_LICENCE`) give each emoji and symbol a short
 keywords in ~170 locales, translated by people, one to five words: the length of the captions the
 filter finds hardest.
 
-* Two disjoint parts (:data:`PARTS`): ``cldr-tune`` (draw 1, the set h22 scored once; tuned on since)
-  and ``cldr-fresh`` (draw 2, scored once with the final policy; never tuned on).
+* Three disjoint parts (:data:`PARTS`): ``cldr-tune`` (draw 1, the set h22 scored once; tuned on since),
+  ``cldr-fresh`` (draw 2, scored once at h23; tuned on since h24) and ``cldr-fresh-2`` (draw 3, sized
+  before h24 changed any rule, scored once at its end).
 * English: the distinct ``tts`` names of the ``en`` locale (``english_tts``), and, reported apart,
   its distinct keywords (``english_keyword``), split in two halves by a hash of the emoji key
   (:func:`english_half`; a string on several emoji, as name or keyword, goes with its first key):
-  one half per part, no English string in both.
+  one half per part, no English string in both. ``cldr-fresh-2`` holds English strings neither
+  half has: the ``tts`` names (``english_tts``) and keywords of the ``en-*`` variants (en-001, en-AU,
+  en-CA, en-GB, en-IN) whose folded form is no ``en`` string, base or derived ("aeroplane arrival",
+  "drawing-pin"), and the English annotations of OpenMoji's own emoji (npm ``openmoji``,
+  data/extras-*.csv, CC BY-SA 4.0; ``english_openmoji``: "nuclear power plant", "reusable bag"), less
+  those equal to an ``en`` or variant string.
 * Other languages: :data:`PER_LOCALE` emoji drawn per locale of :data:`LOCALES` (Latin-script, no
   English variant) with ``random.Random(f"{seed}:{locale}")`` over the sorted emoji keys of the
   base annotations (draw 1), and for ``cldr-fresh`` with ``random.Random(f"{seed + 1}:{locale}")``
-  over the sorted keys draw 1 did not pick (draw 2); their ``tts`` names. Dropped, and counted per locale and reason: a name that
+  over the sorted keys draw 1 did not pick (draw 2), for ``cldr-fresh-2`` with ``seed + 2`` over the
+  keys draws 1 and 2 did not pick (draw 3); their ``tts`` names. Dropped, and counted per locale and reason: a name that
   is English too (:data:`AMBIGUOUS`: case-folded and stripped of punctuation, it equals an English
   ``tts`` name or keyword of ``en`` or an ``en-*`` variant, base or derived: "pizza", "taxi", or
   CLDR's untranslated English), a name with a non-Latin letter (:data:`NON_LATIN`), a name the
-  locale already gave a drawn emoji (:data:`REPEATED`; in ``cldr-fresh``, an emoji of draw 1 too).
+  locale already gave a drawn emoji (:data:`REPEATED`; in a later draw, an emoji of an earlier draw too).
 
 Names come from the base annotations only: the derived ones are templated sequences ("boy: medium
 skin tone", "flag: France") that would repeat one pattern hundreds of times.
 
-    python -m infra.cldr_names [--part cldr-tune|cldr-fresh]   # the sizes, per locale kept and dropped
+    python -m infra.cldr_names [--part cldr-tune|cldr-fresh|cldr-fresh-2]   # the sizes, per locale kept and dropped
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
-import json
 import random
 import unicodedata
 from collections import Counter
@@ -39,7 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from infra.emoji import CLDR_LICENCE, CLDR_PACKAGES, NPM_ROOT, EmojiError, _package_dir, package_version
+from infra.emoji import (CLDR_LICENCE, CLDR_PACKAGES, NPM_ROOT, EmojiError, _package_dir, package_version,
+                         read_cldr_annotations)
 
 # Latin-script locales of the package, none an English variant; "no" is Norwegian Bokmål's
 # (CLDR has no "nb" annotations), "fil" Filipino (Tagalog).
@@ -51,8 +59,15 @@ ENGLISH = "en"
 AMBIGUOUS, NON_LATIN, REPEATED = "ambiguous", "non_latin", "repeated"
 DROP_REASONS = (AMBIGUOUS, NON_LATIN, REPEATED)
 ENGLISH_TTS, ENGLISH_KEYWORD = "english_tts", "english_keyword"
-TUNE, FRESH = "cldr-tune", "cldr-fresh"
-PARTS = (TUNE, FRESH)
+ENGLISH_OPENMOJI = "english_openmoji"
+ENGLISH_NAME_KINDS = (ENGLISH_TTS, ENGLISH_OPENMOJI)  # English names (recall); keywords are reported apart
+TUNE, FRESH, FRESH2 = "cldr-tune", "cldr-fresh", "cldr-fresh-2"
+PARTS = (TUNE, FRESH, FRESH2)
+# the draw of other-language names each part holds (draw d: seed + d - 1, over the keys earlier draws left)
+DRAWS = {None: 1, TUNE: 1, FRESH: 2, FRESH2: 3}
+OPENMOJI_PACKAGE = "openmoji"
+OPENMOJI_EXTRAS = ("extras-openmoji.csv", "extras-unicode.csv")  # OpenMoji's own emoji: not in CLDR
+OPENMOJI_LICENCE = "CC BY-SA 4.0 (OpenMoji)"
 
 
 @dataclass(frozen=True)
@@ -60,7 +75,7 @@ class NamedCaption:
     text: str
     english: bool
     locale: str  # "en" for the English ones
-    kind: str  # ENGLISH_TTS, ENGLISH_KEYWORD or "tts" (another language's name)
+    kind: str  # ENGLISH_TTS, ENGLISH_OPENMOJI, ENGLISH_KEYWORD or "tts" (another language's name)
 
 
 @dataclass(frozen=True)
@@ -73,7 +88,7 @@ class LanguageSet:
     per_locale: int
     seed: int
     version: str
-    part: str | None = None  # TUNE, FRESH, or None: draw 1 with every English name (the set h22 scored)
+    part: str | None = None  # TUNE, FRESH, FRESH2, or None: draw 1 with every English name (the set h22 scored)
 
     def of_kind(self, *kinds: str) -> list[NamedCaption]:
         return [c for c in self.captions if c.kind in kinds]
@@ -81,16 +96,6 @@ class LanguageSet:
     def kept(self, key: str) -> int:
         """How many captions of a locale (or of an English kind) are in the set."""
         return sum(c.kind == key if c.locale == ENGLISH else c.locale == key for c in self.captions)
-
-
-def _annotations(npm_root: Path, package: str, top: str, locale: str, required: bool) -> dict[str, dict]:
-    path = _package_dir(npm_root, package) / top / locale / "annotations.json"
-    if not path.is_file() and not required:
-        return {}  # a variant locale need not have derived names (en-GB has none)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))[top]["annotations"]
-    except (OSError, KeyError, json.JSONDecodeError) as e:
-        raise EmojiError(f"{path}: unreadable CLDR annotations ({type(e).__name__}: {e})") from None
 
 
 def folded(text: str) -> str:
@@ -114,7 +119,7 @@ def english_strings(npm_root: Path) -> frozenset[str]:
     out: set[str] = set()
     for locale in _english_locales(npm_root):
         for package, top in zip(CLDR_PACKAGES, ("annotations", "annotationsDerived")):
-            for entry in _annotations(npm_root, package, top, locale, required=locale == ENGLISH).values():
+            for entry in read_cldr_annotations(npm_root, package, top, locale, required=locale == ENGLISH).values():
                 out.update(folded(s) for s in (*entry.get("tts", ()), *entry.get("default", ())))
     out.discard("")
     return frozenset(out)
@@ -122,7 +127,41 @@ def english_strings(npm_root: Path) -> frozenset[str]:
 
 def english_half(key: str) -> str:
     """The part (TUNE or FRESH) an English emoji's names belong to: the low bit of its key's SHA-256."""
-    return PARTS[hashlib.sha256(key.encode("utf-8")).digest()[0] & 1]
+    return (TUNE, FRESH)[hashlib.sha256(key.encode("utf-8")).digest()[0] & 1]
+
+
+def _variant_strings(npm_root: Path, en_strings: frozenset[str]) -> tuple[set[str], set[str]]:
+    """The ``tts`` names and keywords of the ``en-*`` variants (base annotations) whose folded form is
+    no string of ``en`` (base or derived): English captions the parts before FRESH2 never held
+    ("aeroplane arrival", "drawing-pin"). A keyword equal to a variant name once folded is a name."""
+    names: dict[str, str] = {}
+    keywords: dict[str, str] = {}
+    for locale in _english_locales(npm_root):
+        if locale == ENGLISH:
+            continue
+        table = read_cldr_annotations(npm_root, CLDR_PACKAGES[0], "annotations", locale, required=False)
+        for key in sorted(table):
+            for s in table[key].get("tts", ())[:1]:
+                if folded(s) not in en_strings:
+                    names.setdefault(folded(s), s)
+            for s in table[key].get("default", ()):
+                if folded(s) not in en_strings:
+                    keywords.setdefault(folded(s), s)
+    return set(names.values()), {s for f, s in keywords.items() if f not in names}
+
+
+def openmoji_extra_names(npm_root: Path) -> list[str]:
+    """The English ``annotation`` of each of OpenMoji's own emoji (data/extras-openmoji.csv,
+    extras-unicode.csv of npm ``openmoji``; written by OpenMoji's authors, not CLDR's), stripped."""
+    out: list[str] = []
+    for name in OPENMOJI_EXTRAS:
+        path = _package_dir(npm_root, OPENMOJI_PACKAGE) / "data" / name
+        try:
+            with path.open(encoding="utf-8", newline="") as f:
+                out.extend(row["annotation"].strip() for row in csv.DictReader(f))
+        except (OSError, KeyError, csv.Error, UnicodeDecodeError) as e:
+            raise EmojiError(f"{path}: unreadable OpenMoji extras ({type(e).__name__}: {e})") from None
+    return out
 
 
 def _english_names(english: dict[str, dict], field: str, first_only: bool, part: str | None) -> set[str]:
@@ -147,29 +186,43 @@ def build_language_set(npm_root: Path = NPM_ROOT, locales: Iterable[str] = LOCAL
     if ENGLISH in locales or any(loc.startswith(ENGLISH + "-") for loc in locales):
         raise ValueError(f"{locales}: other-language locales must not be English or a variant of it")
     base_pkg = CLDR_PACKAGES[0]
-    english = _annotations(npm_root, base_pkg, "annotations", ENGLISH, required=True)
+    english = read_cldr_annotations(npm_root, base_pkg, "annotations", ENGLISH, required=True)
     captions: list[NamedCaption] = []
     drawn: dict[str, int] = {}
     dropped: dict[str, Counter] = {}
-    for kind, strings in ((ENGLISH_TTS, _english_names(english, "tts", True, part)),
-                          (ENGLISH_KEYWORD, _english_names(english, "default", False, part))):
+    ambiguous = english_strings(npm_root)
+    if part == FRESH2:  # English strings no earlier part held: en-* variants' own names, OpenMoji's extras
+        en_strings = frozenset(folded(s) for e in english.values() for s in (*e.get("tts", ()), *e.get("default", ())))
+        derived = read_cldr_annotations(npm_root, CLDR_PACKAGES[1], "annotationsDerived", ENGLISH)
+        en_strings |= {folded(s) for e in derived.values() for s in (*e.get("tts", ()), *e.get("default", ()))}
+        variant_names, variant_keywords = _variant_strings(npm_root, en_strings)
+        held = en_strings | {folded(s) for s in variant_names | variant_keywords}
+        extras: dict[str, str] = {}
+        for s in openmoji_extra_names(npm_root):
+            if s and folded(s) not in held:
+                extras.setdefault(folded(s), s)
+        english_kinds = ((ENGLISH_TTS, variant_names), (ENGLISH_OPENMOJI, set(extras.values())),
+                         (ENGLISH_KEYWORD, variant_keywords))
+    else:
+        english_kinds = ((ENGLISH_TTS, _english_names(english, "tts", True, part)),
+                         (ENGLISH_KEYWORD, _english_names(english, "default", False, part)))
+    for kind, strings in english_kinds:
         drawn[kind], dropped[kind] = len(strings), Counter()
         for s in sorted(strings):
             if has_non_latin_letter(s):
                 dropped[kind][NON_LATIN] += 1
             else:
                 captions.append(NamedCaption(s, True, ENGLISH, kind))
-    ambiguous = english_strings(npm_root)
     for locale in locales:
-        table = _annotations(npm_root, base_pkg, "annotations", locale, required=True)
+        table = read_cldr_annotations(npm_root, base_pkg, "annotations", locale, required=True)
         keys = sorted(k for k, e in table.items() if e.get("tts"))
-        picked = random.Random(f"{seed}:{locale}").sample(keys, min(per_locale, len(keys)))
-        seen: set[str] = set()
-        if part == FRESH:  # draw 2: over the keys draw 1 did not pick; draw 1's names count as repeated
-            taken = set(picked)
-            seen = {table[k]["tts"][0] for k in picked}
+        taken: set[str] = set()
+        seen: set[str] = set()  # names of earlier draws count as repeated
+        for draw in range(DRAWS[part]):
+            seen |= {table[k]["tts"][0] for k in taken}
             rest = [k for k in keys if k not in taken]
-            picked = random.Random(f"{seed + 1}:{locale}").sample(rest, min(per_locale, len(rest)))
+            picked = random.Random(f"{seed + draw}:{locale}").sample(rest, min(per_locale, len(rest)))
+            taken |= set(picked)
         drawn[locale], dropped[locale] = len(picked), Counter()
         for key in picked:
             name = table[key]["tts"][0]
@@ -180,14 +233,20 @@ def build_language_set(npm_root: Path = NPM_ROOT, locales: Iterable[str] = LOCAL
                 dropped[locale][reason] += 1
             else:
                 captions.append(NamedCaption(name, False, locale, "tts"))
-    return LanguageSet(tuple(captions), drawn, dropped, per_locale, seed, package_version(npm_root, base_pkg), part)
+    version = package_version(npm_root, base_pkg)
+    if part == FRESH2:
+        version += f"; {OPENMOJI_PACKAGE} {package_version(npm_root, OPENMOJI_PACKAGE)}"
+    return LanguageSet(tuple(captions), drawn, dropped, per_locale, seed, version, part)
 
 
 def sizes_report(data: LanguageSet) -> list[str]:
     """The set's sizes as lines: English names and keywords, then per locale drawn, kept, dropped."""
-    others = [k for k in data.drawn if k not in (ENGLISH_TTS, ENGLISH_KEYWORD)]
+    others = [k for k in data.drawn if k not in (*ENGLISH_NAME_KINDS, ENGLISH_KEYWORD)]
     which = {None: "draw 1, every English name", TUNE: f"{TUNE}: draw 1, English half {TUNE}",
-             FRESH: f"{FRESH}: draw 2 (seed {data.seed + 1}, keys draw 1 did not pick), English half {FRESH}"}
+             FRESH: f"{FRESH}: draw 2 (seed {data.seed + 1}, keys draw 1 did not pick), English half {FRESH}",
+             FRESH2: f"{FRESH2}: draw 3 (seed {data.seed + 2}, keys draws 1-2 did not pick); English: {ENGLISH_TTS} "
+                     f"and {ENGLISH_KEYWORD} = en-* variants' names and keywords equal to no en string, "
+                     f"{ENGLISH_OPENMOJI} = OpenMoji extras' annotations ({OPENMOJI_LICENCE})"}
     lines = [f"CLDR annotations {data.version} ({CLDR_LICENCE}); {which[data.part]}; English: en; other languages: "
              f"{len(others)} locales, {data.per_locale} emoji drawn per locale (seed {data.seed})",
              "| names | drawn | kept | " + " | ".join(DROP_REASONS) + " |",

@@ -301,6 +301,12 @@ class TextFilterConfig:
     # turned down is judged again without such words (and place names), one of them only is English;
     # None: they go to the short detector as before
     neutral_max_zipf: float | None = 2.5
+    # ...unless lingua (lingua-language-detector, its models in its wheel), over English and these
+    # languages (ISO 639-1: languages no wordfreq list has, so their words are all "neutral"), is at
+    # least neutral_lid_min_prob confident that the caption's neutral words are one of them rather
+    # than English: such a caption is not English ("lumememm", "llosgfynydd"); empty: off
+    neutral_lid_languages: tuple[str, ...] = ("et", "ga", "cy", "eu")
+    neutral_lid_min_prob: float = 0.95
     # A caption the rules turn down is English when it has exactly two segments (split at " - ", " / ",
     # commas, colons, brackets) and one is English evidence only, as many words as the other or more: a
     # gloss ("Cani e gatti, Cat and dog", "Lens, lente"); not a title + keywords ("Vacca pezzata, mammal")
@@ -328,7 +334,8 @@ class TextFilterConfig:
             raise ConfigError("text_filter: need 0 <= min_chars <= max_chars")
         if self.boilerplate_min_images is not None and self.boilerplate_min_images < 2:
             raise ConfigError("text_filter.boilerplate_min_images must be >= 2 (or null: off)")
-        for name in ("english_min_coverage", "english_confident_coverage", "english_min_prob", "short_detector_min_prob"):
+        for name in ("english_min_coverage", "english_confident_coverage", "english_min_prob", "short_detector_min_prob",
+                     "neutral_lid_min_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"text_filter.{name} must be in [0, 1]")
         if self.long_max_foreign_share is not None and not 0.0 <= self.long_max_foreign_share <= 1.0:
@@ -344,6 +351,11 @@ class TextFilterConfig:
             # a word that frequent in a foreign language is foreign evidence: "neutral" would be a contradiction
             raise ConfigError(f"text_filter.neutral_max_zipf ({self.neutral_max_zipf}) must be <= foreign_min_zipf "
                               f"({self.foreign_min_zipf})")
+        bad = [code for code in self.neutral_lid_languages if not (len(code) == 2 and code.isalpha() and code.islower())
+               or code == "en"]
+        if bad:
+            raise ConfigError(f"text_filter.neutral_lid_languages: {bad} are not ISO 639-1 codes of other languages "
+                              "than English")
 
 
 @dataclass(frozen=True)

@@ -181,16 +181,25 @@ def _check_iconify_licence(package: Path, vendor: Vendor) -> None:
                              "check the package's licence before using its images")
 
 
+def read_cldr_annotations(npm_root: Path, package: str, top: str, locale: str,
+                          required: bool = True) -> dict[str, dict]:
+    """One locale's CLDR annotations file (``top``: "annotations" or "annotationsDerived"): emoji
+    string -> {"tts": [name], "default": [keywords]}. A missing file is ``{}`` unless ``required``
+    (a variant locale need not have derived names); an unreadable one is an EmojiError naming it."""
+    path = _package_dir(npm_root, package) / top / locale / "annotations.json"
+    if not required and not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))[top]["annotations"]
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise EmojiError(f"{path}: unreadable CLDR annotations ({type(e).__name__}: {e})") from None
+
+
 def cldr_annotations(npm_root: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
     """English CLDR annotations: emoji string (without FE0F) -> (name, keywords)."""
     out: dict[str, tuple[str, tuple[str, ...]]] = {}
     for package, top in zip(CLDR_PACKAGES, ("annotations", "annotationsDerived")):
-        path = _package_dir(npm_root, package) / top / "en" / "annotations.json"
-        try:
-            table = json.loads(path.read_text(encoding="utf-8"))[top]["annotations"]
-        except (OSError, KeyError, json.JSONDecodeError) as e:
-            raise EmojiError(f"{path}: unreadable CLDR annotations ({type(e).__name__}: {e})") from None
-        for chars, entry in table.items():
+        for chars, entry in read_cldr_annotations(npm_root, package, top, "en").items():
             if entry.get("tts"):
                 out.setdefault(chars.replace("\ufe0f", ""), (entry["tts"][0], tuple(entry.get("default", ()))))
     return out

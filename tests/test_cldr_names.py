@@ -44,11 +44,21 @@ def fake_cldr(root: Path) -> Path:
                "\U0001F436": {"tts": ["dog face"], "default": ["dog", "face"]},
                "\u03A9": {"tts": ["omega"], "default": ["Ω", "omega"]}}
     _write(nm, *base, "en", english)
-    _write(nm, *base, "en-GB", {"\U0001F697": {"default": ["t shirt"]}})  # a variant: keywords only
+    _write(nm, *base, "en-GB", {"\U0001F697": {"default": ["t shirt"]},  # a variant: keywords only
+                                "\u2708": {"tts": ["aeroplane"], "default": ["aeroplane", "flight", "Cat"]},
+                                "\U0001F436": {"tts": ["Dog face"], "default": ["dog"]}})  # = en's names
     _write(nm, *derived, "en", {"\U0001F44B\U0001F3FB": {"tts": ["waving hand: light skin tone"],
                                                           "default": ["hand", "wave"]}})
     _write(nm, *base, "fr", {k: {"tts": [v], "default": [v]} for k, v in FR.items()})
     _write(nm, *base, "de", {k: {"tts": [v], "default": [v]} for k, v in DE.items()})
+    openmoji = nm / "openmoji"
+    (openmoji / "data").mkdir(parents=True)
+    (openmoji / "package.json").write_text(json.dumps({"name": "openmoji", "version": "17.0.0"}))
+    header = "emoji,hexcode,group,subgroups,annotation,openmoji_tags\n"
+    (openmoji / "data" / "extras-openmoji.csv").write_text(
+        header + ",E000,extras-openmoji,x,github ,\n,E001,extras-openmoji,x,dog face,\n"
+        ",E002,extras-openmoji,x,Aeroplane,\n,E003,extras-openmoji,x,Ω sign,\n,E004,extras-openmoji,x,github,\n")
+    (openmoji / "data" / "extras-unicode.csv").write_text(header + ",E100,extras-unicode,x,texas flag,\n")
     return nm
 
 
@@ -96,9 +106,42 @@ def test_tune_and_fresh_parts_are_disjoint_and_split_english_by_emoji(tmp_path: 
         nm, ("fr", "de"), per_locale=5, part=None).of_kind("tts")}  # draw 1 is the tuning part's
     assert not {(c.locale, c.text) for c in tune.of_kind("tts")} & {(c.locale, c.text) for c in fresh.of_kind("tts")}
     assert fresh.drawn["fr"] == 5 and fresh.drawn["de"] == 0  # de has 3 emoji, all drawn in draw 1
-    assert {cldr_names.english_half(k) for k in ("a", "b", "c", "d", "e", "f")} == set(cldr_names.PARTS)
+    assert {cldr_names.english_half(k) for k in ("a", "b", "c", "d", "e", "f")} == {cldr_names.TUNE, cldr_names.FRESH}
     with pytest.raises(ValueError, match="part"):
         cldr_names.build_language_set(nm, ("fr",), part="fresh")
+
+
+def test_fresh_2_is_a_third_draw_with_english_no_earlier_part_held(tmp_path: Path) -> None:
+    nm = fake_cldr(tmp_path)
+    parts = {p: cldr_names.build_language_set(nm, ("fr", "de"), per_locale=5, part=p) for p in cldr_names.PARTS}
+    fresh2 = parts[cldr_names.FRESH2]
+    assert fresh2 == cldr_names.build_language_set(nm, ("fr", "de"), per_locale=5, part=cldr_names.FRESH2)
+    # draw 3: the 2 keys of fr's 12 that draws 1 and 2 left; de's 3 were all drawn in draw 1
+    assert fresh2.drawn["fr"] == 2 and fresh2.drawn["de"] == 0
+    other = {p: {(c.locale, c.text) for c in d.of_kind("tts")} for p, d in parts.items()}
+    assert not other[cldr_names.FRESH2] & (other[cldr_names.TUNE] | other[cldr_names.FRESH])
+    # English: the variant's own name (not "Dog face": en has it) and keyword (not "Cat", "dog"),
+    # OpenMoji's extras stripped, once, less those equal to an en or variant string; "Ω sign" non-Latin
+    assert [c.text for c in fresh2.of_kind(cldr_names.ENGLISH_TTS)] == ["aeroplane"]
+    assert [c.text for c in fresh2.of_kind(cldr_names.ENGLISH_KEYWORD)] == ["flight", "t shirt"]
+    assert [c.text for c in fresh2.of_kind(cldr_names.ENGLISH_OPENMOJI)] == ["github", "texas flag"]
+    assert fresh2.dropped[cldr_names.ENGLISH_OPENMOJI] == {cldr_names.NON_LATIN: 1}
+    earlier = {cldr_names.folded(c.text) for p in (cldr_names.TUNE, cldr_names.FRESH) for c in parts[p].captions
+               if c.english}
+    assert not earlier & {cldr_names.folded(c.text) for c in fresh2.captions if c.english}
+    lines = cldr_names.sizes_report(fresh2)
+    assert "openmoji 17.0.0" in lines[0] and "| english_openmoji | 3 | 2 | 0 | 1 | 0 |" in lines
+    # English kinds are not other languages: 2 drawn, in fr
+    assert lines[-1].startswith(f"| other languages | 2 | {len(fresh2.of_kind('tts'))} | ")
+
+
+def test_fresh_2_without_openmoji_fails_in_one_line_naming_the_file(tmp_path: Path) -> None:
+    nm = fake_cldr(tmp_path)
+    (nm / "openmoji" / "data" / "extras-unicode.csv").unlink()
+    cldr_names.build_language_set(nm, ("fr",), per_locale=5)  # the earlier parts do not read OpenMoji
+    with pytest.raises(EmojiError, match=r"extras-unicode\.csv: unreadable OpenMoji extras") as e:
+        cldr_names.build_language_set(nm, ("fr",), per_locale=5, part=cldr_names.FRESH2)
+    assert "\n" not in str(e.value)
 
 
 def test_missing_package_fails_in_one_line_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -123,8 +166,11 @@ def test_real_packages_licence_and_a_full_draw() -> None:
         assert json.loads((NPM_ROOT / package / "package.json").read_text())["license"] == "Unicode-3.0"
     data = cldr_names.build_language_set()
     fresh = cldr_names.build_language_set(part=cldr_names.FRESH)
-    assert all(fresh.drawn[loc] == cldr_names.PER_LOCALE for loc in cldr_names.LOCALES)
-    assert not {(c.locale, c.text) for c in data.captions} & {(c.locale, c.text) for c in fresh.captions}
+    fresh2 = cldr_names.build_language_set(part=cldr_names.FRESH2)
+    for a, b in ((data, fresh), (data, fresh2), (fresh, fresh2)):
+        assert not {(c.locale, c.text) for c in a.captions} & {(c.locale, c.text) for c in b.captions}
+    assert all(p.drawn[loc] == cldr_names.PER_LOCALE for p in (fresh, fresh2) for loc in cldr_names.LOCALES)
+    assert len(fresh2.of_kind(*cldr_names.ENGLISH_NAME_KINDS)) > 500  # sized before scoring: 685
     assert set(data.drawn) == {cldr_names.ENGLISH_TTS, cldr_names.ENGLISH_KEYWORD, *cldr_names.LOCALES}
     assert all(data.drawn[loc] == cldr_names.PER_LOCALE for loc in cldr_names.LOCALES)
     english = cldr_names.english_strings(NPM_ROOT)

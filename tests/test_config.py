@@ -40,6 +40,20 @@ def test_foreign_languages_default_is_every_latin_script_wordfreq_language():
         assert (language in languages) == (latin > 0.99 and language != "en"), (language, latin)
 
 
+def test_neutral_lid_languages_default_are_lingua_languages_wordfreq_has_no_list_for(tmp_path: Path):
+    import wordfreq
+    from lingua import IsoCode639_1
+
+    languages = load_config(None).text_filter.neutral_lid_languages
+    assert languages and not set(languages) & set(wordfreq.available_languages("best"))
+    for code in languages:
+        IsoCode639_1.from_str(code)  # raises ValueError for a language lingua lacks
+    cfg = load_config(write(tmp_path, "text_filter:\n  neutral_lid_languages: [et]\n  neutral_lid_min_prob: 0.9\n"))
+    assert cfg.text_filter.neutral_lid_languages == ("et",) and cfg.text_filter.neutral_lid_min_prob == 0.9
+    with pytest.raises(ConfigError, match="neutral_lid_languages"):
+        load_config(write(tmp_path, "text_filter:\n  neutral_lid_languages: [en, et]\n"))
+
+
 def test_demo_config_loads(repo_root: Path):
     cfg = load_config(repo_root / "configs" / "demo.yaml")
     assert cfg.name == "demo"
