@@ -295,15 +295,21 @@ class _MapJob:
 
 
 def map_output_key(map_key: str) -> str:
-    """One map's output: every partition's piece in one Parquet file, a row group each."""
-    return f"map/{map_key}.parquet"
+    """One map's output: every partition's piece in one Arrow IPC file, a record batch each.
+
+    IPC, not Parquet: a piece is written once and read once, by one reduce, so Parquet's encoding
+    and per-row-group footer buy nothing. With lz4-compressed buffers the file is about the size of
+    the Parquet one (10.6 vs 10.8 MB for 250k band rows), written ~3x and read ~3-5x cheaper in CPU,
+    and reading one piece parses a flatbuffer footer instead of R row groups' metadata."""
+    return f"map/{map_key}.arrow"
 
 
 def reduce_key(partition: int) -> str:
     return f"reduce/p-{partition:05d}.parquet"
 
 
-_ROW_GROUPS = b"witflow.shuffle.row_groups"  # per partition, its row group in the map's file (-1: none)
+_ROW_GROUPS = b"witflow.shuffle.row_groups"  # per partition, its record batch in the map's file (-1: none)
+_IPC_COMPRESSION = "lz4"
 
 
 def _shuffle_map(job: _MapJob, ctx: _ShuffleContext) -> str:
@@ -311,7 +317,7 @@ def _shuffle_map(job: _MapJob, ctx: _ShuffleContext) -> str:
     completion record). One file per map, not one per (map, partition): a shuffle of M maps and
     R partitions creates M objects, not M × R."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow.ipc as ipc
 
     store = ctx.scratch
     key = map_output_key(job.key)
@@ -326,11 +332,12 @@ def _shuffle_map(job: _MapJob, ctx: _ShuffleContext) -> str:
         next_group += 1 if piece.num_rows else 0
     schema = pieces[0].schema.with_metadata({**(pieces[0].schema.metadata or {}),
                                              _ROW_GROUPS: json.dumps(groups).encode()}) if pieces else pa.schema([])
+    options = ipc.IpcWriteOptions(compression=_IPC_COMPRESSION)
     with store.open_atomic(key) as f:
-        with pq.ParquetWriter(f, schema) as writer:
+        with ipc.new_file(f, schema, options=options) as writer:
             for piece in pieces:
-                if piece.num_rows:
-                    writer.write_table(piece.cast(schema), row_group_size=piece.num_rows)
+                if piece.num_rows:  # one batch: its index is the partition's entry in _ROW_GROUPS
+                    writer.write_batch(piece.cast(schema).combine_chunks().to_batches()[0])
     return job.key
 
 
@@ -341,14 +348,17 @@ class _ReduceContext:
 
 
 def _read_piece(store: Any, map_key: str, partition: int) -> Any:
-    """One map's piece of ``partition``: its row group of the map's file (an empty table if none)."""
-    import pyarrow.parquet as pq
+    """One map's piece of ``partition``: its record batch of the map's file (an empty table if none)."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
 
     key = map_output_key(map_key)
     with store.filesystem.open_input_file(store.fs_path(key)) as f:
-        parquet = pq.ParquetFile(f)
-        group = json.loads(parquet.schema_arrow.metadata[_ROW_GROUPS])[partition]
-        return parquet.read_row_group(group) if group >= 0 else parquet.schema_arrow.empty_table()
+        reader = ipc.open_file(f)
+        group = json.loads(reader.schema.metadata[_ROW_GROUPS])[partition]
+        if group < 0:
+            return reader.schema.empty_table()
+        return pa.Table.from_batches([reader.get_batch(group)], schema=reader.schema)
 
 
 def _shuffle_reduce(partition: int, ctx: _ReduceContext) -> str:
