@@ -114,10 +114,11 @@ def _english_locales(npm_root: Path) -> list[str]:
     return sorted(p.name for p in base.iterdir() if p.name == ENGLISH or p.name.startswith(ENGLISH + "-"))
 
 
-def english_strings(npm_root: Path) -> frozenset[str]:
-    """Every ``tts`` name and keyword of ``en`` and its variants, base and derived, :func:`folded`."""
+def english_strings(npm_root: Path, locales: Iterable[str] | None = None) -> frozenset[str]:
+    """Every ``tts`` name and keyword of ``locales`` (default: ``en`` and its variants), base and
+    derived, :func:`folded`."""
     out: set[str] = set()
-    for locale in _english_locales(npm_root):
+    for locale in _english_locales(npm_root) if locales is None else locales:
         for package, top in zip(CLDR_PACKAGES, ("annotations", "annotationsDerived")):
             for entry in read_cldr_annotations(npm_root, package, top, locale, required=locale == ENGLISH).values():
                 out.update(folded(s) for s in (*entry.get("tts", ()), *entry.get("default", ())))
@@ -142,10 +143,10 @@ def _variant_strings(npm_root: Path, en_strings: frozenset[str]) -> tuple[set[st
         table = read_cldr_annotations(npm_root, CLDR_PACKAGES[0], "annotations", locale, required=False)
         for key in sorted(table):
             for s in table[key].get("tts", ())[:1]:
-                if folded(s) not in en_strings:
+                if folded(s) and folded(s) not in en_strings:  # "!" folds to nothing: no caption
                     names.setdefault(folded(s), s)
             for s in table[key].get("default", ()):
-                if folded(s) not in en_strings:
+                if folded(s) and folded(s) not in en_strings:
                     keywords.setdefault(folded(s), s)
     return set(names.values()), {s for f, s in keywords.items() if f not in names}
 
@@ -192,14 +193,12 @@ def build_language_set(npm_root: Path = NPM_ROOT, locales: Iterable[str] = LOCAL
     dropped: dict[str, Counter] = {}
     ambiguous = english_strings(npm_root)
     if part == FRESH2:  # English strings no earlier part held: en-* variants' own names, OpenMoji's extras
-        en_strings = frozenset(folded(s) for e in english.values() for s in (*e.get("tts", ()), *e.get("default", ())))
-        derived = read_cldr_annotations(npm_root, CLDR_PACKAGES[1], "annotationsDerived", ENGLISH)
-        en_strings |= {folded(s) for e in derived.values() for s in (*e.get("tts", ()), *e.get("default", ()))}
+        en_strings = english_strings(npm_root, (ENGLISH,))
         variant_names, variant_keywords = _variant_strings(npm_root, en_strings)
         held = en_strings | {folded(s) for s in variant_names | variant_keywords}
         extras: dict[str, str] = {}
         for s in openmoji_extra_names(npm_root):
-            if s and folded(s) not in held:
+            if folded(s) and folded(s) not in held:
                 extras.setdefault(folded(s), s)
         english_kinds = ((ENGLISH_TTS, variant_names), (ENGLISH_OPENMOJI, set(extras.values())),
                          (ENGLISH_KEYWORD, variant_keywords))
