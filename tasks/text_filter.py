@@ -530,8 +530,7 @@ class ForeignWords:
         hit = self._language_cache.get(word)
         if hit is None:
             freq = self._load()
-            folded = freq.folded or [{}] * len(freq.tables)
-            hit = tuple(_zipf(max(t.get(word, 0.0), f.get(word, 0.0))) for t, f in zip(freq.tables, folded))
+            hit = tuple(_zipf(max(t.get(word, 0.0), f.get(word, 0.0))) for t, f in zip(freq.tables, freq.folded))
             if len(self._language_cache) > 1_000_000:
                 self._language_cache.clear()
             self._language_cache[word] = hit
@@ -622,7 +621,7 @@ class _FrequencyTables:
 
     english: dict[str, float]
     tables: list[dict[str, float]]
-    folded: list[dict[str, float]]
+    folded: list[dict[str, float]]  # per language, empty without fold_accents
     common: list[dict[str, float]]
     foreign_max: dict[str, float]
     folded_max: dict[str, float]
@@ -641,8 +640,7 @@ def _frequency_tables(languages: tuple[str, ...], min_zipf: float, fold_accents:
         table = wordfreq_table(language)
         tables.append(table)
         folded = _folded_frequencies(table, umlauts=language == "de") if fold_accents else {}
-        if fold_accents:
-            folded_tables.append(folded)
+        folded_tables.append(folded)
         common = {w: f for w, f in table.items() if f >= floor}
         for w, f in folded.items():
             if f >= floor and f > common.get(w, 0.0):
