@@ -308,7 +308,7 @@ def reduce_key(partition: int) -> str:
     return f"reduce/p-{partition:05d}.parquet"
 
 
-_ROW_GROUPS = b"witflow.shuffle.row_groups"  # per partition, its record batch in the map's file (-1: none)
+_BATCHES = b"witflow.shuffle.batches"  # per partition, its record batch in the map's file (-1: none)
 _IPC_COMPRESSION = "lz4"
 
 
@@ -326,17 +326,17 @@ def _shuffle_map(job: _MapJob, ctx: _ShuffleContext) -> str:
     pieces = ctx.map_fn(job.item, ctx.context)
     if len(pieces) != ctx.num_partitions:
         raise ValueError(f"shuffle map {job.key}: {len(pieces)} pieces for {ctx.num_partitions} partitions")
-    groups, next_group = [], 0
+    batches, next_batch = [], 0
     for piece in pieces:
-        groups.append(next_group if piece.num_rows else -1)
-        next_group += 1 if piece.num_rows else 0
+        batches.append(next_batch if piece.num_rows else -1)
+        next_batch += 1 if piece.num_rows else 0
     schema = pieces[0].schema.with_metadata({**(pieces[0].schema.metadata or {}),
-                                             _ROW_GROUPS: json.dumps(groups).encode()}) if pieces else pa.schema([])
+                                             _BATCHES: json.dumps(batches).encode()}) if pieces else pa.schema([])
     options = ipc.IpcWriteOptions(compression=_IPC_COMPRESSION)
     with store.open_atomic(key) as f:
         with ipc.new_file(f, schema, options=options) as writer:
             for piece in pieces:
-                if piece.num_rows:  # one batch: its index is the partition's entry in _ROW_GROUPS
+                if piece.num_rows:  # one batch: its index is the partition's entry in _BATCHES
                     writer.write_batch(piece.cast(schema).combine_chunks().to_batches()[0])
     return job.key
 
@@ -355,10 +355,10 @@ def _read_piece(store: Any, map_key: str, partition: int) -> Any:
     key = map_output_key(map_key)
     with store.filesystem.open_input_file(store.fs_path(key)) as f:
         reader = ipc.open_file(f)
-        group = json.loads(reader.schema.metadata[_ROW_GROUPS])[partition]
-        if group < 0:
+        batch = json.loads(reader.schema.metadata[_BATCHES])[partition]
+        if batch < 0:
             return reader.schema.empty_table()
-        return pa.Table.from_batches([reader.get_batch(group)], schema=reader.schema)
+        return pa.Table.from_batches([reader.get_batch(batch)], schema=reader.schema)
 
 
 def _shuffle_reduce(partition: int, ctx: _ReduceContext) -> str:
