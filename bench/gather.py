@@ -101,31 +101,26 @@ def _candidates(urls: list[str]) -> pa.Table:
                      "meta": pa.nulls(n, pa.string())})
 
 
-def run_pipeline(urls: list[str], out_dir: Path, workers: int, image_cfg: ImageConfig, previous: bool
-                 ) -> tuple[float, int, float]:
-    """(wall seconds, images kept with hashes, CPU seconds of this process) of one pipeline."""
+def _worker_pipeline(urls: list[str], out_dir: str, image_cfg: ImageConfig, previous: bool) -> tuple[float, int, float]:
+    """One worker process's share of one pipeline, with one image thread (the build's setting):
+    (wall seconds, images kept with hashes, CPU seconds of this process)."""
     gather_cfg = GatherConfig(concurrency=CONCURRENCY, per_host_concurrency=CONCURRENCY, allow_loopback=True)
     table = _candidates(urls)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     cpu, start = _cpu_seconds(resource.RUSAGE_SELF), time.perf_counter()
     if previous:  # store, then decode the stored image again to hash it
-        processed = hash_table(gather_images(table, gather_cfg, image_cfg, image_threads=workers).table)
+        processed = hash_table(gather_images(table, gather_cfg, image_cfg).table)
     else:
-        processed = gather_images(table, gather_cfg, image_cfg, image_threads=workers, features=HashFeatures()).table
-    pq.write_table(processed, out_dir / "ours.parquet")
+        processed = gather_images(table, gather_cfg, image_cfg, features=HashFeatures()).table
+    pq.write_table(processed, Path(out_dir) / "ours.parquet")
     hashed = processed.num_rows - processed.column("phash").null_count
     return time.perf_counter() - start, hashed, _cpu_seconds(resource.RUSAGE_SELF) - cpu
 
 
-def _worker_pipeline(urls: list[str], out_dir: str, image_cfg: ImageConfig, previous: bool) -> tuple[float, int, float]:
-    """One worker process's share: :func:`run_pipeline` with one image thread (the build's setting)."""
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    return run_pipeline(urls, Path(out_dir), 1, image_cfg, previous)
-
-
 def run_in_processes(pool, urls: list[str], out_dir: Path, workers: int, image_cfg: ImageConfig, previous: bool
                      ) -> tuple[float, int, float]:
-    """(wall seconds, images kept with hashes, CPU seconds of all workers): the URLs split in
-    ``workers`` contiguous shares, one per process of ``pool`` (started before, as Ray's workers
+    """(wall seconds, images kept with hashes, CPU seconds of all workers): the URLs dealt into
+    ``workers`` interleaved shares, one per process of ``pool`` (started before, as Ray's workers
     are; img2dataset's start-up is likewise left out)."""
     shares = [urls[i::workers] for i in range(workers)]
     start = time.perf_counter()
