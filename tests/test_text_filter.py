@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 from infra.config import ConfigError, TextFilterConfig
+from infra.emoji import CLDR_PACKAGES, NPM_ROOT
 from tasks.captions import policy_field_text
 from tasks.text_filter import (BAD_UTF8, CONTROL_CHARS, EMPTY, ENGLISH, FOREIGN, MACHINE_MADE, NOT_ENGLISH,
                                TOO_FEW_WORDS, TOO_LONG, TOO_SHORT, UNKNOWN, EnglishVocab, FastTextLID,
@@ -410,8 +411,7 @@ def test_neutral_words_lingua_calls_estonian_welsh_basque_are_not_english(text_f
         lid.foreign_probability("llosgfynydd")
 
 
-CLDR_READY = all((Path(__file__).parent.parent / ".venv" / "npm" / "node_modules" / p / "package.json").is_file()
-                 for p in ("cldr-annotations-full", "cldr-annotations-derived-full"))
+CLDR_READY = all((NPM_ROOT / p / "package.json").is_file() for p in CLDR_PACKAGES)
 
 
 @pytest.mark.skipif(not CLDR_READY, reason="npm cldr-annotations-* not in .venv/npm (infra/setup.sh installs them)")
