@@ -28,6 +28,7 @@ worker process and the peak sum over all of them; the last line is ``ratio=`` th
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -222,6 +223,37 @@ class ProcessTree:
             self._last.update(self._sample())
 
 
+class JobPeaks(logging.Handler):
+    """Collects the fan-out's per-stage "job peak RSS" events (``infra.fanout.map_shards``), in MB:
+    the largest peak RSS of a worker process during one job of each stage, and the most one job
+    added to its worker's RSS at the job's start (the job's own memory, without what the
+    long-lived worker already held)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.peaks: dict[str, int] = {}
+        self.added: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "fields", {})
+        if record.getMessage() == "job peak RSS":
+            stage = str(fields["stage"])
+            self.peaks[stage] = max(self.peaks.get(stage, 0), int(fields["max_mb"]))
+            self.added[stage] = max(self.added.get(stage, 0), int(fields["max_added_mb"]))
+
+    def __enter__(self) -> "JobPeaks":
+        logger = logging.getLogger("infra.fanout")
+        self._level = logger.level
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logger = logging.getLogger("infra.fanout")
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
+
+
 def run_size(total: int, rows_per_part: int, dedup: DedupConfig, holdout: int, queries: pa.Table,
              tmp: Path, cpus: int) -> dict:
     work = WorkDir(str(tmp / f"n{total}"), StorageConfig())
@@ -232,7 +264,7 @@ def run_size(total: int, rows_per_part: int, dedup: DedupConfig, holdout: int, q
     skew = band_skew(pq.read_table(Path(work.root) / WorkDir.clean(clean.records[0].shard_id), columns=["phash"]),
                      dedup.within_radius) if total <= 1_000_000 else float("nan")
     balance = BalanceConfig(mode="exact", max_per_query=20_000)
-    with ProcessTree() as rss:
+    with ProcessTree() as rss, JobPeaks() as jobs:
         started = time.perf_counter()
         counts = stages.count_queries(filtered, queries.num_rows, balance, task_memory_mb=dedup.task_memory_mb)
         counted = time.perf_counter()
@@ -246,7 +278,7 @@ def run_size(total: int, rows_per_part: int, dedup: DedupConfig, holdout: int, q
             "count_s": counted - started, "within_s": deduped - counted, "plan_s": seconds - (deduped - started),
             "drops": within.drops, "reasons": dict(within.reasons), "held": sum(p.held for p in within.parts),
             "over_cap": counts.over_cap, "shards": len(plan), "driver_mb": rss.driver / 2**20,
-            "worker_mb": rss.worker / 2**20, "total_mb": rss.total / 2**20, "skew": skew}
+            "worker_mb": rss.worker / 2**20, "job_mb": jobs.peaks, "job_added_mb": jobs.added, "total_mb": rss.total / 2**20, "skew": skew}
 
 
 def main() -> None:
@@ -290,6 +322,18 @@ def main() -> None:
                   f"{os.getloadavg()[0]:>5.1f}   ({r['reasons']}, held {r['held']}, {r['shards']} shards, "
                   f"pool written in {r['made_s']:.0f}s; CPU {r['cpu_s']:.0f}s + Ray daemons {r['daemon_cpu_s']:.0f}s{skew})",
                   flush=True)
+    # Where the worker memory goes, per stage at every size (the 1M rerun last): the largest peak
+    # RSS of a worker during one job, and the most one job added to its worker's RSS at its start.
+    # A stage whose added memory grows with the rows holds something per row; a bounded one stays
+    # put, and a peak that grows while the added memory does not is the long-lived worker's own
+    # footprint (heap fragmentation, caches), which the rerun at the first size shows too.
+    stages_seen = sorted({s for r in results for s in r["job_mb"]},
+                         key=lambda s: -max(r["job_mb"].get(s, 0) for r in results))
+    print("worker memory per stage (MB): largest one-job peak RSS / most one job added, by size:")
+    print(f"  {'stage':<44}" + "".join(f"{r['rows']:>13,}" for r in results))
+    for stage in stages_seen[:12]:
+        print(f"  {stage[:44]:<44}" + "".join(f"{r['job_mb'].get(stage, 0):>7} / {r['job_added_mb'].get(stage, 0):>3}"
+                                             for r in results))
     # The ratio is of CPU work per row (rows per CPU-second of the driver and every Ray process):
     # on a shared machine wall-clock rates follow the neighbours' load; both are printed.
     first = [r for r in results if r["rows"] == sizes[0]]

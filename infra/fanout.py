@@ -154,6 +154,8 @@ class ShardResult(Generic[R]):
     value: R | None = None
     error: str | None = None
     node: str | None = None  # the Ray node that ran it (None in this process)
+    peak_rss: int | None = None  # bytes: the worker process's peak RSS during this job (Linux, on Ray)
+    start_rss: int | None = None  # bytes: its RSS when the job started (peak - start: what the job added)
 
 
 class ShardFailures(RuntimeError):
@@ -208,15 +210,57 @@ def release_memory() -> None:
         trim(0)
 
 
-def _run_one(fn: Callable[[Any, Any], Any], key: str, item: Any, context: Any, on_ray: bool = False) -> ShardResult:
-    node = _node_id() if on_ray else None
+def _reset_peak_rss() -> bool:
+    """Start this process's peak-RSS count afresh (Linux: ``5`` to ``/proc/self/clear_refs`` resets
+    VmHWM); False where the kernel does not offer it."""
     try:
-        return ShardResult(key, True, fn(item, context), node=node)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss(field: str = "VmHWM") -> int | None:
+    """This process's peak RSS since the last reset (``VmHWM``) or its current RSS (``VmRSS``), in
+    bytes; None where unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _run_one(fn: Callable[[Any, Any], Any], key: str, item: Any, context: Any, on_ray: bool = False) -> ShardResult:
+    """Run one job. On Ray it also measures the worker's peak RSS during the job (the worker's
+    footprint at the start, its imports included, plus what the job held at its worst), then hands
+    the job's freed memory back, so the next job's peak is its own."""
+    node = _node_id() if on_ray else None
+    measured = on_ray and _reset_peak_rss()
+    start = _rss("VmRSS") if measured else None
+    try:
+        result = ShardResult(key, True, fn(item, context), node=node)
     except Exception as e:  # noqa: BLE001 - one shard's failure is reported, not raised
-        return ShardResult(key, False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}", node=node)
-    finally:
-        if on_ray:
-            release_memory()
+        result = ShardResult(key, False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}", node=node)
+    if measured:
+        result.peak_rss, result.start_rss = _rss("VmHWM"), start
+    if on_ray:
+        release_memory()
+    return result
+
+
+def stage_peak_rss(results: Sequence[ShardResult]) -> tuple[int, int] | None:
+    """A stage's largest per-job worker peak RSS and the largest a job added to its worker's RSS at
+    the start (peak - start: the job's own memory, without what the long-lived worker already
+    held), in bytes; None when no job was measured (run in this process, or not on Linux)."""
+    measured = [r for r in results if r.peak_rss is not None]
+    if not measured:
+        return None
+    return (max(r.peak_rss for r in measured),  # type: ignore[type-var]
+            max(r.peak_rss - (r.start_rss or 0) for r in measured))  # type: ignore[operator]
 
 
 def map_shards(fn: Callable[[T, C], R], items: Sequence[T], *, context: C = None, desc: str,
@@ -271,6 +315,10 @@ def map_shards(fn: Callable[[T, C], R], items: Sequence[T], *, context: C = None
     per_node = Counter(r.node for r in results.values() if r.node)
     if per_node:  # where the work ran: on a cluster, every node should appear
         log_event(log, "shards per node", stage=desc, nodes=dict(sorted(per_node.items())))
+    peak = stage_peak_rss(list(results.values()))
+    if peak is not None:  # what one job of this stage holds: the figure a task memory budget bounds
+        log_event(log, "job peak RSS", stage=desc, jobs=total, max_mb=round(peak[0] / 2**20),
+                  max_added_mb=round(peak[1] / 2**20))
     return [results[k] for k in keys]
 
 

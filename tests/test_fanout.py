@@ -70,3 +70,37 @@ def test_shuffle_on_ray(ray_local, tmp_path):
                    desc="parity")
     sums = [scratch.read_parquet(k).column("sum")[0].as_py() for k in keys]
     assert sums == [sum(v for n in (5, 6, 7) for v in range(n) if v % 2 == p) for p in range(2)]
+
+
+def _hold(mb: int, _context: None) -> int:
+    block = bytearray(mb * 2**20)  # zero-filled: every page touched
+    return len(block)
+
+
+def test_each_job_reports_its_own_peak_memory():
+    """On Ray a job's result carries its worker's peak RSS during that job and its RSS at the start;
+    the peak is counted afresh for every job, so a small job after a big one in the same long-lived
+    process reports its own, not the big one's (what the per-stage "job peak RSS" log line says)."""
+    from infra.fanout import _run_one, stage_peak_rss
+
+    big = _run_one(_hold, "big", 200, None, on_ray=True)  # as a Ray worker runs it (no Ray needed)
+    small = _run_one(_hold, "small", 1, None, on_ray=True)
+    if big.peak_rss is None:
+        pytest.skip("this kernel offers no resettable peak RSS (/proc/self/clear_refs)")
+    assert big.ok and big.peak_rss - big.start_rss >= 190 * 2**20
+    assert small.ok and small.peak_rss - small.start_rss < 50 * 2**20
+    assert small.peak_rss < big.peak_rss - 100 * 2**20, "the peak must be reset between jobs"
+    assert stage_peak_rss([big, small]) == (big.peak_rss, big.peak_rss - big.start_rss)
+    here = _run_one(_hold, "here", 1, None)  # in the driver's process: nothing is measured
+    assert here.peak_rss is None and stage_peak_rss([here]) is None
+
+
+def test_a_stage_on_ray_logs_its_job_peak_memory(ray_local, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="infra.fanout"):
+        results = map_shards(_hold, [64, 1, 2], desc="hold memory", key=str)
+    assert all(r.ok and r.peak_rss and r.start_rss for r in results)
+    events = [r for r in caplog.records if r.getMessage() == "job peak RSS"]
+    assert len(events) == 1 and events[0].fields["stage"] == "hold memory" and events[0].fields["jobs"] == 3
+    assert events[0].fields["max_added_mb"] >= 60 and events[0].fields["max_mb"] >= events[0].fields["max_added_mb"]
