@@ -225,7 +225,7 @@ def _url_pieces(record: FilterRecord, ctx: _UrlContext) -> list[pa.Table]:
     table = table.append_column("shard_id", pa.array([record.shard_id] * table.num_rows, pa.string()))
     table = table.select(_URL_PIECE_SCHEMA.names).cast(_URL_PIECE_SCHEMA)
     part = (sample_hashes(table.column("url")) % np.uint64(ctx.num_partitions)).astype(np.int64)
-    return [table.filter(pa.array(part == p)) for p in range(ctx.num_partitions)]
+    return split_by(table, part, ctx.num_partitions)  # one sort and R slices, not R filters of the whole map
 
 
 def _url_duplicates(partition: int, pieces: list[pa.Table], ctx: _UrlContext) -> pa.Table:
