@@ -296,6 +296,10 @@ class TextFilterConfig:
     # "eteindre" for entrée, téléphone, éteindre) where a margin rule guards it, and for the
     # distinctly-English lead; false: words are looked up as written
     foreign_fold_accents: bool = True
+    # Where a machine keeps the word-frequency index of English and foreign_languages
+    # (tasks/word_frequencies.py: built once, ~12 s and ~170 MB, then mapped by every worker):
+    # "auto" is $XDG_CACHE_HOME/witflow (~/.cache/witflow); None: each process builds it in memory
+    frequency_cache: str | None = "auto"
     # A word that is neither English nor foreign evidence and is used under this Zipf in English and
     # in every foreign language (made-up names, brands: "Kexi", "Perogies") is no evidence: a caption
     # turned down is judged again without such words (and place names), one of them only is English;

@@ -101,6 +101,7 @@ from infra.config import TextFilterConfig
 from infra.funnel import Funnel
 from infra.wordnet import locate_wordnet, wordnet_words
 from tasks.step import StepOutput
+from tasks.word_frequencies import FrequencyIndex, fold_accents, frequency_index, wordfreq_table  # noqa: F401
 
 STAGE = "text_filter"
 
@@ -479,7 +480,8 @@ class ForeignWords:
     def __init__(self, languages: Sequence[str], margin: float, min_zipf: float, english_common_zipf: float,
                  absent_min_zipf: float, absent_known_min_zipf: float | None, english_lead: float | None,
                  lead_max_foreign_zipf: float | None, unknown_min_zipf: float | None,
-                 english_min_letters: int, fold_accents: bool, neutral_max_zipf: float | None) -> None:
+                 english_min_letters: int, fold_accents: bool, neutral_max_zipf: float | None,
+                 frequency_cache: str | None) -> None:
         # No defaults: the values are TextFilterConfig's (text_filter.foreign_* and friends), one source.
         self.languages = tuple(languages)
         self.margin, self.min_zipf = margin, min_zipf
@@ -488,17 +490,19 @@ class ForeignWords:
         self.lead_max_foreign_zipf, self.unknown_min_zipf = lead_max_foreign_zipf, unknown_min_zipf
         self.english_min_letters = english_min_letters
         self.fold_accents, self.neutral_max_zipf = fold_accents, neutral_max_zipf
-        self._freq: _FrequencyTables | None = None  # the process's shared tables (``_load``)
+        self.frequency_cache = frequency_cache  # where the machine's index is kept (tasks.word_frequencies)
+        self._floor = 10 ** (min_zipf - 9)  # a compound's parts must be that frequent
+        self._freq: FrequencyIndex | None = None  # the process's shared index (``_load``)
         self._cache: dict[str, tuple[float, float, float]] = {}  # word -> _zipfs (captions repeat words)
         self._language_cache: dict[str, tuple[float, ...]] = {}  # word -> language_zipfs
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_freq": None, "_cache": {}, "_language_cache": {}}
 
-    def _load(self) -> _FrequencyTables:
-        """The frequency tables, built once per process and shared (:func:`_frequency_tables`)."""
+    def _load(self) -> FrequencyIndex:
+        """The frequency index, mapped once per process and shared (:func:`frequency_index`)."""
         if self._freq is None:
-            self._freq = _frequency_tables(self.languages, self.min_zipf, self.fold_accents)
+            self._freq = frequency_index(self.languages, self.fold_accents, self.frequency_cache)
         return self._freq
 
     def zipf(self, word: str) -> tuple[float, float]:
@@ -514,11 +518,8 @@ class ForeignWords:
         """(``zipf``'s two, ``folded_zipf``), cached per instance."""
         hit = self._cache.get(word)
         if hit is None:
-            freq = self._load()
-            english = freq.english.get(word, 0.0)
-            foreign = freq.foreign_max.get(word, 0.0)
-            folded = freq.folded_max.get(word, 0.0)
-            hit = _zipf(english), _zipf(foreign), _zipf(max(foreign, folded))
+            english, foreign, folded = self._load().frequencies(word)  # folded: foreign or accentless, the larger
+            hit = _zipf(english), _zipf(foreign), _zipf(folded)
             if len(self._cache) > 1_000_000:  # bound the memory of a long-lived worker
                 self._cache.clear()
             self._cache[word] = hit
@@ -529,8 +530,7 @@ class ForeignWords:
         with ``fold_accents``), cached per instance."""
         hit = self._language_cache.get(word)
         if hit is None:
-            freq = self._load()
-            hit = tuple(_zipf(max(t.get(word, 0.0), f.get(word, 0.0))) for t, f in zip(freq.tables, freq.folded))
+            hit = tuple(_zipf(f) for f in self._load().by_language(word))
             if len(self._language_cache) > 1_000_000:
                 self._language_cache.clear()
             self._language_cache[word] = hit
@@ -553,18 +553,20 @@ class ForeignWords:
     def compound(self, word: str) -> bool:
         """``word`` is two words of one of the languages, each at least ``min_zipf`` there and
         ``margin`` above English ("ampelfrau", "ampelmaennchen": German compounds no list has)."""
-        freq = self._load()
-        english = freq.english
+        freq, floor = self._load(), self._floor
         for i in range(3, len(word) - 2):
             head, tail = word[:i], word[i:]
-            head_needs = max(self.min_zipf, _zipf(english.get(head, 0.0)) + self.margin)
+            head_needs = max(self.min_zipf, _zipf(freq.english(head)) + self.margin)
             tail_needs: float | None = None  # looked up only when a head passes (most do not)
-            for common in freq.common:  # only words >= min_zipf: what a part needs anyway
-                if _zipf(common.get(head, 0.0)) < head_needs:
+            tails: list[float] = []
+            for language, h in enumerate(freq.by_language(head)):  # parts count only from floor up
+                if _zipf(h if h >= floor else 0.0) < head_needs:
                     continue
                 if tail_needs is None:
-                    tail_needs = max(self.min_zipf, _zipf(english.get(tail, 0.0)) + self.margin)
-                if _zipf(common.get(tail, 0.0)) >= tail_needs:
+                    tail_needs = max(self.min_zipf, _zipf(freq.english(tail)) + self.margin)
+                    tails = freq.by_language(tail)
+                t = tails[language]
+                if _zipf(t if t >= floor else 0.0) >= tail_needs:
                     return True
         return False
 
@@ -614,97 +616,13 @@ class ForeignWords:
         return self.english_lead is not None and self.leads(word, common_elsewhere=True)
 
 
-@dataclass(frozen=True)
-class _FrequencyTables:
-    """What :class:`ForeignWords` reads: English's table, each language's (and its accentless
-    spellings', and its words >= min_zipf for ``compound``), and the highest frequency over them."""
-
-    english: dict[str, float]
-    tables: list[dict[str, float]]
-    folded: list[dict[str, float]]  # per language, empty without fold_accents
-    common: list[dict[str, float]]
-    foreign_max: dict[str, float]
-    folded_max: dict[str, float]
-
-
-@functools.lru_cache(maxsize=2)
-def _frequency_tables(languages: tuple[str, ...], min_zipf: float, fold_accents: bool) -> _FrequencyTables:
-    """Built once per process for each (languages, min_zipf, fold_accents) and shared by every
-    filter that asks (26 languages are ~500 MB: a process holding several filters, as a test run
-    or a worker rebuilt with the same config, would otherwise hold a copy each); read-only."""
-    floor = 10 ** (min_zipf - 9)  # a compound's parts must be that frequent
-    tables, folded_tables, commons = [], [], []
-    foreign_max: dict[str, float] = {}
-    folded_max: dict[str, float] = {}
-    for language in languages:
-        table = wordfreq_table(language)
-        tables.append(table)
-        folded = _folded_frequencies(table, umlauts=language == "de") if fold_accents else {}
-        folded_tables.append(folded)
-        common = {w: f for w, f in table.items() if f >= floor}
-        for w, f in folded.items():
-            if f >= floor and f > common.get(w, 0.0):
-                common[w] = f
-        commons.append(common)
-        _update_max(foreign_max, table)
-        _update_max(folded_max, folded)
-    return _FrequencyTables(wordfreq_table("en"), tables, folded_tables, commons, foreign_max, folded_max)
-
-
 def _zipf(frequency: float) -> float:
     return math.log10(frequency) + 9 if frequency else 0.0
-
-
-_UMLAUTS = str.maketrans({"ä": "ae", "ö": "oe", "ü": "ue", "ß": "ss"})
-
-
-def wordfreq_table(language: str) -> dict[str, float]:
-    """word -> frequency of wordfreq's "best" list of ``language`` (the large one where it has one,
-    else the small one: Filipino, Malay...), read from its file in the wheel without wordfreq's
-    caches (``get_frequency_dict`` keeps every list it ever read: 26 of them are over a GB)."""
-    import wordfreq
-
-    path = wordfreq.available_languages("best").get(language)
-    if path is None:
-        raise ValueError(f"text_filter.foreign_languages: wordfreq has no list for {language!r}")
-    table: dict[str, float] = {}
-    for index, bucket in enumerate(wordfreq.read_cBpack(str(path))):
-        frequency = wordfreq.cB_to_freq(-index)  # one float per centibel bucket, shared by its words
-        for word in bucket:
-            table[word] = frequency
-    return table
-
-
-def _update_max(into: dict[str, float], table: Mapping[str, float]) -> None:
-    for word, frequency in table.items():
-        if frequency > into.get(word, 0.0):
-            into[word] = frequency
-
-
-def _folded_frequencies(table: Mapping[str, float], umlauts: bool) -> dict[str, float]:
-    """The ASCII spellings of a table's other words -> the highest frequency of a word spelt so:
-    accents left out ("entree" -> French "entrée") and, with ``umlauts`` (German), umlauts as
-    vowel + e too ("gruene", "maennchen")."""
-    folded: dict[str, float] = {}
-    for word, frequency in table.items():
-        if not word.isascii():
-            keys = {fold_accents(word), fold_accents(word.translate(_UMLAUTS))} if umlauts else {fold_accents(word)}
-            for key in keys:
-                if key != word and frequency > folded.get(key, 0.0):
-                    folded[key] = frequency
-    return folded
 
 
 # ------------------------------------------------------------------------------------------------
 # Place names
 # ------------------------------------------------------------------------------------------------
-
-
-def fold_accents(word: str) -> str:
-    """``word`` without combining marks ("côte" -> "cote")."""
-    if word.isascii():
-        return word
-    return "".join(c for c in unicodedata.normalize("NFKD", word) if not unicodedata.combining(c))
 
 
 def _name_variants(name: str) -> set[str]:
@@ -1033,7 +951,8 @@ class TextFilter:
                                      cfg.english_common_zipf, cfg.foreign_absent_min_zipf,
                                      cfg.foreign_absent_known_min_zipf, cfg.english_lead_zipf,
                                      cfg.gloss_max_foreign_zipf, cfg.foreign_unknown_min_zipf,
-                                     cfg.english_min_letters, cfg.foreign_fold_accents, cfg.neutral_max_zipf)
+                                     cfg.english_min_letters, cfg.foreign_fold_accents, cfg.neutral_max_zipf,
+                                     cfg.frequency_cache)
                         if cfg.english and cfg.foreign_languages else None)
         self.short_detector = short_caption_detector(cfg.short_detector, cfg.language_seed) if cfg.english else None
         self.names = (PlaceNames.load(cfg.place_name_max_foreign_lead)

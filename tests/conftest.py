@@ -14,6 +14,8 @@ os.environ.setdefault("WITFLOW_PROGRESS", "0")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_HOME", str(REPO_ROOT / ".venv" / "prefect_home"))
+# The machine's caches (tasks/word_frequencies.py's index) inside .venv, not the user's ~/.cache.
+os.environ.setdefault("XDG_CACHE_HOME", str(REPO_ROOT / ".venv" / "cache"))
 
 SAMPLE_PARQUET = REPO_ROOT / "infra" / "data" / "openclipart_sample.parquet"
 

@@ -94,7 +94,9 @@ class WorkDir:
     @classmethod
     def for_filter(cls, dataset_root: str, storage: StorageConfig, sources: Sequence[SourceConfig], base_dir: str,
                    text_filter: TextFilterConfig, queries_sha256: str, lease: Any = None) -> "WorkDir":
-        fp = fingerprint(WORK_FORMAT, sources_identity(sources, base_dir, storage), to_dict(text_filter), queries_sha256)
+        # where the machine caches its word-frequency index is no part of what the filter does
+        rules = {k: v for k, v in to_dict(text_filter).items() if k != "frequency_cache"}
+        fp = fingerprint(WORK_FORMAT, sources_identity(sources, base_dir, storage), rules, queries_sha256)
         return cls(f"{dataset_root.rstrip('/')}/work/f-{fp}", storage, lease)
 
     def for_clean(self, balance: BalanceConfig, gather: GatherConfig, images: ImageConfig, dedup: DedupConfig,
