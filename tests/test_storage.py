@@ -19,13 +19,14 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pytest
 
 from infra.config import StorageConfig
@@ -484,6 +485,26 @@ def test_credentials_and_endpoint_from_the_aws_environment(s3_store: ObjectStore
 # --------------------------------------------------------------------------------------------
 # Pickling (Ray workers) and the server helper
 # --------------------------------------------------------------------------------------------
+
+
+def test_stores_of_one_config_share_one_client_per_process(s3_store: ObjectStore, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job rebuilds its stores (they pickle without clients); a boto3 client costs 65-130 ms to
+    make, so every store of one config in a process shares one, and one pyarrow filesystem."""
+    clone = pickle.loads(pickle.dumps(s3_store))
+    other_root = ObjectStore(s3_store.uri("elsewhere"), s3_store.config)
+    assert clone.s3_client is s3_store.s3_client is other_root.s3_client
+    assert clone.filesystem is s3_store.filesystem
+    clone.write_text("shared.txt", "one client")
+    assert s3_store.read_text("shared.txt") == "one client"
+    # another config, other credentials in the environment, a local root: never that client
+    retried = ObjectStore(s3_store.root, replace(s3_store.config, retries=1))
+    assert retried.s3_client is not s3_store.s3_client
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "another-session")
+    assert ObjectStore(s3_store.root, s3_store.config).s3_client is not s3_store.s3_client
+    monkeypatch.delenv("AWS_SESSION_TOKEN")
+    local = ObjectStore(str(tmp_path), s3_store.config)
+    assert isinstance(local.filesystem, pafs.LocalFileSystem) and not isinstance(s3_store.filesystem, pafs.LocalFileSystem)
 
 
 def test_store_pickles_without_clients_and_works_in_another_process(s3_store: ObjectStore, repo_root: Path) -> None:
