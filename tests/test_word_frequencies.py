@@ -53,6 +53,7 @@ def test_the_index_holds_exactly_the_lists_values(tmp_path, fresh):
 
 def test_an_index_is_built_once_and_then_mapped(tmp_path, fresh, caplog):
     caplog.set_level(logging.INFO, "tasks.word_frequencies")
+    caplog.clear()
     built = wf.frequency_index(("it",), True, str(tmp_path))
     assert _messages(caplog) == ["word frequency index built"]
     assert wf.frequency_index(("it",), True, str(tmp_path)) is built  # once per process
@@ -91,6 +92,7 @@ def test_a_damaged_or_stale_index_is_rebuilt(tmp_path, fresh, caplog, damage):
         (folder / "meta.json").unlink()
         why = "no readable meta.json"
     caplog.set_level(logging.INFO, "tasks.word_frequencies")
+    caplog.clear()  # the first build's line too, where an earlier test left INFO on
     again = wf.frequency_index(("it",), True, str(tmp_path))
     built = [r for r in caplog.records if r.getMessage() == "word frequency index built"]
     assert len(built) == 1 and built[0].fields["why"].startswith(why), [r.__dict__.get("fields") for r in built]
