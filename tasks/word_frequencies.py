@@ -417,3 +417,29 @@ def _build(languages: tuple[str, ...], fold: bool, identity: dict, folder: Path 
         raise RuntimeError(f"word frequency index {folder}: unreadable right after it was written ({opened})")
     log_event(log, "word frequency index built", path=str(folder), words=opened.words, seconds=built, why=why)
     return opened
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Build (or check) this machine's index for the default filter config, e.g. in a node image."""
+    import argparse
+
+    from infra.config import TextFilterConfig
+
+    defaults = TextFilterConfig()
+    ap = argparse.ArgumentParser(prog="python -m tasks.word_frequencies",
+                                 description="Build this machine's word-frequency index (or find it current) "
+                                             "for the English filter, and print where it is.")
+    ap.add_argument("--languages", nargs="*", default=list(defaults.foreign_languages),
+                    help="text_filter.foreign_languages (default: the config's %(default)s)")
+    ap.add_argument("--no-fold-accents", action="store_true", help="text_filter.foreign_fold_accents: false")
+    ap.add_argument("--cache-dir", default=defaults.frequency_cache,
+                    help='text_filter.frequency_cache (default "%(default)s": $XDG_CACHE_HOME/witflow)')
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s %(fields)s")
+    index = frequency_index(tuple(args.languages), not args.no_fold_accents, args.cache_dir)
+    print(f"{index.path or 'in memory (no cache)'}: {index.words:,} words, English and {len(index.languages)} languages")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

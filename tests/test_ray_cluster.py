@@ -69,6 +69,11 @@ def test_the_node_image_recipe_sets_up_this_environment():
     setup = (REPO_ROOT / "infra" / "setup.sh").read_text()
     assert re.search(r"TORCH_SPEC=\$\{WITFLOW_TORCH:-(torch==[\d.]+)\}", setup).group(1) in text
     assert "RAY_AUTH_MODE=token" in text and "RAY_USAGE_STATS_ENABLED=0" in text
+    # the filter's word-frequency index is built in the image, where its workers will look for it
+    (cache,) = re.findall(r"^ENV XDG_CACHE_HOME=(\S+)$", text, re.M)
+    built = text.index("RUN .venv/bin/python -m tasks.word_frequencies")
+    assert text.index(f"ENV XDG_CACHE_HOME={cache}") < built and cache.startswith("/opt/witflow/")
+    assert text.index("bash infra/setup.sh") < built
     ignored = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().split()
     assert {".venv", "runs", ".git"} <= set(ignored)
     assert subprocess.run(["bash", "-n", str(REPO_ROOT / "infra" / "setup.sh")]).returncode == 0

@@ -157,3 +157,10 @@ def test_fold_accents_is_nfkd_without_combining_marks_for_every_character():
     words = ["côte", "Ärger", "ﬁle", "한국어", "e\u0301\u0323", "Ǆ", "straße"] + [
         "a" + c + "\u0301" + c for c in chars]  # each character among combining marks
     assert [wf.fold_accents(w) for w in words] == [reference(w) for w in words]
+
+
+def test_the_command_builds_the_index_and_says_where(tmp_path, fresh, capsys):
+    assert wf.main(["--languages", "it", "--cache-dir", str(tmp_path)]) == 0
+    (folder,) = _folders(tmp_path)
+    assert capsys.readouterr().out == f"{tmp_path / folder}: {wf.frequency_index(('it',), True, str(tmp_path)).words:,} " \
+                                      "words, English and 1 languages\n"
