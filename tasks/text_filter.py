@@ -101,7 +101,7 @@ from infra.config import TextFilterConfig
 from infra.funnel import Funnel
 from infra.wordnet import locate_wordnet, wordnet_words
 from tasks.step import StepOutput
-from tasks.word_frequencies import FrequencyIndex, fold_accents, frequency_index, wordfreq_table  # noqa: F401
+from tasks.word_frequencies import FrequencyIndex, fold_accents, frequency_index
 
 STAGE = "text_filter"
 
@@ -459,7 +459,8 @@ ENGLISH, FOREIGN, UNKNOWN = "english", "foreign", "unknown"
 class ForeignWords:
     """Which words of a caption are evidence of another language: wordfreq's Zipf frequencies
     (log10 of occurrences per billion words) of English and of ``languages``, from the data in
-    its wheel, loaded once per process.
+    its wheel, as the machine's read-only index (``tasks.word_frequencies``: built once per
+    machine into ``frequency_cache``, mapped once per process).
 
     A word is *foreign* when it is a foreign function word; or English-known but at least
     ``margin`` Zipf more frequent in one of the languages, there at least ``min_zipf``, and
@@ -474,7 +475,7 @@ class ForeignWords:
     ``lead_max_foreign_zipf`` in one of them ("scissors", "bags", "and"; not the shared "figure",
     "protection", "france", nor "issue", common in French). English-known words shorter than
     ``english_min_letters`` count as English only when English leads them by ``english_lead``
-    (``_word_evidence``). Picklable: a worker reloads the lists.
+    (``_word_evidence``). Picklable: a worker maps the index again.
     """
 
     def __init__(self, languages: Sequence[str], margin: float, min_zipf: float, english_common_zipf: float,

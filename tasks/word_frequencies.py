@@ -7,7 +7,7 @@ each language's (its list's or its accentless spellings', the larger). Built fro
 wordfreq's wheel, 26 Latin-script languages are 5.0M words; as dicts they cost every worker
 process ~7 CPU-s and ~850 MB. The index holds the same values exactly (each value is one of
 wordfreq's centibel frequencies, stored as an index into the table of those that occur) in flat
-arrays — ~175 MB on disk, mapped and shared through the page cache by every process that opens it:
+arrays — 168 MB on disk, mapped and shared through the page cache by every process that opens it:
 
 * the words (UTF-8, one blob and their offsets), ordered by a CRC-32 bucket with a pointer per
   bucket (2^k buckets for n words, n <= 2^k < 2n: one or two words to compare a lookup);
@@ -19,8 +19,9 @@ A machine builds it once, into ``cache_dir`` (``text_filter.frequency_cache``: "
 the languages, accent folding, wordfreq's version and list files, and this module's code. It is
 reused only when its ``meta.json`` says exactly that and every file has the size it names;
 otherwise it is rebuilt (the log says which). The build writes a hidden temp folder, fsyncs it and
-renames it into place, so a reader never sees half an index, and two processes building at once
-both end with the one that was renamed first.
+renames it into place, so a reader never sees half an index; it runs under a file lock, so the
+workers of a machine that start together build it once (the others wait, then map it). Where the
+cache cannot be written the index is built in memory, as the dicts were, with a warning.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import contextlib
 import fcntl
 import functools
 import hashlib
-import inspect
 import json
 import logging
 import mmap
@@ -158,6 +158,7 @@ class FrequencyIndex:
         return levels[self._english[row]], levels[self._foreign[row]], levels[self._folded[row]]
 
     def english(self, word: str) -> float:
+        """English's frequency of ``word``."""
         row = self.find(word)
         return self._levels[self._english[row]] if row >= 0 else 0.0
 
@@ -171,14 +172,6 @@ class FrequencyIndex:
                 out[ids[j]] = levels[lvl[j]]
         return out
 
-    def sparse_by_language(self, word: str) -> list[tuple[int, float]]:
-        """:meth:`by_language`'s non-zero entries, (language index, frequency) in language order."""
-        row = self.find(word)
-        if row < 0:
-            return []
-        levels, ids, lvl = self._levels, self._lang_id, self._lang_level
-        return [(ids[j], levels[lvl[j]]) for j in range(self._lang_ptr[row], self._lang_ptr[row + 1])]
-
 
 def _source_identity(languages: Sequence[str], fold: bool) -> dict:
     """What an index is built from: the languages, folding, wordfreq's version and list files, this code."""
@@ -191,8 +184,7 @@ def _source_identity(languages: Sequence[str], fold: bool) -> dict:
         if path is None:
             raise ValueError(f"text_filter.foreign_languages: wordfreq has no list for {language!r}")
         lists[language] = [Path(path).name, os.path.getsize(path)]
-    code = hashlib.sha256("".join(inspect.getsource(f) for f in (
-        _Folds, fold_accents, wordfreq_table, folded_frequencies, build_arrays, _tables)).encode()).hexdigest()[:16]
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]  # any change to this module rebuilds
     from importlib.metadata import version
 
     return {"format": FORMAT, "languages": list(languages), "fold_accents": fold, "wordfreq": version("wordfreq"),

@@ -48,7 +48,6 @@ def test_the_index_holds_exactly_the_lists_values(tmp_path, fresh):
         assert index.frequencies(word) == want, word
         assert index.by_language(word) == [max(a, b) for a, b in zip(lists, spellings)], word
         assert index.english(word) == want[0]
-        assert index.sparse_by_language(word) == [(i, f) for i, f in enumerate(index.by_language(word)) if f], word
 
 
 def test_an_index_is_built_once_and_then_mapped(tmp_path, fresh, caplog):
