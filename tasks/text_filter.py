@@ -557,15 +557,16 @@ class ForeignWords:
         freq, floor = self._load(), self._floor
         for i in range(3, len(word) - 2):
             head, tail = word[:i], word[i:]
-            head_needs = max(self.min_zipf, _zipf(freq.english(head)) + self.margin)
+            head_english, heads = freq.english_and_languages(head)
+            head_needs = max(self.min_zipf, _zipf(head_english) + self.margin)
             tail_needs: float | None = None  # looked up only when a head passes (most do not)
             tails: list[float] = []
-            for language, h in enumerate(freq.by_language(head)):  # parts count only from floor up
+            for language, h in enumerate(heads):  # parts count only from floor up
                 if _zipf(h if h >= floor else 0.0) < head_needs:
                     continue
                 if tail_needs is None:
-                    tail_needs = max(self.min_zipf, _zipf(freq.english(tail)) + self.margin)
-                    tails = freq.by_language(tail)
+                    tail_english, tails = freq.english_and_languages(tail)
+                    tail_needs = max(self.min_zipf, _zipf(tail_english) + self.margin)
                 t = tails[language]
                 if _zipf(t if t >= floor else 0.0) >= tail_needs:
                     return True

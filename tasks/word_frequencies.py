@@ -130,8 +130,7 @@ class FrequencyIndex:
         self.languages, self.path = tuple(languages), path
         self._buffers = buffers  # keeps the maps open as long as the views
         self._keys = buffers["keys"]  # mmap or bytes: slicing gives bytes
-        view = {name: memoryview(buffers[name]).cast(code) if len(buffers[name]) else memoryview(b"").cast(code)
-                for name, code in _ARRAYS.items() if name != "keys"}
+        view = {name: memoryview(buffers[name]).cast(code) for name, code in _ARRAYS.items() if name != "keys"}
         self._offsets, self._buckets = view["offsets"], view["buckets"]
         self._english, self._foreign, self._folded = view["english"], view["foreign"], view["folded"]
         self._lang_ptr, self._lang_id, self._lang_level = view["lang_ptr"], view["lang_id"], view["lang_level"]
@@ -157,20 +156,20 @@ class FrequencyIndex:
         levels = self._levels
         return levels[self._english[row]], levels[self._foreign[row]], levels[self._folded[row]]
 
-    def english(self, word: str) -> float:
-        """English's frequency of ``word``."""
-        row = self.find(word)
-        return self._levels[self._english[row]] if row >= 0 else 0.0
-
     def by_language(self, word: str) -> list[float]:
         """Each language's frequency of ``word`` (its list's or its accentless spellings', the larger)."""
+        return self.english_and_languages(word)[1]
+
+    def english_and_languages(self, word: str) -> tuple[float, list[float]]:
+        """English's frequency of ``word`` and :meth:`by_language`'s, from one lookup."""
         out = [0.0] * len(self.languages)
         row = self.find(word)
-        if row >= 0:
-            levels, ids, lvl = self._levels, self._lang_id, self._lang_level
-            for j in range(self._lang_ptr[row], self._lang_ptr[row + 1]):
-                out[ids[j]] = levels[lvl[j]]
-        return out
+        if row < 0:
+            return 0.0, out
+        levels, ids, lvl = self._levels, self._lang_id, self._lang_level
+        for j in range(self._lang_ptr[row], self._lang_ptr[row + 1]):
+            out[ids[j]] = levels[lvl[j]]
+        return levels[self._english[row]], out
 
 
 def _source_identity(languages: Sequence[str], fold: bool) -> dict:
@@ -275,10 +274,9 @@ def resolve_cache_dir(cache_dir: str | None) -> Path | None:
     return Path(cache_dir).expanduser()
 
 
-def _from_memory(arrays: Mapping[str, np.ndarray], languages: Sequence[str], levels: Sequence[float],
-                 path: Path | None = None) -> FrequencyIndex:
+def _from_memory(arrays: Mapping[str, np.ndarray], languages: Sequence[str], levels: Sequence[float]) -> FrequencyIndex:
     return FrequencyIndex({name: np.ascontiguousarray(arrays[name], _DTYPES[code]).tobytes()
-                           for name, code in _ARRAYS.items()}, languages, levels, path)
+                           for name, code in _ARRAYS.items()}, languages, levels)
 
 
 def _open(folder: Path, identity: dict) -> FrequencyIndex | str:

@@ -47,7 +47,7 @@ def test_the_index_holds_exactly_the_lists_values(tmp_path, fresh):
         want = (english.get(word, 0.0), max(lists), max(lists + spellings))
         assert index.frequencies(word) == want, word
         assert index.by_language(word) == [max(a, b) for a, b in zip(lists, spellings)], word
-        assert index.english(word) == want[0]
+        assert index.english_and_languages(word) == (want[0], index.by_language(word))
 
 
 def test_an_index_is_built_once_and_then_mapped(tmp_path, fresh, caplog):
@@ -131,7 +131,7 @@ def test_workers_starting_at_once_build_the_index_once(tmp_path):
         procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
                  for _ in range(2)]
         deadline = time.monotonic() + 120
-        while _lock_waiters() < 2 and all(p.poll() is None for p in procs):
+        while _lock_waiters({p.pid for p in procs}) < 2 and all(p.poll() is None for p in procs):
             assert time.monotonic() < deadline, "the workers never waited for the lock"
             time.sleep(0.05)
     outs = [p.communicate(timeout=300)[0] for p in procs]
@@ -143,9 +143,14 @@ def test_workers_starting_at_once_build_the_index_once(tmp_path):
     assert _folders(tmp_path) == [folder.name]
 
 
-def _lock_waiters() -> int:
-    """flock waiters on this machine (the lines of /proc/locks blocked behind a holder: "-> FLOCK")."""
-    return sum("-> FLOCK" in line for line in open("/proc/locks"))
+def _lock_waiters(pids: set[int]) -> int:
+    """How many of ``pids`` wait on an flock (/proc/locks: "N: -> FLOCK ADVISORY WRITE <pid> ...")."""
+    waiting = 0
+    for line in open("/proc/locks"):
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "->" and fields[2] == "FLOCK" and int(fields[5]) in pids:
+            waiting += 1
+    return waiting
 
 
 def test_fold_accents_is_nfkd_without_combining_marks_for_every_character():
