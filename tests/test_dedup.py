@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from collections import Counter
 
 import imagehash
@@ -468,6 +469,118 @@ def test_a_duplicate_cluster_beyond_the_cap_keeps_its_smallest_id(tmp_path):
     assert results[0].equals(results[1])
     got = dict(zip(results[0].column("sample_id").to_pylist(), results[0].column("representative").to_pylist()))
     assert got == {f"c{i:05d}": "c00000" for i in range(1, 3000)}
+
+
+def _hot_cluster_table(seed: int) -> pa.Table:
+    """2,000 near-copies of one image (codes 0-2 bits from one centre, a third of them identical,
+    correlating thumbnails) among 300 unrelated rows: the cluster's (band, value) groups are big and
+    split poorly, so the band stage caps them."""
+    rng = np.random.default_rng(seed)
+    texture = rng.integers(0, 256, (THUMB_SIDE, THUMB_SIDE)).astype(np.int16)
+    centre = 0x0123456789ABCDEF
+    rows = []
+    for k, i in enumerate(rng.permutation(2000)):
+        flips = 0 if k % 3 == 0 else sum(1 << int(b) for b in rng.choice(64, rng.integers(1, 3), replace=False))
+        noisy = np.clip(texture + rng.integers(-2, 3, texture.shape), 0, 255).astype(np.uint8).tobytes()
+        rows.append({"sample_id": f"c{i:05d}", "phash": centre ^ flips, "thumb": noisy, "low_info": False,
+                     "pixels_sha256": hashlib.sha256(f"c{i}".encode()).hexdigest()})
+    for i in range(300):
+        rows.append({"sample_id": f"u{i:05d}", "phash": int(rng.integers(0, 2**63)), "low_info": False,
+                     "thumb": rng.integers(0, 256, THUMB_SIDE * THUMB_SIDE).astype(np.uint8).tobytes(),
+                     "pixels_sha256": hashlib.sha256(f"u{i}".encode()).hexdigest()})
+    return pa.Table.from_pylist(rows, schema=pa.schema([("sample_id", pa.string()), ("phash", pa.uint64()),
+                                                        ("thumb", pa.binary()), ("low_info", pa.bool_()),
+                                                        ("pixels_sha256", pa.string())]))
+
+
+def _band_stage(scratch: ObjectStore) -> tuple[set, dict]:
+    """The band stage's verified candidate pairs and its summed metadata, read from the scratch."""
+    pairs, meta = set(), Counter()
+    for key in scratch.list():
+        parts = key.split("/")  # d-<digest>/bands/reduce/p-<partition>.parquet
+        if len(parts) == 4 and parts[1:3] == ["bands", "reduce"]:
+            table = scratch.read_parquet(key)
+            pairs |= set(zip(table.column("a").to_pylist(), table.column("b").to_pylist()))
+            m = json.loads(table.schema.metadata[b"pairs"])
+            for k, v in m.items():
+                meta[k] = max(meta[k], v) if k == "largest_group" else meta[k] + v
+    assert meta, f"no band reduce under {scratch.uri('')}"
+    return pairs, dict(meta)
+
+
+@pytest.mark.parametrize("hot_rows,parts,partitions", [(150, 3, 4), (700, 2, 2)])
+def test_a_hot_group_is_reduced_in_ranges_with_the_whole_groups_pairs(tmp_path, hot_rows, parts, partitions):
+    """A (band, value) group above ``hot_rows`` never sits whole in one reduce: it is cut into
+    code-order ranges (all rows sampled at 150; a ~256-row sample at 700), each with the next
+    range's first rows beside it, and the band stage finds exactly the pairs it finds with the
+    group in one task; the drops are the same."""
+    table = _hot_cluster_table(seed=4)
+    store = ObjectStore(str(tmp_path / "parts"))
+    whole = within_dataset_duplicates_distributed(_write_parts(table, [store.child("one")], 1), radius=4,
+                                                  scratch=ObjectStore(str(tmp_path / "whole")), max_candidates=8,
+                                                  num_partitions=1, use_ray=False)
+    want, whole_meta = _band_stage(ObjectStore(str(tmp_path / "whole")))
+    assert whole_meta["hot_range_rows"] == 0 and whole_meta["largest_group"] > 1000  # the cluster, whole
+    got = within_dataset_duplicates_distributed(_write_parts(table, [store.child("many")], parts, seed=parts), radius=4,
+                                                scratch=ObjectStore(str(tmp_path / "ranges")), max_candidates=8,
+                                                num_partitions=partitions, hot_rows=hot_rows, use_ray=False)
+    pairs, meta = _band_stage(ObjectStore(str(tmp_path / "ranges")))
+    assert meta["hot_ranges"] >= 2 * 1000 // hot_rows and meta["hot_range_rows"] > 1000
+    assert meta["hot_split_copies"] == 0  # a cluster of near-copies: no sub-band divides it
+    # A range: ~hot_rows rows of its own (all sampled at 150: exactly 150) and 9 lent ones.
+    assert meta["largest_group"] <= (hot_rows + 9 if hot_rows < 256 else 2 * hot_rows) < whole_meta["largest_group"]
+    assert pairs == want
+    assert got.table().equals(whole.table())
+    reps = dict(zip(got.table().column("sample_id").to_pylist(), got.table().column("representative").to_pylist()))
+    assert {k for k in reps if k.startswith("c")} == {f"c{i:05d}" for i in range(1, 2000)}
+
+
+def test_a_hot_group_that_splits_well_is_split_in_the_map(tmp_path):
+    """3,000 unrelated images (and a near-copy of each) whose hashes share one band's bits: a hot
+    group of diverse codes. Its sample splits well, so the map sends each row to its sub-band
+    groups, one level down, as one task holding the whole group splits it: the same pairs, the same
+    comparisons, the same drops, and no reduce holds more than a sliver of the group."""
+    rng = np.random.default_rng(7)
+    shift, bits = bands(4)[0]
+    mask = np.uint64(((1 << bits) - 1) << shift)
+    base = rng.integers(0, 2**63, 1500, dtype=np.int64).astype(np.uint64) << np.uint64(1)
+    base = (base & ~mask) | (np.uint64(0x5A5 << shift) & mask)
+    outside = [b for b in range(64) if not shift <= b < shift + bits]
+    flips = np.array([sum(1 << int(b) for b in rng.choice(outside, rng.integers(1, 3), replace=False))
+                      for _ in range(1500)], dtype=np.uint64)
+    rows = []
+    for i in range(1500):
+        texture = rng.integers(0, 256, (THUMB_SIDE, THUMB_SIDE)).astype(np.int16)
+        for copy, code in ((0, base[i]), (1, base[i] ^ flips[i])):
+            thumb = np.clip(texture + rng.integers(-2, 3, texture.shape), 0, 255).astype(np.uint8).tobytes()
+            rows.append({"sample_id": f"d{i:05d}-{copy}", "phash": int(code), "thumb": thumb, "low_info": False,
+                         "pixels_sha256": hashlib.sha256(f"d{i}-{copy}".encode()).hexdigest()})
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("sample_id", pa.string()), ("phash", pa.uint64()),
+                                                        ("thumb", pa.binary()), ("low_info", pa.bool_()),
+                                                        ("pixels_sha256", pa.string())]))
+    store = ObjectStore(str(tmp_path / "parts"))
+    whole = within_dataset_duplicates_distributed(_write_parts(table, [store.child("one")], 1), radius=4,
+                                                  scratch=ObjectStore(str(tmp_path / "whole")), max_candidates=8,
+                                                  num_partitions=1, use_ray=False)
+    want, whole_meta = _band_stage(ObjectStore(str(tmp_path / "whole")))
+    assert whole_meta["largest_group"] == 3000
+    got = within_dataset_duplicates_distributed(_write_parts(table, [store.child("many")], 3, seed=3), radius=4,
+                                                scratch=ObjectStore(str(tmp_path / "split")), max_candidates=8,
+                                                num_partitions=4, hot_rows=150, use_ray=False)
+    pairs, meta = _band_stage(ObjectStore(str(tmp_path / "split")))
+    assert meta["hot_split_copies"] == 5 * 3000 and meta["hot_ranges"] == 0
+    assert meta["largest_group"] < 150
+    assert (meta["comparisons"], meta["capped_rows"]) == (whole_meta["comparisons"], whole_meta["capped_rows"])
+    assert pairs == want and len(want) >= 1500
+    assert got.table().equals(whole.table())
+    assert got.counts == {"duplicate_near": 1500}
+
+
+def test_hot_rows_must_leave_room_for_the_candidate_window(tmp_path):
+    parts = _write_parts(_hot_cluster_table(seed=1).slice(0, 50), [ObjectStore(str(tmp_path / "p"))], 1)
+    with pytest.raises(ValueError, match=r"hot_rows \(9\) must be > max_candidates \+ 1 \(9\)"):
+        within_dataset_duplicates_distributed(parts, scratch=ObjectStore(str(tmp_path / "s")), radius=4,
+                                              max_candidates=8, hot_rows=9, use_ray=False)
 
 
 def test_spanning_stars_keep_the_components_in_fewer_edges(tmp_path):

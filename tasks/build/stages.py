@@ -570,9 +570,13 @@ def _select_holdout(ctx: _SurvivorContext, shard_ids: Sequence[str], use_ray: bo
 
 
 def within_settings(dedup: DedupConfig) -> dict:
-    """The dedup settings a within-dataset result depends on (not the memory budget: partitions
-    never change the result)."""
-    return {k: v for k, v in to_dict(dedup).items() if k != "task_memory_mb"}
+    """The dedup settings a within-dataset result depends on: not the memory budget itself
+    (partitions never change the result), but the hot-group size it sets (a hot group is capped
+    without first trying its sub-bands)."""
+    from tasks.dedup.within import hot_group_rows
+
+    settings = {k: v for k, v in to_dict(dedup).items() if k != "task_memory_mb"}
+    return {**settings, "hot_group_rows": hot_group_rows(dedup.task_memory_mb, dedup.max_candidates)}
 
 
 def within_dataset(clean: CleanStage, dedup: DedupConfig, holdout_rows: int, *, use_ray: bool = True) -> WithinResult:

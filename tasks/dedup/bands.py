@@ -15,7 +15,12 @@ codes put ~50k rows in every group, and real hashes are skewed on top of that. S
   divides, or still too big after :data:`MAX_DEPTH` levels) is compared in code order with its
   ``max_candidates`` next rows only: the capped candidate set. A
   cluster of identical or near-identical codes is then a chain of verified neighbours, which the
-  connected components join as one group, at ``max_candidates`` comparisons per row.
+  connected components join as one group, at ``max_candidates`` comparisons per row;
+- a *hot* group, too big for one task's memory, is split by sub-bands before its rows reach a
+  task when a sample says it splits well (:func:`splits_well`), each sub-group in the task of its
+  key; otherwise it is capped at once and compared over ranges of its code order
+  (:func:`window_pairs`), each range in its own task with the next range's first rows beside it,
+  so that the pairs are exactly the whole group's capped candidate set.
 
 Everything is vectorised over all groups at once (numpy), one pass per offset, not one per group.
 The result depends only on which rows share a group, never on the order rows arrive in.
@@ -101,7 +106,7 @@ def _offset_pairs(left: np.ndarray, end: np.ndarray, max_offset: int, codes: np.
     return np.concatenate(out_i), np.concatenate(out_j)
 
 
-def _sub_band(free: np.ndarray, width: np.ndarray, c: int, parts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sub_band_bits(free: np.ndarray, width: np.ndarray, c: int, parts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sub-band ``c`` of ``parts`` of each row's ``width`` free bits (sizes differ by at most one,
     low bits first): (its value, the free bits left, packed low, their width)."""
     size = width // parts + (c < width % parts)
@@ -110,6 +115,22 @@ def _sub_band(free: np.ndarray, width: np.ndarray, c: int, parts: int) -> tuple[
     top = lo + size.astype(np.uint64)
     above = np.where(top < 64, free >> np.minimum(top, np.uint64(63)), np.uint64(0))
     return value, (free & _mask(lo)) | (above << lo), width - size
+
+
+def splits_well(free: np.ndarray, width: int, radius: int) -> bool:
+    """Whether one group, from its rows' free bits or a sample of them, is split by sub-bands the
+    way :func:`candidate_pairs` splits a big group at the first level: no sub-band on which all its
+    codes agree and none whose biggest sub-group holds more than a quarter of them (otherwise the
+    group is capped, or whittled down one whole sub-band at a time)."""
+    n, parts = len(free), radius + 1
+    if n < 2 or width <= radius:
+        return False
+    widths = np.full(n, width, np.int64)
+    for c in range(parts):
+        biggest = int(np.unique(sub_band_bits(free, widths, c, parts)[0], return_counts=True)[1].max())
+        if biggest == n or biggest * 4 > n:
+            return False
+    return True
 
 
 def _split_plan(parent: np.ndarray, parent_size: np.ndarray, free: np.ndarray, width: np.ndarray, parts: int
@@ -128,7 +149,7 @@ def _split_plan(parent: np.ndarray, parent_size: np.ndarray, free: np.ndarray, w
     first_whole = np.full(dense.max() + 1, -1, np.int64)
     biggest = np.zeros(dense.max() + 1, np.int64)
     for c in reversed(range(parts)):
-        value = _sub_band(free, width, c, parts)[0]
+        value = sub_band_bits(free, width, c, parts)[0]
         sub = compact_ids(parent, value)
         size = np.bincount(sub)[sub]
         np.maximum.at(biggest, dense, size)
@@ -182,7 +203,7 @@ def candidate_pairs(group: np.ndarray, codes: np.ndarray, free: np.ndarray, widt
             rows = split_rows[chosen]
             if len(rows) < 2:
                 continue
-            value, rest, left = _sub_band(free[rows], width[rows], sub_band, parts)
+            value, rest, left = sub_band_bits(free[rows], width[rows], sub_band, parts)
             sub_group = compact_ids(group[rows], value)
             # A whole sub-group lost bits but was not copied: only real splits spend depth.
             copied = keep_band[chosen] < 0
@@ -202,3 +223,29 @@ def candidate_pairs(group: np.ndarray, codes: np.ndarray, free: np.ndarray, widt
     if not out_i:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), stats
     return np.concatenate(out_i), np.concatenate(out_j), stats
+
+
+def window_pairs(group: np.ndarray, codes: np.ndarray, order_key: np.ndarray, lead: np.ndarray, radius: int,
+                 max_candidates: int) -> tuple[np.ndarray, np.ndarray, PairStats]:
+    """A capped group's pairs, one range of it at a time: each ``lead`` row with its
+    ``max_candidates`` next rows in (code, order_key) order inside its ``group``, within ``radius``.
+
+    A group here is one range of a hot group's code order: its own rows (``lead``) followed by at
+    least ``max_candidates`` rows of the next range (not ``lead``: they start no pair here, their
+    own range's task pairs them), or by none when the range is the last. The pairs of all ranges
+    are then exactly those the whole group, capped, gives in one task.
+    """
+    stats = PairStats()
+    n = len(group)
+    if n < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), stats
+    order = np.lexsort((order_key, codes, group))
+    g = group[order]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    sizes = np.diff(np.r_[starts, n])
+    stats.largest_group = int(sizes.max())
+    end = np.repeat(starts + sizes, sizes)
+    left = np.flatnonzero(lead[order])
+    stats.capped_rows = len(left)
+    i, j = _offset_pairs(left, end, max_candidates, codes[order], radius, stats)
+    return order[i], order[j], stats

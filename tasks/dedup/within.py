@@ -18,7 +18,13 @@ step is an ``infra.fanout.shuffle`` through object storage (resumable):
 2. the exact drops routed to their part's group (the band stage leaves them out);
 3. **bands**: the r + 1 pigeonhole bands of each hash (two hashes within r bits agree exactly on
    at least one), candidate pairs per (band, value) group with capped candidate sets
-   (:mod:`tasks.dedup.bands`);
+   (:mod:`tasks.dedup.bands`). A count pass first finds the *hot* groups, those with more rows
+   than one reduce should hold (:func:`hot_group_rows`), and samples them. A hot group that the
+   sample says splits well by sub-bands is split in the map (each row once per sub-band, every
+   sub-group reduced where its key lands, as one task would split it); any other hot group is
+   cut into ranges of its code order of about ``hot_group_rows`` rows, every range reduced on its
+   own with the next range's first ``max_candidates`` rows lent to it, which gives exactly the
+   whole group's capped candidate set;
 4. **verify** (with thumbnails): each pair fetches its two thumbnails from their parts, one side at
    a time, and keeps NCC ≥ ``min_ncc``;
 5. **components**: alternating large-star / small-star rounds (:mod:`tasks.dedup.components`): each
@@ -29,13 +35,20 @@ step is an ``infra.fanout.shuffle`` through object storage (resumable):
 
 Rows carry a numeric node id (``part << 32 | row``) that places them in partitions and part groups.
 The partition count comes from ``task_memory_mb``, the memory one reduce may use; with the capped
-candidate sets that bounds every task's memory and its work per row, whatever the data size. (One
-(band, value) group is never split across tasks: a group bigger than the budget, many thousands of
-images sharing 13 hash bits, is the one thing that still grows a task.)
+candidate sets and the hot groups cut into ranges, that bounds every task's memory and its work per
+row, whatever the data size and however many images share 13 hash bits.
+
+The hot path decides from a sample what one task decides from all of a group's rows (split, or
+cap), so a hot group whose biggest sub-group is close to the rule's quarter may go the other way;
+with every row sampled (``hot_rows`` ≤ 256) the decision is the one-task one. A hot group whose
+sample agrees on a whole sub-band is capped in ranges, where one task would drop that sub-band
+and try again.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
 import json
 import os
@@ -51,7 +64,8 @@ import pyarrow.parquet as pq
 from infra.fanout import cluster_cpus, map_shards, shuffle, split_by, values_or_raise
 from infra.log import get_logger, log_event
 from infra.storage import ObjectStore, read_parquet_once
-from tasks.dedup.bands import PairStats, band_values, bands, candidate_pairs, compact_ids
+from tasks.dedup.bands import (PairStats, band_values, bands, candidate_pairs, compact_ids, splits_well,
+                               sub_band_bits, window_pairs)
 from tasks.dedup.components import EDGE_SCHEMA, FileRef, by_node, components, mix64, rank_stars, spanning_stars
 from tasks.dedup.hashing import check_kind
 from tasks.dedup.mih import MultiIndexHash
@@ -218,10 +232,27 @@ EXACT_SCHEMA = pa.schema([("hi", pa.uint64()), ("lo", pa.uint64()), ("sample_id"
 # A dropped row: which, where (node), kept instead, and why.
 DROPS_SCHEMA = pa.schema([("sample_id", pa.string()), ("node", pa.uint64()), ("representative", pa.string()),
                           ("rep_node", pa.uint64()), ("reason", pa.string())])
+# slot: -1 for a row of an ordinary group; in a hot group cut into ranges, 2k for a row of range k,
+# 2k + 1 for a row of range k + 1 lent to range k (its first rows, which range k's last rows are
+# compared with); in a hot group split in the map, -2 - c for its copy in sub-band c.
 BAND_SCHEMA = pa.schema([("band", pa.int8()), ("value", pa.uint64()), ("code", pa.uint64()),
-                         ("sample_id", pa.string()), ("node", pa.uint64())])
+                         ("sample_id", pa.string()), ("node", pa.uint64()), ("slot", pa.int32())])
 # Bytes one band row costs a reduce, with its sort and pairing copies (sizes the partitions).
-_BAND_ROW_BYTES = 4 * (1 + 8 + 8 + 8 + 4 + 40)
+_BAND_ROW_BYTES = 4 * (1 + 8 + 8 + 8 + 4 + 4 + 40)
+# The count pass: (band, value, count) per part and group, and the sampled rows (code, sample_id;
+# count 0) that place the hot groups' range starts.
+COUNT_SCHEMA = pa.schema([("band", pa.int8()), ("value", pa.uint64()), ("count", pa.int64()), ("code", pa.uint64()),
+                          ("sample_id", pa.string())])
+# A hot group: split by sub-bands in the map (one row, range 0), or its ranges: range 0 (no start)
+# and ranges 1.. starting at (start_code, start_id); a range ends where the next starts, and its
+# task also takes the next range's rows up to (halo_code, halo_id) inclusive (null: to the end).
+HOT_SCHEMA = pa.schema([("band", pa.int8()), ("value", pa.uint64()), ("rows", pa.int64()), ("split", pa.bool_()),
+                        ("range", pa.int32()), ("start_code", pa.uint64()), ("start_id", pa.string()),
+                        ("halo_code", pa.uint64()), ("halo_id", pa.string())])
+_RANGE_SAMPLES = 256  # sampled rows per range of a hot group (a range is ~hot_rows rows)
+_SAMPLE_SALT = np.uint64(0x5A17ED5A5A17ED5A)
+_RANGE_MIX = np.uint64(0x9E3779B97F4A7C15)
+_SUB_MIX = np.uint64(0xC2B2AE3D27D4EB4F)
 _COUNTS = b"counts"
 _THUMBS = b"thumbs"
 
@@ -292,6 +323,7 @@ class _Plan:
     max_candidates: int
     num_partitions: int
     num_groups: int  # part i's drops live in group i % num_groups
+    hot_rows: int  # a (band, value) group with more rows is hot: reduced in ranges of about this many
 
     def groups_of(self, nodes: np.ndarray) -> np.ndarray:
         return ((nodes >> _NODE_SHIFT) % np.uint64(self.num_groups)).astype(np.int64)
@@ -378,14 +410,23 @@ def _rows_of_part(table: pa.Table, index: int) -> pa.Table:
 # ---- 3. bands ----------------------------------------------------------------------------------
 
 
+def hot_group_rows(task_memory_mb: int, max_candidates: int = DEFAULT_MAX_CANDIDATES) -> int:
+    """Rows of one (band, value) group beyond which it is hot (reduced in ranges): a sixteenth of
+    the band rows one reduce of ``task_memory_mb`` holds, so that one group, or one range of a hot
+    one, adds little to a reduce sized for the average (290k rows at 1024 MB, 72k at 256)."""
+    return max(4 * (max_candidates + 1), task_memory_mb * 2**20 // _BAND_ROW_BYTES // 16)
+
+
 @dataclass(frozen=True)
 class _BandSpec:
     plan: _Plan
     exact_groups: tuple[FileRef, ...]
+    hot: tuple[FileRef, ...] = ()  # the count pass's hot ranges (HOT_SCHEMA), none when no group can be hot
 
 
-def _map_bands(job: _PartJob, spec: _BandSpec) -> list[pa.Table]:
-    """One (band, band value, code, sample_id, node) row per pigeonhole band of each usable row."""
+def _band_rows(job: _PartJob, spec: _BandSpec) -> tuple[np.ndarray, pa.Array, pa.Array, list[str]]:
+    """(codes, sample_ids, nodes) of the part's rows that enter the bands (a valid hash, not low
+    information, not an exact drop), and the part's column names."""
     plan = spec.plan
     part = plan.parts[job.index]
     table, names = _read_part(part, ["sample_id", plan.kind], ["low_info"])
@@ -400,12 +441,193 @@ def _map_bands(job: _PartJob, spec: _BandSpec) -> list[pa.Table]:
     ok = ok.combine_chunks() if isinstance(ok, pa.ChunkedArray) else ok
     codes = table.column(plan.kind).filter(ok).to_numpy().astype(np.uint64)
     ids, nodes = table.column("sample_id").filter(ok), nodes.filter(ok)
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    return codes, ids, nodes, names
+
+
+def _band_key(value: np.ndarray, band: int) -> np.ndarray:
+    return value ^ (np.uint64(band) << np.uint64(58))
+
+
+# ---- 3a. the count pass: which (band, value) groups are hot, and where their ranges start -----
+
+
+def _map_band_counts(job: _PartJob, spec: _BandSpec) -> list[pa.Table]:
+    """Per band, each value's row count in this part, and the sampled rows (~``_RANGE_SAMPLES``
+    per ``hot_rows`` rows, chosen by a hash of the node: the sample only places range starts, the
+    pairs do not depend on it)."""
+    plan = spec.plan
+    codes, ids, nodes, _ = _band_rows(job, spec)
+    rate = min(1.0, _RANGE_SAMPLES / plan.hot_rows)
+    sampled = np.flatnonzero(mix64(nodes.to_numpy() ^ _SAMPLE_SALT) <= np.uint64(min(2**64 - 1, int(rate * 2**64))))
+    sample_ids = ids.take(pa.array(sampled))
+    pieces, buckets = [], []
+    for band, (shift, bits) in enumerate(bands(plan.radius)):
+        value = band_values(codes, shift, bits)[0]
+        if bits <= 20:  # a band of at most 2^20 values: counted in one pass, no sort
+            count = np.bincount(value.astype(np.int64), minlength=1 << bits)
+            uniq = np.flatnonzero(count).astype(np.uint64)
+            count = count[uniq.astype(np.int64)]
+        else:
+            uniq, count = np.unique(value, return_counts=True)
+        pieces.append(pa.table([pa.array(np.full(len(uniq), band, np.int8)), pa.array(uniq), pa.array(count),
+                                pa.nulls(len(uniq), pa.uint64()), pa.nulls(len(uniq), pa.string())],
+                               schema=COUNT_SCHEMA))
+        pieces.append(pa.table([pa.array(np.full(len(sampled), band, np.int8)), pa.array(value[sampled]),
+                                pa.array(np.zeros(len(sampled), np.int64)), pa.array(codes[sampled]), sample_ids],
+                               schema=COUNT_SCHEMA))
+        buckets += [_bucket(_band_key(uniq, band), plan.num_partitions),
+                    _bucket(_band_key(value[sampled], band), plan.num_partitions)]
+    return split_by(pa.concat_tables(pieces), np.concatenate(buckets), plan.num_partitions)
+
+
+def _reduce_band_counts(partition: int, pieces: list[pa.Table], spec: _BandSpec) -> pa.Table:
+    """The hot groups of this partition (HOT_SCHEMA): split in the map when their sample splits
+    well (:func:`splits_well`), else cut into ranges: range k ≥ 1 starts at the sample of rank k·q
+    in (code, sample_id) order, q = the samples per ``hot_rows`` rows; its predecessor also takes
+    the rows up to the sample ``max_candidates`` further on."""
+    plan = spec.plan
+    t = pa.concat_tables([COUNT_SCHEMA.empty_table(), *pieces])
+    is_sample = pc.is_valid(t.column("code"))
+    counts = t.filter(pc.invert(is_sample)).group_by(["band", "value"]).aggregate([("count", "sum")])
+    hot = counts.filter(pc.greater(counts.column("count_sum"), plan.hot_rows))
+    if not hot.num_rows:
+        return HOT_SCHEMA.empty_table()
+    samples = (t.filter(is_sample).select(["band", "value", "code", "sample_id"])
+               .join(hot, ["band", "value"], join_type="inner")
+               .sort_by([("band", "ascending"), ("value", "ascending"), ("code", "ascending"),
+                         ("sample_id", "ascending")]))
+    rate = min(1.0, _RANGE_SAMPLES / plan.hot_rows)
+    step = max(plan.max_candidates + 2, round(rate * plan.hot_rows))
+    s_band, s_value = samples.column("band").to_numpy(), samples.column("value").to_numpy()
+    s_code, s_id = samples.column("code").to_numpy(), samples.column("sample_id").to_pylist()
+    cols: dict[str, list] = {name: [] for name in HOT_SCHEMA.names}
+
+    def add(band: int, value: int, rows: int, rng: int, start: tuple | None = None, halo: tuple | None = None,
+            split: bool = False) -> None:
+        for name, v in zip(HOT_SCHEMA.names, (band, value, rows, split, rng, *(start or (None, None)),
+                                              *(halo or (None, None)))):
+            cols[name].append(v)
+
+    layout = bands(plan.radius)
+    key = {(int(b), int(v)): int(c) for b, v, c in zip(hot.column("band").to_numpy(), hot.column("value").to_numpy(),
+                                                       hot.column("count_sum").to_numpy())}
+    change = np.flatnonzero(np.r_[True, (s_band[1:] != s_band[:-1]) | (s_value[1:] != s_value[:-1]), True])
+    placed = set()
+    for lo, hi in zip(change[:-1], change[1:]):
+        if lo == len(s_band):
+            break
+        b, v = int(s_band[lo]), int(s_value[lo])
+        placed.add((b, v))
+        shift, bits = layout[b]
+        if splits_well(band_values(s_code[lo:hi], shift, bits)[1], 64 - bits, plan.radius):
+            add(b, v, key[(b, v)], 0, split=True)
+            continue
+        add(b, v, key[(b, v)], 0)
+        for k, at in enumerate(range(lo + step, hi, step), start=1):
+            end = at + plan.max_candidates
+            add(b, v, key[(b, v)], k, (int(s_code[at]), s_id[at]),
+                (int(s_code[end]), s_id[end]) if end < hi else None)
+    for (b, v), c in sorted(key.items()):  # hot without a sample: one range
+        if (b, v) not in placed:
+            add(b, v, c, 0)
+    return pa.table(cols, schema=HOT_SCHEMA)
+
+
+def _count_keys_at_most(codes: np.ndarray, ids: pa.Array, at_codes: np.ndarray, at_ids: list[str]) -> np.ndarray:
+    """For each row, how many of the sorted keys (at_codes, at_ids) are ≤ its (code, sample_id)."""
+    lo = np.searchsorted(at_codes, codes, "left")
+    hi = np.searchsorted(at_codes, codes, "right")
+    out = lo.copy()
+    ties = np.flatnonzero(hi > lo)
+    if len(ties):
+        tie_ids = ids.take(pa.array(ties)).to_pylist()
+        for t, sid in zip(ties.tolist(), tie_ids):
+            out[t] = bisect.bisect_right(at_ids, sid, int(lo[t]), int(hi[t]))
+    return out
+
+
+def _hot_slots(codes: np.ndarray, ids: pa.Array, ranges: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """One hot group's rows of a part: (row index, slot) for each row's own range and for the rows
+    lent to the range before theirs."""
+    starts = ranges.filter(pc.greater(ranges.column("range"), 0)).sort_by("range")
+    own = np.zeros(len(codes), np.int64)
+    lent = np.zeros(0, np.int64)
+    if starts.num_rows:
+        own = _count_keys_at_most(codes, ids, starts.column("start_code").to_numpy(),
+                                  starts.column("start_id").to_pylist())
+        later = np.flatnonzero(own > 0)
+        halo_code = starts.column("halo_code").fill_null(np.iinfo(np.uint64).max).to_numpy()
+        halo_id = starts.column("halo_id").to_pylist()
+        to_end = starts.column("halo_code").is_null().to_numpy(zero_copy_only=False)
+        k = own[later] - 1
+        code, limit = codes[later], halo_code[k]
+        inside = to_end[k] | (code < limit)
+        tie = np.flatnonzero(~inside & (code == limit))
+        if len(tie):
+            tie_ids = ids.take(pa.array(later[tie])).to_pylist()
+            inside[tie] = [sid <= halo_id[int(k[t])] for t, sid in zip(tie.tolist(), tie_ids)]
+        lent = later[inside]
+    rows = np.r_[np.arange(len(codes)), lent]
+    slots = np.r_[2 * own, 2 * (own[lent] - 1) + 1]
+    return rows, slots
+
+
+@functools.lru_cache(maxsize=2)
+def _hot_ranges(refs: tuple[FileRef, ...]) -> pa.Table:
+    """Every hot group's ranges, read once per process (every band map of a dedup reads them all)."""
+    return pa.concat_tables([HOT_SCHEMA.empty_table(), *(r.store.read_parquet(r.path) for r in refs)])
+
+
+def _map_bands(job: _PartJob, spec: _BandSpec) -> list[pa.Table]:
+    """One (band, band value, code, sample_id, node, slot) row per pigeonhole band of each usable
+    row; a row of a hot group goes once to each of its sub-band groups (a group that splits well)
+    or to its range (and the first rows of a range also to the one before)."""
+    plan = spec.plan
+    parts = plan.radius + 1
+    codes, ids, nodes, names = _band_rows(job, spec)
+    hot = _hot_ranges(spec.hot)
     pieces, buckets = [], []
     for band, (shift, bits) in enumerate(bands(plan.radius)):
         value, _ = band_values(codes, shift, bits)
-        pieces.append(pa.table([pa.array(np.full(len(codes), band, np.int8)), pa.array(value), pa.array(codes),
-                                ids, nodes], schema=BAND_SCHEMA))
-        buckets.append(_bucket(value ^ (np.uint64(band) << np.uint64(58)), plan.num_partitions))
+        band_hot = hot.filter(pc.equal(hot.column("band"), band))
+        in_hot = np.isin(value, band_hot.column("value").to_numpy()) if band_hot.num_rows else np.zeros(len(value), bool)
+        # Every row once in place (its slot and partition key set where it is hot), then the extra
+        # copies: rows lent to the range before theirs, and the sub-band copies past the first.
+        slot = np.full(len(codes), -1, np.int32)
+        key = _band_key(value, band)
+        extra: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for v in np.unique(value[in_hot]):
+            members = np.flatnonzero(value == v)
+            ranges = band_hot.filter(pc.equal(band_hot.column("value"), v))
+            if ranges.column("split")[0].as_py():  # a copy per sub-band, keyed by its value there
+                free = band_values(codes[members], shift, bits)[1]
+                widths = np.full(len(members), 64 - bits, np.int64)
+                group_key = key[members]
+                for c in range(parts):
+                    sub = sub_band_bits(free, widths, c, parts)[0]
+                    salt = np.uint64((c + 1) * int(_SUB_MIX) % 2**64)
+                    copy_key = group_key ^ salt ^ (sub * _RANGE_MIX)
+                    if c == 0:
+                        slot[members], key[members] = -2, copy_key
+                    else:
+                        extra.append((members, np.full(len(members), -2 - c, np.int32), copy_key))
+                continue
+            at, slots = _hot_slots(codes[members], ids.take(pa.array(members)), ranges)
+            keys = key[members[at]] ^ (slots // 2 + 1).astype(np.uint64) * _RANGE_MIX
+            own = len(members)  # _hot_slots gives every row its own range first, then the lent rows
+            slot[members], key[members] = slots[:own], keys[:own]
+            if len(at) > own:
+                extra.append((members[at[own:]], slots[own:].astype(np.int32), keys[own:]))
+        pieces.append(pa.table([pa.array(np.full(len(codes), band, np.int8)), pa.array(value), pa.array(codes), ids,
+                                nodes, pa.array(slot)], schema=BAND_SCHEMA))
+        buckets.append(_bucket(key, plan.num_partitions))
+        if extra:
+            rows = np.concatenate([e[0] for e in extra])
+            pieces.append(pa.table([pa.array(np.full(len(rows), band, np.int8)), pa.array(value[rows]),
+                                    pa.array(codes[rows]), ids.take(pa.array(rows)), nodes.take(pa.array(rows)),
+                                    pa.array(np.concatenate([e[1] for e in extra]))], schema=BAND_SCHEMA))
+            buckets.append(_bucket(np.concatenate([e[2] for e in extra]), plan.num_partitions))
     out = split_by(pa.concat_tables(pieces), np.concatenate(buckets), plan.num_partitions)
     has_thumbs = b"1" if "thumb" in names else b"0"
     return [t.replace_schema_metadata({_THUMBS: has_thumbs}) for t in out]
@@ -418,25 +640,43 @@ def _reduce_bands(partition: int, pieces: list[pa.Table], spec: _BandSpec) -> pa
     stats = PairStats()
     edges = EDGE_SCHEMA.empty_table()
     with_thumbs = sum(1 for p in pieces if (p.schema.metadata or {}).get(_THUMBS) == b"1")
-    found = 0
+    found = hot_range_rows = hot_ranges = hot_split_rows = 0
     if t.num_rows > 1:
         band = t.column("band").to_numpy()
+        slot = t.column("slot").to_numpy()
         rank = pc.rank(t.column("sample_id"), sort_keys="ascending", tiebreaker="dense").to_numpy().astype(np.int64)
         span = int(rank.max()) + 1
         lo_hi = []
         # Bands never share a group: one band's rows in memory at a time.
+        parts = plan.radius + 1
         for b, (shift, bits) in enumerate(bands(plan.radius)):
-            rows = np.flatnonzero(band == b)
-            if len(rows) < 2:
-                continue
-            codes = t.column("code").take(pa.array(rows)).to_numpy()
-            free = band_values(codes, shift, bits)[1]
-            group = compact_ids(t.column("value").take(pa.array(rows)).to_numpy())
-            i, j, part_stats = candidate_pairs(group, codes, free, np.full(len(rows), 64 - bits, np.int64), rank[rows],
-                                               plan.radius, plan.max_candidates)
-            stats.add(part_stats)
-            ri, rj = rank[rows[i]], rank[rows[j]]
-            lo_hi.append((np.minimum(ri, rj), np.maximum(ri, rj)))
+            # Plain groups (slot -1), hot groups' ranges (slot ≥ 0), hot groups' copies in sub-band c
+            # (slot -2 - c): never one group between two of these.
+            for kind in (-1, 0, *(-2 - c for c in range(parts))):
+                rows = np.flatnonzero((band == b) & ((slot >= 0) if kind == 0 else (slot == kind)))
+                if len(rows) < 2:
+                    continue
+                codes = t.column("code").take(pa.array(rows)).to_numpy()
+                value = t.column("value").take(pa.array(rows)).to_numpy()
+                free = band_values(codes, shift, bits)[1]
+                widths = np.full(len(rows), 64 - bits, np.int64)
+                if kind == 0:  # ranges of hot groups: the whole group's capped pairs, a range at a time
+                    ranges = compact_ids(value, slot[rows] // 2)
+                    i, j, part_stats = window_pairs(ranges, codes, rank[rows], slot[rows] % 2 == 0, plan.radius,
+                                                    plan.max_candidates)
+                    hot_range_rows += part_stats.capped_rows
+                    hot_ranges += int(ranges.max()) + 1
+                elif kind == -1:
+                    i, j, part_stats = candidate_pairs(compact_ids(value), codes, free, widths, rank[rows],
+                                                       plan.radius, plan.max_candidates)
+                else:  # one sub-band's groups of split hot groups, one level down (as one task splits them)
+                    sub, rest, left = sub_band_bits(free, widths, -2 - kind, parts)
+                    i, j, part_stats = candidate_pairs(compact_ids(value, sub), codes, rest, left, rank[rows],
+                                                       plan.radius, plan.max_candidates, np.ones(len(rows), np.int64))
+                    hot_split_rows += len(rows)
+                stats.add(part_stats)
+                ri, rj = rank[rows[i]], rank[rows[j]]
+                lo_hi.append((np.minimum(ri, rj), np.maximum(ri, rj)))
         lo = np.concatenate([p[0] for p in lo_hi]) if lo_hi else np.zeros(0, np.int64)
         hi = np.concatenate([p[1] for p in lo_hi]) if lo_hi else np.zeros(0, np.int64)
         found = len(lo)
@@ -452,7 +692,8 @@ def _reduce_bands(partition: int, pieces: list[pa.Table], spec: _BandSpec) -> pa
             ids, nodes = t.column("sample_id"), t.column("node")
             edges = pa.table([ids.take(a), nodes.take(a), ids.take(b), nodes.take(b)], schema=EDGE_SCHEMA)
     meta = {"comparisons": stats.comparisons, "capped_rows": stats.capped_rows, "largest_group": stats.largest_group,
-            "pairs": found, "parts_with_thumbs": with_thumbs}
+            "pairs": found, "parts_with_thumbs": with_thumbs, "hot_range_rows": hot_range_rows, "hot_ranges": hot_ranges,
+            "hot_split_copies": hot_split_rows}
     return edges.replace_schema_metadata({b"pairs": json.dumps(meta).encode()})
 
 
@@ -625,7 +866,8 @@ def within_dataset_duplicates_distributed(parts: Sequence[PartRef], *, scratch: 
                                           kind: str = "phash", min_ncc: float | None = None,
                                           max_candidates: int = DEFAULT_MAX_CANDIDATES,
                                           task_memory_mb: int = DEFAULT_TASK_MEMORY_MB,
-                                          num_partitions: int | None = None, use_ray: bool = True) -> DuplicateSets:
+                                          num_partitions: int | None = None, hot_rows: int | None = None,
+                                          use_ray: bool = True) -> DuplicateSets:
     """Global exact + near duplicates over many Parquet parts, through ``infra.fanout.shuffle``.
 
     Equals :func:`within_dataset_duplicates` on the concatenated parts (same drops,
@@ -634,7 +876,9 @@ def within_dataset_duplicates_distributed(parts: Sequence[PartRef], *, scratch: 
     ``max_candidates`` nearest rows in hash order (:mod:`tasks.dedup.bands`). Pairs are verified
     by thumbnail correlation ≥ ``min_ncc`` (``DEFAULT_MIN_NCC`` when None) when the parts have a
     ``thumb`` column. ``num_partitions`` defaults to what ``task_memory_mb`` needs (at least one
-    per CPU of the cluster, at most one per part). Every shuffle writes under
+    per CPU of the cluster, at most one per part). A (band, value) group of more than ``hot_rows``
+    rows (default :func:`hot_group_rows` of ``task_memory_mb``) is hot: capped at once and reduced in
+    ranges of about ``hot_rows`` rows, so no reduce holds a whole one. Every shuffle writes under
     ``scratch/d-<digest>/`` (the digest names the parts and settings); a rerun with the same ones
     skips every finished map and reduce.
     """
@@ -646,16 +890,20 @@ def within_dataset_duplicates_distributed(parts: Sequence[PartRef], *, scratch: 
         return DuplicateSets((), (), {})
     if len(set(keys)) != len(keys):
         raise ValueError("within-dataset dedup: part keys are not unique")
+    hot = hot_group_rows(task_memory_mb, max_candidates) if hot_rows is None else hot_rows
+    if hot < max_candidates + 2:
+        raise ValueError(f"within-dataset dedup: hot_rows ({hot}) must be > max_candidates + 1 ({max_candidates + 1})")
     if num_partitions is None:
         cpus = cluster_cpus(default=os.cpu_count() or 1) if use_ray else 1
-        rows = _total_rows(parts, use_ray)
+        rows: int | None = _total_rows(parts, use_ray)
         n = max(partition_count(rows, radius, task_memory_mb), min(len(parts), cpus))
-    else:
+    else:  # the parts' sizes only where given: a rerun reads its finished pieces, never the parts
+        rows = sum(p.rows for p in parts) if all(p.rows is not None for p in parts) else None
         n = num_partitions
     verify = DEFAULT_MIN_NCC if min_ncc is None else min_ncc
     root = _shuffle_scratch(scratch, parts, num_partitions=n, kind=kind, radius=radius, min_ncc=verify,
-                            max_candidates=max_candidates)
-    plan = _Plan(tuple(parts), root, kind, radius, verify, max_candidates, n, min(n, len(parts)))
+                            max_candidates=max_candidates, hot_rows=hot)
+    plan = _Plan(tuple(parts), root, kind, radius, verify, max_candidates, n, min(n, len(parts)), hot)
     jobs = [_PartJob(p.key, i) for i, p in enumerate(parts)]
 
     def run(name: str, map_fn: Any, reduce_fn: Any, items: Sequence[Any], context: Any, partitions: int = n
@@ -667,7 +915,10 @@ def within_dataset_duplicates_distributed(parts: Sequence[PartRef], *, scratch: 
 
     exact = run("exact", _map_exact, _reduce_exact, jobs, plan)
     exact_groups = _route(exact, plan, "exact-groups", "node", use_ray)
-    edges = run("bands", _map_bands, _reduce_bands, jobs, _BandSpec(plan, tuple(exact_groups)))
+    # No group can be hot when there are no more rows than that: no count pass.
+    hot_ranges = run("band-counts", _map_band_counts, _reduce_band_counts, jobs,
+                     _BandSpec(plan, tuple(exact_groups))) if rows is None or rows > hot else []
+    edges = run("bands", _map_bands, _reduce_bands, jobs, _BandSpec(plan, tuple(exact_groups), tuple(hot_ranges)))
     pairs = _metadata_sum(edges, b"pairs")
     if pairs.get("parts_with_thumbs"):  # the parts have thumbnails: verify every pair on pixels
         edges = run("verify-a", _map_verify, _reduce_verify, edges, _VerifySpec(plan, "a"), plan.num_groups)
@@ -676,6 +927,6 @@ def within_dataset_duplicates_distributed(parts: Sequence[PartRef], *, scratch: 
     final = run("join", _map_join, _reduce_join, [*exact, *stars], _JoinSpec(plan))
     groups = _route(final, plan, "drops", "node", use_ray)
     counts = _metadata_sum(groups, _COUNTS)
-    log_event(log, "within-dataset duplicates", parts=len(parts), partitions=n,
+    log_event(log, "within-dataset duplicates", parts=len(parts), partitions=n, hot_group_rows=hot,
               exact=counts.get("duplicate_exact", 0), near=counts.get("duplicate_near", 0), **dict(pairs))
     return DuplicateSets(keys, tuple(groups), dict(counts))
