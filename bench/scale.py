@@ -233,6 +233,7 @@ class JobPeaks(logging.Handler):
         super().__init__(logging.INFO)
         self.peaks: dict[str, int] = {}
         self.added: dict[str, int] = {}
+        self.dedup: dict[str, object] = {}  # the within-dataset dedup's summary event
 
     def emit(self, record: logging.LogRecord) -> None:
         fields = getattr(record, "fields", {})
@@ -240,18 +241,25 @@ class JobPeaks(logging.Handler):
             stage = str(fields["stage"])
             self.peaks[stage] = max(self.peaks.get(stage, 0), int(fields["max_mb"]))
             self.added[stage] = max(self.added.get(stage, 0), int(fields["max_added_mb"]))
+        elif record.getMessage() == "within-dataset duplicates":
+            self.dedup = dict(fields)
+
+    _LOGGERS = ("infra.fanout", "tasks.dedup.within")
 
     def __enter__(self) -> "JobPeaks":
-        logger = logging.getLogger("infra.fanout")
-        self._level = logger.level
-        logger.setLevel(logging.INFO)
-        logger.addHandler(self)
+        self._levels = {}
+        for name in self._LOGGERS:
+            logger = logging.getLogger(name)
+            self._levels[name] = logger.level
+            logger.setLevel(logging.INFO)
+            logger.addHandler(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        logger = logging.getLogger("infra.fanout")
-        logger.removeHandler(self)
-        logger.setLevel(self._level)
+        for name in self._LOGGERS:
+            logger = logging.getLogger(name)
+            logger.removeHandler(self)
+            logger.setLevel(self._levels[name])
 
 
 def run_size(total: int, rows_per_part: int, dedup: DedupConfig, holdout: int, queries: pa.Table,
@@ -278,7 +286,7 @@ def run_size(total: int, rows_per_part: int, dedup: DedupConfig, holdout: int, q
             "count_s": counted - started, "within_s": deduped - counted, "plan_s": seconds - (deduped - started),
             "drops": within.drops, "reasons": dict(within.reasons), "held": sum(p.held for p in within.parts),
             "over_cap": counts.over_cap, "shards": len(plan), "driver_mb": rss.driver / 2**20,
-            "worker_mb": rss.worker / 2**20, "job_mb": jobs.peaks, "job_added_mb": jobs.added, "total_mb": rss.total / 2**20, "skew": skew}
+            "worker_mb": rss.worker / 2**20, "job_mb": jobs.peaks, "job_added_mb": jobs.added, "dedup": jobs.dedup, "total_mb": rss.total / 2**20, "skew": skew}
 
 
 def main() -> None:
@@ -334,6 +342,15 @@ def main() -> None:
     for stage in stages_seen[:12]:
         print(f"  {stage[:44]:<44}" + "".join(f"{r['job_mb'].get(stage, 0):>7} / {r['job_added_mb'].get(stage, 0):>3}"
                                              for r in results))
+    # The band stage's largest reduced group: a hot (band, value) group is reduced in code-order
+    # ranges of ~hot_group_rows rows, so this stays put however big the hottest group grows.
+    print("band stage, by size: largest group in one reduce / hot groups' rows in ranges / ranges / rows of hot "
+          "groups split in the map (copies) / candidate pairs (hot_group_rows "
+          + str(results[0]["dedup"].get("hot_group_rows")) + "):")
+    for r in results:
+        d = r["dedup"]
+        print(f"  {r['rows']:>11,}  {d.get('largest_group', 0):>9,} / {d.get('hot_range_rows', 0):>9,} / "
+              f"{d.get('hot_ranges', 0):>5,} / {d.get('hot_split_copies', 0):>9,} / {d.get('pairs', 0):>12,}")
     # The ratio is of CPU work per row (rows per CPU-second of the driver and every Ray process):
     # on a shared machine wall-clock rates follow the neighbours' load; both are printed.
     first = [r for r in results if r["rows"] == sizes[0]]
