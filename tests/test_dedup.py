@@ -508,12 +508,17 @@ def _band_stage(scratch: ObjectStore) -> tuple[set, dict]:
     return pairs, dict(meta)
 
 
-@pytest.mark.parametrize("hot_rows,parts,partitions", [(150, 3, 4), (700, 2, 2)])
-def test_a_hot_group_is_reduced_in_ranges_with_the_whole_groups_pairs(tmp_path, hot_rows, parts, partitions):
+@pytest.mark.parametrize("hot_rows,parts,partitions,use_ray", [(150, 3, 4, False), (700, 2, 2, False),
+                                                          pytest.param(150, 3, 4, True, marks=pytest.mark.slow)])
+def test_a_hot_group_is_reduced_in_ranges_with_the_whole_groups_pairs(request, tmp_path, hot_rows, parts, partitions,
+                                                                      use_ray):
     """A (band, value) group above ``hot_rows`` never sits whole in one reduce: it is cut into
     code-order ranges (all rows sampled at 150; a ~256-row sample at 700), each with the next
     range's first rows beside it, and the band stage finds exactly the pairs it finds with the
-    group in one task; the drops are the same."""
+    group in one task; the drops are the same (on Ray too: the count pass's ranges are read on the
+    workers)."""
+    if use_ray:
+        request.getfixturevalue("ray_local")
     table = _hot_cluster_table(seed=4)
     store = ObjectStore(str(tmp_path / "parts"))
     whole = within_dataset_duplicates_distributed(_write_parts(table, [store.child("one")], 1), radius=4,
@@ -523,7 +528,7 @@ def test_a_hot_group_is_reduced_in_ranges_with_the_whole_groups_pairs(tmp_path, 
     assert whole_meta["hot_range_rows"] == 0 and whole_meta["largest_group"] > 1000  # the cluster, whole
     got = within_dataset_duplicates_distributed(_write_parts(table, [store.child("many")], parts, seed=parts), radius=4,
                                                 scratch=ObjectStore(str(tmp_path / "ranges")), max_candidates=8,
-                                                num_partitions=partitions, hot_rows=hot_rows, use_ray=False)
+                                                num_partitions=partitions, hot_rows=hot_rows, use_ray=use_ray)
     pairs, meta = _band_stage(ObjectStore(str(tmp_path / "ranges")))
     assert meta["hot_ranges"] >= 2 * 1000 // hot_rows and meta["hot_range_rows"] > 1000
     assert meta["hot_split_copies"] == 0  # a cluster of near-copies: no sub-band divides it
