@@ -21,7 +21,7 @@ from infra.storage import ObjectStore
 from tasks.dedup.hashing import THUMB_SIDE, hash_table
 from tasks.dedup.mih import MultiIndexHash, brute_force_search, choose_substrings
 from tasks.dedup.verify import pair_ncc, thumbs_of
-from tasks.dedup.bands import PairStats, band_values, bands, candidate_pairs, compact_ids
+from tasks.dedup.bands import PairStats, band_values, bands, candidate_pairs, compact_ids, splits_well
 from tasks.dedup.components import EDGE_SCHEMA, FileRef, components, read_all, spanning_stars
 from tasks.dedup.within import (PartRef, near_duplicate_drops, within_dataset_duplicates,
                                 within_dataset_duplicates_distributed)
@@ -579,6 +579,20 @@ def test_a_hot_group_that_splits_well_is_split_in_the_map(tmp_path):
     assert pairs == want and len(want) >= 1500
     assert got.table().equals(whole.table())
     assert got.counts == {"duplicate_near": 1500}
+
+
+def test_splits_well_applies_the_one_task_rule_to_many_groups_at_once():
+    """Unrelated codes split; a cluster of near-copies, identical codes and a lone row do not:
+    decided for every group in one call, as ``_split_plan`` decides inside one task."""
+    rng = np.random.default_rng(2)
+    diverse = rng.integers(0, 2**63, 400, dtype=np.int64).astype(np.uint64)
+    centre = np.uint64(0x0123456789ABC)
+    cluster = centre ^ (np.uint64(1) << rng.integers(0, 51, 400).astype(np.uint64))
+    free = np.concatenate([diverse, cluster, np.full(50, centre, np.uint64), [centre]]) & np.uint64((1 << 51) - 1)
+    group = np.repeat([7, 3, 9, 1], [400, 400, 50, 1])  # ids need not be dense or sorted
+    # dense ids in sorted order: 1 (lone row), 3 (cluster), 7 (unrelated), 9 (identical)
+    assert splits_well(group, free, 51, 4).tolist() == [False, False, True, False]
+    assert splits_well(group[:400], free[:400], 51, 4).tolist() == [True]
 
 
 def test_hot_rows_must_leave_room_for_the_candidate_window(tmp_path):

@@ -571,8 +571,8 @@ def _select_holdout(ctx: _SurvivorContext, shard_ids: Sequence[str], use_ray: bo
 
 def within_settings(dedup: DedupConfig) -> dict:
     """The dedup settings a within-dataset result depends on: not the memory budget itself
-    (partitions never change the result), but the hot-group size it sets (a hot group is capped
-    without first trying its sub-bands)."""
+    (partitions never change the result), but the hot-group size it sets (a hot group is split or
+    capped as a sample of it says, not as all its rows would)."""
     from tasks.dedup.within import hot_group_rows
 
     settings = {k: v for k, v in to_dict(dedup).items() if k != "task_memory_mb"}

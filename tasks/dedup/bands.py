@@ -117,20 +117,30 @@ def sub_band_bits(free: np.ndarray, width: np.ndarray, c: int, parts: int) -> tu
     return value, (free & _mask(lo)) | (above << lo), width - size
 
 
-def splits_well(free: np.ndarray, width: int, radius: int) -> bool:
-    """Whether one group, from its rows' free bits or a sample of them, is split by sub-bands the
-    way :func:`candidate_pairs` splits a big group at the first level: no sub-band on which all its
-    codes agree and none whose biggest sub-group holds more than a quarter of them (otherwise the
-    group is capped, or whittled down one whole sub-band at a time)."""
-    n, parts = len(free), radius + 1
-    if n < 2 or width <= radius:
-        return False
-    widths = np.full(n, width, np.int64)
-    for c in range(parts):
-        biggest = int(np.unique(sub_band_bits(free, widths, c, parts)[0], return_counts=True)[1].max())
-        if biggest == n or biggest * 4 > n:
-            return False
-    return True
+def splits_well(group: np.ndarray, free: np.ndarray, width: int, radius: int) -> np.ndarray:
+    """Per group (dense ids 0..k-1 of ``group``), whether its rows, or a sample of them, split by
+    sub-bands as :func:`candidate_pairs` splits a big group at the first level: by
+    :func:`_split_plan`'s rule, no sub-band on which all agree and none whose biggest sub-group
+    holds over a quarter (otherwise the group is capped, or whittled down a whole sub-band at a
+    time). A group of one row, of identical codes or of fewer free bits than sub-bands has a whole
+    sub-band, so it does not split."""
+    dense = compact_ids(group)
+    size = np.bincount(dense)
+    keep_band, poor = _split_plan(dense, size[dense], free, np.full(len(free), width, np.int64), radius + 1)
+    well = np.zeros(len(size), bool)
+    well[dense] = (keep_band < 0) & ~poor
+    return well
+
+
+def _sorted_groups(group: np.ndarray, codes: np.ndarray, order_key: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The rows in (group, code, order_key) order: (that order, each group's start and size in
+    it, and each sorted row's group end)."""
+    order = np.lexsort((order_key, codes, group))
+    g = group[order]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    sizes = np.diff(np.r_[starts, len(group)])
+    return order, starts, sizes, np.repeat(starts + sizes, sizes)
 
 
 def _split_plan(parent: np.ndarray, parent_size: np.ndarray, free: np.ndarray, width: np.ndarray, parts: int
@@ -175,13 +185,10 @@ def candidate_pairs(group: np.ndarray, codes: np.ndarray, free: np.ndarray, widt
     if n < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), stats
     depth = np.zeros(n, np.int64) if depth is None else depth
-    order = np.lexsort((order_key, codes, group))
-    g, c = group[order], codes[order]
-    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
-    sizes = np.diff(np.r_[starts, n])
+    order, starts, sizes, end = _sorted_groups(group, codes, order_key)
+    c = codes[order]
     stats.largest_group = int(sizes.max())
     row_group = np.repeat(np.arange(len(starts)), sizes)
-    end = (starts + sizes)[row_group]
     small = sizes <= max_candidates + 1
     # A group of identical codes cannot be split (every sub-band agrees): cap it at once.
     identical = c[starts] == c[starts + sizes - 1]
@@ -239,12 +246,8 @@ def window_pairs(group: np.ndarray, codes: np.ndarray, order_key: np.ndarray, le
     n = len(group)
     if n < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), stats
-    order = np.lexsort((order_key, codes, group))
-    g = group[order]
-    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
-    sizes = np.diff(np.r_[starts, n])
+    order, _, sizes, end = _sorted_groups(group, codes, order_key)
     stats.largest_group = int(sizes.max())
-    end = np.repeat(starts + sizes, sizes)
     left = np.flatnonzero(lead[order])
     stats.capped_rows = len(left)
     i, j = _offset_pairs(left, end, max_candidates, codes[order], radius, stats)

@@ -246,9 +246,9 @@ COUNT_SCHEMA = pa.schema([("band", pa.int8()), ("value", pa.uint64()), ("count",
 # A hot group: split by sub-bands in the map (one row, range 0), or its ranges: range 0 (no start)
 # and ranges 1.. starting at (start_code, start_id); a range ends where the next starts, and its
 # task also takes the next range's rows up to (halo_code, halo_id) inclusive (null: to the end).
-HOT_SCHEMA = pa.schema([("band", pa.int8()), ("value", pa.uint64()), ("rows", pa.int64()), ("split", pa.bool_()),
-                        ("range", pa.int32()), ("start_code", pa.uint64()), ("start_id", pa.string()),
-                        ("halo_code", pa.uint64()), ("halo_id", pa.string())])
+HOT_SCHEMA = pa.schema([("band", pa.int8()), ("value", pa.uint64()), ("split", pa.bool_()), ("range", pa.int32()),
+                        ("start_code", pa.uint64()), ("start_id", pa.string()), ("halo_code", pa.uint64()),
+                        ("halo_id", pa.string())])
 _RANGE_SAMPLES = 256  # sampled rows per range of a hot group (a range is ~hot_rows rows)
 _SAMPLE_SALT = np.uint64(0x5A17ED5A5A17ED5A)
 _RANGE_MIX = np.uint64(0x9E3779B97F4A7C15)
@@ -501,76 +501,72 @@ def _reduce_band_counts(partition: int, pieces: list[pa.Table], spec: _BandSpec)
     step = max(plan.max_candidates + 2, round(rate * plan.hot_rows))
     s_band, s_value = samples.column("band").to_numpy(), samples.column("value").to_numpy()
     s_code, s_id = samples.column("code").to_numpy(), samples.column("sample_id").to_pylist()
+    group = compact_ids(s_band, s_value)  # samples are sorted: ids follow (band, value)
+    well = np.zeros(int(group.max()) + 1 if len(group) else 0, bool)
+    for b, (shift, bits) in enumerate(bands(plan.radius)):  # the split rule, every hot group of a band at once
+        at = np.flatnonzero(s_band == b)
+        if len(at):
+            well[np.unique(group[at])] = splits_well(group[at], band_values(s_code[at], shift, bits)[1], 64 - bits,
+                                                     plan.radius)
     cols: dict[str, list] = {name: [] for name in HOT_SCHEMA.names}
 
-    def add(band: int, value: int, rows: int, rng: int, start: tuple | None = None, halo: tuple | None = None,
+    def add(band: int, value: int, rng: int, start: tuple | None = None, halo: tuple | None = None,
             split: bool = False) -> None:
-        for name, v in zip(HOT_SCHEMA.names, (band, value, rows, split, rng, *(start or (None, None)),
+        for name, v in zip(HOT_SCHEMA.names, (band, value, split, rng, *(start or (None, None)),
                                               *(halo or (None, None)))):
             cols[name].append(v)
 
-    layout = bands(plan.radius)
-    key = {(int(b), int(v)): int(c) for b, v, c in zip(hot.column("band").to_numpy(), hot.column("value").to_numpy(),
-                                                       hot.column("count_sum").to_numpy())}
-    change = np.flatnonzero(np.r_[True, (s_band[1:] != s_band[:-1]) | (s_value[1:] != s_value[:-1]), True])
-    placed = set()
-    for lo, hi in zip(change[:-1], change[1:]):
-        if lo == len(s_band):
-            break
+    unsampled = set(zip(hot.column("band").to_pylist(), hot.column("value").to_pylist()))
+    bounds = np.r_[np.flatnonzero(np.r_[True, group[1:] != group[:-1]]), len(group)] if len(group) else [0]
+    for g, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         b, v = int(s_band[lo]), int(s_value[lo])
-        placed.add((b, v))
-        shift, bits = layout[b]
-        if splits_well(band_values(s_code[lo:hi], shift, bits)[1], 64 - bits, plan.radius):
-            add(b, v, key[(b, v)], 0, split=True)
+        unsampled.discard((b, v))
+        add(b, v, 0, split=bool(well[g]))
+        if well[g]:
             continue
-        add(b, v, key[(b, v)], 0)
         for k, at in enumerate(range(lo + step, hi, step), start=1):
             end = at + plan.max_candidates
-            add(b, v, key[(b, v)], k, (int(s_code[at]), s_id[at]),
-                (int(s_code[end]), s_id[end]) if end < hi else None)
-    for (b, v), c in sorted(key.items()):  # hot without a sample: one range
-        if (b, v) not in placed:
-            add(b, v, c, 0)
+            add(b, v, k, (int(s_code[at]), s_id[at]), (int(s_code[end]), s_id[end]) if end < hi else None)
+    for b, v in sorted(unsampled):  # hot without a sample: one range
+        add(b, v, 0)
     return pa.table(cols, schema=HOT_SCHEMA)
 
 
-def _count_keys_at_most(codes: np.ndarray, ids: pa.Array, at_codes: np.ndarray, at_ids: list[str]) -> np.ndarray:
-    """For each row, how many of the sorted keys (at_codes, at_ids) are ≤ its (code, sample_id)."""
+def _keys_before(codes: np.ndarray, ids: pa.Array, at_codes: np.ndarray, at_ids: list[str], *,
+                 inclusive: bool) -> np.ndarray:
+    """For each row, how many of the sorted keys (at_codes, at_ids) come before its (code,
+    sample_id): those ≤ it when ``inclusive``, else those < it (sample_id breaks code ties)."""
     lo = np.searchsorted(at_codes, codes, "left")
     hi = np.searchsorted(at_codes, codes, "right")
     out = lo.copy()
     ties = np.flatnonzero(hi > lo)
     if len(ties):
-        tie_ids = ids.take(pa.array(ties)).to_pylist()
-        for t, sid in zip(ties.tolist(), tie_ids):
-            out[t] = bisect.bisect_right(at_ids, sid, int(lo[t]), int(hi[t]))
+        find = bisect.bisect_right if inclusive else bisect.bisect_left
+        for t, sid in zip(ties.tolist(), ids.take(pa.array(ties)).to_pylist()):
+            out[t] = find(at_ids, sid, int(lo[t]), int(hi[t]))
     return out
 
 
 def _hot_slots(codes: np.ndarray, ids: pa.Array, ranges: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """One hot group's rows of a part: (row index, slot) for each row's own range and for the rows
-    lent to the range before theirs."""
+    """One hot group's rows of a part: (row index, slot), every row for its own range first, then
+    the rows lent to the range before theirs."""
     starts = ranges.filter(pc.greater(ranges.column("range"), 0)).sort_by("range")
     own = np.zeros(len(codes), np.int64)
     lent = np.zeros(0, np.int64)
     if starts.num_rows:
-        own = _count_keys_at_most(codes, ids, starts.column("start_code").to_numpy(),
-                                  starts.column("start_id").to_pylist())
-        later = np.flatnonzero(own > 0)
-        halo_code = starts.column("halo_code").fill_null(np.iinfo(np.uint64).max).to_numpy()
-        halo_id = starts.column("halo_id").to_pylist()
+        own = _keys_before(codes, ids, starts.column("start_code").to_numpy(), starts.column("start_id").to_pylist(),
+                           inclusive=True)
+        # A row of range k is lent to range k - 1 when it is ≤ range k's halo end, (halo_code,
+        # halo_id): fewer than k halo ends lie before it (they are sorted; a null one, the last
+        # range's, means to the group's end).
         to_end = starts.column("halo_code").is_null().to_numpy(zero_copy_only=False)
+        halo_code = starts.column("halo_code").fill_null(np.iinfo(np.uint64).max).to_numpy()
+        halo_id = starts.column("halo_id").fill_null("").to_pylist()
+        later = np.flatnonzero(own > 0)
         k = own[later] - 1
-        code, limit = codes[later], halo_code[k]
-        inside = to_end[k] | (code < limit)
-        tie = np.flatnonzero(~inside & (code == limit))
-        if len(tie):
-            tie_ids = ids.take(pa.array(later[tie])).to_pylist()
-            inside[tie] = [sid <= halo_id[int(k[t])] for t, sid in zip(tie.tolist(), tie_ids)]
-        lent = later[inside]
-    rows = np.r_[np.arange(len(codes)), lent]
-    slots = np.r_[2 * own, 2 * (own[lent] - 1) + 1]
-    return rows, slots
+        below = _keys_before(codes[later], ids.take(pa.array(later)), halo_code, halo_id, inclusive=False)
+        lent = later[to_end[k] | (below <= k)]
+    return np.r_[np.arange(len(codes)), lent], np.r_[2 * own, 2 * (own[lent] - 1) + 1]
 
 
 @functools.lru_cache(maxsize=2)
@@ -589,36 +585,42 @@ def _map_bands(job: _PartJob, spec: _BandSpec) -> list[pa.Table]:
     hot = _hot_ranges(spec.hot)
     pieces, buckets = [], []
     for band, (shift, bits) in enumerate(bands(plan.radius)):
-        value, _ = band_values(codes, shift, bits)
-        band_hot = hot.filter(pc.equal(hot.column("band"), band))
-        in_hot = np.isin(value, band_hot.column("value").to_numpy()) if band_hot.num_rows else np.zeros(len(value), bool)
+        value, free = band_values(codes, shift, bits)
+        band_hot = hot.filter(pc.equal(hot.column("band"), band)).sort_by([("value", "ascending"), ("range", "ascending")])
+        hot_values = band_hot.column("value").to_numpy()
+        first = np.flatnonzero(np.r_[True, hot_values[1:] != hot_values[:-1]]) if len(hot_values) else np.zeros(0, int)
+        split_values = hot_values[first][band_hot.column("split").to_numpy(zero_copy_only=False)[first]]
         # Every row once in place (its slot and partition key set where it is hot), then the extra
         # copies: rows lent to the range before theirs, and the sub-band copies past the first.
         slot = np.full(len(codes), -1, np.int32)
         key = _band_key(value, band)
         extra: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for v in np.unique(value[in_hot]):
-            members = np.flatnonzero(value == v)
-            ranges = band_hot.filter(pc.equal(band_hot.column("value"), v))
-            if ranges.column("split")[0].as_py():  # a copy per sub-band, keyed by its value there
-                free = band_values(codes[members], shift, bits)[1]
-                widths = np.full(len(members), 64 - bits, np.int64)
-                group_key = key[members]
-                for c in range(parts):
-                    sub = sub_band_bits(free, widths, c, parts)[0]
-                    salt = np.uint64((c + 1) * int(_SUB_MIX) % 2**64)
-                    copy_key = group_key ^ salt ^ (sub * _RANGE_MIX)
-                    if c == 0:
-                        slot[members], key[members] = -2, copy_key
-                    else:
-                        extra.append((members, np.full(len(members), -2 - c, np.int32), copy_key))
-                continue
-            at, slots = _hot_slots(codes[members], ids.take(pa.array(members)), ranges)
-            keys = key[members[at]] ^ (slots // 2 + 1).astype(np.uint64) * _RANGE_MIX
-            own = len(members)  # _hot_slots gives every row its own range first, then the lent rows
-            slot[members], key[members] = slots[:own], keys[:own]
-            if len(at) > own:
-                extra.append((members[at[own:]], slots[own:].astype(np.int32), keys[own:]))
+        members = np.flatnonzero(np.isin(value, split_values))
+        if len(members):  # a copy per sub-band, keyed by its value there: all split groups at once
+            widths = np.full(len(members), 64 - bits, np.int64)
+            group_key = key[members]
+            for c in range(parts):
+                sub = sub_band_bits(free[members], widths, c, parts)[0]
+                copy_key = group_key ^ np.uint64((c + 1) * int(_SUB_MIX) % 2**64) ^ (sub * _RANGE_MIX)
+                if c == 0:
+                    slot[members], key[members] = -2, copy_key
+                else:
+                    extra.append((members, np.full(len(members), -2 - c, np.int32), copy_key))
+        ranged = np.flatnonzero(np.isin(value, np.setdiff1d(hot_values, split_values)))
+        if len(ranged):  # the groups cut into ranges, one at a time (their rows by value, one sort)
+            ranged = ranged[np.argsort(value[ranged], kind="stable")]
+            cuts = np.flatnonzero(np.r_[True, value[ranged][1:] != value[ranged][:-1], True])
+            for lo, hi in zip(cuts[:-1], cuts[1:]):
+                members = ranged[lo:hi]
+                v = value[members[0]]
+                at_v = np.searchsorted(hot_values, v)
+                ranges = band_hot.slice(at_v, np.searchsorted(hot_values, v, "right") - at_v)
+                at, slots = _hot_slots(codes[members], ids.take(pa.array(members)), ranges)
+                keys = key[members[at]] ^ (slots // 2 + 1).astype(np.uint64) * _RANGE_MIX
+                own = len(members)  # every row for its own range first, then the lent rows
+                slot[members], key[members] = slots[:own], keys[:own]
+                if len(at) > own:
+                    extra.append((members[at[own:]], slots[own:].astype(np.int32), keys[own:]))
         pieces.append(pa.table([pa.array(np.full(len(codes), band, np.int8)), pa.array(value), pa.array(codes), ids,
                                 nodes, pa.array(slot)], schema=BAND_SCHEMA))
         buckets.append(_bucket(key, plan.num_partitions))
@@ -650,10 +652,11 @@ def _reduce_bands(partition: int, pieces: list[pa.Table], spec: _BandSpec) -> pa
         # Bands never share a group: one band's rows in memory at a time.
         parts = plan.radius + 1
         for b, (shift, bits) in enumerate(bands(plan.radius)):
+            in_band = band == b
             # Plain groups (slot -1), hot groups' ranges (slot ≥ 0), hot groups' copies in sub-band c
             # (slot -2 - c): never one group between two of these.
             for kind in (-1, 0, *(-2 - c for c in range(parts))):
-                rows = np.flatnonzero((band == b) & ((slot >= 0) if kind == 0 else (slot == kind)))
+                rows = np.flatnonzero(in_band & ((slot >= 0) if kind == 0 else (slot == kind)))
                 if len(rows) < 2:
                     continue
                 codes = t.column("code").take(pa.array(rows)).to_numpy()
@@ -877,8 +880,9 @@ def within_dataset_duplicates_distributed(parts: Sequence[PartRef], *, scratch: 
     by thumbnail correlation ≥ ``min_ncc`` (``DEFAULT_MIN_NCC`` when None) when the parts have a
     ``thumb`` column. ``num_partitions`` defaults to what ``task_memory_mb`` needs (at least one
     per CPU of the cluster, at most one per part). A (band, value) group of more than ``hot_rows``
-    rows (default :func:`hot_group_rows` of ``task_memory_mb``) is hot: capped at once and reduced in
-    ranges of about ``hot_rows`` rows, so no reduce holds a whole one. Every shuffle writes under
+    rows (default :func:`hot_group_rows` of ``task_memory_mb``) is hot: split by sub-bands in the
+    map when a sample of it splits well, else capped and reduced in code-order ranges of about
+    ``hot_rows`` rows, so no reduce holds a whole one. Every shuffle writes under
     ``scratch/d-<digest>/`` (the digest names the parts and settings); a rerun with the same ones
     skips every finished map and reduce.
     """
