@@ -56,13 +56,23 @@ class Holder:
 
     node: str
     pid: int
-    started: float  # the process's start time
+    started: float  # the process's start time (wall clock, as psutil gives it)
+    # Its start in clock ticks after boot (Linux): psutil's create_time adds the boot time as read
+    # at each call, which the kernel derives from the wall clock, so two processes can see one
+    # start a second apart; the ticks never move.
+    start_ticks: int | None = None
 
     @classmethod
     def me(cls) -> "Holder":
         import psutil
 
-        return cls(_node_id(), os.getpid(), psutil.Process().create_time())
+        return cls(_node_id(), os.getpid(), psutil.Process().create_time(), _start_ticks(os.getpid()))
+
+    def _same_start(self, process: Any) -> bool:
+        ticks = _start_ticks(self.pid) if self.start_ticks is not None else None
+        if ticks is not None:
+            return ticks == self.start_ticks
+        return abs(process.create_time() - self.started) < 1.5  # no ticks: the wall-clock start, give or take
 
     def alive(self) -> bool | None:
         """Whether the process still runs; None when this is another node (pids do not tell).
@@ -74,7 +84,7 @@ class Holder:
             return None
         try:
             process = psutil.Process(self.pid)
-            if process.create_time() != self.started or process.status() == psutil.STATUS_ZOMBIE:
+            if not self._same_start(process) or process.status() == psutil.STATUS_ZOMBIE:
                 return False
         except psutil.NoSuchProcess:
             return False
@@ -83,6 +93,18 @@ class Holder:
                 return not being_killed(f.read())
         except OSError:  # no /proc (not Linux), or it exited just now
             return psutil.pid_exists(self.pid)
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Field 22 of ``/proc/<pid>/stat``: when the process started, in clock ticks after boot
+    (None without /proc). The command name, field 2, may hold spaces and parentheses: the fields
+    after it are read from the last ')'."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])
 
 
 def being_killed(proc_status: str) -> bool:

@@ -662,6 +662,27 @@ def test_a_killed_driver_not_yet_reaped_is_gone_for_its_workers(tmp_path: Path) 
     assert not (tmp_path / "shards" / "part-00000.done").exists()
 
 
+def test_a_holder_is_its_start_in_ticks_not_the_wall_clock() -> None:
+    """psutil's create_time adds the boot time as read at each call, which follows the wall clock:
+    a live driver whose recorded start is off by seconds is still alive (its ticks since boot
+    match), another process under its pid is not, and a holder without ticks (a lease from before
+    them) compares the wall-clock start, give or take a second."""
+    import dataclasses
+
+    from infra.lease import Holder, _start_ticks
+
+    me = Holder.me()
+    assert me.start_ticks == _start_ticks(os.getpid()) and me.alive() is True
+    assert dataclasses.replace(me, started=me.started - 7.0).alive() is True  # the wall clock moved
+    assert dataclasses.replace(me, start_ticks=me.start_ticks - 1).alive() is False  # a reused pid
+    assert dataclasses.replace(me, start_ticks=None, started=me.started + 0.9).alive() is True
+    assert dataclasses.replace(me, start_ticks=None, started=me.started - 60).alive() is False
+    child = subprocess.Popen([sys.executable, "-c", "print(1)"], stdout=subprocess.DEVNULL)
+    started = _start_ticks(child.pid)
+    child.wait()
+    assert Holder(me.node, child.pid, 0.0, started).alive() is False  # exited and reaped
+
+
 def test_a_process_with_a_sigkill_pending_counts_as_killed() -> None:
     from infra.lease import being_killed
 
