@@ -4,11 +4,12 @@ All train the same model (same initial weights) on the same batches, decoded onc
 the bundled Openclipart sample and replayed from memory, so the numbers compare the engines, not
 the data pipeline. All use the one optimizer construction (``trainer.train.model_and_optimizer``:
 torch's AdamW with its fused kernel, the same param groups), cosine schedule, grad clipping and
-ClipLoss; the optimizer each side steps is printed. Three engines live side by side and their steps alternate (forward, then reversed
+ClipLoss; the optimizer each side steps is printed. The engines live side by side and their steps alternate (forward, then reversed
 order), so machine load hits them alike: the plain loop; DeepSpeed at ``--zero-stage`` with
 ``trainer.train.deepspeed_config`` (what ``train.zero_stage`` gets); and DeepSpeed as
 ``train.single_rank_zero_stage: 0`` runs it on one rank (stage 0: ZeRO partitions nothing across
-one rank). Each step's forward, backward and optimizer step are timed (wall and CPU) and the
+one rank); at stages 1 and 2 also DeepSpeed's own code, without trainer/zero.py's shortcuts
+(``train.zero_shortcuts: false``). Each step's forward, backward and optimizer step are timed (wall and CPU) and the
 medians are compared: what DeepSpeed adds (or saves) in each phase. One ``ratio=`` line per
 DeepSpeed engine (DeepSpeed / plain, median step); the last line is the headline: the stage asked
 for, ``--zero-stage``.
@@ -147,7 +148,10 @@ def main() -> None:
           f"threads={torch.get_num_threads()} cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f}", flush=True)
     asked = f"deepspeed zero-{args.zero_stage} {args.precision}"
     one_rank = f"deepspeed zero-{args.zero_stage} run as zero-0 (train.single_rank_zero_stage=0) {args.precision}"
+    own = f"deepspeed zero-{args.zero_stage} {args.precision}, DeepSpeed's own code (train.zero_shortcuts=false)"
     configs = {asked: cfg, one_rank: dataclasses.replace(cfg, single_rank_zero_stage=0)}
+    if args.zero_stage in (1, 2):
+        configs[own] = dataclasses.replace(cfg, zero_shortcuts=False)
     init_distributed(rank=0, world_size=1)
     try:
         engines = {"plain": plain_engine(cfg, steps + warmup)}
@@ -166,7 +170,7 @@ def main() -> None:
     finally:
         shutdown_distributed(rank=0)
     plain = phases["plain"]
-    short = {"plain": "plain", asked: f"zero-{args.zero_stage}", one_rank: "zero-0"}
+    short = {"plain": "plain", asked: f"zero-{args.zero_stage}", one_rank: "zero-0", own: "ds-own"}
     print(f"{'median ms':<12}" + "".join(f"{short[n] + ' wall':>13}" for n in names)
           + "".join(f"{short[n] + ' CPU':>12}" for n in names))
     for phase in ("forward", "backward", "step", "total"):
@@ -174,7 +178,7 @@ def main() -> None:
               + "".join(f"{phases[n].median(phase, True) * 1e3:>12.1f}" for n in names))
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (all engines, one process)")
     plain_rate = cfg.micro_batch / plain.median("total")
-    for label in (one_rank, asked):
+    for label in [one_rank, *([own] if own in phases else []), asked]:
         ours = phases[label]
         ours_rate = cfg.micro_batch / ours.median("total")
         cpu_ratio = plain.median("total", True) / ours.median("total", True)

@@ -489,6 +489,10 @@ class TrainConfig:
     # nothing: 0 skips ZeRO-2's gradient buckets and second fp32 weight copy for the same maths
     # (bench/train.py); logged at start. None: zero_stage on any world size.
     single_rank_zero_stage: Literal[0] | None = None
+    # ZeRO 1/2: the gradient norm in one foreach call (fp32 per tensor, as clip_grad_norm_ takes it,
+    # not DeepSpeed's fp64 loop) and no all-reduce over a group of one rank (trainer/zero.py);
+    # false: DeepSpeed's own code, as runs trained before these shortcuts did.
+    zero_shortcuts: bool = True
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     micro_batch: int = 32
     grad_accum: int = 1

@@ -152,6 +152,142 @@ def test_deepspeed_steps_take_the_plain_loops_losses():
         shutdown_distributed(rank=0)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_zero_shortcuts_take_deepspeeds_own_steps(precision):
+    """trainer/zero.py on ZeRO-2, one rank, a clip that bites: skipping the reduction over one rank
+    leaves the weights bit for bit as DeepSpeed's own code does; the foreach norm is DeepSpeed's fp64
+    norm to float rounding, and so are the weights after it (bf16: to a bf16 rounding flip). Both
+    paths really run (no fallback)."""
+    import deepspeed
+
+    from trainer.loss import ClipLoss
+    from trainer.model import load_model_config
+    from trainer.zero import NORM, REDUCTION, speed_up_zero_optimizer
+
+    cfg = dataclasses.replace(TRAIN, micro_batch=8, max_steps=None, grad_clip=0.05, zero_shortcuts=False,
+                              precision=precision)
+    model_config = load_model_config(cfg.model)
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(cfg.micro_batch, 3, 32, 32, generator=generator),
+                torch.randint(1, 49407, (cfg.micro_batch, 77), generator=generator)) for _ in range(4)]
+    weights, losses = {}, {}
+    init_distributed(rank=0, world_size=1)
+    try:
+        for variant, asked in (("deepspeed", ()), ("reduction", (REDUCTION,)), ("both", (NORM, REDUCTION))):
+            torch.manual_seed(cfg.seed)
+            engine, _ = build_engine(cfg, model_config, deepspeed_config(cfg, 1, on_cuda=False), 10)
+            optimizer = engine.optimizer
+            done, refused = speed_up_zero_optimizer(optimizer, deepspeed.__version__, norm=NORM in asked,
+                                                    reduction=REDUCTION in asked)
+            assert done == asked and refused is None
+            reductions, own_bucket = [], optimizer.allreduce_bucket
+            optimizer.allreduce_bucket = lambda *a, **k: reductions.append(1) or own_bucket(*a, **k)
+            losses[variant], gaps = [], []
+            for images, tokens in batches:
+                loss = ClipLoss()(*engine(images, tokens))
+                engine.backward(loss)
+                for group in range(len(optimizer.bit16_groups)):
+                    grads, params = optimizer.averaged_gradients[group], optimizer.params_in_partition[group]
+                    own = type(optimizer).get_grad_norm_direct(optimizer, grads, params)  # DeepSpeed's fp64 loop
+                    gaps.append(abs(optimizer.get_grad_norm_direct(grads, params).item() / own.item() - 1))
+                assert engine.get_global_grad_norm() is None or engine.get_global_grad_norm() > cfg.grad_clip
+                engine.step()
+                assert engine.get_global_grad_norm() > cfg.grad_clip  # the clip bites every step
+                losses[variant].append(loss.item())
+            assert bool(reductions) == (REDUCTION not in asked)  # the shortcut ran, not DeepSpeed's reduction
+            assert max(gaps) < 5e-6 and (max(gaps) > 0) == (NORM in asked)
+            weights[variant] = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    finally:
+        shutdown_distributed(rank=0)
+    assert losses["reduction"] == losses["deepspeed"]
+    assert all(torch.equal(weights["reduction"][k], w) for k, w in weights["deepspeed"].items())
+    assert losses["both"] == pytest.approx(losses["deepspeed"], rel=1e-6 if precision == "fp32" else 1e-2)
+    if precision == "fp32":
+        for k, w in weights["deepspeed"].items():
+            torch.testing.assert_close(weights["both"][k], w, rtol=1e-5, atol=1e-6)
+    else:  # a norm one rounding off flips some bf16 weights' last bit, and AdamW's step on a gradient
+        # near zero can then flip sign (up to 2 x lr): a few weights in a million, not closeness of each.
+        # The norm itself is checked above, on the same gradients.
+        far = sum(int(((weights["both"][k].float() - w.float()).abs() > 1e-3).sum()) for k, w in weights["deepspeed"].items())
+        assert far <= 1e-5 * sum(w.numel() for w in weights["deepspeed"].values()), far
+
+
+def test_zero_shortcuts_are_set_by_default_and_refused_on_an_unchecked_deepspeed(caplog):
+    import deepspeed
+
+    from trainer.model import load_model_config
+    from trainer.zero import speed_up_zero_optimizer
+
+    cfg = dataclasses.replace(TRAIN, micro_batch=8, max_steps=None)
+    init_distributed(rank=0, world_size=1)
+    try:
+        with caplog.at_level("INFO", logger="witflow.trainer"):
+            engine, _ = build_engine(cfg, load_model_config(cfg.model), deepspeed_config(cfg, 1, on_cuda=False), 10)
+        said = [r.fields for r in caplog.records if r.getMessage() == "ZeRO shortcuts"]
+        assert said == [{"shortcuts": "grad_norm,one_rank_reduction", "switch": "train.zero_shortcuts"}]
+        optimizer = engine.optimizer
+        assert optimizer.get_grad_norm_direct.__func__ is not type(optimizer).get_grad_norm_direct
+        off = dataclasses.replace(cfg, zero_shortcuts=False)
+        engine, _ = build_engine(off, load_model_config(off.model), deepspeed_config(off, 1, on_cuda=False), 10)
+        optimizer = engine.optimizer
+        assert optimizer.get_grad_norm_direct.__func__ is type(optimizer).get_grad_norm_direct
+        assert optimizer.allreduce_and_copy.__func__ is type(optimizer).allreduce_and_copy
+        assert speed_up_zero_optimizer(optimizer, "0.20.1") == ((), "DeepSpeed 0.20.1 is not a checked version (0.19.x)")
+        assert optimizer.get_grad_norm_direct.__func__ is type(optimizer).get_grad_norm_direct
+        assert deepspeed.__version__.startswith("0.19.")  # the pinned version is a checked one
+    finally:
+        shutdown_distributed(rank=0)
+
+
+class _ChangedOptimizer:
+    """A stand-in for a DeepSpeed release whose methods changed their arguments."""
+
+    def get_grad_norm_direct(self, gradients, params, norm_type=2, mpu=None):
+        return None
+
+    def allreduce_and_copy(self, small_bucket, communication_data_type, rank=None, log=None, divide=True,
+                           process_group=None, output_bucket=None):
+        return None
+
+
+def test_zero_shortcuts_skip_a_method_whose_arguments_changed():
+    from trainer.zero import REDUCTION, speed_up_zero_optimizer
+
+    optimizer = _ChangedOptimizer()
+    done, refused = speed_up_zero_optimizer(optimizer, "0.19.8")
+    assert done == (REDUCTION,)
+    assert refused == "_ChangedOptimizer.get_grad_norm_direct is not the method checked"
+    assert optimizer.get_grad_norm_direct.__func__ is _ChangedOptimizer.get_grad_norm_direct
+
+
+def test_the_one_rank_reduction_shortcut_runs_deepspeeds_reduction_on_more_ranks(monkeypatch):
+    """Over a group of two ranks (world size as deepspeed.comm reports it), or a bucket in another
+    dtype than the communication's, DeepSpeed's own all-reduce runs, with the same arguments."""
+    from deepspeed import comm
+
+    from trainer.zero import _skip_one_rank_reduction
+
+    calls = []
+
+    class Optimizer:
+        dp_process_group, overlap_comm, sequence_parallel_size = "group", False, 1
+
+        def _add_to_grad_partition_buffer(self, output, grad):
+            calls.append(("kept", grad.dtype))
+
+    def own(*args, **kwargs):
+        calls.append(("deepspeed", args[1], kwargs["process_group"]))
+
+    bucket = [torch.ones(3), torch.ones(2)]
+    for world, dtype, expected in ((2, torch.float32, [("deepspeed", torch.float32, None)]),
+                                   (1, torch.bfloat16, [("deepspeed", torch.bfloat16, None)]),
+                                   (1, torch.float32, [("kept", torch.float32)] * 2)):
+        monkeypatch.setattr(comm, "get_world_size", lambda group=None, world=world: world)
+        calls.clear()
+        _skip_one_rank_reduction(Optimizer(), own, bucket, dtype)
+        assert calls == expected, (world, dtype)
+
+
 def test_weight_decay_skips_gains_biases_embeddings_and_logit_scale():
     from trainer.model import CLIP, load_model_config
 

@@ -44,6 +44,7 @@ from trainer.data import (DatasetSource, ShardStream, advance_position, initial_
                           make_loader, online_balance, skipped_total)
 from trainer.loss import ClipLoss
 from trainer.model import CLIP, ModelConfig, load_model_config, save_exported
+from trainer.zero import speed_up_zero_optimizer
 
 log = get_logger("witflow.trainer")
 
@@ -213,6 +214,12 @@ def build_engine(cfg: TrainConfig, model_config: ModelConfig, ds_config: dict[st
         # An all-reduce over one rank is the identity, which DeepSpeed runs anyway (flatten, gloo,
         # unflatten: ~7% of a CPU step, bench/train.py); this is its own switch for "no reduction".
         engine.enable_backward_allreduce = False
+    if cfg.zero_shortcuts and engine.zero_optimization_stage() in (1, 2):
+        done, refused = speed_up_zero_optimizer(engine.optimizer, deepspeed.__version__)
+        if refused:
+            log_event(log, "ZeRO shortcuts not set: DeepSpeed's own code runs", 30, reason=refused)
+        if done:
+            log_event(log, "ZeRO shortcuts", shortcuts=",".join(done), switch="train.zero_shortcuts")
     return engine, scheduler
 
 
