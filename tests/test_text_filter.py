@@ -411,6 +411,29 @@ def test_neutral_words_lingua_calls_estonian_welsh_basque_are_not_english(text_f
         lid.foreign_probability("llosgfynydd")
 
 
+def test_words_english_writes_as_much_as_any_language_are_english(text_filter: TextFilter,
+                                                                    vocab: EnglishVocab) -> None:
+    """Round 9: a word no dictionary or Wikipedia count makes English-known, but English writes at
+    least ``shared_word_min_zipf`` and no less than ``shared_word_margin`` under any foreign language
+    (brands, software, slang: "github", "reddit", "ubuntu", "lol"), is English evidence
+    (``ForeignWords.shared``); before, it was foreign when a language used it at ``foreign_min_zipf``
+    ("reddit": Swedish 3.6 against English 3.7) or went to fastText ("github": P(en) 0.0)."""
+    off = TextFilter(replace(TextFilterConfig(), shared_word_margin=None), vocab)
+    for caption in ("github", "reddit", "ubuntu", "lol"):
+        assert not vocab.is_english_word(caption) and text_filter.foreign.shared(caption), caption
+        assert not off.foreign.shared(caption)
+        assert text_filter.check(caption)[1] is None and off.check(caption)[1] == NOT_ENGLISH, caption
+    # a word a foreign language writes far more stays foreign: "gatto" (it 4.5, en 2.3), "barista"
+    # (it 3.8, en 3.0: beyond the margin); and one English writes under shared_word_min_zipf decides nothing
+    for caption in ("gatto", "barista"):
+        assert not text_filter.foreign.shared(caption) and text_filter.check(caption)[1] == NOT_ENGLISH
+    assert not text_filter.foreign.shared("gitlab")  # English Zipf 1.9
+    assert text_filter.foreign.evidence("github", False) == ENGLISH and off.foreign.evidence("reddit", False) == FOREIGN
+    for bad in ({"shared_word_margin": -0.5}, {"shared_word_min_zipf": 10.0}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            TextFilterConfig(**bad)
+
+
 CLDR_READY = all((NPM_ROOT / p / "package.json").is_file() for p in CLDR_PACKAGES)
 
 
@@ -661,8 +684,9 @@ def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter, voc
     of its verdicts)."""
     labels = load_labels()
     precision, recall, rejected = _policy_scores(text_filter, labels)
-    # h23 (26 foreign_languages, English country names, _glossed): P 0.985, R 0.981, 360 of 394 dropped
-    assert precision >= 0.98 and recall >= 0.98 and rejected >= 0.912, (precision, recall, rejected)
+    # h23 (26 foreign_languages, English country names, _glossed): P 0.985, R 0.981, 360 of 394 dropped;
+    # round 9 (shared words: "Ours", French bear, is as English as French now): R 0.981, 359 dropped (0.911)
+    assert precision >= 0.98 and recall >= 0.98 and rejected >= 0.91, (precision, recall, rejected)
     round_5 = _policy_scores(TextFilter(replace(TextFilterConfig(), **ROUND_5), vocab), labels)
     assert round_5[1] < recall and round_5[2] < rejected  # what round 6 adds: both
     round_4, round_3, round_2 = (_policy_scores(TextFilter(replace(TextFilterConfig(), **r), vocab), labels)
