@@ -311,6 +311,10 @@ class TextFilterConfig:
     # than English: such a caption is not English ("lumememm", "llosgfynydd"); empty: off
     neutral_lid_languages: tuple[str, ...] = ("et", "ga", "cy", "eu")
     neutral_lid_min_prob: float = 0.95
+    # ...and lingua is asked only about the neutral words English uses less than this Zipf: one
+    # English writes at least that often is a brand or a term, not a word of an unlisted language
+    # ("gitlab", "winrar"); None: about every neutral word
+    neutral_lid_max_english_zipf: float | None = 1.5
     # A word not English-known that English uses at least shared_word_min_zipf and no less than
     # shared_word_margin Zipf under any foreign language is English evidence: a brand, product,
     # loanword or slang every language writes or none lists ("reddit", "ubuntu", "github", "lol");
@@ -354,7 +358,7 @@ class TextFilterConfig:
             raise ConfigError("text_filter.english_min_letters must be >= 1 (1: every English-known word counts)")
         for name in ("english_lead_zipf", "foreign_absent_known_min_zipf", "gloss_max_foreign_zipf",
                      "foreign_unknown_min_zipf", "place_name_max_foreign_lead", "neutral_max_zipf",
-                     "shared_word_margin", "shared_word_min_zipf"):
+                     "neutral_lid_max_english_zipf", "shared_word_margin", "shared_word_min_zipf"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 9.0:
                 raise ConfigError(f"text_filter.{name} must be a Zipf value in [0, 9] (or null: off)")

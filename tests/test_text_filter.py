@@ -411,6 +411,26 @@ def test_neutral_words_lingua_calls_estonian_welsh_basque_are_not_english(text_f
         lid.foreign_probability("llosgfynydd")
 
 
+def test_neutral_words_english_writes_are_not_asked_about(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+    """Round 9: brands and terms English writes, if rarely ("gitlab", "winrar", "wikidata": Zipf 1.6-2.0
+    in English), are neutral words too, and lingua called them Estonian or Welsh; lingua is now asked
+    only about the neutral words under ``neutral_lid_max_english_zipf`` (1.5) in English, so these stay
+    English and the words of languages no list has (never in English: "llosgfynydd") are still read."""
+    cfg = text_filter.cfg
+    assert cfg.neutral_lid_max_english_zipf == 1.5
+    every = TextFilter(replace(TextFilterConfig(), neutral_lid_max_english_zipf=None), vocab)
+    for caption in ("gitlab", "winrar", "wikidata"):
+        assert text_filter.foreign.zipf(caption)[0] >= cfg.neutral_lid_max_english_zipf
+        verdict = _verdict(text_filter, caption)
+        assert verdict.english and verdict.decided_by == "names" and verdict.neutral == 1, (caption, verdict)
+        before = _verdict(every, caption)
+        assert not before.english and before.decided_by == "neutral_lid", (caption, before)
+    for tf in (text_filter, every):
+        assert _verdict(tf, "llosgfynydd").decided_by == "neutral_lid"
+    with pytest.raises(ConfigError, match="neutral_lid_max_english_zipf"):
+        TextFilterConfig(neutral_lid_max_english_zipf=-1.0)
+
+
 def test_words_english_writes_as_much_as_any_language_are_english(text_filter: TextFilter,
                                                                     vocab: EnglishVocab) -> None:
     """Round 9: a word no dictionary or Wikipedia count makes English-known, but English writes at
