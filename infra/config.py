@@ -306,10 +306,11 @@ class TextFilterConfig:
     # None: they go to the short detector as before
     neutral_max_zipf: float | None = 2.5
     # ...unless lingua (lingua-language-detector, its models in its wheel), over English and these
-    # languages (ISO 639-1: languages no wordfreq list has, so their words are all "neutral"), is at
-    # least neutral_lid_min_prob confident that the caption's neutral words are one of them rather
-    # than English: such a caption is not English ("lumememm", "llosgfynydd"); empty: off
-    neutral_lid_languages: tuple[str, ...] = ("et", "ga", "cy", "eu")
+    # languages (ISO 639-1: languages no wordfreq list has, so their words are all "neutral", and
+    # since round 9 Swedish, Danish and Norwegian Bokmål, whose compounds no list has: "brandslukker"),
+    # is at least neutral_lid_min_prob confident that the caption's neutral words are one of them
+    # rather than English: such a caption is not English ("lumememm", "llosgfynydd"); empty: off
+    neutral_lid_languages: tuple[str, ...] = ("et", "ga", "cy", "eu", "sv", "da", "nb")
     neutral_lid_min_prob: float = 0.95
     # ...and lingua is asked only about the neutral words English uses less than this Zipf: one
     # English writes at least that often is a brand or a term, not a word of an unlisted language

@@ -60,7 +60,11 @@ The English policy (measured on hand-labelled Openclipart titles, tests/data/ope
   product ("Kexi", "Perogies", "joypad", "CFbulb") — is no language's evidence: a caption the
   rules above turn down is judged again without such words (and without its place names), and
   one of such words only is English. Not neutral: a word that is two words of one foreign
-  language (``ForeignWords.compound``: German "ampelfrau", "ampelmaennchen").
+  language (``ForeignWords.compound``: German "ampelfrau", "ampelmaennchen"). A caption kept for its
+  neutral words is not English when lingua, over English and ``neutral_lid_languages`` (languages no
+  list has, et ga cy eu, and since round 9 sv da nb, whose compounds no list has: "brandslukker"), is
+  at least ``neutral_lid_min_prob`` sure they are one of those; it is asked only about the neutral
+  words English uses under ``neutral_lid_max_english_zipf`` (round 9: "gitlab", "winrar" are not).
 * Shared words (``shared_word_margin``, round 9): a word not English-known that English uses at least
   ``shared_word_min_zipf``, and no less than the margin under any foreign language, is English
   evidence: brands, software, slang no dictionary has and every language writes ("github",

@@ -384,8 +384,9 @@ def test_neutral_words_lingua_calls_estonian_welsh_basque_are_not_english(text_f
                                                                            vocab: EnglishVocab) -> None:
     """Words of a language no wordfreq list has are rare in every list, so the neutral-word rule
     kept them (cldr-tune: "llosgfynydd", Welsh volcano; "hiruhortza", Basque toothbrush;
-    "kõrvitsalatern", Estonian jack-o'-lantern); lingua over English and et/ga/cy/eu tells them
-    from made-up English names, which stay ("Perogies", "joypad", "CFbulb-notlit", "xbill")."""
+    "kõrvitsalatern", Estonian jack-o'-lantern); lingua over English and et/ga/cy/eu (and sv/da/nb
+    since round 9) tells them from made-up English names, which stay ("Perogies", "joypad",
+    "CFbulb-notlit"; "xbill" is lost since round 9: lingua reads it as Scandinavian)."""
     lid = text_filter.neutral_lid
     assert isinstance(lid, NeutralWordsLID) and lid.languages == TextFilterConfig().neutral_lid_languages
     off = TextFilter(replace(TextFilterConfig(), neutral_lid_languages=()), vocab)
@@ -397,7 +398,7 @@ def test_neutral_words_lingua_calls_estonian_welsh_basque_are_not_english(text_f
         assert not verdict.english and verdict.decided_by == "neutral_lid", (caption, verdict)
         assert lid.foreign_probability(caption) >= text_filter.cfg.neutral_lid_min_prob
         assert text_filter.check(caption)[1] == NOT_ENGLISH and off.check(caption)[1] is None
-    for caption in ("Perogies", "joypad", "CFbulb-notlit", "xbill"):
+    for caption in ("Perogies", "joypad", "CFbulb-notlit"):
         verdict = _verdict(text_filter, caption)
         assert verdict.english and verdict.decided_by == "names", (caption, verdict)
         assert lid.foreign_probability(caption.lower()) < text_filter.cfg.neutral_lid_min_prob
@@ -406,9 +407,28 @@ def test_neutral_words_lingua_calls_estonian_welsh_basque_are_not_english(text_f
     assert _verdict(lax, "hiruhortza").english
     # no neutral-word rule: no lingua either
     assert TextFilter(replace(TextFilterConfig(), neutral_max_zipf=None), vocab).neutral_lid is None
+    assert not _verdict(text_filter, "xbill").english  # round 9's cost (sv/da/nb in lingua's set)
     clone = pickle.loads(pickle.dumps(lid))  # a worker rebuilds the detector
+    # the same answer but for the last bits (with seven languages, two detectors of the same languages
+    # were seen to differ by an ulp)
     assert clone.languages == lid.languages and clone.foreign_probability("llosgfynydd") == \
-        lid.foreign_probability("llosgfynydd")
+        pytest.approx(lid.foreign_probability("llosgfynydd"), abs=1e-12)
+
+
+def test_scandinavian_compounds_no_list_has_are_not_english(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+    """Round 9: Swedish, Danish and Norwegian compounds are in no wordfreq list ("brandslukker",
+    Danish fire extinguisher; "boxningshandske", Swedish boxing glove; "vibreringsmodus", Norwegian
+    vibrate mode: cldr-fresh-2's names), so their words were neutral and a caption of them English;
+    lingua's set now holds sv, da and nb (``neutral_lid_languages``) and reads them."""
+    assert {"sv", "da", "nb"} <= set(TextFilterConfig().neutral_lid_languages)
+    round_8 = TextFilter(replace(TextFilterConfig(), neutral_lid_languages=("et", "ga", "cy", "eu")), vocab)
+    for caption in ("brandslukker", "boxningshandske", "vibreringsmodus"):
+        before = _verdict(round_8, caption)
+        assert before.english and before.decided_by == "names" and before.neutral == 1, (caption, before)
+        verdict = _verdict(text_filter, caption)
+        assert not verdict.english and verdict.decided_by == "neutral_lid", (caption, verdict)
+    for caption in ("Perogies", "joypad", "gitlab"):  # made-up English names and brands stay
+        assert _verdict(text_filter, caption).english, caption
 
 
 def test_neutral_words_english_writes_are_not_asked_about(text_filter: TextFilter, vocab: EnglishVocab) -> None:
@@ -459,13 +479,15 @@ CLDR_READY = all((NPM_ROOT / p / "package.json").is_file() for p in CLDR_PACKAGE
 
 @pytest.mark.skipif(not CLDR_READY, reason="npm cldr-annotations-* not in .venv/npm (infra/setup.sh installs them)")
 def test_policy_on_the_cldr_tuning_parts(text_filter: TextFilter, vocab: EnglishVocab) -> None:
-    """cldr-tune and cldr-fresh (tuned on since h24; bench/cldr_language_check.md): h24 measures
-    R 0.992 / 0.989, rejected 0.918 / 0.919, et ga cy eu gl 0.856 / 0.854; without lingua on the
-    neutral words (h23) 0.836 / 0.838 and 0.450 / 0.476. The floors leave room for a few errors."""
-    from infra.cldr_names import ENGLISH_NAME_KINDS, FRESH, TUNE, build_language_set
+    """cldr-tune, cldr-fresh (tuned on since h24) and cldr-fresh-2 (since round 9;
+    bench/cldr_language_check.md): h24 measures R 0.992 / 0.989, rejected 0.918 / 0.919, et ga cy eu
+    gl 0.856 / 0.854; without lingua on the neutral words (h23) 0.836 / 0.838 and 0.450 / 0.476.
+    Round 9: R 0.993 / 0.989 / 0.977, rejected 0.923 / 0.925 / 0.928. The floors leave room for a few
+    errors (cldr-fresh-2's English is brand and regional names: its own recall floor)."""
+    from infra.cldr_names import ENGLISH_NAME_KINDS, FRESH, FRESH2, TUNE, build_language_set
 
     off = TextFilter(replace(TextFilterConfig(), neutral_lid_languages=()), vocab)
-    for part in (TUNE, FRESH):
+    for part in (TUNE, FRESH, FRESH2):
         captions = [c for c in build_language_set(part=part).captions if c.kind in (*ENGLISH_NAME_KINDS, "tts")]
         scored = {}
         for name, tf in (("on", text_filter), ("off", off)):
@@ -476,7 +498,8 @@ def test_policy_on_the_cldr_tuning_parts(text_filter: TextFilter, vocab: English
             scored[name] = (sum(english) / len(english), 1 - sum(k for _, k in other) / len(other),
                             1 - sum(no_list) / len(no_list))
         recall, rejected, no_list_rejected = scored["on"]
-        assert recall >= 0.985 and rejected >= 0.91 and no_list_rejected >= 0.83, (part, scored)
+        assert recall >= (0.97 if part == FRESH2 else 0.985), (part, scored)
+        assert rejected >= 0.915 and no_list_rejected >= 0.8, (part, scored)
         assert scored["off"][2] < 0.6 and scored["off"][1] < rejected and scored["off"][0] >= recall, (part, scored)
 
 
