@@ -34,9 +34,9 @@ configs/zeroshot.yaml's ``text_filter``), the same check with the six ``foreign_
 rounds 1-6 (``SIX_LANGUAGES``) and each detector alone (top language English) on Unicode CLDR emoji
 names (infra/cldr_names.py: English names, keywords apart, against other Latin-script
 locales' names): P, R, rejected, per locale and locale group, and captions/s/core on its distinct
-captions. ``--part cldr-tune`` (the default), ``cldr-fresh`` (since h24) and ``cldr-fresh-2`` (since
-round 9) are tuned on; ``--part cldr-fresh-3`` is scored once, at the end of round 9
-(bench/cldr_language_check.md records the sizes and the scorings). ``--policy-only``: no detectors alone.
+captions. ``--part cldr-tune`` (the default), ``cldr-fresh`` (since h24), ``cldr-fresh-2`` (since
+round 9) and ``cldr-fresh-3`` (scored once at the end of round 9) are all tuning data now; no
+once-only part is left (bench/cldr_language_check.md records the sizes and the scorings). ``--policy-only``: no detectors alone.
 
 The last line compares the chosen policy's recall of English titles on the fresh part (the
 tuning part while there is none) with the round-5 policy's (``ratio=``, higher is better: neutral
@@ -351,7 +351,7 @@ def main() -> None:
     ap.add_argument("--cldr", action="store_true",
                     help="instead: the check on Unicode CLDR emoji names (infra/cldr_names.py)")
     ap.add_argument("--part", default="cldr-tune", choices=CLDR_PARTS,
-                    help="--cldr: which part (cldr-fresh-3: scored once; the others are tuned on)")
+                    help="--cldr: which part (each scored once in its round, all tuned on now)")
     ap.add_argument("--policy-only", action="store_true", help="--cldr: no detectors alone (quicker)")
     args = ap.parse_args()
     if args.cldr:

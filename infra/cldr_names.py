@@ -9,7 +9,7 @@ filter finds hardest.
 * Four disjoint parts (:data:`PARTS`): ``cldr-tune`` (draw 1, the set h22 scored once; tuned on since),
   ``cldr-fresh`` (draw 2, scored once at h23; tuned on since h24), ``cldr-fresh-2`` (draw 3, sized
   before h24 changed any rule, scored once at its end; tuned on since) and ``cldr-fresh-3`` (draw 4,
-  sized before round 9 changed any rule, to be scored once at its end).
+  sized before round 9 changed any rule, scored once at its end; tuning data since).
 * English: the distinct ``tts`` names of the ``en`` locale (``english_tts``), and, reported apart,
   its distinct keywords (``english_keyword``), split in two halves by a hash of the emoji key
   (:func:`english_half`; a string on several emoji, as name or keyword, goes with its first key):
