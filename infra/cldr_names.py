@@ -6,9 +6,10 @@ License v3, :data:`infra.emoji.CLDR_LICENCE`) give each emoji and symbol a short
 keywords in ~170 locales, translated by people, one to five words: the length of the captions the
 filter finds hardest.
 
-* Three disjoint parts (:data:`PARTS`): ``cldr-tune`` (draw 1, the set h22 scored once; tuned on since),
-  ``cldr-fresh`` (draw 2, scored once at h23; tuned on since h24) and ``cldr-fresh-2`` (draw 3, sized
-  before h24 changed any rule, scored once at its end).
+* Four disjoint parts (:data:`PARTS`): ``cldr-tune`` (draw 1, the set h22 scored once; tuned on since),
+  ``cldr-fresh`` (draw 2, scored once at h23; tuned on since h24), ``cldr-fresh-2`` (draw 3, sized
+  before h24 changed any rule, scored once at its end; tuned on since) and ``cldr-fresh-3`` (draw 4,
+  sized before round 9 changed any rule, scored once at its end; tuning data since).
 * English: the distinct ``tts`` names of the ``en`` locale (``english_tts``), and, reported apart,
   its distinct keywords (``english_keyword``), split in two halves by a hash of the emoji key
   (:func:`english_half`; a string on several emoji, as name or keyword, goes with its first key):
@@ -17,21 +18,29 @@ filter finds hardest.
   en-CA, en-GB, en-IN) whose folded form is no ``en`` string, base or derived ("aeroplane arrival",
   "drawing-pin"), and the English annotations of OpenMoji's own emoji (npm ``openmoji``,
   data/extras-*.csv, CC BY-SA 4.0; ``english_openmoji``: "nuclear power plant", "reusable bag"), less
-  those equal to an ``en`` or variant string.
+  those equal to an ``en`` or variant string. ``cldr-fresh-3``'s English is the Unicode character
+  names of the emoji and symbols ``en`` annotates (``english_unicode``, lowercased: "leftwards
+  harpoon with barb upwards", "ear of maize", "womans sandal"; :func:`unicode_names`), less those
+  that fold equal to a string an earlier part or source holds (:data:`HELD`: any ``en``/``en-*``
+  string, base or derived; any OpenMoji annotation or tag; any hand-labelled Openclipart title),
+  codepoint-style names (:data:`CODEPOINT_STYLE`: a digit, or "cjk"/"katakana"/"hiragana": "squared
+  cjk unified ideograph-7121", "clock face one-thirty" stays), names of more than :data:`MAX_WORDS`
+  words (:data:`LONG`) and keys with no name (:data:`UNNAMED`); no keywords.
 * Other languages: :data:`PER_LOCALE` emoji drawn per locale of :data:`LOCALES` (Latin-script, no
   English variant) with ``random.Random(f"{seed}:{locale}")`` over the sorted emoji keys of the
   base annotations (draw 1), and for ``cldr-fresh`` with ``random.Random(f"{seed + 1}:{locale}")``
   over the sorted keys draw 1 did not pick (draw 2), for ``cldr-fresh-2`` with ``seed + 2`` over the
-  keys draws 1 and 2 did not pick (draw 3); their ``tts`` names. Dropped, and counted per locale and reason: a name that
+  keys draws 1 and 2 did not pick (draw 3), for ``cldr-fresh-3`` with ``seed + 3`` over the keys
+  draws 1-3 did not pick (draw 4); their ``tts`` names. Dropped, and counted per locale and reason: a name that
   is English too (:data:`AMBIGUOUS`: case-folded and stripped of punctuation, it equals an English
   ``tts`` name or keyword of ``en`` or an ``en-*`` variant, base or derived: "pizza", "taxi", or
-  CLDR's untranslated English), a name with a non-Latin letter (:data:`NON_LATIN`), a name the
+  CLDR's untranslated English; in ``cldr-fresh-3``, or a Unicode name of ``english_unicode``'s source), a name with a non-Latin letter (:data:`NON_LATIN`), a name the
   locale already gave a drawn emoji (:data:`REPEATED`; in a later draw, an emoji of an earlier draw too).
 
 Names come from the base annotations only: the derived ones are templated sequences ("boy: medium
 skin tone", "flag: France") that would repeat one pattern hundreds of times.
 
-    python -m infra.cldr_names [--part cldr-tune|cldr-fresh|cldr-fresh-2]   # the sizes, per locale kept and dropped
+    python -m infra.cldr_names [--part cldr-tune|cldr-fresh|cldr-fresh-2|cldr-fresh-3]   # the sizes, per locale kept and dropped
 """
 
 from __future__ import annotations
@@ -46,8 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from infra.emoji import (CLDR_LICENCE, CLDR_PACKAGES, NPM_ROOT, EmojiError, _package_dir, package_version,
-                         read_cldr_annotations)
+from infra.emoji import (CLDR_LICENCE, CLDR_PACKAGES, EMOJI_DATA_PACKAGE, NPM_ROOT, EmojiError, _emoji_data,
+                         _package_dir, emoji_key, package_version, read_cldr_annotations)
 
 # Latin-script locales of the package, none an English variant; "no" is Norwegian Bokmål's
 # (CLDR has no "nb" annotations), "fil" Filipino (Tagalog).
@@ -59,12 +68,21 @@ ENGLISH = "en"
 AMBIGUOUS, NON_LATIN, REPEATED = "ambiguous", "non_latin", "repeated"
 DROP_REASONS = (AMBIGUOUS, NON_LATIN, REPEATED)
 ENGLISH_TTS, ENGLISH_KEYWORD = "english_tts", "english_keyword"
-ENGLISH_OPENMOJI = "english_openmoji"
-ENGLISH_NAME_KINDS = (ENGLISH_TTS, ENGLISH_OPENMOJI)  # English names (recall); keywords are reported apart
-TUNE, FRESH, FRESH2 = "cldr-tune", "cldr-fresh", "cldr-fresh-2"
-PARTS = (TUNE, FRESH, FRESH2)
+ENGLISH_OPENMOJI, ENGLISH_UNICODE = "english_openmoji", "english_unicode"
+# English names (recall); keywords are reported apart
+ENGLISH_NAME_KINDS = (ENGLISH_TTS, ENGLISH_OPENMOJI, ENGLISH_UNICODE)
+TUNE, FRESH, FRESH2, FRESH3 = "cldr-tune", "cldr-fresh", "cldr-fresh-2", "cldr-fresh-3"
+PARTS = (TUNE, FRESH, FRESH2, FRESH3)
 # the draw of other-language names each part holds (draw d: seed + d - 1, over the keys earlier draws left)
-DRAWS = {None: 1, TUNE: 1, FRESH: 2, FRESH2: 3}
+DRAWS = {None: 1, TUNE: 1, FRESH: 2, FRESH2: 3, FRESH3: 4}
+# cldr-fresh-3's English drops (Unicode names), shown in its sizes table after DROP_REASONS
+UNNAMED, HELD, CODEPOINT_STYLE, LONG = "unnamed", "held", "codepoint_style", "long"
+UNICODE_DROP_REASONS = (UNNAMED, HELD, CODEPOINT_STYLE, LONG)
+MAX_WORDS = 5  # the parts' kind of caption: one to five words
+CODEPOINT_WORDS = frozenset({"cjk", "katakana", "hiragana"})  # names spelling a code point or a transliteration
+UNICODE_NAMES_LICENCE = (f"names from npm {EMOJI_DATA_PACKAGE}'s emoji.json (MIT), else Python's "
+                         "unicodedata.ucd_3_2_0 (Unicode data, Unicode License v3)")
+OPENCLIPART_LABELS = Path(__file__).resolve().parent.parent / "tests" / "data" / "openclipart_lang_labels.tsv"
 OPENMOJI_PACKAGE = "openmoji"
 OPENMOJI_EXTRAS = ("extras-openmoji.csv", "extras-unicode.csv")  # OpenMoji's own emoji: not in CLDR
 OPENMOJI_LICENCE = "CC BY-SA 4.0 (OpenMoji)"
@@ -165,6 +183,67 @@ def openmoji_extra_names(npm_root: Path) -> list[str]:
     return out
 
 
+def openmoji_strings(npm_root: Path) -> frozenset[str]:
+    """Every OpenMoji string, :func:`folded`: the ``annotation``, ``tags`` and ``openmoji_tags``
+    (comma-separated) of data/openmoji.csv, and the extras' annotations."""
+    path = _package_dir(npm_root, OPENMOJI_PACKAGE) / "data" / "openmoji.csv"
+    out = {folded(s) for s in openmoji_extra_names(npm_root)}
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            for row in csv.DictReader(f):
+                out.add(folded(row["annotation"]))
+                out.update(folded(t) for field in ("tags", "openmoji_tags") for t in (row[field] or "").split(","))
+    except (OSError, KeyError, csv.Error, UnicodeDecodeError) as e:
+        raise EmojiError(f"{path}: unreadable OpenMoji data ({type(e).__name__}: {e})") from None
+    out.discard("")
+    return frozenset(out)
+
+
+def openclipart_titles(path: Path = OPENCLIPART_LABELS) -> frozenset[str]:
+    """The hand-labelled Openclipart titles (the filter's tuning data, any language), :func:`folded`."""
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln and not ln.startswith("#")]
+    return frozenset(folded(ln.split("\t")[0]) for ln in lines[1:]) - {""}
+
+
+def unicode_names(npm_root: Path, keys: Iterable[str]) -> dict[str, str]:
+    """The Unicode character name of each emoji key, lowercased: emoji-datasource's ``name`` (npm
+    :data:`~infra.emoji.EMOJI_DATA_PACKAGE`, pinned) for an emoji, else for a single code point
+    ``unicodedata.ucd_3_2_0`` (frozen in every Python, unlike ``unicodedata``'s own version); a key
+    with neither is left out."""
+    data = _emoji_data(npm_root)
+    out: dict[str, str] = {}
+    for key in keys:
+        chars = key.replace("\ufe0f", "")
+        entry = data.get(emoji_key("-".join(f"{ord(ch):04X}" for ch in chars)))
+        name = (entry or {}).get("name") or (unicodedata.ucd_3_2_0.name(chars, "") if len(chars) == 1 else "")
+        if name:
+            out[key] = name.lower()
+    return out
+
+
+def _unicode_english(npm_root: Path, english: dict[str, dict], labels: Path | None,
+                     dropped: Counter) -> list[str]:
+    """cldr-fresh-3's English: the Unicode names of ``en``'s annotated keys, less the drops (counted
+    in ``dropped``, first reason wins): unnamed, held (folds equal to an en/en-* string, an OpenMoji
+    string or a labelled Openclipart title), codepoint-style, long, and a repeat of a kept name."""
+    held = english_strings(npm_root) | openmoji_strings(npm_root)
+    if labels is not None:
+        held |= openclipart_titles(labels)
+    names = unicode_names(npm_root, english)
+    kept: dict[str, str] = {}
+    for key in sorted(english):
+        name = names.get(key)
+        words = folded(name or "").split()
+        reason = (UNNAMED if not words else HELD if folded(name) in held
+                  else CODEPOINT_STYLE if any(ch.isdigit() for ch in name) or CODEPOINT_WORDS & set(words)
+                  else LONG if len(name.split()) > MAX_WORDS else REPEATED if folded(name) in kept else None)
+        if reason:
+            dropped[reason] += 1
+        else:
+            kept[folded(name)] = name
+    return sorted(kept.values())
+
+
 def _english_names(english: dict[str, dict], field: str, first_only: bool, part: str | None) -> set[str]:
     """The distinct names of ``field`` ("tts": the first only; "default": keywords) in ``part`` (None:
     all). A string goes with the first emoji key (sorted) that has it as a name or a keyword, so the
@@ -178,9 +257,11 @@ def _english_names(english: dict[str, dict], field: str, first_only: bool, part:
 
 
 def build_language_set(npm_root: Path = NPM_ROOT, locales: Iterable[str] = LOCALES, per_locale: int = PER_LOCALE,
-                       seed: int = SEED, part: str | None = TUNE) -> LanguageSet:
-    """The labelled captions of ``part`` (TUNE, FRESH; None: draw 1 with every English name, the
-    set h22 scored); deterministic: a function of the package files and the arguments."""
+                       seed: int = SEED, part: str | None = TUNE,
+                       labels: Path | None = OPENCLIPART_LABELS) -> LanguageSet:
+    """The labelled captions of ``part`` (one of :data:`PARTS`; None: draw 1 with every English name,
+    the set h22 scored); deterministic: a function of the package files and the arguments.
+    ``labels``: the Openclipart titles FRESH3's English leaves out (None: none)."""
     if part is not None and part not in PARTS:
         raise ValueError(f"part {part!r}: one of {PARTS} or None")
     locales = tuple(locales)
@@ -192,7 +273,12 @@ def build_language_set(npm_root: Path = NPM_ROOT, locales: Iterable[str] = LOCAL
     drawn: dict[str, int] = {}
     dropped: dict[str, Counter] = {}
     ambiguous = english_strings(npm_root)
-    if part == FRESH2:  # English strings no earlier part held: en-* variants' own names, OpenMoji's extras
+    if part == FRESH3:  # English no earlier part or source held: Unicode names
+        unicode_dropped: Counter = Counter()
+        unicode = _unicode_english(npm_root, english, labels, unicode_dropped)
+        ambiguous |= {folded(s) for s in unicode_names(npm_root, english).values()}
+        english_kinds = ((ENGLISH_UNICODE, set(unicode)),)
+    elif part == FRESH2:  # English strings no earlier part held: en-* variants' own names, OpenMoji's extras
         en_strings = english_strings(npm_root, (ENGLISH,))
         variant_names, variant_keywords = _variant_strings(npm_root, en_strings)
         held = en_strings | {folded(s) for s in variant_names | variant_keywords}
@@ -207,6 +293,8 @@ def build_language_set(npm_root: Path = NPM_ROOT, locales: Iterable[str] = LOCAL
                          (ENGLISH_KEYWORD, _english_names(english, "default", False, part)))
     for kind, strings in english_kinds:
         drawn[kind], dropped[kind] = len(strings), Counter()
+        if kind == ENGLISH_UNICODE:  # drawn: every en key, named or not
+            drawn[kind], dropped[kind] = len(english), unicode_dropped
         for s in sorted(strings):
             if has_non_latin_letter(s):
                 dropped[kind][NON_LATIN] += 1
@@ -233,8 +321,11 @@ def build_language_set(npm_root: Path = NPM_ROOT, locales: Iterable[str] = LOCAL
             else:
                 captions.append(NamedCaption(name, False, locale, "tts"))
     version = package_version(npm_root, base_pkg)
-    if part == FRESH2:
+    if part in (FRESH2, FRESH3):
         version += f"; {OPENMOJI_PACKAGE} {package_version(npm_root, OPENMOJI_PACKAGE)}"
+    if part == FRESH3:
+        version += (f"; {EMOJI_DATA_PACKAGE} {package_version(npm_root, EMOJI_DATA_PACKAGE)}; "
+                    f"unicodedata.ucd_3_2_0 {unicodedata.ucd_3_2_0.unidata_version}")
     return LanguageSet(tuple(captions), drawn, dropped, per_locale, seed, version, part)
 
 
@@ -245,19 +336,25 @@ def sizes_report(data: LanguageSet) -> list[str]:
              FRESH: f"{FRESH}: draw 2 (seed {data.seed + 1}, keys draw 1 did not pick), English half {FRESH}",
              FRESH2: f"{FRESH2}: draw 3 (seed {data.seed + 2}, keys draws 1-2 did not pick); English: {ENGLISH_TTS} "
                      f"and {ENGLISH_KEYWORD} = en-* variants' names and keywords equal to no en string, "
-                     f"{ENGLISH_OPENMOJI} = OpenMoji extras' annotations ({OPENMOJI_LICENCE})"}
+                     f"{ENGLISH_OPENMOJI} = OpenMoji extras' annotations ({OPENMOJI_LICENCE})",
+             FRESH3: f"{FRESH3}: draw 4 (seed {data.seed + 3}, keys draws 1-3 did not pick); English: "
+                     f"{ENGLISH_UNICODE} = Unicode names of en's annotated emoji and symbols ({UNICODE_NAMES_LICENCE}), "
+                     f"less those folding equal to an en/en-* string, an OpenMoji string ({OPENMOJI_LICENCE}) or a "
+                     f"labelled Openclipart title, codepoint-style names and names over {MAX_WORDS} words"}
+    # the Unicode names' own drops as columns only where a part has them (the older tables stay as printed)
+    reasons = DROP_REASONS + tuple(r for r in UNICODE_DROP_REASONS if ENGLISH_UNICODE in data.drawn)
     lines = [f"CLDR annotations {data.version} ({CLDR_LICENCE}); {which[data.part]}; English: en; other languages: "
              f"{len(others)} locales, {data.per_locale} emoji drawn per locale (seed {data.seed})",
-             "| names | drawn | kept | " + " | ".join(DROP_REASONS) + " |",
-             "|---|---:|---:|" + "---:|" * len(DROP_REASONS)]
+             "| names | drawn | kept | " + " | ".join(reasons) + " |",
+             "|---|---:|---:|" + "---:|" * len(reasons)]
     total: Counter = Counter()
     for key, n in data.drawn.items():
         lines.append(f"| {key} | {n} | {data.kept(key)} | "
-                     + " | ".join(str(data.dropped[key][r]) for r in DROP_REASONS) + " |")
+                     + " | ".join(str(data.dropped[key][r]) for r in reasons) + " |")
         if key in others:
             total.update(data.dropped[key])
     lines.append(f"| other languages | {sum(data.drawn[k] for k in others)} | {len(data.of_kind('tts'))} | "
-                 + " | ".join(str(total[r]) for r in DROP_REASONS) + " |")
+                 + " | ".join(str(total[r]) for r in reasons) + " |")
     return lines
 
 

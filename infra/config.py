@@ -306,11 +306,22 @@ class TextFilterConfig:
     # None: they go to the short detector as before
     neutral_max_zipf: float | None = 2.5
     # ...unless lingua (lingua-language-detector, its models in its wheel), over English and these
-    # languages (ISO 639-1: languages no wordfreq list has, so their words are all "neutral"), is at
-    # least neutral_lid_min_prob confident that the caption's neutral words are one of them rather
-    # than English: such a caption is not English ("lumememm", "llosgfynydd"); empty: off
-    neutral_lid_languages: tuple[str, ...] = ("et", "ga", "cy", "eu")
+    # languages (ISO 639-1: languages no wordfreq list has, so their words are all "neutral", and
+    # since round 9 Swedish, Danish and Norwegian Bokmål, whose compounds no list has: "brandslukker"),
+    # is at least neutral_lid_min_prob confident that the caption's neutral words are one of them
+    # rather than English: such a caption is not English ("lumememm", "llosgfynydd"); empty: off
+    neutral_lid_languages: tuple[str, ...] = ("et", "ga", "cy", "eu", "sv", "da", "nb")
     neutral_lid_min_prob: float = 0.95
+    # ...and lingua is asked only about the neutral words English uses less than this Zipf: one
+    # English writes at least that often is a brand or a term, not a word of an unlisted language
+    # ("gitlab", "winrar"); None: about every neutral word
+    neutral_lid_max_english_zipf: float | None = 1.5
+    # A word not English-known that English uses at least shared_word_min_zipf and no less than
+    # shared_word_margin Zipf under any foreign language is English evidence: a brand, product,
+    # loanword or slang every language writes or none lists ("reddit", "ubuntu", "github", "lol");
+    # None: off (such a word is foreign evidence when a language uses it at foreign_min_zipf)
+    shared_word_margin: float | None = 0.5
+    shared_word_min_zipf: float = 2.5
     # A caption the rules turn down is English when it has exactly two segments (split at " - ", " / ",
     # commas, colons, brackets) and one is English evidence only, as many words as the other or more: a
     # gloss ("Cani e gatti, Cat and dog", "Lens, lente"); not a title + keywords ("Vacca pezzata, mammal")
@@ -347,7 +358,8 @@ class TextFilterConfig:
         if self.english_min_letters < 1:
             raise ConfigError("text_filter.english_min_letters must be >= 1 (1: every English-known word counts)")
         for name in ("english_lead_zipf", "foreign_absent_known_min_zipf", "gloss_max_foreign_zipf",
-                     "foreign_unknown_min_zipf", "place_name_max_foreign_lead", "neutral_max_zipf"):
+                     "foreign_unknown_min_zipf", "place_name_max_foreign_lead", "neutral_max_zipf",
+                     "neutral_lid_max_english_zipf", "shared_word_margin", "shared_word_min_zipf"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 9.0:
                 raise ConfigError(f"text_filter.{name} must be a Zipf value in [0, 9] (or null: off)")

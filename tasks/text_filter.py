@@ -60,7 +60,15 @@ The English policy (measured on hand-labelled Openclipart titles, tests/data/ope
   product ("Kexi", "Perogies", "joypad", "CFbulb") — is no language's evidence: a caption the
   rules above turn down is judged again without such words (and without its place names), and
   one of such words only is English. Not neutral: a word that is two words of one foreign
-  language (``ForeignWords.compound``: German "ampelfrau", "ampelmaennchen").
+  language (``ForeignWords.compound``: German "ampelfrau", "ampelmaennchen"). A caption kept for its
+  neutral words is not English when lingua, over English and ``neutral_lid_languages`` (languages no
+  list has, et ga cy eu, and since round 9 sv da nb, whose compounds no list has: "brandslukker"), is
+  at least ``neutral_lid_min_prob`` sure they are one of those; it is asked only about the neutral
+  words English uses under ``neutral_lid_max_english_zipf`` (round 9: "gitlab", "winrar" are not).
+* Shared words (``shared_word_margin``, round 9): a word not English-known that English uses at least
+  ``shared_word_min_zipf``, and no less than the margin under any foreign language, is English
+  evidence: brands, software, slang no dictionary has and every language writes ("github",
+  "reddit", "ubuntu", "lol"; not "barista", Italian 3.8 against English 3.0).
 * Gloss segments (``gloss_segments``): a caption still turned down is English when it has exactly
   two segments (split at " - ", " / ", commas, colons, brackets) and one is English evidence only,
   at least ``english_min_coverage`` of it, with at least as many words as the other: an English
@@ -482,7 +490,7 @@ class ForeignWords:
                  absent_min_zipf: float, absent_known_min_zipf: float | None, english_lead: float | None,
                  lead_max_foreign_zipf: float | None, unknown_min_zipf: float | None,
                  english_min_letters: int, fold_accents: bool, neutral_max_zipf: float | None,
-                 frequency_cache: str | None) -> None:
+                 frequency_cache: str | None, *, shared_margin: float | None, shared_min_zipf: float) -> None:
         # No defaults: the values are TextFilterConfig's (text_filter.foreign_* and friends), one source.
         self.languages = tuple(languages)
         self.margin, self.min_zipf = margin, min_zipf
@@ -492,6 +500,7 @@ class ForeignWords:
         self.english_min_letters = english_min_letters
         self.fold_accents, self.neutral_max_zipf = fold_accents, neutral_max_zipf
         self.frequency_cache = frequency_cache  # where the machine's index is kept (tasks.word_frequencies)
+        self.shared_margin, self.shared_min_zipf = shared_margin, shared_min_zipf
         self._floor = 10 ** (min_zipf - 9)  # a compound's parts must be that frequent
         self._freq: FrequencyIndex | None = None  # the process's shared index (``_load``)
         self._cache: dict[str, tuple[float, float, float]] = {}  # word -> _zipfs (captions repeat words)
@@ -583,11 +592,22 @@ class ForeignWords:
             leans = folded >= self.min_zipf and folded - english >= self.margin and english < self.english_common_zipf
             unused = self.absent_known_min_zipf is not None and english == 0.0 and folded >= self.absent_known_min_zipf
             return FOREIGN if leans or unused else ENGLISH
+        if self.shared(word):
+            return ENGLISH
         if foreign >= self.min_zipf or (english == 0.0 and folded >= self.absent_min_zipf):
             return FOREIGN
         if self.unknown_min_zipf is not None and folded >= self.unknown_min_zipf and folded - english >= self.margin:
             return FOREIGN
         return UNKNOWN
+
+    def shared(self, word: str) -> bool:
+        """English uses ``word`` at least ``shared_min_zipf`` and no less than ``shared_margin`` under
+        any of the languages (its accentless spellings too): for a word not English-known, a brand,
+        product or loanword every language writes ("reddit", "ubuntu", "github"); False when off."""
+        if self.shared_margin is None:
+            return False
+        english, _, folded = self._zipfs(word)
+        return english >= self.shared_min_zipf and english >= folded - self.shared_margin
 
     def leads(self, word: str, *, common_elsewhere: bool = False) -> bool:
         """``word`` is at least ``english_lead`` Zipf more frequent in English than in every one of
@@ -763,6 +783,8 @@ def english_verdict(caption: str, vocab: EnglishVocab, detector: LanguageDetecto
     if names is not None or foreign.neutral_max_zipf is not None:
         verdict, neutral_words = _second_pass(caption, words, verdict, vocab, detector, cfg, foreign, short_detector,
                                               names, counted)
+        if cfg.neutral_lid_max_english_zipf is not None:  # a brand or term English writes: not asked about
+            neutral_words = [w for w in neutral_words if foreign.zipf(w)[0] < cfg.neutral_lid_max_english_zipf]
         if verdict.english and neutral_words and neutral_lid is not None:
             p = neutral_lid.foreign_probability(" ".join(neutral_words))
             if p >= cfg.neutral_lid_min_prob:
@@ -954,7 +976,8 @@ class TextFilter:
                                      cfg.foreign_absent_known_min_zipf, cfg.english_lead_zipf,
                                      cfg.gloss_max_foreign_zipf, cfg.foreign_unknown_min_zipf,
                                      cfg.english_min_letters, cfg.foreign_fold_accents, cfg.neutral_max_zipf,
-                                     cfg.frequency_cache)
+                                     cfg.frequency_cache, shared_margin=cfg.shared_word_margin,
+                                     shared_min_zipf=cfg.shared_word_min_zipf)
                         if cfg.english and cfg.foreign_languages else None)
         self.short_detector = short_caption_detector(cfg.short_detector, cfg.language_seed) if cfg.english else None
         self.names = (PlaceNames.load(cfg.place_name_max_foreign_lead)

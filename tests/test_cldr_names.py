@@ -3,6 +3,7 @@ non-Latin and repeated names, fails in one line without its npm packages."""
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -59,7 +60,31 @@ def fake_cldr(root: Path) -> Path:
         header + ",E000,extras-openmoji,x,github ,\n,E001,extras-openmoji,x,dog face,\n"
         ",E002,extras-openmoji,x,Aeroplane,\n,E003,extras-openmoji,x,Ω sign,\n,E004,extras-openmoji,x,github,\n")
     (openmoji / "data" / "extras-unicode.csv").write_text(header + ",E100,extras-unicode,x,texas flag,\n")
+    (openmoji / "data" / "openmoji.csv").write_text(
+        "emoji,hexcode,group,subgroups,annotation,tags,openmoji_tags\n"
+        ",1F46F,people,x,people with bunny ears,\"bunny, Woman with bunny ears\",\n")
+    data = nm / "emoji-datasource-google"
+    data.mkdir()
+    (data / "package.json").write_text(json.dumps({"name": "emoji-datasource-google", "version": "16.0.0",
+                                                   "license": "MIT"}))
+    (data / "emoji.json").write_text(json.dumps([{"unified": u, "non_qualified": None, "name": n} for u, n in (
+        ("1F355", "SLICE OF PIZZA"), ("1F431", "CAT FACE"), ("1F3FB", "EMOJI MODIFIER FITZPATRICK TYPE-1-2"),
+        ("1F22F", "SQUARED CJK UNIFIED IDEOGRAPH-6307"), ("1F46F", "WOMAN WITH BUNNY EARS"),
+        ("23ED-FE0F", "BLACK RIGHT-POINTING DOUBLE TRIANGLE WITH VERTICAL BAR"), ("2795", "HEAVY PLUS SIGN"),
+        ("2796", "Heavy plus-sign"), ("1F550", "CLOCK FACE ONE OCLOCK"))]))
     return nm
+
+
+# en keys cldr-fresh-3 names (the fake en's four plus these): emoji.json's name, else unicodedata 3.2's
+UNICODE_EN = {"\u2190": "left arrow",  # U+2190 LEFTWARDS ARROW (3.2): kept
+              "\u2192": "right arrow",  # RIGHTWARDS ARROW: an Openclipart title below: held
+              "\U0001F3FB": "light skin tone",  # a digit: codepoint_style
+              "\U0001F22F": "Japanese “reserved” button",  # CJK: codepoint_style
+              "\U0001F46F": "people with bunny ears",  # an OpenMoji tag: held
+              "\u23ED\ufe0f": "next track button",  # seven words: long
+              "\u2795": "plus", "\u2796": "minus",  # one name once folded: the second repeated
+              "\U0001F550": "one o’clock",  # kept
+              "\U0001FAE8": "shaking face"}  # not in emoji.json, newer than Unicode 3.2: unnamed
 
 
 def test_builder_is_deterministic_and_labels_english_and_other(tmp_path: Path) -> None:
@@ -167,12 +192,90 @@ def test_real_packages_licence_and_a_full_draw() -> None:
     data = cldr_names.build_language_set()
     fresh = cldr_names.build_language_set(part=cldr_names.FRESH)
     fresh2 = cldr_names.build_language_set(part=cldr_names.FRESH2)
-    for a, b in ((data, fresh), (data, fresh2), (fresh, fresh2)):
-        assert not {(c.locale, c.text) for c in a.captions} & {(c.locale, c.text) for c in b.captions}
-    assert all(p.drawn[loc] == cldr_names.PER_LOCALE for p in (fresh, fresh2) for loc in cldr_names.LOCALES)
+    fresh3 = cldr_names.build_language_set(part=cldr_names.FRESH3)
+    parts = (data, fresh, fresh2, fresh3)
+    for i, a in enumerate(parts):
+        for b in parts[i + 1:]:
+            assert not {(c.locale, c.text) for c in a.captions} & {(c.locale, c.text) for c in b.captions}
+    for a in parts[:3]:  # fresh-3's English folds equal to no English string of an earlier part
+        assert not ({cldr_names.folded(c.text) for c in a.captions if c.english}
+                    & {cldr_names.folded(c.text) for c in fresh3.captions if c.english})
+    assert all(p.drawn[loc] == cldr_names.PER_LOCALE for p in (fresh, fresh2, fresh3) for loc in cldr_names.LOCALES)
     assert len(fresh2.of_kind(*cldr_names.ENGLISH_NAME_KINDS)) > 500  # sized before scoring: 685
+    assert len(fresh3.of_kind(cldr_names.ENGLISH_UNICODE)) > 300  # sized before scoring: 383
+    assert fresh3 == cldr_names.build_language_set(part=cldr_names.FRESH3)
     assert set(data.drawn) == {cldr_names.ENGLISH_TTS, cldr_names.ENGLISH_KEYWORD, *cldr_names.LOCALES}
     assert all(data.drawn[loc] == cldr_names.PER_LOCALE for loc in cldr_names.LOCALES)
     english = cldr_names.english_strings(NPM_ROOT)
     assert not any(cldr_names.folded(c.text) in english for c in data.of_kind("tts"))
     assert data == cldr_names.build_language_set()
+
+
+def _fresh3_npm(root: Path) -> tuple[Path, Path]:
+    nm = fake_cldr(root)
+    en = json.loads((nm / CLDR_PACKAGES[0] / "annotations" / "en" / "annotations.json").read_text())
+    table = en["annotations"]["annotations"]
+    table.update({k: {"tts": [v], "default": [v]} for k, v in UNICODE_EN.items()})
+    _write(nm, CLDR_PACKAGES[0], "annotations", "en", table)
+    labels = root / "labels.tsv"
+    labels.write_text("# comment\ntitle\tlang\tpart\tnote\nRightwards_Arrow\ten\ttuning-1\t\nPomodori\tit\ttuning-1\t\n")
+    return nm, labels
+
+
+def test_fresh_3_unicode_names_and_their_drop_reasons(tmp_path: Path) -> None:
+    nm, labels = _fresh3_npm(tmp_path)
+    fresh3 = cldr_names.build_language_set(nm, ("fr", "de"), per_locale=3, part=cldr_names.FRESH3, labels=labels)
+    assert fresh3 == cldr_names.build_language_set(nm, ("fr", "de"), per_locale=3, part=cldr_names.FRESH3,
+                                                   labels=labels)  # deterministic
+    # "slice of pizza" (emoji.json), "greek capital letter omega" (unicodedata 3.2 for Ω), "leftwards arrow",
+    # "clock face one oclock", "heavy plus sign" (its folded twin "heavy plus-sign" repeated)
+    assert [c.text for c in fresh3.of_kind(cldr_names.ENGLISH_UNICODE)] == [
+        "clock face one oclock", "greek capital letter omega", "heavy plus sign", "leftwards arrow", "slice of pizza"]
+    assert all(c.english and c.locale == "en" for c in fresh3.of_kind(cldr_names.ENGLISH_UNICODE))
+    assert fresh3.drawn[cldr_names.ENGLISH_UNICODE] == 4 + len(UNICODE_EN)  # every en key
+    # unnamed: 🐶 and the shaking face (no emoji.json entry, not in Unicode 3.2); held: "cat face" (en),
+    # "woman with bunny ears" (an OpenMoji tag), "rightwards arrow" (an Openclipart title)
+    assert fresh3.dropped[cldr_names.ENGLISH_UNICODE] == {
+        cldr_names.UNNAMED: 2, cldr_names.HELD: 3, cldr_names.CODEPOINT_STYLE: 2, cldr_names.LONG: 1,
+        cldr_names.REPEATED: 1}
+    assert not fresh3.of_kind(cldr_names.ENGLISH_KEYWORD, cldr_names.ENGLISH_TTS, cldr_names.ENGLISH_OPENMOJI)
+    without_labels = cldr_names.build_language_set(nm, ("fr",), per_locale=3, part=cldr_names.FRESH3, labels=None)
+    assert "rightwards arrow" in {c.text for c in without_labels.of_kind(cldr_names.ENGLISH_UNICODE)}
+    lines = cldr_names.sizes_report(fresh3)
+    assert lines[1] == "| names | drawn | kept | ambiguous | non_latin | repeated | unnamed | held | codepoint_style | long |"
+    assert "| english_unicode | 14 | 5 | 0 | 0 | 1 | 2 | 3 | 2 | 1 |" in lines
+    assert "emoji-datasource-google 16.0.0" in lines[0] and "unicodedata.ucd_3_2_0 3.2.0" in lines[0]
+    # the earlier parts' tables keep their three drop columns
+    assert cldr_names.sizes_report(cldr_names.build_language_set(nm, ("fr",), per_locale=3))[1] == \
+        "| names | drawn | kept | ambiguous | non_latin | repeated |"
+
+
+def test_fresh_3_is_a_fourth_draw_disjoint_from_every_part(tmp_path: Path) -> None:
+    nm, labels = _fresh3_npm(tmp_path)
+    parts = {p: cldr_names.build_language_set(nm, ("fr", "de"), per_locale=3, part=p, labels=labels)
+             for p in cldr_names.PARTS}
+    assert parts[cldr_names.FRESH3].drawn["fr"] == 3  # 12 keys: draws 1-3 took 9
+    assert parts[cldr_names.FRESH3].drawn["de"] == 0  # 3 keys, all in draw 1
+    other = {p: {(c.locale, c.text) for c in d.of_kind("tts")} for p, d in parts.items()}
+    english = {p: {cldr_names.folded(c.text) for c in d.captions if c.english} for p, d in parts.items()}
+    for p in (cldr_names.TUNE, cldr_names.FRESH, cldr_names.FRESH2):
+        assert not other[cldr_names.FRESH3] & other[p]
+        assert not english[cldr_names.FRESH3] & english[p]
+    # the other-language side of a fourth draw: the same drops, and a name equal to a Unicode name is ambiguous
+    assert not {cldr_names.folded(t) for _, t in other[cldr_names.FRESH3]} & english[cldr_names.FRESH3]
+
+
+def test_fresh_3_without_emoji_datasource_fails_in_one_line_naming_it(tmp_path: Path) -> None:
+    nm, labels = _fresh3_npm(tmp_path)
+    (nm / "emoji-datasource-google" / "emoji.json").unlink()
+    cldr_names.build_language_set(nm, ("fr",), per_locale=3, part=cldr_names.FRESH2)  # not read before FRESH3
+    with pytest.raises(EmojiError, match=r"emoji\.json: unreadable") as e:
+        cldr_names.build_language_set(nm, ("fr",), per_locale=3, part=cldr_names.FRESH3, labels=labels)
+    assert "\n" not in str(e.value)
+
+
+def test_bench_part_choices_are_the_builders_parts() -> None:
+    tree = ast.parse((Path(__file__).resolve().parent.parent / "bench" / "language_id.py").read_text())
+    value = next(node.value for node in tree.body if isinstance(node, ast.Assign)
+                 and any(getattr(t, "id", None) == "CLDR_PARTS" for t in node.targets))
+    assert ast.literal_eval(value) == cldr_names.PARTS

@@ -384,8 +384,9 @@ def test_neutral_words_lingua_calls_estonian_welsh_basque_are_not_english(text_f
                                                                            vocab: EnglishVocab) -> None:
     """Words of a language no wordfreq list has are rare in every list, so the neutral-word rule
     kept them (cldr-tune: "llosgfynydd", Welsh volcano; "hiruhortza", Basque toothbrush;
-    "kõrvitsalatern", Estonian jack-o'-lantern); lingua over English and et/ga/cy/eu tells them
-    from made-up English names, which stay ("Perogies", "joypad", "CFbulb-notlit", "xbill")."""
+    "kõrvitsalatern", Estonian jack-o'-lantern); lingua over English and et/ga/cy/eu (and sv/da/nb
+    since round 9) tells them from made-up English names, which stay ("Perogies", "joypad",
+    "CFbulb-notlit"; "xbill" is lost since round 9: lingua reads it as Scandinavian)."""
     lid = text_filter.neutral_lid
     assert isinstance(lid, NeutralWordsLID) and lid.languages == TextFilterConfig().neutral_lid_languages
     off = TextFilter(replace(TextFilterConfig(), neutral_lid_languages=()), vocab)
@@ -397,7 +398,7 @@ def test_neutral_words_lingua_calls_estonian_welsh_basque_are_not_english(text_f
         assert not verdict.english and verdict.decided_by == "neutral_lid", (caption, verdict)
         assert lid.foreign_probability(caption) >= text_filter.cfg.neutral_lid_min_prob
         assert text_filter.check(caption)[1] == NOT_ENGLISH and off.check(caption)[1] is None
-    for caption in ("Perogies", "joypad", "CFbulb-notlit", "xbill"):
+    for caption in ("Perogies", "joypad", "CFbulb-notlit"):
         verdict = _verdict(text_filter, caption)
         assert verdict.english and verdict.decided_by == "names", (caption, verdict)
         assert lid.foreign_probability(caption.lower()) < text_filter.cfg.neutral_lid_min_prob
@@ -406,9 +407,71 @@ def test_neutral_words_lingua_calls_estonian_welsh_basque_are_not_english(text_f
     assert _verdict(lax, "hiruhortza").english
     # no neutral-word rule: no lingua either
     assert TextFilter(replace(TextFilterConfig(), neutral_max_zipf=None), vocab).neutral_lid is None
+    assert not _verdict(text_filter, "xbill").english  # round 9's cost (sv/da/nb in lingua's set)
     clone = pickle.loads(pickle.dumps(lid))  # a worker rebuilds the detector
+    # the same answer but for the last bits (with seven languages, two detectors of the same languages
+    # were seen to differ by an ulp)
     assert clone.languages == lid.languages and clone.foreign_probability("llosgfynydd") == \
-        lid.foreign_probability("llosgfynydd")
+        pytest.approx(lid.foreign_probability("llosgfynydd"), abs=1e-12)
+
+
+def test_scandinavian_compounds_no_list_has_are_not_english(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+    """Round 9: Swedish, Danish and Norwegian compounds are in no wordfreq list ("brandslukker",
+    Danish fire extinguisher; "boxningshandske", Swedish boxing glove; "vibreringsmodus", Norwegian
+    vibrate mode: cldr-fresh-2's names), so their words were neutral and a caption of them English;
+    lingua's set now holds sv, da and nb (``neutral_lid_languages``) and reads them."""
+    assert {"sv", "da", "nb"} <= set(TextFilterConfig().neutral_lid_languages)
+    round_8 = TextFilter(replace(TextFilterConfig(), neutral_lid_languages=("et", "ga", "cy", "eu")), vocab)
+    for caption in ("brandslukker", "boxningshandske", "vibreringsmodus"):
+        before = _verdict(round_8, caption)
+        assert before.english and before.decided_by == "names" and before.neutral == 1, (caption, before)
+        verdict = _verdict(text_filter, caption)
+        assert not verdict.english and verdict.decided_by == "neutral_lid", (caption, verdict)
+    for caption in ("Perogies", "joypad", "gitlab"):  # made-up English names and brands stay
+        assert _verdict(text_filter, caption).english, caption
+
+
+def test_neutral_words_english_writes_are_not_asked_about(text_filter: TextFilter, vocab: EnglishVocab) -> None:
+    """Round 9: brands and terms English writes, if rarely ("gitlab", "winrar", "wikidata": Zipf 1.6-2.0
+    in English), are neutral words too, and lingua called them Estonian or Welsh; lingua is now asked
+    only about the neutral words under ``neutral_lid_max_english_zipf`` (1.5) in English, so these stay
+    English and the words of languages no list has (never in English: "llosgfynydd") are still read."""
+    cfg = text_filter.cfg
+    assert cfg.neutral_lid_max_english_zipf == 1.5
+    every = TextFilter(replace(TextFilterConfig(), neutral_lid_max_english_zipf=None), vocab)
+    for caption in ("gitlab", "winrar", "wikidata"):
+        assert text_filter.foreign.zipf(caption)[0] >= cfg.neutral_lid_max_english_zipf
+        verdict = _verdict(text_filter, caption)
+        assert verdict.english and verdict.decided_by == "names" and verdict.neutral == 1, (caption, verdict)
+        before = _verdict(every, caption)
+        assert not before.english and before.decided_by == "neutral_lid", (caption, before)
+    for tf in (text_filter, every):
+        assert _verdict(tf, "llosgfynydd").decided_by == "neutral_lid"
+    with pytest.raises(ConfigError, match="neutral_lid_max_english_zipf"):
+        TextFilterConfig(neutral_lid_max_english_zipf=-1.0)
+
+
+def test_words_english_writes_as_much_as_any_language_are_english(text_filter: TextFilter,
+                                                                    vocab: EnglishVocab) -> None:
+    """Round 9: a word no dictionary or Wikipedia count makes English-known, but English writes at
+    least ``shared_word_min_zipf`` and no less than ``shared_word_margin`` under any foreign language
+    (brands, software, slang: "github", "reddit", "ubuntu", "lol"), is English evidence
+    (``ForeignWords.shared``); before, it was foreign when a language used it at ``foreign_min_zipf``
+    ("reddit": Swedish 3.6 against English 3.7) or went to fastText ("github": P(en) 0.0)."""
+    off = TextFilter(replace(TextFilterConfig(), shared_word_margin=None), vocab)
+    for caption in ("github", "reddit", "ubuntu", "lol"):
+        assert not vocab.is_english_word(caption) and text_filter.foreign.shared(caption), caption
+        assert not off.foreign.shared(caption)
+        assert text_filter.check(caption)[1] is None and off.check(caption)[1] == NOT_ENGLISH, caption
+    # a word a foreign language writes far more stays foreign: "gatto" (it 4.5, en 2.3), "barista"
+    # (it 3.8, en 3.0: beyond the margin); and one English writes under shared_word_min_zipf decides nothing
+    for caption in ("gatto", "barista"):
+        assert not text_filter.foreign.shared(caption) and text_filter.check(caption)[1] == NOT_ENGLISH
+    assert not text_filter.foreign.shared("gitlab")  # English Zipf 1.9
+    assert text_filter.foreign.evidence("github", False) == ENGLISH and off.foreign.evidence("reddit", False) == FOREIGN
+    for bad in ({"shared_word_margin": -0.5}, {"shared_word_min_zipf": 10.0}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            TextFilterConfig(**bad)
 
 
 CLDR_READY = all((NPM_ROOT / p / "package.json").is_file() for p in CLDR_PACKAGES)
@@ -416,13 +479,15 @@ CLDR_READY = all((NPM_ROOT / p / "package.json").is_file() for p in CLDR_PACKAGE
 
 @pytest.mark.skipif(not CLDR_READY, reason="npm cldr-annotations-* not in .venv/npm (infra/setup.sh installs them)")
 def test_policy_on_the_cldr_tuning_parts(text_filter: TextFilter, vocab: EnglishVocab) -> None:
-    """cldr-tune and cldr-fresh (tuned on since h24; bench/cldr_language_check.md): h24 measures
-    R 0.992 / 0.989, rejected 0.918 / 0.919, et ga cy eu gl 0.856 / 0.854; without lingua on the
-    neutral words (h23) 0.836 / 0.838 and 0.450 / 0.476. The floors leave room for a few errors."""
-    from infra.cldr_names import ENGLISH_NAME_KINDS, FRESH, TUNE, build_language_set
+    """cldr-tune, cldr-fresh (tuned on since h24) and cldr-fresh-2 (since round 9;
+    bench/cldr_language_check.md): h24 measures R 0.992 / 0.989, rejected 0.918 / 0.919, et ga cy eu
+    gl 0.856 / 0.854; without lingua on the neutral words (h23) 0.836 / 0.838 and 0.450 / 0.476.
+    Round 9: R 0.993 / 0.989 / 0.977, rejected 0.923 / 0.925 / 0.928. The floors leave room for a few
+    errors (cldr-fresh-2's English is brand and regional names: its own recall floor)."""
+    from infra.cldr_names import ENGLISH_NAME_KINDS, FRESH, FRESH2, TUNE, build_language_set
 
     off = TextFilter(replace(TextFilterConfig(), neutral_lid_languages=()), vocab)
-    for part in (TUNE, FRESH):
+    for part in (TUNE, FRESH, FRESH2):
         captions = [c for c in build_language_set(part=part).captions if c.kind in (*ENGLISH_NAME_KINDS, "tts")]
         scored = {}
         for name, tf in (("on", text_filter), ("off", off)):
@@ -433,7 +498,8 @@ def test_policy_on_the_cldr_tuning_parts(text_filter: TextFilter, vocab: English
             scored[name] = (sum(english) / len(english), 1 - sum(k for _, k in other) / len(other),
                             1 - sum(no_list) / len(no_list))
         recall, rejected, no_list_rejected = scored["on"]
-        assert recall >= 0.985 and rejected >= 0.91 and no_list_rejected >= 0.83, (part, scored)
+        assert recall >= (0.97 if part == FRESH2 else 0.985), (part, scored)
+        assert rejected >= 0.915 and no_list_rejected >= 0.8, (part, scored)
         assert scored["off"][2] < 0.6 and scored["off"][1] < rejected and scored["off"][0] >= recall, (part, scored)
 
 
@@ -661,8 +727,9 @@ def test_policy_on_hand_labelled_openclipart_titles(text_filter: TextFilter, voc
     of its verdicts)."""
     labels = load_labels()
     precision, recall, rejected = _policy_scores(text_filter, labels)
-    # h23 (26 foreign_languages, English country names, _glossed): P 0.985, R 0.981, 360 of 394 dropped
-    assert precision >= 0.98 and recall >= 0.98 and rejected >= 0.912, (precision, recall, rejected)
+    # h23 (26 foreign_languages, English country names, _glossed): P 0.985, R 0.981, 360 of 394 dropped;
+    # round 9 (shared words: "Ours", French bear, is as English as French now): R 0.981, 359 dropped (0.911)
+    assert precision >= 0.98 and recall >= 0.98 and rejected >= 0.91, (precision, recall, rejected)
     round_5 = _policy_scores(TextFilter(replace(TextFilterConfig(), **ROUND_5), vocab), labels)
     assert round_5[1] < recall and round_5[2] < rejected  # what round 6 adds: both
     round_4, round_3, round_2 = (_policy_scores(TextFilter(replace(TextFilterConfig(), **r), vocab), labels)
