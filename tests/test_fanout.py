@@ -73,8 +73,16 @@ def test_shuffle_on_ray(ray_local, tmp_path):
 
 
 def _hold(mb: int, _context: None) -> int:
-    block = bytearray(mb * 2**20)  # zero-filled: every page touched
-    return len(block)
+    # A new anonymous mapping, every page written: fresh resident memory whatever the process's heap
+    # holds (a bytearray can land in freed, still-resident heap pages, or in calloc'd pages it never
+    # touches, and then the process's RSS does not grow: this test failed so once in a full run).
+    import mmap
+
+    chunk = b"\1" * 2**20
+    with mmap.mmap(-1, mb * 2**20) as block:
+        for offset in range(0, len(block), len(chunk)):
+            block[offset:offset + len(chunk)] = chunk
+        return len(block)
 
 
 def test_each_job_reports_its_own_peak_memory():
