@@ -61,6 +61,8 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAYON_NUM_THREADS", "1")  # langdetect-rs and lingua on one core
 os.environ.setdefault("WITFLOW_PROGRESS", "0")
 
+from infra import cldr_names  # noqa: E402  (the parts --part offers; reads no package file on import)
+
 LABELS = REPO / "tests" / "data" / "openclipart_lang_labels.tsv"
 SAMPLE = REPO / "infra" / "data" / "openclipart_sample.parquet"
 # fresh-4 (scored once with round 6) is tuning-7 since the gloss rule changed after that score;
@@ -68,8 +70,6 @@ SAMPLE = REPO / "infra" / "data" / "openclipart_sample.parquet"
 TUNING = tuple(f"tuning-{i}" for i in range(1, 8))
 FRESH: tuple[str, ...] = ()
 MIN_RECALL = 0.98
-# infra.cldr_names.PARTS, not imported here so that the Openclipart bench needs no npm packages' module
-CLDR_PARTS = ("cldr-tune", "cldr-fresh", "cldr-fresh-2", "cldr-fresh-3")
 # The policy before its latest round (round 6: accent folding, neutral words, gloss segments, threshold)
 # (round 9's shared words off too, so the row stays what it measured before round 9)
 ROUND_5 = dict(foreign_fold_accents=False, neutral_max_zipf=None, gloss_segments=False, short_detector_min_prob=0.3,
@@ -350,7 +350,7 @@ def main() -> None:
     ap.add_argument("--labels", type=Path, default=LABELS, help="labelled titles (the TSV's format)")
     ap.add_argument("--cldr", action="store_true",
                     help="instead: the check on Unicode CLDR emoji names (infra/cldr_names.py)")
-    ap.add_argument("--part", default="cldr-tune", choices=CLDR_PARTS,
+    ap.add_argument("--part", default="cldr-tune", choices=cldr_names.PARTS,
                     help="--cldr: which part (each scored once in its round, all tuned on now)")
     ap.add_argument("--policy-only", action="store_true", help="--cldr: no detectors alone (quicker)")
     args = ap.parse_args()

@@ -221,17 +221,13 @@ def unicode_names(npm_root: Path, keys: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def _unicode_english(npm_root: Path, english: dict[str, dict], labels: Path | None,
-                     dropped: Counter) -> list[str]:
-    """cldr-fresh-3's English: the Unicode names of ``en``'s annotated keys, less the drops (counted
-    in ``dropped``, first reason wins): unnamed, held (folds equal to an en/en-* string, an OpenMoji
-    string or a labelled Openclipart title), codepoint-style, long, and a repeat of a kept name."""
-    held = english_strings(npm_root) | openmoji_strings(npm_root)
-    if labels is not None:
-        held |= openclipart_titles(labels)
-    names = unicode_names(npm_root, english)
+def _unicode_english(names: dict[str, str], keys: Iterable[str], held: frozenset[str], dropped: Counter) -> list[str]:
+    """cldr-fresh-3's English: the Unicode ``names`` of ``en``'s annotated ``keys``, less the drops
+    (counted in ``dropped``, first reason wins): unnamed, held (folds equal to a string of ``held``:
+    en/en-* strings, OpenMoji strings, labelled Openclipart titles), codepoint-style, long, and a
+    repeat of a kept name."""
     kept: dict[str, str] = {}
-    for key in sorted(english):
+    for key in sorted(keys):
         name = names.get(key)
         words = folded(name or "").split()
         reason = (UNNAMED if not words else HELD if folded(name) in held
@@ -274,9 +270,11 @@ def build_language_set(npm_root: Path = NPM_ROOT, locales: Iterable[str] = LOCAL
     dropped: dict[str, Counter] = {}
     ambiguous = english_strings(npm_root)
     if part == FRESH3:  # English no earlier part or source held: Unicode names
+        names = unicode_names(npm_root, english)
+        held = ambiguous | openmoji_strings(npm_root) | (openclipart_titles(labels) if labels is not None else set())
         unicode_dropped: Counter = Counter()
-        unicode = _unicode_english(npm_root, english, labels, unicode_dropped)
-        ambiguous |= {folded(s) for s in unicode_names(npm_root, english).values()}
+        unicode = _unicode_english(names, english, held, unicode_dropped)
+        ambiguous |= {folded(s) for s in names.values()}
         english_kinds = ((ENGLISH_UNICODE, set(unicode)),)
     elif part == FRESH2:  # English strings no earlier part held: en-* variants' own names, OpenMoji's extras
         en_strings = english_strings(npm_root, (ENGLISH,))

@@ -3,7 +3,6 @@ non-Latin and repeated names, fails in one line without its npm packages."""
 
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 
@@ -272,10 +271,3 @@ def test_fresh_3_without_emoji_datasource_fails_in_one_line_naming_it(tmp_path: 
     with pytest.raises(EmojiError, match=r"emoji\.json: unreadable") as e:
         cldr_names.build_language_set(nm, ("fr",), per_locale=3, part=cldr_names.FRESH3, labels=labels)
     assert "\n" not in str(e.value)
-
-
-def test_bench_part_choices_are_the_builders_parts() -> None:
-    tree = ast.parse((Path(__file__).resolve().parent.parent / "bench" / "language_id.py").read_text())
-    value = next(node.value for node in tree.body if isinstance(node, ast.Assign)
-                 and any(getattr(t, "id", None) == "CLDR_PARTS" for t in node.targets))
-    assert ast.literal_eval(value) == cldr_names.PARTS
