@@ -783,7 +783,8 @@ def english_verdict(caption: str, vocab: EnglishVocab, detector: LanguageDetecto
     if names is not None or foreign.neutral_max_zipf is not None:
         verdict, neutral_words = _second_pass(caption, words, verdict, vocab, detector, cfg, foreign, short_detector,
                                               names, counted)
-        if cfg.neutral_lid_max_english_zipf is not None:  # a brand or term English writes: not asked about
+        if verdict.english and neutral_lid is not None and cfg.neutral_lid_max_english_zipf is not None:
+            # a brand or term English writes is not asked about
             neutral_words = [w for w in neutral_words if foreign.zipf(w)[0] < cfg.neutral_lid_max_english_zipf]
         if verdict.english and neutral_words and neutral_lid is not None:
             p = neutral_lid.foreign_probability(" ".join(neutral_words))
