@@ -422,7 +422,8 @@ class EvalSetConfig:
 
     name: str
     kind: Literal["imagefolder", "parquet", "fashion-mnist", "mnist", "animal-mnist", "openclipart-heldout",
-                  "openclipart-concepts", "openclipart-concepts-b", "emoji-heldout"]
+                  "openclipart-concepts", "openclipart-concepts-b", "openclipart-concepts-c",
+                  "emoji-heldout"]
     path: str | None = None
     split: str = "test"
     classes: tuple[str, ...] = ()  # empty: taken from the source

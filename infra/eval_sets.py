@@ -17,6 +17,8 @@ names, prompt templates, stable image ids, encoded PNG images and int64 labels. 
 - ``openclipart-concepts-b``: the same for a second, disjoint set of 16 nouns
   (``infra.openclipart.CONCEPT_CLASSES_B``, images naming none of the first set), kept for one look
   per reported recipe, at the end: read it with split ``all``
+- ``openclipart-concepts-c``: the same for a third, disjoint set of 25 nouns
+  (``infra.openclipart.CONCEPT_CLASSES_C``, images naming none of the first two sets); split ``all``
 - ``emoji-heldout``: style transfer — one vendor's drawings (the table at ``path``, built by
   infra/emoji.py) of the held-out emoji (``infra.emoji.is_heldout``, never trained on in any
   vendor's drawing), classified among their CLDR names; flags named after places are left out
@@ -112,7 +114,7 @@ def load_eval_set(cfg: EvalSetConfig, *, max_images: int | None = None) -> EvalS
     loaders = {"imagefolder": _imagefolder, "parquet": _parquet, "fashion-mnist": _fashion_mnist,
                "mnist": _mnist, "animal-mnist": _animal_mnist, "openclipart-heldout": _openclipart_heldout,
                "openclipart-concepts": _openclipart_concepts, "openclipart-concepts-b": _openclipart_concepts,
-               "emoji-heldout": _emoji_heldout}
+               "openclipart-concepts-c": _openclipart_concepts, "emoji-heldout": _emoji_heldout}
     if cfg.kind not in loaders:
         raise EvalSetError(f"eval set {cfg.name!r}: unknown kind {cfg.kind!r} (known: {sorted(loaders)})")
     source = loaders[cfg.kind](cfg)
@@ -402,10 +404,12 @@ def _table_file(cfg: EvalSetConfig, what: str, how: str) -> Path:
 
 
 def _openclipart_concepts(cfg: EvalSetConfig) -> _Source:
-    from infra.openclipart import CONCEPT_CLASSES, CONCEPT_CLASSES_B, concept_b_of, concept_of
+    from infra.openclipart import (CONCEPT_CLASSES, CONCEPT_CLASSES_B, CONCEPT_CLASSES_C, concept_b_of,
+                                   concept_c_of, concept_of)
 
-    classes, class_of = ((CONCEPT_CLASSES_B, concept_b_of) if cfg.kind == "openclipart-concepts-b"
-                         else (CONCEPT_CLASSES, concept_of))
+    classes, class_of = {"openclipart-concepts-b": (CONCEPT_CLASSES_B, concept_b_of),
+                         "openclipart-concepts-c": (CONCEPT_CLASSES_C, concept_c_of)}.get(
+                             cfg.kind, (CONCEPT_CLASSES, concept_of))
     path = _table_file(cfg, "full Openclipart table", "python -m infra.openclipart --full OUT.parquet")
     table = pq.read_table(path, columns=["id", "title", "keywords", "image"])
     ids, labels, rows = [], [], []
@@ -448,5 +452,5 @@ def _emoji_heldout(cfg: EvalSetConfig) -> _Source:
 
 _TRAINING_SOURCE_KINDS: dict[str, Callable[[EvalSetConfig], _Source]] = {
     "openclipart-heldout": _openclipart_heldout, "openclipart-concepts": _openclipart_concepts,
-    "openclipart-concepts-b": _openclipart_concepts,
+    "openclipart-concepts-b": _openclipart_concepts, "openclipart-concepts-c": _openclipart_concepts,
     "emoji-heldout": _emoji_heldout}

@@ -71,6 +71,8 @@ def test_zeroshot_config_loads_with_its_frames_and_the_second_concept_set(repo_r
     kinds = {e.name: (e.kind, e.split) for e in cfg.eval_sets}
     assert kinds["openclipart-concepts-b"] == ("openclipart-concepts-b", "all")
     assert "openclipart-concepts-b" not in cfg.train.curve_eval_sets  # looked at once, at the end
+    assert kinds["openclipart-concepts-c"] == ("openclipart-concepts-c", "all")
+    assert "openclipart-concepts-c" not in cfg.train.curve_eval_sets
     from trainer.templates import FAMILIES
 
     def plain(text: str) -> str:  # up to punctuation and articles

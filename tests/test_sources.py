@@ -16,7 +16,8 @@ from PIL import Image
 from infra import emoji
 from infra.config import ConfigError, EvalSetConfig, SourceConfig, config_from_dict
 from infra.eval_sets import EvalSetError, in_split, load_eval_set, training_ids
-from infra.openclipart import (CONCEPT_CLASSES, CONCEPT_CLASSES_B, OPENCLIPART_SCHEMA, concept_b_of, concept_of,
+from infra.openclipart import (CONCEPT_CLASSES, CONCEPT_CLASSES_B, CONCEPT_CLASSES_C, OPENCLIPART_SCHEMA,
+                               concept_b_of, concept_c_of, concept_of,
                                concepts_named,
                                excluded_from_training, is_heldout, read_openclipart)
 from tasks.captions import CaptionStep
@@ -446,3 +447,47 @@ def test_source_provenance_reads_the_packaged_tables_metadata(tmp_path: Path, np
     assert out[0]["kind"] == "emoji" and out[0]["files"][0]["file"] == "tw.parquet"
     assert "CC-BY-4.0" in out[0]["files"][0]["licence"] and "Twemoji" in out[0]["files"][0]["attribution"]
     assert out[1]["files"] == [{"file": "m.parquet", "bytes": (tmp_path / "m.parquet").stat().st_size}]
+
+
+def test_third_concept_set_is_disjoint_from_the_others_and_left_out_of_training(tmp_path: Path) -> None:
+    assert len(set(CONCEPT_CLASSES_C)) == len(CONCEPT_CLASSES_C) == 25
+    assert not (set(CONCEPT_CLASSES) | set(CONCEPT_CLASSES_B)) & set(CONCEPT_CLASSES_C)
+    table = full_table(64)
+    rows = {name: table.column(name).to_pylist() for name in table.column_names}
+    others = (CONCEPT_CLASSES[0], CONCEPT_CLASSES_B[0])
+    for i in range(300):  # set C alone, set C with a set A or a set B concept, two of set C
+        concept, nxt = CONCEPT_CLASSES_C[i % 25], CONCEPT_CLASSES_C[(i + 1) % 25]
+        rows["id"].append(f"svg/setc/img_{i:04d}.svg")
+        rows["title"].append([f"My {concept}", f"{concept} and a {others[0]}", f"{concept} and a {others[1]}",
+                              f"{concept}s, {nxt}"][i % 4])
+        for name in ("category", "keywords", "description", "image", "width", "height"):
+            rows[name].append(rows[name][0])
+    table = pa.Table.from_pydict(rows, schema=OPENCLIPART_SCHEMA)
+    path = tmp_path / "full.parquet"
+    pq.write_table(table, path)
+    records = table.select(["id", "title", "keywords"]).to_pylist()
+    held_c = [r for r in records if concept_c_of(r["id"], r["title"], r["keywords"])]
+    alone = [r for r in records if r["id"].startswith("svg/setc/") and int(r["id"][-8:-4]) % 4 == 0]
+    assert held_c and all(r in alone for r in held_c) and 0.4 < len(held_c) / len(alone) < 0.7
+    c = load_eval_set(EvalSetConfig(name="c", kind="openclipart-concepts-c", path=str(path), split="all"))
+    assert c.classes == list(CONCEPT_CLASSES_C) and sorted(c.ids) == sorted(r["id"] for r in held_c)
+    titles = {r["id"]: r["title"] for r in records}
+    assert all(CONCEPT_CLASSES_C[label] in titles[i] for i, label in zip(c.ids, c.labels.tolist()))
+    for kind in ("openclipart-concepts", "openclipart-concepts-b"):
+        other = load_eval_set(EvalSetConfig(name="o", kind=kind, path=str(path), split="all"))
+        assert set(other.ids).isdisjoint(c.ids)
+    read, _ = _read(SourceConfig(kind="openclipart", path="full.parquet", rows_per_input_shard=150), tmp_path)
+    assert set(read.column("sample_id").to_pylist()).isdisjoint(c.training_ids)
+    assert len(c.training_ids) == len(held_c)
+
+
+def test_a_changed_held_out_rule_is_a_new_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import infra.openclipart as oc
+    from tasks.build.workdir import sources_identity
+
+    pq.write_table(full_table(8), tmp_path / "full.parquet")
+    src = [SourceConfig(kind="openclipart", path="full.parquet")]
+    before = sources_identity(src, str(tmp_path))
+    assert sources_identity(src, str(tmp_path)) == before
+    monkeypatch.setattr(oc, "CONCEPT_CLASSES_C", oc.CONCEPT_CLASSES_C[:-1])
+    assert sources_identity(src, str(tmp_path)) != before

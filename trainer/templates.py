@@ -144,6 +144,7 @@ FAMILY_BY_KIND: dict[str, str] = {
     "openclipart-heldout": "clipart",
     "openclipart-concepts": "clipart",
     "openclipart-concepts-b": "clipart",
+    "openclipart-concepts-c": "clipart",
     "emoji-heldout": "emoji",
 }
 

@@ -15,7 +15,7 @@
     <dataset>/work/f-<fp>/c-<fp2>/within/w-<fp3>/              within-dataset shuffles (drops by part group), hold-out
 
 A fingerprint covers every input that changes a result (the sources with their sizes and mtimes,
-or a remote source's sizes and ETags,
+or a remote source's sizes and ETags, and for Openclipart the held-out rules its reader applies,
 each stage's settings, the query list's and eval index's versions, and :data:`WORK_FORMAT`, the
 version of this layout and of the records' code), so a changed input or a new witflow never
 reuses stale parts: it works in a new directory beside the old.
@@ -48,16 +48,20 @@ def fingerprint(*parts: Any) -> str:
 def sources_identity(sources: Sequence[SourceConfig], base_dir: str, storage: StorageConfig | None = None) -> list:
     """The sources as configured, plus size and mtime of their local files, or size, ETag and
     Last-Modified of their remote ones (HEAD; never a local stat): a changed input is a new build."""
+    from infra.openclipart import holdout_identity
     from tasks.readers import source_files
 
     out = []
     for src in sources:
+        # An Openclipart source leaves out the eval sets' images: its rows change with those rules.
+        rules = [["holdout", holdout_identity()]] if src.kind == "openclipart" else []
         if is_remote(src.path):
-            out.append([to_dict(src), [sorted(f.items()) for f in source_files(src, base_dir, storage)]])
+            out.append([to_dict(src), [sorted(f.items()) for f in source_files(src, base_dir, storage)], *rules])
             continue
         path = src.path if os.path.isabs(src.path) or "://" in src.path else os.path.join(base_dir, src.path)
         files = sorted(glob.glob(path)) if "://" not in path else []
-        out.append([to_dict(src), [(f, os.path.getsize(f), int(os.path.getmtime(f))) for f in _local_files(files)]])
+        out.append([to_dict(src), [(f, os.path.getsize(f), int(os.path.getmtime(f))) for f in _local_files(files)],
+                    *rules])
     return out
 
 
