@@ -410,6 +410,17 @@ def test_runner_end_to_end_writes_results_table_and_plots(tiny_export, colour_fo
             and f"| {ratio:.2f}x |" in md)  # mean per-class accuracy and its ratio to chance (1/K)
     with Image.open(out / "plots" / "colours.png") as im:
         assert im.format == "PNG" and im.size[0] >= 300
+    # Each image's prediction per variant, beside the results: they rebuild every confusion matrix.
+    import pyarrow.parquet as pq
+
+    preds = pq.read_table(out / "predictions" / "colours.parquet").to_pydict()
+    assert on_disk["outputs"]["predictions"]["colours"].endswith("predictions/colours.parquet")
+    assert set(preds) == {"id", "label", "bare", "single", "ensemble"} and len(preds["id"]) == 18
+    assert len(set(preds["id"])) == 18 and "predictions" not in r
+    for variant, m in r["zeroshot"].items():
+        cm = np.zeros((3, 3), np.int64)
+        np.add.at(cm, (preds["label"], preds[variant]), 1)
+        assert cm.tolist() == m["confusion"]
 
     # A rerun reuses the classifiers cached beside the results instead of re-encoding prompts.
     again = evaluate_checkpoint(str(tiny_export), sets[:1], cfg, results_uri=str(out))
@@ -504,6 +515,7 @@ def test_checkpoint_on_s3_results_written_beside_it(tiny_export, colour_set, s3_
                                   load_set=lambda cfg: colour_set)
     assert results["outputs"]["json"] == s3_store.uri("train/export/eval/results.json")
     assert s3_store.list("train/export/eval") == ["train/export/eval/plots/colours.png",
+                                                  "train/export/eval/predictions/colours.parquet",
                                                   "train/export/eval/results.json", "train/export/eval/results.md"]
     saved = s3_store.read_json("train/export/eval/results.json")
     assert set(saved["eval_sets"]["colours"]["zeroshot"]) == {"ensemble"}

@@ -34,6 +34,7 @@ from trainer.eval import (
     linear_probe,
     retrieval_recall,
     stratified_split,
+    zeroshot_logits,
     zeroshot_report,
 )
 from trainer.results import pct, write_outputs
@@ -244,6 +245,11 @@ def evaluate_classification(encoder: ClipEncoder, eval_set: Any, *, kind: str | 
         "templates": {"count": len(family), "examples": list(family[:3])},
         "zeroshot": zeroshot_report(feats, labels, classifiers, classes) if len(labels) else {},
     }
+    if len(labels):  # each image's predicted class by variant: what a paired comparison of prompts needs
+        ids = list(getattr(eval_set, "ids", None) or [f"{eval_set.name}-{i}" for i in range(len(keep))])
+        result["predictions"] = {
+            "id": [i for i, k in zip(ids, keep) if k], "label": labels.tolist(),
+            **{variant: zeroshot_logits(feats, w).argmax(axis=1).tolist() for variant, w in classifiers.items()}}
     if probe:
         result["linear_probe"] = _probe_on_one_split(feats, labels, seed)
     result["seconds"] = round(time.perf_counter() - started, 3)
@@ -421,7 +427,8 @@ def evaluate_checkpoint(checkpoint: str, eval_sets: Sequence[EvalSetConfig], cfg
             log_event(log, "retrieval skipped", error=str(e)[:300])
     results["classifier_cache"] = {"hits": cache.hits, "misses": cache.misses}
     results["seconds"] = round(time.perf_counter() - started, 3)
-    results["outputs"] = write_outputs(out_store, results)
+    predictions = {name: r.pop("predictions") for name, r in results["eval_sets"].items() if "predictions" in r}
+    results["outputs"] = write_outputs(out_store, results, predictions)
     return results
 
 

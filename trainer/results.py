@@ -15,6 +15,19 @@ from infra.storage import ObjectStore
 RESULTS_NAME = "results.json"
 MARKDOWN_NAME = "results.md"
 PLOTS_DIR = "plots"
+PREDICTIONS_DIR = "predictions"
+
+
+def predictions_parquet(columns: dict[str, list]) -> bytes:
+    """One eval set's per-image predictions (``id``: string, ``label`` and each variant: int32) as Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({name: pa.array(values, pa.string() if name == "id" else pa.int32())
+                      for name, values in columns.items()})
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
 
 
 def pct(x: float | None) -> str:
@@ -146,14 +159,21 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def write_outputs(store: ObjectStore, results: dict) -> dict:
-    """Write ``results.json``, ``results.md`` and ``plots/<set>.png`` (atomically); return their URIs."""
-    outputs = {"json": store.uri(RESULTS_NAME), "markdown": store.uri(MARKDOWN_NAME), "plots": {}}
+def write_outputs(store: ObjectStore, results: dict, predictions: dict[str, dict[str, list]] | None = None) -> dict:
+    """Write ``results.json``, ``results.md``, ``plots/<set>.png`` and, for each set in
+    ``predictions``, ``predictions/<set>.parquet`` (an image's id, label and predicted class per
+    prompt variant; the input of ``python -m trainer.effect``), all atomically; return their URIs."""
+    outputs = {"json": store.uri(RESULTS_NAME), "markdown": store.uri(MARKDOWN_NAME), "plots": {},
+               "predictions": {}}
     for name, r in results.get("eval_sets", {}).items():
         if r.get("zeroshot"):
             key = f"{PLOTS_DIR}/{_safe_name(name)}.png"
             store.write_bytes(key, per_class_plot(r))
             outputs["plots"][name] = store.uri(key)
+    for name, columns in (predictions or {}).items():
+        key = f"{PREDICTIONS_DIR}/{_safe_name(name)}.parquet"
+        store.write_bytes(key, predictions_parquet(columns))
+        outputs["predictions"][name] = store.uri(key)
     store.write_text(MARKDOWN_NAME, markdown_table(results))
     store.write_text(RESULTS_NAME, json.dumps(_json_safe({**results, "outputs": outputs}), indent=2) + "\n")
     return outputs
