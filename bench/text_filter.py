@@ -29,7 +29,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 SAMPLE = REPO / "infra" / "data" / "openclipart_sample.parquet"
 DEMO_QUERIES = REPO / "runs" / "demo" / "queries" / "queries.parquet"
-LABELS = REPO / "tests" / "data" / "openclipart_lang_labels.tsv"
+LABELS = REPO / "infra" / "data" / "openclipart_lang_labels.tsv"
 
 
 def load_candidates() -> pa.Table:

@@ -82,7 +82,7 @@ MAX_WORDS = 5  # the parts' kind of caption: one to five words
 CODEPOINT_WORDS = frozenset({"cjk", "katakana", "hiragana"})  # names spelling a code point or a transliteration
 UNICODE_NAMES_LICENCE = (f"names from npm {EMOJI_DATA_PACKAGE}'s emoji.json (MIT), else Python's "
                          "unicodedata.ucd_3_2_0 (Unicode data, Unicode License v3)")
-OPENCLIPART_LABELS = Path(__file__).resolve().parent.parent / "tests" / "data" / "openclipart_lang_labels.tsv"
+OPENCLIPART_LABELS = Path(__file__).resolve().parent / "data" / "openclipart_lang_labels.tsv"
 OPENMOJI_PACKAGE = "openmoji"
 OPENMOJI_EXTRAS = ("extras-openmoji.csv", "extras-unicode.csv")  # OpenMoji's own emoji: not in CLDR
 OPENMOJI_LICENCE = "CC BY-SA 4.0 (OpenMoji)"

@@ -4,7 +4,7 @@ Each filter is a function ``caption -> None | reason`` (datatrove style). ``Text
 them cheapest first — emptiness, UTF-8 validity, control characters, length, machine-made
 captions, word count — and runs the English check last, because it is the only expensive one.
 
-The English policy (measured on hand-labelled Openclipart titles, tests/data/openclipart_lang_labels.tsv):
+The English policy (measured on hand-labelled Openclipart titles, infra/data/openclipart_lang_labels.tsv):
 
 * Words are the letter runs of the caption (camelCase split, URLs and e-mail addresses removed).
   A word is *English-known* when it is a WordNet lemma or a regular inflection of one, or has at
@@ -78,7 +78,7 @@ The English policy (measured on hand-labelled Openclipart titles, tests/data/ope
 * A foreign word that is also an English word as common ("sole", Italian for sun) cannot be told
   apart from text alone and is kept.
 
-On the hand-labelled titles (tests/data/openclipart_lang_labels.tsv; bench/language_id.py has the
+On the hand-labelled titles (infra/data/openclipart_lang_labels.tsv; bench/language_id.py has the
 table per detector), tuning parts tuning-1..7, h23 (26 languages): precision 0.985, recall 0.981 for
 "English", 360 of 394 other-language titles dropped (0.914); on the CLDR emoji names
 (bench/cldr_language_check.md) cldr-tune R 0.993, 0.836 rejected, and cldr-fresh, scored once:

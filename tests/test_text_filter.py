@@ -20,7 +20,7 @@ from tasks.text_filter import (BAD_UTF8, CONTROL_CHARS, EMPTY, ENGLISH, FOREIGN,
                                english_segment, english_verdict, machine_made, reason_examples,
                                short_caption_detector)
 
-LABELS = Path(__file__).parent / "data" / "openclipart_lang_labels.tsv"
+LABELS = Path(__file__).resolve().parent.parent / "infra" / "data" / "openclipart_lang_labels.tsv"
 
 
 @pytest.fixture(scope="module")
