@@ -63,8 +63,9 @@ def test_pooling_weighs_every_class_of_every_set_once() -> None:
 
 def _write_run(root: Path, name: str, ids, labels, bare, ensemble) -> Path:
     store = ObjectStore(str(root))
-    write_outputs(store, {"eval_sets": {}}, {name: {"id": list(ids), "label": list(labels), "bare": list(bare),
-                                                    "single": list(bare), "ensemble": list(ensemble)}})
+    write_outputs(store, {"model_id": root.name, "eval_sets": {}},
+                  {name: {"id": list(ids), "label": list(labels), "bare": list(bare), "single": list(bare),
+                          "ensemble": list(ensemble)}})
     return root
 
 
@@ -86,4 +87,11 @@ def test_command_line_reads_eval_outputs_and_refuses_other_images(tmp_path: Path
     with pytest.raises(EffectError, match="r3/predictions/set.parquet: other images or labels"):
         load_predictions([r1, r3], "set", ("bare", "ensemble"))
     assert main([str(r1), str(tmp_path / "nowhere"), "--sets", "set"]) == 2
-    assert "nowhere/predictions/set.parquet: no predictions" in capsys.readouterr().err
+    assert "nowhere/results.json: not an evaluation's results" in capsys.readouterr().err
+    with pytest.raises(EffectError, match="r1/results.json: the same model"):
+        load_predictions([r1, r1], "set", ("bare", "ensemble"))
+    # A later evaluation that did not score the set: its earlier predictions file is not used.
+    write_outputs(ObjectStore(str(r2)), {"model_id": "r2", "eval_sets": {}})
+    assert (r2 / "predictions" / "set.parquet").is_file()
+    with pytest.raises(EffectError, match="r2/predictions/set.parquet: no predictions for eval set 'set'"):
+        load_predictions([r1, r2], "set", ("bare", "ensemble"))

@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
-from trainer.results import PREDICTIONS_DIR
+from trainer.results import RESULTS_NAME, predictions_key
 
 
 class EffectError(ValueError):
@@ -70,10 +70,22 @@ def load_predictions(run_dirs: Sequence[str | Path], set_name: str, variants: Se
     ids: tuple[str, ...] | None = None
     labels = None
     preds: dict[str, list[np.ndarray]] = {v: [] for v in variants}
+    models: dict[str, Path] = {}
     for run in run_dirs:
-        path = Path(run) / PREDICTIONS_DIR / f"{set_name}.parquet"
-        if not path.is_file():
-            raise EffectError(f"{path}: no predictions for eval set {set_name!r} (evaluate the run with this witflow)")
+        results_path = Path(run) / RESULTS_NAME
+        try:
+            results = json.loads(results_path.read_text())
+        except (OSError, ValueError) as e:
+            raise EffectError(f"{results_path}: not an evaluation's results ({e})") from e
+        model = results.get("model_id", "")
+        if model in models:  # one model twice would count as two seeds
+            raise EffectError(f"{results_path}: the same model ({model[:12]}) as {models[model]}")
+        models[model] = results_path
+        path = Path(run) / predictions_key(set_name)
+        # Only what the latest evaluation listed: a file left by an earlier one is not its result.
+        if set_name not in results.get("outputs", {}).get("predictions", {}) or not path.is_file():
+            raise EffectError(f"{path}: no predictions for eval set {set_name!r} in {results_path} "
+                              "(evaluate the run on that set with this witflow)")
         table = pq.read_table(path).to_pydict()
         missing = [c for c in ("id", "label", *variants) if c not in table]
         if missing:
@@ -84,8 +96,8 @@ def load_predictions(run_dirs: Sequence[str | Path], set_name: str, variants: Se
         if ids is None:
             ids, labels = run_ids, run_labels
         elif run_ids != ids or not np.array_equal(run_labels, labels):
-            raise EffectError(f"{path}: other images or labels than {Path(run_dirs[0]) / PREDICTIONS_DIR} "
-                              f"for eval set {set_name!r}: not the same eval set")
+            raise EffectError(f"{path}: other images or labels than {Path(run_dirs[0]) / predictions_key(set_name)}: "
+                              "not the same eval set")
         for v in variants:
             preds[v].append(np.asarray(table[v], np.int64)[order])
     if ids is None:

@@ -171,12 +171,17 @@ def write_outputs(store: ObjectStore, results: dict, predictions: dict[str, dict
             store.write_bytes(key, per_class_plot(r))
             outputs["plots"][name] = store.uri(key)
     for name, columns in (predictions or {}).items():
-        key = f"{PREDICTIONS_DIR}/{_safe_name(name)}.parquet"
+        key = predictions_key(name)
         store.write_bytes(key, predictions_parquet(columns))
         outputs["predictions"][name] = store.uri(key)
     store.write_text(MARKDOWN_NAME, markdown_table(results))
     store.write_text(RESULTS_NAME, json.dumps(_json_safe({**results, "outputs": outputs}), indent=2) + "\n")
     return outputs
+
+
+def predictions_key(name: str) -> str:
+    """Where an eval set's per-image predictions go, relative to the results."""
+    return f"{PREDICTIONS_DIR}/{_safe_name(name)}.parquet"
 
 
 def _safe_name(name: str) -> str:
