@@ -193,7 +193,7 @@ def forest_plot(effects: Sequence[Effect], a: str, b: str) -> bytes:
                     color=colour, capsize=3)
     ax.axvline(0, color="grey", lw=1, ls="--")
     ax.set_yticks(ys, [f"{e.name} (K={e.classes})" for e in effects])
-    ax.set_xlabel(f"{b} − {a}, mean per-class accuracy (points), 95% two-level bootstrap")
+    ax.set_xlabel(f"{b} − {a}, mean per-class accuracy (points)\n95% two-level bootstrap (classes, then images)")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
